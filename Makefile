@@ -1,0 +1,21 @@
+# make setup  - create .venv and install everything (scripts/setup.sh; fast when nothing changed)
+# make ask    - answer QUESTION from the files in CORPUS with the embedded SmolLM2 model
+# make test   - run the test suite
+# Override either variable: make ask QUESTION="..." CORPUS="notes/ paper.txt"
+
+# Nine distinct licences that every Debian machine has: about 32K SmolLM2 tokens, four times the
+# model's 8K trained context. The answer to QUESTION ("NOTICE") is in Apache-2.0 only.
+CORPUS ?= $(addprefix /usr/share/common-licenses/,\
+	Apache-2.0 Artistic BSD CC0-1.0 GFDL-1.3 GPL-2 GPL-3 LGPL-2.1 MPL-2.0)
+QUESTION ?= Under the Apache License 2.0, what is the name of the text file whose attribution notices must be kept in redistributions?
+
+.PHONY: setup ask test
+
+setup:
+	bash scripts/setup.sh
+
+ask: setup
+	HF_HUB_OFFLINE=1 .venv/bin/parallelcomp ask "$(QUESTION)" $(CORPUS)
+
+test: setup
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

@@ -1,0 +1,59 @@
+"""`python -m benchmarks run ...` runs a grid; `python -m benchmarks report` redraws tables/plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from . import report  # noqa: E402
+from .tasks import TASKS  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the missing cells of a grid, then write the report")
+    run.add_argument("--models", nargs="+", default=["smollm2-135m-instruct"],
+                     help="embedded model names (e.g. qwen2.5-coder-0.5b-instruct) or local HF dirs")
+    run.add_argument("--tasks", nargs="+", default=["ppl", "niah", "qa"], choices=TASKS)
+    run.add_argument("--methods", nargs="+", default=["parallelcomp", "full", "truncate", "topk",
+                                                      "kvpress"],
+                     choices=["parallelcomp", "full", "truncate", "topk", "kvpress"])
+    run.add_argument("--presets", nargs="+", default=["paper"],
+                     help="ParallelCompConfig presets, one parallelcomp method each")
+    run.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384, 32768])
+    run.add_argument("--samples", type=int, default=1, help="samples per cell")
+    run.add_argument("--max-new-tokens", type=int, default=None,
+                     help="for every task (default: niah 24, passkey 16, kv_retrieval 48, qa 16)")
+    run.add_argument("--full-max-tokens", type=int, default=16384,
+                     help="full attention and kvpress are skipped above this input length")
+    run.add_argument("--qa-source", default="squad", choices=["squad", "hotpotqa"])
+    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    run.add_argument("--kvpress-ratio", type=float, default=0.5,
+                     help="SnapKVPress compression_ratio (fraction of the KV removed)")
+    run.add_argument("--kvpress-venv", default=str(Path(__file__).resolve().parent / ".kvpress-venv"))
+    run.add_argument("--no-kvpress-setup", dest="kvpress_setup", action="store_false",
+                     help="do not create the kvpress environment; report kvpress as unavailable")
+    run.add_argument("--out", default=str(DEFAULT_OUT))
+    rep = sub.add_parser("report", help="rewrite results.md and the plots from results.json")
+    rep.add_argument("--out", default=str(DEFAULT_OUT))
+    opts = parser.parse_args(argv)
+    if opts.command == "run":
+        from .runner import run as run_grid
+
+        print(run_grid(opts))
+    else:
+        out = Path(opts.out)
+        report.write(out, json.loads((out / "results.json").read_text()))
+        print(out / "results.md")
+
+
+if __name__ == "__main__":
+    main()

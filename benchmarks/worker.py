@@ -1,0 +1,79 @@
+"""One benchmark cell in its own process (so peak RSS is the cell's own): `parallelcomp:<preset>`,
+`full`, `truncate` or `topk` on the samples of the spec (see `runner.cell_spec`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from parallelcomp import ParallelComp, ParallelCompConfig
+from parallelcomp.prompts import end_of_turn_ids
+
+from . import cellio
+from .hf_loop import greedy_generate, peak_rss_mb, target_nll
+from .prompting import generation_input, ppl_input
+from .scoring import spans_kept
+from .tasks import Sample
+
+
+def load(model_dir: str, dtype: str):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    return model, tokenizer
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | {tokenizer.eos_token_id} | end_of_turn_ids(tokenizer)
+
+
+def run_parallelcomp(spec: dict, model, tokenizer, sample: Sample) -> dict:
+    preset = spec["method"].split(":", 1)[1]
+    overrides = {"instruction": sample.instruction} if sample.instruction else {}
+    pc = ParallelComp(model, tokenizer, ParallelCompConfig.preset(preset, **overrides))
+    if sample.task == "ppl":
+        out = pc.score(sample.target, context=sample.context)
+        rec = {"nll": out.nll, "n_target": out.n_tokens}
+    else:
+        out = pc.generate(sample.question, documents=sample.documents, context=sample.context,
+                          max_new_tokens=spec["max_new_tokens"])
+        kept = [(s.document, s.start, s.end) for c in out.chunks if c.kept for s in c.spans]
+        rec = {"output": out.text, "gold_kept": spans_kept(sample.gold, kept)}
+    st = out.stats
+    return rec | {"tokens_in": st.tokens_in + st.prefix_tokens + st.question_tokens,
+                  "prefill_seconds": st.prefill_seconds, "decode_seconds": st.decode_seconds,
+                  "new_tokens": st.new_tokens, "kv_tokens": st.kv_tokens, "kv_bytes": st.kv_bytes,
+                  "n_chunks": st.n_chunks, "n_kept": st.n_kept}
+
+
+def run_baseline(spec: dict, model, tokenizer, sample: Sample) -> dict:
+    method, window = spec["method"], model.config.max_position_embeddings
+    if sample.task == "ppl":
+        ctx, target = ppl_input(method, tokenizer, sample, window)
+        rec = target_nll(model, ctx, target)
+        return rec | {"tokens_in": len(ctx) + len(target)}
+    config = ParallelCompConfig()
+    ids, kept = generation_input(method, tokenizer, sample, config, window, spec["max_new_tokens"])
+    rec = greedy_generate(model, ids, spec["max_new_tokens"], eos_ids(model, tokenizer))
+    text = tokenizer.decode(rec.pop("token_ids"), skip_special_tokens=True)
+    return rec | {"output": text, "gold_kept": kept, "tokens_in": len(ids)}
+
+
+def main() -> None:
+    spec = cellio.read_spec()
+    torch.manual_seed(0)
+    model, tokenizer = load(spec["model_dir"], spec["dtype"])
+    run = run_parallelcomp if spec["method"].startswith("parallelcomp:") else run_baseline
+    for raw in spec["samples"]:
+        sample = Sample(**raw)
+        rec = run(spec, model, tokenizer, sample)
+        if "nll" in rec:
+            rec["ppl"] = math.exp(rec["nll"])
+        cellio.emit(rec | {"id": sample.id, "peak_rss_mb": peak_rss_mb()})
+
+
+if __name__ == "__main__":
+    main()

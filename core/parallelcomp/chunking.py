@@ -1,0 +1,115 @@
+"""Documents → chunks of at most `budget` tokens (method.md §1.2, done by tokens, not characters).
+
+Documents are packed in order, separated by `separator`, and a document that fits is never
+split. A longer document is cut into pieces at the last paragraph break inside the budget, else
+the last sentence end, else the last space; only a text with none of these is cut mid-word.
+Pieces are token-id slices of the document's own tokenization, so nothing is re-tokenized and
+no token is lost. Pure Python; knows nothing about the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError
+from .output import DocumentSpan
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    token_ids: list[int]
+    spans: tuple[DocumentSpan, ...]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    token_ids: list[int]
+    span: DocumentSpan
+
+
+def make_chunks(tokenizer, documents: list[str], budget: int, separator: str) -> list[Chunk]:
+    sep_ids = list(tokenizer(separator, add_special_tokens=False)["input_ids"]) if separator else []
+    pieces = [p for i, doc in enumerate(documents) for p in _pieces(tokenizer, i, doc, budget)]
+    chunks: list[Chunk] = []
+    ids: list[int] = []
+    spans: list[DocumentSpan] = []
+    for piece in pieces:
+        joined = len(ids) + len(sep_ids) + len(piece.token_ids)
+        if ids and joined > budget:
+            chunks.append(Chunk(len(chunks), ids, tuple(spans)))
+            ids, spans = [], []
+        ids = ids + sep_ids + piece.token_ids if ids else list(piece.token_ids)
+        spans.append(piece.span)
+    if ids:
+        chunks.append(Chunk(len(chunks), ids, tuple(spans)))
+    return chunks
+
+
+def _pieces(tokenizer, doc_index: int, text: str, budget: int) -> list[_Piece]:
+    if not tokenizer.is_fast:
+        raise InputError("splitting documents needs a fast (Rust) tokenizer with offset mappings")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if len(ids) <= budget:
+        return [_Piece(list(ids), DocumentSpan(doc_index, 0, len(text), complete=True))]
+    pieces, start = [], 0
+    while start < len(ids):
+        end = len(ids) if len(ids) - start <= budget else _cut(text, offsets, start, start + budget)
+        char_start = offsets[start][0] if start else 0
+        char_end = offsets[end][0] if end < len(ids) else len(text)
+        pieces.append(_Piece(list(ids[start:end]), DocumentSpan(doc_index, char_start, char_end, complete=False)))
+        start = end
+    return pieces
+
+
+def _cut(text: str, offsets, start: int, limit: int) -> int:
+    """The token index in (start + budget/2, limit] before which the text breaks most naturally."""
+    best, best_rank = limit, -1
+    for b in range(limit, start + max(1, (limit - start) // 2), -1):
+        rank = _boundary_rank(text, offsets[b][0])
+        if rank > best_rank:
+            best, best_rank = b, rank
+            if rank == 3:
+                break
+    return best
+
+
+def _boundary_rank(text: str, c: int) -> int:
+    """3 paragraph break, 2 sentence end or line break, 1 whitespace, 0 mid-word, at char c."""
+    before, after = text[max(0, c - 2) : c], text[c : c + 2]
+    if before == "\n\n" or after == "\n\n" or (before[-1:] == "\n" and after[:1] == "\n"):
+        return 3
+    if before[-1:] == "\n" or after[:1] == "\n" or (before[-2:-1] in (".", "!", "?") and before[-1:].isspace()):
+        return 2
+    if before[-1:].isspace() or after[:1].isspace():
+        return 1
+    return 0
+
+
+def validate_documents(documents, context, required: bool = True) -> list[str]:
+    """The inputs as a list of non-empty strings, or an InputError saying what is wrong.
+
+    With `required=False`, giving neither documents nor context yields [] (no context).
+    """
+    if documents is not None and context is not None:
+        raise InputError("pass either documents=[...] or context='...', not both")
+    if context is not None:
+        if not isinstance(context, str):
+            raise InputError(f"context must be a string, got {type(context).__name__}")
+        documents = [context]
+    if documents is None and not required:
+        return []
+    if documents is None:
+        raise InputError("no documents: pass documents=[...] (one string per document) or context='...'")
+    if isinstance(documents, str):
+        raise InputError("documents must be a list of strings; for one long text use context='...'")
+    documents = list(documents)
+    if not documents:
+        raise InputError("documents is empty: pass at least one non-empty document")
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise InputError(f"document {i} is a {type(doc).__name__}, expected str")
+        if not doc.strip():
+            raise InputError(f"document {i} is empty or whitespace only; remove it")
+    return documents

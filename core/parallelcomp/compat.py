@@ -1,0 +1,42 @@
+"""The one seam for transformers version drift (transformers5.md §5.1).
+
+transformers 5.24 renamed the cache keyword `past_key_values` → `cache` (and the output field);
+unknown keywords are swallowed silently, so the name is detected from the forward signature
+instead of guessed. Everything else in the package calls `forward` below.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch
+from transformers import DynamicCache
+
+
+@lru_cache(maxsize=None)
+def _cache_kwarg(model_cls: type) -> str:
+    params = inspect.signature(model_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    cache: DynamicCache,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    logits_to_keep: int | torch.Tensor = 1,
+    **kwargs,
+) -> torch.Tensor:
+    """One causal-LM forward that appends to `cache` in place; returns the kept logits."""
+    out = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        **{_cache_kwarg(type(model)): cache},
+        **kwargs,
+    )
+    return out.logits

@@ -1,0 +1,185 @@
+"""`ParallelCompConfig`: every knob of the method, validated, with named presets.
+
+Token budgets are in tokens of the model's own tokenizer. Defaults follow the paper and the
+official code (method.md §5) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+Region = Literal["sink", "recent", "middle", "all"]
+
+DEFAULT_INSTRUCTION = (
+    "Answer the question using only the documents below. Be brief and do not add explanations."
+)
+
+
+class CalibrationRule(BaseModel):
+    """Evict attention-bias outliers in some layers at the question step (method.md §4, Eq. 8).
+
+    Give the layers either as inclusive 0-based indices (`layers=(0, 7)`) or as a half-open
+    fraction of depth (`depth=(0.0, 0.25)` → the first quarter of any model), so the paper's
+    32-layer rules map onto any depth.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    region: Region
+    layers: tuple[int, int] | None = None
+    depth: tuple[float, float] | None = None
+    threshold: float = Field(0.1, gt=0.0, le=1.0)
+    """λ: a cached token whose attention from the last question rows exceeds this is evicted."""
+
+    @model_validator(mode="after")
+    def _one_layer_spec(self) -> CalibrationRule:
+        if (self.layers is None) == (self.depth is None):
+            raise ValueError("give exactly one of `layers=(first, last)` or `depth=(start, end)`")
+        if self.layers is not None and not 0 <= self.layers[0] <= self.layers[1]:
+            raise ValueError(f"layers={self.layers}: need 0 <= first <= last")
+        if self.depth is not None and not 0.0 <= self.depth[0] < self.depth[1] <= 1.0:
+            raise ValueError(f"depth={self.depth}: need 0 <= start < end <= 1")
+        return self
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The 0-based layer indices this rule covers in a model with `num_layers` layers."""
+        if self.layers is not None:
+            first, last = self.layers
+            if last >= num_layers:
+                raise ConfigError(
+                    f"calibration rule names layers {first}..{last}, but the model has only "
+                    f"{num_layers} layers (0..{num_layers - 1}); use depth=(start, end) fractions "
+                    "to address layers independently of depth"
+                )
+            return list(range(first, last + 1))
+        start, end = self.depth
+        return list(range(math.floor(start * num_layers), math.ceil(end * num_layers)))
+
+
+# The paper's best "Ours-calibration" (Tables 6/8 captions): 1-indexed layers 1-8 middle, 9-16
+# recent, 25-32 sink of a 32-layer model, written as depth fractions.
+PAPER_CALIBRATION_RULES = (
+    CalibrationRule(region="middle", depth=(0.0, 0.25)),
+    CalibrationRule(region="recent", depth=(0.25, 0.5)),
+    CalibrationRule(region="sink", depth=(0.75, 1.0)),
+)
+
+
+class ParallelCompConfig(BaseModel):
+    """All settings of one ParallelComp runtime. Invalid values raise `ConfigError`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- chunking (method.md §1.2; we pack by tokens, never split mid-word) ---
+    chunk_tokens: int | None = Field(None, gt=0)
+    """Most context tokens per chunk. None: the model's trained window minus the prompt
+    template, the question and `max_new_tokens`."""
+    keep_chunks: int = Field(3, ge=1)
+    """K, chunks kept after question-NLL scoring (paper default 3; 1 for retrieval tasks)."""
+    document_separator: str = "\n\n"
+    """Placed between documents packed into one chunk."""
+    max_input_chars: int = Field(4_000_000, gt=0)
+    """Refuse larger inputs (about 1M tokens) with an error instead of running for hours."""
+
+    # --- prompt ---
+    instruction: str = DEFAULT_INSTRUCTION
+    use_chat_template: bool = True
+    """Wrap prefix/chunk/question in the tokenizer's chat template when it has one."""
+
+    # --- prefill execution ---
+    prefill_batch_tokens: int = Field(16384, gt=0)
+    """Micro-batch budget: chunks prefilled together pad to at most this many tokens."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    """None: flash_attention_2 on CUDA when installed, else sdpa."""
+
+    # --- per-chunk KV eviction, SnapKV-style (method.md §3) ---
+    kv_budget_tokens: int | None = Field(None, gt=0)
+    """Context tokens kept per chunk, per layer and KV head. None: no compression."""
+    kv_budget_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    """Alternative to `kv_budget_tokens`: keep this fraction of each chunk."""
+    snap_window: int = Field(8, gt=0)
+    """w: the last w question tokens score the context (paper and code: 8)."""
+    pool_kernel: int = Field(7, gt=0)
+    """Smoothing kernel over token scores (code: 7, must be odd)."""
+    pooling: Literal["max", "avg"] = "max"
+    gqa_reduce: Literal["mean", "max"] = "mean"
+    """How the query heads sharing a KV head combine their scores (we select per KV head)."""
+
+    # --- attention-bias calibration (method.md §4) ---
+    calibration_rules: tuple[CalibrationRule, ...] = ()
+    calibration_reference: Literal["per_chunk", "global"] = "per_chunk"
+    """Regions measured inside each chunk (paper text) or over the merged sequence (official code)."""
+    calibration_region_tokens: int = Field(100, gt=0)
+    """N: width of the sink and recent regions (paper App. C: 100)."""
+    calibration_query_rows: int = Field(1, gt=0)
+    """r: last question rows whose attention is averaged (code default 1)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParallelCompConfig:
+        if self.kv_budget_tokens is not None and self.kv_budget_ratio is not None:
+            raise ValueError("set kv_budget_tokens or kv_budget_ratio, not both")
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel={self.pool_kernel} must be odd so scores stay aligned")
+        return self
+
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise ConfigError(_explain(err)) from None
+
+    @property
+    def compresses(self) -> bool:
+        return self.kv_budget_tokens is not None or self.kv_budget_ratio is not None
+
+    def kv_budget_for(self, chunk_len: int) -> int:
+        """Tokens to keep from a chunk of `chunk_len` tokens (≥ chunk_len means no eviction)."""
+        if self.kv_budget_tokens is not None:
+            return self.kv_budget_tokens
+        if self.kv_budget_ratio is not None:
+            return max(1, math.ceil(self.kv_budget_ratio * chunk_len))
+        return chunk_len
+
+    def replace(self, **changes) -> ParallelCompConfig:
+        """A copy with `changes` applied and validated."""
+        return ParallelCompConfig(**{**self.model_dump(), **changes})
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ParallelCompConfig:
+        """A named preset (see `PRESETS`), optionally with overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict] = {
+    # Paper "Ours": K=3, no compression, no calibration (LongBench setting, App. C).
+    "paper": {"keep_chunks": 3},
+    # Paper "Ours-calibration": the three-rule set of Tables 6/8, λ=0.1, regions of 100 tokens.
+    "paper-calibration": {"keep_chunks": 3, "calibration_rules": PAPER_CALIBRATION_RULES},
+    # Paper "Ours-compression": SnapKV inside each chunk to about half the chunk
+    # (2000/4000 of 4K/8K chunks, App. C), w=8, max-pool 7.
+    "paper-compression": {"keep_chunks": 3, "kv_budget_ratio": 0.5},
+    "paper-calibration-compression": {
+        "keep_chunks": 3,
+        "kv_budget_ratio": 0.5,
+        "calibration_rules": PAPER_CALIBRATION_RULES,
+    },
+    # Ours: small chunks prefill faster on CPU (attention is quadratic in chunk length) and
+    # compression halves the KV the question and decode attend to.
+    "fast": {"keep_chunks": 3, "chunk_tokens": 2048, "kv_budget_ratio": 0.5},
+}
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"{where}: {e['msg']}{got}")
+    return "invalid ParallelCompConfig: " + "; ".join(lines)

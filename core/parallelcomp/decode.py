@@ -1,0 +1,119 @@
+"""Question prefill and token-by-token decoding over the merged KV (method.md §1.7).
+
+Positions are explicit: the question starts at p0 (prefix + longest kept chunk, the PCW rule)
+and every new token advances by one, while the cache keeps its own length. Sampling reuses
+transformers' logits processors; EOS ids and string stops end generation here, in one place.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import ContextManager, Iterator
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .compat import forward
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.temperature > 0:
+            procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k > 0:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model,
+    cache: DynamicCache,
+    question_ids: list[int],
+    p0: int,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    sampling: Sampling,
+    question_step: ContextManager | None = None,
+) -> Iterator[int]:
+    """Yield new token ids until EOS (not yielded) or `max_new_tokens`.
+
+    `question_step` is entered around the question prefill only (attention calibration).
+    """
+    device = model.device
+    ids = torch.tensor([question_ids], device=device)
+    positions = p0 + torch.arange(len(question_ids), device=device)[None]
+    processors = sampling.processors()
+    generator = None
+    if sampling.temperature > 0 and sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    history = ids
+    with question_step or nullcontext():
+        logits = forward(model, ids, cache, positions)
+    for _ in range(max_new_tokens):
+        scores = processors(history, logits[:, -1].float())
+        if sampling.temperature > 0:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
+        else:
+            token = scores.argmax(dim=-1, keepdim=True)
+        token_id = int(token)
+        if token_id in eos_ids:
+            return
+        yield token_id
+        history = torch.cat([history, token], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = forward(model, token, cache, positions)
+
+
+class TextAssembler:
+    """Turns generated token ids into text deltas, honouring string stops.
+
+    Text that could still become a stop string, or an incomplete UTF-8 sequence, is held back
+    until it is safe; a stop string and everything after it is never emitted.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:
+            self.text, self.stopped = text[: min(hits)], True
+            return self._flush(len(self.text))
+        self.text = text
+        safe = len(text.rstrip("\ufffd"))
+        held = max((n for s in self.stop for n in range(1, len(s)) if text[:safe].endswith(s[:n])), default=0)
+        return self._flush(safe - held)
+
+    def finish(self) -> str:
+        """The held-back remainder once generation has ended."""
+        return self._flush(len(self.text))
+
+    def _flush(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        delta, self.emitted = self.text[self.emitted : upto], upto
+        return delta

@@ -1,0 +1,24 @@
+"""One exception hierarchy for everything a user can get wrong.
+
+Every message says what to change. Nothing here imports torch.
+"""
+
+
+class ParallelCompError(Exception):
+    """Base class: catch this to handle any ParallelComp input or configuration error."""
+
+
+class ConfigError(ParallelCompError, ValueError):
+    """A configuration value is out of range or inconsistent with the model."""
+
+
+class InputError(ParallelCompError, ValueError):
+    """The question, documents or context cannot be processed as given."""
+
+
+class ModelLoadError(ParallelCompError, RuntimeError):
+    """The model could not be found, converted or loaded."""
+
+
+class ModelNotSupportedError(ParallelCompError, TypeError):
+    """The model's architecture lacks what the runtime needs (RoPE positions, a KV cache)."""

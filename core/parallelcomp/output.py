@@ -1,0 +1,106 @@
+"""What a ParallelComp call returns: the answer, a report per chunk, and run statistics.
+
+Plain dataclasses; no torch. Everything cut or evicted is listed here, never dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class DocumentSpan:
+    """The part of one input document that a chunk holds (character offsets into it)."""
+
+    document: int
+    start: int
+    end: int
+    complete: bool
+    """True when the whole document sits in this chunk; False for a piece of a split document."""
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    index: int
+    spans: tuple[DocumentSpan, ...]
+    n_tokens: int
+    score: float
+    """Mean NLL of the question given this chunk (Eq. 3); lower is more relevant."""
+    kept: bool
+    kv_tokens: int = 0
+    """Context tokens this chunk contributes to the merged KV per layer and KV head (0 if evicted)."""
+
+    @property
+    def documents(self) -> tuple[int, ...]:
+        """Indices of the input documents this chunk holds (whole or in part)."""
+        return tuple(dict.fromkeys(s.document for s in self.spans))
+
+
+@dataclass
+class RunStats:
+    tokens_in: int = 0
+    """Context tokens over all chunks (prefix and question excluded)."""
+    prefix_tokens: int = 0
+    question_tokens: int = 0
+    n_documents: int = 0
+    n_chunks: int = 0
+    n_kept: int = 0
+    chunk_tokens: int = 0
+    """The chunk budget in force for this call."""
+    split_documents: list[int] = field(default_factory=list)
+    """Documents longer than the chunk budget, split at paragraph/sentence boundaries."""
+    evicted_documents: list[int] = field(default_factory=list)
+    """Documents none of whose chunks were kept."""
+    p0: int = 0
+    """Position of the first question token: prefix + longest kept chunk (PCW rule)."""
+    kv_tokens: int = 0
+    """Tokens in the merged KV handed to decoding (prefix + kept chunks, per layer and head)."""
+    kv_bytes: int = 0
+    """Bytes of that merged KV (keys and values, all layers), after compression/calibration."""
+    kv_bytes_uncompressed: int = 0
+    """Bytes the same kept chunks would take without per-chunk compression."""
+    calibration_evicted: dict[int, int] = field(default_factory=dict)
+    """Layer index → tokens per KV head removed by attention-bias calibration."""
+    new_tokens: int = 0
+    finish_reason: str = ""
+    """"stop" (EOS or stop string) or "length" (max_new_tokens reached)."""
+    exceeds_window: bool = False
+    """True when p0 + question + max_new_tokens exceeds the model's trained window."""
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    chunks: list[ChunkReport]
+    stats: RunStats
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def kept_chunks(self) -> list[ChunkReport]:
+        return [c for c in self.chunks if c.kept]
+
+    def document_scores(self) -> dict[int, tuple[float, bool]]:
+        """Per input document: (best score of a chunk holding it, whether any such chunk was kept)."""
+        out: dict[int, tuple[float, bool]] = {}
+        for chunk in self.chunks:
+            for doc in chunk.documents:
+                best, kept = out.get(doc, (float("inf"), False))
+                out[doc] = (min(best, chunk.score), kept or chunk.kept)
+        return out
+
+
+@dataclass
+class ScoreOutput:
+    """Teacher-forced NLL of a target text given the kept chunks (`ParallelComp.score`)."""
+
+    nll: float
+    """Mean NLL per target token (perplexity = exp(nll))."""
+    n_tokens: int
+    token_nlls: list[float]
+    chunks: list[ChunkReport]
+    stats: RunStats
