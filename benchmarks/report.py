@@ -147,7 +147,9 @@ def plot(data: dict, out: Path) -> list[Path]:
                     ax.set_xlabel("input tokens")
                     ax.set_ylabel("perplexity" if task == "ppl" and key == "score" else ylabel)
                     ax.grid(alpha=0.3)
-            axes[0][-1].legend(fontsize=7)
+            handles, labels = axes[0][-1].get_legend_handles_labels()
+            if handles:
+                axes[0][-1].legend(handles, labels, fontsize=7)
             fig.tight_layout()
             path = out / f"{slug}-{name}.png"
             fig.savefig(path, dpi=110)

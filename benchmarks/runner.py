@@ -17,14 +17,13 @@ from transformers import AutoTokenizer, GenerationConfig
 from parallelcomp import ParallelCompConfig
 from parallelcomp.prompts import end_of_turn_ids
 
-from . import cellio, kvpress_env, machine, report, scoring
-from .prompting import generation_input, ppl_input
+from . import cellio, kvpress_env, machine, report, scoring, worker
+from .prompting import generation_input
 from .tasks import make_samples
 
 REPO = Path(__file__).resolve().parent.parent
-BASELINES = ("full", "truncate", "topk", "kvpress")
 PPL_METHODS = ("full", "truncate")  # topk and kvpress have no perplexity setting
-CAPPED = ("full", "kvpress")  # attend the whole input: skipped above --full-max-tokens
+CAPPED = ("full", "kvpress")  # attend the whole input: skipped above --full-max-length
 MAX_NEW_TOKENS = {"niah": 24, "passkey": 16, "kv_retrieval": 48, "qa": 16}
 
 
@@ -84,7 +83,7 @@ def run(opts) -> Path:
     """Run every missing cell of the grid described by `opts` (see `__main__`), then report."""
     started = time.time()
     results = Results(Path(opts.out) / "results.json")
-    results.data["machine"] = machine.describe(opts.dtype)
+    results.data["machine"] = {**results.data.get("machine", {}), **machine.describe(opts.dtype)}
     cells = [c for c in plan(opts.models, opts.tasks, opts.methods, opts.presets, opts.lengths)
              if not results.done(c, opts.samples)]
     kvpress = None
@@ -117,7 +116,8 @@ class CellRun:
         key = (self.dir, cell.task, cell.length)
         if key not in self._samples:
             self._samples[key] = make_samples(cell.task, self.tokenizer, cell.length, opts.samples,
-                                              qa_source=opts.qa_source)
+                                              qa_source=opts.qa_source,
+                                              ppl_target=opts.ppl_target_tokens)
         self.samples = self._samples[key]
         self.max_new_tokens = opts.max_new_tokens or MAX_NEW_TOKENS.get(cell.task, 0)
 
@@ -126,11 +126,10 @@ class CellRun:
         method = self.cell.method
         if method == "kvpress" and self.kvpress[0] is None:
             return {"status": "unavailable", "reason": self.kvpress[1], "n": 0, "samples": []}
-        inputs = [self.full_input(s) for s in self.samples] if method in CAPPED else []
-        longest = max((len(i) for i in inputs), default=0)
-        if longest > self.opts.full_max_tokens:
-            reason = f"input of {longest} tokens > --full-max-tokens {self.opts.full_max_tokens}"
+        if method in CAPPED and self.cell.length > self.opts.full_max_length:
+            reason = f"length {self.cell.length} > --full-max-length {self.opts.full_max_length}"
             return {"status": "skipped", "reason": reason, "n": len(self.samples), "samples": []}
+        inputs = [self.full_input(s) for s in self.samples] if method == "kvpress" else []
         records, error = self.spawn(inputs)
         for sample, rec in zip(self.samples, records):
             rec["score"] = (rec["ppl"] if sample.task == "ppl"
@@ -141,13 +140,9 @@ class CellRun:
         return entry | ({"reason": error} if error else {})
 
     def full_input(self, sample) -> list[int]:
-        """The whole input as `full` (and kvpress) would feed it."""
-        window = self.window()
-        if sample.task == "ppl":
-            context, target = ppl_input("full", self.tokenizer, sample, window)
-            return context + target
-        ids, _ = generation_input("full", self.tokenizer, sample, ParallelCompConfig(), window,
-                                  self.max_new_tokens)
+        """The whole prompt as `full` feeds it (kvpress gets it from here)."""
+        ids, _ = generation_input("full", self.tokenizer, sample, ParallelCompConfig(),
+                                  self.window(), self.max_new_tokens)
         return ids
 
     def window(self) -> int:
@@ -169,11 +164,16 @@ class CellRun:
             python, module = sys.executable, "benchmarks.worker"
             spec["samples"] = [s.to_dict() for s in self.samples]
             env["PYTHONPATH"] = os.pathsep.join([str(REPO / "core"), str(REPO)])
+        if self.opts.inline and self.cell.method != "kvpress":
+            records: list[dict] = []
+            worker.run_spec(spec, records.append)
+            return records, None
         proc = subprocess.run([python, "-m", module], input=json.dumps(spec), capture_output=True,
                               text=True, cwd=REPO, env=env)
         records = cellio.parse(proc.stdout)
         if proc.returncode or len(records) != len(self.samples):
-            return records, f"worker exited {proc.returncode}: {proc.stderr.strip()[-600:]}"
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return records, f"worker exited {proc.returncode}: {last}"
         return records, None
 
     def eos_ids(self) -> set[int]:

@@ -1,6 +1,7 @@
 """Benchmark samples generated at a requested length in tokens of the model's tokenizer.
 
-* `ppl`: a fixed 512-token target window of the essays, preceded by `length - 512` tokens.
+* `ppl`: a fixed target window (512 tokens) of the essays, preceded by the tokens before it so
+  that target and context together are `length` tokens.
 * `niah`, `passkey`, `kv_retrieval`: RULER-style needles (niah_single_2: a word key and a
   7-digit value in the essays; the classic passkey in repeated filler; niah_multikey_3: UUID
   key-value lines only). Generators written here from the RULER protocol.
@@ -20,7 +21,7 @@ from . import data
 
 TASKS = ("ppl", "niah", "passkey", "kv_retrieval", "qa")
 PPL_TARGET_TOKENS = 512
-PPL_END_TOKEN = 131_072  # every ppl target ends here, so all lengths score the same window
+PPL_END_CHAR = 2_000_000  # ppl targets end here (about 480K tokens in), leaving room for 128K+
 DEPTHS = [round(i * 100 / 39) for i in range(40)]  # RULER: linspace(0, 100, 40)
 
 NIAH_INSTRUCTION = ("Some special magic {kind} are hidden within the following text. Make sure to "
@@ -62,7 +63,7 @@ class Sample:
 
 
 def make_samples(task: str, tokenizer, length: int, n: int, seed: int = 0,
-                 qa_source: str = "squad") -> list[Sample]:
+                 qa_source: str = "squad", ppl_target: int = PPL_TARGET_TOKENS) -> list[Sample]:
     """`n` samples of `task` whose context is about `length` tokens long."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
@@ -71,7 +72,7 @@ def make_samples(task: str, tokenizer, length: int, n: int, seed: int = 0,
         rng = random.Random(f"{task}-{length}-{seed}-{i}")
         sid = f"{task}-{length}-{i}"
         if task == "ppl":
-            out.append(_ppl(tokenizer, length, i, sid))
+            out.append(_ppl(tokenizer, length, ppl_target, i, sid))
         elif task == "qa":
             out.append(_qa(tokenizer, length, rng, sid, data.qa_pool(qa_source)))
         else:
@@ -79,36 +80,40 @@ def make_samples(task: str, tokenizer, length: int, n: int, seed: int = 0,
     return out
 
 
-class _Essays:
-    """The essays tokenized once, so text can be cut at exact token counts."""
-
-    _cache: dict[int, tuple[str, list[tuple[int, int]]]] = {}
-
-    @classmethod
-    def get(cls, tokenizer) -> tuple[str, list[tuple[int, int]]]:
-        key = id(tokenizer)
-        if key not in cls._cache:
-            text = data.essays()
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            cls._cache[key] = (text, enc["offset_mapping"])
-        return cls._cache[key]
-
-
-def _token_slice(tokenizer, start: int, end: int) -> str:
-    """Essay text covering tokens [start, end)."""
-    text, offsets = _Essays.get(tokenizer)
-    if end > len(offsets):
-        raise ValueError(f"the essays hold {len(offsets)} tokens; {end} requested")
-    return text[offsets[start][0]:offsets[end - 1][1]]
+def _last_tokens(tokenizer, end_char: int, n: int) -> int:
+    """Character offset where the last `n` tokens of `essays()[:end_char]` begin."""
+    text, chars = data.essays(), 8 * n + 64
+    while True:
+        begin = max(0, end_char - chars)
+        offsets = tokenizer(text[begin:end_char], add_special_tokens=False,
+                            return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) > n or begin == 0:  # one spare token: the first may be cut by the slice
+            if len(offsets) < n:
+                raise ValueError(f"the essays hold fewer than {n} tokens before {end_char}")
+            return begin + offsets[-n][0]
+        chars *= 2
 
 
-def _ppl(tokenizer, length: int, i: int, sid: str) -> Sample:
-    if length <= PPL_TARGET_TOKENS:
-        raise ValueError(f"ppl length must exceed the {PPL_TARGET_TOKENS}-token target")
-    end = PPL_END_TOKEN + i * 8192
-    context = _token_slice(tokenizer, end - length, end - PPL_TARGET_TOKENS)
-    target = _token_slice(tokenizer, end - PPL_TARGET_TOKENS, end)
-    return Sample("ppl", sid, context=context, target=target)
+def _first_tokens(tokenizer, n: int) -> str:
+    """The essays' text covering their first `n` tokens."""
+    text, chars = data.essays(), 8 * n + 64
+    offsets = tokenizer(text[:chars], add_special_tokens=False,
+                        return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) < n:
+        raise ValueError(f"the essays hold fewer than {n} tokens")
+    return text[:offsets[n - 1][1]]
+
+
+def _ppl(tokenizer, length: int, target_tokens: int, i: int, sid: str) -> Sample:
+    """The target ends at a fixed character (per sample), so every length scores the same text."""
+    if not 0 < target_tokens < length:
+        raise ValueError(f"ppl needs 0 < target ({target_tokens}) < length ({length})")
+    end = PPL_END_CHAR + i * 40_000
+    target_start = _last_tokens(tokenizer, end, target_tokens)
+    context_start = _last_tokens(tokenizer, target_start, length - target_tokens)
+    text = data.essays()
+    return Sample("ppl", sid, context=text[context_start:target_start],
+                  target=text[target_start:end])
 
 
 def _count(tokenizer, text: str) -> int:
@@ -129,7 +134,7 @@ def _niah(tokenizer, length: int, rng: random.Random, sid: str) -> Sample:
     key = f"{rng.choice(words)}-{rng.choice(words)}"
     value = str(rng.randint(1_000_000, 9_999_999))
     needle = NIAH_NEEDLE.format(kind="numbers", key=key, value=value)
-    haystack = _token_slice(tokenizer, 0, max(1, length - _count(tokenizer, needle)))
+    haystack = _first_tokens(tokenizer, max(1, length - _count(tokenizer, needle)))
     sentences = re.split(r"(?<=[.!?])\s+", haystack)
     context, span = _insert(sentences, needle, rng.choice(DEPTHS), " ")
     return Sample("niah", sid, NIAH_INSTRUCTION.format(kind="numbers"),

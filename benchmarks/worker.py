@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,6 +19,7 @@ from .scoring import spans_kept
 from .tasks import Sample
 
 
+@lru_cache(maxsize=1)  # `--inline` runs many cells in one process
 def load(model_dir: str, dtype: str):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
@@ -62,8 +64,8 @@ def run_baseline(spec: dict, model, tokenizer, sample: Sample) -> dict:
     return rec | {"output": text, "gold_kept": kept, "tokens_in": len(ids)}
 
 
-def main() -> None:
-    spec = cellio.read_spec()
+def run_spec(spec: dict, emit) -> None:
+    """Run every sample of `spec`, calling `emit(record)` after each."""
     torch.manual_seed(0)
     model, tokenizer = load(spec["model_dir"], spec["dtype"])
     run = run_parallelcomp if spec["method"].startswith("parallelcomp:") else run_baseline
@@ -72,8 +74,8 @@ def main() -> None:
         rec = run(spec, model, tokenizer, sample)
         if "nll" in rec:
             rec["ppl"] = math.exp(rec["nll"])
-        cellio.emit(rec | {"id": sample.id, "peak_rss_mb": peak_rss_mb()})
+        emit(rec | {"id": sample.id, "peak_rss_mb": peak_rss_mb()})
 
 
 if __name__ == "__main__":
-    main()
+    run_spec(cellio.read_spec(), cellio.emit)

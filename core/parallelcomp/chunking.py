@@ -77,14 +77,17 @@ def _cut(text: str, offsets, start: int, limit: int) -> int:
 
 def _boundary_rank(text: str, c: int) -> int:
     """3 paragraph break, 2 sentence end or line break, 1 whitespace, 0 mid-word, at char c."""
-    before, after = text[max(0, c - 2) : c], text[c : c + 2]
-    if before == "\n\n" or after == "\n\n" or (before[-1:] == "\n" and after[:1] == "\n"):
+    i, j = c, c
+    while i > 0 and text[i - 1].isspace():
+        i -= 1
+    while j < len(text) and text[j].isspace():
+        j += 1
+    gap = text[i:j]
+    if gap.count("\n") >= 2:
         return 3
-    if before[-1:] == "\n" or after[:1] == "\n" or (before[-2:-1] in (".", "!", "?") and before[-1:].isspace()):
+    if "\n" in gap or (gap and i > 0 and text[i - 1] in ".!?"):
         return 2
-    if before[-1:].isspace() or after[:1].isspace():
-        return 1
-    return 0
+    return 1 if gap else 0
 
 
 def validate_documents(documents, context, required: bool = True) -> list[str]:

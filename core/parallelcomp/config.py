@@ -36,6 +36,12 @@ class CalibrationRule(BaseModel):
     threshold: float = Field(0.1, gt=0.0, le=1.0)
     """λ: a cached token whose attention from the last question rows exceeds this is evicted."""
 
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise ConfigError(_explain(err, "CalibrationRule")) from None
+
     @model_validator(mode="after")
     def _one_layer_spec(self) -> CalibrationRule:
         if (self.layers is None) == (self.depth is None):
@@ -176,10 +182,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _explain(err: ValidationError) -> str:
+def _explain(err: ValidationError, what: str = "ParallelCompConfig") -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
         lines.append(f"{where}: {e['msg']}{got}")
-    return "invalid ParallelCompConfig: " + "; ".join(lines)
+    return f"invalid {what}: " + "; ".join(lines)

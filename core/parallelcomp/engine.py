@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +27,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from . import calibration, compression
 from . import kv as kvops
 from .chunking import make_chunks, validate_documents
 from .compat import forward
@@ -166,6 +168,8 @@ class ParallelComp:
 
         Chunks are ranked by the NLL of `target` itself (the paper's perplexity setting, §6.3).
         The first target token only conditions; the NLL averages over the remaining tokens.
+        Attention calibration is not applied here: it picks evictions with the last target token,
+        which would leak later tokens into the NLL of earlier ones. Compression is applied.
         """
         _check_question(target, what="target")
         documents = validate_documents(documents, context)
@@ -186,13 +190,17 @@ class ParallelComp:
     # ------------------------------------------------------------------ stages
 
     def _answer(self, stream, parts, documents, max_new_tokens, stops, sampling, progress) -> Iterator[str]:
-        with self._lock:
+        with self._lock, ExitStack() as scope:
+            calibrator = calibration.Calibrator.for_run(self.config, self.num_layers, len(parts.question_ids))
             ctx = self._prefill(parts, documents, reserve=max_new_tokens, progress=progress)
             start = time.perf_counter()
             assembler = TextAssembler(self.tokenizer, stops)
             finish = "length"
+            cache = kvops.to_cache(ctx.kv)
+            step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens)
+                    if calibrator else None)  # attention calibration at the question step (§4)
             tokens = generate_tokens(
-                self.model, kvops.to_cache(ctx.kv), parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling
+                self.model, cache, parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling, step
             )
             for token_id in tokens:
                 delta = assembler.add(token_id)
@@ -207,6 +215,8 @@ class ParallelComp:
             tail = assembler.finish()
             if tail:
                 yield tail
+            if calibrator:
+                calibrator.report(ctx.stats)
             ctx.stats.new_tokens = len(assembler.ids)
             ctx.stats.finish_reason = finish
             ctx.stats.decode_seconds = time.perf_counter() - start
@@ -216,14 +226,22 @@ class ParallelComp:
         """Chunk, prefill, score and evict; return the merged KV of the kept chunks."""
         start = time.perf_counter()
         budget = self._chunk_budget(parts, reserve, documents)
+        if self.config.compresses:
+            compression.check_window(self.config.snap_window, len(parts.question_ids))
         chunks = make_chunks(self.tokenizer, documents, budget, self.config.document_separator) if documents else []
         prefix = encode_prefix(self.model, parts.prefix_ids)
         top = TopK[EncodedChunk](self.config.keep_chunks)
         scores: dict[int, float] = {}
+        raw_bytes: dict[int, int] = {}  # chunk index → KV bytes before compression
         bar = tqdm(total=len(chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
         for batch in micro_batches(chunks, self.config.prefill_batch_tokens):
             encoded = encode_chunks(self.model, prefix, batch)
-            nll = question_nll(self.model, prefix, encoded, parts.question_ids)
+            comp = compression.BatchCompressor.for_batch(
+                self.model, self.config, kvops.n_tokens(prefix), encoded, len(parts.question_ids)
+            )
+            nll = question_nll(self.model, prefix, encoded, parts.question_ids, comp.observe() if comp else None)
+            raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in encoded})
+            encoded = comp.apply(encoded) if comp else encoded
             for enc, chunk_nll in zip(encoded, nll.mean(dim=1).tolist()):
                 scores[enc.chunk.index] = chunk_nll
                 top.offer(chunk_nll, enc.chunk.index, enc)
@@ -232,13 +250,14 @@ class ParallelComp:
         kept = top.kept()
         merged = kvops.concat([prefix] + [e.kv for e in kept])
         p0 = len(parts.prefix_ids) + max((e.length for e in kept), default=0)
-        kept_ids = {e.chunk.index for e in kept}
+        kv_tokens = {e.chunk.index: kvops.n_tokens(e.kv) for e in kept}
         reports = [
-            ChunkReport(c.index, c.spans, len(c.token_ids), scores[c.index], c.index in kept_ids,
-                        len(c.token_ids) if c.index in kept_ids else 0)
+            ChunkReport(c.index, c.spans, len(c.token_ids), scores[c.index], c.index in kv_tokens,
+                        kv_tokens.get(c.index, 0))
             for c in chunks
         ]
         stats = self._stats(parts, documents, chunks, reports, merged, p0, budget, reserve)
+        stats.kv_bytes_uncompressed = kvops.n_bytes(prefix) + sum(raw_bytes[i] for i in kv_tokens)
         stats.prefill_seconds = time.perf_counter() - start
         return _Context(merged, p0, reports, stats)
 

@@ -75,3 +75,8 @@ def n_tokens(kv: list[LayerKV]) -> int:
 
 def n_bytes(kv: list[LayerKV]) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+
+def layer_keys(cache: DynamicCache, layer_idx: int) -> torch.Tensor:
+    """(B, H_kv, T, D) keys of one cache layer, read-only (already rotated)."""
+    return cache.layers[layer_idx].keys

@@ -1,0 +1,128 @@
+"""`parallelcomp ask "QUESTION" FILE_OR_DIR...`: answer over files with the embedded model or yours.
+
+Each file is one document; directories are read recursively in sorted order. The answer streams
+to stdout, then the kept documents with their scores and the run statistics; a progress bar
+goes to stderr during prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from .config import PRESETS, ParallelCompConfig
+from .errors import InputError, ParallelCompError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ParallelCompError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parallelcomp", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(required=True)
+    ask = sub.add_parser("ask", help="answer a question over files")
+    ask.add_argument("question")
+    ask.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
+    ask.add_argument("--model", help="local HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    ask.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    ask.add_argument("--keep-chunks", type=int, help="K chunks kept (overrides the preset)")
+    ask.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: derived from the window)")
+    ask.add_argument("--kv-budget-ratio", type=float, help="per-chunk KV kept, as a fraction")
+    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("--device", help="cpu, cuda, … (default: cuda when available)")
+    ask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ask.set_defaults(run=_ask)
+    return parser
+
+
+def _ask(args) -> int:
+    from .engine import ParallelComp
+
+    names, documents = read_documents(args.paths)
+    overrides = {
+        key: value
+        for key, value in (
+            ("keep_chunks", args.keep_chunks),
+            ("chunk_tokens", args.chunk_tokens),
+            ("kv_budget_ratio", args.kv_budget_ratio),
+        )
+        if value is not None
+    }
+    config = ParallelCompConfig.preset(args.preset, **overrides)
+    start = time.perf_counter()
+    pc = ParallelComp.from_pretrained(args.model, config=config, device=args.device)
+    load_seconds = time.perf_counter() - start
+    stream = pc.stream(args.question, documents=documents, max_new_tokens=args.max_new_tokens, progress=True)
+    if not args.json:
+        print("Answer: ", end="", flush=True)
+    for delta in stream:
+        if not args.json:
+            print(delta, end="", flush=True)
+    out = stream.output
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        sources = [
+            {"document": names[d], "score": score, "kept": kept}
+            for d, (score, kept) in sorted(out.document_scores().items())
+        ]
+        report = {"answer": out.text, "sources": sources, "stats": out.stats.to_dict()}
+        report.update(load_seconds=load_seconds, peak_rss_mb=peak_rss_mb)
+        print(json.dumps(report, indent=2))
+        return 0
+    print("\n\nKept documents (question NLL, lower = more relevant):")
+    for doc, (score, kept) in sorted(out.document_scores().items(), key=lambda item: item[1][0]):
+        if kept:
+            print(f"  {score:7.3f}  {names[doc]}")
+    evicted = [names[d] for d in out.stats.evicted_documents]
+    print(f"Evicted: {len(evicted)} of {len(names)} documents")
+    s = out.stats
+    print(
+        f"Stats: {s.tokens_in} context tokens in {s.n_chunks} chunks of ≤{s.chunk_tokens}, kept {s.n_kept}; "
+        f"KV {s.kv_bytes / 2**20:.1f} MiB ({s.kv_tokens} tokens); prefill {s.prefill_seconds:.1f} s, "
+        f"decode {s.decode_seconds:.1f} s ({s.new_tokens} tokens); model load {load_seconds:.1f} s; "
+        f"peak RSS {peak_rss_mb:.0f} MiB"
+    )
+    return 0
+
+
+def read_documents(paths: list[str]) -> tuple[list[str], list[str]]:
+    """(names, texts) of every readable text file under `paths`, in the order given."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"{raw}: no such file or directory")
+    names, texts = [], []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as err:
+            print(f"skipping {path}: not readable as UTF-8 text ({err.__class__.__name__})", file=sys.stderr)
+            continue
+        if text.strip():
+            names.append(os.fspath(path))
+            texts.append(text)
+        else:
+            print(f"skipping {path}: empty", file=sys.stderr)
+    if not texts:
+        raise InputError(f"no readable, non-empty text files in {paths}")
+    return names, texts
+
+
+if __name__ == "__main__":
+    sys.exit(main())

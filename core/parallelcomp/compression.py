@@ -1,0 +1,150 @@
+"""Per-chunk KV eviction, SnapKV-style (method.md §3, "Ours-compression").
+
+For every chunk, each of its context tokens is scored by the attention it receives from the last
+`window` question tokens, per layer and head:
+
+    A = softmax_fp32(q_last_w · Kᵀ · scale)   over every key the row can see: prefix, chunk and
+                                               the causal part of the question (padding masked)
+    s[j] = Σ_rows A[row, j]                    for the chunk's own tokens j only
+    s'   = maxpool1d(s, kernel, stride 1, padding kernel//2)   (or avgpool)
+
+and each layer keeps the top-B tokens per KV head, in their original order, with their original
+RoPE positions (p0 is computed from uncompressed lengths and does not change).
+
+GQA: the official code scores and selects per *query* head on a repeat_kv-expanded cache. We
+never expand the cache: each query head is scored and pooled exactly as in the official code,
+then the G query heads sharing a KV head are combined (`gqa_reduce`: mean by default, or max)
+and selection is per KV head. With G = 1 this is the official selection.
+
+No second pass over the chunk: the scores come from phase 2 (`prefill.question_nll`), where the
+question runs against [prefix ‖ chunk] caches. A forward hook on each `self_attn` recomputes the
+last-w queries and scores them against that layer's cache (attention.py, Route 1), so no chunk's
+own forward changes. A budget ≥ the chunk length leaves that chunk untouched (an exact no-op).
+Only chunk tokens are candidates: the shared prefix is stored once, outside the chunks.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from . import kv as kvops
+from .attention import forward_hooks, hook_cache, last_rows_attention, recompute_queries
+from .errors import InputError
+from .prefill import EncodedChunk
+
+
+@dataclass(frozen=True)
+class SnapKV:
+    """The per-chunk token scorer: window w, pooling kernel, pooling kind, GQA reduction."""
+
+    window: int = 8
+    kernel: int = 7
+    pooling: Literal["max", "avg"] = "max"
+    gqa_reduce: Literal["mean", "max"] = "mean"
+
+    @classmethod
+    def from_config(cls, config) -> SnapKV:
+        return cls(config.snap_window, config.pool_kernel, config.pooling, config.gqa_reduce)
+
+    def score(self, attention: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        """(B, H_kv, length) scores of keys [start, start + length).
+
+        attention: (B, H_kv, G, w, T) fp32 probabilities of the last w query rows over all keys.
+        """
+        s = attention.sum(dim=-2)[..., start : start + length]  # (B, H_kv, G, L)
+        b, h_kv, g, n = s.shape
+        flat = s.reshape(b * h_kv * g, 1, n)
+        if self.pooling == "max":
+            flat = F.max_pool1d(flat, self.kernel, stride=1, padding=self.kernel // 2)
+        else:  # zero padding counted at the borders, as F.avg_pool1d does in the official code
+            flat = F.avg_pool1d(flat, self.kernel, stride=1, padding=self.kernel // 2)
+        pooled = flat.view(b, h_kv, g, n)
+        return pooled.mean(dim=2) if self.gqa_reduce == "mean" else pooled.amax(dim=2)
+
+
+def keep_topk(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """(B, H_kv, budget) indices of the highest scores per head, sorted ascending.
+
+    Ties (frequent after max-pooling) go to the earlier token, so the choice is deterministic.
+    """
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :budget]
+    return order.sort(dim=-1).values
+
+
+def check_window(window: int, question_tokens: int) -> None:
+    if window > question_tokens:
+        msg = (
+            f"snap_window={window} is larger than the question ({question_tokens} tokens with its template); "
+            "compression scores with the last snap_window question tokens: lower snap_window or ask a longer question"
+        )
+        raise InputError(msg)
+
+
+class BatchCompressor:
+    """Scores the chunks of one micro-batch during phase 2, then keeps each chunk's top-B tokens.
+
+        comp = BatchCompressor.for_batch(model, config, prefix_len, encoded, question_len)
+        nll = question_nll(..., observe=comp.observe() if comp else None)
+        encoded = comp.apply(encoded) if comp else encoded
+
+    Row i of the phase-2 cache is [prefix (P) ‖ chunk_i right-padded to L_max ‖ question (q)].
+    """
+
+    def __init__(self, model, scorer: SnapKV, prefix_len: int, lengths: list[int], budgets: list[int], q: int):
+        self.model, self.scorer = model, scorer
+        self.prefix_len, self.lengths, self.budgets, self.q = prefix_len, lengths, budgets, q
+        self.rows = [i for i, (n, b) in enumerate(zip(lengths, budgets)) if b < n]
+        self.scores: dict[int, dict[int, torch.Tensor]] = {i: {} for i in self.rows}  # row → layer → (1, H_kv, L_i)
+        self._visible: torch.Tensor | None = None
+
+    @classmethod
+    def for_batch(cls, model, config, prefix_len: int, encoded: list[EncodedChunk], q: int) -> BatchCompressor | None:
+        """None when compression is off or every chunk fits its budget (nothing to score)."""
+        if not config.compresses:
+            return None
+        check_window(config.snap_window, q)
+        lengths = [e.length for e in encoded]
+        budgets = [config.kv_budget_for(n) for n in lengths]
+        comp = cls(model, SnapKV.from_config(config), prefix_len, lengths, budgets, q)
+        return comp if comp.rows else None
+
+    def observe(self) -> AbstractContextManager:
+        return forward_hooks(self.model, self._score_layer)
+
+    def apply(self, encoded: list[EncodedChunk]) -> list[EncodedChunk]:
+        out = []
+        for i, enc in enumerate(encoded):
+            if i in self.scores:
+                layers = self.scores.pop(i)
+                keep = [keep_topk(layers[layer], self.budgets[i]) for layer in range(len(enc.kv))]
+                enc = EncodedChunk(enc.chunk, kvops.gather_tokens(enc.kv, keep), enc.last_logprobs)
+            out.append(enc)
+        return out
+
+    def _score_layer(self, module, kwargs) -> None:
+        w = self.scorer.window
+        keys = kvops.layer_keys(hook_cache(kwargs), module.layer_idx)  # (B, H_kv, T, D)
+        query = recompute_queries(module, kwargs["hidden_states"], kwargs["position_embeddings"], w)
+        attention = last_rows_attention(query, keys, module.scaling, self._mask(keys))  # (B, H_kv, G, w, T)
+        for i in self.rows:
+            self.scores[i][module.layer_idx] = self.scorer.score(attention[i : i + 1], self.prefix_len, self.lengths[i])
+
+    def _mask(self, keys: torch.Tensor) -> torch.Tensor:
+        """(B, w, T): row i's last-w question rows see prefix, its own chunk tokens (not the
+        padding) and the question causally."""
+        if self._visible is None:
+            device, w, p = keys.device, self.scorer.window, self.prefix_len
+            total = keys.shape[-2]
+            context = total - self.q  # P + L_max
+            t = torch.arange(total, device=device)
+            lengths = torch.tensor(self.lengths, device=device)
+            in_context = t[None] < (p + lengths)[:, None]  # (B, T): prefix + own chunk
+            last = context + self.q - w + torch.arange(w, device=device)  # absolute index of each row
+            causal = (t[None] >= context) & (t[None] <= last[:, None])  # (w, T)
+            self._visible = in_context[:, None, :] | causal[None]
+        return self._visible

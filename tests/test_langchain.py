@@ -1,0 +1,395 @@
+"""LangChain wrappers over a tiny random engine: every answer is compared with the engine itself
+or with the serial/sync path, and every callback count with what was actually streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import time
+from typing import Any
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
+from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
+from langchain_core.retrievers import BaseRetriever
+
+from parallelcomp import InputError, ParallelComp, ParallelCompConfig
+from pc_integrations.common import CONTEXT_MARKER
+from pc_integrations.langchain import (
+    ChatParallelComp,
+    CorpusRetriever,
+    ParallelCompLLM,
+    create_parallelcomp_documents_chain,
+    create_parallelcomp_retrieval_chain,
+    create_parallelcomp_tool,
+    messages_to_prompt,
+)
+
+from .conftest import tiny_model
+
+N = 10
+DOCS = [
+    "The lighthouse on Skerry Island was built in 1874 and painted red. " * 4,
+    "Tomatoes were brought to Europe in the sixteenth century. " * 5,
+    "The treaty was signed in Lisbon by eleven delegates. " * 4,
+    "A violin has four strings tuned in perfect fifths. " * 3,
+]
+QUESTION = "When was the lighthouse built?"
+
+
+class Recorder(BaseCallbackHandler):
+    """Counts the callbacks a run fires."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.starts = self.ends = 0
+        self.errors: list[BaseException] = []
+        self.chain_errors: list[BaseException] = []
+        self.results: list[Any] = []
+
+    def on_llm_start(self, *args: Any, **kwargs: Any) -> None:
+        self.starts += 1
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        self.starts += 1
+
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+    def on_llm_end(self, response, **kwargs: Any) -> None:
+        self.ends += 1
+        self.results.append(response)
+
+    def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
+        self.errors.append(error)
+
+    def on_chain_error(self, error: BaseException, **kwargs: Any) -> None:
+        self.chain_errors.append(error)
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    # One engine for the module: runs leave no state behind, and reuse saves model builds.
+    return ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, ParallelCompConfig(chunk_tokens=64, keep_chunks=2))
+
+
+@pytest.fixture
+def llm(engine):
+    return ParallelCompLLM(engine=engine, max_new_tokens=N)
+
+
+@pytest.fixture(scope="module")
+def serial(engine):
+    """answer(question) → ParallelCompLLM.invoke(question, documents=DOCS), each computed once."""
+    return functools.cache(lambda q: ParallelCompLLM(engine=engine, max_new_tokens=N).invoke(q, documents=DOCS))
+
+
+# ---------------------------------------------------------------------- ParallelCompLLM
+
+
+def test_invoke_equals_engine_and_reports_sources(llm, engine, serial):
+    docs = [Document(page_content=t, metadata={"source": f"doc{i}"}) for i, t in enumerate(DOCS)]
+    direct = engine.generate(QUESTION, documents=DOCS, max_new_tokens=N)
+    result = llm.generate([QUESTION], documents=docs)
+    generation = result.generations[0][0]
+    assert generation.text == direct.text == serial(QUESTION) and direct.text
+    sources = generation.generation_info["sources"]
+    assert [s["metadata"]["source"] for s in sources] == ["doc0", "doc1", "doc2", "doc3"]
+    scores = direct.document_scores()
+    assert [(s["score"], s["kept"]) for s in sources] == [scores[i] for i in range(len(DOCS))]
+    assert 0 < sum(s["kept"] for s in sources) < len(DOCS)  # something kept, something evicted
+    assert generation.generation_info["stats"]["n_chunks"] == len(direct.chunks) > 2
+    assert result.llm_output["token_usage"]["completion_tokens"] == direct.stats.new_tokens == len(direct.token_ids)
+
+
+def test_bind_documents_as_document_objects(llm, serial):
+    plain = serial(QUESTION)
+    assert llm.bind(documents=[Document(page_content=t) for t in DOCS]).invoke(QUESTION) == plain
+
+
+def test_batch_equals_serial(llm, serial):
+    questions = [QUESTION, "Who signed the treaty?"]
+    assert llm.batch(questions, documents=DOCS) == [serial(q) for q in questions]
+
+
+def test_stream_equals_invoke_and_every_chunk_fires_a_callback(llm, engine, serial):
+    recorder = Recorder()
+    pieces = list(llm.stream(QUESTION, {"callbacks": [recorder]}, documents=DOCS))
+    assert "".join(pieces) == serial(QUESTION)
+    assert len([p for p in pieces if p]) >= 3  # real token deltas, not one blob
+    assert recorder.tokens == pieces
+    assert (recorder.starts, recorder.ends, recorder.errors) == (1, 1, [])
+    info = recorder.results[0].generations[0][0].generation_info
+    assert info["stats"]["new_tokens"] == N and len(info["sources"]) == len(DOCS)
+
+
+def test_async_paths_equal_sync(llm, serial):
+    expected = serial(QUESTION)
+
+    async def run():
+        recorder = Recorder()
+        text = await llm.ainvoke(QUESTION, documents=DOCS)
+        pieces = [p async for p in llm.astream(QUESTION, {"callbacks": [recorder]}, documents=DOCS)]
+        batch = await llm.abatch([QUESTION, "Who signed the treaty?"], documents=DOCS)
+        return text, pieces, recorder, batch
+
+    text, pieces, recorder, batch = asyncio.run(run())
+    assert text == expected == "".join(pieces) and batch[0] == expected
+    assert batch[1] == serial("Who signed the treaty?")
+    assert recorder.tokens == pieces and recorder.ends == 1
+
+
+def test_astream_events(llm, serial):
+    async def run():
+        return [e async for e in llm.astream_events(QUESTION, version="v2", documents=DOCS)]
+
+    events = asyncio.run(run())
+    streamed = [e["data"]["chunk"] for e in events if e["event"] == "on_llm_stream"]
+    assert "".join(streamed) == serial(QUESTION)
+    assert len(streamed) >= 3
+    end = next(e for e in events if e["event"] == "on_llm_end")
+    assert end["data"]["output"]["generations"][0][0]["generation_info"]["sources"]
+
+
+def test_async_calls_do_not_block_the_loop_and_queue_on_one_engine(llm, serial):
+    questions = [QUESTION, "Who signed the treaty?", "How many strings?", "Where do tomatoes come from?"]
+    expected = [serial(q) for q in questions]
+
+    async def run():
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        task = asyncio.create_task(ticker())
+        start = time.perf_counter()
+        results = await asyncio.gather(*(llm.ainvoke(q, documents=DOCS) for q in questions))
+        elapsed = time.perf_counter() - start
+        done.set()
+        await task
+        return results, ticks, elapsed
+
+    results, ticks, elapsed = asyncio.run(run())
+    assert results == expected
+    # The loop kept running while four engine runs queued in worker threads (a blocked loop
+    # would tick about once per call).
+    assert elapsed > 0.1 and ticks >= 20
+
+
+def test_abandoned_streams_release_the_engine(llm, serial):
+    for _ in llm.stream(QUESTION, documents=DOCS):
+        break
+
+    async def first_piece():
+        async for piece in llm.astream(QUESTION, documents=DOCS):
+            return piece
+
+    asyncio.run(first_piece())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a leaked engine lock would block here
+        assert pool.submit(llm.invoke, QUESTION, documents=DOCS).result(timeout=120) == serial(QUESTION)
+
+
+def test_stop_strings_cut_and_never_echo(llm):
+    full = llm.invoke(QUESTION, documents=DOCS, max_new_tokens=20)
+    stop = full[6:9]
+    assert len(stop) == 3 and full.index(stop) > 0
+    expected = full[: full.index(stop)]
+    assert llm.invoke(QUESTION, documents=DOCS, max_new_tokens=20, stop=[stop]) == expected
+    assert llm.invoke(QUESTION, documents=DOCS, max_new_tokens=20, stop=stop) == expected  # a bare str
+    assert "".join(llm.stream(QUESTION, documents=DOCS, max_new_tokens=20, stop=[stop])) == expected
+    with_default = ParallelCompLLM(engine=llm.engine, max_new_tokens=20, stop=[stop])
+    result = with_default.generate([QUESTION], documents=DOCS)
+    assert result.generations[0][0].text == expected
+    assert result.generations[0][0].generation_info["finish_reason"] == "stop"
+
+
+def test_marker_splits_context_from_question(llm, engine):
+    context = "\n\n".join(DOCS)
+    direct = engine.generate(QUESTION, context=context, max_new_tokens=N)
+    result = llm.generate([f"{context}\n{CONTEXT_MARKER}\n{QUESTION}"])
+    assert result.generations[0][0].text == direct.text
+    assert len(result.generations[0][0].generation_info["sources"]) == 1
+    # no marker, no documents: the prompt is the question, answered by the model alone
+    assert llm.invoke(QUESTION) == engine.generate(QUESTION, max_new_tokens=N).text
+
+
+def test_long_prompt_without_marker_is_refused_not_truncated(llm, engine):
+    recorder = Recorder()
+    prompt = " ".join(DOCS * 8) + " " + QUESTION
+    assert engine.count_tokens(prompt) > engine.window
+    with pytest.raises(InputError, match="QUESTION"):
+        llm.invoke(prompt, {"callbacks": [recorder]})
+    assert len(recorder.errors) == 1 and recorder.ends == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"documents": [DOCS[0], 42]}, "document 1 has unsupported type int"),
+        ({"documents": []}, "corpus is empty"),
+        ({"documents": "one string"}, "must be a list"),
+        ({"documents": DOCS, "stop": 5}, "stop must be a string or a list of strings"),
+        ({"documents": DOCS, "stop": ["ok", 3]}, "stop must be a string or a list of strings"),
+        ({"documents": DOCS, "temprature": 0.5}, "unexpected keyword"),
+        ({"documents": DOCS, "max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_bad_input_goes_through_on_llm_error(llm, kwargs, match):
+    for call in ("invoke", "stream", "ainvoke", "astream"):
+        recorder = Recorder()
+        config = {"callbacks": [recorder]}
+        with pytest.raises(InputError, match=match):
+            if call == "invoke":
+                llm.invoke(QUESTION, config, **kwargs)
+            elif call == "stream":
+                list(llm.stream(QUESTION, config, **kwargs))
+            elif call == "ainvoke":
+                asyncio.run(asyncio.wait_for(llm.ainvoke(QUESTION, config, **kwargs), 30))
+            else:
+                asyncio.run(asyncio.wait_for(_drain(llm.astream(QUESTION, config, **kwargs)), 30))
+        assert len(recorder.errors) == 1 and recorder.ends == 0, call
+
+
+async def _drain(aiterator) -> list:
+    return [x async for x in aiterator]
+
+
+def test_metadata_and_token_counting(llm, engine, tokenizer):
+    text = "Token counting uses the model's own tokenizer."
+    assert llm.get_num_tokens(text) == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert llm.get_token_ids(text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llm._llm_type == "parallelcomp"
+    params = llm._identifying_params
+    assert params["model_name"] == engine.model_name and params["config"]["chunk_tokens"] == 64
+    assert ParallelCompLLM(engine=engine, temperature=0.5)._identifying_params != params  # cache keys differ
+
+
+# ---------------------------------------------------------------------- ChatParallelComp
+
+
+def test_chat_model_matches_llm_on_rendered_prompt(llm, engine):
+    chat = ChatParallelComp(engine=engine, max_new_tokens=N)
+    messages = [SystemMessage("Answer tersely."), HumanMessage(QUESTION)]
+    prompt = messages_to_prompt(messages)
+    assert prompt == f"Answer tersely.\n\n{QUESTION}"
+    message = chat.invoke(messages, documents=DOCS)
+    assert message.content == llm.invoke(prompt, documents=DOCS)
+    assert len(message.response_metadata["sources"]) == len(DOCS)
+    assert message.usage_metadata["output_tokens"] == message.response_metadata["stats"]["new_tokens"] == N
+    recorder = Recorder()
+    chunks = list(chat.stream(messages, {"callbacks": [recorder]}, documents=DOCS))
+    assert "".join(c.text for c in chunks) == message.content
+    assert recorder.tokens == [c.text for c in chunks]
+    assert asyncio.run(chat.ainvoke(messages, documents=DOCS)).content == message.content
+
+
+def test_chat_prompt_rule_and_bad_messages(engine):
+    history = [
+        SystemMessage("Be brief."),
+        HumanMessage("Hi"),
+        AIMessage("", tool_calls=[{"name": "ask_corpus", "args": {"question": "q"}, "id": "1"}]),
+        ToolMessage("It was 1874.", tool_call_id="1"),
+    ]
+    assert messages_to_prompt(history) == (
+        "Be brief.\n\nUser: Hi\n\nAssistant: calls ask_corpus({'question': 'q'})\n\nTool: It was 1874."
+    )
+    chat = ChatParallelComp(engine=engine, max_new_tokens=N)
+    recorder = Recorder()
+    with pytest.raises(InputError, match="last message is a AIMessage"):
+        chat.invoke([HumanMessage("Hi"), AIMessage("Hello")], {"callbacks": [recorder]})
+    assert len(recorder.errors) == 1
+
+
+# ---------------------------------------------------------------------- chains and the tool
+
+
+def test_retrieval_chain_passes_documents_as_chunks(llm, serial):
+    docs = [Document(page_content=t, metadata={"id": i}) for i, t in enumerate(DOCS)]
+    chain = create_parallelcomp_retrieval_chain(CorpusRetriever(documents=docs), llm)
+    out = chain.invoke({"input": QUESTION})
+    assert out["input"] == QUESTION and out["context"] == docs
+    assert out["answer"] == serial(QUESTION)
+    kept = [docs[s["index"]] for s in out["sources"] if s["kept"]]
+    assert out["kept_context"] == kept and out["kept_context"] + out["evicted_context"] != []
+    assert sorted(d.metadata["id"] for d in out["kept_context"] + out["evicted_context"]) == [0, 1, 2, 3]
+    # streaming adds up to the same output
+    pieces = list(chain.stream({"input": QUESTION}))
+    assert "".join(p.get("answer", "") for p in pieces) == out["answer"]
+    assert sum(1 for p in pieces if p.get("answer")) >= 3
+    assert asyncio.run(chain.ainvoke({"input": QUESTION})) == out
+
+
+def test_documents_chain_is_a_drop_in_for_stuff_prompts(llm):
+    prompt = ChatPromptTemplate.from_messages([("system", "Use this context:\n{context}"), ("human", "{input}")])
+    chain = create_parallelcomp_documents_chain(llm, prompt)
+    answer = chain.invoke({"input": QUESTION, "context": [Document(page_content=t) for t in DOCS]})
+    rendered = prompt.invoke({"input": QUESTION, "context": ""})
+    assert answer == llm.invoke(rendered, documents=DOCS)  # the documents were not stuffed into the prompt
+    assert "".join(chain.stream({"input": QUESTION, "context": DOCS})) == answer
+
+
+class Failing(BaseRetriever):
+    def _get_relevant_documents(self, query, *, run_manager):
+        raise RuntimeError("index offline")
+
+
+class Empty(BaseRetriever):
+    def _get_relevant_documents(self, query, *, run_manager):
+        return []
+
+
+def test_chain_errors_surface_through_callbacks(llm):
+    recorder = Recorder()
+    chain = create_parallelcomp_retrieval_chain(Failing(), llm)
+    with pytest.raises(RuntimeError, match="index offline"):
+        chain.invoke({"input": QUESTION}, {"callbacks": [recorder]})
+    assert recorder.chain_errors and recorder.starts == 0
+    with pytest.raises(RuntimeError, match="index offline"):
+        asyncio.run(asyncio.wait_for(chain.ainvoke({"input": QUESTION}), 30))
+
+    recorder = Recorder()
+    with pytest.raises(InputError, match="corpus is empty"):
+        create_parallelcomp_retrieval_chain(Empty(), llm).invoke({"input": QUESTION}, {"callbacks": [recorder]})
+    assert len(recorder.errors) == 1 and recorder.ends == 0  # raised inside the model run
+
+
+def test_tool_direct_and_in_an_agent_loop(llm, serial):
+    docs = [Document(page_content=t, metadata={"id": i}) for i, t in enumerate(DOCS)]
+    tool = create_parallelcomp_tool(llm, documents=docs)
+    assert tool.name == "ask_corpus" and set(tool.args) == {"question"}
+    expected = serial(QUESTION)
+    assert tool.invoke({"question": QUESTION}) == expected
+
+    call = {"name": tool.name, "args": {"question": QUESTION}, "id": "call-1", "type": "tool_call"}
+    agent = FakeMessagesListChatModel(responses=[AIMessage("", tool_calls=[call]), AIMessage("Done.")])
+    messages = [HumanMessage(QUESTION)]
+    tools = {tool.name: tool}
+    for _ in range(3):  # a minimal agent loop: model → tool calls → tool messages → model
+        reply = agent.invoke(messages)
+        messages.append(reply)
+        if not reply.tool_calls:
+            break
+        messages += [tools[c["name"]].invoke(c) for c in reply.tool_calls]
+    tool_message = messages[2]
+    assert isinstance(tool_message, ToolMessage) and tool_message.content == expected
+    assert tool_message.tool_call_id == "call-1"
+    assert [s["index"] for s in tool_message.artifact["sources"]] == [0, 1, 2, 3]
+    assert tool_message.artifact["kept_context"] and messages[-1].content == "Done."
+    assert asyncio.run(tool.ainvoke(call)).content == expected
+
+    with pytest.raises(InputError, match="exactly one"):
+        create_parallelcomp_tool(llm)
+
+
+def test_prompt_template_variables_reach_the_question(llm):
+    prompt = PromptTemplate.from_template("In one word: {input}")
+    chain = create_parallelcomp_retrieval_chain(CorpusRetriever(documents=DOCS), llm, prompt)
+    assert chain.invoke({"input": QUESTION})["answer"] == llm.invoke(f"In one word: {QUESTION}", documents=DOCS)

