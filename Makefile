@@ -4,10 +4,11 @@
 # Override either variable: make ask QUESTION="..." CORPUS="notes/ paper.txt"
 
 # Nine distinct licences that every Debian machine has: about 32K SmolLM2 tokens, four times the
-# model's 8K trained context. The answer to QUESTION ("NOTICE") is in Apache-2.0 only.
+# model's 8K trained context. The answer to QUESTION (Mozilla Foundation, section 10.1) is in
+# MPL-2.0 only; no other file mentions Mozilla or a license steward.
 CORPUS ?= $(addprefix /usr/share/common-licenses/,\
 	Apache-2.0 Artistic BSD CC0-1.0 GFDL-1.3 GPL-2 GPL-3 LGPL-2.1 MPL-2.0)
-QUESTION ?= Under the Apache License 2.0, what is the name of the text file whose attribution notices must be kept in redistributions?
+QUESTION ?= Who is the license steward of the Mozilla Public License 2.0?
 
 .PHONY: setup ask test
 

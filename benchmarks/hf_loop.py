@@ -10,9 +10,34 @@ import time
 import torch
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement (Linux `clear_refs`), e.g. once the model is loaded."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size since the last reset (VmHWM), else since the process started."""
+    return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float | None:
+    """Current resident set size (VmRSS)."""
+    return _status_mb("VmRSS")
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def kv_bytes(model, kv_tokens: int) -> int:

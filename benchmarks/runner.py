@@ -94,8 +94,9 @@ def run(opts) -> Path:
             kvpress = kvpress_env.ensure(Path(opts.kvpress_venv), create=opts.kvpress_setup)
             results.data["machine"]["kvpress_env"] = kvpress[1]
         results.put(cell, CellRun(cell, opts, kvpress).run())
-    results.data["runs"].append({"argv": sys.argv[1:], "cells_run": len(cells),
-                                 "wall_seconds": round(time.time() - started, 1)})
+    if cells:
+        results.data["runs"].append({"argv": sys.argv[1:], "cells_run": len(cells),
+                                     "wall_seconds": round(time.time() - started, 1)})
     results.save()
     report.write(Path(opts.out), results.data)
     return results.path

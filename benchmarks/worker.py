@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from functools import lru_cache
 
@@ -13,7 +14,7 @@ from parallelcomp import ParallelComp, ParallelCompConfig
 from parallelcomp.prompts import end_of_turn_ids
 
 from . import cellio
-from .hf_loop import greedy_generate, peak_rss_mb, target_nll
+from .hf_loop import greedy_generate, peak_rss_mb, reset_peak_rss, rss_mb, target_nll
 from .prompting import generation_input, ppl_input
 from .scoring import spans_kept
 from .tasks import Sample
@@ -71,10 +72,13 @@ def run_spec(spec: dict, emit) -> None:
     run = run_parallelcomp if spec["method"].startswith("parallelcomp:") else run_baseline
     for raw in spec["samples"]:
         sample = Sample(**raw)
+        gc.collect()
+        reset_peak_rss()  # measure the run, not the model load (weights stay resident)
+        loaded = rss_mb()
         rec = run(spec, model, tokenizer, sample)
         if "nll" in rec:
             rec["ppl"] = math.exp(rec["nll"])
-        emit(rec | {"id": sample.id, "peak_rss_mb": peak_rss_mb()})
+        emit(rec | {"id": sample.id, "peak_rss_mb": peak_rss_mb(), "model_rss_mb": loaded})
 
 
 if __name__ == "__main__":

@@ -95,10 +95,12 @@ def main() -> None:
         f"prefill {stats['prefill_seconds']:.1f} s, decode {stats['decode_seconds']:.1f} s "
         f"({stats['new_tokens']} tokens, finish: {stats['finish_reason']})"
     )
-    print("\nkept (score = question NLL given the chunk, lower is more relevant):")
+    kept_chunks = {c["index"] for c in run.info["chunks"] if c["kept"]}
+    print("\nkept (score = question NLL given its best chunk, lower is more relevant):")
     for s in sorted(out["sources"], key=lambda s: s["score"]):
         if s["kept"]:
-            print(f"  {s['score']:.3f}  {s['metadata']['source']}  (chunks {s['chunks']})")
+            kept = [c for c in s["chunks"] if c in kept_chunks]
+            print(f"  {s['score']:.3f}  {s['metadata']['source']}  (kept chunks {kept} of {s['chunks']})")
     evicted = [s for s in out["sources"] if not s["kept"]]
     print(f"evicted: {len(evicted)} documents:", ", ".join(Path(s["metadata"]["source"]).name for s in evicted))
     print(f"\nwall time {time.perf_counter() - start:.1f} s (model load included)")

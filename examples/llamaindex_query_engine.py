@@ -69,7 +69,8 @@ def license_documents(engine: ParallelComp, min_tokens: int) -> list[Document]:
     docs, total = [], 0
     for path in sorted(p for p in LICENSES.iterdir() if p.is_file() and not p.is_symlink()):
         text = path.read_text(errors="replace")
-        docs.append(Document(text=text, metadata={"file_name": path.name}))
+        # The file name helps retrieval (embedding text) but stays out of the model's prompt.
+        docs.append(Document(text=text, metadata={"file_name": path.name}, excluded_llm_metadata_keys=["file_name"]))
         total += engine.count_tokens(text)
         if total >= min_tokens:
             break
@@ -84,7 +85,7 @@ def main() -> None:
     parser.add_argument("--min-tokens", type=int, default=32_000)
     parser.add_argument("--chunk-tokens", type=int, default=2048)
     parser.add_argument("--keep-chunks", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
     start = time.perf_counter()
 

@@ -6,6 +6,7 @@ engine off the event loop. Imports no framework; framework objects are duck-type
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
@@ -94,26 +95,39 @@ async def aiter_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIt
     """Run a blocking iterator in a worker thread; yield its items without blocking the loop.
 
     The engine serialises runs with its own lock, so concurrent callers queue in their threads.
-    An exception in the worker is re-raised here.
+    An exception in the worker is re-raised here. When the consumer stops early (break,
+    cancellation), the worker closes the engine's iterator at its next item, so the engine is
+    freed for queued calls instead of decoding on to max_new_tokens for nobody.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
+    abandoned = threading.Event()
+
+    def put(item, err) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(queue.put_nowait, (item, err))
 
     def work() -> None:
         try:
-            for item in make_iterator():
-                loop.call_soon_threadsafe(queue.put_nowait, (item, None))
+            with contextlib.closing(make_iterator()) as items:
+                for item in items:
+                    if abandoned.is_set():
+                        return
+                    put(item, None)
         except BaseException as err:  # noqa: BLE001 - handed to the awaiting side
-            loop.call_soon_threadsafe(queue.put_nowait, (done, err))
+            put(done, err)
         else:
-            loop.call_soon_threadsafe(queue.put_nowait, (done, None))
+            put(done, None)
 
     threading.Thread(target=work, daemon=True, name="parallelcomp-worker").start()
-    while True:
-        item, err = await queue.get()
-        if err is not None:
-            raise err
-        if item is done:
-            return
-        yield item
+    try:
+        while True:
+            item, err = await queue.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        abandoned.set()

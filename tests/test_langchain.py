@@ -74,7 +74,8 @@ class Recorder(BaseCallbackHandler):
 @pytest.fixture(scope="module")
 def engine(tokenizer):
     # One engine for the module: runs leave no state behind, and reuse saves model builds.
-    return ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, ParallelCompConfig(chunk_tokens=64, keep_chunks=2))
+    config = ParallelCompConfig(chunk_tokens=64, keep_chunks=2)
+    return ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, config)
 
 
 @pytest.fixture
@@ -187,14 +188,33 @@ def test_async_calls_do_not_block_the_loop_and_queue_on_one_engine(llm, serial):
 def test_abandoned_streams_release_the_engine(llm, serial):
     for _ in llm.stream(QUESTION, documents=DOCS):
         break
-
-    async def first_piece():
-        async for piece in llm.astream(QUESTION, documents=DOCS):
-            return piece
-
-    asyncio.run(first_piece())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a leaked engine lock would block here
         assert pool.submit(llm.invoke, QUESTION, documents=DOCS).result(timeout=120) == serial(QUESTION)
+
+    async def server():  # the loop stays open, as in a server whose client went away
+        async for _ in llm.astream(QUESTION, documents=DOCS, max_new_tokens=500):
+            break
+        return await asyncio.wait_for(llm.ainvoke(QUESTION, documents=DOCS), 120)
+
+    forwards = _count_forwards(llm.engine.model, lambda: llm.invoke(QUESTION, documents=DOCS))
+    calls: list[int] = []
+    handle = llm.engine.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        assert asyncio.run(server()) == serial(QUESTION)
+    finally:
+        handle.remove()
+    # The abandoned run stopped at its next token: far fewer than its 500 decode steps ran.
+    assert len(calls) < 2 * forwards + 20
+
+
+def _count_forwards(model, call) -> int:
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        call()
+    finally:
+        handle.remove()
+    return len(calls)
 
 
 def test_stop_strings_cut_and_never_echo(llm):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import math
-import time
 
 import pytest
 import torch
@@ -199,9 +198,13 @@ def test_async_equals_sync(index, engine, no_settings_llm):
         streamed = await query_engine(index, synth).aquery(QUESTION)
         assert isinstance(streamed, AsyncStreamingResponse)
         pieces = [p async for p in streamed.async_response_gen()]
-        return plain, streamed, pieces
+        # concurrent queries queue on the engine's lock and each gets its own, correct answer
+        plain_synth = ParallelCompSynthesizer(engine, max_new_tokens=16)
+        both = await asyncio.gather(*(query_engine(index, plain_synth).aquery(QUESTION) for _ in range(3)))
+        return plain, streamed, pieces, both
 
-    plain, streamed, pieces = asyncio.run(run())
+    plain, streamed, pieces, both = asyncio.run(run())
+    assert [r.response for r in both] == [out.text] * 3
     assert plain.response == out.text
     assert len(pieces) > 1 and "".join(pieces) == out.text
     check_attribution(plain, nodes, out)
@@ -373,14 +376,14 @@ def test_query_engine_tool(index, engine):
 
 
 @pytest.mark.slow
-def test_smollm2_end_to_end(index, smol_engine):
+def test_smollm2_end_to_end(embed_model, smol_engine):
     # Few thousand tokens: the six facts among filler paragraphs; chunks of 512 tokens.
     filler = [
         Document(text=f"Notes on section {i}: " + " ".join(f"Item {i}.{j} is routine and needs no action." for j in range(30)))
         for i in range(6)
     ]
     docs = filler[:3] + [Document(text=t, metadata={"title": k}) for k, t in FACTS] + filler[3:]
-    big = VectorStoreIndex.from_documents(docs, embed_model=Settings.embed_model)
+    big = VectorStoreIndex.from_documents(docs, embed_model=embed_model)
     engine = ParallelComp(smol_engine.model, smol_engine.tokenizer, ParallelCompConfig(keep_chunks=2, chunk_tokens=512))
     synth = ParallelCompSynthesizer(engine, streaming=True, max_new_tokens=16)
     qe = RetrieverQueryEngine(big.as_retriever(similarity_top_k=len(big.docstore.docs)), response_synthesizer=synth)

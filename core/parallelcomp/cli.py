@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: derived from the window)")
     ask.add_argument("--kv-budget-ratio", type=float, help="per-chunk KV kept, as a fraction")
     ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages loops (1.0 = off)")
     ask.add_argument("--device", help="cpu, cuda, … (default: cuda when available)")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ask.set_defaults(run=_ask)
@@ -63,7 +64,13 @@ def _ask(args) -> int:
     start = time.perf_counter()
     pc = ParallelComp.from_pretrained(args.model, config=config, device=args.device)
     load_seconds = time.perf_counter() - start
-    stream = pc.stream(args.question, documents=documents, max_new_tokens=args.max_new_tokens, progress=True)
+    stream = pc.stream(
+        args.question,
+        documents=documents,
+        max_new_tokens=args.max_new_tokens,
+        repetition_penalty=args.repetition_penalty,
+        progress=True,
+    )
     if not args.json:
         print("Answer: ", end="", flush=True)
     for delta in stream:

@@ -63,8 +63,8 @@ class CalibrationRule(BaseModel):
                     "to address layers independently of depth"
                 )
             return list(range(first, last + 1))
-        start, end = self.depth
-        return list(range(math.floor(start * num_layers), math.ceil(end * num_layers)))
+        start, end = self.depth  # both ends rounded the same way, so adjacent rules never overlap
+        return list(range(math.floor(start * num_layers + 0.5), math.floor(end * num_layers + 0.5)))
 
 
 # The paper's best "Ours-calibration" (Tables 6/8 captions): 1-indexed layers 1-8 middle, 9-16

@@ -15,6 +15,7 @@ import torch
 from transformers import (
     DynamicCache,
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -30,9 +31,13 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    """> 1 discourages repeating question or answer tokens (CTRL-style, as in `model.generate`)."""
 
     def processors(self) -> LogitsProcessorList:
         procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
         if self.temperature > 0:
             procs.append(TemperatureLogitsWarper(self.temperature))
             if self.top_k > 0:

@@ -81,6 +81,7 @@ class ParallelComp:
             msg = f"chunk_tokens={self.config.chunk_tokens} exceeds the model's trained window of {self.window} tokens"
             raise ConfigError(msg)
         self.num_layers = text_config.num_hidden_layers
+        calibration.layer_plan(self.config.calibration_rules, self.num_layers)  # rules must fit the depth
         self.eos_ids = _eos_ids(model, tokenizer)
         self._lock = threading.Lock()  # one run at a time per engine; concurrent callers queue
 
@@ -125,7 +126,8 @@ class ParallelComp:
         """Answer `question` over `documents` (one string each) or one long `context` string.
 
         Keyword arguments: max_new_tokens=256, stop=None (str or list of str), temperature=0.0
-        (greedy), top_p=1.0, top_k=0, seed=None, progress=False (a tqdm bar on stderr).
+        (greedy), top_p=1.0, top_k=0, seed=None, repetition_penalty=1.0, progress=False (a tqdm
+        bar on stderr).
         """
         stream = self.stream(question, documents, context, **kwargs)
         for _ in stream:
@@ -144,6 +146,7 @@ class ParallelComp:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        repetition_penalty: float = 1.0,
         progress: bool = False,
     ) -> TextStream:
         """Like `generate`, but yields text deltas as they are decoded.
@@ -154,8 +157,8 @@ class ParallelComp:
         _check_question(question)
         documents = validate_documents(documents, context, required=False)
         stops = _check_stop(stop)
-        _check_generation(max_new_tokens, temperature, top_p, top_k)
-        sampling = Sampling(temperature, top_p, top_k, seed)
+        _check_generation(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
         parts = build_prompt(
             self.tokenizer, self.config.instruction, question, self.config.use_chat_template, bool(documents)
         )
@@ -362,7 +365,7 @@ def _check_stop(stop) -> list[str]:
     raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
 
 
-def _check_generation(max_new_tokens, temperature, top_p, top_k) -> None:
+def _check_generation(max_new_tokens, temperature, top_p, top_k, repetition_penalty) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
@@ -371,3 +374,5 @@ def _check_generation(max_new_tokens, temperature, top_p, top_k) -> None:
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
     if not isinstance(top_k, int) or top_k < 0:
         raise InputError(f"top_k must be a non-negative integer, got {top_k!r}")
+    if not (isinstance(repetition_penalty, (int, float)) and repetition_penalty > 0):
+        raise InputError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")

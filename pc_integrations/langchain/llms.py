@@ -12,7 +12,8 @@ question after it); a prompt without the marker is the question alone, and one t
 model's window raises `InputError` instead of being truncated.
 
 Async calls run the blocking engine in a worker thread (`common.aiter_in_thread`), so the event
-loop never blocks; the engine's own lock makes concurrent calls on one engine queue.
+loop never blocks; the engine's own lock makes concurrent calls on one engine queue, and a
+stream abandoned by its consumer stops at its next token.
 """
 
 from __future__ import annotations
