@@ -28,7 +28,8 @@ from pydantic import ConfigDict, model_validator
 
 from parallelcomp import InputError
 
-from .llms import ParallelCompLLM, aiter_offloaded, usage_from_info
+from ..common import aiter_in_thread
+from .llms import ParallelCompLLM, usage_from_info
 
 _ROLES = {"human": "User", "ai": "Assistant", "tool": "Tool", "function": "Tool", "chat": "User"}
 
@@ -111,7 +112,7 @@ class ChatParallelComp(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        async for chunk in aiter_offloaded(lambda: self._iter_chunks(messages, stop, kwargs)):
+        async for chunk in aiter_in_thread(lambda: self._iter_chunks(messages, stop, kwargs)):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
