@@ -141,7 +141,8 @@ def plot(data: dict, out: Path) -> list[Path]:
                         if pts:
                             ax.plot(*zip(*pts), marker="o", label=method)
                     ax.set_xscale("log", base=2)
-                    if task == "ppl" and key == "score" or key != "score":
+                    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1024:g}K")
+                    if key == "prefill_seconds" or (task == "ppl" and key == "score"):
                         ax.set_yscale("log")
                     ax.set_title(task)
                     ax.set_xlabel("input tokens")
