@@ -18,7 +18,7 @@ if [[ ! -x "$venv/bin/python" ]]; then
         python3 -m venv "$venv"
     fi
 fi
-pip=("$venv/bin/python" -m pip install -q)
+pip=("$venv/bin/python" -m pip install -qq)
 
 echo "setup: installing into $venv (a few minutes the first time)" >&2
 # torch first, pinned: a bare `torch` requirement could resolve to a multi-GB CUDA build.

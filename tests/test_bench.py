@@ -36,6 +36,11 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
 def test_string_match_all_needs_every_reference():
     assert string_match_all("The special magic number is 7431290.", ["7431290"]) == 1.0
     assert string_match_all("The special magic number is 7431209.", ["7431290"]) == 0.0
@@ -63,8 +68,7 @@ def test_middle_truncate_keeps_both_ends():
     assert middle_truncate([1, 2], 4) == [1, 2]
 
 
-def test_bm25_selects_the_passage_with_the_question_words(tiny_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+def test_bm25_selects_the_passage_with_the_question_words(tok):
     filler = "The weather was mild and nothing happened. " * 30
     needle = "The secret code of the purple elephant is 4412."
     sample = Sample("niah", "x", question="What is the secret code of the purple elephant?",
@@ -78,8 +82,7 @@ def test_bm25_selects_the_passage_with_the_question_words(tiny_dir):
 
 @needs_data
 @pytest.mark.parametrize("task", ["ppl", "niah", "passkey", "kv_retrieval", "qa"])
-def test_samples_hit_the_length_and_hold_their_answer(tiny_dir, task):
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+def test_samples_hit_the_length_and_hold_their_answer(tok, task):
     (sample,) = make_samples(task, tok, 2048, 1, ppl_target=256)
     n = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in sample.texts())
     if task == "ppl":
