@@ -198,7 +198,6 @@ class ParallelComp:
             ctx = self._prefill(parts, documents, reserve=max_new_tokens, progress=progress)
             start = time.perf_counter()
             assembler = TextAssembler(self.tokenizer, stops)
-            finish = "length"
             cache = kvops.to_cache(ctx.kv)
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens)
                     if calibrator else None)  # attention calibration at the question step (§4)
@@ -211,17 +210,13 @@ class ParallelComp:
                     yield delta
                 if assembler.stopped:
                     break
-            else:
-                finish = "stop" if len(assembler.ids) < max_new_tokens else "length"
-            if assembler.stopped:
-                finish = "stop"
             tail = assembler.finish()
             if tail:
                 yield tail
             if calibrator:
                 calibrator.report(ctx.stats)
             ctx.stats.new_tokens = len(assembler.ids)
-            ctx.stats.finish_reason = finish
+            ctx.stats.finish_reason = "length" if len(assembler.ids) == max_new_tokens and not assembler.stopped else "stop"
             ctx.stats.decode_seconds = time.perf_counter() - start
             stream.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
@@ -307,7 +302,6 @@ class ParallelComp:
             p0=p0,
             kv_tokens=kvops.n_tokens(merged),
             kv_bytes=kvops.n_bytes(merged),
-            kv_bytes_uncompressed=kvops.n_bytes(merged),
             exceeds_window=exceeds,
         )
 
