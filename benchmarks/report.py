@@ -116,11 +116,17 @@ def _efficiency(tasks: dict) -> list[str]:
         lines += [f"### {task}: prefill seconds / peak RSS MB, parallelcomp vs full", "",
                   "| length | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
         for n in lengths:
-            row = [f"{_label(methods[m].get(n), 'prefill_seconds')} s / "
-                   f"{_label(methods[m].get(n), 'peak_rss_mb')} MB" for m in cols]
+            row = [_time_rss(methods[m].get(n)) for m in cols]
             lines.append(f"| {n} | " + " | ".join(row) + " |")
         lines.append("")
     return lines
+
+
+def _time_rss(entry: dict | None) -> str:
+    if entry is None or entry["status"] != "ok":
+        return _label(entry)
+    s = summarize(entry)
+    return f"{_fmt(s['prefill_seconds'])} s / {_fmt(s['peak_rss_mb'])} MB"
 
 
 def plot(data: dict, out: Path) -> list[Path]:

