@@ -98,9 +98,11 @@ def markdown(data: dict) -> str:
             lines.append("")
         lines += _efficiency(tasks)
     notes = sorted({f"- {e['method']} ({e['task']} {e['length']}): {e['status']}: {e['reason']}"
-                    for e in data["cells"].values() if e["status"] != "ok"})
+                    for e in data["cells"].values() if e["status"] != "ok"}
+                   | {f"- {e['method']} ({e['task']} {e['length']}): {e['rss_note']}"
+                      for e in data["cells"].values() if e.get("rss_note")})
     if notes:
-        lines += ["## Skipped, unavailable or failed cells", ""] + notes + [""]
+        lines += ["## Notes on cells", ""] + notes + [""]
     return "\n".join(lines)
 
 
@@ -134,6 +136,9 @@ def plot(data: dict, out: Path) -> list[Path]:
     files = []
     for model, tasks in _grid(data["cells"]).items():
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", Path(model).name).strip("-")
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        names = sorted({m for methods in tasks.values() for m in methods})
+        color = {m: palette[i % len(palette)] for i, m in enumerate(names)}
         panels = [("score", "score"), ("prefill_seconds", "prefill s"), ("peak_rss_mb", "peak RSS MB")]
         for name, keys in (("score", panels[:1]), ("time-memory", panels[1:])):
             fig, axes = plt.subplots(len(keys), len(tasks), squeeze=False,
@@ -145,7 +150,7 @@ def plot(data: dict, out: Path) -> list[Path]:
                         pts = [(n, summarize(e)[key]) for n, e in sorted(by_len.items())
                                if e["status"] == "ok" and summarize(e)[key] is not None]
                         if pts:
-                            ax.plot(*zip(*pts), marker="o", label=method)
+                            ax.plot(*zip(*pts), marker="o", label=method, color=color[method])
                     ax.set_xscale("log", base=2)
                     ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1024:g}K")
                     if key == "prefill_seconds" or (task == "ppl" and key == "score"):
@@ -154,9 +159,8 @@ def plot(data: dict, out: Path) -> list[Path]:
                     ax.set_xlabel("input tokens")
                     ax.set_ylabel("perplexity" if task == "ppl" and key == "score" else ylabel)
                     ax.grid(alpha=0.3)
-            handles, labels = axes[0][-1].get_legend_handles_labels()
-            if handles:
-                axes[0][-1].legend(handles, labels, fontsize=7)
+                    if ax.get_legend_handles_labels()[0]:
+                        ax.legend(fontsize=7)
             fig.tight_layout()
             path = out / f"{slug}-{name}.png"
             fig.savefig(path, dpi=110)

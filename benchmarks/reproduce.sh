@@ -18,5 +18,5 @@ run --tasks ppl --methods parallelcomp truncate --lengths 32768 65536
 run --tasks niah qa --methods parallelcomp truncate topk --lengths 32768
 # 4. Prefill time and peak RSS, parallelcomp vs full attention up to 16K, back to back in a
 #    separate run (steps 1-3 overlapped with other jobs on the CPU, so their timings are noisy).
-run --tasks niah ppl --methods parallelcomp full --lengths 8192 16384 --max-new-tokens 8 \
-    --out benchmarks/results/timing
+run --tasks niah ppl --methods parallelcomp full --lengths 8192 16384 32768 --full-max-length 32768 \
+    --max-new-tokens 8 --out benchmarks/results/timing

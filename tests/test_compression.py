@@ -46,7 +46,7 @@ def test_selection_equals_eager_reference(tokenizer, family, pooling, gqa_reduce
               enumerate([60, 45, 18])]  # the last one fits its budget: left untouched
 
     prefix = encode_prefix(model, prefix_ids)
-    encoded = encode_chunks(model, prefix, chunks)
+    encoded = encode_chunks(model, prefix_ids, chunks)
     comp = BatchCompressor.for_batch(model, config, len(prefix_ids), encoded, len(question_ids))
     question_nll(model, prefix, encoded, question_ids, comp.observe())
     assert not any(m._forward_hooks for m in model.modules())

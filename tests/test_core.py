@@ -49,7 +49,7 @@ def test_two_phase_prefill_equals_single_forward(family, tokenizer, budget):
     prefix = encode_prefix(model, parts.prefix_ids)
     from parallelcomp.prefill import micro_batches
 
-    encoded = [e for batch in micro_batches(chunks, budget) for e in encode_chunks(model, prefix, batch)]
+    encoded = [e for batch in micro_batches(chunks, budget) for e in encode_chunks(model, parts.prefix_ids, batch)]
     got = []
     for batch in micro_batches(chunks, budget):
         sub = [e for e in encoded if e.chunk in batch]

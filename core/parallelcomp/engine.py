@@ -233,7 +233,7 @@ class ParallelComp:
         raw_bytes: dict[int, int] = {}  # chunk index → KV bytes before compression
         bar = tqdm(total=len(chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
         for batch in micro_batches(chunks, self.config.prefill_batch_tokens):
-            encoded = encode_chunks(self.model, prefix, batch)
+            encoded = encode_chunks(self.model, parts.prefix_ids, batch)
             comp = compression.BatchCompressor.for_batch(
                 self.model, self.config, kvops.n_tokens(prefix), encoded, len(parts.question_ids)
             )
