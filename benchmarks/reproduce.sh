@@ -8,10 +8,10 @@ run() { ${PYTHON:-python} -m benchmarks run --dtype bfloat16 "$@"; }
 # 1. Perplexity inside and just past the 8K window: parallelcomp vs full attention.
 run --tasks ppl --methods parallelcomp full --lengths 4096 8192 16384
 # 2. Needle in a haystack, then multi-document QA: every method at 8K and 16K (full attention
-#    and kvpress only at 8K; truncation and top-k only where the input exceeds the window).
-run --tasks niah --methods parallelcomp full kvpress --lengths 8192 16384 --full-max-length 8192
+#    and kvpress up to 16K; truncation and top-k only where the input exceeds the window).
+run --tasks niah --methods parallelcomp full kvpress --lengths 8192 16384 --full-max-length 16384
 run --tasks niah --methods truncate topk --lengths 16384
-run --tasks qa --methods parallelcomp full kvpress --lengths 8192 16384 --full-max-length 8192
+run --tasks qa --methods parallelcomp full kvpress --lengths 8192 16384 --full-max-length 16384
 run --tasks qa --methods truncate topk --lengths 16384
 # 3. Longer inputs.
 run --tasks ppl --methods parallelcomp truncate --lengths 32768 65536
