@@ -71,11 +71,11 @@ def _ask(args) -> int:
         repetition_penalty=args.repetition_penalty,
         progress=True,
     )
-    if not args.json:
-        print("Answer: ", end="", flush=True)
-    for delta in stream:
+    started = False
+    for delta in stream:  # the prefill bar (stderr) finishes before the first delta
         if not args.json:
-            print(delta, end="", flush=True)
+            print(delta if started else f"Answer: {delta}", end="", flush=True)
+            started = True
     out = stream.output
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
