@@ -31,14 +31,13 @@ def main(argv=None) -> None:
     run.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384, 32768])
     run.add_argument("--samples", type=int, default=1, help="samples per cell")
     run.add_argument("--max-new-tokens", type=int, default=None,
-                     help="for every task (default: niah 24, passkey 16, kv_retrieval 48, qa 16)")
+                     help="for every task (default: niah 24, passkey 16, kv_retrieval 48, qa and hotpotqa 16)")
     run.add_argument("--full-max-length", type=int, default=16384,
                      help="full attention and kvpress run only at lengths up to this")
     run.add_argument("--ppl-target-tokens", type=int, default=512,
                      help="ppl: tokens in the scored final window")
     run.add_argument("--inline", action="store_true",
                      help="run cells in this process (fast smoke tests; peak RSS is then shared)")
-    run.add_argument("--qa-source", default="squad", choices=["squad", "hotpotqa"])
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     run.add_argument("--kvpress-ratio", type=float, default=0.5,
                      help="SnapKVPress compression_ratio (fraction of the KV removed)")

@@ -24,7 +24,7 @@ from .tasks import make_samples
 REPO = Path(__file__).resolve().parent.parent
 PPL_METHODS = ("full", "truncate")  # topk and kvpress have no perplexity setting
 CAPPED = ("full", "kvpress")  # attend the whole input: skipped above --full-max-length
-MAX_NEW_TOKENS = {"niah": 24, "passkey": 16, "kv_retrieval": 48, "qa": 16}
+MAX_NEW_TOKENS = {"niah": 24, "passkey": 16, "kv_retrieval": 48, "qa": 16, "hotpotqa": 16}
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,12 @@ class Results:
     def done(self, cell: Cell, n: int) -> bool:
         entry = self.data["cells"].get(cell.key)
         return bool(entry) and entry["status"] in ("ok", "skipped") and entry["n"] >= n
+
+    def finished_samples(self, cell: Cell) -> list[dict]:
+        """Records of a cell that ran cleanly: a larger --samples run only adds the missing ones
+        (sample i is the same for every n, see `tasks.make_samples`)."""
+        entry = self.data["cells"].get(cell.key)
+        return entry["samples"] if entry and entry["status"] == "ok" else []
 
     def put(self, cell: Cell, entry: dict) -> None:
         self.data["cells"][cell.key] = {**vars(cell), **entry}
@@ -93,7 +99,7 @@ def run(opts) -> Path:
         if cell.method == "kvpress" and kvpress is None:
             kvpress = kvpress_env.ensure(Path(opts.kvpress_venv), create=opts.kvpress_setup)
             results.data["machine"]["kvpress_env"] = kvpress[1]
-        results.put(cell, CellRun(cell, opts, kvpress).run())
+        results.put(cell, CellRun(cell, opts, kvpress, results.finished_samples(cell)).run())
     if cells:
         results.data["runs"].append({"argv": sys.argv[1:], "cells_run": len(cells),
                                      "wall_seconds": round(time.time() - started, 1)})
@@ -108,18 +114,17 @@ class CellRun:
     _samples: dict = {}
     _tokenizers: dict = {}
 
-    def __init__(self, cell: Cell, opts, kvpress):
-        self.cell, self.opts, self.kvpress = cell, opts, kvpress
+    def __init__(self, cell: Cell, opts, kvpress, finished: list[dict]):
+        self.cell, self.opts, self.kvpress, self.finished = cell, opts, kvpress, finished
         self.dir = model_dir(cell.model)
         if self.dir not in self._tokenizers:
             self._tokenizers[self.dir] = AutoTokenizer.from_pretrained(self.dir)
         self.tokenizer = self._tokenizers[self.dir]
-        key = (self.dir, cell.task, cell.length)
+        key = (self.dir, cell.task, cell.length, opts.samples)
         if key not in self._samples:
             self._samples[key] = make_samples(cell.task, self.tokenizer, cell.length, opts.samples,
-                                              qa_source=opts.qa_source,
                                               ppl_target=opts.ppl_target_tokens)
-        self.samples = self._samples[key]
+        self.samples = self._samples[key][len(finished):]
         self.max_new_tokens = opts.max_new_tokens or MAX_NEW_TOKENS.get(cell.task, 0)
 
     def run(self) -> dict:
@@ -135,8 +140,10 @@ class CellRun:
         for sample, rec in zip(self.samples, records):
             rec["score"] = (rec["ppl"] if sample.task == "ppl"
                             else scoring.score(sample.task, rec["output"], sample.references))
+        records = self.finished + records
+        peaks = [r["peak_rss_mb"] for r in records if r.get("peak_rss_mb") is not None]
         entry = {"status": "error" if error else "ok", "n": len(records), "samples": records,
-                 "peak_rss_mb": max((r["peak_rss_mb"] for r in records), default=None),
+                 "peak_rss_mb": max(peaks, default=None),
                  "wall_seconds": round(time.time() - start, 1)}
         return entry | ({"reason": error} if error else {})
 

@@ -17,7 +17,8 @@ def string_match_part(prediction: str, references: list[str]) -> float:
 
 
 SCORERS = {"niah": string_match_all, "passkey": string_match_all,
-           "kv_retrieval": string_match_all, "qa": string_match_part}
+           "kv_retrieval": string_match_all, "qa": string_match_part,
+           "hotpotqa": string_match_part}
 
 
 def score(task: str, prediction: str, references: list[str]) -> float:

@@ -5,7 +5,9 @@
 * `niah`, `passkey`, `kv_retrieval`: RULER-style needles (niah_single_2: a word key and a
   7-digit value in the essays; the classic passkey in repeated filler; niah_multikey_3: UUID
   key-value lines only). Generators written here from the RULER protocol.
-* `qa`: the gold paragraph(s) of a SQuAD/HotpotQA question among distractor paragraphs.
+* `qa`: the gold paragraph of a SQuAD v2 question among distractor SQuAD paragraphs.
+* `hotpotqa`: the supporting paragraphs (usually two) of a HotpotQA question among distractor
+  HotpotQA paragraphs: both must be kept to answer (multi-hop).
 
 `length` counts the tokens of the context (documents) only; template and question come on top.
 """
@@ -19,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import data
 
-TASKS = ("ppl", "niah", "passkey", "kv_retrieval", "qa")
+TASKS = ("ppl", "niah", "passkey", "kv_retrieval", "qa", "hotpotqa")
+QA_SOURCES = {"qa": "squad", "hotpotqa": "hotpotqa"}
 PPL_TARGET_TOKENS = 512
 PPL_END_CHAR = 2_000_000  # ppl targets end here (about 480K tokens in), leaving room for 128K+
 DEPTHS = [round(i * 100 / 39) for i in range(40)]  # RULER: linspace(0, 100, 40)
@@ -63,7 +66,7 @@ class Sample:
 
 
 def make_samples(task: str, tokenizer, length: int, n: int, seed: int = 0,
-                 qa_source: str = "squad", ppl_target: int = PPL_TARGET_TOKENS) -> list[Sample]:
+                 ppl_target: int = PPL_TARGET_TOKENS) -> list[Sample]:
     """`n` samples of `task` whose context is about `length` tokens long."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
@@ -73,8 +76,8 @@ def make_samples(task: str, tokenizer, length: int, n: int, seed: int = 0,
         sid = f"{task}-{length}-{i}"
         if task == "ppl":
             out.append(_ppl(tokenizer, length, ppl_target, i, sid))
-        elif task == "qa":
-            out.append(_qa(tokenizer, length, rng, sid, data.qa_pool(qa_source)))
+        elif task in QA_SOURCES:
+            out.append(_qa(task, tokenizer, length, rng, sid, data.qa_pool(QA_SOURCES[task])))
         else:
             out.append(_NEEDLE_TASKS[task](tokenizer, length, rng, sid))
     return out
@@ -167,7 +170,7 @@ def _kv_retrieval(tokenizer, length: int, rng: random.Random, sid: str) -> Sampl
                   references=[pairs[q][1]], gold=[(0, start, start + len(lines[q]))])
 
 
-def _qa(tokenizer, length: int, rng: random.Random, sid: str, pool: list[dict]) -> Sample:
+def _qa(task: str, tokenizer, length: int, rng: random.Random, sid: str, pool: list[dict]) -> Sample:
     item = rng.choice(pool)
     gold = list(item["gold"])
     budget = length - sum(_count(tokenizer, g) for g in gold)
@@ -185,7 +188,7 @@ def _qa(tokenizer, length: int, rng: random.Random, sid: str, pool: list[dict]) 
         docs.insert(rng.randint(0, len(docs)), g)
     labelled = [f"Document {i + 1}:\n{d}" for i, d in enumerate(docs)]
     spans = [(docs.index(g), 0, len(labelled[docs.index(g)])) for g in gold]
-    return Sample("qa", sid, QA_INSTRUCTION, item["question"], documents=labelled,
+    return Sample(task, sid, QA_INSTRUCTION, item["question"], documents=labelled,
                   references=item["answers"], gold=spans)
 
 

@@ -48,6 +48,7 @@ def run_parallelcomp(spec: dict, model, tokenizer, sample: Sample) -> dict:
     st = out.stats
     return rec | {"tokens_in": st.tokens_in + st.prefix_tokens + st.question_tokens,
                   "prefill_seconds": st.prefill_seconds, "decode_seconds": st.decode_seconds,
+                  "first_token_seconds": st.first_token_seconds,
                   "new_tokens": st.new_tokens, "kv_tokens": st.kv_tokens, "kv_bytes": st.kv_bytes,
                   "n_chunks": st.n_chunks, "n_kept": st.n_kept}
 

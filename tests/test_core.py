@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -107,6 +109,24 @@ def test_question_and_decode_positions(make_engine, monkeypatch):
         assert positions == [p0 + q + step]
         assert cache_len == out.stats.kv_tokens + q + step
     assert out.stats.kv_tokens == out.stats.prefix_tokens + sum(c.n_tokens for c in out.chunks if c.kept)
+
+
+def test_first_token_seconds_time_the_question_step(make_engine, monkeypatch):
+    import parallelcomp.decode as decode
+
+    real, calls = decode.forward, []
+
+    def slow_question(model, ids, *args, **kwargs):
+        calls.append(ids.shape[1])
+        if len(calls) == 1:  # the question's forward over the merged KV
+            time.sleep(0.2)
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "forward", slow_question)
+    pc = make_engine("llama", keep_chunks=1)
+    out = pc.generate("Where?", documents=[text(4, 30)], max_new_tokens=4)
+    assert len(calls) > 1 and calls[0] == out.stats.question_tokens
+    assert 0.2 <= out.stats.first_token_seconds < out.stats.decode_seconds
 
 
 def test_kv_bytes_are_real_tensor_sizes(make_engine):

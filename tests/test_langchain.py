@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import time
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from pc_integrations.langchain import (
     messages_to_prompt,
 )
 
+from .asyncutil import run_with_ticker
 from .conftest import tiny_model
 
 N = 10
@@ -160,25 +160,9 @@ def test_async_calls_do_not_block_the_loop_and_queue_on_one_engine(llm, serial):
     questions = [QUESTION, "Who signed the treaty?", "How many strings?", "Where do tomatoes come from?"]
     expected = [serial(q) for q in questions]
 
-    async def run():
-        ticks = 0
-        done = asyncio.Event()
-
-        async def ticker():
-            nonlocal ticks
-            while not done.is_set():
-                ticks += 1
-                await asyncio.sleep(0.005)
-
-        task = asyncio.create_task(ticker())
-        start = time.perf_counter()
-        results = await asyncio.gather(*(llm.ainvoke(q, documents=DOCS) for q in questions))
-        elapsed = time.perf_counter() - start
-        done.set()
-        await task
-        return results, ticks, elapsed
-
-    results, ticks, elapsed = asyncio.run(run())
+    results, ticks, elapsed = run_with_ticker(
+        lambda: asyncio.gather(*(llm.ainvoke(q, documents=DOCS) for q in questions))
+    )
     assert results == expected
     # The loop kept running while four engine runs queued in worker threads (a blocked loop
     # would tick about once per call).

@@ -36,6 +36,8 @@ from pc_integrations.llama_index import (
     ParallelCompSynthesizer,
 )
 
+from .asyncutil import run_with_ticker
+
 QUESTION = "Which city hosts the annual lantern regatta?"
 FACTS = [
     ("harbour", "The annual lantern regatta is hosted by the port city of Velmora every autumn."),
@@ -213,23 +215,7 @@ def test_async_does_not_block_the_event_loop(index, engine):
     synth = ParallelCompSynthesizer(engine, max_new_tokens=48)
     nodes = retrieve(index)
 
-    async def run():
-        ticks = 0
-        done = asyncio.Event()
-
-        async def ticker():
-            nonlocal ticks
-            while not done.is_set():
-                ticks += 1
-                await asyncio.sleep(0.001)
-
-        task = asyncio.create_task(ticker())
-        response = await synth.asynthesize(QUESTION, nodes)
-        done.set()
-        await task
-        return response, ticks
-
-    response, ticks = asyncio.run(run())
+    response, ticks, _ = run_with_ticker(lambda: synth.asynthesize(QUESTION, nodes), interval=0.001)
     assert response.response
     assert ticks >= 5  # a blocking synthesis would let the ticker run at most once
 

@@ -97,7 +97,7 @@ def _ask(args) -> int:
     print(
         f"Stats: {s.tokens_in} context tokens in {s.n_chunks} chunks of ≤{s.chunk_tokens}, kept {s.n_kept}; "
         f"KV {s.kv_bytes / 2**20:.1f} MiB ({s.kv_tokens} tokens); prefill {s.prefill_seconds:.1f} s, "
-        f"decode {s.decode_seconds:.1f} s ({s.new_tokens} tokens); model load {load_seconds:.1f} s; "
+        f"first token after {s.first_token_seconds:.1f} s more, decode {s.decode_seconds:.1f} s ({s.new_tokens} tokens); model load {load_seconds:.1f} s; "
         f"peak RSS {peak_rss_mb:.0f} MiB"
     )
     return 0

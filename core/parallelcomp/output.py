@@ -67,6 +67,10 @@ class RunStats:
     exceeds_window: bool = False
     """True when p0 + question + max_new_tokens exceeds the model's trained window."""
     prefill_seconds: float = 0.0
+    """Chunking, prefill, scoring, eviction and compression of the context."""
+    first_token_seconds: float = 0.0
+    """The question's forward over the merged KV until the first new token (time to first token =
+    prefill_seconds + first_token_seconds); included in decode_seconds."""
     decode_seconds: float = 0.0
 
     def to_dict(self) -> dict:
