@@ -27,11 +27,12 @@ def main(argv=None) -> None:
                                                       "kvpress"],
                      choices=["parallelcomp", "full", "truncate", "topk", "kvpress"])
     run.add_argument("--presets", nargs="+", default=["paper"],
-                     help="ParallelCompConfig presets, one parallelcomp method each")
+                     help="ParallelCompConfig presets, one parallelcomp method each; "
+                          "NAME,field=value,... overrides fields (e.g. paper,keep_chunks=1)")
     run.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384, 32768])
     run.add_argument("--samples", type=int, default=1, help="samples per cell")
     run.add_argument("--max-new-tokens", type=int, default=None,
-                     help="for every task (default: niah 24, passkey 16, kv_retrieval 48, qa and hotpotqa 16)")
+                     help="for every task (default: niah 64, passkey 32, kv_retrieval 128, qa and hotpotqa 48)")
     run.add_argument("--full-max-length", type=int, default=16384,
                      help="full attention and kvpress run only at lengths up to this")
     run.add_argument("--ppl-target-tokens", type=int, default=512,

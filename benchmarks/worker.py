@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import math
 from functools import lru_cache
 
@@ -33,10 +34,24 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids | {tokenizer.eos_token_id} | end_of_turn_ids(tokenizer)
 
 
+def preset_config(preset: str, **extra) -> ParallelCompConfig:
+    """`NAME[,field=value...]`, e.g. `paper,keep_chunks=1`: a named preset with overrides (values
+    parsed as JSON when they can be, else kept as strings)."""
+    name, *pairs = preset.split(",")
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return ParallelCompConfig.preset(name, **overrides, **extra)
+
+
 def run_parallelcomp(spec: dict, model, tokenizer, sample: Sample) -> dict:
     preset = spec["method"].split(":", 1)[1]
     overrides = {"instruction": sample.instruction} if sample.instruction else {}
-    pc = ParallelComp(model, tokenizer, ParallelCompConfig.preset(preset, **overrides))
+    pc = ParallelComp(model, tokenizer, preset_config(preset, **overrides))
     if sample.task == "ppl":
         out = pc.score(sample.target, context=sample.context)
         rec = {"nll": out.nll, "n_target": out.n_tokens}

@@ -154,3 +154,15 @@ def test_more_samples_only_runs_the_missing_ones(tiny_dir, tmp_path):
     assert cell["samples"][0] == first["samples"][0]  # kept, not rerun
     bench_main(args + ["--samples", "3"])  # nothing left to run
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
+
+
+def test_preset_overrides_parse_and_fail_loudly():
+    from benchmarks.worker import preset_config
+    from parallelcomp import ConfigError
+
+    config = preset_config("fast,keep_chunks=1,gqa_reduce=max,kv_budget_ratio=0.25")
+    assert (config.keep_chunks, config.gqa_reduce, config.kv_budget_ratio) == (1, "max", 0.25)
+    assert config.chunk_tokens == 2048  # the rest of the preset stays
+    for bad in ("nope", "paper,no_such_field=1", "paper,keep_chunks=0"):
+        with pytest.raises(ConfigError):
+            preset_config(bad)

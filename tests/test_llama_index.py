@@ -47,7 +47,7 @@ FACTS = [
     ("railway", "The coastal railway closes the Dunmere line every winter because of storms."),
     ("garden", "Blue poppies in the botanical garden bloom only in cool, shaded beds in June."),
 ]
-TIMING = ("prefill_seconds", "decode_seconds")
+TIMING = ("prefill_seconds", "first_token_seconds", "decode_seconds")
 
 
 class MiniLMEmbedding(BaseEmbedding):
