@@ -85,11 +85,12 @@ def markdown(data: dict) -> str:
         for task, methods in tasks.items():
             lengths = sorted({n for by_len in methods.values() for n in by_len})
             lines += [f"### {task}: score", "", f"Score: {SCORE_NOTE[task]}.", "",
-                      "| method | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
-                      "|---|" + "---:|" * len(lengths)]
+                      "| method | " + " | ".join(f"{n // 1024}K" for n in lengths) + " | samples |",
+                      "|---|" + "---:|" * (len(lengths) + 1)]
             for method, by_len in methods.items():
+                samples = "/".join(sorted({str(e["n"]) for e in by_len.values() if e["status"] == "ok"}))
                 lines.append(f"| {method} | " + " | ".join(_label(by_len.get(n)) for n in lengths)
-                             + " |")
+                             + f" | {samples} |")
             lines += ["", f"### {task}: all metrics", "",
                       "| method | length | " + " | ".join(METRICS) + " |",
                       "|---|---:|" + "---:|" * len(METRICS)]

@@ -18,6 +18,9 @@ run --tasks ppl --methods parallelcomp full truncate --lengths 4096 8192 16384 3
 # 4. The other presets on the niah and qa cells of step 2 (one sample per cell).
 run --tasks niah qa --methods parallelcomp --lengths 8192 16384 32768 \
     --presets paper-calibration paper-compression paper-calibration-compression fast
-# 5. Multi-hop QA (HotpotQA), passkey and UUID key-value retrieval (one sample per cell).
+# 5. The paper's retrieval setting, K=1 (the `paper-retrieval` preset), on the cells of step 2.
+run --tasks niah qa --methods parallelcomp --presets paper,keep_chunks=1 --lengths 8192 16384 32768 \
+    --samples 3
+# 6. Multi-hop QA (HotpotQA), passkey and UUID key-value retrieval (one sample per cell).
 run --tasks hotpotqa passkey kv_retrieval --methods parallelcomp full truncate topk \
     --lengths 8192 16384 32768 --full-max-length 16384
