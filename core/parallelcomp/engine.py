@@ -13,7 +13,6 @@ flow reads like method.md §0:
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -38,6 +37,7 @@ from .eviction import TopK
 from .output import ChunkReport, GenerationOutput, RunStats, ScoreOutput
 from .prefill import EncodedChunk, encode_chunks, encode_prefix, micro_batches, question_nll
 from .prompts import PromptParts, build_continuation, build_prompt, end_of_turn_ids
+from .settings import GenerationSettings
 
 MIN_CHUNK_TOKENS = 16
 
@@ -122,33 +122,19 @@ class ParallelComp:
 
     # ------------------------------------------------------------------ public calls
 
-    def generate(self, question: str, documents=None, context=None, **kwargs) -> GenerationOutput:
+    def generate(self, question: str, documents=None, context=None, **settings) -> GenerationOutput:
         """Answer `question` over `documents` (one string each) or one long `context` string.
 
-        Keyword arguments: max_new_tokens=256, stop=None (str or list of str), temperature=0.0
-        (greedy), top_p=1.0, top_k=0, seed=None, repetition_penalty=1.0, progress=False (a tqdm
-        bar on stderr).
+        Keyword arguments are `GenerationSettings` (settings.py): max_new_tokens=256, stop=None
+        (str or list of str), temperature=0.0 (greedy), top_p=1.0, top_k=0, seed=None,
+        repetition_penalty=1.0, progress=False (a tqdm bar on stderr).
         """
-        stream = self.stream(question, documents, context, **kwargs)
+        stream = self.stream(question, documents, context, **settings)
         for _ in stream:
             pass
         return stream.output
 
-    def stream(
-        self,
-        question: str,
-        documents=None,
-        context=None,
-        *,
-        max_new_tokens: int = 256,
-        stop: str | list[str] | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        repetition_penalty: float = 1.0,
-        progress: bool = False,
-    ) -> TextStream:
+    def stream(self, question: str, documents=None, context=None, **settings) -> TextStream:
         """Like `generate`, but yields text deltas as they are decoded.
 
         With neither `documents` nor `context`, the question is answered from the model alone
@@ -156,14 +142,13 @@ class ParallelComp:
         """
         _check_question(question)
         documents = validate_documents(documents, context, required=False)
-        stops = _check_stop(stop)
-        _check_generation(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
+        s = GenerationSettings.of(**settings)
+        sampling = Sampling(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty)
         parts = build_prompt(
             self.tokenizer, self.config.instruction, question, self.config.use_chat_template, bool(documents)
         )
         stream = TextStream(iter(()))
-        stream._deltas = self._answer(stream, parts, documents, max_new_tokens, stops, sampling, progress)
+        stream._deltas = self._answer(stream, parts, documents, s.max_new_tokens, list(s.stop), sampling, s.progress)
         return stream
 
     def score(self, target: str, documents=None, context=None, *, progress: bool = False) -> ScoreOutput:
@@ -351,26 +336,3 @@ def _check_question(question, what: str = "question") -> None:
         raise InputError(f"{what} must be a string, got {type(question).__name__}")
     if not question.strip():
         raise InputError(f"{what} is empty")
-
-
-def _check_stop(stop) -> list[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
-        return list(stop)
-    raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
-
-
-def _check_generation(max_new_tokens, temperature, top_p, top_k, repetition_penalty) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
-        raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise InputError(f"top_k must be a non-negative integer, got {top_k!r}")
-    if not (isinstance(repetition_penalty, (int, float)) and repetition_penalty > 0):
-        raise InputError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")
