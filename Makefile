@@ -12,6 +12,8 @@ QUESTION ?= Who is the license steward of the Mozilla Public License 2.0?
 # A single-fact question: keep the one best chunk (the paper's K=1 setting for retrieval tasks,
 # method.md §2); 2048-token chunks prefill fastest on a CPU. `parallelcomp ask --help` for more.
 ASK_FLAGS ?= --keep-chunks 1 --chunk-tokens 2048
+# Extra flags for one run (the main-job benchmark adds --json --dtype ...).
+ASK_EXTRA ?=
 
 .PHONY: setup ask test
 
@@ -19,7 +21,7 @@ setup:
 	bash scripts/setup.sh
 
 ask: setup
-	HF_HUB_OFFLINE=1 .venv/bin/parallelcomp ask $(ASK_FLAGS) "$(QUESTION)" $(CORPUS)
+	HF_HUB_OFFLINE=1 .venv/bin/parallelcomp ask $(ASK_FLAGS) $(ASK_EXTRA) "$(QUESTION)" $(CORPUS)
 
 test: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

@@ -46,6 +46,14 @@ def main(argv=None) -> None:
     run.add_argument("--no-kvpress-setup", dest="kvpress_setup", action="store_false",
                      help="do not create the kvpress environment; report kvpress as unavailable")
     run.add_argument("--out", default=str(DEFAULT_OUT))
+    job = sub.add_parser("main-job", help="time `make ask` per dtype against its prefill FLOP bound")
+    job.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    job.add_argument("--max-bound-seconds", type=float, default=600,
+                     help="do not run a dtype whose FLOP bound alone is longer than this")
+    job.add_argument("--out", default=str(DEFAULT_OUT / "main-job"))
+    rq = sub.add_parser("repeat-query", help="cold question, then 4 more and a fresh process over one corpus")
+    rq.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536, 131072])
+    rq.add_argument("--out", default=str(DEFAULT_OUT / "repeat-query"))
     rep = sub.add_parser("report", help="rewrite results.md and the plots from results.json")
     rep.add_argument("--out", default=str(DEFAULT_OUT))
     opts = parser.parse_args(argv)
@@ -53,6 +61,14 @@ def main(argv=None) -> None:
         from .runner import run as run_grid
 
         print(run_grid(opts))
+    elif opts.command == "main-job":
+        from .main_job import run as run_main_job
+
+        print(run_main_job(opts.dtypes, Path(opts.out), opts.max_bound_seconds))
+    elif opts.command == "repeat-query":
+        from .repeat_query import run as run_repeat_query
+
+        print(run_repeat_query(opts.lengths, Path(opts.out)))
     else:
         out = Path(opts.out)
         report.write(out, json.loads((out / "results.json").read_text()))

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
+
+import pytest
 
 from parallelcomp.cli import main
 
 from .conftest import tiny_model
 
 
-def test_ask_reads_files_and_directories_and_reports_sources(tmp_path, tokenizer, capsys):
-    model_dir = tmp_path / "model"
-    tiny_model("llama", len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    path = tmp_path / "model"
+    tiny_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_ask_reads_files_and_directories_and_reports_sources(tmp_path, model_dir, capsys):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("The river runs north past the copper garden.")
@@ -33,3 +41,33 @@ def test_ask_reads_files_and_directories_and_reports_sources(tmp_path, tokenizer
 def test_ask_reports_bad_input_as_an_error_line(tmp_path, capsys):
     assert main(["ask", "Q?", str(tmp_path / "missing.txt")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def _docs(tmp_path):
+    for name, body in [("a.txt", "The river runs north past the copper garden."),
+                       ("b.txt", "Seven stones lie under the purple cloud."),
+                       ("c.txt", "The window faces the delta of the slow river.")]:
+        (tmp_path / name).write_text(body)
+    return [str(tmp_path / n) for n in ("a.txt", "b.txt", "c.txt")]
+
+
+def test_ask_with_a_kv_store_reuses_every_chunk_in_a_later_run(tmp_path, model_dir, capsys):
+    args = ["ask", "--model", str(model_dir), "--chunk-tokens", "16", "--max-new-tokens", "3", "--json",
+            "--kv-store", str(tmp_path / "store"), "Where does the river run?", *_docs(tmp_path)]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    n = first["stats"]["n_chunks"]
+    assert (first["stats"]["encoded_chunks"], second["stats"]["reused_chunks"], second["stats"]["store_disk_hits"]) == (n, n, n)
+    assert second["answer"] == first["answer"] and second["sources"] == first["sources"]
+
+
+def test_chat_encodes_once_and_answers_each_line(tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Where does the river run?\nWhat lies under the cloud?\n\n"))
+    assert main(["chat", "--model", str(model_dir), "--chunk-tokens", "16", "--keep-chunks", "1",
+                 "--max-new-tokens", "3", *_docs(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "Encoded" in captured.err and "3 documents" in captured.err
+    assert captured.out.count("Kept documents") == 2
+    assert captured.out.count("3 of 3 chunks reused") == 2

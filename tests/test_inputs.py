@@ -49,7 +49,7 @@ def test_bad_call_arguments(pc, question, kwargs, match):
 
 
 def test_question_longer_than_the_chunk_budget(pc):
-    with pytest.raises(InputError, match="shorten the question or lower max_new_tokens"):
+    with pytest.raises(InputError, match="leave no room in the model.s 1024-token window; shorten the question"):
         pc.generate("why " * 1200, documents=["short doc"], max_new_tokens=8)
 
 

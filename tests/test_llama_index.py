@@ -47,7 +47,9 @@ FACTS = [
     ("railway", "The coastal railway closes the Dunmere line every winter because of storms."),
     ("garden", "Blue poppies in the botanical garden bloom only in cool, shaded beds in June."),
 ]
-TIMING = ("prefill_seconds", "first_token_seconds", "decode_seconds")
+# Fields that differ between two equal runs: timings, and what the second run found in the KV store.
+TIMING = ("prefill_seconds", "first_token_seconds", "decode_seconds", "encoded_chunks", "reused_chunks",
+          "reused_tokens", "reuse_seconds_saved", "store_disk_hits", "store_evicted", "store_bytes")
 
 
 class MiniLMEmbedding(BaseEmbedding):

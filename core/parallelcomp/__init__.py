@@ -1,8 +1,10 @@
 """ParallelComp: training-free long-context inference for Hugging Face causal LMs."""
 
+from . import hardware
 from .config import PRESETS, CalibrationRule, ParallelCompConfig
 from .engine import ParallelComp, TextStream
 from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedError, ParallelCompError
+from .corpus import Corpus
 from .output import ChunkReport, DocumentSpan, GenerationOutput, RunStats, ScoreOutput
 
 __all__ = [
@@ -10,6 +12,7 @@ __all__ = [
     "CalibrationRule",
     "ChunkReport",
     "ConfigError",
+    "Corpus",
     "DocumentSpan",
     "GenerationOutput",
     "InputError",

@@ -1,4 +1,6 @@
 """`parallelcomp ask "QUESTION" FILE_OR_DIR...`: answer over files with the embedded model or yours.
+`parallelcomp chat FILE_OR_DIR...`: encode the files once, then answer questions from stdin.
+`--kv-store DIR` keeps every chunk's KV on disk, so a later run over the same files skips it.
 
 Each file is one document; directories are read recursively in sorted order. The answer streams
 to stdout, then the kept documents with their scores and the run statistics; a progress bar
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, ParallelCompConfig
+from .config import DTYPE_NAMES, PRESETS, ParallelCompConfig
 from .errors import InputError, ParallelCompError
 
 
@@ -30,77 +32,123 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parallelcomp", description=__doc__.split("\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="local HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    common.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    common.add_argument("--keep-chunks", type=int, help="K chunks kept (overrides the preset)")
+    common.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: derived from the window)")
+    common.add_argument("--kv-budget-ratio", type=float, help="per-chunk KV kept, as a fraction")
+    common.add_argument("--kv-store", metavar="DIR",
+                        help="reuse and fill a chunk KV store in DIR across runs (encode once, ask many)")
+    common.add_argument("--max-new-tokens", type=int, default=128)
+    common.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages loops (1.0 = off)")
+    common.add_argument("--device", help="cpu, cuda, … (default: cuda when available)")
+    common.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+                        help="auto: bfloat16 on CUDA and on CPUs with fast native bf16, else float32")
+    common.add_argument("--threads", type=int, help="torch threads (default: the physical cores available)")
     sub = parser.add_subparsers(required=True)
-    ask = sub.add_parser("ask", help="answer a question over files")
+    ask = sub.add_parser("ask", parents=[common], help="answer a question over files")
     ask.add_argument("question")
     ask.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
-    ask.add_argument("--model", help="local HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    ask.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    ask.add_argument("--keep-chunks", type=int, help="K chunks kept (overrides the preset)")
-    ask.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: derived from the window)")
-    ask.add_argument("--kv-budget-ratio", type=float, help="per-chunk KV kept, as a fraction")
-    ask.add_argument("--max-new-tokens", type=int, default=128)
-    ask.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages loops (1.0 = off)")
-    ask.add_argument("--device", help="cpu, cuda, … (default: cuda when available)")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ask.set_defaults(run=_ask)
+    chat = sub.add_parser("chat", parents=[common],
+                          help="encode files once, then answer questions read line by line from stdin")
+    chat.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
+    chat.set_defaults(run=_chat)
     return parser
 
 
-def _ask(args) -> int:
+def _load(args):
     from .engine import ParallelComp
 
-    names, documents = read_documents(args.paths)
     overrides = {
         key: value
         for key, value in (
             ("keep_chunks", args.keep_chunks),
             ("chunk_tokens", args.chunk_tokens),
             ("kv_budget_ratio", args.kv_budget_ratio),
+            ("kv_store_dir", args.kv_store),
         )
         if value is not None
     }
     config = ParallelCompConfig.preset(args.preset, **overrides)
+    dtype = None if args.dtype == "auto" else args.dtype
     start = time.perf_counter()
-    pc = ParallelComp.from_pretrained(args.model, config=config, device=args.device)
-    load_seconds = time.perf_counter() - start
-    stream = pc.stream(
-        args.question,
-        documents=documents,
-        max_new_tokens=args.max_new_tokens,
-        repetition_penalty=args.repetition_penalty,
-        progress=True,
-    )
+    pc = ParallelComp.from_pretrained(args.model, config=config, device=args.device, dtype=dtype, threads=args.threads)
+    return pc, time.perf_counter() - start
+
+
+def _answer(pc, args, question: str, **source):
+    """Stream one answer to stdout (unless --json); return the GenerationOutput."""
+    stream = pc.stream(question, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                       progress=True, **source)
     started = False
     for delta in stream:  # the prefill bar (stderr) finishes before the first delta
-        if not args.json:
+        if not getattr(args, "json", False):
             print(delta if started else f"Answer: {delta}", end="", flush=True)
             started = True
-    out = stream.output
+    return stream.output
+
+
+def _print_sources(out, names: list[str]) -> None:
+    print("\n\nKept documents (question NLL, lower = more relevant):")
+    for doc, (score, kept) in sorted(out.document_scores().items(), key=lambda item: item[1][0]):
+        if kept:
+            print(f"  {score:7.3f}  {names[doc]}")
+    print(f"Evicted: {len(out.stats.evicted_documents)} of {len(names)} documents")
+
+
+def _ask(args) -> int:
+    names, documents = read_documents(args.paths)
+    pc, load_seconds = _load(args)
+    out = _answer(pc, args, args.question, documents=documents)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         sources = [
             {"document": names[d], "score": score, "kept": kept}
             for d, (score, kept) in sorted(out.document_scores().items())
         ]
-        report = {"answer": out.text, "sources": sources, "stats": out.stats.to_dict()}
+        chunks = [{"n_tokens": c.n_tokens, "score": c.score, "kept": c.kept} for c in out.chunks]
+        report = {"answer": out.text, "sources": sources, "chunks": chunks, "stats": out.stats.to_dict()}
         report.update(load_seconds=load_seconds, peak_rss_mb=peak_rss_mb)
         print(json.dumps(report, indent=2))
         return 0
-    print("\n\nKept documents (question NLL, lower = more relevant):")
-    for doc, (score, kept) in sorted(out.document_scores().items(), key=lambda item: item[1][0]):
-        if kept:
-            print(f"  {score:7.3f}  {names[doc]}")
-    evicted = [names[d] for d in out.stats.evicted_documents]
-    print(f"Evicted: {len(evicted)} of {len(names)} documents")
+    _print_sources(out, names)
     s = out.stats
+    reused = f"; reused {s.reused_chunks} chunks from the KV store" if s.reused_chunks else ""
     print(
-        f"Stats: {s.tokens_in} context tokens in {s.n_chunks} chunks of ≤{s.chunk_tokens}, kept {s.n_kept}; "
-        f"KV {s.kv_bytes / 2**20:.1f} MiB ({s.kv_tokens} tokens); prefill {s.prefill_seconds:.1f} s, "
+        f"Stats: {s.tokens_in} context tokens in {s.n_chunks} chunks of ≤{s.chunk_tokens}, kept {s.n_kept}{reused}; "
+        f"KV {s.kv_bytes / 2**20:.1f} MiB ({s.kv_tokens} tokens); {s.dtype}, {s.threads} threads; prefill {s.prefill_seconds:.1f} s, "
         f"first token after {s.first_token_seconds:.1f} s more, decode {s.decode_seconds:.1f} s ({s.new_tokens} tokens); model load {load_seconds:.1f} s; "
         f"peak RSS {peak_rss_mb:.0f} MiB"
     )
     return 0
+
+
+def _chat(args) -> int:
+    names, documents = read_documents(args.paths)
+    pc, _ = _load(args)
+    corpus = pc.encode(documents, progress=True)
+    print(f"Encoded {corpus.n_tokens} tokens of {len(names)} documents in {len(corpus.chunks)} chunks "
+          f"({corpus.encode_seconds:.1f} s, {corpus.reused_chunks} chunks reused). Ask away; an empty line or "
+          "end of input quits.", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        try:
+            out = _answer(pc, args, line.strip(), corpus=corpus)
+        except InputError as err:  # a bad question ends that question, not the session
+            print(f"error: {err}", file=sys.stderr)
+            continue
+        _print_sources(out, names)
+        s = out.stats
+        print(f"(time to first token {s.prefill_seconds + s.first_token_seconds:.1f} s, {s.reused_chunks} of "
+              f"{s.n_chunks} chunks reused)\n", flush=True)
 
 
 def read_documents(paths: list[str]) -> tuple[list[str], list[str]]:

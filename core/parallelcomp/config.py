@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 
 Region = Literal["sink", "recent", "middle", "all"]
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""Compute dtypes a model can be loaded in (`ParallelComp.from_pretrained(dtype=...)`, CLI --dtype)."""
 
 DEFAULT_INSTRUCTION = (
     "Answer the question using only the documents below. Be brief and do not add explanations."
@@ -83,8 +85,14 @@ class ParallelCompConfig(BaseModel):
 
     # --- chunking (method.md §1.2; we pack by tokens, never split mid-word) ---
     chunk_tokens: int | None = Field(None, gt=0)
-    """Most context tokens per chunk. None: the model's trained window minus the prompt
-    template, the question and `max_new_tokens`."""
+    """Most context tokens per chunk. None: the model's trained window minus the prompt prefix
+    and `reserve_tokens`. Never depends on the question, so a corpus chunks the same way for
+    every question and its chunk KV can be reused (store.py)."""
+    reserve_tokens: int | None = Field(None, gt=0)
+    """Window tokens left free after the longest chunk for the question and the answer when
+    `chunk_tokens` is None. None: min(512, window / 8). A question plus `max_new_tokens` beyond it
+    runs at positions past the trained window, reported in `RunStats.exceeds_window` with a
+    warning."""
     keep_chunks: int = Field(3, ge=1)
     """K, chunks kept after question-NLL scoring (paper default 3; 1 for retrieval tasks)."""
     document_separator: str = "\n\n"
@@ -104,6 +112,15 @@ class ParallelCompConfig(BaseModel):
     tokens from 2.0 to 2.6 GB. Raise it on a GPU, where batching chunks buys throughput."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     """None: flash_attention_2 on CUDA when installed, else sdpa."""
+
+    # --- chunk KV store (store.py, docs/store.md) ---
+    kv_store_bytes: int | None = Field(None, ge=0)
+    """Memory tier of the chunk KV store: an LRU of at most this many bytes. None: a third of the
+    machine's RAM. 0: no memory tier."""
+    kv_store_dir: str | None = None
+    """Disk tier: a directory of checksummed safetensors files shared by runs and processes."""
+    kv_store_disk_bytes: int | None = Field(None, gt=0)
+    """Disk tier budget; least recently used files are deleted above it. None: unbounded."""
 
     # --- per-chunk KV eviction, SnapKV-style (method.md §3) ---
     kv_budget_tokens: int | None = Field(None, gt=0)

@@ -36,7 +36,7 @@ import platformdirs
 
 from parallelcomp.errors import ModelLoadError
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel", "embedded_model_dir"]
+__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel", "cache_root", "embedded_model_dir"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def embedded_model_dir(name: str = DEFAULT_MODEL, *, progress: bool = True) -> P
         raise ModelLoadError(
             f"unknown embedded model {name!r}; choose one of {', '.join(EMBEDDED_MODELS)}"
         )
-    target = _cache_root() / "models" / f"{name}-{model.sha256[:12]}"
+    target = cache_root() / "models" / f"{name}-{model.sha256[:12]}"
     if target.is_dir():
         return target
 
@@ -118,7 +118,8 @@ def embedded_model_dir(name: str = DEFAULT_MODEL, *, progress: bool = True) -> P
     return target
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where converted models and machine measurements live: $PARALLELCOMP_CACHE or the user cache."""
     return Path(os.environ.get("PARALLELCOMP_CACHE") or platformdirs.user_cache_dir("parallelcomp"))
 
 

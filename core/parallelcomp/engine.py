@@ -1,14 +1,17 @@
 """`ParallelComp`: the runtime. Orchestration only; each stage lives in its own module and the
 flow reads like method.md §0:
 
-    chunk the documents                    chunking.py
+    chunk the documents                    chunking.py              (a Corpus, corpus.py)
     encode the shared prefix once          prefill.encode_prefix
     per micro-batch of chunks:
-        phase 1: chunk KV (PCW positions)  prefill.encode_chunks
+        phase 1: chunk KV (PCW positions)  prefill.encode_chunks     (or a hit in store.py)
         phase 2: question NLL per chunk    prefill.question_nll      (+ KV scores, compression.py)
         keep the K lowest-NLL chunks       eviction.TopK
     merge kept KV in document order        kv.concat
     question at p0, then decode            decode.generate_tokens    (+ calibration.py)
+
+`encode(documents)` runs only the first three lines; `generate(question, corpus=...)` then finds
+every chunk's phase-1 KV in the chunk store, so a question costs phase 2 onwards.
 """
 
 from __future__ import annotations
@@ -19,18 +22,20 @@ import threading
 import time
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
-from . import calibration, compression
+from . import calibration, compression, hardware
 from . import kv as kvops
-from .chunking import make_chunks, validate_documents
+from .chunking import Chunk, make_chunks, validate_documents
 from .compat import forward
-from .config import ParallelCompConfig
+from .config import DTYPE_NAMES, ParallelCompConfig
+from .corpus import Corpus
 from .decode import Sampling, TextAssembler, generate_tokens
 from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedError
 from .eviction import TopK
@@ -38,8 +43,13 @@ from .output import ChunkReport, GenerationOutput, RunStats, ScoreOutput
 from .prefill import EncodedChunk, encode_chunks, encode_prefix, micro_batches, question_nll
 from .prompts import PromptParts, build_continuation, build_prompt, end_of_turn_ids
 from .settings import GenerationSettings
+from .store import ChunkStore, Entry, StoreReport, chunk_key, identity_digest, model_identity
 
 MIN_CHUNK_TOKENS = 16
+_PLACEHOLDER_QUESTION = "?"
+"""`encode` builds the prompt prefix with this question: the prefix (template head + instruction)
+does not depend on it, and a question whose prefix differs simply misses the store."""
+_NO_CORPUS = Corpus("", (), (), (), 0, 0)
 
 
 @dataclass
@@ -84,6 +94,10 @@ class ParallelComp:
         calibration.layer_plan(self.config.calibration_rules, self.num_layers)  # rules must fit the depth
         self.eos_ids = _eos_ids(model, tokenizer)
         self._lock = threading.Lock()  # one run at a time per engine; concurrent callers queue
+        memory = self.config.kv_store_bytes
+        self.store = ChunkStore(psutil.virtual_memory().total // 3 if memory is None else memory,
+                                self.config.kv_store_dir, self.config.kv_store_disk_bytes)
+        self._identity: tuple[dict, str] | None = None
 
     @classmethod
     def from_pretrained(
@@ -92,14 +106,21 @@ class ParallelComp:
         config: ParallelCompConfig | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        threads: int | None = None,
     ) -> ParallelComp:
-        """Load a local HF directory (or a hub id when online); None → the embedded SmolLM2-135M."""
+        """Load a local HF directory (or a hub id when online); None → the embedded SmolLM2-135M.
+
+        dtype None picks per machine (hardware.py): bfloat16 on CUDA and on CPUs with native,
+        faster bf16; float32 otherwise. threads None sets torch's intra-op threads to the physical
+        cores available to this process (unless OMP_NUM_THREADS is set).
+        """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         config = config or ParallelCompConfig()
         path = _resolve_model(model)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        hardware.configure_threads(_check_threads(threads))
+        dtype = _check_dtype(dtype) or hardware.default_dtype(device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             hf_model = AutoModelForCausalLM.from_pretrained(
@@ -122,50 +143,83 @@ class ParallelComp:
 
     # ------------------------------------------------------------------ public calls
 
-    def generate(self, question: str, documents=None, context=None, **settings) -> GenerationOutput:
-        """Answer `question` over `documents` (one string each) or one long `context` string.
+    def _model_identity(self) -> tuple[dict, str]:
+        """What every chunk's KV depends on besides its tokens (store.model_identity) and its
+        digest; computed once, on the first call that has documents."""
+        if self._identity is None:
+            identity = model_identity(self.model)
+            self._identity = (identity, identity_digest(identity))
+        return self._identity
+
+    def encode(self, documents, *, progress: bool = False) -> Corpus:
+        """Chunk `documents` and run phase 1 on every chunk once, keeping the KV in the chunk
+        store; `generate/stream/score(..., corpus=corpus)` then run only the question-dependent
+        stages, with output identical to passing the same `documents=`."""
+        documents = validate_documents(documents, None)
+        if not isinstance(progress, bool):
+            raise InputError(f"progress must be True or False, got {progress!r}")
+        parts = self._prompt(_PLACEHOLDER_QUESTION, with_documents=True)
+        with self._lock:
+            start = time.perf_counter()
+            corpus = self._chunk(documents, parts.prefix_ids)
+            report = StoreReport()
+            bar = tqdm(total=len(corpus.chunks), desc="encode", unit="chunk", disable=not progress, file=sys.stderr)
+            for batch in micro_batches(list(corpus.chunks), self.config.prefill_batch_tokens):
+                self._phase1(batch, corpus, parts.prefix_ids, report)
+                bar.update(len(batch))
+            bar.close()
+            held = sum(self.store.bytes_of(key) for key in corpus.keys)
+            return replace(corpus, encode_seconds=time.perf_counter() - start, bytes_held=held,
+                           encoded_chunks=report.misses)
+
+    def generate(self, question: str, documents=None, context=None, *, corpus: Corpus | None = None,
+                 **settings) -> GenerationOutput:
+        """Answer `question` over `documents` (one string each), one long `context` string, or a
+        `corpus` from `encode`.
 
         Keyword arguments are `GenerationSettings` (settings.py): max_new_tokens=256, stop=None
         (str or list of str), temperature=0.0 (greedy), top_p=1.0, top_k=0, seed=None,
         repetition_penalty=1.0, progress=False (a tqdm bar on stderr).
         """
-        stream = self.stream(question, documents, context, **settings)
+        stream = self.stream(question, documents, context, corpus=corpus, **settings)
         for _ in stream:
             pass
         return stream.output
 
-    def stream(self, question: str, documents=None, context=None, **settings) -> TextStream:
+    def stream(self, question: str, documents=None, context=None, *, corpus: Corpus | None = None,
+               **settings) -> TextStream:
         """Like `generate`, but yields text deltas as they are decoded.
 
-        With neither `documents` nor `context`, the question is answered from the model alone
-        (a plain chat turn; `out.chunks` is empty). An empty `documents` list is an error.
+        With neither `documents`, `context` nor `corpus`, the question is answered from the model
+        alone (a plain chat turn; `out.chunks` is empty). An empty `documents` list is an error.
         """
         _check_question(question)
-        documents = validate_documents(documents, context, required=False)
         s = GenerationSettings.of(**settings)
         sampling = Sampling(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty)
-        parts = build_prompt(
-            self.tokenizer, self.config.instruction, question, self.config.use_chat_template, bool(documents)
-        )
+        parts = self._prompt(question, with_documents=corpus is not None or documents is not None or context is not None)
+        corpus = self._corpus(parts, documents, context, corpus, required=False)
         stream = TextStream(iter(()))
-        stream._deltas = self._answer(stream, parts, documents, s.max_new_tokens, list(s.stop), sampling, s.progress)
+        stream._deltas = self._answer(stream, parts, corpus, s.max_new_tokens, list(s.stop), sampling, s.progress)
         return stream
 
-    def score(self, target: str, documents=None, context=None, *, progress: bool = False) -> ScoreOutput:
+    def score(self, target: str, documents=None, context=None, *, corpus: Corpus | None = None,
+              progress: bool = False) -> ScoreOutput:
         """Teacher-forced NLL of `target` continuing the kept chunks (plain text, no template).
 
         Chunks are ranked by the NLL of `target` itself (the paper's perplexity setting, §6.3).
         The first target token only conditions; the NLL averages over the remaining tokens.
         Attention calibration is not applied here: it picks evictions with the last target token,
         which would leak later tokens into the NLL of earlier ones. Compression is applied.
+        A `corpus` from `encode` keeps its chunks; their KV is reused only where the store holds
+        it behind this call's prefix (BOS only, no template), else encoded again.
         """
         _check_question(target, what="target")
-        documents = validate_documents(documents, context)
         parts = build_continuation(self.tokenizer, target)
         if len(parts.question_ids) < 2:
             raise InputError("target must be at least two tokens long to be scored")
+        corpus = self._corpus(parts, documents, context, corpus, required=True)
         with self._lock:
-            ctx = self._prefill(parts, documents, reserve=0, progress=progress)
+            ctx = self._prefill(parts, corpus, reserve=0, progress=progress)
             cache = kvops.to_cache(ctx.kv)
             ids = torch.tensor([parts.question_ids], device=self.model.device)
             positions = ctx.p0 + torch.arange(ids.shape[1], device=self.model.device)[None]
@@ -177,10 +231,10 @@ class ParallelComp:
 
     # ------------------------------------------------------------------ stages
 
-    def _answer(self, stream, parts, documents, max_new_tokens, stops, sampling, progress) -> Iterator[str]:
+    def _answer(self, stream, parts, corpus, max_new_tokens, stops, sampling, progress) -> Iterator[str]:
         with self._lock, ExitStack() as scope:
             calibrator = calibration.Calibrator.for_run(self.config, self.num_layers, len(parts.question_ids))
-            ctx = self._prefill(parts, documents, reserve=max_new_tokens, progress=progress)
+            ctx = self._prefill(parts, corpus, reserve=max_new_tokens, progress=progress)
             start = time.perf_counter()
             assembler = TextAssembler(self.tokenizer, stops)
             cache = kvops.to_cache(ctx.kv)
@@ -209,20 +263,77 @@ class ParallelComp:
                 ctx.stats.first_token_seconds = ctx.stats.decode_seconds
             stream.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
-    def _prefill(self, parts: PromptParts, documents: list[str], reserve: int, progress: bool) -> _Context:
-        """Chunk, prefill, score and evict; return the merged KV of the kept chunks."""
+    def _prompt(self, question: str, with_documents: bool) -> PromptParts:
+        return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
+                            with_documents)
+
+    def _corpus(self, parts: PromptParts, documents, context, corpus: Corpus | None, required: bool) -> Corpus:
+        """The call's corpus: the one given, or `documents`/`context` chunked (not yet encoded)."""
+        if corpus is None:
+            documents = validate_documents(documents, context, required=required)
+            return self._chunk(documents, parts.prefix_ids) if documents else _NO_CORPUS
+        if documents is not None or context is not None:
+            raise InputError("pass either corpus=... or documents/context, not both")
+        if not isinstance(corpus, Corpus):
+            raise InputError(f"corpus must be a Corpus from ParallelComp.encode, got {type(corpus).__name__}")
+        if not corpus.chunks:
+            raise InputError("the corpus is empty: encode at least one non-empty document")
+        if corpus.identity != self._model_identity()[1]:
+            raise InputError("this corpus was encoded by an engine with another model, dtype, device or attention "
+                             "implementation; encode the documents with this engine")
+        return corpus
+
+    def _chunk(self, documents: list[str], prefix_ids: list[int]) -> Corpus:
+        budget = self._chunk_budget(len(prefix_ids), documents)
+        chunks = make_chunks(self.tokenizer, documents, budget, self.config.document_separator)
+        digest = self._model_identity()[1]
+        keys = tuple(chunk_key(digest, prefix_ids, c.token_ids) for c in chunks)
+        return Corpus(digest, tuple(prefix_ids), tuple(chunks), keys, len(documents), budget)
+
+    def _phase1(self, batch: list[Chunk], corpus: Corpus, prefix_ids: list[int], report: StoreReport):
+        """Phase-1 results of one micro-batch: store hits as they are, the misses encoded together
+        (one padded forward) and stored."""
+        keys = {c.index: self._key(corpus, prefix_ids, c) for c in batch}
+        identity = self._model_identity()[0]
+        shape = kvops.layout(self.model)
+        entries = {}
+        for c in batch:
+            entry = self.store.get(keys[c.index], identity, prefix_ids, c.token_ids, report, shape)
+            if entry is not None:
+                entries[c.index] = entry
+                report.reused_tokens += len(c.token_ids)
+                report.saved_seconds += entry.seconds
+        missing = [c for c in batch if c.index not in entries]
+        if missing:
+            start = time.perf_counter()
+            encoded = encode_chunks(self.model, prefix_ids, missing)
+            share = (time.perf_counter() - start) / sum(len(c.token_ids) for c in missing)
+            for enc in encoded:
+                entry = Entry(enc.kv, enc.last_logprobs, share * enc.length)
+                self.store.put(keys[enc.chunk.index], entry, identity, prefix_ids, enc.chunk.token_ids, report)
+                entries[enc.chunk.index] = entry
+        return [EncodedChunk(c, entries[c.index].kv, entries[c.index].last_logprobs) for c in batch]
+
+    def _key(self, corpus: Corpus, prefix_ids: list[int], chunk: Chunk) -> str:
+        if tuple(prefix_ids) == corpus.prefix_ids:
+            return corpus.keys[chunk.index]
+        return chunk_key(corpus.identity, prefix_ids, chunk.token_ids)
+
+    def _prefill(self, parts: PromptParts, corpus: Corpus, reserve: int, progress: bool) -> _Context:
+        """Phase 1 (or store hits), phase 2, top-K and compression per micro-batch; return the
+        merged KV of the kept chunks."""
         start = time.perf_counter()
-        budget = self._chunk_budget(parts, reserve, documents)
+        self._check_question_fits(parts, reserve)
         if self.config.compresses:
             compression.check_window(self.config.snap_window, len(parts.question_ids))
-        chunks = make_chunks(self.tokenizer, documents, budget, self.config.document_separator) if documents else []
         prefix = encode_prefix(self.model, parts.prefix_ids)
         top = TopK[EncodedChunk](self.config.keep_chunks)
         scores: dict[int, float] = {}
         raw_bytes: dict[int, int] = {}  # chunk index → KV bytes before compression
-        bar = tqdm(total=len(chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
-        for batch in micro_batches(chunks, self.config.prefill_batch_tokens):
-            encoded = encode_chunks(self.model, parts.prefix_ids, batch)
+        report = StoreReport()
+        bar = tqdm(total=len(corpus.chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
+        for batch in micro_batches(list(corpus.chunks), self.config.prefill_batch_tokens):
+            encoded = self._phase1(batch, corpus, parts.prefix_ids, report)
             comp = compression.BatchCompressor.for_batch(
                 self.model, self.config, kvops.n_tokens(prefix), encoded, len(parts.question_ids)
             )
@@ -241,14 +352,17 @@ class ParallelComp:
         reports = [
             ChunkReport(c.index, c.spans, len(c.token_ids), scores[c.index], c.index in kv_tokens,
                         kv_tokens.get(c.index, 0))
-            for c in chunks
+            for c in corpus.chunks
         ]
-        stats = self._stats(parts, documents, chunks, reports, merged, p0, budget, reserve)
+        stats = self._stats(parts, corpus, reports, merged, p0, reserve, report)
         stats.kv_bytes_uncompressed = kvops.n_bytes(prefix) + sum(raw_bytes[i] for i in kv_tokens)
         stats.prefill_seconds = time.perf_counter() - start
         return _Context(merged, p0, reports, stats)
 
-    def _chunk_budget(self, parts: PromptParts, reserve: int, documents: list[str]) -> int:
+    def _chunk_budget(self, prefix_tokens: int, documents: list[str]) -> int:
+        """Tokens per chunk: `chunk_tokens`, or the window less the prefix and `reserve_tokens`.
+        It never depends on the question, so a corpus chunks (and hits the store) the same way
+        for every question."""
         size = sum(len(d) for d in documents)
         if size > self.config.max_input_chars:
             msg = (
@@ -256,42 +370,64 @@ class ParallelComp:
                 "raise it in ParallelCompConfig if you really mean to prefill that much"
             )
             raise InputError(msg)
-        room = self.window - len(parts.prefix_ids) - len(parts.question_ids) - reserve
-        budget = self.config.chunk_tokens or room
-        if budget < MIN_CHUNK_TOKENS or len(parts.question_ids) > budget:
+        reserve = self.config.reserve_tokens or min(512, self.window // 8)
+        budget = self.config.chunk_tokens or self.window - prefix_tokens - reserve
+        if budget < MIN_CHUNK_TOKENS:
             msg = (
-                f"the question ({len(parts.question_ids)} tokens with its template), the prompt prefix "
-                f"({len(parts.prefix_ids)}) and max_new_tokens ({reserve}) leave {room} of the model's "
-                f"{self.window}-token window for each chunk (budget {budget}); shorten the question or "
-                "lower max_new_tokens"
+                f"the prompt prefix ({prefix_tokens} tokens) and reserve_tokens={reserve} leave "
+                f"{budget} of the model's {self.window}-token window for each chunk; lower reserve_tokens or "
+                "set chunk_tokens"
             )
-            raise InputError(msg)
+            raise ConfigError(msg)
         return budget
 
-    def _stats(self, parts, documents, chunks, reports, merged, p0, budget, reserve) -> RunStats:
+    def _check_question_fits(self, parts: PromptParts, reserve: int) -> None:
+        used = len(parts.prefix_ids) + len(parts.question_ids)
+        if used + min(reserve, 1) > self.window:
+            msg = (
+                f"the question ({len(parts.question_ids)} tokens with its template) and the prompt prefix "
+                f"({len(parts.prefix_ids)}) leave no room in the model's {self.window}-token window; "
+                "shorten the question"
+            )
+            raise InputError(msg)
+
+    def _stats(self, parts, corpus: Corpus, reports, merged, p0, reserve, report: StoreReport) -> RunStats:
+        """The one place a run's statistics are assembled."""
         kept_docs = {d for r in reports if r.kept for d in r.documents}
-        split = sorted({s.document for c in chunks for s in c.spans if not s.complete})
+        split = sorted({s.document for c in corpus.chunks for s in c.spans if not s.complete})
         exceeds = p0 + len(parts.question_ids) + reserve > self.window
         if exceeds:
             warnings.warn(
                 f"p0 ({p0}) + question ({len(parts.question_ids)}) + max_new_tokens ({reserve}) exceeds the "
-                f"model's {self.window}-token window: late tokens sit at untrained positions; lower chunk_tokens",
-                stacklevel=4,
+                f"model's {self.window}-token window: late tokens sit at untrained positions; lower chunk_tokens "
+                "or raise reserve_tokens",
+                stacklevel=5,
             )
         return RunStats(
-            tokens_in=sum(len(c.token_ids) for c in chunks),
+            tokens_in=corpus.n_tokens,
             prefix_tokens=len(parts.prefix_ids),
             question_tokens=len(parts.question_ids),
-            n_documents=len(documents),
-            n_chunks=len(chunks),
+            n_documents=corpus.n_documents,
+            n_chunks=len(corpus.chunks),
             n_kept=sum(r.kept for r in reports),
-            chunk_tokens=budget,
+            chunk_tokens=corpus.chunk_tokens,
             split_documents=split,
-            evicted_documents=sorted(set(range(len(documents))) - kept_docs),
+            evicted_documents=sorted(set(range(corpus.n_documents)) - kept_docs),
             p0=p0,
             kv_tokens=kvops.n_tokens(merged),
             kv_bytes=kvops.n_bytes(merged),
             exceeds_window=exceeds,
+            encoded_chunks=report.misses,
+            reused_chunks=report.memory_hits + report.disk_hits,
+            reused_tokens=report.reused_tokens,
+            reuse_seconds_saved=report.saved_seconds,
+            store_disk_hits=report.disk_hits,
+            store_rejected=dict(report.rejected),
+            store_write_errors=report.write_errors,
+            store_evicted=report.evicted,
+            store_bytes=self.store.bytes_held,
+            dtype=str(self.model.dtype).removeprefix("torch."),
+            threads=torch.get_num_threads(),
         )
 
 
@@ -329,6 +465,24 @@ def _eos_ids(model, tokenizer) -> set[int]:
         value = getattr(source, "eos_token_id", None)
         ids |= set(value) if isinstance(value, (list, tuple)) else ({value} if value is not None else set())
     return ids
+
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+def _check_dtype(dtype) -> torch.dtype | None:
+    """None (choose per machine), a torch dtype or its name among DTYPES."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or None to choose per machine), got {dtype!r}")
+
+
+def _check_threads(threads) -> int | None:
+    if threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        return threads
+    raise ConfigError(f"threads must be a positive integer (or None for the available cores), got {threads!r}")
 
 
 def _check_question(question, what: str = "question") -> None:

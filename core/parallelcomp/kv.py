@@ -69,6 +69,14 @@ def concat(parts: list[list[LayerKV]]) -> list[LayerKV]:
     ]
 
 
+def layout(model) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a model's cache, from its config."""
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return cfg.num_hidden_layers, heads, head_dim
+
+
 def n_tokens(kv: list[LayerKV]) -> int:
     return kv[0][0].shape[-2] if kv else 0
 

@@ -66,6 +66,26 @@ class RunStats:
     """"stop" (EOS or stop string) or "length" (max_new_tokens reached)."""
     exceeds_window: bool = False
     """True when p0 + question + max_new_tokens exceeds the model's trained window."""
+    encoded_chunks: int = 0
+    """Chunks whose phase 1 ran in this call."""
+    reused_chunks: int = 0
+    """Chunks whose phase-1 KV came from the chunk KV store (memory or disk tier)."""
+    reused_tokens: int = 0
+    reuse_seconds_saved: float = 0.0
+    """Phase-1 time the reused chunks took when they were encoded."""
+    store_disk_hits: int = 0
+    """Of the reused chunks, those read from the disk tier."""
+    store_rejected: dict[str, int] = field(default_factory=dict)
+    """Disk-tier files found damaged, foreign or stale, by reason: deleted and recomputed."""
+    store_write_errors: int = 0
+    store_evicted: int = 0
+    """Entries the memory tier dropped during this call to stay within kv_store_bytes."""
+    store_bytes: int = 0
+    """Bytes held by the memory tier after this call."""
+    dtype: str = ""
+    """The model's compute dtype (float32, bfloat16, ...), chosen per machine unless given."""
+    threads: int = 0
+    """torch intra-op threads the run used."""
     prefill_seconds: float = 0.0
     """Chunking, prefill, scoring, eviction and compression of the context."""
     first_token_seconds: float = 0.0

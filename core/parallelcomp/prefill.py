@@ -9,7 +9,8 @@
   positions P + L_c, …, giving the per-token NLL of Eq. 3. Only the logits scoring needs are
   computed (`logits_to_keep`), never a chunk's full-vocabulary logits (method.md §7 item 12).
 
-Because phase 1 does not see the question, a corpus's chunk KV can be reused across questions.
+Because phase 1 does not see the question, a corpus's chunk KV is reused across questions
+(store.py, `ParallelComp.encode`).
 """
 
 from __future__ import annotations
@@ -125,8 +126,6 @@ def _with_prefix(chunk_mask: torch.Tensor, prefix_len: int) -> torch.Tensor:
 
 def _empty_kv(model) -> list[kvops.LayerKV]:
     """Zero-length KV for every layer, for prompts without a prefix (no BOS, no instruction)."""
-    cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    layers, heads, head_dim = kvops.layout(model)
     empty = torch.zeros(1, heads, 0, head_dim, dtype=model.dtype, device=model.device)
-    return [(empty, empty) for _ in range(cfg.num_hidden_layers)]
+    return [(empty, empty) for _ in range(layers)]

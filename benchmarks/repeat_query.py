@@ -1,0 +1,128 @@
+"""`python -m benchmarks repeat-query`: encode once, ask many — the chunk KV store measured.
+
+Per context length: one haystack of the RULER essays with five needles (different keys, at
+10/30/50/70/90% depth) and five questions, one per needle. In one process: question 1 cold (every
+chunk's phase 1 runs; the disk tier is filled on the way), then questions 2-5 (every chunk from
+the memory tier). Then a fresh process asks question 1 again with the disk tier only
+(kv_store_bytes=0). Each process runs in its own subprocess so its peak RSS is its own.
+
+Reported per question: prefill s, time to first token (prefill + the question step), decode
+tok/s, chunks reused, store bytes, peak RSS, the answer and whether it holds the needle's value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import machine
+from .tasks import NIAH_NEEDLE, NIAH_QUESTION, _count, _first_tokens, _insert, data
+
+REPO = Path(__file__).resolve().parent.parent
+DEPTHS = (10, 30, 50, 70, 90)
+CONFIG = {"keep_chunks": 1, "chunk_tokens": 2048}  # what `make ask` runs
+MAX_NEW_TOKENS = 48
+
+
+def haystack(tokenizer, length: int) -> tuple[str, list[str], list[str]]:
+    """(context, questions, values): five needles in about `length` tokens of essays."""
+    rng = random.Random(f"repeat-query-{length}")
+    words = sorted({w.lower() for w in re.findall(r"[A-Za-z]{6,}", data.essays()[:200_000])})
+    keys = [f"{rng.choice(words)}-{rng.choice(words)}" for _ in DEPTHS]
+    values = [str(rng.randint(1_000_000, 9_999_999)) for _ in DEPTHS]
+    needles = [NIAH_NEEDLE.format(kind="numbers", key=k, value=v) for k, v in zip(keys, values)]
+    text = _first_tokens(tokenizer, length - sum(_count(tokenizer, n) for n in needles))
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    for needle, depth in sorted(zip(needles, DEPTHS), key=lambda nd: -nd[1]):  # deepest first: depths hold
+        text, _ = _insert(sentences, needle, depth, " ")
+        sentences = re.split(r"(?<=[.!?])\s+", text)
+    return text, [NIAH_QUESTION.format(one="number", key=k) for k in keys], values
+
+
+def worker(spec: dict) -> dict:
+    """Run inside a subprocess: ask `spec["questions"]` over the context, one engine."""
+    from transformers import AutoTokenizer
+
+    from parallelcomp import ParallelComp, ParallelCompConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    context, questions, values = haystack(tokenizer, spec["length"])
+    config = ParallelCompConfig(**CONFIG, kv_store_dir=spec["store"], **spec.get("config", {}))
+    pc = ParallelComp.from_pretrained(spec["model_dir"], config)
+    rows = []
+    for i in spec["questions"]:
+        out = pc.generate(questions[i], context=context, max_new_tokens=MAX_NEW_TOKENS)
+        s = out.stats
+        decode_tokens = max(0, s.new_tokens - 1)
+        rows.append({
+            "question": i + 1, "prefill_seconds": round(s.prefill_seconds, 2),
+            "ttft_seconds": round(s.prefill_seconds + s.first_token_seconds, 2),
+            "decode_tok_s": round(decode_tokens / max(1e-9, s.decode_seconds - s.first_token_seconds), 2),
+            "reused_chunks": s.reused_chunks, "disk_hits": s.store_disk_hits, "n_chunks": s.n_chunks,
+            "tokens_in": s.tokens_in, "store_bytes": s.store_bytes, "kv_bytes": s.kv_bytes, "dtype": s.dtype,
+            "answer": out.text, "correct": values[i] in out.text,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        })
+    return {"rows": rows, "disk_bytes": sum(p.stat().st_size for p in Path(spec["store"]).rglob("*.safetensors"))}
+
+
+def run(lengths: list[int], out: Path) -> Path:
+    from parallelcomp.default_model import embedded_model_dir
+
+    model_dir = str(embedded_model_dir(progress=False))
+    results = {"machine": machine.describe("auto"), "config": CONFIG, "lengths": {}}
+    for length in lengths:
+        with tempfile.TemporaryDirectory(prefix="pc-store-") as store:
+            load = os.getloadavg()[0]
+            warm = _spawn({"model_dir": model_dir, "length": length, "store": store, "questions": [0, 1, 2, 3, 4]})
+            fresh = _spawn({"model_dir": model_dir, "length": length, "store": store, "questions": [0],
+                            "config": {"kv_store_bytes": 0}})
+        results["lengths"][str(length)] = {"same_process": warm["rows"], "fresh_process_disk": fresh["rows"],
+                                           "disk_bytes": warm["disk_bytes"], "load_before": load,
+                                           "load_after": os.getloadavg()[0]}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(table(results))
+    return out / "results.md"
+
+
+def _spawn(spec: dict) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "core"), str(REPO)])}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.repeat_query"], input=json.dumps(spec),
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"repeat-query worker failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"wall_seconds": time.perf_counter() - start}
+
+
+def table(results: dict) -> str:
+    lines = ["| context | run | question | chunks reused | prefill s | TTFT s | cold ÷ this TTFT | decode tok/s | "
+             "store MB (memory) | peak RSS MB | correct | answer |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for length, entry in results["lengths"].items():
+        cold = entry["same_process"][0]["ttft_seconds"]
+        runs = [("same process", r) for r in entry["same_process"]] + \
+               [("fresh process, disk tier", r) for r in entry["fresh_process_disk"]]
+        for name, r in runs:
+            lines.append(
+                f"| {int(length):,} | {name} | {r['question']} | {r['reused_chunks']}/{r['n_chunks']} | "
+                f"{r['prefill_seconds']} | {r['ttft_seconds']} | {cold / r['ttft_seconds']:.1f}× | {r['decode_tok_s']} | "
+                f"{r['store_bytes'] / 1e6:,.0f} | {r['peak_rss_mb']:,} | {'yes' if r['correct'] else 'no'} | "
+                f"{r['answer'][:60]!r} |")
+        lines.append(f"| | disk tier: {entry['disk_bytes'] / 1e6:,.0f} MB; load 1-min {entry['load_before']:.1f}"
+                     f"→{entry['load_after']:.1f} | | | | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.stdin.read()))))

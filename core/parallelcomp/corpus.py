@@ -1,0 +1,41 @@
+"""`Corpus`: documents chunked and encoded once (`ParallelComp.encode`), asked many questions.
+
+A corpus is a description, not a tensor holder: its chunks' token ids, where they come from, and
+their keys in the engine's chunk KV store (store.py), which holds the phase-1 KV. A question with
+`corpus=` looks every chunk up by key and runs only the question-dependent stages; a chunk the
+store no longer holds (LRU eviction, a restart without a disk tier) is encoded again and reported
+in the run's stats, so an answer never depends on what the store happens to hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .chunking import Chunk
+
+
+@dataclass(frozen=True)
+class Corpus:
+    identity: str
+    """Digest of the model identity the chunk keys were made for (store.model_identity)."""
+    prefix_ids: tuple[int, ...]
+    """The shared prompt prefix the chunks were encoded behind (template head + instruction)."""
+    chunks: tuple[Chunk, ...]
+    keys: tuple[str, ...]
+    """Store key of each chunk behind `prefix_ids`."""
+    n_documents: int
+    chunk_tokens: int
+    """The chunk budget the documents were packed with."""
+    encode_seconds: float = 0.0
+    encoded_chunks: int = 0
+    """Chunks whose phase 1 ran during `encode` (the others were already in the store)."""
+    bytes_held: int = 0
+    """Bytes of this corpus's chunk KV in the store's memory tier right after `encode`."""
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def reused_chunks(self) -> int:
+        return len(self.chunks) - self.encoded_chunks

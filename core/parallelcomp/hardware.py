@@ -1,0 +1,150 @@
+"""Precision and threads chosen for the machine the model runs on (docs/hardware.md).
+
+* dtype: CUDA → bfloat16. CPU → bfloat16 only where the processor has native bf16 arithmetic
+  (the `avx512_bf16` or `amx_bf16` flag on x86, `bf16` on Arm) *and* a small matmul measures
+  faster in bf16 than in fp32; else float32. Without native support torch emulates bf16 and a
+  matmul runs 20-90x slower than fp32 (measured on an AVX2-only EPYC, docs/hardware.md), so the
+  flag check comes first and the measurement confirms it. The measurement runs once per machine
+  and torch version and is cached as a small JSON file whose checksum is verified on read.
+* threads: torch's intra-op threads = the physical cores this process may run on (its CPU
+  affinity mask, counted per physical core, capped by a cgroup CPU quota), unless the caller or
+  OMP_NUM_THREADS says otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+_PROBE = (256, 576, 1536)  # m, k, n: a SmolLM2-sized MLP matmul; ~0.45 GFLOP, < 1 s even emulated
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on Arm)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    return bool(NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags))
+
+
+def default_dtype(device: torch.device, cache_dir: Path | None = None) -> torch.dtype:
+    """bfloat16 on CUDA; on CPU bfloat16 only when native and measured faster, else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type != "cpu" or not has_native_bf16():
+        return torch.float32
+    rates = matmul_rates(cache_dir)
+    return torch.bfloat16 if rates["bfloat16"] > rates["float32"] else torch.float32
+
+
+def matmul_rates(cache_dir: Path | None = None) -> dict[str, float]:
+    """GFLOP/s of the probe matmul in float32 and bfloat16 on this CPU, measured once and cached."""
+    key = {"cpu": platform.processor() or platform.machine(), "flags": sorted(cpu_flags()),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "probe": list(_PROBE)}
+    path = _cache_file(cache_dir, key)
+    cached = _read_checked(path, key)
+    if cached is not None:
+        return cached
+    rates = {name: measure_gflops(getattr(torch, name)) for name in ("float32", "bfloat16")}
+    _write_checked(path, key, rates)
+    return rates
+
+
+def measure_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = _PROBE, seconds: float = 0.2) -> float:
+    """Best-of-a-few GFLOP/s of an (m×k)·(k×n) matmul in `dtype` on the CPU."""
+    m, k, n = shape
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b  # warm-up (kernel selection, first-touch)
+    best, spent = math.inf, 0.0
+    while spent < seconds or best == math.inf:
+        start = time.perf_counter()
+        a @ b
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+    return 2 * m * k * n / best / 1e9
+
+
+def available_cores(sys_root: Path = Path("/sys")) -> int:
+    """Physical cores this process may use: affinity mask → distinct cores, capped by cgroup quota."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topo = sys_root / f"devices/system/cpu/cpu{cpu}/topology"
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("?", str(cpu)))  # no topology (containers, macOS): count logical CPUs
+    return max(1, min(len(cores), _cgroup_quota(sys_root) or len(cores)))
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (None: OMP_NUM_THREADS if set, else `available_cores()`)."""
+    if threads is None:
+        threads = None if os.environ.get("OMP_NUM_THREADS") else available_cores()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _cgroup_quota(sys_root: Path) -> int | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` quota (rounded up), or None when unlimited."""
+    try:
+        quota, period = (sys_root / "fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+
+
+def _cache_file(cache_dir: Path | None, key: dict) -> Path:
+    if cache_dir is None:
+        from .default_model import cache_root
+
+        cache_dir = cache_root()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"matmul-rates-{digest}.json"
+
+
+def _checksum(key: dict, rates: dict) -> str:
+    return hashlib.sha256(json.dumps([key, rates], sort_keys=True).encode()).hexdigest()
+
+
+def _read_checked(path: Path, key: dict) -> dict[str, float] | None:
+    """The cached rates, or None when the file is missing, foreign, malformed or fails its checksum."""
+    try:
+        data = json.loads(path.read_text())
+        rates = {name: float(data["rates"][name]) for name in ("float32", "bfloat16")}
+        if data["key"] != key or data["sha256"] != _checksum(key, data["rates"]):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rates if all(math.isfinite(r) and r > 0 for r in rates.values()) else None
+
+
+def _write_checked(path: Path, key: dict, rates: dict) -> None:
+    """Atomic write (temp file + rename); a read-only cache only costs a re-measurement next time."""
+    payload = json.dumps({"key": key, "rates": rates, "sha256": _checksum(key, rates)})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(payload)
+        os.replace(tmp, path)
+    except OSError:
+        pass

@@ -1,0 +1,289 @@
+"""The chunk KV store: phase-1 results (a chunk's KV behind the shared prefix, and the
+log-probabilities of the token after it) kept across questions, calls and processes (docs/store.md).
+
+Phase 1 never sees the question, and every chunk sits at the same positions behind the same
+prefix (PCW, arXiv 2502.14317 Eq. 1-2), so its KV can be reused exactly whenever the model, the
+prefix and the chunk's tokens are the same. The key is the SHA-256 of exactly that:
+
+    "pc-chunk-kv/1" ‖ model identity ‖ prefix ids ‖ chunk ids
+
+It is not chained over earlier chunks: a chunk hits in any document order and in any corpus.
+Only uncompressed KV is stored; compression and calibration depend on the question.
+
+Tiers:
+* memory: an LRU bounded in bytes (`ParallelCompConfig.kv_store_bytes`; 0 turns it off);
+* disk (optional, `kv_store_dir`): one immutable safetensors file per chunk at
+  `<dir>/v1/<identity[:16]>/<key[:2]>/<key>.safetensors`, written to a temporary file, fsynced
+  and renamed into place, so readers in other processes never see a partial file. A file is used
+  only after its format version, key, identity, token ids, tensor shapes and payload SHA-256 all
+  check out; anything else is deleted, counted in the run's stats and recomputed. A full or
+  read-only directory costs a warning, never an answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import uuid
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import kv as kvops
+
+FORMAT = "pc-chunk-kv/1"
+
+
+@dataclass
+class Entry:
+    """One chunk's phase-1 result."""
+
+    kv: list[kvops.LayerKV]
+    last_logprobs: torch.Tensor
+    seconds: float
+    """Time its phase 1 took (its share of the micro-batch): what a hit saves."""
+
+    @property
+    def nbytes(self) -> int:
+        return kvops.n_bytes(self.kv) + self.last_logprobs.numel() * self.last_logprobs.element_size()
+
+
+@dataclass
+class StoreReport:
+    """What the store did during one call; copied into RunStats by the engine."""
+
+    memory_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    reused_tokens: int = 0
+    saved_seconds: float = 0.0
+    """Phase-1 time the hits took when they were encoded."""
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Disk files dropped and recomputed, by reason (checksum, identity, truncated, ...)."""
+    write_errors: int = 0
+    evicted: int = 0
+    """Entries the memory LRU dropped to stay within its byte budget."""
+
+
+def model_identity(model) -> dict:
+    """Everything a chunk's KV depends on besides the tokens: config, weights, dtype, device type,
+    attention implementation, transformers major.minor. Weights are fingerprinted by sampling
+    each tensor at up to 65,536 evenly strided positions (exact for a changed checkpoint in
+    practice; hashing every weight would cost seconds per GB)."""
+    import transformers
+
+    digest = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 65536)].float().cpu().contiguous()
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(sample.numpy().tobytes())
+    cfg = model.config.to_dict()
+    return {
+        "format": FORMAT,
+        "config": json.dumps(cfg, sort_keys=True, default=str),
+        "weights": digest.hexdigest(),
+        "dtype": str(model.dtype),
+        "device": model.device.type,
+        "attn_implementation": str(model.config._attn_implementation),
+        "transformers": ".".join(transformers.__version__.split(".")[:2]),
+    }
+
+
+def identity_digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def chunk_key(identity_hex: str, prefix_ids: list[int], chunk_ids: list[int]) -> str:
+    h = hashlib.sha256(FORMAT.encode())
+    h.update(bytes.fromhex(identity_hex))
+    for ids in (prefix_ids, chunk_ids):
+        h.update(struct.pack("<I", len(ids)))
+        h.update(struct.pack(f"<{len(ids)}i", *ids))
+    return h.hexdigest()
+
+
+class ChunkStore:
+    """Memory LRU in front of an optional disk directory. Thread-safe use is the engine's job
+    (it calls the store under the model lock)."""
+
+    def __init__(self, memory_bytes: int, disk_dir: str | os.PathLike | None = None, disk_bytes: int | None = None):
+        self.memory_bytes = memory_bytes
+        self.disk_dir = Path(disk_dir) if disk_dir is not None else None
+        self.disk_bytes = disk_bytes
+        self._lru: OrderedDict[str, Entry] = OrderedDict()
+        self._held = 0
+        self._warned = False
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of KV in the memory tier."""
+        return self._held
+
+    def bytes_of(self, key: str) -> int:
+        """Bytes the memory tier holds for `key` (0 when it holds nothing)."""
+        entry = self._lru.get(key)
+        return entry.nbytes if entry is not None else 0
+
+    def get(self, key: str, identity: dict, prefix_ids: list[int], chunk_ids: list[int],
+            report: StoreReport, shape: tuple[int, int, int]) -> Entry | None:
+        """The stored entry for `key`, from memory or (verified) from disk; None on a miss.
+        `shape` = (layers, KV heads, head dim) the entry must have."""
+        entry = self._lru.get(key)
+        if entry is not None:
+            self._lru.move_to_end(key)
+            report.memory_hits += 1
+            return entry
+        entry = self._load(key, identity, prefix_ids, chunk_ids, report, shape)
+        if entry is None:
+            report.misses += 1
+            return None
+        report.disk_hits += 1
+        self._remember(key, entry, report)
+        return entry
+
+    def put(self, key: str, entry: Entry, identity: dict, prefix_ids: list[int], chunk_ids: list[int],
+            report: StoreReport) -> None:
+        self._remember(key, entry, report)
+        if self.disk_dir is not None and not self._path(key, identity).exists():
+            self._save(key, entry, identity, prefix_ids, chunk_ids, report)
+
+    def clear(self) -> None:
+        """Empty the memory tier (the disk tier is left as it is)."""
+        self._lru.clear()
+        self._held = 0
+
+    # ------------------------------------------------------------------ memory tier
+
+    def _remember(self, key: str, entry: Entry, report: StoreReport) -> None:
+        if entry.nbytes > self.memory_bytes:
+            return  # larger than the whole budget: never held (reused from disk only)
+        self._lru[key] = entry
+        self._held += entry.nbytes
+        while self._held > self.memory_bytes:
+            _, dropped = self._lru.popitem(last=False)
+            self._held -= dropped.nbytes
+            report.evicted += 1
+
+    # ------------------------------------------------------------------ disk tier
+
+    def _path(self, key: str, identity: dict) -> Path:
+        return self.disk_dir / "v1" / identity_digest(identity)[:16] / key[:2] / f"{key}.safetensors"
+
+    def _save(self, key, entry: Entry, identity, prefix_ids, chunk_ids, report: StoreReport) -> None:
+        from safetensors.torch import save_file
+
+        tensors = _tensors(entry, prefix_ids, chunk_ids)
+        meta = {"format": FORMAT, "key": key, "identity": json.dumps(identity, sort_keys=True),
+                "seconds": repr(entry.seconds), "sha256": _payload_sha256(tensors)}
+        path = self._path(key, identity)
+        tmp = path.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata=meta)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            report.write_errors += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"KV store: cannot write to {self.disk_dir} ({err}); answers go on without the "
+                              "disk tier", stacklevel=2)
+            return
+        if self.disk_bytes is not None:
+            self._trim_disk(identity)
+
+    def _load(self, key, identity, prefix_ids, chunk_ids, report: StoreReport, shape) -> Entry | None:
+        if self.disk_dir is None:
+            return None
+        path = self._path(key, identity)
+        if not path.exists():
+            return None
+        reason = None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            reason = "unreadable"
+        else:
+            reason = _check(meta, tensors, key, identity, prefix_ids, chunk_ids, shape)
+        if reason is not None:
+            report.rejected[reason] = report.rejected.get(reason, 0) + 1
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recency for the disk budget (atime is often off)
+        layers = shape[0]
+        kv = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(layers)]
+        return Entry(kv, tensors["last_logprobs"], float(meta["seconds"]))
+
+    def _trim_disk(self, identity: dict) -> None:
+        """Above the disk budget: delete least recently used files down to 90% of it."""
+        files = []
+        for path in (self.disk_dir / "v1").glob("*/*/*.safetensors"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= 0.9 * self.disk_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+def _tensors(entry: Entry, prefix_ids, chunk_ids) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (k, v) in enumerate(entry.kv):
+        out[f"k.{i}"], out[f"v.{i}"] = k.contiguous(), v.contiguous()
+    out["last_logprobs"] = entry.last_logprobs.contiguous()
+    out["prefix_ids"] = torch.tensor(prefix_ids, dtype=torch.int32)
+    out["chunk_ids"] = torch.tensor(chunk_ids, dtype=torch.int32)
+    return out
+
+
+def _payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check(meta, tensors, key, identity, prefix_ids, chunk_ids, shape) -> str | None:
+    """None when the file is this entry, else the reason it must not be used."""
+    if meta.get("format") != FORMAT:
+        return "format"
+    if meta.get("key") != key:
+        return "key"
+    if meta.get("identity") != json.dumps(identity, sort_keys=True):
+        return "identity"
+    layers, heads, dim = shape
+    expected = {f"{kv}.{i}" for kv in "kv" for i in range(layers)} | {"last_logprobs", "prefix_ids", "chunk_ids"}
+    if set(tensors) != expected:
+        return "tensors"
+    if tensors["prefix_ids"].tolist() != list(prefix_ids) or tensors["chunk_ids"].tolist() != list(chunk_ids):
+        return "ids"
+    want = (1, heads, len(chunk_ids), dim)
+    if any(tuple(tensors[f"{kv}.{i}"].shape) != want for kv in "kv" for i in range(layers)):
+        return "shape"
+    if meta.get("sha256") != _payload_sha256(tensors):
+        return "checksum"
+    return None

@@ -1,0 +1,151 @@
+"""Precision and threads chosen for the machine (hardware.py): flag detection mocked both ways."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from parallelcomp import ConfigError, ParallelComp, hardware
+from parallelcomp.cli import main
+
+from .conftest import tiny_model
+
+X86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+
+
+def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo():
+    assert hardware.cpu_flags(X86) == {"fpu", "sse2", "avx2", "fma", "avx512f", "avx512_bf16"}
+    assert hardware.has_native_bf16(hardware.cpu_flags(ARM))
+    assert not hardware.has_native_bf16(frozenset({"avx2", "fma", "avx512f"}))
+    assert hardware.cpu_flags("no flags here") == frozenset()
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Fake matmul measurements: {dtype name: GFLOP/s}, recording every call."""
+    rates, calls = {"float32": 100.0, "bfloat16": 300.0}, []
+
+    def fake(dtype, *args, **kwargs):
+        calls.append(dtype)
+        return rates[str(dtype).removeprefix("torch.")]
+
+    monkeypatch.setattr(hardware, "measure_gflops", fake)
+    return rates, calls
+
+
+def test_no_native_bf16_means_float32_without_measuring(monkeypatch, measured, tmp_path):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert hardware.default_dtype(torch.device("cpu"), tmp_path) == torch.float32
+    assert measured[1] == []
+
+
+@pytest.mark.parametrize("bf16_rate, expected", [(300.0, torch.bfloat16), (50.0, torch.float32)])
+def test_native_bf16_is_chosen_only_when_it_measures_faster(monkeypatch, measured, tmp_path, bf16_rate, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    measured[0]["bfloat16"] = bf16_rate
+    assert hardware.default_dtype(torch.device("cpu"), tmp_path) == expected
+
+
+def test_cuda_keeps_bfloat16(measured):
+    assert hardware.default_dtype(torch.device("cuda")) == torch.bfloat16
+    assert measured[1] == []
+
+
+def test_measurement_is_cached_and_a_bad_cache_file_is_never_trusted(monkeypatch, measured, tmp_path):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert hardware.matmul_rates(tmp_path) == {"float32": 100.0, "bfloat16": 300.0}
+    assert len(measured[1]) == 2
+    assert hardware.matmul_rates(tmp_path) == {"float32": 100.0, "bfloat16": 300.0}
+    assert len(measured[1]) == 2  # served from the cache
+    (cached,) = tmp_path.glob("matmul-rates-*.json")
+    data = json.loads(cached.read_text())
+    data["rates"]["bfloat16"] = 1e9  # tampered: the checksum no longer matches
+    cached.write_text(json.dumps(data))
+    assert hardware.matmul_rates(tmp_path)["bfloat16"] == 300.0
+    assert len(measured[1]) == 4
+    cached.write_text('{"truncated": ')
+    assert hardware.matmul_rates(tmp_path)["bfloat16"] == 300.0
+    assert len(measured[1]) == 6
+
+
+def test_real_measurement_returns_positive_rates():
+    assert hardware.measure_gflops(torch.float32, (16, 16, 16), seconds=0.001) > 0
+
+
+def _topology(root, cpus):
+    for cpu, (package, core) in cpus.items():
+        topo = root / f"devices/system/cpu/cpu{cpu}/topology"
+        topo.mkdir(parents=True)
+        (topo / "physical_package_id").write_text(f"{package}\n")
+        (topo / "core_id").write_text(f"{core}\n")
+
+
+def test_available_cores_counts_physical_cores_in_the_affinity_mask(monkeypatch, tmp_path):
+    _topology(tmp_path, {0: (0, 0), 1: (0, 0), 2: (0, 1), 3: (0, 1), 4: (1, 0), 5: (1, 0)})  # SMT pairs
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert hardware.available_cores(tmp_path) == 2
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    assert hardware.available_cores(tmp_path) == 3
+
+
+def test_available_cores_respects_a_cgroup_quota(monkeypatch, tmp_path):
+    _topology(tmp_path, {i: (0, i) for i in range(8)})
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(8)))
+    cgroup = tmp_path / "fs/cgroup"
+    cgroup.mkdir(parents=True)
+    (cgroup / "cpu.max").write_text("150000 100000\n")
+    assert hardware.available_cores(tmp_path) == 2
+    (cgroup / "cpu.max").write_text("max 100000\n")
+    assert hardware.available_cores(tmp_path) == 8
+
+
+def test_threads_are_set_unless_the_user_chose(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(hardware, "available_cores", lambda: 1)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert hardware.configure_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert hardware.configure_threads() == 2  # the user's OMP_NUM_THREADS wins
+        assert hardware.configure_threads(1) == 1  # an explicit count wins over both
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    path = tmp_path / "model"
+    tiny_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.bfloat16, "torch.float32"])
+def test_from_pretrained_dtype_override_is_reported(model_dir, dtype):
+    pc = ParallelComp.from_pretrained(model_dir, dtype=dtype, threads=torch.get_num_threads())
+    out = pc.generate("Where?", documents=["The river runs north."], max_new_tokens=2)
+    expected = str(dtype).removeprefix("torch.")
+    assert str(pc.model.dtype) == f"torch.{expected}"
+    assert out.stats.dtype == expected and out.stats.threads == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("kwargs, match", [({"dtype": "fp8"}, "dtype must be one of float32, bfloat16, float16"),
+                                           ({"dtype": 5}, "dtype must be one of"),
+                                           ({"threads": 0}, "threads must be a positive integer"),
+                                           ({"threads": True}, "threads must be a positive integer")])
+def test_bad_dtype_or_threads_is_a_config_error(model_dir, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ParallelComp.from_pretrained(model_dir, **kwargs)
+
+
+def test_cli_dtype_flag(model_dir, tmp_path, capsys):
+    doc = tmp_path / "a.txt"
+    doc.write_text("The river runs north past the copper garden.")
+    code = main(["ask", "--model", str(model_dir), "--dtype", "bfloat16", "--threads", str(torch.get_num_threads()),
+                 "--max-new-tokens", "2", "--json", "Where does the river run?", str(doc)])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["dtype"] == "bfloat16"

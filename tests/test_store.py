@@ -1,0 +1,269 @@
+"""Encode once, ask many: the corpus path and the chunk KV store (store.py, corpus.py) give the same
+output as a cold run, token for token, and a damaged or foreign store file is never used."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from parallelcomp import Corpus, InputError, ParallelComp, ParallelCompConfig
+from parallelcomp.config import PAPER_CALIBRATION_RULES
+
+from .conftest import tiny_model
+from .test_core import text
+
+QUESTION = "Where is the copper garden?"
+# Five documents of 25-40 tokens, chunk_tokens=40: one document per chunk, three micro-batches.
+DOCS = [text(100 + i, n) for i, n in enumerate([30, 22, 35, 28, 25])]
+BASE = dict(keep_chunks=2, chunk_tokens=40, prefill_batch_tokens=80)
+
+
+def outputs_equal(a, b):
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert [(c.index, c.kept, c.n_tokens, c.kv_tokens) for c in a.chunks] == \
+           [(c.index, c.kept, c.n_tokens, c.kv_tokens) for c in b.chunks]
+    assert [c.score for c in a.chunks] == pytest.approx([c.score for c in b.chunks], abs=1e-6)
+    assert a.stats.p0 == b.stats.p0 and a.stats.kv_bytes == b.stats.kv_bytes
+
+
+def engine(tokenizer, family="llama", model=None, **config):
+    model = model if model is not None else tiny_model(family, len(tokenizer))
+    return ParallelComp(model, tokenizer, ParallelCompConfig(**{**BASE, **config}))
+
+
+@pytest.mark.parametrize("extra", [{}, {"kv_budget_ratio": 0.5}, {"calibration_rules": PAPER_CALIBRATION_RULES}],
+                         ids=["plain", "compression", "calibration"])
+def test_corpus_path_equals_documents_path(family, tokenizer, extra):
+    cold = engine(tokenizer, family, **extra, kv_store_bytes=0)  # no store: every call encodes
+    ref = cold.generate(QUESTION, documents=DOCS, max_new_tokens=10)
+    assert ref.stats.encoded_chunks == 5 and ref.stats.reused_chunks == 0
+
+    pc = engine(tokenizer, family, model=cold.model, **extra)
+    corpus = pc.encode(DOCS)
+    assert (corpus.n_documents, len(corpus.chunks), corpus.encoded_chunks) == (5, 5, 5)
+    assert corpus.bytes_held > 0 and corpus.n_tokens == ref.stats.tokens_in
+    for _ in range(2):
+        out = pc.generate(QUESTION, corpus=corpus, max_new_tokens=10)
+        outputs_equal(out, ref)
+        assert out.stats.reused_chunks == 5 and out.stats.encoded_chunks == 0
+        assert out.stats.reused_tokens == corpus.n_tokens and out.stats.reuse_seconds_saved > 0
+    assert len(set(ref.token_ids)) > 1, "degenerate output makes this comparison weak"
+
+
+def test_documents_path_hits_the_store_on_the_second_call_and_questions_do_not_rechunk(tokenizer):
+    pc = engine(tokenizer)
+    first = pc.generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    again = pc.generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    outputs_equal(again, first)
+    assert (first.stats.encoded_chunks, again.stats.reused_chunks, again.stats.encoded_chunks) == (5, 5, 0)
+    longer = pc.generate("Which of the stones lie under the purple cloud, north of the window?", documents=DOCS,
+                         max_new_tokens=30)
+    assert longer.stats.reused_chunks == 5  # chunk boundaries never depend on the question
+    streamed = pc.stream(QUESTION, corpus=pc.encode(DOCS), max_new_tokens=8)
+    assert "".join(streamed) == first.text and streamed.output.token_ids == first.token_ids
+
+
+def test_score_with_a_corpus_equals_score_with_documents(tokenizer):
+    pc = engine(tokenizer)
+    target = "The copper garden lies north of the river stone."
+    ref = pc.score(target, documents=DOCS)
+    corpus = pc.encode(DOCS)
+    got = pc.score(target, corpus=corpus)
+    assert got.token_nlls == pytest.approx(ref.token_nlls, abs=1e-6)
+    assert [c.kept for c in got.chunks] == [c.kept for c in ref.chunks]
+
+
+def test_a_chunk_shared_by_two_corpora_is_stored_once(tokenizer):
+    pc = engine(tokenizer)
+    a = pc.encode(DOCS[:3])
+    b = pc.encode(DOCS[2:])
+    assert (a.encoded_chunks, b.encoded_chunks, b.reused_chunks) == (3, 2, 1)
+    assert a.keys[2] == b.keys[0]
+    assert len(pc.store._lru) == 5
+
+
+def test_an_lru_budget_smaller_than_one_chunk_still_answers(tokenizer):
+    pc = engine(tokenizer, kv_store_bytes=1)
+    first = pc.generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    second = pc.generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    outputs_equal(second, first)
+    assert second.stats.reused_chunks == 0 and second.stats.store_bytes == 0
+
+
+def test_the_lru_evicts_least_recently_used_chunks_within_its_budget(tokenizer):
+    probe = engine(tokenizer)
+    one_chunk = max(probe.store.bytes_of(k) for k in probe.encode(DOCS).keys)
+    pc = engine(tokenizer, model=probe.model, kv_store_bytes=int(2.5 * one_chunk))
+    out = pc.generate(QUESTION, documents=DOCS, max_new_tokens=4)
+    assert out.stats.store_evicted == 3 and out.stats.store_bytes <= 2.5 * one_chunk
+    again = pc.generate(QUESTION, documents=DOCS, max_new_tokens=4)
+    assert again.stats.reused_chunks < 5
+    outputs_equal(again, out)
+
+
+def files(root: Path) -> list[Path]:
+    return sorted(root.glob("v1/*/*/*.safetensors"))
+
+
+def test_disk_tier_serves_a_fresh_engine_and_misses_for_another_model_dtype_template_or_chunk_size(tokenizer, tmp_path):
+    model = tiny_model("llama", len(tokenizer))
+    ref = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    assert len(files(tmp_path)) == 5
+    fresh = engine(tokenizer, model=model, kv_store_dir=str(tmp_path))  # empty memory tier
+    out = fresh.generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    outputs_equal(out, ref)
+    assert (out.stats.reused_chunks, out.stats.store_disk_hits, out.stats.store_rejected) == (5, 5, {})
+
+    variants = {
+        "model": engine(tokenizer, model=tiny_model("llama", len(tokenizer), seed=1), kv_store_dir=str(tmp_path)),
+        "dtype": engine(tokenizer, model=tiny_model("llama", len(tokenizer)).to(torch.bfloat16),
+                        kv_store_dir=str(tmp_path)),
+        "template": engine(tokenizer, model=model, kv_store_dir=str(tmp_path), instruction="Answer tersely."),
+        "chunk size": engine(tokenizer, model=model, kv_store_dir=str(tmp_path), chunk_tokens=72),
+    }
+    for name, pc in variants.items():
+        out = pc.generate(QUESTION, documents=DOCS, max_new_tokens=2)
+        # Content addressing: with 72-token chunks, a chunk that still holds exactly one whole
+        # document has the same tokens as before and hits; the packed ones miss.
+        same = sum(len(c.spans) == 1 and c.spans[0].complete for c in out.chunks) if name == "chunk size" else 0
+        assert out.stats.reused_chunks == same and out.stats.store_rejected == {}, name
+        assert out.stats.n_chunks > same, name
+
+
+def _flip(path: Path, where: float) -> None:
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * where)
+    data[at : at + 16] = bytes(b ^ 0xFF for b in data[at : at + 16])
+    path.write_bytes(bytes(data))
+
+
+def _rewrite(path: Path, **meta_changes) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**meta, **meta_changes})
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "unreadable"),
+    (lambda p: _flip(p, 0.6), "checksum"),  # bits flipped inside the KV payload
+    (lambda p: _rewrite(p, format="pc-chunk-kv/0"), "format"),
+    (lambda p: _rewrite(p, identity=json.dumps({"model": "another"})), "identity"),
+])
+def test_a_damaged_foreign_or_old_file_is_dropped_recomputed_and_reported(tokenizer, tmp_path, damage, reason):
+    model = tiny_model("llama", len(tokenizer))
+    ref = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    victim = files(tmp_path)[0]
+    damage(victim)
+    out = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    outputs_equal(out, ref)
+    assert out.stats.store_rejected == {reason: 1}
+    assert (out.stats.store_disk_hits, out.stats.encoded_chunks) == (4, 1)
+    assert victim.exists()  # rewritten from the recomputed KV
+    again = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS,
+                                                                                 max_new_tokens=8)
+    assert again.stats.store_rejected == {} and again.stats.store_disk_hits == 5
+
+
+def test_a_full_disk_or_unwritable_directory_warns_and_still_answers(tokenizer, tmp_path, monkeypatch):
+    model = tiny_model("llama", len(tokenizer))
+    ref = engine(tokenizer, model=model, kv_store_bytes=0).generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.warns(UserWarning, match="cannot write"):
+        out = engine(tokenizer, model=model, kv_store_dir=str(blocker / "store")).generate(
+            QUESTION, documents=DOCS, max_new_tokens=8)
+    outputs_equal(out, ref)
+    assert out.stats.store_write_errors == 5
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        out = engine(tokenizer, model=model, kv_store_dir=str(tmp_path / "store")).generate(
+            QUESTION, documents=DOCS, max_new_tokens=8)
+    outputs_equal(out, ref)
+    assert out.stats.store_write_errors == 5 and files(tmp_path / "store") == []
+
+
+def test_disk_budget_deletes_least_recently_used_files(tokenizer, tmp_path):
+    probe = engine(tokenizer, kv_store_dir=str(tmp_path / "probe"))
+    probe.encode(DOCS)
+    size = max(p.stat().st_size for p in files(tmp_path / "probe"))
+    pc = engine(tokenizer, model=probe.model, kv_store_dir=str(tmp_path / "s"), kv_store_disk_bytes=3 * size)
+    pc.encode(DOCS)
+    assert sum(p.stat().st_size for p in files(tmp_path / "s")) <= 3 * size
+    assert 1 <= len(files(tmp_path / "s")) < 5
+
+
+_FILL = """
+import sys, torch
+sys.path[:0] = [{core!r}, {repo!r}]
+from transformers import AutoTokenizer
+from parallelcomp import ParallelComp, ParallelCompConfig
+from tests.conftest import tiny_model
+from tests.test_store import BASE, DOCS
+tok = AutoTokenizer.from_pretrained({tok!r})
+pc = ParallelComp(tiny_model("llama", len(tok)), tok, ParallelCompConfig(**BASE, kv_store_dir={store!r}))
+print(pc.encode(DOCS).encoded_chunks)
+"""
+
+
+def test_two_processes_filling_one_directory_at_once(tokenizer, tmp_path, smol_dir):
+    repo = Path(__file__).resolve().parent.parent
+    script = _FILL.format(core=str(repo / "core"), repo=str(repo), tok=str(smol_dir), store=str(tmp_path))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    assert len(files(tmp_path)) == 5 and not list(tmp_path.rglob("*.tmp"))
+    model = tiny_model("llama", len(tokenizer))
+    ref = engine(tokenizer, model=model, kv_store_bytes=0).generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    out = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    outputs_equal(out, ref)
+    assert out.stats.store_disk_hits == 5 and out.stats.store_rejected == {}
+
+
+def test_bad_corpus_arguments_are_typed_errors(tokenizer):
+    pc = engine(tokenizer)
+    corpus = pc.encode(DOCS[:2])
+    with pytest.raises(InputError, match="not both"):
+        pc.generate(QUESTION, documents=DOCS, corpus=corpus)
+    with pytest.raises(InputError, match="another model"):
+        engine(tokenizer, model=tiny_model("llama", len(tokenizer), seed=3)).generate(QUESTION, corpus=corpus)
+    with pytest.raises(InputError, match="corpus is empty"):
+        pc.generate(QUESTION, corpus=Corpus(corpus.identity, corpus.prefix_ids, (), (), 0, 40))
+    with pytest.raises(InputError, match="must be a Corpus"):
+        pc.generate(QUESTION, corpus=DOCS)
+    with pytest.raises(InputError, match="documents is empty"):
+        pc.encode([])
+
+
+def test_wrappers_hit_the_store_with_no_api_change(tokenizer):
+    """A retriever returning the same documents again: LangChain's LLM and LlamaIndex's
+    synthesizer reuse every chunk's KV without knowing the store exists."""
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    from pc_integrations.langchain import ParallelCompLLM
+    from pc_integrations.llama_index import ParallelCompSynthesizer
+
+    pc = engine(tokenizer)
+    llm = ParallelCompLLM(engine=pc, max_new_tokens=6)
+    first = llm.generate([QUESTION], documents=DOCS).generations[0][0]
+    second = llm.generate([QUESTION], documents=DOCS).generations[0][0]
+    assert second.text == first.text
+    assert (first.generation_info["stats"]["encoded_chunks"], second.generation_info["stats"]["reused_chunks"]) == (5, 5)
+
+    synth = ParallelCompSynthesizer(pc, max_new_tokens=6)
+    nodes = [NodeWithScore(node=TextNode(text=d), score=1.0) for d in DOCS]
+    response = synth.synthesize(QUESTION, nodes)
+    assert response.metadata["parallelcomp"]["stats"]["reused_chunks"] == 5
