@@ -86,6 +86,15 @@ def make_engine(tokenizer):
     return make
 
 
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """A tiny random Llama saved as a local HF directory (the from_pretrained / CLI path)."""
+    path = tmp_path / "model"
+    tiny_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def smol_engine(smol_dir):
     return ParallelComp.from_pretrained(smol_dir)

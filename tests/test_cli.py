@@ -5,19 +5,9 @@ from __future__ import annotations
 import io
 import json
 
-import pytest
 
 from parallelcomp.cli import main
 
-from .conftest import tiny_model
-
-
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "model"
-    tiny_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_ask_reads_files_and_directories_and_reports_sources(tmp_path, model_dir, capsys):

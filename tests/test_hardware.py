@@ -10,7 +10,6 @@ import torch
 from parallelcomp import ConfigError, ParallelComp, hardware
 from parallelcomp.cli import main
 
-from .conftest import tiny_model
 
 X86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n"
 ARM = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
@@ -114,14 +113,6 @@ def test_threads_are_set_unless_the_user_chose(monkeypatch):
         assert hardware.configure_threads(1) == 1  # an explicit count wins over both
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    path = tmp_path / "model"
-    tiny_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", torch.bfloat16, "torch.float32"])

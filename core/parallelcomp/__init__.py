@@ -1,6 +1,6 @@
 """ParallelComp: training-free long-context inference for Hugging Face causal LMs."""
 
-from . import hardware
+from . import hardware  # noqa: F401 - parallelcomp.hardware: precision and threads per machine
 from .config import PRESETS, CalibrationRule, ParallelCompConfig
 from .engine import ParallelComp, TextStream
 from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedError, ParallelCompError
