@@ -1,4 +1,5 @@
-"""`python -m benchmarks run ...` runs a grid; `python -m benchmarks report` redraws tables/plots."""
+"""`python -m benchmarks run ...` runs a grid; `python -m benchmarks report` redraws tables/plots;
+`python -m benchmarks decode` times decoding over a merged KV (decode_speed.py)."""
 
 from __future__ import annotations
 
@@ -56,8 +57,20 @@ def main(argv=None) -> None:
     rq.add_argument("--out", default=str(DEFAULT_OUT / "repeat-query"))
     rep = sub.add_parser("report", help="rewrite results.md and the plots from results.json")
     rep.add_argument("--out", default=str(DEFAULT_OUT))
+    dec = sub.add_parser("decode", help="decode tok/s over merged KVs: old path, new path, bandwidth bound")
+    dec.add_argument("--kv-tokens", nargs="+", type=int, default=[8192, 24576, 98304])
+    dec.add_argument("--tokens", nargs="+", type=int, default=[6, 4, 3],
+                     help="timed one-token steps per KV size (after one warm-up step)")
+    dec.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    dec.add_argument("--out", default=str(DEFAULT_OUT / "decode"))
     opts = parser.parse_args(argv)
-    if opts.command == "run":
+    if opts.command == "decode":
+        from .decode_speed import run as run_decode
+
+        if len(opts.tokens) != len(opts.kv_tokens):
+            parser.error("give one --tokens count per --kv-tokens size")
+        print(run_decode(opts.kv_tokens, opts.tokens, opts.threads, Path(opts.out)))
+    elif opts.command == "run":
         from .runner import run as run_grid
 
         print(run_grid(opts))

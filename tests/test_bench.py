@@ -166,3 +166,16 @@ def test_preset_overrides_parse_and_fail_loudly():
     for bad in ("nope", "paper,no_such_field=1", "paper,keep_chunks=0"):
         with pytest.raises(ConfigError):
             preset_config(bad)
+
+
+def test_decode_benchmark_writes_every_path_and_its_table(tmp_path):
+    with pytest.raises(SystemExit):  # one timed-token count per KV size
+        bench_main(["decode", "--kv-tokens", "64", "128", "--tokens", "1", "--out", str(tmp_path)])
+    bench_main(["decode", "--kv-tokens", "64", "--tokens", "2", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "decode_speed.json").read_text())
+    [row] = result["rows"]
+    assert row["kv_tokens"] == 64 and row["bound_tok_s"] > 0 and result["uptime_before"]
+    for path in ("old", "preallocated", "new"):
+        assert len(row[path]["wall_seconds"]) == 2 and len(row[path]["ids"]) == 3
+    assert row["preallocated"]["ids"] == row["old"]["ids"]  # the cache alone changes no number
+    assert "| 64 |" in (tmp_path / "decode_speed.md").read_text()

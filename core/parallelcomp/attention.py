@@ -10,7 +10,8 @@ Two routes (transformers5.md §5.2), both scoped to a `with` block and undone in
   ignore the cache, transformers5.md §5.5), switches this model to it, and restores the previous
   implementation afterwards. `handler(module, query, key, value, mask)` may shrink key/value
   before the attention runs; the real attention is the model's previous backend (sdpa, eager or
-  flash attention). Used by attention-bias calibration at the question step.
+  flash attention). Used by attention-bias calibration at the question step, and with no handler
+  by `packed_decode`: on sdpa models, a one-token step with no mask runs `packed_one_query`.
 
 Plus the GQA-native score helper both stages share: `last_rows_attention`. This module does not
 decide what to evict (compression.py, calibration.py) and does not edit KV (kv.py).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
@@ -147,12 +148,51 @@ def attention_function(model, handler: Handler) -> Iterator[None]:
                     AttentionMaskInterface._global_mapping.pop(NAME, None)
 
 
+@contextmanager
+def packed_decode(model) -> Iterator[None]:
+    """Inside the block, one-token steps of an sdpa model run `packed_one_query`.
+
+    A no-op for other backends (eager keeps its own numerics; flash attention is unverified here),
+    inside an `attention_function` scope (calibration), whose dispatch already packs, and for
+    architectures `attention_modules` does not know, which then decode as before.
+    """
+    scope = nullcontext()
+    if model.config._attn_implementation == "sdpa":
+        try:
+            attention_modules(model)
+            scope = attention_function(model, None)
+        except ModelNotSupportedError:
+            pass
+    with scope:
+        yield
+
+
+_SDPA_SPECIAL = {"position_bias", "softcap"}  # kwargs that sdpa_attention_forward must handle itself
+
+
+def packed_one_query(module, query, key, value, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """SDPA for one query token, the G query heads of each KV head packed as G query rows.
+
+    Equal to SDPA with `enable_gqa=True`, which transformers picks when there is no mask (every
+    one-token step on an unpadded cache) and which is several times slower on CPU (docs/decode.md).
+    No mask is needed: the one new token sees every cached key. query (B, H, 1, D), key and value
+    (B, H_kv, T, D); returns ((B, 1, H, D), None) like the transformers attention functions.
+    """
+    b, h, _, d = query.shape
+    h_kv = key.shape[1]
+    packed = query.reshape(b, h_kv, h // h_kv, d)  # (B, H_kv, G, D): head h ↔ KV head h // G, as repeat_kv
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, dropout_p=dropout, scale=scaling)
+    return out.reshape(b, 1, h, value.shape[-1]), None
+
+
 def _dispatch(module, query, key, value, attention_mask, **kwargs):
     """The registered "parallelcomp" attention: optional handler, then the previous backend."""
     handler, previous = _handlers.get(id(module), (None, "sdpa"))
     if handler is not None:
         key, value, attention_mask = handler(module, query, key, value, attention_mask)
     if previous == "sdpa":
+        if query.shape[2] == 1 and attention_mask is None and not _SDPA_SPECIAL.intersection(kwargs):
+            return packed_one_query(module, query, key, value, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if previous == "eager":
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")

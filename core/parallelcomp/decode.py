@@ -3,6 +3,10 @@
 Positions are explicit: the question starts at p0 (prefix + longest kept chunk, the PCW rule)
 and every new token advances by one, while the cache keeps its own length. Sampling reuses
 transformers' logits processors; EOS ids and string stops end generation here, in one place.
+
+Speed (docs/decode.md): the engine hands in a preallocated cache (`kv.decode_cache`), and the
+one-token steps run packed-GQA attention (`attention.packed_decode`) for as long as the
+generator runs; both give the same tokens as a DynamicCache with transformers' own sdpa.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import ContextManager, Iterator
 
 import torch
 from transformers import (
-    DynamicCache,
+    Cache,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -21,6 +25,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from .attention import packed_decode
 from .compat import forward
 
 
@@ -50,7 +55,7 @@ class Sampling:
 @torch.inference_mode()
 def generate_tokens(
     model,
-    cache: DynamicCache,
+    cache: Cache,
     question_ids: list[int],
     p0: int,
     max_new_tokens: int,
@@ -60,7 +65,8 @@ def generate_tokens(
 ) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded) or `max_new_tokens`.
 
-    `question_step` is entered around the question prefill only (attention calibration).
+    `question_step` is entered around the question prefill only (attention calibration). The
+    packed-GQA scope ends when the generator is exhausted or closed.
     """
     device = model.device
     ids = torch.tensor([question_ids], device=device)
@@ -70,21 +76,22 @@ def generate_tokens(
     if sampling.temperature > 0 and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     history = ids
-    with question_step or nullcontext():
-        logits = forward(model, ids, cache, positions)
-    for _ in range(max_new_tokens):
-        scores = processors(history, logits[:, -1].float())
-        if sampling.temperature > 0:
-            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
-        else:
-            token = scores.argmax(dim=-1, keepdim=True)
-        token_id = int(token)
-        if token_id in eos_ids:
-            return
-        yield token_id
-        history = torch.cat([history, token], dim=1)
-        positions = positions[:, -1:] + 1
-        logits = forward(model, token, cache, positions)
+    with packed_decode(model):
+        with question_step or nullcontext():
+            logits = forward(model, ids, cache, positions)
+        for _ in range(max_new_tokens):
+            scores = processors(history, logits[:, -1].float())
+            if sampling.temperature > 0:
+                token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
+            else:
+                token = scores.argmax(dim=-1, keepdim=True)
+            token_id = int(token)
+            if token_id in eos_ids:
+                return
+            yield token_id
+            history = torch.cat([history, token], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = forward(model, token, cache, positions)
 
 
 class TextAssembler:

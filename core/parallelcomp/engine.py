@@ -237,7 +237,7 @@ class ParallelComp:
             ctx = self._prefill(parts, corpus, reserve=max_new_tokens, progress=progress)
             start = time.perf_counter()
             assembler = TextAssembler(self.tokenizer, stops)
-            cache = kvops.to_cache(ctx.kv)
+            cache = kvops.decode_cache(ctx.kv, extra_tokens=len(parts.question_ids) + max_new_tokens)
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens)
                     if calibrator else None)  # attention calibration at the question step (§4)
             tokens = generate_tokens(

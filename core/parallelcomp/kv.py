@@ -2,12 +2,16 @@
 
 A layer's KV is a `(keys, values)` pair of shape (B, H_kv, T, D), never expanded to the query
 heads (GQA-native, unlike the official code's post-`repeat_kv` cache, method.md §7 item 13).
+
+Two cache kinds: `to_cache` (a plain DynamicCache, for prefill and scoring, where each forward
+appends once) and `decode_cache` (preallocated layers for token-by-token decoding, docs/decode.md).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
@@ -17,14 +21,57 @@ def to_cache(kv: list[LayerKV]) -> DynamicCache:
     return DynamicCache(ddp_cache_data=kv)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose tokens live at the front of buffers allocated once.
+
+    `DynamicLayer.update` concatenates, which copies the layer's whole cache at every decoded
+    token; here `update` writes the new tokens into the free slots after the n held ones and
+    advances n. `keys`/`values` are the views [:, :, :n], so n = `get_seq_length()` and the
+    masks, positions and attention read them exactly as they read a DynamicLayer's tensors.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, extra_tokens: int):
+        super().__init__()
+        b, h, t, _ = keys.shape
+        self._keys = keys.new_empty(b, h, t + extra_tokens, keys.shape[-1])  # (B, H_kv, capacity, D)
+        self._values = values.new_empty(b, h, t + extra_tokens, values.shape[-1])
+        self.device, self.is_initialized = keys.device, True
+        self.replace(keys, values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> LayerKV:
+        self._write(self.keys.shape[-2], key_states, value_states)
+        return self.keys, self.values
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold exactly these tokens from now on (e.g. a layer after eviction), compacted to the front."""
+        self._write(0, keys, values)
+
+    def _write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        end, capacity = start + keys.shape[-2], self._keys.shape[-2]
+        if end > capacity:
+            msg = f"decode cache full: {end} tokens do not fit its {capacity} slots; reserve more extra_tokens"
+            raise RuntimeError(msg)
+        self._keys[:, :, start:end].copy_(keys)
+        self._values[:, :, start:end].copy_(values)
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+
+
+def decode_cache(kv: list[LayerKV], extra_tokens: int) -> Cache:
+    """A cache holding these tensors with room for `extra_tokens` more per layer (question + answer)."""
+    return Cache(layers=[PreallocatedLayer(k, v, extra_tokens) for k, v in kv])
+
+
 def from_cache(cache: DynamicCache) -> list[LayerKV]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def set_layer(cache: DynamicCache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+def set_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Replace one layer's KV; the cache length follows the tensors (transformers5.md §5.3)."""
     layer = cache.layers[layer_idx]
-    layer.keys, layer.values = keys, values
+    if isinstance(layer, PreallocatedLayer):
+        layer.replace(keys, values)
+    else:
+        layer.keys, layer.values = keys, values
 
 
 def expand_batch(kv: list[LayerKV], batch: int) -> list[LayerKV]:

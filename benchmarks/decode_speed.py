@@ -1,0 +1,153 @@
+"""Decode speed over a merged KV: the old path, the new one, and the memory-bandwidth bound.
+
+    python -m benchmarks decode [--kv-tokens 8192 24576 98304] [--tokens 6 4 3] [--threads N]
+
+The embedded SmolLM2-135M in bf16 decodes one token at a time over a merged KV of each size,
+three ways in the same process: the old path (a DynamicCache, whose `update` concatenates, and
+transformers' sdpa, which calls SDPA with `enable_gqa=True` when there is no mask), the
+preallocated cache alone (`kv.decode_cache`), and the new path (preallocated cache plus packed
+one-query attention, `attention.packed_decode`), as `decode.generate_tokens` runs it.
+
+The merged KV is random (normal, bf16) of the real shape: timing depends only on shapes, and
+random KV avoids minutes of prefill per size. The bound is the time to read every weight and
+the whole KV once per token at the read bandwidth measured just before (a large fp32 `sum`, in
+CPU time, same thread count). Writes `decode_speed.json` and `decode_speed.md` under
+benchmarks/results/decode/ and prints the table. docs/decode.md explains the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from parallelcomp import ParallelComp
+from parallelcomp import kv as kvops
+from parallelcomp.attention import packed_decode
+from parallelcomp.compat import forward
+
+from .machine import describe
+
+PATHS = {  # name → (cache builder, attention scope)
+    "old": (lambda kv, extra: kvops.to_cache(kv), lambda model: nullcontext()),
+    "preallocated": (kvops.decode_cache, lambda model: nullcontext()),
+    "new": (kvops.decode_cache, packed_decode),
+}
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Bytes/s of the fastest of `repeats` sums over a `gib` GiB fp32 tensor (read-only traffic),
+    timed in CPU time, so that a loaded machine does not lower it (and the bound stays strict)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        x.sum()
+        best = min(best, time.process_time() - start)
+    return x.numel() * 4 / best
+
+
+def random_kv(model, tokens: int) -> list[kvops.LayerKV]:
+    cfg = model.config
+    shape = (1, cfg.num_key_value_heads, tokens, cfg.hidden_size // cfg.num_attention_heads)
+    return [(torch.randn(shape, dtype=model.dtype), torch.randn(shape, dtype=model.dtype))
+            for _ in range(cfg.num_hidden_layers)]
+
+
+@torch.inference_mode()
+def time_decode(model, kv, path: str, tokens: int) -> dict:
+    """Wall and CPU seconds of each one-token step after a warm-up step, and the greedy tokens."""
+    build, scope = PATHS[path]
+    cache = build(kv, tokens + 1)
+    token, p0 = torch.tensor([[1]]), kvops.n_tokens(kv)
+    wall, cpu, ids = [], [], []
+    with scope(model):
+        for step in range(tokens + 1):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            logits = forward(model, token, cache, torch.tensor([[p0 + step]]))
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+            ids.append(int(token))
+    return {"wall_seconds": wall[1:], "cpu_seconds": cpu[1:], "ids": ids}
+
+
+def run(kv_sizes: list[int], tokens: list[int], threads: int | None, out: Path) -> str:
+    if threads:
+        torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    started = time.perf_counter()
+    engine = ParallelComp.from_pretrained(None, dtype=torch.bfloat16)
+    model = engine.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = read_bandwidth()
+    rows = []
+    for size, n in zip(kv_sizes, tokens):
+        kv = random_kv(model, size)
+        kv_bytes = kvops.n_bytes(kv)
+        bound = (weight_bytes + kv_bytes) / bandwidth
+        row = {"kv_tokens": size, "kv_mib": kv_bytes / 2**20, "timed_tokens": n, "bound_tok_s": 1 / bound}
+        for path in PATHS:
+            row[path] = timed = time_decode(model, kv, path, n)
+            timed["tok_s"] = 1 / statistics.median(timed["wall_seconds"])
+            timed["tok_per_cpu_s"] = 1 / statistics.median(timed["cpu_seconds"])
+        rows.append(row)
+        del kv
+    result = {
+        "machine": describe("bfloat16"),
+        "model": engine.model_name,
+        "weight_bytes": weight_bytes,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "uptime_before": uptime,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "wall_seconds": time.perf_counter() - started,
+        "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_speed.json").write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    (out / "decode_speed.md").write_text(table)
+    return table
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Decode speed over a merged KV",
+        "",
+        f"SmolLM2-135M-Instruct, bf16, {m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}, "
+        f"transformers {m['transformers']}. Random KV of the real shape (timing depends only on shapes). "
+        "tok/s = 1 / median wall seconds per one-token step (after one warm-up step); per CPU-s = 1 / median "
+        "CPU seconds of this process per step (with one thread: the speed while scheduled, which a loaded "
+        "machine does not lower).",
+        "",
+        f"Read bandwidth measured in the run: {result['read_bandwidth_gb_s']:.1f} GB/s (fp32 sum, CPU time); "
+        f"weights {result['weight_bytes'] / 1e6:.0f} MB. Bound = bandwidth / (weight bytes + KV bytes), per token.",
+        f"Load: `{result['uptime_before']}` before, 1-min load {result['load_after'][0]:.2f} after "
+        f"({result['wall_seconds']:.0f} s run).",
+        "",
+        "Greedy tokens over random KV: the preallocated cache reproduces the old path bit for bit; packed "
+        "attention rounds in another order in bf16, so over junk context (near-tied logits) the tokens may part "
+        "after a few steps. Exactness is the tests' job (tests/test_decode.py, fp32).",
+        "",
+        "| KV tokens | KV MiB | old tok/s | preallocated only | new tok/s | new / old | bound tok/s "
+        "| new / bound | old, new per CPU-s | new per CPU-s / bound | same tokens as old (prealloc., new) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--:|",
+    ]
+    for r in result["rows"]:
+        old, pre, new, bound = r["old"], r["preallocated"], r["new"], r["bound_tok_s"]
+        same = ", ".join("yes" if r[p]["ids"] == old["ids"] else "no" for p in ("preallocated", "new"))
+        lines.append(
+            f"| {r['kv_tokens']:,} | {r['kv_mib']:,.0f} | {old['tok_s']:.2f} | {pre['tok_s']:.2f} "
+            f"| {new['tok_s']:.2f} | {new['tok_s'] / old['tok_s']:.1f}× | {bound:.2f} | {new['tok_s'] / bound:.0%} "
+            f"| {old['tok_per_cpu_s']:.2f}, {new['tok_per_cpu_s']:.2f} | {new['tok_per_cpu_s'] / bound:.0%} | {same} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,171 @@
+"""The fast decode path (docs/decode.md) is exact: a preallocated cache and packed-GQA one-token
+attention give the same tokens and logits as a DynamicCache with transformers' own attention."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from parallelcomp import CalibrationRule
+from parallelcomp import attention
+from parallelcomp import decode
+from parallelcomp import kv as kvops
+from parallelcomp.config import PAPER_CALIBRATION_RULES
+
+from .conftest import tiny_model
+
+DOCS = [
+    "The capital of France is Paris, a city on the Seine. " * 7,
+    "Bananas are yellow and grow in bunches on tall plants. " * 6,
+    "Rust is a systems programming language focused on safety. " * 6,
+]
+QUESTION = "What is the capital of France?"
+BASE = dict(chunk_tokens=100, keep_chunks=2, calibration_region_tokens=10)
+SETTINGS = {
+    "plain": {},
+    # the paper's three rules, with a λ low enough that a tiny random model has outliers to evict
+    "calibration": dict(calibration_rules=[CalibrationRule(region=r.region, depth=r.depth, threshold=0.02)
+                                           for r in PAPER_CALIBRATION_RULES]),
+    "compression": dict(kv_budget_ratio=0.5),
+}
+
+
+def _old_path(monkeypatch):
+    """The decode path before docs/decode.md: DynamicCache, transformers' sdpa for every step."""
+    monkeypatch.setattr(kvops, "decode_cache", lambda kv, extra_tokens: kvops.to_cache(kv))
+    monkeypatch.setattr(decode, "packed_decode", lambda model: nullcontext())
+    monkeypatch.setattr(attention, "packed_one_query",
+                        lambda module, q, k, v, **kwargs: sdpa_attention_forward(module, q, k, v, None, **kwargs))
+
+
+def _record(engine, monkeypatch, **kwargs):
+    """Generate; return the output, each forward's logits and layer type, and packed-attention calls."""
+    steps, packed = [], []
+    forward, pack = decode.forward, attention.packed_one_query
+
+    def spy_forward(model, ids, cache, positions, *args, **kw):
+        logits = forward(model, ids, cache, positions, *args, **kw)
+        steps.append((logits[0, -1].clone(), type(cache.layers[0])))
+        return logits
+
+    def spy_pack(module, *args, **kw):
+        packed.append(module.layer_idx)
+        return pack(module, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(decode, "forward", spy_forward)
+        m.setattr(attention, "packed_one_query", spy_pack)
+        out = engine.generate(QUESTION, documents=DOCS, max_new_tokens=12, **kwargs)
+    return out, steps, packed
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"),
+                                         ("qwen3", "sdpa"), ("llama", "eager")])
+def test_fast_decode_equals_dynamic_cache_path(tokenizer, make_engine, monkeypatch, family, attn, setting):
+    model = tiny_model(family, len(tokenizer), attn=attn)
+    engine = make_engine(model=model, **BASE, **SETTINGS[setting])
+    new, new_steps, packed = _record(engine, monkeypatch)
+    with monkeypatch.context() as m:
+        _old_path(m)
+        old, old_steps, _ = _record(engine, monkeypatch)
+
+    assert {kind for _, kind in new_steps} == {kvops.PreallocatedLayer}
+    assert {kind for _, kind in old_steps} == {DynamicLayer}
+    # sdpa: every one-token step runs packed in every layer; eager is never packed
+    n_layers = model.config.num_hidden_layers
+    assert packed == (list(range(n_layers)) * (len(new_steps) - 1) if attn == "sdpa" else [])
+    assert new.token_ids == old.token_ids
+    assert len(new.token_ids) == 12 and len(set(new.token_ids)) > 1, "a degenerate answer makes this weak"
+    assert len(new_steps) == len(old_steps)
+    for (a, _), (b, _) in zip(new_steps, old_steps):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    assert new.stats.calibration_evicted == old.stats.calibration_evicted
+    if setting == "calibration":  # evictions were compacted into the preallocated buffers
+        assert any(new.stats.calibration_evicted.values())
+    if setting == "compression":
+        assert new.stats.kv_bytes < new.stats.kv_bytes_uncompressed
+    assert model.config._attn_implementation == attn
+    assert "parallelcomp" not in AttentionInterface._global_mapping
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 2), (4, 4)])
+def test_packed_one_query_equals_sdpa_with_repeated_heads(dtype, tol, heads, kv_heads):
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    query = torch.randn(2, heads, 1, 64, dtype=dtype)
+    key, value = torch.randn(2, 2, kv_heads, 300, 64, dtype=dtype).unbind(0)
+    out, weights = attention.packed_one_query(module, query, key, value, scaling=0.125)
+    groups = heads // kv_heads  # query head h reads KV head h // groups
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), scale=0.125
+    )
+    assert weights is None and out.shape == (2, 1, heads, 64)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=tol, rtol=tol)
+
+
+def test_preallocated_layer_writes_in_place_and_compacts_on_set_layer():
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 1, 2, 5, 4).unbind(0)
+    cache = kvops.decode_cache([(k, v)], extra_tokens=3)
+    layer = cache.layers[0]
+    buffer = layer.keys.data_ptr()
+    step_k, step_v = torch.randn(2, 1, 2, 2, 4).unbind(0)
+    keys, values = cache.update(step_k, step_v, 0)
+    assert keys.data_ptr() == buffer and cache.get_seq_length() == 7
+    torch.testing.assert_close(keys, torch.cat([k, step_k], dim=2))
+    torch.testing.assert_close(values, torch.cat([v, step_v], dim=2))
+
+    kvops.set_layer(cache, 0, keys[:, :, 1:4].clone(), values[:, :, 1:4].clone())  # e.g. after eviction
+    assert cache.get_seq_length() == 3 and layer.keys.data_ptr() == buffer
+    keys, _ = cache.update(step_k[:, :, :1], step_v[:, :, :1], 0)
+    torch.testing.assert_close(keys, torch.cat([k[:, :, 1:4], step_k[:, :, :1]], dim=2))
+
+    with pytest.raises(RuntimeError, match="decode cache full"):
+        cache.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 0)
+
+
+def test_model_is_vanilla_after_an_exhausted_and_an_abandoned_stream(tokenizer, make_engine):
+    model = tiny_model("qwen3", len(tokenizer))
+    engine = make_engine(model=model, **BASE)
+
+    def assert_vanilla():
+        assert model.config._attn_implementation == "sdpa"
+        assert "parallelcomp" not in AttentionInterface._global_mapping
+        assert "parallelcomp" not in AttentionMaskInterface._global_mapping
+
+    engine.generate(QUESTION, documents=DOCS, max_new_tokens=3)
+    assert_vanilla()
+    stream = engine.stream(QUESTION, documents=DOCS, max_new_tokens=30)
+    next(iter(stream))
+    assert model.config._attn_implementation == "parallelcomp"  # the packed scope is live while decoding
+    stream.close()
+    assert_vanilla()
+
+
+def test_an_architecture_without_known_attention_modules_decodes_as_before(tokenizer, make_engine, monkeypatch):
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    engine = make_engine(model=GPTNeoXForCausalLM(config).eval(), **BASE)  # fused query_key_value, no q_proj
+    new, _, packed = _record(engine, monkeypatch)
+    with monkeypatch.context() as m:
+        _old_path(m)
+        old, _, _ = _record(engine, monkeypatch)
+    assert new.token_ids == old.token_ids and len(new.token_ids) == 12 and not packed
+
+
+def test_flash_attention_is_never_packed(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    model.config._attn_implementation = "flash_attention_2"  # no kernel needed: nothing may run here
+    with attention.packed_decode(model):
+        assert model.config._attn_implementation == "flash_attention_2"
