@@ -179,3 +179,19 @@ def test_decode_benchmark_writes_every_path_and_its_table(tmp_path):
         assert len(row[path]["wall_seconds"]) == 2 and len(row[path]["ids"]) == 3
     assert row["preallocated"]["ids"] == row["old"]["ids"]  # the cache alone changes no number
     assert "| 64 |" in (tmp_path / "decode_speed.md").read_text()
+
+
+def test_main_job_flop_count_matches_the_model_parameters(tokenizer):
+    """The dense part of `prefill_flops` is 2 FLOPs per weight of the decoder layers per token."""
+    from benchmarks.main_job import prefill_flops
+
+    from .conftest import tiny_model
+
+    model = tiny_model("qwen3", len(tokenizer))  # head_dim differs from hidden/heads: a real check
+    cfg = model.config.to_dict()
+    weights = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    vocab_row = 2 * cfg["hidden_size"] * cfg["vocab_size"]
+    one_token = prefill_flops(cfg, prefix=0, question=0, chunks=[1])
+    layers, qd = cfg["num_hidden_layers"], cfg["num_attention_heads"] * cfg["head_dim"]
+    assert one_token == 2 * weights + 2 * layers * qd + vocab_row
+    assert prefill_flops(cfg, 0, 0, [1, 1]) == 2 * one_token  # chunks add up independently

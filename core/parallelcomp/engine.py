@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -240,9 +240,9 @@ class ParallelComp:
             cache = kvops.decode_cache(ctx.kv, extra_tokens=len(parts.question_ids) + max_new_tokens)
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens)
                     if calibrator else None)  # attention calibration at the question step (§4)
-            tokens = generate_tokens(
+            tokens = scope.enter_context(closing(generate_tokens(
                 self.model, cache, parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling, step
-            )
+            )))  # closed before the lock is released: decode's attention switch is undone first
             for token_id in tokens:
                 if not assembler.ids:
                     ctx.stats.first_token_seconds = time.perf_counter() - start
