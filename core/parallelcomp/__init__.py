@@ -2,7 +2,14 @@
 
 from .config import PRESETS, CalibrationRule, ParallelCompConfig
 from .engine import ParallelComp, TextStream
-from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedError, ParallelCompError
+from .errors import (
+    ConfigError,
+    InputError,
+    ModelLoadError,
+    ModelNotSupportedError,
+    ParallelCompError,
+    ResourceError,
+)
 from .output import ChunkReport, DocumentSpan, GenerationOutput, RunStats, ScoreOutput
 
 __all__ = [
@@ -18,6 +25,7 @@ __all__ = [
     "ParallelComp",
     "ParallelCompConfig",
     "ParallelCompError",
+    "ResourceError",
     "RunStats",
     "ScoreOutput",
     "TextStream",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 import warnings
 from contextlib import ExitStack
@@ -26,9 +25,9 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from . import calibration, compression
+from . import calibration, compression, guard
 from . import kv as kvops
-from .chunking import make_chunks, validate_documents
+from .chunking import check_text, make_chunks, validate_documents
 from .compat import forward
 from .config import ParallelCompConfig
 from .decode import Sampling, TextAssembler, generate_tokens
@@ -52,12 +51,31 @@ class _Context:
     stats: RunStats
 
 
-class TextStream:
-    """Iterate for text deltas; afterwards `.output` holds the full `GenerationOutput`."""
+class _Result:
+    """Where a run's generator writes its output. The generator refers to this, never to its
+    TextStream, so the two form no reference cycle: dropping an unfinished stream frees the
+    generator at once, whose finalizer closes it (releasing the model lock and restoring the
+    attention implementation) without waiting for a garbage-collection pass."""
 
-    def __init__(self, deltas: Iterator[str]):
-        self._deltas = deltas
+    __slots__ = ("output",)
+
+    def __init__(self) -> None:
         self.output: GenerationOutput | None = None
+
+
+class TextStream:
+    """Iterate for text deltas; afterwards `.output` holds the full `GenerationOutput`.
+
+    Stopping early (`break`, `close()`, or dropping the stream) ends the run and frees the model.
+    """
+
+    def __init__(self, deltas: Iterator[str], result: _Result):
+        self._deltas = deltas
+        self._result = result
+
+    @property
+    def output(self) -> GenerationOutput | None:
+        return self._result.output
 
     def __iter__(self) -> Iterator[str]:
         return self._deltas
@@ -83,7 +101,7 @@ class ParallelComp:
         self.num_layers = text_config.num_hidden_layers
         calibration.layer_plan(self.config.calibration_rules, self.num_layers)  # rules must fit the depth
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._lock = threading.Lock()  # one run at a time per engine; concurrent callers queue
+        self._lock = guard.run_lock(model)  # one run at a time per model, shared by its engines
 
     @classmethod
     def from_pretrained(
@@ -100,8 +118,10 @@ class ParallelComp:
         path = _resolve_model(model)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        if Path(path).is_dir():
+            guard.check_weight_files(path)
+        try:  # never run a repository's code, never prompt on stdin about it
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             hf_model = AutoModelForCausalLM.from_pretrained(
                 path,
                 dtype=dtype,
@@ -109,8 +129,11 @@ class ParallelComp:
                 use_safetensors=True,
                 trust_remote_code=False,
             )
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"could not load model {path!s}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - any loader failure is a ModelLoadError naming the files
+            files = sorted(p.name for p in Path(path).glob("*.json") if p.name.startswith(("config", "tokenizer")))
+            files += sorted(p.name for p in Path(path).glob("*.safetensors"))
+            where = f"{path!s} ({', '.join(files)})" if files else str(path)
+            raise ModelLoadError(f"could not load model {where}: {type(err).__name__}: {err}") from err
         return cls(hf_model.to(device), tokenizer, config)
 
     @property
@@ -147,9 +170,9 @@ class ParallelComp:
         parts = build_prompt(
             self.tokenizer, self.config.instruction, question, self.config.use_chat_template, bool(documents)
         )
-        stream = TextStream(iter(()))
-        stream._deltas = self._answer(stream, parts, documents, s.max_new_tokens, list(s.stop), sampling, s.progress)
-        return stream
+        result = _Result()
+        deltas = self._answer(result, parts, documents, s.max_new_tokens, list(s.stop), sampling, s.progress)
+        return TextStream(deltas, result)
 
     def score(self, target: str, documents=None, context=None, *, progress: bool = False) -> ScoreOutput:
         """Teacher-forced NLL of `target` continuing the kept chunks (plain text, no template).
@@ -177,8 +200,10 @@ class ParallelComp:
 
     # ------------------------------------------------------------------ stages
 
-    def _answer(self, stream, parts, documents, max_new_tokens, stops, sampling, progress) -> Iterator[str]:
-        with self._lock, ExitStack() as scope:
+    def _answer(self, result, parts, documents, max_new_tokens, stops, sampling, progress) -> Iterator[str]:
+        with self._lock, ExitStack() as scope:  # unwound on close(), break or drop (see _Result)
+            if guard.cancelled():  # cancelled while queued for the lock: do no work
+                return
             calibrator = calibration.Calibrator.for_run(self.config, self.num_layers, len(parts.question_ids))
             ctx = self._prefill(parts, documents, reserve=max_new_tokens, progress=progress)
             start = time.perf_counter()
@@ -197,6 +222,8 @@ class ParallelComp:
                     yield delta
                 if assembler.stopped:
                     break
+                if guard.cancelled():  # the caller's task was cancelled: stop at this token
+                    return
             tail = assembler.finish()
             if tail:
                 yield tail
@@ -207,7 +234,7 @@ class ParallelComp:
             ctx.stats.decode_seconds = time.perf_counter() - start
             if not assembler.ids:  # the question step produced EOS: it was the whole decode
                 ctx.stats.first_token_seconds = ctx.stats.decode_seconds
-            stream.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
+            result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
     def _prefill(self, parts: PromptParts, documents: list[str], reserve: int, progress: bool) -> _Context:
         """Chunk, prefill, score and evict; return the merged KV of the kept chunks."""
@@ -216,6 +243,8 @@ class ParallelComp:
         if self.config.compresses:
             compression.check_window(self.config.snap_window, len(parts.question_ids))
         chunks = make_chunks(self.tokenizer, documents, budget, self.config.document_separator) if documents else []
+        guard.check_run(self.model, self.config, self.window, len(parts.prefix_ids), chunks,
+                        len(parts.question_ids), reserve)  # window and memory, before any model work
         prefix = encode_prefix(self.model, parts.prefix_ids)
         top = TopK[EncodedChunk](self.config.keep_chunks)
         scores: dict[int, float] = {}
@@ -336,3 +365,4 @@ def _check_question(question, what: str = "question") -> None:
         raise InputError(f"{what} must be a string, got {type(question).__name__}")
     if not question.strip():
         raise InputError(f"{what} is empty")
+    check_text(question, what)
