@@ -53,15 +53,17 @@ def _safetensors_problem(path: Path) -> str | None:
             return f"truncated safetensors file ({size} bytes, no header)"
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
-            return f"truncated safetensors file (header of {header_len} bytes, file of {size})"
+            return f"truncated safetensors file (header of {header_len:,} bytes, file of {size:,})"
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, ValueError):
             return "corrupt safetensors header (not JSON)"
     ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
     expected = 8 + header_len + max(ends, default=0)
-    if size != expected:
-        return f"truncated or padded safetensors file ({size} bytes; its header describes {expected})"
+    if size < expected:
+        return f"truncated safetensors file ({size:,} bytes; its header describes {expected:,})"
+    if size > expected:
+        return f"safetensors file longer than its header describes ({size:,} bytes, not {expected:,})"
     return None
 
 
