@@ -165,7 +165,8 @@ def test_a_tokenizer_asking_for_remote_code_never_runs_it_nor_prompts(saved_mode
     marker = tmp_path / "ran"
     (saved_model / "custom_tok.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     config = json.loads((saved_model / "tokenizer_config.json").read_text())
-    config.update(tokenizer_class="CustomTok", auto_map={"AutoTokenizer": ["custom_tok.CustomTok", "custom_tok.CustomTok"]})
+    custom = "custom_tok.CustomTok"
+    config.update(tokenizer_class="CustomTok", auto_map={"AutoTokenizer": [custom, custom]})
     (saved_model / "tokenizer_config.json").write_text(json.dumps(config))
     prompts = []
     monkeypatch.setattr(builtins, "input", lambda *args: prompts.append(args) or "y")

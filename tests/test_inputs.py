@@ -101,7 +101,9 @@ def test_split_and_evicted_documents_are_reported(tokenizer):
     assert set(out.stats.evicted_documents) == {0, 1} - kept_docs
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": 1, "seed": 3}, {"repetition_penalty": 2}, {"top_k": 5, "temperature": 1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"temperature": 1, "seed": 3}, {"repetition_penalty": 2}, {"top_k": 5, "temperature": 1}]
+)
 def test_integer_valued_float_settings_work(pc, kwargs):
     out = pc.generate("Where is the river?", documents=["The river runs north."], max_new_tokens=3, **kwargs)
     assert out.stats.new_tokens >= 1 and out.text
@@ -110,7 +112,9 @@ def test_integer_valued_float_settings_work(pc, kwargs):
 @pytest.mark.parametrize("max_new_tokens", [10**9, 2**63, 1025])
 @pytest.mark.parametrize("chunk_tokens", [None, 64])
 @pytest.mark.parametrize("documents", [["The river runs north."], None])
-def test_max_new_tokens_beyond_the_window_is_refused_naming_the_limit(tokenizer, max_new_tokens, chunk_tokens, documents):
+def test_max_new_tokens_beyond_the_window_is_refused_naming_the_limit(
+    tokenizer, max_new_tokens, chunk_tokens, documents
+):
     from .conftest import tiny_model
 
     engine = ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, ParallelCompConfig(chunk_tokens=chunk_tokens))
@@ -157,8 +161,8 @@ MANY_DOCS = [f"Note {i}: the river passes stone number {i} on its way north to t
 @pytest.mark.parametrize(
     "config, max_new_tokens, knob",
     [
-        ({"prefill_batch_tokens": 4096, "keep_chunks": 1}, 1, "one prefill micro-batch \\(lower prefill_batch_tokens"),
-        ({"prefill_batch_tokens": 64, "keep_chunks": 1}, 900, "the question step and decode cache \\(lower max_new_tokens"),
+        ({"prefill_batch_tokens": 4096}, 1, "one prefill micro-batch \\(lower prefill_batch_tokens"),
+        ({"prefill_batch_tokens": 64}, 900, "the question step and decode cache \\(lower max_new_tokens"),
     ],
 )
 def test_memory_estimate_above_the_budget_names_the_largest_part(tokenizer, config, max_new_tokens, knob):
@@ -167,7 +171,7 @@ def test_memory_estimate_above_the_budget_names_the_largest_part(tokenizer, conf
     from .conftest import tiny_model
 
     engine = ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer,
-                          ParallelCompConfig(chunk_tokens=64, memory_budget_bytes=1, **config))
+                          ParallelCompConfig(chunk_tokens=64, keep_chunks=1, memory_budget_bytes=1, **config))
     with pytest.raises(ResourceError, match=f"above memory_budget_bytes .*; the largest part is {knob}"):
         engine.generate("Where?", documents=MANY_DOCS, max_new_tokens=max_new_tokens)
 
@@ -181,7 +185,8 @@ def test_the_run_fits_a_budget_of_exactly_its_estimate(tokenizer, monkeypatch):
     seen, original = [], guard.estimate
     monkeypatch.setattr(guard, "estimate", lambda *a: seen.append(original(*a)) or seen[-1])
     config = {"chunk_tokens": 64, "prefill_batch_tokens": 256}
-    ParallelComp(model, tokenizer, ParallelCompConfig(**config)).generate("Where?", documents=MANY_DOCS, max_new_tokens=1)
+    ParallelComp(model, tokenizer, ParallelCompConfig(**config)).generate("Where?", documents=MANY_DOCS,
+                                                                          max_new_tokens=1)
     peak = seen[-1].peak
     ParallelComp(model, tokenizer, ParallelCompConfig(**config, memory_budget_bytes=peak)).generate(
         "Where?", documents=MANY_DOCS, max_new_tokens=1

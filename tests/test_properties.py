@@ -85,7 +85,9 @@ bad_text = st.one_of(
 )
 not_text = st.one_of(st.none(), st.integers(), st.floats(), st.booleans(), st.binary(max_size=8), st.builds(object))
 any_text = st.one_of(good_text, good_text, good_text, bad_text, not_text)
-good_documents = st.one_of(st.none(), st.lists(good_text, min_size=1, max_size=5), st.lists(good_text, min_size=1).map(tuple))
+good_documents = st.one_of(
+    st.none(), st.lists(good_text, min_size=1, max_size=5), st.lists(good_text, min_size=1, max_size=3).map(tuple)
+)
 bad_documents = st.one_of(
     st.lists(any_text, max_size=4),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
@@ -111,8 +113,8 @@ good_settings = st.fixed_dictionaries(
     },
 )
 bad_setting = st.tuples(
-    st.sampled_from(["max_new_tokens", "stop", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "progress",
-                     "max_tokens"]),
+    st.sampled_from(["max_new_tokens", "stop", "temperature", "top_p", "top_k", "seed", "repetition_penalty",
+                     "progress", "max_tokens"]),
     st.one_of(anything, st.sampled_from([1025, ["x"] * 33, "y" * 1001, -1])),
 )
 good_config = st.fixed_dictionaries(
