@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from parallelcomp import GenerationOutput, InputError
+from parallelcomp.guard import cancel_scope
 
 CONTEXT_MARKER = "<<<QUESTION>>>"
 """In a single prompt string, text before the last marker is context and text after it is the
@@ -96,7 +97,8 @@ async def aiter_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIt
 
     The engine serialises runs with its own lock, so concurrent callers queue in their threads.
     An exception in the worker is re-raised here. When the consumer stops early (break,
-    cancellation), the worker closes the engine's iterator at its next item, so the engine is
+    cancellation), the engine's run stops at its next token (a run still queued for the model
+    does no work; `guard.cancel_scope`) and the worker closes the iterator, so the engine is
     freed for queued calls instead of decoding on to max_new_tokens for nobody.
     """
     loop = asyncio.get_running_loop()
@@ -110,7 +112,7 @@ async def aiter_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIt
 
     def work() -> None:
         try:
-            with contextlib.closing(make_iterator()) as items:
+            with cancel_scope(abandoned), contextlib.closing(make_iterator()) as items:
                 for item in items:
                     if abandoned.is_set():
                         return

@@ -99,3 +99,106 @@ def test_split_and_evicted_documents_are_reported(tokenizer):
     assert sum(c.kept for c in out.chunks) == 1 and out.stats.n_chunks == len(out.chunks) > 2
     kept_docs = {d for c in out.chunks if c.kept for d in c.documents}
     assert set(out.stats.evicted_documents) == {0, 1} - kept_docs
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"temperature": 1, "seed": 3}, {"repetition_penalty": 2}, {"top_k": 5, "temperature": 1}]
+)
+def test_integer_valued_float_settings_work(pc, kwargs):
+    out = pc.generate("Where is the river?", documents=["The river runs north."], max_new_tokens=3, **kwargs)
+    assert out.stats.new_tokens >= 1 and out.text
+
+
+@pytest.mark.parametrize("max_new_tokens", [10**9, 2**63, 1025])
+@pytest.mark.parametrize("chunk_tokens", [None, 64])
+@pytest.mark.parametrize("documents", [["The river runs north."], None])
+def test_max_new_tokens_beyond_the_window_is_refused_naming_the_limit(
+    tokenizer, max_new_tokens, chunk_tokens, documents
+):
+    from .conftest import tiny_model
+
+    engine = ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, ParallelCompConfig(chunk_tokens=chunk_tokens))
+    with pytest.raises(InputError, match="max_new_tokens") as err:
+        engine.generate("Where is the river?", documents=documents, max_new_tokens=max_new_tokens)
+    assert "1024-token window" in str(err.value)  # the limit comes from the model's window
+
+
+@pytest.mark.parametrize(
+    "question, kwargs, match",
+    [
+        ("Q\ud800?", {"documents": ["a doc"]}, r"question has a lone surrogate '\\ud800' at character 1"),
+        ("Q?", {"documents": ["ok", "ab\udfffc"]}, r"document 1 has a lone surrogate '\\udfff' at character 2"),
+        ("Q?", {"context": "x" * 5 + "\ud800"}, "context has a lone surrogate .* at character 5"),
+        ("Q?", {"documents": {"a doc": 1}}, "documents must be a list or tuple of strings, got dict"),
+        ("Q?", {"documents": {"a doc", "b doc"}}, "documents must be a list or tuple of strings, got set"),
+        ("Q?", {"documents": 5}, "documents must be a list or tuple of strings, got int"),
+        ("Q?", {"documents": True}, "documents must be a list or tuple of strings, got bool"),
+        ("Q?", {"documents": object()}, "documents must be a list or tuple of strings, got object"),
+        ("Q?", {"documents": (d for d in ["a"])}, "documents must be a list or tuple of strings, got generator"),
+        ("Q?", {"documents": ["a"], "stop": ["x"] * 33}, "at most 32 stop strings, got 33"),
+        ("Q?", {"documents": ["a"], "stop": "x" * 100_000}, "at most 1000 characters, got one of 100,000"),
+    ],
+)
+def test_bad_text_and_container_inputs(pc, question, kwargs, match):
+    with pytest.raises(InputError, match=match) as err:
+        pc.generate(question, **kwargs)
+    assert len(str(err.value)) < 400  # a huge value is cut in the message
+
+
+def test_surrogates_in_config_text_are_a_config_error():
+    with pytest.raises(ConfigError, match="lone surrogate"):
+        ParallelCompConfig(instruction="Answer \ud800 briefly.")
+
+
+def test_tuple_of_documents_is_accepted(pc):
+    out = pc.generate("Where is the river?", documents=("The river runs north.", "A stone."), max_new_tokens=2)
+    assert out.stats.n_documents == 2
+
+
+MANY_DOCS = [f"Note {i}: the river passes stone number {i} on its way north to the sea." for i in range(40)]
+
+
+@pytest.mark.parametrize(
+    "config, max_new_tokens, knob",
+    [
+        ({"prefill_batch_tokens": 4096}, 1, "one prefill micro-batch \\(lower prefill_batch_tokens"),
+        ({"prefill_batch_tokens": 64}, 900, "the question step and decode cache \\(lower max_new_tokens"),
+    ],
+)
+def test_memory_estimate_above_the_budget_names_the_largest_part(tokenizer, config, max_new_tokens, knob):
+    from parallelcomp import ResourceError
+
+    from .conftest import tiny_model
+
+    engine = ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer,
+                          ParallelCompConfig(chunk_tokens=64, keep_chunks=1, memory_budget_bytes=1, **config))
+    with pytest.raises(ResourceError, match=f"above memory_budget_bytes .*; the largest part is {knob}"):
+        engine.generate("Where?", documents=MANY_DOCS, max_new_tokens=max_new_tokens)
+
+
+def test_the_run_fits_a_budget_of_exactly_its_estimate(tokenizer, monkeypatch):
+    from parallelcomp import ResourceError, guard
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama", len(tokenizer))
+    seen, original = [], guard.estimate
+    monkeypatch.setattr(guard, "estimate", lambda *a: seen.append(original(*a)) or seen[-1])
+    config = {"chunk_tokens": 64, "prefill_batch_tokens": 256}
+    ParallelComp(model, tokenizer, ParallelCompConfig(**config)).generate("Where?", documents=MANY_DOCS,
+                                                                          max_new_tokens=1)
+    peak = seen[-1].peak
+    ParallelComp(model, tokenizer, ParallelCompConfig(**config, memory_budget_bytes=peak)).generate(
+        "Where?", documents=MANY_DOCS, max_new_tokens=1
+    )
+    too_little = ParallelComp(model, tokenizer, ParallelCompConfig(**config, memory_budget_bytes=peak - 1))
+    with pytest.raises(ResourceError, match="or raise memory_budget_bytes in ParallelCompConfig"):
+        too_little.generate("Where?", documents=MANY_DOCS, max_new_tokens=1)
+
+
+def test_default_budget_is_the_free_memory(pc, monkeypatch):
+    from parallelcomp import ResourceError, guard
+
+    monkeypatch.setattr(guard, "available_bytes", lambda device: 1000)
+    with pytest.raises(ResourceError, match="above the free memory now"):
+        pc.generate("Where?", documents=["The river runs north."], max_new_tokens=2)

@@ -3,7 +3,14 @@
 from . import hardware  # noqa: F401 - parallelcomp.hardware: precision and threads per machine
 from .config import PRESETS, CalibrationRule, ParallelCompConfig
 from .engine import ParallelComp, TextStream
-from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedError, ParallelCompError
+from .errors import (
+    ConfigError,
+    InputError,
+    ModelLoadError,
+    ModelNotSupportedError,
+    ParallelCompError,
+    ResourceError,
+)
 from .corpus import Corpus
 from .output import ChunkReport, DocumentSpan, GenerationOutput, RunStats, ScoreOutput
 
@@ -21,6 +28,7 @@ __all__ = [
     "ParallelComp",
     "ParallelCompConfig",
     "ParallelCompError",
+    "ResourceError",
     "RunStats",
     "ScoreOutput",
     "TextStream",

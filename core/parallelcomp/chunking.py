@@ -107,12 +107,28 @@ def validate_documents(documents, context, required: bool = True) -> list[str]:
         raise InputError("no documents: pass documents=[...] (one string per document) or context='...'")
     if isinstance(documents, str):
         raise InputError("documents must be a list of strings; for one long text use context='...'")
-    documents = list(documents)
+    if not isinstance(documents, (list, tuple)):  # a dict's keys or a set's order are no corpus
+        raise InputError(f"documents must be a list or tuple of strings, got {type(documents).__name__}")
     if not documents:
         raise InputError("documents is empty: pass at least one non-empty document")
+    what = "context" if context is not None else "document {}"
     for i, doc in enumerate(documents):
         if not isinstance(doc, str):
-            raise InputError(f"document {i} is a {type(doc).__name__}, expected str")
+            raise InputError(f"{what.format(i)} is a {type(doc).__name__}, expected str")
         if not doc.strip():
-            raise InputError(f"document {i} is empty or whitespace only; remove it")
-    return documents
+            raise InputError(f"{what.format(i)} is empty or whitespace only; remove it")
+        check_text(doc, what.format(i))
+    return list(documents)
+
+
+def check_text(text: str, what: str) -> None:
+    """Rule: text must be valid Unicode (encodable as UTF-8), so a lone surrogate such as '\\ud800'
+    is refused, never replaced: InputError naming `what` and the character offset."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        msg = (
+            f"{what} has a lone surrogate {text[err.start]!r} at character {err.start}, which is not valid "
+            "Unicode text; decode its source with errors='replace' or remove that character"
+        )
+        raise InputError(msg) from None

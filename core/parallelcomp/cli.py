@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import stat
 import sys
 import time
 from pathlib import Path
@@ -151,22 +152,35 @@ def _chat(args) -> int:
               f"{s.n_chunks} chunks reused)\n", flush=True)
 
 
-def read_documents(paths: list[str]) -> tuple[list[str], list[str]]:
-    """(names, texts) of every readable text file under `paths`, in the order given."""
-    files: list[Path] = []
+def read_documents(paths: list[str], max_chars: int | None = None) -> tuple[list[str], list[str]]:
+    """(names, texts) of every readable text file under `paths`, in the order given.
+
+    Only regular files are read. A path named on the command line that is not one (a FIFO, a
+    device such as /dev/zero, a /proc or /sys pseudo-file whose size is not known in advance) is
+    an error; inside a directory such entries, and symlinks that lead out of the directory, are
+    skipped with a note on stderr. Sizes are checked before reading: a UTF-8 character is at most
+    4 bytes, so more than 4 × `max_chars` bytes in all (default: ParallelCompConfig's
+    max_input_chars) is refused without reading further.
+    """
+    max_bytes = 4 * (max_chars or ParallelCompConfig.model_fields["max_input_chars"].default)
+    files: list[tuple[Path, bool]] = []  # (path, named on the command line)
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
-        elif path.is_file():
-            files.append(path)
+            files.extend((p, False) for p in _walk(path))
+        elif path.exists() or path.is_symlink():
+            files.append((path, True))
         else:
             raise InputError(f"{raw}: no such file or directory")
-    names, texts = [], []
-    for path in files:
+    names, texts, total = [], [], 0
+    for path, named in files:
+        data = _read_regular(path, max_bytes - total, named)
+        if data is None:
+            continue
+        total += len(data)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError) as err:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
             print(f"skipping {path}: not readable as UTF-8 text ({err.__class__.__name__})", file=sys.stderr)
             continue
         if text.strip():
@@ -177,6 +191,58 @@ def read_documents(paths: list[str]) -> tuple[list[str], list[str]]:
     if not texts:
         raise InputError(f"no readable, non-empty text files in {paths}")
     return names, texts
+
+
+def _walk(root: Path) -> list[Path]:
+    """Files under `root` in sorted order; symlinks are followed only to files inside `root`."""
+    base = root.resolve()
+    out = []
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(base):
+                print(f"skipping {path}: symlink to {target}, outside {root}", file=sys.stderr)
+                continue
+            if target.is_dir():
+                continue  # its files are under root already
+        elif path.is_dir():
+            continue
+        out.append(path)
+    return out
+
+
+def _read_regular(path: Path, allowance: int, named: bool) -> bytes | None:
+    """The bytes of a regular file of at most `allowance` bytes; None (with a note) for something
+    else inside a directory; InputError for something else named on the command line."""
+
+    def refuse(why: str) -> None:
+        if named:
+            raise InputError(f"{path}: {why}")
+        print(f"skipping {path}: {why}", file=sys.stderr)
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO never waits
+    except OSError as err:
+        return refuse(f"cannot open ({err.strerror})")
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return refuse(f"not a regular file ({_kind(info.st_mode)}); pass text files or directories")
+        if info.st_size > allowance:
+            raise InputError(
+                f"{path}: {info.st_size:,} bytes would take the input past {allowance:,} more bytes, more than "
+                "max_input_chars characters even at 4 bytes each; pass fewer or smaller files"
+            )
+        data = f.read(info.st_size + 1)
+    if len(data) > info.st_size:
+        return refuse("its size is not known in advance (a /proc or /sys pseudo-file?); copy it to a file first")
+    return data
+
+
+def _kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a directory"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .chunking import check_text
 from .errors import ConfigError
 
 Region = Literal["sink", "recent", "middle", "all"]
@@ -99,6 +100,9 @@ class ParallelCompConfig(BaseModel):
     """Placed between documents packed into one chunk."""
     max_input_chars: int = Field(4_000_000, gt=0)
     """Refuse larger inputs (about 1M tokens) with an error instead of running for hours."""
+    memory_budget_bytes: int | None = Field(None, gt=0)
+    """Refuse a run whose estimated peak memory (guard.py: KV, micro-batch activations, decode
+    cache) exceeds this. None: the memory free when the call starts (psutil; CUDA: free device memory)."""
 
     # --- prompt ---
     instruction: str = DEFAULT_INSTRUCTION
@@ -143,6 +147,12 @@ class ParallelCompConfig(BaseModel):
     """N: width of the sink and recent regions (paper App. C: 100)."""
     calibration_query_rows: int = Field(1, gt=0)
     """r: last question rows whose attention is averaged (code default 1)."""
+
+    @field_validator("instruction", "document_separator")
+    @classmethod
+    def _valid_text(cls, value: str) -> str:
+        check_text(value, "the text")  # the tokenizer cannot encode lone surrogates
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ParallelCompConfig:

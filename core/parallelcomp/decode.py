@@ -98,7 +98,10 @@ class TextAssembler:
     """Turns generated token ids into text deltas, honouring string stops.
 
     Text that could still become a stop string, or an incomplete UTF-8 sequence, is held back
-    until it is safe; a stop string and everything after it is never emitted.
+    until it is safe; a stop string and everything after it is never emitted. Emitted text can
+    neither contain a stop nor end in the start of one, so each token only searches the text after
+    the emitted part (held text plus the new token's): the cost per token is linear in the longest
+    stop (GenerationSettings bounds stops to MAX_STOPS of MAX_STOP_CHARS characters).
     """
 
     def __init__(self, tokenizer, stop: list[str]):
@@ -112,18 +115,29 @@ class TextAssembler:
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hits = [text.find(s) for s in self.stop if s in text]
+        hits = [i for i in (text.find(s, self.emitted) for s in self.stop) if i >= 0]
         if hits:
             self.text, self.stopped = text[: min(hits)], True
             return self._flush(len(self.text))
         self.text = text
         safe = len(text.rstrip("\ufffd"))
-        held = max((n for s in self.stop for n in range(1, len(s)) if text[:safe].endswith(s[:n])), default=0)
-        return self._flush(safe - held)
+        return self._flush(safe - self._held(text, safe))
 
     def finish(self) -> str:
         """The held-back remainder once generation has ended."""
         return self._flush(len(self.text))
+
+    def _held(self, text: str, end: int) -> int:
+        """Length of the longest tail of text[emitted:end] that is a proper prefix of a stop."""
+        longest = 0
+        for s in self.stop:
+            i = text.find(s[0], max(self.emitted, end - len(s) + 1), end)
+            while i >= 0 and end - i > longest:  # candidates start with s[0], longest first
+                if s.startswith(text[i:end]):
+                    longest = end - i
+                    break
+                i = text.find(s[0], i + 1, end)
+        return longest
 
     def _flush(self, upto: int) -> str:
         upto = max(upto, self.emitted)

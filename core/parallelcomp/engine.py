@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 import warnings
 from contextlib import ExitStack, closing
@@ -30,9 +29,9 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from . import calibration, compression, hardware
+from . import calibration, compression, guard, hardware
 from . import kv as kvops
-from .chunking import Chunk, make_chunks, validate_documents
+from .chunking import Chunk, check_text, make_chunks, validate_documents
 from .compat import forward
 from .config import DTYPE_NAMES, ParallelCompConfig
 from .corpus import Corpus
@@ -62,12 +61,31 @@ class _Context:
     stats: RunStats
 
 
-class TextStream:
-    """Iterate for text deltas; afterwards `.output` holds the full `GenerationOutput`."""
+class _Result:
+    """Where a run's generator writes its output. The generator refers to this, never to its
+    TextStream, so the two form no reference cycle: dropping an unfinished stream frees the
+    generator at once, whose finalizer closes it (releasing the model lock and restoring the
+    attention implementation) without waiting for a garbage-collection pass."""
 
-    def __init__(self, deltas: Iterator[str]):
-        self._deltas = deltas
+    __slots__ = ("output",)
+
+    def __init__(self) -> None:
         self.output: GenerationOutput | None = None
+
+
+class TextStream:
+    """Iterate for text deltas; afterwards `.output` holds the full `GenerationOutput`.
+
+    Stopping early (`break`, `close()`, or dropping the stream) ends the run and frees the model.
+    """
+
+    def __init__(self, deltas: Iterator[str], result: _Result):
+        self._deltas = deltas
+        self._result = result
+
+    @property
+    def output(self) -> GenerationOutput | None:
+        return self._result.output
 
     def __iter__(self) -> Iterator[str]:
         return self._deltas
@@ -93,7 +111,7 @@ class ParallelComp:
         self.num_layers = text_config.num_hidden_layers
         calibration.layer_plan(self.config.calibration_rules, self.num_layers)  # rules must fit the depth
         self.eos_ids = _eos_ids(model, tokenizer)
-        self._lock = threading.Lock()  # one run at a time per engine; concurrent callers queue
+        self._lock = guard.run_lock(model)  # one run at a time per model, shared by its engines
         memory = self.config.kv_store_bytes
         self.store = ChunkStore(psutil.virtual_memory().total // 3 if memory is None else memory,
                                 self.config.kv_store_dir, self.config.kv_store_disk_bytes)
@@ -121,8 +139,10 @@ class ParallelComp:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         hardware.configure_threads(_check_threads(threads))
         dtype = _check_dtype(dtype) or hardware.default_dtype(device)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        if Path(path).is_dir():
+            guard.check_weight_files(path)
+        try:  # never run a repository's code, never prompt on stdin about it
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             hf_model = AutoModelForCausalLM.from_pretrained(
                 path,
                 dtype=dtype,
@@ -130,8 +150,11 @@ class ParallelComp:
                 use_safetensors=True,
                 trust_remote_code=False,
             )
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"could not load model {path!s}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - any loader failure is a ModelLoadError naming the files
+            files = sorted(p.name for p in Path(path).glob("*.json") if p.name.startswith(("config", "tokenizer")))
+            files += sorted(p.name for p in Path(path).glob("*.safetensors"))
+            where = f"{path!s} ({', '.join(files)})" if files else str(path)
+            raise ModelLoadError(f"could not load model {where}: {type(err).__name__}: {err}") from err
         return cls(hf_model.to(device), tokenizer, config)
 
     @property
@@ -198,9 +221,9 @@ class ParallelComp:
         sampling = Sampling(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty)
         parts = self._prompt(question, with_documents=corpus is not None or documents is not None or context is not None)
         corpus = self._corpus(parts, documents, context, corpus, required=False)
-        stream = TextStream(iter(()))
-        stream._deltas = self._answer(stream, parts, corpus, s.max_new_tokens, list(s.stop), sampling, s.progress)
-        return stream
+        result = _Result()
+        deltas = self._answer(result, parts, corpus, s.max_new_tokens, list(s.stop), sampling, s.progress)
+        return TextStream(deltas, result)
 
     def score(self, target: str, documents=None, context=None, *, corpus: Corpus | None = None,
               progress: bool = False) -> ScoreOutput:
@@ -231,8 +254,10 @@ class ParallelComp:
 
     # ------------------------------------------------------------------ stages
 
-    def _answer(self, stream, parts, corpus, max_new_tokens, stops, sampling, progress) -> Iterator[str]:
-        with self._lock, ExitStack() as scope:
+    def _answer(self, result, parts, corpus, max_new_tokens, stops, sampling, progress) -> Iterator[str]:
+        with self._lock, ExitStack() as scope:  # unwound on close(), break or drop (see _Result)
+            if guard.cancelled():  # cancelled while queued for the lock: do no work
+                return
             calibrator = calibration.Calibrator.for_run(self.config, self.num_layers, len(parts.question_ids))
             ctx = self._prefill(parts, corpus, reserve=max_new_tokens, progress=progress)
             start = time.perf_counter()
@@ -251,6 +276,8 @@ class ParallelComp:
                     yield delta
                 if assembler.stopped:
                     break
+                if guard.cancelled():  # the caller's task was cancelled: stop at this token
+                    return
             tail = assembler.finish()
             if tail:
                 yield tail
@@ -261,7 +288,7 @@ class ParallelComp:
             ctx.stats.decode_seconds = time.perf_counter() - start
             if not assembler.ids:  # the question step produced EOS: it was the whole decode
                 ctx.stats.first_token_seconds = ctx.stats.decode_seconds
-            stream.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
+            result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
     def _prompt(self, question: str, with_documents: bool) -> PromptParts:
         return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
@@ -326,6 +353,8 @@ class ParallelComp:
         self._check_question_fits(parts, reserve)
         if self.config.compresses:
             compression.check_window(self.config.snap_window, len(parts.question_ids))
+        guard.check_run(self.model, self.config, self.window, len(parts.prefix_ids), list(corpus.chunks),
+                        len(parts.question_ids), reserve)  # window and memory, before any model work
         prefix = encode_prefix(self.model, parts.prefix_ids)
         top = TopK[EncodedChunk](self.config.keep_chunks)
         scores: dict[int, float] = {}
@@ -490,3 +519,4 @@ def _check_question(question, what: str = "question") -> None:
         raise InputError(f"{what} must be a string, got {type(question).__name__}")
     if not question.strip():
         raise InputError(f"{what} is empty")
+    check_text(question, what)

@@ -22,3 +22,8 @@ class ModelLoadError(ParallelCompError, RuntimeError):
 
 class ModelNotSupportedError(ParallelCompError, TypeError):
     """The model's architecture lacks what the runtime needs (RoPE positions, a KV cache)."""
+
+
+class ResourceError(InputError):
+    """The run would need more memory than the budget allows (`memory_budget_bytes`); the message
+    names the part that dominates and the knob that shrinks it."""

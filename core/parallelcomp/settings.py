@@ -17,6 +17,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .errors import InputError
 
 MAX_SEED = 2**63 - 1
+MAX_STOPS = 32
+MAX_STOP_CHARS = 1000
+"""Stop strings: at most MAX_STOPS of at most MAX_STOP_CHARS characters each, which bounds the
+per-token stop search (decode.TextAssembler) to a few thousand characters."""
 MIN_TEMPERATURE = 1e-4
 """Below this, softmax(logits / T) overflows to NaN in fp32; use 0 for greedy decoding."""
 
@@ -45,7 +49,8 @@ class GenerationSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_new_tokens: Integer = Field(256, ge=1)
-    """Tokens to generate at most (the engine also bounds it by the model's window)."""
+    """Tokens to generate at most; the question and the answer must fit the model's window
+    (`guard.check_run`), so the decode cache stays bounded."""
     stop: tuple[str, ...] = ()
     """Strings that end the answer; never part of the returned text."""
     temperature: Number = Field(0.0, ge=0.0)
@@ -66,10 +71,15 @@ class GenerationSettings(BaseModel):
         if value is None:
             return ()
         if isinstance(value, str):
-            return (value,)
-        if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
-            return tuple(value)
-        raise ValueError(f"stop must be a string or a list of strings, got {value!r}")
+            value = (value,)
+        if not (isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value)):
+            raise ValueError(f"stop must be a string or a list of strings, got {_short(value)}")
+        if len(value) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(value)}")
+        longest = max((len(s) for s in value), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest:,}")
+        return tuple(value)
 
     @field_validator("temperature")
     @classmethod
@@ -106,6 +116,12 @@ def explain(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = f"unknown setting; valid settings are {', '.join(GenerationSettings.names())}"
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        got = f" (got {_short(e['input'])})" if "input" in e and not isinstance(e["input"], dict) else ""
         lines.append(f"{where}: {msg}{got}")
     return "invalid generation settings: " + "; ".join(lines)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters so that a huge value never floods the message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text):,} chars)"

@@ -1,0 +1,259 @@
+"""What protects a run before and while it works (docs/hardening.md):
+
+* `check_weight_files`: every `*.safetensors` file of a model directory is complete;
+* `check_run`: one call after chunking, before any model work: the question and the answer fit
+  the model's window, and the estimated peak memory of the run fits the memory budget;
+* `run_lock(model)`: one lock per model, shared by every engine on it (hooks and the attention
+  switch are per model), which refuses a same-thread re-entry instead of deadlocking;
+* `cancel_scope` / `cancelled`: a caller's thread can ask the run it drives to stop at its next
+  token (the async wrappers' worker thread sets it when the awaiting task is cancelled).
+
+The character limit (`max_input_chars`) stays where it is, the cheap first check before tokenizing;
+the text rule (no lone surrogates) is `chunking.check_text`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import torch
+
+from .errors import InputError, ModelLoadError, ResourceError
+from .prefill import micro_batches
+
+# ---------------------------------------------------------------------- model files
+
+
+def check_weight_files(directory: str) -> None:
+    """ModelLoadError naming the first `*.safetensors` file whose header or length is wrong."""
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise ModelLoadError(f"{path}: {problem}; re-download or re-save the model")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated safetensors file ({size} bytes, no header)"
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            return f"truncated safetensors file (header of {header_len:,} bytes, file of {size:,})"
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, ValueError):
+            return "corrupt safetensors header (not JSON)"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"truncated safetensors file ({size:,} bytes; its header describes {expected:,})"
+    if size > expected:
+        return f"safetensors file longer than its header describes ({size:,} bytes, not {expected:,})"
+    return None
+
+
+# ---------------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that the memory estimate needs, read from a transformers model."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dtype_bytes: int
+    eager: bool
+    """Eager attention materialises (rows, heads, T, T) scores; sdpa/flash do not."""
+
+    @classmethod
+    def of(cls, model) -> ModelShape:
+        cfg = model.config.get_text_config()
+        heads = cfg.num_attention_heads
+        return cls(
+            layers=cfg.num_hidden_layers,
+            hidden=cfg.hidden_size,
+            intermediate=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size,
+            heads=heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            vocab=cfg.vocab_size,
+            dtype_bytes=model.dtype.itemsize,
+            eager=model.config._attn_implementation == "eager",
+        )
+
+    @property
+    def kv_token_bytes(self) -> int:
+        """KV bytes of one token over all layers and KV heads."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    def activation_bytes(self, rows: int, length: int) -> int:
+        """Live intermediates of one decoder layer for `rows` × `length` tokens (one layer at a
+        time under inference_mode): residual, norm, q/k/v, attention output, o_proj and the MLP's
+        gate, up and product; plus the (rows, heads, T, T) scores under eager attention."""
+        per_token = 4 * self.hidden + 2 * (self.heads + self.kv_heads) * self.head_dim + 3 * self.intermediate
+        scores = rows * self.heads * length * length * (self.dtype_bytes + 4) if self.eager else 0
+        return rows * length * per_token * self.dtype_bytes + scores
+
+    def logits_bytes(self, positions: int) -> int:
+        """Logits of `positions` rows in the model dtype, their fp32 copy and log-softmax."""
+        return positions * self.vocab * (self.dtype_bytes + 8)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    kept_kv: int
+    """The kept chunks' KV (compressed size) and the prefix, alive from prefill to the end."""
+    batch: int
+    """The largest micro-batch: its batch cache, sliced copies, phase-2 cache, activations, logits."""
+    decode: int
+    """Merged cache copy + question and answer tokens' KV + the question step."""
+
+    @property
+    def peak(self) -> int:
+        """Prefill and decode do not overlap; the kept KV spans both. On SmolLM2 (fp32, sdpa) this
+        came out 1.56-1.77× the measured peak RSS growth (docs/hardening.md), so it is used as is."""
+        return self.kept_kv + max(self.batch, self.decode)
+
+
+def estimate(shape: ModelShape, config, prefix: int, chunks: list, question: int, new_tokens: int) -> Estimate:
+    """Bytes a run adds on top of the loaded model, per phase (docs/hardening.md derives each term)."""
+    kv = shape.kv_token_bytes
+    kept_lengths = sorted((min(len(c.token_ids), config.kv_budget_for(len(c.token_ids))) for c in chunks),
+                          reverse=True)
+    kept = (prefix + sum(kept_lengths[: config.keep_chunks])) * kv
+    batch = 0
+    for rows in micro_batches(chunks, config.prefill_batch_tokens):
+        longest = max(len(c.token_ids) for c in rows)
+        length = prefix + longest
+        # phase-1 batch cache, the per-chunk sliced copies, the phase-2 padded cache plus the question
+        caches = (3 * length + question) * len(rows) * kv
+        work = shape.activation_bytes(len(rows), length) + shape.logits_bytes(len(rows) * max(question, 1))
+        batch = max(batch, caches + work)
+    growth = (question + new_tokens) * kv
+    decode = kept + growth + shape.activation_bytes(1, question) + shape.logits_bytes(question)
+    return Estimate(kept, batch, decode)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory where the run allocates: the CUDA device's, else the machine's."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def check_run(model, config, window: int, prefix: int, chunks: list, question: int, new_tokens: int) -> None:
+    """Refuse a run that cannot fit, before any model work.
+
+    Rules: `question + new_tokens <= window` (the decode cache stays bounded by the window), and
+    the estimated peak ≤ `config.memory_budget_bytes` (None: the free memory now).
+    """
+    if question + new_tokens > window:
+        msg = (
+            f"max_new_tokens={new_tokens:,} is too large: the question ({question} tokens with its template) "
+            f"and the answer must fit the model's {window}-token window, so max_new_tokens can be at most "
+            f"{max(window - question, 0)}"
+        )
+        raise InputError(msg)
+    est = estimate(ModelShape.of(model), config, prefix, chunks, question, new_tokens)
+    budget = config.memory_budget_bytes
+    budget = budget if budget is not None else available_bytes(model.device)
+    if est.peak > budget:
+        raise ResourceError(_too_big(est, budget, config.memory_budget_bytes is None))
+
+
+def _too_big(est: Estimate, budget: int, derived: bool) -> str:
+    parts = {
+        "kept KV (lower keep_chunks or chunk_tokens, or set kv_budget_ratio)": est.kept_kv,
+        "one prefill micro-batch (lower prefill_batch_tokens or chunk_tokens)": est.batch,
+        "the question step and decode cache (lower max_new_tokens or shorten the question)": est.decode - est.kept_kv,
+    }
+    largest = max(parts, key=parts.get)
+    source = "the free memory now" if derived else "memory_budget_bytes"
+    terms = ", ".join(f"{name.split(' (')[0]} {_size(v)}" for name, v in parts.items())
+    return (
+        f"this run needs about {_size(est.peak)} ({terms}), above {source} "
+        f"({_size(budget)}); the largest part is {largest}; or raise memory_budget_bytes in ParallelCompConfig"
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------- one run at a time per model
+
+
+class RunLock:
+    """A plain lock (releasable from another thread, e.g. by a stream's finalizer) that raises
+    instead of blocking forever when the thread holding it asks again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self) -> RunLock:
+        if self._owner == threading.get_ident():
+            msg = (
+                "a stream on this model is still open in this thread; iterate it to the end or call "
+                "its close() before starting another call on the same model"
+            )
+            raise InputError(msg)
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._owner = None
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def run_lock(model) -> RunLock:
+    """The one RunLock of `model`, shared by every engine built on it."""
+    with _locks_guard:
+        lock = _locks.get(model)
+        if lock is None:
+            lock = _locks[model] = RunLock()
+        return lock
+
+
+# ---------------------------------------------------------------------- cancellation
+
+_scope = threading.local()
+
+
+@contextmanager
+def cancel_scope(event: threading.Event) -> Iterator[None]:
+    """Runs driven from this thread inside the block stop at their next token once `event` is set."""
+    previous = getattr(_scope, "event", None)
+    _scope.event = event
+    try:
+        yield
+    finally:
+        _scope.event = previous
+
+
+def cancelled() -> bool:
+    event = getattr(_scope, "event", None)
+    return event is not None and event.is_set()
