@@ -225,15 +225,6 @@ def test_marker_splits_context_from_question(llm, engine):
     assert llm.invoke(QUESTION) == engine.generate(QUESTION, max_new_tokens=N).text
 
 
-def test_long_prompt_without_marker_is_refused_not_truncated(llm, engine):
-    recorder = Recorder()
-    prompt = " ".join(DOCS * 8) + " " + QUESTION
-    assert engine.count_tokens(prompt) > engine.window
-    with pytest.raises(InputError, match="QUESTION"):
-        llm.invoke(prompt, {"callbacks": [recorder]})
-    assert len(recorder.errors) == 1 and recorder.ends == 0
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

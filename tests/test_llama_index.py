@@ -27,7 +27,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
 from llama_index.core.tools import QueryEngineTool
 
 from parallelcomp import ConfigError, InputError, ParallelComp, ParallelCompConfig
-from pc_integrations.common import CONTEXT_MARKER
+from pc_integrations.common import CONTEXT_MARKER, CallError
 from pc_integrations.llama_index import (
     ATTRIBUTION_KEYS,
     REFINE_TEMPLATE,
@@ -241,7 +241,8 @@ def test_get_response_text_chunks(engine):
 
 def test_llm_complete_stream_and_async(engine):
     llm = ParallelCompLLM(engine, max_new_tokens=12)
-    assert llm.metadata.context_window == 2 * 40  # keep_chunks × chunk_tokens
+    longest = max(len(token) for token in engine.tokenizer.get_vocab())  # characters
+    assert llm.metadata.context_window == engine.config.max_input_chars // longest
     assert llm.metadata.num_output == 12
     assert llm.metadata.model_name == engine.model_name
     context = "\n\n".join(text for _, text in FACTS)
@@ -344,8 +345,9 @@ def test_bad_input(index, engine, make_engine):
         response = await streaming.asynthesize(QUESTION, nodes)
         return [p async for p in response.async_response_gen()]
 
-    with pytest.raises(InputError, match="max_input_chars"):
+    with pytest.raises(CallError, match="max_input_chars") as raised:  # not a ValueError: see CallError
         asyncio.run(asyncio.wait_for(consume(), timeout=30))
+    assert isinstance(raised.value.__cause__, InputError)
 
 
 def test_query_engine_tool(index, engine):

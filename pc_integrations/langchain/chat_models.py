@@ -43,13 +43,17 @@ class ChatParallelComp(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     llm: ParallelCompLLM
-    """Does the generation; its fields (max_new_tokens, temperature, stop, ...) apply here."""
+    """Does the generation; its fields (max_new_tokens, temperature, stop, timeout, ...) apply here."""
+    streaming: bool = False
+    """`invoke` streams internally, so every token reaches `on_llm_new_token` (LangChain's
+    standard `streaming` parameter)."""
 
     @model_validator(mode="before")
     @classmethod
     def _build_llm(cls, data: Any) -> Any:
         if isinstance(data, dict) and "llm" not in data and "engine" in data:
-            llm_fields = set(ParallelCompLLM.model_fields) - set(BaseChatModel.model_fields)
+            own = set(BaseChatModel.model_fields) | {"streaming"}
+            llm_fields = (set(ParallelCompLLM.model_fields) | {"max_tokens"}) - own
             data = dict(data)
             data["llm"] = ParallelCompLLM(**{k: data.pop(k) for k in list(data) if k in llm_fields})
         return data
@@ -64,7 +68,10 @@ class ChatParallelComp(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        params.update(ls_provider="parallelcomp", ls_model_name=self.llm.model_name)
+        params.update(ls_provider="parallelcomp", ls_model_name=kwargs.get("model") or self.llm.model_name)
+        params.update(ls_temperature=self.llm.temperature, ls_max_tokens=self.llm.max_new_tokens)
+        if self.llm.stop:
+            params["ls_stop"] = self.llm.stop
         return params
 
     def get_token_ids(self, text: str) -> list[int]:
@@ -82,7 +89,7 @@ class ChatParallelComp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _result(list(self._stream(messages, stop, run_manager, **kwargs)))
+        return _result(list(self._iter_chunks(messages, stop, kwargs)))
 
     async def _agenerate(
         self,
@@ -91,7 +98,7 @@ class ChatParallelComp(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _result([c async for c in self._astream(messages, stop, run_manager, **kwargs)])
+        return _result([c async for c in aiter_in_thread(lambda: self._iter_chunks(messages, stop, kwargs))])
 
     def _stream(
         self,
