@@ -322,6 +322,20 @@ def test_retrieval_chain_passes_documents_as_chunks(llm, serial):
     assert asyncio.run(chain.ainvoke({"input": QUESTION})) == out
 
 
+def test_async_chain_events_show_the_model_run(llm, serial, caplog):
+    chain = create_parallelcomp_retrieval_chain(CorpusRetriever(documents=DOCS), llm)
+
+    async def run():
+        return [e async for e in chain.astream_events({"input": QUESTION}, version="v2")]
+
+    events = [e for e in asyncio.run(run()) if e["name"] == "ParallelCompLLM"]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "on_llm_start" and kinds[-1] == "on_llm_end" and set(kinds[1:-1]) == {"on_llm_stream"}
+    assert "".join(e["data"]["chunk"].text for e in events[1:-1]) == serial(QUESTION)
+    assert len({e["run_id"] for e in events}) == 1
+    assert not [r for r in caplog.records if "callback" in r.getMessage()]  # no "Run ID not found"
+
+
 def test_documents_chain_is_a_drop_in_for_stuff_prompts(llm):
     prompt = ChatPromptTemplate.from_messages([("system", "Use this context:\n{context}"), ("human", "{input}")])
     chain = create_parallelcomp_documents_chain(llm, prompt)
