@@ -16,8 +16,10 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.retrievers import BaseRetriever
 
+from pydantic import ValidationError
+
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig
-from pc_integrations.common import CONTEXT_MARKER
+from pc_integrations.common import CONTEXT_MARKER, GenerationTimeout
 from pc_integrations.langchain import (
     ChatParallelComp,
     CorpusRetriever,
@@ -235,9 +237,22 @@ def test_marker_splits_context_from_question(llm, engine):
         ({"documents": DOCS, "stop": ["ok", 3]}, "stop must be a string or a list of strings"),
         ({"documents": DOCS, "temprature": 0.5}, "unexpected keyword"),
         ({"documents": DOCS, "max_new_tokens": 0}, "max_new_tokens"),
+        ({"documents": DOCS, "max_new_tokens": "5"}, "max_new_tokens: expected an integer, got str"),
+        ({"documents": DOCS, "max_new_tokens": None}, "max_new_tokens: expected an integer, got NoneType"),
+        ({"documents": DOCS, "max_tokens": 5, "max_new_tokens": 5}, "not both"),
+        ({"documents": DOCS, "timeout": -1}, "timeout must be a positive number"),
+        ({"documents": 5}, "documents must be a list .* got int"),
+        ({"documents": True}, "documents must be a list .* got bool"),
+        ({"documents": object()}, "documents must be a list .* got object"),
+        ({"documents": [Document(page_content="x", metadata={})], "stop": "ok"}, None),
+        ({"documents": [{"text": "x", "metadata": ["not", "a", "dict"]}]}, "document 0: metadata must be a mapping"),
+        ({"documents": [{"text": 5}]}, "document 0: its text is a int"),
     ],
 )
 def test_bad_input_goes_through_on_llm_error(llm, kwargs, match):
+    if match is None:  # the valid neighbour of the cases around it
+        assert isinstance(llm.invoke(QUESTION, **kwargs), str)
+        return
     for call in ("invoke", "stream", "ainvoke", "astream"):
         recorder = Recorder()
         config = {"callbacks": [recorder]}
@@ -255,6 +270,26 @@ def test_bad_input_goes_through_on_llm_error(llm, kwargs, match):
 
 async def _drain(aiterator) -> list:
     return [x async for x in aiterator]
+
+
+def test_constructor_settings_are_typed_and_aliased(engine):
+    llm = ParallelCompLLM(engine=engine, max_tokens=7, timeout=30, streaming=True)
+    assert llm.max_new_tokens == 7 and llm._get_ls_params()["ls_max_tokens"] == 7
+    for bad in ({"max_new_tokens": "5"}, {"max_new_tokens": None}, {"temperature": True}, {"colour": "red"}):
+        with pytest.raises(ValidationError):
+            ParallelCompLLM(engine=engine, **bad)
+    with pytest.raises(ValidationError, match="max_retries"):
+        ChatParallelComp(engine=engine, max_retries=2)
+    recorder = Recorder()  # streaming=True: invoke reports every token
+    text = llm.invoke(QUESTION, {"callbacks": [recorder]}, documents=DOCS)
+    assert "".join(recorder.tokens) == text and len(recorder.tokens) > 1
+    assert llm.invoke(QUESTION, documents=DOCS, max_tokens=3) == llm.invoke(QUESTION, documents=DOCS, max_new_tokens=3)
+
+
+def test_timeout_stops_the_run_and_frees_the_engine(llm, serial):
+    with pytest.raises(GenerationTimeout, match="timeout=1e-06"):
+        llm.invoke(QUESTION, documents=DOCS, timeout=1e-6)
+    assert llm.invoke(QUESTION, documents=DOCS) == serial(QUESTION)
 
 
 def test_metadata_and_token_counting(llm, engine, tokenizer):
@@ -279,6 +314,7 @@ def test_chat_model_matches_llm_on_rendered_prompt(llm, engine):
     assert message.content == llm.invoke(prompt, documents=DOCS)
     assert len(message.response_metadata["sources"]) == len(DOCS)
     assert message.usage_metadata["output_tokens"] == message.response_metadata["stats"]["new_tokens"] == N
+    assert message.response_metadata["model_name"] == engine.model_name
     recorder = Recorder()
     chunks = list(chat.stream(messages, {"callbacks": [recorder]}, documents=DOCS))
     assert "".join(c.text for c in chunks) == message.content

@@ -9,6 +9,8 @@ embedded SmolLM2 for one end-to-end query.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import gc
 import importlib.util
 import math
 
@@ -19,7 +21,7 @@ import torch
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
-from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.bridge.pydantic import PrivateAttr, ValidationError
 from llama_index.core.llms import ChatMessage
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.query_engine import RetrieverQueryEngine
@@ -380,3 +382,83 @@ def test_smollm2_end_to_end(embed_model, smol_engine):
     kept = [n for n in response.source_nodes if n.node.metadata["parallelcomp_kept"]]
     assert any("Velmora" in n.node.get_content() for n in kept)
     assert "Velmora" in text
+
+
+def test_bad_input_is_typed(index, engine):
+    nodes = retrieve(index)
+    llm = ParallelCompLLM(engine, max_new_tokens=4)
+    synth = ParallelCompSynthesizer(llm)
+    for bad, match in [
+        (None, "prompt must be a string, got NoneType"),
+        (5, "prompt must be a string, got int"),
+    ]:
+        with pytest.raises(CallError, match=match):
+            llm.complete(bad)
+        with pytest.raises(CallError, match=match):
+            llm.stream_complete(bad)
+    for documents, match in [(5, "got int"), (True, "got bool"), (object(), "got object")]:
+        with pytest.raises(CallError, match=f"documents must be a list .*{match}"):
+            llm.complete(QUESTION, documents=documents)
+    with pytest.raises(CallError, match="metadata must be a mapping"):
+        llm.complete(QUESTION, documents=[{"text": "x", "metadata": 3}])
+    for query in (5, None, ["q"]):
+        with pytest.raises(InputError, match="query must be a string or a QueryBundle"):
+            synth.synthesize(query, nodes)
+    for bad_nodes, match in [
+        (None, "nodes must be a list of NodeWithScore, got NoneType"),
+        ("text", "got str"),
+        (["plain text"], r"nodes \[0\] are not NodeWithScore \(got str\)"),
+        ([nodes[0].node], r"not NodeWithScore \(got TextNode\); wrap each node"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            synth.synthesize(QUESTION, bad_nodes)
+        with pytest.raises(InputError, match=match):
+            asyncio.run(synth.asynthesize(QUESTION, bad_nodes))
+    with pytest.raises(InputError, match="text_chunks must be a list of strings, got int"):
+        synth.get_response(QUESTION, 5)
+    with pytest.raises(ValidationError):
+        ParallelCompLLM(engine, max_new_tokens="5")
+    with pytest.raises(ValidationError, match="colour"):
+        ParallelCompLLM(engine, colour="red")
+    assert ParallelCompLLM(engine, max_tokens=3).max_new_tokens == 3
+
+
+def _engine_free(engine) -> bool:
+    """Whether another run can take the engine within a bounded wait (a leak would block)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(lambda: engine._lock.acquire(timeout=20) and (engine._lock.release() or True))
+        return future.result(timeout=60)
+
+
+def test_abandoned_streams_free_the_engine(index, engine):
+    """With the garbage collector off, dropping a stream after one piece must close the engine
+    stream at once (reference counting alone), or the engine stays locked."""
+    llm = ParallelCompLLM(engine, max_new_tokens=200)
+    nodes = retrieve(index)
+    gc.disable()
+    try:
+        stream = llm.stream_complete(QUESTION, documents=[n.node for n in nodes])
+        next(stream)
+        del stream
+        assert _engine_free(engine)
+
+        async def abandon_async():
+            stream = await llm.astream_complete(QUESTION, documents=[n.node for n in nodes])
+            await anext(stream)
+            del stream
+            await asyncio.sleep(0.5)  # the closing generator tells the worker to stop
+            return await asyncio.to_thread(_engine_free, engine)
+
+        assert asyncio.run(abandon_async())
+        response = ParallelCompSynthesizer(llm, streaming=True).synthesize(QUESTION, nodes)
+        next(response.response_gen)
+        del response
+        assert _engine_free(engine)
+    finally:
+        gc.enable()
+
+
+def test_synthesizer_query_engine_needs_no_settings_llm(index, engine, no_settings_llm):
+    synth = ParallelCompSynthesizer(engine, max_new_tokens=8)
+    response = synth.as_query_engine(index, similarity_top_k=len(FACTS)).query(QUESTION)
+    check_attribution(response, retrieve(index), reference(engine, retrieve(index), max_new_tokens=8))

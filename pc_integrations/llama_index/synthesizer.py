@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Any, AsyncGenerator, Generator, List, Optional, Sequence
 
 import llama_index.core.instrumentation as instrument
@@ -241,21 +242,27 @@ class ParallelCompSynthesizer(BaseSynthesizer):
         question, kwargs = self._call_kwargs(query.query_str, [s.text for s in sources], response_kwargs)
         return question, kwargs, sources
 
+    # The response holds its generator; the generator holds the response only weakly, so a
+    # response dropped mid-stream is freed (and its engine stream closed) by reference counting
+    # alone, without waiting for the garbage collector.
+
     def _deltas(self, responses, response, nodes, sources, extra) -> Generator[str, None, None]:
-        last = None
+        last, response = None, weakref.ref(response)
         with contextlib.closing(responses):  # a consumer that stops reading frees the engine
             for last in responses:
                 if last.delta:
                     yield last.delta
-        self._attribute(response, last.raw, nodes, sources, extra)
+        if response() is not None:
+            self._attribute(response(), last.raw, nodes, sources, extra)
 
     async def _adeltas(self, responses, response, nodes, sources, extra) -> AsyncGenerator[str, None]:
-        last = None
+        last, response = None, weakref.ref(response)
         async with contextlib.aclosing(responses):
             async for last in responses:
                 if last.delta:
                     yield last.delta
-        self._attribute(response, last.raw, nodes, sources, extra)
+        if response() is not None:
+            self._attribute(response(), last.raw, nodes, sources, extra)
 
     def _attribute(self, response, output: GenerationOutput, nodes, sources, extra) -> None:
         """Fill `response.source_nodes` and `response.metadata` (in place: a streaming response
