@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import threading
 import time
@@ -37,7 +38,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 from parallelcomp import GenerationOutput, InputError, ParallelComp, ParallelCompError, TextStream
 from parallelcomp.engine import MIN_CHUNK_TOKENS
-from parallelcomp.prompts import build_prompt
+from parallelcomp.prompts import PromptParts, build_prompt, has_chat_template
 from parallelcomp.settings import GenerationSettings
 
 CONTEXT_MARKER = "<<<QUESTION>>>"
@@ -46,7 +47,7 @@ question (rule 2 of `route`)."""
 
 SETTING_ALIASES = {"max_tokens": "max_new_tokens"}
 """LangChain/OpenAI-style names accepted for `GenerationSettings` fields."""
-CALL_KEYS = ("documents", "timeout")
+CALL_KEYS = ("documents", "timeout", "history")
 """Per-call keyword arguments the wrappers take besides `GenerationSettings` fields."""
 
 
@@ -79,16 +80,68 @@ def call_settings(defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tup
         raise InputError(f"unexpected keyword argument(s) {unknown}; accepted: {accepted}")
     merged = {**{k: v for k, v in defaults.items() if k in names}, **{k: kwargs[k] for k in kwargs if k in names}}
     if "stop" in defaults and "stop" in kwargs:  # instance stops plus call stops
-        merged["stop"] = [*GenerationSettings.of(stop=defaults["stop"]).stop, *GenerationSettings.of(stop=kwargs["stop"]).stop]
+        stops = (GenerationSettings.of(stop=defaults["stop"]).stop, GenerationSettings.of(stop=kwargs["stop"]).stop)
+        merged["stop"] = list(dict.fromkeys([*stops[0], *stops[1]]))
     settings = GenerationSettings.of(**merged)
     options = {k: kwargs.get(k, defaults.get(k)) for k in CALL_KEYS}
     check_timeout(options["timeout"])
+    options["history"] = check_history(options["history"])
     return settings.model_dump(), options
 
 
 def check_timeout(timeout: Any) -> None:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise InputError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+
+
+# ---------------------------------------------------------------------- chat
+
+ROLES = ("system", "user", "assistant", "tool")
+"""Chat roles of `history`, as Hugging Face chat templates name them."""
+
+
+def check_history(history: Any) -> list[dict[str, str]]:
+    """Chat messages before the question's turn: {"role": one of ROLES, "content": str} each."""
+    if history is None:
+        return []
+    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
+        raise InputError(f"history must be a list of {{'role', 'content'}} messages, got {type(history).__name__}")
+    out = []
+    for i, m in enumerate(history):
+        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise InputError(f"history message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def chat_call(engine: ParallelComp, turns: list[tuple[str, str]]) -> tuple[str, dict[str, Any]]:
+    """(prompt, extra call kwargs) of a chat given as (role, text) turns, roles from ROLES.
+
+    The last turn (a user or tool turn) is the one to answer. With the tokenizer's chat template
+    (and `use_chat_template`), its text is the question and the earlier turns are the `history`,
+    rendered by the template. Without one, the chat is flattened into one question: system
+    texts, then the earlier turns as "User: ...", "Assistant: ...", "Tool: ...", then the last
+    turn, joined by blank lines. Documents are chunked either way; the routing rule applies to
+    the question.
+    """
+    if not turns:
+        raise InputError("no messages: pass at least one user message")
+    role, text = turns[-1]
+    if role not in ("user", "tool"):
+        raise InputError(f"the last message is a {role} message; end the list with the user (or tool) turn to answer")
+    if engine.config.use_chat_template and has_chat_template(engine.tokenizer):
+        question = f"Tool: {text}" if role == "tool" else text
+        return question, {"history": [{"role": r, "content": t} for r, t in turns[:-1]]}
+    return flatten_chat(turns), {}
+
+
+def flatten_chat(turns: list[tuple[str, str]]) -> str:
+    """A chat as one question string, for models without a chat template (`chat_call`)."""
+    system = [t for r, t in turns if r == "system"]
+    earlier = [f"{r.title()}: {t}" for r, t in turns[:-1] if r != "system"]
+    role, text = turns[-1]
+    last = f"Tool: {text}" if role == "tool" else text
+    return "\n\n".join(p for p in [*system, *earlier, last] if p.strip())
 
 
 # ---------------------------------------------------------------------- documents
@@ -155,8 +208,12 @@ class Route:
     split: dict[str, Any]
 
 
-def route(engine: ParallelComp, prompt: Any, documents: Any = None, max_new_tokens: int = 256) -> Route:
-    """The one routing rule for every wrapper call (module docstring)."""
+def route(
+    engine: ParallelComp, prompt: Any, documents: Any = None, max_new_tokens: int = 256, history: list | None = None
+) -> Route:
+    """The one routing rule for every wrapper call (module docstring). `history`: the chat
+    messages before the prompt's turn (they sit in the prompt prefix)."""
+    parts = functools.partial(_parts, engine, history or [])
     if not isinstance(prompt, str):
         raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
     if documents is not None:
@@ -167,12 +224,13 @@ def route(engine: ParallelComp, prompt: Any, documents: Any = None, max_new_toke
     if CONTEXT_MARKER in prompt:
         context, question = prompt.rsplit(CONTEXT_MARKER, 1)
         return _route(question.strip(), [SourceDocument(context)] if context.strip() else None, "marker")
-    if not prompt.strip() or _fits_alone(engine, prompt, max_new_tokens):
+    if not prompt.strip() or _fits_alone(engine, parts(prompt, False), max_new_tokens):
         return _route(prompt, None, "question")
-    limit = _question_budget(engine, max_new_tokens)
-    for rule, end, start in _question_starts(engine, prompt, limit):
+    limit = _question_budget(engine, parts("?", True), max_new_tokens)
+    overhead = len(parts("?", True).question_ids)
+    for rule, end, start in _question_starts(engine, prompt, limit - overhead):
         question, context = _strip_cue(prompt[start:]).strip(), prompt[:end]
-        if question and context.strip() and _question_tokens(engine, question) <= limit:
+        if question and context.strip() and len(parts(question, True).question_ids) <= limit:
             return _route(question, [SourceDocument(context)], rule)
     raise InputError(f"no question of at most {limit} tokens could be found at the end of the prompt")
 
@@ -182,28 +240,25 @@ def _route(question: str, sources: list[SourceDocument] | None, rule: str) -> Ro
     return Route(question, sources, split)
 
 
-def _fits_alone(engine: ParallelComp, prompt: str, reserve: int) -> bool:
-    """Whether the engine answers `prompt` as a plain question (the check in its chunk budget)."""
+def _parts(engine: ParallelComp, history: list, question: str, with_documents: bool) -> PromptParts:
     config = engine.config
-    parts = build_prompt(engine.tokenizer, config.instruction, prompt, config.use_chat_template, with_documents=False)
+    tokenizer, instruction = engine.tokenizer, config.instruction
+    return build_prompt(tokenizer, instruction, question, config.use_chat_template, with_documents, history)
+
+
+def _fits_alone(engine: ParallelComp, parts: PromptParts, reserve: int) -> bool:
+    """Whether the engine answers the prompt as a plain question (the check in its chunk budget)."""
     room = engine.window - len(parts.prefix_ids) - len(parts.question_ids) - reserve
-    budget = config.chunk_tokens or room
+    budget = engine.config.chunk_tokens or room
     return budget >= MIN_CHUNK_TOKENS and len(parts.question_ids) <= budget
 
 
-def _question_budget(engine: ParallelComp, reserve: int) -> int:
-    config = engine.config
-    parts = build_prompt(engine.tokenizer, config.instruction, "?", config.use_chat_template)
+def _question_budget(engine: ParallelComp, parts: PromptParts, reserve: int) -> int:
     limit = (engine.window - len(parts.prefix_ids) - reserve) // 4
-    return min(limit, config.chunk_tokens) if config.chunk_tokens else limit
+    return min(limit, engine.config.chunk_tokens) if engine.config.chunk_tokens else limit
 
 
-def _question_tokens(engine: ParallelComp, question: str) -> int:
-    config = engine.config
-    return len(build_prompt(engine.tokenizer, config.instruction, question, config.use_chat_template).question_ids)
-
-
-def _question_starts(engine: ParallelComp, prompt: str, limit: int) -> Iterator[tuple[str, int, int]]:
+def _question_starts(engine: ParallelComp, prompt: str, tail_tokens: int) -> Iterator[tuple[str, int, int]]:
     """Candidate splits (rule, end of the corpus, start of the question), in rule order."""
     labels = list(_LABEL.finditer(prompt))
     if labels:
@@ -220,8 +275,7 @@ def _question_starts(engine: ParallelComp, prompt: str, limit: int) -> Iterator[
         yield "sentence", sentences[-1].end(), sentences[-1].end()
     encoded = engine.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     offsets = encoded["offset_mapping"]
-    overhead = _question_tokens(engine, "?")
-    n = max(1, limit - overhead - 2)
+    n = max(1, tail_tokens - 2)
     if len(offsets) > n:
         yield "tail", offsets[-n][0], offsets[-n][0]
 
@@ -238,17 +292,19 @@ class Run:
 
     def __init__(self, engine: ParallelComp, prompt: Any, kwargs: Mapping[str, Any], defaults: Mapping[str, Any]):
         settings, options = call_settings(defaults, kwargs)
-        self.route = route(engine, prompt, options["documents"], settings["max_new_tokens"])
+        history = options["history"]
+        self.route = route(engine, prompt, options["documents"], settings["max_new_tokens"], history)
         texts = None if self.route.sources is None else [s.text for s in self.route.sources]
         self.timeout = options["timeout"]
         self.started = time.monotonic()
-        self.stream: TextStream = engine.stream(self.route.question, documents=texts, **settings)
+        self.stream: TextStream = engine.stream(self.route.question, documents=texts, history=history, **settings)
 
     def deltas(self) -> Iterator[str]:
         try:
             for delta in self.stream:
                 if self.timeout is not None and time.monotonic() - self.started > self.timeout:
-                    raise GenerationTimeout(f"the call ran past timeout={self.timeout} s; raise it or lower max_new_tokens")
+                    msg = f"the call ran past timeout={self.timeout} s; raise it or lower max_new_tokens"
+                    raise GenerationTimeout(msg)
                 yield delta
         finally:
             self.stream.close()

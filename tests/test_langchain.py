@@ -19,6 +19,7 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ValidationError
 
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig
+from parallelcomp.prompts import build_prompt
 from pc_integrations.common import CONTEXT_MARKER, GenerationTimeout
 from pc_integrations.langchain import (
     ChatParallelComp,
@@ -305,13 +306,23 @@ def test_metadata_and_token_counting(llm, engine, tokenizer):
 # ---------------------------------------------------------------------- ChatParallelComp
 
 
-def test_chat_model_matches_llm_on_rendered_prompt(llm, engine):
+def test_chat_model_renders_history_with_the_chat_template(engine, tokenizer):
     chat = ChatParallelComp(engine=engine, max_new_tokens=N)
-    messages = [SystemMessage("Answer tersely."), HumanMessage(QUESTION)]
-    prompt = messages_to_prompt(messages)
-    assert prompt == f"Answer tersely.\n\n{QUESTION}"
-    message = chat.invoke(messages, documents=DOCS)
-    assert message.content == llm.invoke(prompt, documents=DOCS)
+    messages = [SystemMessage("Answer tersely."), HumanMessage("Hi"), AIMessage("Hello!"), HumanMessage(QUESTION)]
+    history = [
+        {"role": "system", "content": "Answer tersely."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+    # the engine's prompt with a history is exactly the tokenizer's own chat template rendering
+    parts = build_prompt(tokenizer, engine.config.instruction, QUESTION, True, False, history)
+    rendered = tokenizer.apply_chat_template(
+        [*history, {"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    assert parts.prefix_ids + parts.question_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    message = chat.invoke(messages, documents=DOCS)  # documents still chunked, history in the prefix
+    direct = engine.generate(QUESTION, documents=DOCS, history=history, max_new_tokens=N)
+    assert message.content == direct.text and direct.stats.n_chunks > 2
     assert len(message.response_metadata["sources"]) == len(DOCS)
     assert message.usage_metadata["output_tokens"] == message.response_metadata["stats"]["new_tokens"] == N
     assert message.response_metadata["model_name"] == engine.model_name
@@ -332,6 +343,13 @@ def test_chat_prompt_rule_and_bad_messages(engine):
     assert messages_to_prompt(history) == (
         "Be brief.\n\nUser: Hi\n\nAssistant: calls ask_corpus({'question': 'q'})\n\nTool: It was 1874."
     )
+    # without a chat template the list is flattened into that one question
+    plain = ParallelComp(engine.model, engine.tokenizer, engine.config.replace(use_chat_template=False))
+    flat = ChatParallelComp(engine=plain, max_new_tokens=N)
+    messages = [SystemMessage("Be brief."), HumanMessage(QUESTION)]
+    assert flat.invoke(messages, documents=DOCS).content == plain.generate(
+        messages_to_prompt(messages), documents=DOCS, max_new_tokens=N
+    ).text
     chat = ChatParallelComp(engine=engine, max_new_tokens=N)
     recorder = Recorder()
     with pytest.raises(InputError, match="last message is a AIMessage"):

@@ -270,8 +270,12 @@ def test_llm_complete_stream_and_async(engine):
     # without the marker the whole prompt is the question (no context); per-call overrides apply
     assert llm.complete("Say hello.", max_new_tokens=5).text == engine.generate("Say hello.", max_new_tokens=5).text
 
-    messages = [ChatMessage(role="user", content="Say hello.")]
-    chat = llm.chat(messages).message.content
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Say hello.")]
+    chat = llm.chat(messages).message.content  # the history through the tokenizer's chat template
+    history = [{"role": "system", "content": "Be brief."}]
+    assert chat == engine.generate("Say hello.", history=history, max_new_tokens=12).text
+    with pytest.raises(CallError, match="last message is a assistant message"):
+        llm.chat([ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello")])
 
     async def run_chat():
         a = await llm.achat(messages)

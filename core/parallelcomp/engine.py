@@ -134,18 +134,19 @@ class ParallelComp:
             pass
         return stream.output
 
-    def stream(self, question: str, documents=None, context=None, **settings) -> TextStream:
+    def stream(self, question: str, documents=None, context=None, history=(), **settings) -> TextStream:
         """Like `generate`, but yields text deltas as they are decoded.
 
         With neither `documents` nor `context`, the question is answered from the model alone
         (a plain chat turn; `out.chunks` is empty). An empty `documents` list is an error.
+        `history`: chat messages ({"role", "content"}) before the question's turn (prompts.py).
         """
         _check_question(question)
         documents = validate_documents(documents, context, required=False)
         s = GenerationSettings.of(**settings)
         sampling = Sampling(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty)
         parts = build_prompt(
-            self.tokenizer, self.config.instruction, question, self.config.use_chat_template, bool(documents)
+            self.tokenizer, self.config.instruction, question, self.config.use_chat_template, bool(documents), history
         )
         stream = TextStream(iter(()))
         stream._deltas = self._answer(stream, parts, documents, s.max_new_tokens, list(s.stop), sampling, s.progress)

@@ -29,17 +29,19 @@ from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
     ChatResponseAsyncGen,
+    ChatResponseGen,
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
+    MessageRole,
 )
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
 
-from parallelcomp import ParallelComp, ParallelCompConfig, ParallelCompError
+from parallelcomp import InputError, ParallelComp, ParallelCompConfig, ParallelCompError
 from parallelcomp.settings import GenerationSettings, Integer, Number
 from pc_integrations.common import (
     CALL_KEYS,
@@ -49,6 +51,7 @@ from pc_integrations.common import (
     Run,
     aiter_in_thread,
     call_settings,
+    chat_call,
 )
 
 CALL_KWARGS = frozenset([*GenerationSettings.names(), *SETTING_ALIASES, *CALL_KEYS, "instruction"])
@@ -211,6 +214,22 @@ class ParallelCompLLM(CustomLLM):
         return gen()
 
     @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """A chat history through the tokenizer's chat template (`common.chat_call`)."""
+        *_, last = self._chat_responses(messages, kwargs)
+        return last
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._chat_responses(messages, kwargs)
+
+    def _chat_responses(self, messages: Sequence[ChatMessage], kwargs: dict) -> Iterator[ChatResponse]:
+        with _rejected():
+            prompt, extra = chat_call(self._engine, _turns(messages))
+        responses = self._responses(self._start(prompt, {**kwargs, **extra}))
+        return _as_chat(responses)
+
+    @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         return await asyncio.to_thread(self.chat, messages, **kwargs)
 
@@ -232,3 +251,25 @@ def _rejected() -> Iterator[None]:
         if isinstance(err, (ValueError, TypeError)):
             raise CallError(str(err)) from err
         raise
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "chatbot": "assistant",
+          "model": "assistant", "tool": "tool", "function": "tool"}
+
+
+def _turns(messages: Any) -> list[tuple[str, str]]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InputError(f"messages must be a list of ChatMessage, got {type(messages).__name__}")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, ChatMessage):
+            raise InputError(f"message {i} is a {type(m).__name__}, expected a ChatMessage")
+        turns.append((_ROLES[MessageRole(m.role).value], m.content or ""))
+    return turns
+
+
+def _as_chat(responses: Iterator[CompletionResponse]) -> Iterator[ChatResponse]:
+    with contextlib.closing(responses):
+        for r in responses:
+            message = ChatMessage(role=MessageRole.ASSISTANT, content=r.text)
+            yield ChatResponse(message=message, delta=r.delta, raw=r.raw, additional_kwargs=r.additional_kwargs)
