@@ -41,7 +41,11 @@ class ParallelCompLLM(BaseLLM):
 
     `generation_info` of every generation (and of the last streamed chunk) holds `sources`
     (one record per input document: index, kept, score = question NLL, lower is more relevant,
-    chunks, metadata), `chunks` (one record per chunk) and `stats` (`RunStats` as a dict).
+    chunks, metadata), `chunks` (one record per chunk), `stats` (`RunStats` as a dict), `split`
+    (the routing rule applied, `common.route`), `finish_reason` and `model_name`.
+
+    Settings are `GenerationSettings` fields (validated there, once), plus `timeout` and
+    `streaming`; each may be overridden per call, as may `documents=` and `history=`.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
@@ -50,15 +54,15 @@ class ParallelCompLLM(BaseLLM):
     """The runtime that does all model work; one engine may serve many wrappers."""
     model_name: str = ""
     """Reported to tracing and in `_identifying_params`; defaults to the engine's model name."""
-    max_new_tokens: Integer = Field(_DEFAULTS["max_new_tokens"], ge=1, alias="max_tokens")
+    max_new_tokens: Integer = Field(_DEFAULTS["max_new_tokens"], alias="max_tokens")
     """Tokens to generate at most; `max_tokens` (LangChain's standard name) is an alias."""
-    temperature: Number = Field(_DEFAULTS["temperature"], ge=0.0)
+    temperature: Number = _DEFAULTS["temperature"]
     """0 is greedy decoding."""
-    top_p: Number = Field(_DEFAULTS["top_p"], gt=0.0, le=1.0)
-    top_k: Integer = Field(_DEFAULTS["top_k"], ge=0)
+    top_p: Number = _DEFAULTS["top_p"]
+    top_k: Integer = _DEFAULTS["top_k"]
     seed: Integer | None = None
     """Seed of the sampler when temperature > 0."""
-    repetition_penalty: Number = Field(_DEFAULTS["repetition_penalty"], gt=0.0)
+    repetition_penalty: Number = _DEFAULTS["repetition_penalty"]
     stop: list[str] | None = None
     """Default stop strings, added to those given per call; never part of the output."""
     progress: bool = False
