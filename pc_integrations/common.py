@@ -1,22 +1,151 @@
 """Framework-neutral glue shared by the LangChain and LlamaIndex wrappers (written once here):
-document normalisation, the prompt-splitting rule, source attribution, and running the blocking
-engine off the event loop. Imports no framework; framework objects are duck-typed.
+per-call settings, document normalisation, the one routing rule that turns a call into the
+engine's question and corpus, source attribution, timeouts, and running the blocking engine off
+the event loop. Imports no framework; framework objects are duck-typed.
+
+Routing (`route`), in this order; `generation_info(...)["split"]` reports which rule applied:
+
+1. `documents=[...]` given: the prompt is the question, each document one input (rule
+   "documents"). A prompt that also contains CONTEXT_MARKER is an error.
+2. The prompt contains CONTEXT_MARKER: text before its last occurrence is the corpus, text after
+   it the question ("marker").
+3. The prompt fits the model's window as a plain question: the model answers it alone
+   ("question").
+4. Otherwise the prompt is a stuffed prompt and is never refused for length. Its question is the
+   trailing part, found by the first of these that yields a non-empty question no longer than
+   the question budget (a quarter of the window left after the prompt prefix and
+   max_new_tokens, and at most `chunk_tokens`):
+   "label"     - the text after the last line-initial `Question:`, `Query:`, `Q:`, `User:`,
+                 `Human:`, `Input:` or `Task:` label (or run of them: `Human: Question:`);
+   "paragraph" - the last paragraph (text after the last blank line);
+   "line"      - the last non-empty line;
+   "sentence"  - the last sentence (text after the last `.`, `!` or `?` followed by a space);
+   "tail"      - the longest run of trailing tokens within the budget.
+   A trailing answer cue on its own line (`Answer:`, `Response:`, `Assistant:`, ...) is dropped
+   from the question; everything before the question is the corpus, chunked like documents.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import re
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
-from parallelcomp import GenerationOutput, InputError
+from parallelcomp import GenerationOutput, InputError, ParallelComp, ParallelCompError, TextStream
+from parallelcomp.engine import MIN_CHUNK_TOKENS
+from parallelcomp.prompts import PromptParts, build_prompt, has_chat_template
+from parallelcomp.settings import GenerationSettings
 from parallelcomp.guard import cancel_scope
 
 CONTEXT_MARKER = "<<<QUESTION>>>"
 """In a single prompt string, text before the last marker is context and text after it is the
-question (see `split_prompt`)."""
+question (rule 2 of `route`)."""
+
+SETTING_ALIASES = {"max_tokens": "max_new_tokens"}
+"""LangChain/OpenAI-style names accepted for `GenerationSettings` fields."""
+CALL_KEYS = ("documents", "timeout", "history")
+"""Per-call keyword arguments the wrappers take besides `GenerationSettings` fields."""
+
+
+class GenerationTimeout(ParallelCompError, TimeoutError):
+    """A call ran past its `timeout` (seconds); raise the timeout or lower max_new_tokens."""
+
+
+class CallError(ParallelCompError, RuntimeError):
+    """A rejected LlamaIndex LLM call. LlamaIndex's synthesizers catch ValueError and TypeError
+    from the LLM and answer "Empty Response" instead; this error (the `InputError` or
+    `ConfigError` is its `__cause__`) passes through them to the user."""
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def call_settings(defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(engine settings, wrapper options) of one call: `defaults` (the wrapper's fields)
+    overridden by the call's `kwargs`, validated by `GenerationSettings` (typed `InputError`)."""
+    kwargs = dict(kwargs)
+    for alias, name in SETTING_ALIASES.items():
+        if alias in kwargs:
+            if name in kwargs:
+                raise InputError(f"pass {name}= or its alias {alias}=, not both")
+            kwargs[name] = kwargs.pop(alias)
+    names = set(GenerationSettings.names())
+    unknown = sorted(set(kwargs) - names - set(CALL_KEYS))
+    if unknown:
+        accepted = [*GenerationSettings.names(), *SETTING_ALIASES, *CALL_KEYS]
+        raise InputError(f"unexpected keyword argument(s) {unknown}; accepted: {accepted}")
+    merged = {**{k: v for k, v in defaults.items() if k in names}, **{k: kwargs[k] for k in kwargs if k in names}}
+    if "stop" in defaults and "stop" in kwargs:  # instance stops plus call stops
+        stops = (GenerationSettings.of(stop=defaults["stop"]).stop, GenerationSettings.of(stop=kwargs["stop"]).stop)
+        merged["stop"] = list(dict.fromkeys([*stops[0], *stops[1]]))
+    settings = GenerationSettings.of(**merged)
+    options = {k: kwargs.get(k, defaults.get(k)) for k in CALL_KEYS}
+    check_timeout(options["timeout"])
+    options["history"] = check_history(options["history"])
+    return settings.model_dump(), options
+
+
+def check_timeout(timeout: Any) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise InputError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+
+
+# ---------------------------------------------------------------------- chat
+
+ROLES = ("system", "user", "assistant", "tool")
+"""Chat roles of `history`, as Hugging Face chat templates name them."""
+
+
+def check_history(history: Any) -> list[dict[str, str]]:
+    """Chat messages before the question's turn: {"role": one of ROLES, "content": str} each."""
+    if history is None:
+        return []
+    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
+        raise InputError(f"history must be a list of {{'role', 'content'}} messages, got {type(history).__name__}")
+    out = []
+    for i, m in enumerate(history):
+        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise InputError(f"history message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def chat_call(engine: ParallelComp, turns: list[tuple[str, str]]) -> tuple[str, dict[str, Any]]:
+    """(prompt, extra call kwargs) of a chat given as (role, text) turns, roles from ROLES.
+
+    The last turn (a user or tool turn) is the one to answer. With the tokenizer's chat template
+    (and `use_chat_template`), its text is the question and the earlier turns are the `history`,
+    rendered by the template. Without one, the chat is flattened into one question: system
+    texts, then the earlier turns as "User: ...", "Assistant: ...", "Tool: ...", then the last
+    turn, joined by blank lines. Documents are chunked either way; the routing rule applies to
+    the question.
+    """
+    if not turns:
+        raise InputError("no messages: pass at least one user message")
+    role, text = turns[-1]
+    if role not in ("user", "tool"):
+        raise InputError(f"the last message is a {role} message; end the list with the user (or tool) turn to answer")
+    if engine.config.use_chat_template and has_chat_template(engine.tokenizer):
+        question = f"Tool: {text}" if role == "tool" else text
+        return question, {"history": [{"role": r, "content": t} for r, t in turns[:-1]]}
+    return flatten_chat(turns), {}
+
+
+def flatten_chat(turns: list[tuple[str, str]]) -> str:
+    """A chat as one question string, for models without a chat template (`chat_call`)."""
+    system = [t for r, t in turns if r == "system"]
+    earlier = [f"{r.title()}: {t}" for r, t in turns[:-1] if r != "system"]
+    role, text = turns[-1]
+    last = f"Tool: {text}" if role == "tool" else text
+    return "\n\n".join(p for p in [*system, *earlier, last] if p.strip())
+
+
+# ---------------------------------------------------------------------- documents
 
 
 @dataclass(frozen=True)
@@ -25,13 +154,12 @@ class SourceDocument:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def normalize_documents(documents: Iterable[Any]) -> list[SourceDocument]:
+def normalize_documents(documents: Any) -> list[SourceDocument]:
     """str, LangChain `Document`, LlamaIndex node / `NodeWithScore`, or {"text"|"page_content": ...}."""
-    if documents is None or isinstance(documents, (str, bytes)):
-        raise InputError("documents must be a list (of str, Document or node objects)")
-    out = []
-    for i, doc in enumerate(documents):
-        out.append(_one(i, doc))
+    if documents is None or isinstance(documents, (str, bytes, Mapping)) or not isinstance(documents, Iterable):
+        got = "None" if documents is None else type(documents).__name__
+        raise InputError(f"documents must be a list (of str, Document or node objects), got {got}")
+    out = [_one(i, doc) for i, doc in enumerate(documents)]
     if not out:
         raise InputError("the corpus is empty: pass at least one document")
     return out
@@ -41,30 +169,153 @@ def _one(i: int, doc: Any) -> SourceDocument:
     if isinstance(doc, str):
         return SourceDocument(doc)
     if hasattr(doc, "page_content"):  # langchain_core.documents.Document
-        return SourceDocument(doc.page_content, dict(doc.metadata or {}))
+        return SourceDocument(_text(i, doc.page_content), _metadata(i, doc.metadata))
     node = getattr(doc, "node", doc)  # llama_index NodeWithScore → node
     if hasattr(node, "get_content"):
-        meta = dict(getattr(node, "metadata", {}) or {})
-        return SourceDocument(node.get_content(), meta)
-    if isinstance(doc, dict) and isinstance(doc.get("text", doc.get("page_content")), str):
-        text = doc.get("text", doc.get("page_content"))
-        return SourceDocument(text, dict(doc.get("metadata", {})))
+        return SourceDocument(_text(i, node.get_content()), _metadata(i, getattr(node, "metadata", None)))
+    if isinstance(doc, Mapping) and ("text" in doc or "page_content" in doc):
+        return SourceDocument(_text(i, doc.get("text", doc.get("page_content"))), _metadata(i, doc.get("metadata")))
     raise InputError(f"document {i} has unsupported type {type(doc).__name__}; use str or a Document/node")
 
 
-def split_prompt(prompt: str) -> tuple[str | None, str]:
-    """(context, question) of one prompt string.
+def _text(i: int, text: Any) -> str:
+    if not isinstance(text, str):
+        raise InputError(f"document {i}: its text is a {type(text).__name__}, expected str")
+    return text
 
-    Rule: if the prompt contains CONTEXT_MARKER, the text before its last occurrence is the
-    context and the text after it the question. Otherwise the whole prompt is the question and
-    there is no context. Nothing is ever truncated: a prompt too long for the model's window
-    without a marker raises an InputError from the engine that says to add the marker or pass
-    documents.
-    """
+
+def _metadata(i: int, metadata: Any) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InputError(f"document {i}: metadata must be a mapping (dict), got {type(metadata).__name__}")
+    return dict(metadata)
+
+
+# ---------------------------------------------------------------------- routing
+
+_LABEL = re.compile(r"(?im)^[ \t>*#-]*(?:(?:question|query|q|user|human|input|task)[ \t]*:[ \t]*)+")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=\S)")
+_ANSWER_CUE = re.compile(r"(?is)\n[ \t]*(answer|refined answer|response|output|assistant|ai|a)[ \t]*:[ \t]*$")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One call as the engine sees it: the question, the corpus (None: the model alone) and how
+    the prompt was split."""
+
+    question: str
+    sources: list[SourceDocument] | None
+    split: dict[str, Any]
+
+
+def route(
+    engine: ParallelComp, prompt: Any, documents: Any = None, max_new_tokens: int = 256, history: list | None = None
+) -> Route:
+    """The one routing rule for every wrapper call (module docstring). `history`: the chat
+    messages before the prompt's turn (they sit in the prompt prefix)."""
+    parts = functools.partial(_parts, engine, history or [])
+    if not isinstance(prompt, str):
+        raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
+    if documents is not None:
+        if CONTEXT_MARKER in prompt:
+            msg = f"the prompt contains {CONTEXT_MARKER!r} and documents= was given: pass the context one way only"
+            raise InputError(msg)
+        return _route(prompt, normalize_documents(documents), "documents")
     if CONTEXT_MARKER in prompt:
         context, question = prompt.rsplit(CONTEXT_MARKER, 1)
-        return (context if context.strip() else None), question.strip()
-    return None, prompt
+        return _route(question.strip(), [SourceDocument(context)] if context.strip() else None, "marker")
+    if not prompt.strip() or _fits_alone(engine, parts(prompt, False), max_new_tokens):
+        return _route(prompt, None, "question")
+    limit = _question_budget(engine, parts("?", True), max_new_tokens)
+    overhead = len(parts("?", True).question_ids)
+    for rule, end, start in _question_starts(engine, prompt, limit - overhead):
+        question, context = _strip_cue(prompt[start:]).strip(), prompt[:end]
+        if question and context.strip() and len(parts(question, True).question_ids) <= limit:
+            return _route(question, [SourceDocument(context)], rule)
+    raise InputError(f"no question of at most {limit} tokens could be found at the end of the prompt")
+
+
+def _route(question: str, sources: list[SourceDocument] | None, rule: str) -> Route:
+    split = {"rule": rule, "question_chars": len(question), "context_chars": sum(len(s.text) for s in sources or [])}
+    return Route(question, sources, split)
+
+
+def _parts(engine: ParallelComp, history: list, question: str, with_documents: bool) -> PromptParts:
+    config = engine.config
+    tokenizer, instruction = engine.tokenizer, config.instruction
+    return build_prompt(tokenizer, instruction, question, config.use_chat_template, with_documents, history)
+
+
+def _fits_alone(engine: ParallelComp, parts: PromptParts, reserve: int) -> bool:
+    """Whether the engine answers the prompt as a plain question (the check in its chunk budget)."""
+    room = engine.window - len(parts.prefix_ids) - len(parts.question_ids) - reserve
+    budget = engine.config.chunk_tokens or room
+    return budget >= MIN_CHUNK_TOKENS and len(parts.question_ids) <= budget
+
+
+def _question_budget(engine: ParallelComp, parts: PromptParts, reserve: int) -> int:
+    limit = (engine.window - len(parts.prefix_ids) - reserve) // 4
+    return min(limit, engine.config.chunk_tokens) if engine.config.chunk_tokens else limit
+
+
+def _question_starts(engine: ParallelComp, prompt: str, tail_tokens: int) -> Iterator[tuple[str, int, int]]:
+    """Candidate splits (rule, end of the corpus, start of the question), in rule order."""
+    labels = list(_LABEL.finditer(prompt))
+    if labels:
+        yield "label", labels[-1].start(), labels[-1].end()
+    body = _strip_cue(prompt)
+    paragraph = body.rfind("\n\n")
+    if paragraph > 0:
+        yield "paragraph", paragraph, paragraph
+    line = body.rfind("\n")
+    if line > 0:
+        yield "line", line, line
+    sentences = list(_SENTENCE_END.finditer(body))
+    if sentences:
+        yield "sentence", sentences[-1].end(), sentences[-1].end()
+    encoded = engine.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
+    n = max(1, tail_tokens - 2)
+    if len(offsets) > n:
+        yield "tail", offsets[-n][0], offsets[-n][0]
+
+
+def _strip_cue(text: str) -> str:
+    return _ANSWER_CUE.sub("", text.rstrip())
+
+
+class Run:
+    """One routed engine run. Iterate `deltas()` for the answer text; the engine stream is closed
+    when iteration ends or the consumer stops (so the engine is freed at once), and a run past
+    `timeout` seconds raises `GenerationTimeout` (checked at every decoded token: a prefill in
+    progress is not interrupted). Afterwards `output` and `info()` describe the run."""
+
+    def __init__(self, engine: ParallelComp, prompt: Any, kwargs: Mapping[str, Any], defaults: Mapping[str, Any]):
+        settings, options = call_settings(defaults, kwargs)
+        history = options["history"]
+        self.route = route(engine, prompt, options["documents"], settings["max_new_tokens"], history)
+        texts = None if self.route.sources is None else [s.text for s in self.route.sources]
+        self.timeout = options["timeout"]
+        self.started = time.monotonic()
+        self.stream: TextStream = engine.stream(self.route.question, documents=texts, history=history, **settings)
+
+    def deltas(self) -> Iterator[str]:
+        try:
+            for delta in self.stream:
+                if self.timeout is not None and time.monotonic() - self.started > self.timeout:
+                    msg = f"the call ran past timeout={self.timeout} s; raise it or lower max_new_tokens"
+                    raise GenerationTimeout(msg)
+                yield delta
+        finally:
+            self.stream.close()
+
+    @property
+    def output(self) -> GenerationOutput:
+        return self.stream.output
+
+    def info(self) -> dict[str, Any]:
+        return {**generation_info(self.output, self.route.sources), "split": self.route.split}
 
 
 def attribution(output: GenerationOutput, sources: list[SourceDocument]) -> list[dict[str, Any]]:

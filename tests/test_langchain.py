@@ -16,8 +16,11 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.retrievers import BaseRetriever
 
+from pydantic import ValidationError
+
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig
-from pc_integrations.common import CONTEXT_MARKER
+from parallelcomp.prompts import build_prompt
+from pc_integrations.common import CONTEXT_MARKER, GenerationTimeout
 from pc_integrations.langchain import (
     ChatParallelComp,
     CorpusRetriever,
@@ -225,15 +228,6 @@ def test_marker_splits_context_from_question(llm, engine):
     assert llm.invoke(QUESTION) == engine.generate(QUESTION, max_new_tokens=N).text
 
 
-def test_long_prompt_without_marker_is_refused_not_truncated(llm, engine):
-    recorder = Recorder()
-    prompt = " ".join(DOCS * 8) + " " + QUESTION
-    assert engine.count_tokens(prompt) > engine.window
-    with pytest.raises(InputError, match="QUESTION"):
-        llm.invoke(prompt, {"callbacks": [recorder]})
-    assert len(recorder.errors) == 1 and recorder.ends == 0
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -244,9 +238,22 @@ def test_long_prompt_without_marker_is_refused_not_truncated(llm, engine):
         ({"documents": DOCS, "stop": ["ok", 3]}, "stop must be a string or a list of strings"),
         ({"documents": DOCS, "temprature": 0.5}, "unexpected keyword"),
         ({"documents": DOCS, "max_new_tokens": 0}, "max_new_tokens"),
+        ({"documents": DOCS, "max_new_tokens": "5"}, "max_new_tokens: expected an integer, got str"),
+        ({"documents": DOCS, "max_new_tokens": None}, "max_new_tokens: expected an integer, got NoneType"),
+        ({"documents": DOCS, "max_tokens": 5, "max_new_tokens": 5}, "not both"),
+        ({"documents": DOCS, "timeout": -1}, "timeout must be a positive number"),
+        ({"documents": 5}, "documents must be a list .* got int"),
+        ({"documents": True}, "documents must be a list .* got bool"),
+        ({"documents": object()}, "documents must be a list .* got object"),
+        ({"documents": [Document(page_content="x", metadata={})], "stop": "ok"}, None),
+        ({"documents": [{"text": "x", "metadata": ["not", "a", "dict"]}]}, "document 0: metadata must be a mapping"),
+        ({"documents": [{"text": 5}]}, "document 0: its text is a int"),
     ],
 )
 def test_bad_input_goes_through_on_llm_error(llm, kwargs, match):
+    if match is None:  # the valid neighbour of the cases around it
+        assert isinstance(llm.invoke(QUESTION, **kwargs), str)
+        return
     for call in ("invoke", "stream", "ainvoke", "astream"):
         recorder = Recorder()
         config = {"callbacks": [recorder]}
@@ -266,6 +273,26 @@ async def _drain(aiterator) -> list:
     return [x async for x in aiterator]
 
 
+def test_constructor_settings_are_typed_and_aliased(engine):
+    llm = ParallelCompLLM(engine=engine, max_tokens=7, timeout=30, streaming=True)
+    assert llm.max_new_tokens == 7 and llm._get_ls_params()["ls_max_tokens"] == 7
+    for bad in ({"max_new_tokens": "5"}, {"max_new_tokens": None}, {"temperature": True}, {"colour": "red"}):
+        with pytest.raises(ValidationError):
+            ParallelCompLLM(engine=engine, **bad)
+    with pytest.raises(ValidationError, match="max_retries"):
+        ChatParallelComp(engine=engine, max_retries=2)
+    recorder = Recorder()  # streaming=True: invoke reports every token
+    text = llm.invoke(QUESTION, {"callbacks": [recorder]}, documents=DOCS)
+    assert "".join(recorder.tokens) == text and len(recorder.tokens) > 1
+    assert llm.invoke(QUESTION, documents=DOCS, max_tokens=3) == llm.invoke(QUESTION, documents=DOCS, max_new_tokens=3)
+
+
+def test_timeout_stops_the_run_and_frees_the_engine(llm, serial):
+    with pytest.raises(GenerationTimeout, match="timeout=1e-06"):
+        llm.invoke(QUESTION, documents=DOCS, timeout=1e-6)
+    assert llm.invoke(QUESTION, documents=DOCS) == serial(QUESTION)
+
+
 def test_metadata_and_token_counting(llm, engine, tokenizer):
     text = "Token counting uses the model's own tokenizer."
     assert llm.get_num_tokens(text) == len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -279,15 +306,26 @@ def test_metadata_and_token_counting(llm, engine, tokenizer):
 # ---------------------------------------------------------------------- ChatParallelComp
 
 
-def test_chat_model_matches_llm_on_rendered_prompt(llm, engine):
+def test_chat_model_renders_history_with_the_chat_template(engine, tokenizer):
     chat = ChatParallelComp(engine=engine, max_new_tokens=N)
-    messages = [SystemMessage("Answer tersely."), HumanMessage(QUESTION)]
-    prompt = messages_to_prompt(messages)
-    assert prompt == f"Answer tersely.\n\n{QUESTION}"
-    message = chat.invoke(messages, documents=DOCS)
-    assert message.content == llm.invoke(prompt, documents=DOCS)
+    messages = [SystemMessage("Answer tersely."), HumanMessage("Hi"), AIMessage("Hello!"), HumanMessage(QUESTION)]
+    history = [
+        {"role": "system", "content": "Answer tersely."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+    # the engine's prompt with a history is exactly the tokenizer's own chat template rendering
+    parts = build_prompt(tokenizer, engine.config.instruction, QUESTION, True, False, history)
+    rendered = tokenizer.apply_chat_template(
+        [*history, {"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    assert parts.prefix_ids + parts.question_ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    message = chat.invoke(messages, documents=DOCS)  # documents still chunked, history in the prefix
+    direct = engine.generate(QUESTION, documents=DOCS, history=history, max_new_tokens=N)
+    assert message.content == direct.text and direct.stats.n_chunks > 2
     assert len(message.response_metadata["sources"]) == len(DOCS)
     assert message.usage_metadata["output_tokens"] == message.response_metadata["stats"]["new_tokens"] == N
+    assert message.response_metadata["model_name"] == engine.model_name
     recorder = Recorder()
     chunks = list(chat.stream(messages, {"callbacks": [recorder]}, documents=DOCS))
     assert "".join(c.text for c in chunks) == message.content
@@ -305,6 +343,13 @@ def test_chat_prompt_rule_and_bad_messages(engine):
     assert messages_to_prompt(history) == (
         "Be brief.\n\nUser: Hi\n\nAssistant: calls ask_corpus({'question': 'q'})\n\nTool: It was 1874."
     )
+    # without a chat template the list is flattened into that one question
+    plain = ParallelComp(engine.model, engine.tokenizer, engine.config.replace(use_chat_template=False))
+    flat = ChatParallelComp(engine=plain, max_new_tokens=N)
+    messages = [SystemMessage("Be brief."), HumanMessage(QUESTION)]
+    assert flat.invoke(messages, documents=DOCS).content == plain.generate(
+        messages_to_prompt(messages), documents=DOCS, max_new_tokens=N
+    ).text
     chat = ChatParallelComp(engine=engine, max_new_tokens=N)
     recorder = Recorder()
     with pytest.raises(InputError, match="last message is a AIMessage"):
@@ -329,6 +374,20 @@ def test_retrieval_chain_passes_documents_as_chunks(llm, serial):
     assert "".join(p.get("answer", "") for p in pieces) == out["answer"]
     assert sum(1 for p in pieces if p.get("answer")) >= 3
     assert asyncio.run(chain.ainvoke({"input": QUESTION})) == out
+
+
+def test_async_chain_events_show_the_model_run(llm, serial, caplog):
+    chain = create_parallelcomp_retrieval_chain(CorpusRetriever(documents=DOCS), llm)
+
+    async def run():
+        return [e async for e in chain.astream_events({"input": QUESTION}, version="v2")]
+
+    events = [e for e in asyncio.run(run()) if e["name"] == "ParallelCompLLM"]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "on_llm_start" and kinds[-1] == "on_llm_end" and set(kinds[1:-1]) == {"on_llm_stream"}
+    assert "".join(e["data"]["chunk"].text for e in events[1:-1]) == serial(QUESTION)
+    assert len({e["run_id"] for e in events}) == 1
+    assert not [r for r in caplog.records if "callback" in r.getMessage()]  # no "Run ID not found"
 
 
 def test_documents_chain_is_a_drop_in_for_stuff_prompts(llm):

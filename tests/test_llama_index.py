@@ -9,6 +9,8 @@ embedded SmolLM2 for one end-to-end query.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import gc
 import importlib.util
 import math
 
@@ -19,7 +21,7 @@ import torch
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
-from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.bridge.pydantic import PrivateAttr, ValidationError
 from llama_index.core.llms import ChatMessage
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.query_engine import RetrieverQueryEngine
@@ -27,7 +29,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
 from llama_index.core.tools import QueryEngineTool
 
 from parallelcomp import ConfigError, InputError, ParallelComp, ParallelCompConfig
-from pc_integrations.common import CONTEXT_MARKER
+from pc_integrations.common import CONTEXT_MARKER, CallError
 from pc_integrations.llama_index import (
     ATTRIBUTION_KEYS,
     REFINE_TEMPLATE,
@@ -243,7 +245,8 @@ def test_get_response_text_chunks(engine):
 
 def test_llm_complete_stream_and_async(engine):
     llm = ParallelCompLLM(engine, max_new_tokens=12)
-    assert llm.metadata.context_window == 2 * 40  # keep_chunks × chunk_tokens
+    longest = max(len(token) for token in engine.tokenizer.get_vocab())  # characters
+    assert llm.metadata.context_window == engine.config.max_input_chars // longest
     assert llm.metadata.num_output == 12
     assert llm.metadata.model_name == engine.model_name
     context = "\n\n".join(text for _, text in FACTS)
@@ -269,8 +272,12 @@ def test_llm_complete_stream_and_async(engine):
     # without the marker the whole prompt is the question (no context); per-call overrides apply
     assert llm.complete("Say hello.", max_new_tokens=5).text == engine.generate("Say hello.", max_new_tokens=5).text
 
-    messages = [ChatMessage(role="user", content="Say hello.")]
-    chat = llm.chat(messages).message.content
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Say hello.")]
+    chat = llm.chat(messages).message.content  # the history through the tokenizer's chat template
+    history = [{"role": "system", "content": "Be brief."}]
+    assert chat == engine.generate("Say hello.", history=history, max_new_tokens=12).text
+    with pytest.raises(CallError, match="last message is a assistant message"):
+        llm.chat([ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello")])
 
     async def run_chat():
         a = await llm.achat(messages)
@@ -346,8 +353,9 @@ def test_bad_input(index, engine, make_engine):
         response = await streaming.asynthesize(QUESTION, nodes)
         return [p async for p in response.async_response_gen()]
 
-    with pytest.raises(InputError, match="max_input_chars"):
+    with pytest.raises(CallError, match="max_input_chars") as raised:  # not a ValueError: see CallError
         asyncio.run(asyncio.wait_for(consume(), timeout=30))
+    assert isinstance(raised.value.__cause__, InputError)
 
 
 def test_query_engine_tool(index, engine):
@@ -380,3 +388,88 @@ def test_smollm2_end_to_end(embed_model, smol_engine):
     kept = [n for n in response.source_nodes if n.node.metadata["parallelcomp_kept"]]
     assert any("Velmora" in n.node.get_content() for n in kept)
     assert "Velmora" in text
+
+
+def test_bad_input_is_typed(index, engine):
+    nodes = retrieve(index)
+    llm = ParallelCompLLM(engine, max_new_tokens=4)
+    synth = ParallelCompSynthesizer(llm)
+    for bad, match in [
+        (None, "prompt must be a string, got NoneType"),
+        (5, "prompt must be a string, got int"),
+    ]:
+        with pytest.raises(CallError, match=match):
+            llm.complete(bad)
+        with pytest.raises(CallError, match=match):
+            llm.stream_complete(bad)
+    for documents, match in [(5, "got int"), (True, "got bool"), (object(), "got object")]:
+        with pytest.raises(CallError, match=f"documents must be a list .*{match}"):
+            llm.complete(QUESTION, documents=documents)
+    with pytest.raises(CallError, match="metadata must be a mapping"):
+        llm.complete(QUESTION, documents=[{"text": "x", "metadata": 3}])
+    for query in (5, None, ["q"]):
+        with pytest.raises(InputError, match="query must be a string or a QueryBundle"):
+            synth.synthesize(query, nodes)
+    for bad_nodes, match in [
+        (None, "nodes must be a list of NodeWithScore, got NoneType"),
+        ("text", "got str"),
+        (["plain text"], r"nodes \[0\] are not NodeWithScore \(got str\)"),
+        ([nodes[0].node], r"not NodeWithScore \(got TextNode\); wrap each node"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            synth.synthesize(QUESTION, bad_nodes)
+        with pytest.raises(InputError, match=match):
+            asyncio.run(synth.asynthesize(QUESTION, bad_nodes))
+    with pytest.raises(InputError, match="text_chunks must be a list of strings, got int"):
+        synth.get_response(QUESTION, 5)
+    with pytest.raises(ValidationError):
+        ParallelCompLLM(engine, max_new_tokens="5")
+    with pytest.raises(ValidationError, match="colour"):
+        ParallelCompLLM(engine, colour="red")
+    assert ParallelCompLLM(engine, max_tokens=3).max_new_tokens == 3
+
+
+def _engine_free(engine) -> bool:
+    """Whether another run can take the engine within a bounded wait (a leak would block)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(_take_and_release, engine._lock)
+        return future.result(timeout=60)
+
+
+def _take_and_release(lock) -> bool:
+    with lock:
+        return True
+
+
+def test_abandoned_streams_free_the_engine(index, engine):
+    """With the garbage collector off, dropping a stream after one piece must close the engine
+    stream at once (reference counting alone), or the engine stays locked."""
+    llm = ParallelCompLLM(engine, max_new_tokens=200)
+    nodes = retrieve(index)
+    gc.disable()
+    try:
+        stream = llm.stream_complete(QUESTION, documents=[n.node for n in nodes])
+        next(stream)
+        del stream
+        assert _engine_free(engine)
+
+        async def abandon_async():
+            stream = await llm.astream_complete(QUESTION, documents=[n.node for n in nodes])
+            await anext(stream)
+            del stream
+            await asyncio.sleep(0.5)  # the closing generator tells the worker to stop
+            return await asyncio.to_thread(_engine_free, engine)
+
+        assert asyncio.run(abandon_async())
+        response = ParallelCompSynthesizer(llm, streaming=True).synthesize(QUESTION, nodes)
+        next(response.response_gen)
+        del response
+        assert _engine_free(engine)
+    finally:
+        gc.enable()
+
+
+def test_synthesizer_query_engine_needs_no_settings_llm(index, engine, no_settings_llm):
+    synth = ParallelCompSynthesizer(engine, max_new_tokens=8)
+    response = synth.as_query_engine(index, similarity_top_k=len(FACTS)).query(QUESTION)
+    check_attribution(response, retrieve(index), reference(engine, retrieve(index), max_new_tokens=8))

@@ -209,17 +209,18 @@ class ParallelComp:
             pass
         return stream.output
 
-    def stream(self, question: str, documents=None, context=None, *, corpus: Corpus | None = None,
+    def stream(self, question: str, documents=None, context=None, *, corpus: Corpus | None = None, history=(),
                **settings) -> TextStream:
         """Like `generate`, but yields text deltas as they are decoded.
 
         With neither `documents`, `context` nor `corpus`, the question is answered from the model
         alone (a plain chat turn; `out.chunks` is empty). An empty `documents` list is an error.
+        `history`: chat messages ({"role", "content"}) before the question's turn (prompts.py).
         """
         _check_question(question)
         s = GenerationSettings.of(**settings)
         sampling = Sampling(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty)
-        parts = self._prompt(question, with_documents=corpus is not None or documents is not None or context is not None)
+        parts = self._prompt(question, corpus is not None or documents is not None or context is not None, history)
         corpus = self._corpus(parts, documents, context, corpus, required=False)
         result = _Result()
         deltas = self._answer(result, parts, corpus, s.max_new_tokens, list(s.stop), sampling, s.progress)
@@ -290,9 +291,9 @@ class ParallelComp:
                 ctx.stats.first_token_seconds = ctx.stats.decode_seconds
             result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
-    def _prompt(self, question: str, with_documents: bool) -> PromptParts:
+    def _prompt(self, question: str, with_documents: bool, history=()) -> PromptParts:
         return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
-                            with_documents)
+                            with_documents, history)
 
     def _corpus(self, parts: PromptParts, documents, context, corpus: Corpus | None, required: bool) -> Corpus:
         """The call's corpus: the one given, or `documents`/`context` chunked (not yet encoded)."""

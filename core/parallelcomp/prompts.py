@@ -11,6 +11,7 @@ the engine and both framework integrations; knows nothing about the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 from .errors import InputError
 
@@ -28,25 +29,34 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def build_prompt(
-    tokenizer, instruction: str, question: str, use_chat_template: bool, with_documents: bool = True
+    tokenizer,
+    instruction: str,
+    question: str,
+    use_chat_template: bool,
+    with_documents: bool = True,
+    history: Sequence[Mapping[str, str]] = (),
 ) -> PromptParts:
     """Token ids of the shared prefix and of the question suffix.
 
     Without documents the question is the whole user turn and the instruction is left out.
+    `history` ({"role", "content"} chat messages before the question's user turn: system
+    messages, earlier turns) is rendered by the chat template ahead of that turn, so it sits in
+    the shared prefix that every chunk sees; it needs a chat template.
     """
     if not with_documents:
         instruction = ""
     body = f"{instruction}\n\n{_SLOT}" if instruction else _SLOT
     tail = f"\n\nQuestion: {question}" if with_documents else question
     if use_chat_template and has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": body + tail}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [*history, {"role": "user", "content": body + tail}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if text.count(_SLOT) != 1:
             msg = "the tokenizer's chat template rewrites the message content; pass use_chat_template=False"
             raise InputError(msg)
         head, rest = text.split(_SLOT)
         return PromptParts(_encode(tokenizer, head), _encode(tokenizer, rest))
+    if history:
+        raise InputError("a chat history needs the tokenizer's chat template (use_chat_template=True)")
     head, _ = body.split(_SLOT)
     prefix = tokenizer(head, add_special_tokens=True)["input_ids"] if head or _adds_bos(tokenizer) else []
     return PromptParts(list(prefix), _encode(tokenizer, tail + "\nAnswer:" if with_documents else tail))

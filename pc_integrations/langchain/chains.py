@@ -188,9 +188,11 @@ class _Answer:
 
 
 class _CaptureInfo(BaseCallbackHandler):
-    """Keeps the `generation_info` of the model run it is attached to."""
+    """Keeps the `generation_info` of the model run it is attached to.
 
-    run_inline = True
+    Not `run_inline`: an inline sync handler in an async callback manager made the model run
+    invisible to the other handlers (no on_llm_start in `astream_events`, "Run ID not found"
+    for every token), which broke tracing of the async chains."""
 
     def __init__(self) -> None:
         self.info: dict | None = None

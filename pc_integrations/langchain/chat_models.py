@@ -1,17 +1,17 @@
 """`ChatParallelComp`: a LangChain chat model over a `ParallelCompLLM` (the `ChatHuggingFace` pattern).
 
-The engine builds its own single-turn chat prompt, so a message list becomes one question:
+A message list goes through `pc_integrations.common.chat_call`: with the tokenizer's chat
+template, system messages and earlier turns are rendered by `tokenizer.apply_chat_template` (they
+sit in the prompt prefix every chunk sees) and the last message's text is the question; without a
+template, the list is flattened into one question (`messages_to_prompt`). The last message must
+be a user or tool message. An assistant message's tool calls are rendered as text
+("calls name(args)").
 
-    system messages (their text, in order)
-    earlier turns as a transcript ("User: ...", "Assistant: ...", "Tool: ...")
-    the last message's text (a user or tool message: the turn to answer)
-
-joined by blank lines. Documents go in as kwargs (`chat.invoke(messages, documents=[...])`) and
-are chunked exactly as in `ParallelCompLLM`; the prompt-splitting rule applies to the rendered
-text. `generation_info` (sources, chunks, stats) lands in `AIMessage.response_metadata`, token
-counts in `AIMessage.usage_metadata`. Tool calling (`bind_tools`) is not implemented: small
-local models do not emit reliable tool calls; expose the corpus to agents with
-`create_parallelcomp_tool` instead.
+Documents go in as kwargs (`chat.invoke(messages, documents=[...])`) and are chunked exactly as in
+`ParallelCompLLM`; the routing rule applies to the question. `generation_info` (sources, chunks,
+stats, split, model_name) lands in `AIMessage.response_metadata`, token counts in
+`AIMessage.usage_metadata`. Tool calling (`bind_tools`) is not implemented: expose the corpus to
+agents with `create_parallelcomp_tool` instead.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import Any, AsyncIterator, Iterator
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
 from pydantic import ConfigDict, model_validator
 
 from parallelcomp import InputError
 
-from ..common import aiter_in_thread
+from ..common import ROLES, aiter_in_thread, chat_call, flatten_chat
 from .llms import ParallelCompLLM, usage_from_info
 
 _ROLES = {"human": "User", "ai": "Assistant", "tool": "Tool", "function": "Tool", "chat": "User"}
@@ -43,13 +43,17 @@ class ChatParallelComp(BaseChatModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     llm: ParallelCompLLM
-    """Does the generation; its fields (max_new_tokens, temperature, stop, ...) apply here."""
+    """Does the generation; its fields (max_new_tokens, temperature, stop, timeout, ...) apply here."""
+    streaming: bool = False
+    """`invoke` streams internally, so every token reaches `on_llm_new_token` (LangChain's
+    standard `streaming` parameter)."""
 
     @model_validator(mode="before")
     @classmethod
     def _build_llm(cls, data: Any) -> Any:
         if isinstance(data, dict) and "llm" not in data and "engine" in data:
-            llm_fields = set(ParallelCompLLM.model_fields) - set(BaseChatModel.model_fields)
+            own = set(BaseChatModel.model_fields) | {"streaming"}
+            llm_fields = (set(ParallelCompLLM.model_fields) | {"max_tokens"}) - own
             data = dict(data)
             data["llm"] = ParallelCompLLM(**{k: data.pop(k) for k in list(data) if k in llm_fields})
         return data
@@ -64,7 +68,10 @@ class ChatParallelComp(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        params.update(ls_provider="parallelcomp", ls_model_name=self.llm.model_name)
+        params.update(ls_provider="parallelcomp", ls_model_name=kwargs.get("model") or self.llm.model_name)
+        params.update(ls_temperature=self.llm.temperature, ls_max_tokens=self.llm.max_new_tokens)
+        if self.llm.stop:
+            params["ls_stop"] = self.llm.stop
         return params
 
     def get_token_ids(self, text: str) -> list[int]:
@@ -82,7 +89,7 @@ class ChatParallelComp(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _result(list(self._stream(messages, stop, run_manager, **kwargs)))
+        return _result(list(self._iter_chunks(messages, stop, kwargs)))
 
     async def _agenerate(
         self,
@@ -91,7 +98,7 @@ class ChatParallelComp(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _result([c async for c in self._astream(messages, stop, run_manager, **kwargs)])
+        return _result([c async for c in aiter_in_thread(lambda: self._iter_chunks(messages, stop, kwargs))])
 
     def _stream(
         self,
@@ -118,23 +125,35 @@ class ChatParallelComp(BaseChatModel):
             yield chunk
 
     def _iter_chunks(self, messages: list[BaseMessage], stop: Any, kwargs: dict) -> Iterator[ChatGenerationChunk]:
-        for chunk in self.llm.iter_chunks(messages_to_prompt(messages), stop, **kwargs):
+        if "history" in kwargs:
+            raise InputError("a chat model takes its history from the messages; do not pass history=")
+        prompt, extra = chat_call(self.llm.engine, _turns(messages))
+        for chunk in self.llm.iter_chunks(prompt, stop, **kwargs, **extra):
             yield _chat_chunk(chunk)
 
 
 def messages_to_prompt(messages: list[BaseMessage]) -> str:
-    """The one question string a message list becomes (rule in the module docstring)."""
+    """The one question string a message list becomes for a model without a chat template."""
+    return flatten_chat(_turns(messages))
+
+
+_ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool", "function": "tool"}
+
+
+def _turns(messages: Any) -> list[tuple[str, str]]:
     if not messages:
         raise InputError("no messages: pass at least one user message")
-    last = messages[-1]
-    if isinstance(last, (AIMessage, SystemMessage)):
-        msg = f"the last message is a {type(last).__name__}; end the list with the user (or tool) turn to answer"
-        raise InputError(msg)
-    system = [m.text for m in messages if isinstance(m, SystemMessage)]
-    turns = [m for m in messages[:-1] if not isinstance(m, SystemMessage)]
-    history = [f"{_ROLES.get(m.type, m.type.title())}: {_text(m)}" for m in turns]
-    tail = f"Tool: {_text(last)}" if isinstance(last, ToolMessage) else last.text
-    return "\n\n".join(p for p in [*system, *history, tail] if p.strip())
+    turns = []
+    for i, m in enumerate(messages):
+        role = _ROLES.get(getattr(m, "type", None)) or (m.role if isinstance(m, ChatMessage) else None)
+        if role not in ROLES:
+            raise InputError(f"message {i} ({type(m).__name__}) has no chat role among {ROLES}")
+        turns.append((role, _text(m)))
+    role = turns[-1][0]
+    if role not in ("user", "tool"):
+        last = type(messages[-1]).__name__
+        raise InputError(f"the last message is a {last}; end the list with the user (or tool) turn to answer")
+    return turns
 
 
 def _text(message: BaseMessage) -> str:

@@ -1,15 +1,13 @@
 """`ParallelCompLLM`: a LangChain `BaseLLM` over one `parallelcomp.ParallelComp` engine.
 
 Framework glue only. The engine does every model step (chunking, prefill, eviction, decoding,
-stop strings); document normalisation, the prompt-splitting rule and attribution come from
-`pc_integrations.common`. Documents reach the model as separate chunks:
+stop strings); per-call settings (`GenerationSettings`), the routing rule (documents, marker,
+plain question or stuffed prompt) and attribution come from `pc_integrations.common`.
+Documents reach the model as separate chunks:
 
     llm.invoke("What does clause 7 say?", documents=[doc1, doc2, ...])   # str or Document
     llm.bind(documents=docs).stream("...")
-
-Without documents, a prompt containing `CONTEXT_MARKER` is split there (context before it,
-question after it); a prompt without the marker is the question alone, and one too long for the
-model's window raises `InputError` instead of being truncated.
+    llm.invoke(stuffed_prompt)      # context + "Question: ..." far beyond the window: split, chunked
 
 Async calls run the blocking engine in a worker thread (`common.aiter_in_thread`), so the event
 loop never blocks; the engine's own lock makes concurrent calls on one engine queue, and a
@@ -18,7 +16,6 @@ stream abandoned by its consumer stops at its next token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -26,24 +23,14 @@ from langchain_core.caches import BaseCache
 from langchain_core.language_models import BaseLLM
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, PositiveFloat, model_validator
 
-from parallelcomp import InputError, ParallelComp, ParallelCompConfig
+from parallelcomp import ParallelComp, ParallelCompConfig
+from parallelcomp.settings import GenerationSettings, Integer, Number
 
-from ..common import CONTEXT_MARKER, SourceDocument, aiter_in_thread, generation_info, normalize_documents, split_prompt
+from ..common import Run, aiter_in_thread
 
-GENERATION_KWARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "progress")
-"""Per-call keyword arguments that override the fields of the same name."""
-
-
-@dataclass(frozen=True)
-class _Request:
-    """One engine call, validated: the question, its context and the sampling settings."""
-
-    question: str
-    documents: list[SourceDocument] | None
-    """The chunked context: the given documents, or the text before the marker as one document."""
-    options: dict[str, Any]
+_DEFAULTS = {name: f.default for name, f in GenerationSettings.model_fields.items()}
 
 
 class ParallelCompLLM(BaseLLM):
@@ -54,29 +41,49 @@ class ParallelCompLLM(BaseLLM):
 
     `generation_info` of every generation (and of the last streamed chunk) holds `sources`
     (one record per input document: index, kept, score = question NLL, lower is more relevant,
-    chunks, metadata), `chunks` (one record per chunk) and `stats` (`RunStats` as a dict).
+    chunks, metadata), `chunks` (one record per chunk), `stats` (`RunStats` as a dict), `split`
+    (the routing rule applied, `common.route`), `finish_reason` and `model_name`.
+
+    Settings are `GenerationSettings` fields (validated there, once), plus `timeout` and
+    `streaming`; each may be overridden per call, as may `documents=` and `history=`.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
 
     engine: ParallelComp = Field(exclude=True, repr=False)
     """The runtime that does all model work; one engine may serve many wrappers."""
     model_name: str = ""
     """Reported to tracing and in `_identifying_params`; defaults to the engine's model name."""
-    max_new_tokens: int = Field(256, gt=0)
-    temperature: float = Field(0.0, ge=0.0)
+    max_new_tokens: Integer = Field(_DEFAULTS["max_new_tokens"], alias="max_tokens")
+    """Tokens to generate at most; `max_tokens` (LangChain's standard name) is an alias."""
+    temperature: Number = _DEFAULTS["temperature"]
     """0 is greedy decoding."""
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    top_p: Number = _DEFAULTS["top_p"]
+    top_k: Integer = _DEFAULTS["top_k"]
+    seed: Integer | None = None
     """Seed of the sampler when temperature > 0."""
+    repetition_penalty: Number = _DEFAULTS["repetition_penalty"]
     stop: list[str] | None = None
     """Default stop strings, added to those given per call; never part of the output."""
     progress: bool = False
     """Show a tqdm bar over the chunks being prefilled (stderr)."""
+    timeout: PositiveFloat | None = None
+    """Seconds a call may take, checked at every decoded token (`common.GenerationTimeout`)."""
+    streaming: bool = False
+    """`invoke`/`generate` report every token to `on_llm_new_token` (`stream` always does)."""
     cache: BaseCache | bool | None = Field(False, exclude=True)
     """Off by default: LangChain's LLM cache key leaves out per-call `documents`, so a cached
     answer could come back for another corpus. Set it only if you never pass documents."""
+
+    @model_validator(mode="after")
+    def _valid_settings(self) -> ParallelCompLLM:
+        GenerationSettings.of(**{k: v for k, v in self.settings().items() if k != "timeout"})  # one validation
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """The instance's defaults for every per-call setting (`common.call_settings`)."""
+        names = [*GenerationSettings.names(), "timeout"]
+        return {name: getattr(self, name) for name in names}
 
     @model_validator(mode="before")
     @classmethod
@@ -108,8 +115,7 @@ class ParallelCompLLM(BaseLLM):
     def _identifying_params(self) -> dict[str, Any]:
         return {
             "model_name": self.model_name,
-            **{name: getattr(self, name) for name in GENERATION_KWARGS if name != "progress"},
-            "stop": self.stop,
+            **{k: v for k, v in self.settings().items() if k not in ("progress", "timeout")},
             "config": self.engine.config.model_dump(mode="json"),
         }
 
@@ -117,7 +123,7 @@ class ParallelCompLLM(BaseLLM):
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "parallelcomp"
         params["ls_model_name"] = self.model_name
-        params["ls_max_tokens"] = kwargs.get("max_new_tokens", self.max_new_tokens)
+        params["ls_max_tokens"] = kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens))
         return params
 
     def get_token_ids(self, text: str) -> list[int]:
@@ -137,7 +143,8 @@ class ParallelCompLLM(BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         # One engine run per prompt: the engine decodes one sequence at a time anyway.
-        generations = [[_join(list(self._stream(p, stop, run_manager, **kwargs)))] for p in prompts]
+        manager = run_manager if self.streaming else None
+        generations = [[_join(list(self._stream(p, stop, manager, **kwargs)))] for p in prompts]
         return LLMResult(generations=generations, llm_output=self._llm_output(generations))
 
     async def _agenerate(
@@ -148,8 +155,9 @@ class ParallelCompLLM(BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         generations = []
+        manager = run_manager if self.streaming else None
         for prompt in prompts:
-            chunks = [c async for c in self._astream(prompt, stop, run_manager, **kwargs)]
+            chunks = [c async for c in self._astream(prompt, stop, manager, **kwargs)]
             generations.append([_join(chunks)])
         return LLMResult(generations=generations, llm_output=self._llm_output(generations))
 
@@ -177,73 +185,23 @@ class ParallelCompLLM(BaseLLM):
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
-    def iter_chunks(self, prompt: str, stop: Any = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+    def iter_chunks(self, prompt: Any, stop: Any = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         """The engine's text deltas as chunks, then one empty chunk carrying `generation_info`.
 
         Blocking and callback-free: `_stream`/`_astream` and `ChatParallelComp` add callbacks.
         """
-        request = self._request(prompt, stop, kwargs)
-        texts = [d.text for d in request.documents] if request.documents is not None else None
-        stream = self.engine.stream(request.question, documents=texts, **request.options)
-        try:
-            for delta in stream:
-                yield GenerationChunk(text=delta)
-        finally:
-            stream.close()  # releases the engine if the consumer stopped early
-        yield GenerationChunk(text="", generation_info=generation_info(stream.output, request.documents))
-
-    def _request(self, prompt: str, stop: Any, kwargs: dict[str, Any]) -> _Request:
-        unknown = sorted(set(kwargs) - {"documents", *GENERATION_KWARGS})
-        if unknown:
-            msg = (
-                f"unexpected keyword argument(s) {unknown}; "
-                f"ParallelCompLLM accepts documents= and {list(GENERATION_KWARGS)}"
-            )
-            raise InputError(msg)
-        options = {name: kwargs.get(name, getattr(self, name)) for name in GENERATION_KWARGS}
-        options["stop"] = _stops(self.stop, stop)
-        if not isinstance(prompt, str):
-            raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
-        documents = kwargs.get("documents")
-        if documents is not None:
-            if CONTEXT_MARKER in prompt:
-                msg = f"the prompt contains {CONTEXT_MARKER!r} and documents= was given: pass the context one way only"
-                raise InputError(msg)
-            return _Request(prompt, normalize_documents(documents), options)
-        context, question = split_prompt(prompt)
-        if context is None:
-            self._check_fits(question, options["max_new_tokens"])
-        return _Request(question, [SourceDocument(context)] if context else None, options)
-
-    def _check_fits(self, question: str, max_new_tokens: int) -> None:
-        """A prompt without documents or marker is one question; never truncate it silently."""
-        n = self.engine.count_tokens(question)
-        if n + max_new_tokens > self.engine.window:
-            msg = (
-                f"the prompt has {n} tokens, which with max_new_tokens={max_new_tokens} exceeds the model's "
-                f"{self.engine.window}-token window, and it has no documents: pass documents=[...], or put "
-                f"{CONTEXT_MARKER!r} between the context and the question so the context is chunked"
-            )
-            raise InputError(msg)
+        if stop is not None:
+            kwargs = {**kwargs, "stop": stop}
+        run = Run(self.engine, prompt, kwargs, self.settings())
+        for delta in run.deltas():
+            yield GenerationChunk(text=delta)
+        yield GenerationChunk(text="", generation_info={**run.info(), "model_name": self.model_name})
 
     def _llm_output(self, generations: list[list[Generation]]) -> dict[str, Any]:
         return {"model_name": self.model_name, "token_usage": _usage([g[0].generation_info for g in generations])}
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _stops(default: list[str] | None, stop: Any) -> list[str]:
-    """Instance stops plus call stops; a single string is accepted, anything else is an error."""
-    if stop is None:
-        call = []
-    elif isinstance(stop, str):
-        call = [stop]
-    elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
-        call = list(stop)
-    else:
-        raise InputError(f"stop must be a string or a list of strings, got {stop!r}")
-    return list(dict.fromkeys([*(default or []), *call]))
 
 
 def _join(chunks: list[GenerationChunk]) -> Generation:

@@ -1,22 +1,27 @@
 """`ParallelCompLLM`: a LlamaIndex `CustomLLM` over one `parallelcomp.ParallelComp` engine.
 
 `Settings.llm = ParallelCompLLM(engine)` and `index.as_query_engine(llm=...)` work as with any
-LlamaIndex LLM. A prompt string is split into context and question by the shared rule in
-`pc_integrations.common.split_prompt` (text before the last `<<<QUESTION>>>` is context that the
-engine chunks, scores and evicts; without the marker the whole prompt is the question).
-`TEXT_QA_TEMPLATE` / `REFINE_TEMPLATE` put the marker into LlamaIndex's own synthesizers; the
-`ParallelCompSynthesizer` (synthesizer.py) instead passes every retrieved node as one document
-through `complete(question, documents=[...])`, the same code path.
+LlamaIndex LLM, with LlamaIndex's own prompts and response modes (compact, refine,
+tree_summarize, ...): every prompt goes through the shared routing rule
+(`pc_integrations.common.route`), so a stuffed "context ... Query: ... Answer:" prompt far
+longer than the model's window is split into its question and a corpus that the engine chunks,
+scores and evicts. `metadata.context_window` is the prompt length always accepted, so
+LlamaIndex packs all retrieved text into one call. The `ParallelCompSynthesizer`
+(synthesizer.py) instead passes every retrieved node as one document through
+`complete(question, documents=[...])`, the same code path.
+
+Errors: a rejected call raises `common.CallError` (its cause is the `InputError`), never a
+ValueError, which LlamaIndex's synthesizers would swallow into "Empty Response".
 
 The async methods run the engine in a worker thread (`asyncio.to_thread`,
 `common.aiter_in_thread`): the event loop is never blocked, and concurrent calls queue on the
-engine's lock. Nothing here knows about chunking, prompts or attribution beyond calling
-`common`.
+engine's lock. A stream the consumer stops reading is closed, which frees the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from typing import Any, Iterator, Optional, Sequence
 
@@ -24,33 +29,39 @@ from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
     ChatResponseAsyncGen,
+    ChatResponseGen,
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
+    MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
 
-from parallelcomp import GenerationOutput, ParallelComp, ParallelCompConfig, TextStream
+from parallelcomp import InputError, ParallelComp, ParallelCompConfig, ParallelCompError
+from parallelcomp.settings import GenerationSettings, Integer, Number
 from pc_integrations.common import (
+    CALL_KEYS,
     CONTEXT_MARKER,
-    SourceDocument,
+    SETTING_ALIASES,
+    CallError,
+    Run,
     aiter_in_thread,
-    generation_info,
-    normalize_documents,
-    split_prompt,
+    call_settings,
+    chat_call,
 )
 
-GENERATION_KEYS = ("max_new_tokens", "stop", "temperature", "top_p", "top_k", "seed", "progress")
-"""Per-call keyword arguments `complete`/`stream_complete` pass on to the engine; other keyword
-arguments LlamaIndex may add are ignored, as HuggingFaceLLM does."""
+CALL_KWARGS = frozenset([*GenerationSettings.names(), *SETTING_ALIASES, *CALL_KEYS, "instruction"])
+"""Keyword arguments `complete`/`stream_complete` use; others LlamaIndex may add are ignored, as
+HuggingFaceLLM does."""
 
 TEXT_QA_TEMPLATE = PromptTemplate("{context_str}" + CONTEXT_MARKER + "{query_str}")
 """For LlamaIndex's own synthesizers (`as_query_engine(llm=pc_llm, text_qa_template=...)`): the
-packed context goes to the engine as context, the query as the question."""
+packed context goes to the engine as context, the query as the question. Optional: their
+default templates are split by the routing rule too."""
 
 REFINE_TEMPLATE = PromptTemplate(
     "{context_msg}" + CONTEXT_MARKER + "{query_str}\n\n"
@@ -66,13 +77,17 @@ class ParallelCompLLM(CustomLLM):
     with `ParallelCompLLM.from_pretrained(model=None)` (None: the embedded SmolLM2-135M).
     """
 
-    max_new_tokens: int = Field(default=256, gt=0, description="Tokens to generate at most.")
-    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy decoding.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(default=0, ge=0, description="Top-k sampling; 0 = off.")
-    seed: Optional[int] = Field(default=None, description="Sampling seed (temperature > 0).")
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: Integer = Field(default=256, description="Tokens to generate at most (alias max_tokens).")
+    temperature: Number = Field(default=0.0, description="0 = greedy decoding.")
+    top_p: Number = Field(default=1.0, description="Nucleus sampling mass.")
+    top_k: Integer = Field(default=0, description="Top-k sampling; 0 = off.")
+    seed: Optional[Integer] = Field(default=None, description="Sampling seed (temperature > 0).")
+    repetition_penalty: Number = Field(default=1.0, description="> 1 discourages repeats; 1 = off.")
     stop: Optional[list[str]] = Field(default=None, description="String stop sequences.")
     progress: bool = Field(default=False, description="Show a prefill progress bar on stderr.")
+    timeout: Optional[float] = Field(default=None, description="Seconds a call may take (checked per token).")
     instruction: Optional[str] = Field(
         default=None, description="Instruction before the documents; None: the engine config's."
     )
@@ -84,8 +99,15 @@ class ParallelCompLLM(CustomLLM):
         if not isinstance(engine, ParallelComp):
             msg = f"engine must be a parallelcomp.ParallelComp, got {type(engine).__name__}"
             raise TypeError(msg)
+        if "max_tokens" in kwargs:  # LangChain/OpenAI's name
+            kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
         super().__init__(**kwargs)
         self._engine = engine
+        call_settings(self.settings(), {})  # one validation for every per-call setting (InputError)
+
+    def settings(self) -> dict[str, Any]:
+        """The instance's defaults for every per-call setting (`common.call_settings`)."""
+        return {name: getattr(self, name) for name in [*GenerationSettings.names(), "timeout"]}
 
     @classmethod
     def from_pretrained(
@@ -108,11 +130,11 @@ class ParallelCompLLM(CustomLLM):
 
     @property
     def context_window(self) -> int:
-        """Effective extrapolated window: the context the model attends at once after eviction,
-        keep_chunks × chunk budget (each chunk at most the trained window, positions reused).
-        Longer inputs are accepted too; their lowest-scoring chunks are evicted."""
-        config = self._engine.config
-        return config.keep_chunks * (config.chunk_tokens or self._engine.window)
+        """The prompt length, in tokens, that is always accepted: the engine reads up to
+        `max_input_chars` characters, and no token of the vocabulary is longer than the longest
+        token string. Longer-than-window prompts are split by the routing rule and chunked."""
+        vocab = self._engine.tokenizer.get_vocab()
+        return self._engine.config.max_input_chars // max(len(token) for token in vocab)
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -137,43 +159,33 @@ class ParallelCompLLM(CustomLLM):
             self._variants[instruction] = variant
         return self._variants[instruction]
 
-    def _start(self, prompt: str, kwargs: dict) -> tuple[TextStream, Optional[list[SourceDocument]]]:
-        """Validate and set up one run (no model work yet): the engine's lazy TextStream.
-
-        `documents=[...]` (str, nodes, NodeWithScore, LangChain Documents) makes `prompt` the
-        question and each document one input of the engine; otherwise `split_prompt` applies.
-        """
-        gen = {key: getattr(self, key) for key in GENERATION_KEYS}
-        gen.update({key: kwargs[key] for key in GENERATION_KEYS if key in kwargs})
-        engine = self.engine_for(kwargs.get("instruction"))
-        documents = kwargs.get("documents")
-        if documents is not None:
-            sources = normalize_documents(documents)
-            texts = [s.text for s in sources]
-            return engine.stream(prompt, documents=texts, **gen), sources
-        context, question = split_prompt(prompt)
-        return engine.stream(question, context=context, **gen), None
+    def _start(self, prompt: Any, kwargs: dict) -> Run:
+        """Validate and set up one run (no model work yet). `documents=[...]` (str, nodes,
+        NodeWithScore, LangChain Documents) makes `prompt` the question and each document one
+        input of the engine; otherwise the routing rule splits the prompt."""
+        kwargs = {k: v for k, v in kwargs.items() if k in CALL_KWARGS}
+        with _rejected():
+            return Run(self.engine_for(kwargs.pop("instruction", None)), prompt, kwargs, self.settings())
 
     @staticmethod
-    def _final(text: str, output: GenerationOutput, sources, delta: Optional[str] = None) -> CompletionResponse:
-        return CompletionResponse(
-            text=text, delta=delta, raw=output, additional_kwargs=generation_info(output, sources)
-        )
+    def _final(text: str, run: Run, delta: Optional[str] = None) -> CompletionResponse:
+        return CompletionResponse(text=text, delta=delta, raw=run.output, additional_kwargs=run.info())
 
-    def _complete(self, prompt: str, kwargs: dict) -> CompletionResponse:
-        stream, sources = self._start(prompt, kwargs)
-        for _ in stream:
-            pass
-        return self._final(stream.output.text, stream.output, sources)
+    def _complete(self, prompt: Any, kwargs: dict) -> CompletionResponse:
+        responses = self._responses(self._start(prompt, kwargs))
+        with contextlib.closing(responses):
+            *_, last = responses
+        return last
 
-    def _responses(self, stream: TextStream, sources) -> Iterator[CompletionResponse]:
+    def _responses(self, run: Run) -> Iterator[CompletionResponse]:
         """One response per text delta, then a last one (delta "") carrying the run's output
-        in `raw` and attribution/stats in `additional_kwargs`."""
+        in `raw` and attribution/stats in `additional_kwargs`. Closing it closes the run."""
         text = ""
-        for delta in stream:
-            text += delta
-            yield CompletionResponse(text=text, delta=delta)
-        yield self._final(text, stream.output, sources, delta="")
+        with _rejected(), contextlib.closing(run.deltas()) as deltas:
+            for delta in deltas:
+                text += delta
+                yield CompletionResponse(text=text, delta=delta)
+        yield self._final(text, run, delta="")
 
     # ------------------------------------------------------------------ LlamaIndex API
 
@@ -183,8 +195,7 @@ class ParallelCompLLM(CustomLLM):
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        stream, sources = self._start(prompt, kwargs)  # bad input raises here, not mid-stream
-        return self._responses(stream, sources)
+        return self._responses(self._start(prompt, kwargs))  # bad input raises here, not mid-stream
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -194,13 +205,29 @@ class ParallelCompLLM(CustomLLM):
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        stream, sources = self._start(prompt, kwargs)
+        run = self._start(prompt, kwargs)
 
         async def gen() -> CompletionResponseAsyncGen:
-            async for response in aiter_in_thread(lambda: self._responses(stream, sources)):
+            async for response in aiter_in_thread(lambda: self._responses(run)):
                 yield response
 
         return gen()
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """A chat history through the tokenizer's chat template (`common.chat_call`)."""
+        *_, last = self._chat_responses(messages, kwargs)
+        return last
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._chat_responses(messages, kwargs)
+
+    def _chat_responses(self, messages: Sequence[ChatMessage], kwargs: dict) -> Iterator[ChatResponse]:
+        with _rejected():
+            prompt, extra = chat_call(self._engine, _turns(messages))
+        responses = self._responses(self._start(prompt, {**kwargs, **extra}))
+        return _as_chat(responses)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -213,3 +240,36 @@ class ParallelCompLLM(CustomLLM):
                 yield response
 
         return gen()
+
+
+@contextlib.contextmanager
+def _rejected() -> Iterator[None]:
+    """Re-raise a ParallelComp ValueError/TypeError as `CallError` (see the module docstring)."""
+    try:
+        yield
+    except ParallelCompError as err:
+        if isinstance(err, (ValueError, TypeError)):
+            raise CallError(str(err)) from err
+        raise
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "chatbot": "assistant",
+          "model": "assistant", "tool": "tool", "function": "tool"}
+
+
+def _turns(messages: Any) -> list[tuple[str, str]]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InputError(f"messages must be a list of ChatMessage, got {type(messages).__name__}")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, ChatMessage):
+            raise InputError(f"message {i} is a {type(m).__name__}, expected a ChatMessage")
+        turns.append((_ROLES[MessageRole(m.role).value], m.content or ""))
+    return turns
+
+
+def _as_chat(responses: Iterator[CompletionResponse]) -> Iterator[ChatResponse]:
+    with contextlib.closing(responses):
+        for r in responses:
+            message = ChatMessage(role=MessageRole.ASSISTANT, content=r.text)
+            yield ChatResponse(message=message, delta=r.delta, raw=r.raw, additional_kwargs=r.additional_kwargs)

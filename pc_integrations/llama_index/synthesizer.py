@@ -13,7 +13,9 @@ instrumentation events fire as usual. It does not retrieve, rerank or filter nod
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from typing import Any, AsyncGenerator, Generator, List, Optional, Sequence
 
 import llama_index.core.instrumentation as instrument
@@ -33,10 +35,14 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.core.types import RESPONSE_TEXT_TYPE
 
 from parallelcomp import ConfigError, GenerationOutput, InputError, ParallelComp
-from pc_integrations.common import SourceDocument, attribution, generation_info
-from pc_integrations.llama_index.llms import GENERATION_KEYS, ParallelCompLLM
+from parallelcomp.settings import GenerationSettings
+from pc_integrations.common import SETTING_ALIASES, SourceDocument, attribution, generation_info
+from pc_integrations.llama_index.llms import ParallelCompLLM
 
 dispatcher = instrument.get_dispatcher(__name__)
+
+RESPONSE_KWARGS = (*GenerationSettings.names(), *SETTING_ALIASES, "timeout")
+"""Per-call `response_kwargs` the synthesizer accepts (generation settings)."""
 
 ATTRIBUTION_KEYS = ("parallelcomp_kept", "parallelcomp_nll", "parallelcomp_chunks", "retrieval_score")
 """Metadata added to each source node (on a copy; hidden from the LLM and embedding text)."""
@@ -105,6 +111,14 @@ class ParallelCompSynthesizer(BaseSynthesizer):
     def llm(self) -> ParallelCompLLM:
         return self._pc_llm
 
+    def as_query_engine(self, index: Any, **kwargs: Any) -> Any:
+        """`index.as_query_engine(...)` answering with this synthesizer and its LLM.
+
+        LlamaIndex's own `as_query_engine` resolves `Settings.llm` (OpenAI by default) unless an
+        `llm=` is given; this passes ours. `kwargs` go to the retriever (`similarity_top_k=...`).
+        """
+        return index.as_query_engine(llm=self._pc_llm, response_synthesizer=self, **kwargs)
+
     # ------------------------------------------------------------------ prompts
 
     def _get_prompts(self) -> PromptDictType:
@@ -122,11 +136,15 @@ class ParallelCompSynthesizer(BaseSynthesizer):
     # ------------------------------------------------------------------ text in, text out
 
     def _call_kwargs(self, query_str: str, texts: Sequence[str], response_kwargs: dict) -> tuple[str, dict]:
-        unknown = set(response_kwargs) - set(GENERATION_KEYS)
+        unknown = set(response_kwargs) - set(RESPONSE_KWARGS)
         if unknown:
-            raise InputError(f"unsupported response_kwargs {sorted(unknown)}; use {list(GENERATION_KEYS)}")
-        if not isinstance(query_str, str) or not query_str.strip():
+            raise InputError(f"unsupported response_kwargs {sorted(unknown)}; use {list(RESPONSE_KWARGS)}")
+        if not isinstance(query_str, str):
+            raise InputError(f"the query must be a string, got {type(query_str).__name__}")
+        if not query_str.strip():
             raise InputError("the query is empty: ask a question")
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+            raise InputError(f"text_chunks must be a list of strings, got {type(texts).__name__}")
         texts = list(texts)
         if not texts:
             raise InputError("no text chunks: pass at least one retrieved node")
@@ -164,9 +182,9 @@ class ParallelCompSynthesizer(BaseSynthesizer):
         additional_source_nodes: Optional[Sequence[NodeWithScore]] = None,
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
-        if len(nodes) == 0:
+        if len(_check_nodes(nodes)) == 0:
             return super().synthesize(query, nodes, additional_source_nodes, **response_kwargs)
-        query = QueryBundle(query_str=query) if isinstance(query, str) else query
+        query = _query_bundle(query)
         question, kwargs, sources = self._prepare(query, nodes, response_kwargs)
         dispatcher.event(SynthesizeStartEvent(query=query))
         with self._callback_manager.event(
@@ -192,9 +210,9 @@ class ParallelCompSynthesizer(BaseSynthesizer):
         additional_source_nodes: Optional[Sequence[NodeWithScore]] = None,
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
-        if len(nodes) == 0:
+        if len(_check_nodes(nodes)) == 0:
             return await super().asynthesize(query, nodes, additional_source_nodes, **response_kwargs)
-        query = QueryBundle(query_str=query) if isinstance(query, str) else query
+        query = _query_bundle(query)
         question, kwargs, sources = self._prepare(query, nodes, response_kwargs)
         dispatcher.event(SynthesizeStartEvent(query=query))
         with self._callback_manager.event(
@@ -224,19 +242,27 @@ class ParallelCompSynthesizer(BaseSynthesizer):
         question, kwargs = self._call_kwargs(query.query_str, [s.text for s in sources], response_kwargs)
         return question, kwargs, sources
 
+    # The response holds its generator; the generator holds the response only weakly, so a
+    # response dropped mid-stream is freed (and its engine stream closed) by reference counting
+    # alone, without waiting for the garbage collector.
+
     def _deltas(self, responses, response, nodes, sources, extra) -> Generator[str, None, None]:
-        last = None
-        for last in responses:
-            if last.delta:
-                yield last.delta
-        self._attribute(response, last.raw, nodes, sources, extra)
+        last, response = None, weakref.ref(response)
+        with contextlib.closing(responses):  # a consumer that stops reading frees the engine
+            for last in responses:
+                if last.delta:
+                    yield last.delta
+        if response() is not None:
+            self._attribute(response(), last.raw, nodes, sources, extra)
 
     async def _adeltas(self, responses, response, nodes, sources, extra) -> AsyncGenerator[str, None]:
-        last = None
-        async for last in responses:
-            if last.delta:
-                yield last.delta
-        self._attribute(response, last.raw, nodes, sources, extra)
+        last, response = None, weakref.ref(response)
+        async with contextlib.aclosing(responses):
+            async for last in responses:
+                if last.delta:
+                    yield last.delta
+        if response() is not None:
+            self._attribute(response(), last.raw, nodes, sources, extra)
 
     def _attribute(self, response, output: GenerationOutput, nodes, sources, extra) -> None:
         """Fill `response.source_nodes` and `response.metadata` (in place: a streaming response
@@ -269,3 +295,23 @@ class ParallelCompSynthesizer(BaseSynthesizer):
         response.metadata.clear()
         response.metadata.update(self._get_metadata_for_response([n.node for n in source_nodes]) or {})
         response.metadata["parallelcomp"] = generation_info(output, sources)
+
+
+def _query_bundle(query: Any) -> QueryBundle:
+    if isinstance(query, str):
+        return QueryBundle(query_str=query)
+    if isinstance(query, QueryBundle):
+        return query
+    raise InputError(f"the query must be a string or a QueryBundle, got {type(query).__name__}")
+
+
+def _check_nodes(nodes: Any) -> Sequence[NodeWithScore]:
+    """`nodes` as LlamaIndex passes them: a list of `NodeWithScore`."""
+    if isinstance(nodes, (str, bytes)) or not isinstance(nodes, Sequence):
+        raise InputError(f"nodes must be a list of NodeWithScore, got {type(nodes).__name__}")
+    wrong = [i for i, n in enumerate(nodes) if not isinstance(n, NodeWithScore)]
+    if wrong:
+        got = type(nodes[wrong[0]]).__name__
+        msg = f"nodes {wrong} are not NodeWithScore (got {got}); wrap each node: NodeWithScore(node=TextNode(text=...))"
+        raise InputError(msg)
+    return nodes

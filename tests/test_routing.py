@@ -1,0 +1,129 @@
+"""The routing rule (`pc_integrations.common.route`) and stuffed prompts far beyond the window
+through both frameworks: LangChain `prompt | llm` (what `create_stuff_documents_chain` runs) and
+LlamaIndex's own compact / refine / tree_summarize synthesizers with our LLM. Every answer is
+checked token for token against the engine run on the split the rule reports."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from langchain_core.prompts import ChatPromptTemplate
+from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT, DEFAULT_TREE_SUMMARIZE_PROMPT
+from llama_index.core.response_synthesizers import get_response_synthesizer
+from llama_index.core.schema import NodeWithScore, TextNode
+
+from parallelcomp import InputError, ParallelComp, ParallelCompConfig
+from pc_integrations.common import CONTEXT_MARKER, CallError, route
+from pc_integrations.langchain import ChatParallelComp, ParallelCompLLM
+from pc_integrations.llama_index import ParallelCompLLM as LlamaIndexLLM
+
+from .conftest import tiny_model
+
+N = 8
+QUESTION = "When was the lighthouse built?"
+FACTS = [
+    "The lighthouse on Skerry Island was built in 1874 and painted red.",
+    "Tomatoes were brought to Europe in the sixteenth century.",
+    "The treaty was signed in Lisbon by eleven delegates.",
+    "A violin has four strings tuned in perfect fifths.",
+]
+CORPUS = "\n\n".join(" ".join(FACTS[i % 4] for _ in range(8)) for i in range(40))  # ~5× the window
+LINES, ONE_LINE = CORPUS.replace("\n\n", "\n"), CORPUS.replace("\n\n", " ")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    config = ParallelCompConfig(chunk_tokens=128, keep_chunks=2)
+    return ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, config)
+
+
+def test_corpus_is_several_windows(engine):
+    assert engine.count_tokens(CORPUS) > 4 * engine.window
+
+
+@pytest.mark.parametrize(
+    ("prompt", "rule", "context", "question"),
+    [
+        (f"Context:\n{CORPUS}\n\nQuestion: {QUESTION}\nAnswer:", "label", f"Context:\n{CORPUS}\n\n", QUESTION),
+        (f"{CORPUS}\nQuery: {QUESTION}", "label", f"{CORPUS}\n", QUESTION),
+        (f"{CORPUS}\n\n{QUESTION}", "paragraph", CORPUS, QUESTION),
+        (f"{LINES}\n{QUESTION}\nAssistant:", "line", LINES, QUESTION),
+        (f"{ONE_LINE} {QUESTION}", "sentence", f"{ONE_LINE} ", QUESTION),
+    ],
+)
+def test_rule_finds_the_trailing_question(engine, prompt, rule, context, question):
+    routed = route(engine, prompt, max_new_tokens=N)
+    assert routed.split["rule"] == rule
+    assert routed.question == question
+    assert [s.text for s in routed.sources] == [context]
+    assert routed.split["context_chars"] == len(context)
+
+
+def test_rule_order_and_bounds(engine):
+    # short prompts are plain questions; documents and the marker come first
+    assert route(engine, QUESTION).split["rule"] == "question" and route(engine, QUESTION).sources is None
+    assert route(engine, QUESTION, documents=FACTS).split["rule"] == "documents"
+    assert route(engine, f"{CORPUS}{CONTEXT_MARKER}{QUESTION}").split["rule"] == "marker"
+    # a label whose question is longer than the budget falls through to the next rule
+    long_label = f"{CORPUS}\nQuestion: {CORPUS[:3000]}\n\n{QUESTION}"
+    assert route(engine, long_label, max_new_tokens=N).split["rule"] == "paragraph"
+    # one endless sentence: the trailing tokens within the budget
+    words = " ".join(["word"] * 4000)
+    routed = route(engine, words, max_new_tokens=N)
+    assert routed.split["rule"] == "tail" and f"{routed.sources[0].text.rstrip()} {routed.question}" == words
+    with pytest.raises(InputError, match="prompt must be a string"):
+        route(engine, None)
+
+
+def test_langchain_stuffed_prompt_equals_engine_on_the_split(engine):
+    llm = ParallelCompLLM(engine=engine, max_new_tokens=N)
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", "Answer from this context:\n\n{context}"), ("human", "Question: {input}")]
+    )
+    chain = prompt | llm  # create_stuff_documents_chain's core: the documents stuffed into {context}
+    rendered = prompt.invoke({"context": CORPUS, "input": QUESTION}).to_string()
+    result = llm.generate([rendered])
+    info = result.generations[0][0].generation_info
+    assert info["split"]["rule"] == "label" and info["stats"]["n_chunks"] > 4
+    context = rendered[: rendered.rindex("\nHuman: Question:") + 1]
+    direct = engine.generate(QUESTION, context=context, max_new_tokens=N)
+    assert result.generations[0][0].text == direct.text == chain.invoke({"context": CORPUS, "input": QUESTION})
+    assert asyncio.run(chain.ainvoke({"context": CORPUS, "input": QUESTION})) == direct.text
+    chat = ChatParallelComp(llm=llm)
+    message = chat.invoke(f"{CORPUS}\n\nQuestion: {QUESTION}")
+    assert message.response_metadata["split"]["rule"] == "label" and message.usage_metadata["output_tokens"] > 0
+
+
+def _nodes():
+    return [NodeWithScore(node=TextNode(text=p), score=1.0) for p in CORPUS.split("\n\n")]
+
+
+@pytest.mark.parametrize("mode", ["compact", "refine", "tree_summarize"])
+def test_llama_index_synthesizers_with_our_llm(engine, mode):
+    llm = LlamaIndexLLM(engine, max_new_tokens=N)
+    synth = get_response_synthesizer(llm=llm, response_mode=mode)
+    response = synth.synthesize(QUESTION, _nodes())
+    assert response.response and response.response != "Empty Response"
+    if mode != "refine":  # one packed call over everything (our context_window), split at "Query:"
+        template = DEFAULT_TEXT_QA_PROMPT if mode == "compact" else DEFAULT_TREE_SUMMARIZE_PROMPT
+        context = template.format(context_str=CORPUS, query_str=QUESTION).rsplit("Query:", 1)[0]
+        assert response.response == engine.generate(QUESTION, context=context, max_new_tokens=N).text
+
+
+def test_llama_index_errors_reach_the_user_not_empty_response(engine):
+    # max_new_tokens leaves no room for a question in the 1024-token window: refused, and
+    # LlamaIndex's refine/compact loop (which swallows ValueError) does not hide it
+    synth = get_response_synthesizer(llm=LlamaIndexLLM(engine, max_new_tokens=1010), response_mode="compact")
+    with pytest.raises(CallError, match="tokens") as raised:
+        synth.synthesize(QUESTION, _nodes())
+    assert isinstance(raised.value.__cause__, InputError)
