@@ -97,7 +97,7 @@ def test_engine_merged_kv_equals_reference_and_reports_bytes(tokenizer, make_eng
     and stats/ChunkReport state its real size."""
     engine = make_engine("llama", kv_budget_tokens=30, keep_chunks=1)
     parts = _question_ids(tokenizer, engine.config)
-    chunk = tokenizer(DOCS[0], add_special_tokens=False)["input_ids"]
+    chunk = tokenizer(DOCS[0].strip(), add_special_tokens=False)["input_ids"]  # chunk edges are stripped
     spy = _QuestionCache(engine.model, len(parts.question_ids))
     out = engine.generate(QUESTION, documents=[DOCS[0]], max_new_tokens=3)
     spy.handle.remove()
