@@ -160,7 +160,8 @@ class ParallelComp:
         _check_generation(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         sampling = Sampling(temperature, top_p, top_k, seed, repetition_penalty)
         parts = build_prompt(
-            self.tokenizer, self.config.instruction, question, self.config.use_chat_template, bool(documents)
+            self.tokenizer, self.config.instruction, question, self.config.use_chat_template, bool(documents),
+            self.config.restate_instruction,
         )
         stream = TextStream(iter(()))
         stream._deltas = self._answer(stream, parts, documents, max_new_tokens, stops, sampling, progress)
@@ -229,7 +230,7 @@ class ParallelComp:
         start = time.perf_counter()
         budget = self._chunk_budget(parts, reserve, documents)
         if self.config.compresses:
-            compression.check_window(self.config.snap_window, len(parts.question_ids))
+            compression.observation_rows(self.config, len(parts.question_ids), parts.question_span)
         chunks = make_chunks(self.tokenizer, documents, budget, self.config.document_separator) if documents else []
         prefix = encode_prefix(self.model, parts.prefix_ids)
         top = TopK[EncodedChunk](self.config.keep_chunks)
@@ -239,12 +240,12 @@ class ParallelComp:
         for batch in micro_batches(chunks, self.config.prefill_batch_tokens):
             encoded = encode_chunks(self.model, parts.prefix_ids, batch)
             comp = compression.BatchCompressor.for_batch(
-                self.model, self.config, kvops.n_tokens(prefix), encoded, len(parts.question_ids)
+                self.model, self.config, kvops.n_tokens(prefix), encoded, len(parts.question_ids), parts.question_span
             )
             nll = question_nll(self.model, prefix, encoded, parts.question_ids, comp.observe() if comp else None)
             raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in encoded})
             encoded = comp.apply(encoded) if comp else encoded
-            for enc, chunk_nll in zip(encoded, nll.mean(dim=1).tolist()):
+            for enc, chunk_nll in zip(encoded, nll[:, parts.scored(self.config.score_tokens)].mean(dim=1).tolist()):
                 scores[enc.chunk.index] = chunk_nll
                 top.offer(chunk_nll, enc.chunk.index, enc)
             bar.update(len(batch))
