@@ -221,8 +221,6 @@ class ParallelComp:
             ctx.stats.new_tokens = len(assembler.ids)
             ctx.stats.finish_reason = "length" if len(assembler.ids) == max_new_tokens and not assembler.stopped else "stop"
             ctx.stats.decode_seconds = time.perf_counter() - start
-            if not assembler.ids:  # the question step produced EOS: it was the whole decode
-                ctx.stats.first_token_seconds = ctx.stats.decode_seconds
             stream.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
     def _prefill(self, parts: PromptParts, documents: list[str], reserve: int, progress: bool) -> _Context:
