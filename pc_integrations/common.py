@@ -244,7 +244,8 @@ def _route(question: str, sources: list[SourceDocument] | None, rule: str) -> Ro
 def _parts(engine: ParallelComp, history: list, question: str, with_documents: bool) -> PromptParts:
     config = engine.config
     tokenizer, instruction = engine.tokenizer, config.instruction
-    return build_prompt(tokenizer, instruction, question, config.use_chat_template, with_documents, history)
+    return build_prompt(tokenizer, instruction, question, config.use_chat_template, with_documents, history,
+                        restate_instruction=config.restate_instruction)
 
 
 def _fits_alone(engine: ParallelComp, parts: PromptParts, reserve: int) -> bool:

@@ -45,9 +45,10 @@ def _reduce(rows: list[list[float]], how: str) -> list[float]:
     return [sum(col) / len(col) if how == "mean" else max(col) for col in zip(*rows)]
 
 
-def snapkv_scores(attention: torch.Tensor, start: int, length: int, window: int, kernel: int,
+def snapkv_scores(attention: torch.Tensor, start: int, length: int, rows: list[int], kernel: int,
                   num_kv_heads: int, pooling: str = "max", gqa_reduce: str = "mean") -> list[list[float]]:
-    """Per KV head, the score of chunk tokens [start, start+length) (method.md §3 steps 1-4).
+    """Per KV head, the score of chunk tokens [start, start+length) (method.md §3 steps 1-4) by
+    the attention rows `rows` (absolute positions, e.g. the last 8 or the question's tokens).
 
     attention: (H, T, T) eager probabilities of one layer over prefix + chunk + question.
     """
@@ -56,8 +57,8 @@ def snapkv_scores(attention: torch.Tensor, start: int, length: int, window: int,
     group = heads // num_kv_heads
     per_head = []
     for h in range(heads):
-        rows = probs[h][-window:]
-        summed = [sum(row[start + j] for row in rows) for j in range(length)]
+        observed = [probs[h][r] for r in rows]
+        summed = [sum(row[start + j] for row in observed) for j in range(length)]
         per_head.append(_pool(summed, kernel, pooling))
     # query head h uses KV head h // group (transformers' repeat_kv layout)
     return [_reduce(per_head[g * group : (g + 1) * group], gqa_reduce) for g in range(num_kv_heads)]

@@ -6,12 +6,14 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from .reference import _cache_kwarg
+
 
 @torch.inference_mode()
 def single_prompt_forward(model, ids: list[int]):
     """Logits (T, V) and per-layer KV of one ordinary forward over `ids`."""
     out = model(torch.tensor([ids]), use_cache=True)
-    cache = out.cache
+    cache = getattr(out, "cache", None) or out.past_key_values  # `cache` from transformers 5.24
     return out.logits[0].float(), [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -43,7 +45,7 @@ def pcw_greedy(model, prefix: list[int], kept_chunks: list[list[int]], question:
     positions = torch.arange(pos, pos + len(question))[None]
     out_ids = []
     for _ in range(n):
-        logits = model(ids, position_ids=positions, cache=cache, use_cache=True).logits
+        logits = model(ids, position_ids=positions, use_cache=True, **{_cache_kwarg(model): cache}).logits
         token = int(logits[0, -1].argmax())
         if token in eos:
             break

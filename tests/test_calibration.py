@@ -8,7 +8,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 from parallelcomp import PRESETS, CalibrationRule, ConfigError, InputError, ParallelCompConfig
-from parallelcomp.calibration import choose_evictions, chunk_spans, layer_plan, region_mask
+from parallelcomp.calibration import choose_evictions, chunk_spans, layer_plan, region_mask, rule_labels
 from parallelcomp.config import PAPER_CALIBRATION_RULES
 from parallelcomp.prompts import build_prompt
 
@@ -56,10 +56,21 @@ def test_choose_evictions_outliers_then_lowest_fill():
 
 def test_paper_rules_map_onto_depth():
     plan = layer_plan(PAPER_CALIBRATION_RULES, 32)  # the paper's 1-indexed 1-8 / 9-16 / 25-32
-    assert {layer: [r.region for r in rules] for layer, rules in plan.items()} == {
+    assert {layer: [r.region for _, r in rules] for layer, rules in plan.items()} == {
         **{i: ["middle"] for i in range(0, 8)}, **{i: ["recent"] for i in range(8, 16)},
         **{i: ["sink"] for i in range(24, 32)}}
     assert sorted(layer_plan(PAPER_CALIBRATION_RULES, 3)) == [0, 1, 2]
+    assert list(rule_labels(PAPER_CALIBRATION_RULES, 32)) == [
+        "#0 middle layers 0-7", "#1 recent layers 8-15", "#2 sink layers 24-31"]
+    assert rule_labels((CalibrationRule(region="sink", depth=(0.9, 1.0)),), 3) == {"#0 sink no layer": []}
+
+
+def test_prefix_heads_the_first_chunk_when_calibrated():
+    assert chunk_spans(5, [20, 7], with_prefix=True) == [(0, 25), (25, 32)]
+    assert chunk_spans(5, [], with_prefix=True) == [(0, 5)]
+    assert chunk_spans(0, [4], with_prefix=True) == [(0, 4)]
+    sink = region_mask("sink", chunk_spans(5, [20, 7], with_prefix=True), 4, 35).nonzero()[:, 0].tolist()
+    assert sink == [0, 1, 2, 3, 25, 26, 27, 28]  # BOS and the instruction lead the sink region
 
 
 # ---------------------------------------------------------------------- constructed case
@@ -90,9 +101,11 @@ def _run(engine, q, **kwargs):
     return out, spy
 
 
-@pytest.mark.parametrize("region,reference", [("middle", "per_chunk"), ("sink", "per_chunk"),
-                                              ("recent", "global"), ("all", "global")])
-def test_constructed_case_evicts_exactly_the_outliers_plus_fill(tokenizer, make_engine, region, reference):
+@pytest.mark.parametrize("region,reference,with_prefix", [
+    ("middle", "per_chunk", False), ("sink", "per_chunk", False), ("recent", "global", False),
+    ("all", "global", False), ("sink", "per_chunk", True), ("sink", "global", True)])
+def test_constructed_case_evicts_exactly_the_outliers_plus_fill(tokenizer, make_engine, region, reference,
+                                                                with_prefix):
     model = tiny_model("llama", len(tokenizer))
     plain = make_engine(model=model, **BASE)
     config = plain.config
@@ -101,11 +114,11 @@ def test_constructed_case_evicts_exactly_the_outliers_plus_fill(tokenizer, make_
     before, spy = _run(plain, q)
     merged, p, p0 = spy.copy, before.stats.prefix_tokens, before.stats.p0
     context = merged[0][0].shape[2]
-    spans = chunk_spans(p, [c.kv_tokens for c in before.chunks if c.kept])
+    spans = chunk_spans(p, [c.kv_tokens for c in before.chunks if c.kept], with_prefix)
     if reference == "global":
         spans = [(spans[0][0], spans[-1][1])]
     region_idx = region_mask(region, spans, 10, context).nonzero()[:, 0].tolist()
-    candidates = list(range(p, context))
+    candidates = list(range(0 if with_prefix else p, context))
 
     # oracle: the eager twin's attention at the question step, on the same merged cache
     oracle = tiny_model("llama", len(tokenizer), attn="eager")
@@ -123,15 +136,18 @@ def test_constructed_case_evicts_exactly_the_outliers_plus_fill(tokenizer, make_
     assert m >= 3
 
     rule = CalibrationRule(region=region, layers=(LAYER, LAYER), threshold=threshold)
-    engine = make_engine(model=model, calibration_rules=[rule], calibration_reference=reference, **BASE)
+    engine = make_engine(model=model, calibration_rules=[rule], calibration_reference=reference,
+                         calibrate_prefix=with_prefix, **BASE)
     out, spy = _run(engine, q)
     assert out.stats.calibration_evicted == {LAYER: m}
+    flagged = max(sum(a[g][j] > threshold for j in region_idx) for g in range(h_kv))
+    assert out.stats.calibration_evicted_by_rule == {f"#0 {region} layers {LAYER}-{LAYER}": {LAYER: flagged}}
     assert len(out.token_ids) == 6  # decoding after the eviction works
     keys, values = spy.live.layers[LAYER].keys, spy.live.layers[LAYER].values  # after decoding
     assert keys.shape[:2] == (1, h_kv) and keys.shape[2] >= context - m + q  # rectangular
     for head in range(h_kv):
         kept = [j for j in range(context) if j not in evicted[head]]
-        assert all(j >= p for j in evicted[head])  # never the prefix
+        assert with_prefix or all(j >= p for j in evicted[head])  # the prefix only when asked
         torch.testing.assert_close(keys[0, head, : context - m], merged[LAYER][0][0, head, kept])
         torch.testing.assert_close(values[0, head, : context - m], merged[LAYER][1][0, head, kept])
     for layer in range(model.config.num_hidden_layers):  # other layers keep every token
@@ -140,6 +156,8 @@ def test_constructed_case_evicts_exactly_the_outliers_plus_fill(tokenizer, make_
     token_bytes = merged[LAYER][0][0, 0, 0].numel() * merged[LAYER][0].element_size() * 2 * h_kv
     assert out.stats.kv_bytes == before.stats.kv_bytes - m * token_bytes
 
+    if with_prefix:  # the case the option exists for: the prefix holds outliers, and they go
+        assert any(j < p for head in range(h_kv) for j in evicted[head])
     if region == "middle":  # the eager backend goes through the same dispatch, unequal layer lengths included
         eager_engine = make_engine(model=oracle, calibration_rules=[rule], calibration_reference=reference, **BASE)
         assert eager_engine.generate(QUESTION, documents=DOCS, max_new_tokens=6).token_ids == out.token_ids
@@ -152,8 +170,20 @@ def test_presets_run_end_to_end(tokenizer, make_engine, preset):
     assert len(out.token_ids) == 4
     assert out.stats.n_kept == min(engine.config.keep_chunks, out.stats.n_chunks)
     assert bool(out.stats.calibration_evicted) == bool(engine.config.calibration_rules)
+    assert engine.config.calibrate_prefix == bool(engine.config.calibration_rules)  # paper presets: as the code
+    assert len(out.stats.calibration_evicted_by_rule) == len(engine.config.calibration_rules)
     shrunk = engine.config.compresses or any(out.stats.calibration_evicted.values())
     assert (out.stats.kv_bytes < out.stats.kv_bytes_uncompressed) == shrunk
+
+
+def test_a_rule_that_never_fires_is_visible_per_layer(make_engine):
+    never = CalibrationRule(region="sink", layers=(0, 1), threshold=1.0)  # no probability exceeds 1
+    always = CalibrationRule(region="all", layers=(2, 2), threshold=1e-9)
+    engine = make_engine("llama", calibration_rules=[never, always], **BASE)
+    stats = engine.generate(QUESTION, documents=DOCS, max_new_tokens=2).stats
+    assert stats.calibration_evicted_by_rule["#0 sink layers 0-1"] == {0: 0, 1: 0}
+    [(label, per_layer)] = [(k, v) for k, v in stats.calibration_evicted_by_rule.items() if k.startswith("#1")]
+    assert label == "#1 all layers 2-2" and per_layer[2] == stats.calibration_evicted[2] > 0
 
 
 # ---------------------------------------------------------------------- scoping

@@ -1,7 +1,11 @@
-"""Chunking packs whole documents, splits only what does not fit, at natural boundaries, losing nothing."""
+"""Chunking packs whole documents, splits only what does not fit, at natural boundaries, losing
+nothing but the whitespace at chunk edges (issue #12)."""
 
 from __future__ import annotations
 
+import pytest
+
+from parallelcomp import InputError
 from parallelcomp.chunking import make_chunks
 
 
@@ -27,17 +31,66 @@ def test_documents_are_packed_in_order_without_splitting(tokenizer):
     assert len(chunks) < len(docs)  # something was packed together
 
 
+def assert_pieces_are_honest(tokenizer, doc, chunks, doc_index=0):
+    """Each piece is exactly the tokenization of the text its span names; that text has no
+    whitespace at either edge; between consecutive pieces of a document lies only whitespace."""
+    spans = [s for c in chunks for s in c.spans if s.document == doc_index]
+    for c in chunks:
+        if len(c.spans) == 1:
+            span = c.spans[0]
+            assert c.token_ids == ids_of(tokenizer, doc[span.start : span.end])
+    for span in spans:
+        piece = doc[span.start : span.end]
+        assert piece and piece == piece.strip()
+    assert doc[: spans[0].start].isspace() or spans[0].start == 0
+    assert doc[spans[-1].end :].isspace() or spans[-1].end == len(doc)
+    for a, b in zip(spans, spans[1:]):
+        assert a.end <= b.start and (doc[a.end : b.start].isspace() or a.end == b.start)
+    return spans
+
+
 def test_long_document_is_split_at_paragraph_boundaries_and_nothing_is_lost(tokenizer):
     paragraphs = [f"Paragraph number {i} talks about the copper garden by the river." for i in range(30)]
     doc = "\n\n".join(paragraphs)
     chunks = make_chunks(tokenizer, [doc], budget=60, separator="\n\n")
     assert len(chunks) > 1 and all(len(c.token_ids) <= 60 for c in chunks)
-    assert sum((c.token_ids for c in chunks), []) == ids_of(tokenizer, doc)
-    spans = [c.spans[0] for c in chunks]
+    spans = assert_pieces_are_honest(tokenizer, doc, chunks)
     assert spans[0].start == 0 and spans[-1].end == len(doc)
-    assert all(a.end == b.start for a, b in zip(spans, spans[1:]))
-    for span in spans[1:]:  # every cut is at a paragraph break
-        assert doc[span.start - 2 : span.start] == "\n\n" or doc[span.start : span.start + 2] == "\n\n"
+    assert all(doc[a.end : b.start] == "\n\n" for a, b in zip(spans, spans[1:]))  # cut at paragraph breaks
+    # only the gaps at the cuts are gone: the pieces hold every paragraph, whole
+    assert "\n\n".join(doc[s.start : s.end] for s in spans) == doc
+
+
+def test_whitespace_at_document_edges_does_not_change_the_chunks(tokenizer):
+    """Issue #12: trailing blank lines (or a final newline) must not reach the question suffix."""
+    docs = ["First document about rivers.", "Second one, on stones.\nIt has two lines.", "Third: clouds."]
+    padded = ["\n" + docs[0] + "\n\n", "  " + docs[1] + "\n", docs[2] + " \n\n\n"]
+    for budget in (16, 200):  # one document per chunk / all packed in one chunk
+        clean = make_chunks(tokenizer, docs, budget=budget, separator="\n\n")
+        messy = make_chunks(tokenizer, padded, budget=budget, separator="\n\n")
+        assert [c.token_ids for c in messy] == [c.token_ids for c in clean]
+        for c in messy:
+            for span in c.spans:
+                assert padded[span.document][span.start : span.end] == docs[span.document]
+
+
+def test_split_pieces_never_end_or_start_in_whitespace(tokenizer):
+    """Cuts at paragraph, line and sentence breaks, a document ending in newlines, and a run of
+    blank lines longer than the budget: no piece keeps whitespace at its edges."""
+    body = "\n\n".join(f"Item {i}.\nIt has a second line. And a third sentence here." for i in range(25))
+    doc = body + "\n\n" + " \n" * 80 + "Tail after a long blank run.\n\n"
+    chunks = make_chunks(tokenizer, [doc], budget=23, separator="\n\n")
+    assert len(chunks) > 10 and all(len(c.token_ids) <= 23 for c in chunks)
+    assert_pieces_are_honest(tokenizer, doc, chunks)
+    for c in chunks:
+        text = tokenizer.decode(c.token_ids)
+        assert text == text.strip()
+
+
+def test_budget_too_small_for_a_word_is_an_input_error(tokenizer):
+    doc = " ".join(["Paragraph number talks about the copper garden"] * 5)
+    with pytest.raises(InputError, match="too small"):
+        make_chunks(tokenizer, [doc], budget=1, separator="\n\n")
 
 
 def test_sentence_boundary_when_there_is_no_paragraph(tokenizer):

@@ -31,14 +31,18 @@ def _assert_same_selection(ours: list[int], ref: list[int], scores: list[float])
     assert all(abs(scores[j] - cut) < 1e-5 for j in differing), (ours, ref)
 
 
-@pytest.mark.parametrize("family,pooling,gqa_reduce", [("llama", "max", "mean"), ("qwen2", "max", "mean"),
-                                                       ("qwen2", "avg", "max"), ("qwen3", "max", "max")])
-def test_selection_equals_eager_reference(tokenizer, family, pooling, gqa_reduce):
+@pytest.mark.parametrize("family,pooling,gqa_reduce,observation", [
+    ("llama", "max", "mean", "question"), ("qwen2", "max", "mean", "last"),
+    ("qwen2", "avg", "max", "question"), ("qwen3", "max", "max", "last")])
+def test_selection_equals_eager_reference(tokenizer, family, pooling, gqa_reduce, observation):
     """Phase-2 scores on a padded batch of three chunks keep exactly the oracle's tokens per
-    layer and KV head, and the kept KV equals the oracle's KV at those tokens."""
+    layer and KV head, and the kept KV equals the oracle's KV at those tokens. Observation rows:
+    the question's own tokens (here 2..8 of a 12-token suffix) or the last 8."""
     model = tiny_model(family, len(tokenizer))
     oracle = tiny_model(family, len(tokenizer), attn="eager")  # same seed → same weights
-    config = ParallelCompConfig(kv_budget_tokens=20, pooling=pooling, gqa_reduce=gqa_reduce)
+    config = ParallelCompConfig(kv_budget_tokens=20, pooling=pooling, gqa_reduce=gqa_reduce,
+                                snap_observation=observation)
+    span = (2, 9)
     gen = torch.Generator().manual_seed(1)
     prefix_ids = [1] + torch.randint(3, len(tokenizer), (5,), generator=gen).tolist()
     question_ids = torch.randint(3, len(tokenizer), (12,), generator=gen).tolist()
@@ -47,7 +51,7 @@ def test_selection_equals_eager_reference(tokenizer, family, pooling, gqa_reduce
 
     prefix = encode_prefix(model, prefix_ids)
     encoded = encode_chunks(model, prefix_ids, chunks)
-    comp = BatchCompressor.for_batch(model, config, len(prefix_ids), encoded, len(question_ids))
+    comp = BatchCompressor.for_batch(model, config, len(prefix_ids), encoded, len(question_ids), span)
     question_nll(model, prefix, encoded, question_ids, comp.observe())
     assert not any(m._forward_hooks for m in model.modules())
     ours = {i: {layer: keep_topk(s, 20)[0].tolist() for layer, s in layers.items()}
@@ -59,8 +63,10 @@ def test_selection_equals_eager_reference(tokenizer, family, pooling, gqa_reduce
     for i in (0, 1):
         chunk = chunks[i].token_ids
         attentions, cache = eager_run(oracle, prefix_ids + chunk + question_ids)
+        q0 = p + len(chunk)  # the question's first row
+        rows = range(q0 + span[0], q0 + span[1]) if observation == "question" else range(q0 + 12 - 8, q0 + 12)
         for layer, attention in enumerate(attentions):
-            scores = snapkv_scores(attention, p, len(chunk), 8, 7, h_kv, pooling, gqa_reduce)
+            scores = snapkv_scores(attention, p, len(chunk), list(rows), 7, h_kv, pooling, gqa_reduce)
             keys, values = compressed[i].kv[layer]
             assert keys.shape == values.shape == (1, h_kv, 20, keys.shape[-1])
             for head in range(h_kv):
@@ -92,12 +98,13 @@ def _question_ids(tokenizer, config):
     return build_prompt(tokenizer, config.instruction, QUESTION, config.use_chat_template)
 
 
-def test_engine_merged_kv_equals_reference_and_reports_bytes(tokenizer, make_engine):
+@pytest.mark.parametrize("observation", ["question", "last"])
+def test_engine_merged_kv_equals_reference_and_reports_bytes(tokenizer, make_engine, observation):
     """One document, one chunk: the KV the question sees is prefix + the oracle's kept tokens,
     and stats/ChunkReport state its real size."""
-    engine = make_engine("llama", kv_budget_tokens=30, keep_chunks=1)
+    engine = make_engine("llama", kv_budget_tokens=30, keep_chunks=1, snap_observation=observation)
     parts = _question_ids(tokenizer, engine.config)
-    chunk = tokenizer(DOCS[0], add_special_tokens=False)["input_ids"]
+    chunk = tokenizer(DOCS[0].strip(), add_special_tokens=False)["input_ids"]  # chunk edges are stripped
     spy = _QuestionCache(engine.model, len(parts.question_ids))
     out = engine.generate(QUESTION, documents=[DOCS[0]], max_new_tokens=3)
     spy.handle.remove()
@@ -114,10 +121,14 @@ def test_engine_merged_kv_equals_reference_and_reports_bytes(tokenizer, make_eng
     oracle = tiny_model("llama", len(tokenizer), attn="eager")
     attentions, cache = eager_run(oracle, parts.prefix_ids + chunk + parts.question_ids)
     h_kv = oracle.config.num_key_value_heads
+    q0, (first, end) = p + len(chunk), parts.question_span
+    rows = range(q0 + first, q0 + end) if observation == "question" else range(q0 + len(parts.question_ids) - 8,
+                                                                                q0 + len(parts.question_ids))
+    assert end - first < 8  # the two settings observe different rows
     for layer, attention in enumerate(attentions):
         ref_keys = cache.layers[layer].keys[0]  # (H_kv, T, D)
         torch.testing.assert_close(merged[layer][0][0, :, :p], ref_keys[:, :p], atol=1e-4, rtol=1e-4)
-        scores = snapkv_scores(attention, p, len(chunk), 8, 7, h_kv)
+        scores = snapkv_scores(attention, p, len(chunk), list(rows), 7, h_kv)
         for head in range(h_kv):
             kept = merged[layer][0][0, head, p:]  # (30, D): recover indices by nearest key
             ours = torch.cdist(kept, ref_keys[head, p : p + len(chunk)]).argmin(dim=-1).tolist()
@@ -182,8 +193,11 @@ def test_bad_compression_config_is_a_config_error(values):
 
 
 def test_window_larger_than_question_is_an_input_error(make_engine):
-    engine = make_engine("llama", kv_budget_tokens=16, snap_window=500)
+    engine = make_engine("llama", kv_budget_tokens=16, snap_window=500, snap_observation="last")
     with pytest.raises(InputError, match="snap_window"):
         engine.generate(QUESTION, documents=DOCS, max_new_tokens=2)
     with pytest.raises(InputError, match="snap_window"):
-        make_engine("llama", kv_budget_tokens=16).score("Paris is", documents=DOCS)
+        make_engine("llama", kv_budget_tokens=16, snap_observation="last").score("Paris is", documents=DOCS)
+    # observing the question's own tokens needs no window: the same short target is scored
+    assert make_engine("llama", kv_budget_tokens=16, snap_observation="question").score(
+        "Paris is", documents=DOCS).n_tokens >= 1

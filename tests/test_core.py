@@ -75,8 +75,10 @@ def test_keeps_lowest_nll_chunks_in_document_order_and_matches_pcw_reference(fam
 
     parts = build_prompt(tokenizer, pc.config.instruction, question, True)
     assert [c.n_tokens for c in out.chunks] == [len(ids_of(tokenizer, d)) for d in docs]  # one doc per chunk
+    scored = parts.scored(pc.config.score_tokens)  # the question text's tokens (Eq. 3)
+    assert 0 < scored.stop - scored.start < len(parts.question_ids)
     ref_scores = [
-        float(ref_question_nll(pc.model, parts.prefix_ids, ids_of(tokenizer, d), parts.question_ids).mean())
+        float(ref_question_nll(pc.model, parts.prefix_ids, ids_of(tokenizer, d), parts.question_ids)[scored].mean())
         for d in docs
     ]
     assert [c.score for c in out.chunks] == pytest.approx(ref_scores, abs=1e-4)

@@ -13,14 +13,18 @@ layer's attention for this step runs on the reduced K/V (attention.py, Route 2).
 Decisions (deviations from the official code are marked):
 * Softmax domain: every key the row can see, i.e. the cached context *and* the question's own
   keys (causally), as in the official code, so λ means the same thing there and here.
-* Candidates: only cached chunk tokens. Question tokens are never evicted (that would break the
-  causal alignment of this very step; the official "recent" region mostly hit them), and the
-  shared prefix (BOS, system prompt, instruction), stored once outside the chunks, is never
-  evicted either: regions, the equalisation fill included, are measured over chunk tokens only.
+* Candidates: cached chunk tokens, and the shared prefix (BOS, system prompt, instruction) when
+  `calibrate_prefix` is on. Question tokens are never evicted (that would break the causal
+  alignment of this very step; the official "recent" region mostly hit them).
+* The prefix: the official code's chunks each start with BOS and the instruction, and its
+  regions are indices from BOS, so its sink rule can evict the real attention sink. We store the
+  prefix once, before the first kept chunk; `calibrate_prefix` makes it the head of that chunk
+  (its sink region then starts at BOS). Off (the default outside the paper-calibration presets),
+  the prefix is never a candidate, the fill included, and a sink rule only sees chunk starts.
 * Regions: `per_chunk` (paper App. C, default): sink = the first N tokens of each kept chunk as
   stored in the merged cache (after compression, if any), recent = its last N, middle = the rest,
   all = the whole chunk. `global` (official code): the same over the merged chunk tokens as one
-  sequence (the official code also counted the prefix and the question in these ranges).
+  sequence (the official code also counted the question in these ranges).
 * GQA: a query head sees its KV head's tokens, and a token can only be removed for the whole KV
   head, so the G query heads' `a` are combined per KV head with `config.gqa_reduce` (mean by
   default, max: evict when any head of the group sees an outlier), as compression does.
@@ -41,21 +45,39 @@ from .config import CalibrationRule, ParallelCompConfig
 from .errors import InputError
 
 
-def layer_plan(rules: tuple[CalibrationRule, ...], num_layers: int) -> dict[int, list[CalibrationRule]]:
-    """Layer index → the rules that apply there. Raises ConfigError for layers the model lacks."""
-    plan: dict[int, list[CalibrationRule]] = {}
-    for rule in rules:
-        for layer in rule.layer_indices(num_layers):
-            plan.setdefault(layer, []).append(rule)
+def rule_labels(rules: tuple[CalibrationRule, ...], num_layers: int) -> dict[str, list[int]]:
+    """A readable, unique label per rule ("#2 sink layers 24-31") → the layers it covers.
+
+    Raises ConfigError for layers the model lacks.
+    """
+    labels = {}
+    for i, rule in enumerate(rules):
+        layers = rule.layer_indices(num_layers)
+        labels[f"#{i} {rule.region} " + (f"layers {layers[0]}-{layers[-1]}" if layers else "no layer")] = layers
+    return labels
+
+
+def layer_plan(rules: tuple[CalibrationRule, ...], num_layers: int) -> dict[int, list[tuple[str, CalibrationRule]]]:
+    """Layer index → the (label, rule) pairs that apply there."""
+    plan: dict[int, list[tuple[str, CalibrationRule]]] = {}
+    for rule, (label, layers) in zip(rules, rule_labels(rules, num_layers).items()):
+        for layer in layers:
+            plan.setdefault(layer, []).append((label, rule))
     return plan
 
 
-def chunk_spans(prefix_len: int, chunk_tokens: list[int]) -> list[tuple[int, int]]:
-    """[start, end) of each kept chunk in the merged cache, given their token counts in order."""
+def chunk_spans(prefix_len: int, chunk_tokens: list[int], with_prefix: bool = False) -> list[tuple[int, int]]:
+    """[start, end) of each kept chunk in the merged cache, given their token counts in order.
+
+    `with_prefix`: the prefix [0, prefix_len) is the head of the first chunk (a span of its own
+    when no chunk is kept).
+    """
     spans, start = [], prefix_len
     for n in chunk_tokens:
         spans.append((start, start + n))
         start += n
+    if with_prefix and prefix_len:
+        spans[:1] = [(0, spans[0][1] if spans else prefix_len)]
     return spans
 
 
@@ -100,6 +122,7 @@ class Calibrator:
         with calib.attach(model, cache, spans):                        # the whole generation
             generate_tokens(..., question_step=calib.question_step())
         calib.evicted  # layer → tokens removed per KV head
+        calib.by_rule  # rule label → layer → outliers that rule flagged (0: it did not fire)
 
     The attention switch lasts the whole generation, not just the question step: calibrated
     layers end up shorter than the others, and transformers sizes one mask for all layers from
@@ -107,13 +130,16 @@ class Calibrator:
     function that needs no mask for one-token steps.
     """
 
-    def __init__(self, config: ParallelCompConfig, plan: dict[int, list[CalibrationRule]]):
-        self.plan = plan
+    def __init__(self, config: ParallelCompConfig, num_layers: int):
+        self.plan = layer_plan(config.calibration_rules, num_layers)
         self.rows = config.calibration_query_rows
         self.width = config.calibration_region_tokens
         self.reference = config.calibration_reference
         self.gqa_reduce = config.gqa_reduce
+        self.with_prefix = config.calibrate_prefix
         self.evicted: dict[int, int] = {}
+        self.by_rule = {label: dict.fromkeys(layers, 0) for label, layers in
+                        rule_labels(config.calibration_rules, num_layers).items()}
         self.removed_bytes = 0
         self._cache = None
         self._spans: list[tuple[int, int]] = []
@@ -124,14 +150,13 @@ class Calibrator:
         """Validate the rules against the model and the question; None when there are none."""
         if not config.calibration_rules:
             return None
-        plan = layer_plan(config.calibration_rules, num_layers)
         if config.calibration_query_rows > question_len:
             msg = (
                 f"calibration_query_rows={config.calibration_query_rows} exceeds the question "
                 f"({question_len} tokens with its template); lower it"
             )
             raise InputError(msg)
-        return cls(config, plan)
+        return cls(config, num_layers)
 
     @contextmanager
     def attach(self, model, cache, spans: list[tuple[int, int]]) -> Iterator[None]:
@@ -167,8 +192,10 @@ class Calibrator:
         spans = self._regions(context)
         evictable = region_mask("all", spans, self.width, context)
         outliers = torch.zeros_like(attn, dtype=torch.bool)
-        for rule in self.plan[layer]:
-            outliers |= region_mask(rule.region, spans, self.width, context) & (attn > rule.threshold)
+        for label, rule in self.plan[layer]:
+            flagged = region_mask(rule.region, spans, self.width, context) & (attn > rule.threshold)
+            self.by_rule[label][layer] = int(flagged.sum(dim=-1).max())  # per KV head, like m
+            outliers |= flagged
         kept, m = choose_evictions(attn, outliers, evictable)
         self.evicted[layer] = m
         if m == 0:
@@ -204,11 +231,13 @@ class Calibrator:
         `reports` are the run's ChunkReports: kept chunks sit after the prefix in document order,
         each with its `kv_tokens` (so spans account for compression).
         """
-        spans = chunk_spans(prefix_len, [r.kv_tokens for r in sorted(reports, key=lambda r: r.index) if r.kept])
+        kept = [r.kv_tokens for r in sorted(reports, key=lambda r: r.index) if r.kept]
+        spans = chunk_spans(prefix_len, kept, self.with_prefix)
         stack.enter_context(self.attach(model, cache, spans))
         return self.question_step()
 
     def report(self, stats) -> None:
         """Record evictions in RunStats; kv_bytes then counts the context KV left after them."""
         stats.calibration_evicted = dict(sorted(self.evicted.items()))
+        stats.calibration_evicted_by_rule = self.by_rule
         stats.kv_bytes -= self.removed_bytes

@@ -3,8 +3,14 @@
 Documents are packed in order, separated by `separator`, and a document that fits is never
 split. A longer document is cut into pieces at the last paragraph break inside the budget, else
 the last sentence end, else the last space; only a text with none of these is cut mid-word.
-Pieces are token-id slices of the document's own tokenization, so nothing is re-tokenized and
-no token is lost. Pure Python; knows nothing about the model.
+
+Whitespace never sits at a chunk edge: each document, and each piece of a split document, is
+stripped, and the whitespace gap at a cut belongs to neither piece. A chunk's question NLL
+(Eq. 3) therefore does not depend on where blank lines fall: the question suffix begins with
+its own blank line, and a chunk ending in one made the first question token cost ~11 nats
+instead of ~1 (issue #12, docs/method-fidelity.md). A piece's tokens are exactly the tokenization
+of the text its span names, `tokenizer(doc[span.start:span.end])`, and everything between two
+spans of a document is whitespace. Pure Python; knows nothing about the model.
 """
 
 from __future__ import annotations
@@ -49,18 +55,38 @@ def make_chunks(tokenizer, documents: list[str], budget: int, separator: str) ->
 def _pieces(tokenizer, doc_index: int, text: str, budget: int) -> list[_Piece]:
     if not tokenizer.is_fast:
         raise InputError("splitting documents needs a fast (Rust) tokenizer with offset mappings")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    lo, hi = _strip(text, 0, len(text))
+    enc = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
     if len(ids) <= budget:
-        return [_Piece(list(ids), DocumentSpan(doc_index, 0, len(text), complete=True))]
+        return [_Piece(list(ids), DocumentSpan(doc_index, lo, hi, complete=True))]
+    offsets = [(a + lo, b + lo) for a, b in enc["offset_mapping"]]  # into `text`
     pieces, start = [], 0
     while start < len(ids):
-        end = len(ids) if len(ids) - start <= budget else _cut(text, offsets, start, start + budget)
-        char_start = offsets[start][0] if start else 0
-        char_end = offsets[end][0] if end < len(ids) else len(text)
-        pieces.append(_Piece(list(ids[start:end]), DocumentSpan(doc_index, char_start, char_end, complete=False)))
+        limit = min(start + budget, len(ids))
+        while True:  # re-tokenizing a stripped piece can add a token at its edges: cut earlier then
+            end = limit if limit == len(ids) else _cut(text, offsets, start, limit)
+            a, b = _strip(text, offsets[start][0], offsets[end][0] if end < len(ids) else hi)
+            piece_ids = list(tokenizer(text[a:b], add_special_tokens=False)["input_ids"])
+            if len(piece_ids) <= budget:
+                break
+            if limit == start + 1:
+                msg = f"chunk budget of {budget} tokens is too small to hold one word of document {doc_index}"
+                raise InputError(msg)
+            limit = max(start + 1, limit - (len(piece_ids) - budget))
+        if piece_ids:  # a cut inside a long whitespace run leaves nothing to keep
+            pieces.append(_Piece(piece_ids, DocumentSpan(doc_index, a, b, complete=False)))
         start = end
     return pieces
+
+
+def _strip(text: str, start: int, end: int) -> tuple[int, int]:
+    """[start, end) narrowed to exclude leading and trailing whitespace."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
 
 
 def _cut(text: str, offsets, start: int, limit: int) -> int:

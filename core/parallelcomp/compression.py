@@ -1,15 +1,20 @@
 """Per-chunk KV eviction, SnapKV-style (method.md §3, "Ours-compression").
 
-For every chunk, each of its context tokens is scored by the attention it receives from the last
-`window` question tokens, per layer and head:
+For every chunk, each of its context tokens is scored by the attention it receives from the
+observation rows of the question step, per layer and head:
 
-    A = softmax_fp32(q_last_w · Kᵀ · scale)   over every key the row can see: prefix, chunk and
+    A = softmax_fp32(q_rows · Kᵀ · scale)     over every key the row can see: prefix, chunk and
                                                the causal part of the question (padding masked)
     s[j] = Σ_rows A[row, j]                    for the chunk's own tokens j only
     s'   = maxpool1d(s, kernel, stride 1, padding kernel//2)   (or avgpool)
 
 and each layer keeps the top-B tokens per KV head, in their original order, with their original
 RoPE positions (p0 is computed from uncompressed lengths and does not change).
+
+Observation rows (`snap_observation`): "question", the question text's own tokens, as Eq. 6
+sums the attention of the query tokens; or "last", the last `snap_window` tokens of the suffix,
+as the official code does (with a chat template those are mostly template tokens, e.g. ' pin',
+'?', '<|im_end|>', '\n', '<|im_start|>', 'ass', 'istant', '\n' with SmolLM2).
 
 GQA: the official code scores and selects per *query* head on a repeat_kv-expanded cache. We
 never expand the cache: each query head is scored and pooled exactly as in the official code,
@@ -40,21 +45,22 @@ from .prefill import EncodedChunk
 
 @dataclass(frozen=True)
 class SnapKV:
-    """The per-chunk token scorer: window w, pooling kernel, pooling kind, GQA reduction."""
+    """The per-chunk token scorer: observation rows [first, end) of the question, pooling
+    kernel, pooling kind, GQA reduction."""
 
-    window: int = 8
+    rows: tuple[int, int]
     kernel: int = 7
     pooling: Literal["max", "avg"] = "max"
     gqa_reduce: Literal["mean", "max"] = "mean"
 
     @classmethod
-    def from_config(cls, config) -> SnapKV:
-        return cls(config.snap_window, config.pool_kernel, config.pooling, config.gqa_reduce)
+    def from_config(cls, config, rows: tuple[int, int]) -> SnapKV:
+        return cls(rows, config.pool_kernel, config.pooling, config.gqa_reduce)
 
     def score(self, attention: torch.Tensor, start: int, length: int) -> torch.Tensor:
         """(B, H_kv, length) scores of keys [start, start + length).
 
-        attention: (B, H_kv, G, w, T) fp32 probabilities of the last w query rows over all keys.
+        attention: (B, H_kv, G, w, T) fp32 probabilities of the w observation rows over all keys.
         """
         s = attention.sum(dim=-2)[..., start : start + length]  # (B, H_kv, G, L)
         b, h_kv, g, n = s.shape
@@ -76,19 +82,24 @@ def keep_topk(scores: torch.Tensor, budget: int) -> torch.Tensor:
     return order.sort(dim=-1).values
 
 
-def check_window(window: int, question_tokens: int) -> None:
-    if window > question_tokens:
+def observation_rows(config, question_tokens: int, question_span: tuple[int, int]) -> tuple[int, int]:
+    """[first, end) of the question-step rows that score the chunk tokens (`snap_observation`)."""
+    if config.snap_observation == "question":
+        return question_span
+    if config.snap_window > question_tokens:
         msg = (
-            f"snap_window={window} is larger than the question ({question_tokens} tokens with its template); "
-            "compression scores with the last snap_window question tokens: lower snap_window or ask a longer question"
+            f"snap_window={config.snap_window} is larger than the question ({question_tokens} tokens with its "
+            "template); compression scores with the last snap_window question tokens: lower snap_window, "
+            'ask a longer question, or use snap_observation="question"'
         )
         raise InputError(msg)
+    return question_tokens - config.snap_window, question_tokens
 
 
 class BatchCompressor:
     """Scores the chunks of one micro-batch during phase 2, then keeps each chunk's top-B tokens.
 
-        comp = BatchCompressor.for_batch(model, config, prefix_len, encoded, question_len)
+        comp = BatchCompressor.for_batch(model, config, prefix_len, encoded, question_len, question_span)
         nll = question_nll(..., observe=comp.observe() if comp else None)
         encoded = comp.apply(encoded) if comp else encoded
 
@@ -103,14 +114,19 @@ class BatchCompressor:
         self._visible: torch.Tensor | None = None
 
     @classmethod
-    def for_batch(cls, model, config, prefix_len: int, encoded: list[EncodedChunk], q: int) -> BatchCompressor | None:
-        """None when compression is off or every chunk fits its budget (nothing to score)."""
+    def for_batch(
+        cls, model, config, prefix_len: int, encoded: list[EncodedChunk], q: int, question_span: tuple[int, int]
+    ) -> BatchCompressor | None:
+        """None when compression is off or every chunk fits its budget (nothing to score).
+
+        q: question tokens with their template; question_span: the question text's tokens among them.
+        """
         if not config.compresses:
             return None
-        check_window(config.snap_window, q)
+        rows = observation_rows(config, q, question_span)
         lengths = [e.length for e in encoded]
         budgets = [config.kv_budget_for(n) for n in lengths]
-        comp = cls(model, SnapKV.from_config(config), prefix_len, lengths, budgets, q)
+        comp = cls(model, SnapKV.from_config(config, rows), prefix_len, lengths, budgets, q)
         return comp if comp.rows else None
 
     def observe(self) -> AbstractContextManager:
@@ -127,24 +143,27 @@ class BatchCompressor:
         return out
 
     def _score_layer(self, module, kwargs) -> None:
-        w = self.scorer.window
+        first, end = self.scorer.rows
         keys = kvops.layer_keys(hook_cache(kwargs), module.layer_idx)  # (B, H_kv, T, D)
-        query = recompute_queries(module, kwargs["hidden_states"], kwargs["position_embeddings"], w)
+        cos, sin = kwargs["position_embeddings"]  # (B, q, D) each
+        hidden = kwargs["hidden_states"][:, first:end]  # (B, w, d): the observation rows
+        query = recompute_queries(module, hidden, (cos[:, first:end], sin[:, first:end]), end - first)
         attention = last_rows_attention(query, keys, module.scaling, self._mask(keys))  # (B, H_kv, G, w, T)
         for i in self.rows:
             self.scores[i][module.layer_idx] = self.scorer.score(attention[i : i + 1], self.prefix_len, self.lengths[i])
 
     def _mask(self, keys: torch.Tensor) -> torch.Tensor:
-        """(B, w, T): row i's last-w question rows see prefix, its own chunk tokens (not the
+        """(B, w, T): row i's observation rows see prefix, its own chunk tokens (not the
         padding) and the question causally."""
         if self._visible is None:
-            device, w, p = keys.device, self.scorer.window, self.prefix_len
+            device, p = keys.device, self.prefix_len
+            first, end = self.scorer.rows
             total = keys.shape[-2]
             context = total - self.q  # P + L_max
             t = torch.arange(total, device=device)
             lengths = torch.tensor(self.lengths, device=device)
             in_context = t[None] < (p + lengths)[:, None]  # (B, T): prefix + own chunk
-            last = context + self.q - w + torch.arange(w, device=device)  # absolute index of each row
+            last = context + torch.arange(first, end, device=device)  # absolute index of each row
             causal = (t[None] >= context) & (t[None] <= last[:, None])  # (w, T)
             self._visible = in_context[:, None, :] | causal[None]
         return self._visible

@@ -108,6 +108,17 @@ class ParallelCompConfig(BaseModel):
     instruction: str = DEFAULT_INSTRUCTION
     use_chat_template: bool = True
     """Wrap prefix/chunk/question in the tokenizer's chat template when it has one."""
+    restate_instruction: bool = False
+    """Repeat the instruction after the documents, before the question, as long-context QA
+    templates do (LongBench's question template). Off: on the SmolLM2 needle cases it did not
+    change which chunk ranked first (docs/method-fidelity.md §6)."""
+
+    # --- chunk scoring (method.md §2, Eq. 3) ---
+    score_tokens: Literal["question", "suffix"] = "question"
+    """Whose NLL ranks a chunk: "question", the tokens of the question text only (Eq. 3's X^q),
+    or "suffix", every token after the chunk, template included (official code). The template's
+    tokens ("\n\nQuestion:", end of turn, "assistant") carry no relevance and counting them
+    cut the gold chunk's lead by ~40% on SmolLM2 needle cases (docs/method-fidelity.md §1)."""
 
     # --- prefill execution ---
     prefill_batch_tokens: int = Field(8192, gt=0)
@@ -131,8 +142,13 @@ class ParallelCompConfig(BaseModel):
     """Context tokens kept per chunk, per layer and KV head. None: no compression."""
     kv_budget_ratio: float | None = Field(None, gt=0.0, le=1.0)
     """Alternative to `kv_budget_tokens`: keep this fraction of each chunk."""
+    snap_observation: Literal["question", "last"] = "question"
+    """Which question-step rows score a chunk's tokens: "question", the question text's own tokens
+    (Eq. 6 sums over the query), or "last", the last `snap_window` tokens (official code), which
+    with a chat template are mostly template tokens ('?', '<|im_end|>', 'assistant', ...). The
+    question's rows kept a needle in more layers and heads (docs/method-fidelity.md §3)."""
     snap_window: int = Field(8, gt=0)
-    """w: the last w question tokens score the context (paper and code: 8)."""
+    """w: with snap_observation="last", the last w question tokens score the context (code: 8)."""
     pool_kernel: int = Field(7, gt=0)
     """Smoothing kernel over token scores (code: 7, must be odd)."""
     pooling: Literal["max", "avg"] = "max"
@@ -147,6 +163,11 @@ class ParallelCompConfig(BaseModel):
     """N: width of the sink and recent regions (paper App. C: 100)."""
     calibration_query_rows: int = Field(1, gt=0)
     """r: last question rows whose attention is averaged (code default 1)."""
+    calibrate_prefix: bool = False
+    """Make the shared prefix (BOS, system prompt, instruction) an eviction candidate, at the head
+    of the first kept chunk, so it leads the sink region: the official code's regions are indices
+    that start at BOS and the instruction (method.md §4). Off, the prefix is never evicted and
+    the real attention sink always survives a sink rule. On in the paper-calibration presets."""
 
     @field_validator("instruction", "document_separator")
     @classmethod
@@ -199,7 +220,10 @@ PRESETS: dict[str, dict] = {
     # what a small model reads best (benchmarks/results: niah 16K 3/3 vs 2/3 with K=3).
     "paper-retrieval": {"keep_chunks": 1},
     # Paper "Ours-calibration": the three-rule set of Tables 6/8, λ=0.1, regions of 100 tokens.
-    "paper-calibration": {"keep_chunks": 3, "calibration_rules": PAPER_CALIBRATION_RULES},
+    # The prefix is a candidate, as in the code the tables came from: there the sink region is the
+    # first 100 (200 in e051ec0) tokens from BOS, and Table 6's collapse when sinks are evicted in
+    # layers 1-8 (R.KV 2.2, R.Num 42.71) is what removing the real sink does (docs/method-fidelity.md).
+    "paper-calibration": {"keep_chunks": 3, "calibration_rules": PAPER_CALIBRATION_RULES, "calibrate_prefix": True},
     # Paper "Ours-compression": SnapKV inside each chunk to about half the chunk
     # (2000/4000 of 4K/8K chunks, App. C), w=8, max-pool 7.
     "paper-compression": {"keep_chunks": 3, "kv_budget_ratio": 0.5},
@@ -207,6 +231,7 @@ PRESETS: dict[str, dict] = {
         "keep_chunks": 3,
         "kv_budget_ratio": 0.5,
         "calibration_rules": PAPER_CALIBRATION_RULES,
+        "calibrate_prefix": True,
     },
     # Ours: small chunks prefill faster on CPU (attention is quadratic in chunk length) and
     # compression halves the KV the question and decode attend to.

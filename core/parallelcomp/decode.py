@@ -19,6 +19,7 @@ import torch
 from transformers import (
     Cache,
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -39,8 +40,10 @@ class Sampling:
     repetition_penalty: float = 1.0
     """> 1 discourages repeating question or answer tokens (CTRL-style, as in `model.generate`)."""
 
-    def processors(self) -> LogitsProcessorList:
-        procs = LogitsProcessorList()
+    def processors(self, eos_ids: set[int], prompt_tokens: int) -> LogitsProcessorList:
+        """EOS is never the first new token (official code: min_length = |question| + 1), so an
+        answer is never empty; then the optional penalty and sampling warpers."""
+        procs = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(prompt_tokens, 1, sorted(eos_ids))])
         if self.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
         if self.temperature > 0:
@@ -71,7 +74,7 @@ def generate_tokens(
     device = model.device
     ids = torch.tensor([question_ids], device=device)
     positions = p0 + torch.arange(len(question_ids), device=device)[None]
-    processors = sampling.processors()
+    processors = sampling.processors(eos_ids, len(question_ids))
     generator = None
     if sampling.temperature > 0 and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)

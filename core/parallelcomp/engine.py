@@ -287,13 +287,11 @@ class ParallelComp:
             ctx.stats.new_tokens = len(assembler.ids)
             ctx.stats.finish_reason = "length" if len(assembler.ids) == max_new_tokens and not assembler.stopped else "stop"
             ctx.stats.decode_seconds = time.perf_counter() - start
-            if not assembler.ids:  # the question step produced EOS: it was the whole decode
-                ctx.stats.first_token_seconds = ctx.stats.decode_seconds
             result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
     def _prompt(self, question: str, with_documents: bool, history=()) -> PromptParts:
         return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
-                            with_documents, history)
+                            with_documents, history, restate_instruction=self.config.restate_instruction)
 
     def _corpus(self, parts: PromptParts, documents, context, corpus: Corpus | None, required: bool) -> Corpus:
         """The call's corpus: the one given, or `documents`/`context` chunked (not yet encoded)."""
@@ -353,7 +351,7 @@ class ParallelComp:
         start = time.perf_counter()
         self._check_question_fits(parts, reserve)
         if self.config.compresses:
-            compression.check_window(self.config.snap_window, len(parts.question_ids))
+            compression.observation_rows(self.config, len(parts.question_ids), parts.question_span)
         guard.check_run(self.model, self.config, self.window, len(parts.prefix_ids), list(corpus.chunks),
                         len(parts.question_ids), reserve)  # window and memory, before any model work
         prefix = encode_prefix(self.model, parts.prefix_ids)
@@ -365,12 +363,12 @@ class ParallelComp:
         for batch in micro_batches(list(corpus.chunks), self.config.prefill_batch_tokens):
             encoded = self._phase1(batch, corpus, parts.prefix_ids, report)
             comp = compression.BatchCompressor.for_batch(
-                self.model, self.config, kvops.n_tokens(prefix), encoded, len(parts.question_ids)
+                self.model, self.config, kvops.n_tokens(prefix), encoded, len(parts.question_ids), parts.question_span
             )
             nll = question_nll(self.model, prefix, encoded, parts.question_ids, comp.observe() if comp else None)
             raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in encoded})
             encoded = comp.apply(encoded) if comp else encoded
-            for enc, chunk_nll in zip(encoded, nll.mean(dim=1).tolist()):
+            for enc, chunk_nll in zip(encoded, nll[:, parts.scored(self.config.score_tokens)].mean(dim=1).tolist()):
                 scores[enc.chunk.index] = chunk_nll
                 top.offer(chunk_nll, enc.chunk.index, enc)
             bar.update(len(batch))

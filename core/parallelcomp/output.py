@@ -60,7 +60,10 @@ class RunStats:
     kv_bytes_uncompressed: int = 0
     """Bytes the same kept chunks would take without per-chunk compression."""
     calibration_evicted: dict[int, int] = field(default_factory=dict)
-    """Layer index → tokens per KV head removed by attention-bias calibration."""
+    """Layer index → tokens per KV head removed by attention-bias calibration (outliers + fill)."""
+    calibration_evicted_by_rule: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Rule label ("#0 middle layers 0-7") → layer → outliers that rule flagged per KV head (the
+    most over heads). Every layer of every rule is listed, so a rule that never fires shows zeros."""
     new_tokens: int = 0
     finish_reason: str = ""
     """"stop" (EOS or stop string) or "length" (max_new_tokens reached)."""

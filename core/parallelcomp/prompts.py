@@ -22,6 +22,15 @@ _SLOT = "<<<PARALLELCOMP_DOCUMENTS>>>"
 class PromptParts:
     prefix_ids: list[int]
     question_ids: list[int]
+    question_span: tuple[int, int]
+    """[start, end) of the `question_ids` that carry the question text itself: the tokens Eq. 3
+    (I_c = -log P(X^q | X^c)) and Eq. 6 (the query's attention) are about. The rest of the
+    suffix is template: "\n\nQuestion:", end of turn, generation prompt."""
+
+    def scored(self, which: str) -> slice:
+        """The question tokens whose NLL scores a chunk: "question" (the question text only)
+        or "suffix" (every token after the chunk, as the official code does, method.md §2)."""
+        return slice(*self.question_span) if which == "question" else slice(0, len(self.question_ids))
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -35,37 +44,45 @@ def build_prompt(
     use_chat_template: bool,
     with_documents: bool = True,
     history: Sequence[Mapping[str, str]] = (),
+    restate_instruction: bool = False,
 ) -> PromptParts:
     """Token ids of the shared prefix and of the question suffix.
 
     Without documents the question is the whole user turn and the instruction is left out.
     `history` ({"role", "content"} chat messages before the question's user turn: system
     messages, earlier turns) is rendered by the chat template ahead of that turn, so it sits in
-    the shared prefix that every chunk sees; it needs a chat template.
+    the shared prefix that every chunk sees; it needs a chat template. With
+    `restate_instruction`, the instruction is repeated after the documents, before the question,
+    as long-context QA templates do (LongBench's "Now, answer the question based on ...").
     """
     if not with_documents:
         instruction = ""
     body = f"{instruction}\n\n{_SLOT}" if instruction else _SLOT
-    tail = f"\n\nQuestion: {question}" if with_documents else question
+    restated = f"{instruction}\n\n" if restate_instruction and instruction else ""
+    tail = f"\n\n{restated}Question: {question}" if with_documents else question
     if use_chat_template and has_chat_template(tokenizer):
         messages = [*history, {"role": "user", "content": body + tail}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if text.count(_SLOT) != 1:
+        if text.count(_SLOT) != 1 or tail not in text:
             msg = "the tokenizer's chat template rewrites the message content; pass use_chat_template=False"
             raise InputError(msg)
         head, rest = text.split(_SLOT)
-        return PromptParts(_encode(tokenizer, head), _encode(tokenizer, rest))
+        question_ids, span = _encode_marking(tokenizer, rest, rest.index(tail) + len(tail) - len(question), question)
+        return PromptParts(_encode(tokenizer, head), question_ids, span)
     if history:
         raise InputError("a chat history needs the tokenizer's chat template (use_chat_template=True)")
     head, _ = body.split(_SLOT)
     prefix = tokenizer(head, add_special_tokens=True)["input_ids"] if head or _adds_bos(tokenizer) else []
-    return PromptParts(list(prefix), _encode(tokenizer, tail + "\nAnswer:" if with_documents else tail))
+    suffix = tail + "\nAnswer:" if with_documents else tail
+    question_ids, span = _encode_marking(tokenizer, suffix, len(tail) - len(question), question)
+    return PromptParts(list(prefix), question_ids, span)
 
 
 def build_continuation(tokenizer, target: str) -> PromptParts:
     """Plain continuation (no instruction, no template) for teacher-forced scoring."""
     prefix = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
-    return PromptParts(prefix, _encode(tokenizer, target))
+    ids = _encode(tokenizer, target)
+    return PromptParts(prefix, ids, (0, len(ids)))
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:
@@ -83,6 +100,16 @@ def end_of_turn_ids(tokenizer) -> set[int]:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode_marking(tokenizer, text: str, start: int, question: str) -> tuple[list[int], tuple[int, int]]:
+    """Encode `text`; also return the token span overlapping `question`, found at char `start`."""
+    if not tokenizer.is_fast:
+        raise InputError("finding the question's tokens needs a fast (Rust) tokenizer with offset mappings")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    end = start + len(question)
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    return list(enc["input_ids"]), (inside[0], inside[-1] + 1)
 
 
 def _adds_bos(tokenizer) -> bool:
