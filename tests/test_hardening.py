@@ -153,43 +153,35 @@ def test_cancelling_eight_async_callers_stops_the_engine_at_its_next_token(token
 # ---------------------------------------------------------------------- model files
 
 
-@pytest.fixture
-def saved_model(tmp_path, tokenizer):
-    path = tmp_path / "model"
-    tiny_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_a_tokenizer_asking_for_remote_code_never_runs_it_nor_prompts(saved_model, tmp_path, monkeypatch):
+def test_a_tokenizer_asking_for_remote_code_never_runs_it_nor_prompts(model_dir, tmp_path, monkeypatch):
     marker = tmp_path / "ran"
-    (saved_model / "custom_tok.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    config = json.loads((saved_model / "tokenizer_config.json").read_text())
+    (model_dir / "custom_tok.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
     custom = "custom_tok.CustomTok"
     config.update(tokenizer_class="CustomTok", auto_map={"AutoTokenizer": [custom, custom]})
-    (saved_model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
     prompts = []
     monkeypatch.setattr(builtins, "input", lambda *args: prompts.append(args) or "y")
     with pytest.raises(ModelLoadError, match="custom code"):
-        ParallelComp.from_pretrained(saved_model)
+        ParallelComp.from_pretrained(model_dir)
     assert prompts == [] and not marker.exists()
 
 
-def test_a_truncated_safetensors_file_is_named(saved_model):
-    weights = saved_model / "model.safetensors"
+def test_a_truncated_safetensors_file_is_named(model_dir):
+    weights = model_dir / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     with pytest.raises(ModelLoadError, match=f"{weights}: truncated safetensors file"):
-        ParallelComp.from_pretrained(saved_model)
+        ParallelComp.from_pretrained(model_dir)
     os.truncate(weights, 5)
     with pytest.raises(ModelLoadError, match="model.safetensors: truncated safetensors file .*no header"):
-        ParallelComp.from_pretrained(saved_model)
+        ParallelComp.from_pretrained(model_dir)
 
 
-def test_weights_that_do_not_fit_the_config_are_a_model_load_error(saved_model):
-    config = json.loads((saved_model / "config.json").read_text())
-    (saved_model / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+def test_weights_that_do_not_fit_the_config_are_a_model_load_error(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
     with pytest.raises(ModelLoadError, match=r"could not load model .*\(config.json, .*model.safetensors\)"):
-        ParallelComp.from_pretrained(saved_model)
+        ParallelComp.from_pretrained(model_dir)
 
 
 # ---------------------------------------------------------------------- CLI inputs
