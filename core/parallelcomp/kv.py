@@ -38,6 +38,16 @@ class PreallocatedLayer(DynamicLayer):
         self.device, self.is_initialized = keys.device, True
         self.replace(keys, values)
 
+    @classmethod
+    def holding(cls, keys_buffer: torch.Tensor, values_buffer: torch.Tensor, n: int) -> PreallocatedLayer:
+        """A layer over buffers whose first n token slots are already filled (nothing copied)."""
+        layer = cls.__new__(cls)
+        DynamicLayer.__init__(layer)
+        layer._keys, layer._values = keys_buffer, values_buffer
+        layer.device, layer.is_initialized = keys_buffer.device, True
+        layer.keys, layer.values = keys_buffer[:, :, :n], values_buffer[:, :, :n]
+        return layer
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> LayerKV:
         self._write(self.keys.shape[-2], key_states, value_states)
         return self.keys, self.values
@@ -84,19 +94,26 @@ def slice_tokens(kv: list[LayerKV], row: int, start: int, end: int) -> list[Laye
     return [(k[row : row + 1, :, start:end].clone(), v[row : row + 1, :, start:end].clone()) for k, v in kv]
 
 
-def pad_and_stack(prefix: list[LayerKV], chunks: list[list[LayerKV]]) -> list[LayerKV]:
-    """Per layer: [prefix ‖ chunk_i right-padded with zeros to the longest chunk] for each row i."""
-    longest = max(c[0][0].shape[-2] for c in chunks)
-    out = []
-    for layer_idx, (pk, pv) in enumerate(prefix):
-        keys, values = [], []
-        for chunk in chunks:
-            ck, cv = chunk[layer_idx]
-            pad = longest - ck.shape[-2]
-            keys.append(torch.cat([pk, ck, ck.new_zeros(*ck.shape[:2], pad, ck.shape[-1])], dim=-2))
-            values.append(torch.cat([pv, cv, cv.new_zeros(*cv.shape[:2], pad, cv.shape[-1])], dim=-2))
-        out.append((torch.cat(keys), torch.cat(values)))
-    return out
+def padded_batch_cache(prefix: list[LayerKV], chunks: list[list[LayerKV]], extra_tokens: int) -> Cache:
+    """Phase 2's cache: row i = [prefix ‖ chunk_i ‖ zeros up to the longest chunk], each token
+    written once into buffers with room for `extra_tokens` more (the question), so the forward
+    appends in place instead of concatenating the whole batch again."""
+    longest = max(n_tokens(c) for c in chunks)
+    layers = []
+    for layer_idx, prefix_kv in enumerate(prefix):
+        p = prefix_kv[0].shape[-2]
+        buffers = []
+        for part, head in enumerate(prefix_kv):  # keys, then values
+            buf = head.new_empty(len(chunks), head.shape[1], p + longest + extra_tokens, head.shape[-1])
+            buf[:, :, :p] = head
+            for row, chunk in enumerate(chunks):
+                tokens = chunk[layer_idx][part]
+                n = tokens.shape[-2]
+                buf[row, :, p : p + n] = tokens[0]
+                buf[row, :, p + n : p + longest].zero_()
+            buffers.append(buf)
+        layers.append(PreallocatedLayer.holding(*buffers, p + longest))
+    return Cache(layers=layers)
 
 
 def gather_tokens(kv: list[LayerKV], indices: list[torch.Tensor]) -> list[LayerKV]:

@@ -104,7 +104,7 @@ def question_nll(
     device, p, q = model.device, kvops.n_tokens(prefix), len(question_ids)
     lengths = torch.tensor([e.length for e in encoded], device=device)
     longest = int(lengths.max())
-    cache = kvops.to_cache(kvops.pad_and_stack(prefix, [e.kv for e in encoded]))
+    cache = kvops.padded_batch_cache(prefix, [e.kv for e in encoded], extra_tokens=q)
     chunk_mask = torch.arange(longest, device=device)[None] < lengths[:, None]
     mask = torch.cat([_with_prefix(chunk_mask, p), chunk_mask.new_ones(len(encoded), q)], dim=1)
     positions = p + lengths[:, None] + torch.arange(q, device=device)[None]
