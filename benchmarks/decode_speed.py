@@ -31,6 +31,7 @@ from parallelcomp import ParallelComp
 from parallelcomp import kv as kvops
 from parallelcomp.attention import packed_decode
 from parallelcomp.compat import forward
+from parallelcomp.default_model import DEFAULT_MODEL
 
 from .machine import describe
 
@@ -102,7 +103,7 @@ def run(kv_sizes: list[int], tokens: list[int], threads: int | None, out: Path) 
         del kv
     result = {
         "machine": describe("bfloat16"),
-        "model": engine.model_name,
+        "model": DEFAULT_MODEL,
         "weight_bytes": weight_bytes,
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "uptime_before": uptime,
