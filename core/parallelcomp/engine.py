@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from contextlib import ExitStack, closing
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -38,11 +38,11 @@ from .corpus import Corpus
 from .decode import Sampling, TextAssembler, generate_tokens
 from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedError
 from .eviction import TopK
-from .output import ChunkReport, GenerationOutput, RunStats, ScoreOutput
+from .output import ChunkReport, GenerationOutput, ReuseStats, RunStats, ScoreOutput
 from .prefill import EncodedChunk, encode_chunks, encode_prefix, micro_batches, question_nll
 from .prompts import PromptParts, build_continuation, build_prompt, end_of_turn_ids
 from .settings import GenerationSettings
-from .store import ChunkStore, Entry, StoreReport, chunk_key, identity_digest, model_identity
+from .store import ChunkStore, Entry, chunk_key, identity_digest, model_identity
 
 MIN_CHUNK_TOKENS = 16
 _PLACEHOLDER_QUESTION = "?"
@@ -185,7 +185,7 @@ class ParallelComp:
         with self._lock:
             start = time.perf_counter()
             corpus = self._chunk(documents, parts.prefix_ids)
-            report = StoreReport()
+            report = ReuseStats()
             bar = tqdm(total=len(corpus.chunks), desc="encode", unit="chunk", disable=not progress, file=sys.stderr)
             for batch in micro_batches(list(corpus.chunks), self.config.prefill_batch_tokens):
                 self._phase1(batch, corpus, parts.prefix_ids, report)
@@ -193,7 +193,7 @@ class ParallelComp:
             bar.close()
             held = sum(self.store.bytes_of(key) for key in corpus.keys)
             return replace(corpus, encode_seconds=time.perf_counter() - start, bytes_held=held,
-                           encoded_chunks=report.misses)
+                           encoded_chunks=report.encoded_chunks)
 
     def generate(self, question: str, documents=None, context=None, *, corpus: Corpus | None = None,
                  **settings) -> GenerationOutput:
@@ -316,7 +316,7 @@ class ParallelComp:
         keys = tuple(chunk_key(digest, prefix_ids, c.token_ids) for c in chunks)
         return Corpus(digest, tuple(prefix_ids), tuple(chunks), keys, len(documents), budget)
 
-    def _phase1(self, batch: list[Chunk], corpus: Corpus, prefix_ids: list[int], report: StoreReport):
+    def _phase1(self, batch: list[Chunk], corpus: Corpus, prefix_ids: list[int], report: ReuseStats):
         """Phase-1 results of one micro-batch: store hits as they are, the misses encoded together
         (one padded forward) and stored."""
         keys = {c.index: self._key(corpus, prefix_ids, c) for c in batch}
@@ -328,7 +328,7 @@ class ParallelComp:
             if entry is not None:
                 entries[c.index] = entry
                 report.reused_tokens += len(c.token_ids)
-                report.saved_seconds += entry.seconds
+                report.reuse_seconds_saved += entry.seconds
         missing = [c for c in batch if c.index not in entries]
         if missing:
             start = time.perf_counter()
@@ -349,16 +349,15 @@ class ParallelComp:
         """Phase 1 (or store hits), phase 2, top-K and compression per micro-batch; return the
         merged KV of the kept chunks."""
         start = time.perf_counter()
-        self._check_question_fits(parts, reserve)
-        if self.config.compresses:
-            compression.observation_rows(self.config, len(parts.question_ids), parts.question_span)
         guard.check_run(self.model, self.config, self.window, len(parts.prefix_ids), list(corpus.chunks),
                         len(parts.question_ids), reserve)  # window and memory, before any model work
+        if self.config.compresses:
+            compression.observation_rows(self.config, len(parts.question_ids), parts.question_span)
         prefix = encode_prefix(self.model, parts.prefix_ids)
         top = TopK[EncodedChunk](self.config.keep_chunks)
         scores: dict[int, float] = {}
         raw_bytes: dict[int, int] = {}  # chunk index → KV bytes before compression
-        report = StoreReport()
+        report = ReuseStats()
         bar = tqdm(total=len(corpus.chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
         for batch in micro_batches(list(corpus.chunks), self.config.prefill_batch_tokens):
             encoded = self._phase1(batch, corpus, parts.prefix_ids, report)
@@ -409,17 +408,7 @@ class ParallelComp:
             raise ConfigError(msg)
         return budget
 
-    def _check_question_fits(self, parts: PromptParts, reserve: int) -> None:
-        used = len(parts.prefix_ids) + len(parts.question_ids)
-        if used + min(reserve, 1) > self.window:
-            msg = (
-                f"the question ({len(parts.question_ids)} tokens with its template) and the prompt prefix "
-                f"({len(parts.prefix_ids)}) leave no room in the model's {self.window}-token window; "
-                "shorten the question"
-            )
-            raise InputError(msg)
-
-    def _stats(self, parts, corpus: Corpus, reports, merged, p0, reserve, report: StoreReport) -> RunStats:
+    def _stats(self, parts, corpus: Corpus, reports, merged, p0, reserve, report: ReuseStats) -> RunStats:
         """The one place a run's statistics are assembled."""
         kept_docs = {d for r in reports if r.kept for d in r.documents}
         split = sorted({s.document for c in corpus.chunks for s in c.spans if not s.complete})
@@ -445,14 +434,7 @@ class ParallelComp:
             kv_tokens=kvops.n_tokens(merged),
             kv_bytes=kvops.n_bytes(merged),
             exceeds_window=exceeds,
-            encoded_chunks=report.misses,
-            reused_chunks=report.memory_hits + report.disk_hits,
-            reused_tokens=report.reused_tokens,
-            reuse_seconds_saved=report.saved_seconds,
-            store_disk_hits=report.disk_hits,
-            store_rejected=dict(report.rejected),
-            store_write_errors=report.write_errors,
-            store_evicted=report.evicted,
+            **asdict(report),
             store_bytes=self.store.bytes_held,
             dtype=str(self.model.dtype).removeprefix("torch."),
             threads=torch.get_num_threads(),

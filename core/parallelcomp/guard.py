@@ -159,9 +159,16 @@ def available_bytes(device: torch.device) -> int:
 def check_run(model, config, window: int, prefix: int, chunks: list, question: int, new_tokens: int) -> None:
     """Refuse a run that cannot fit, before any model work.
 
-    Rules: `question + new_tokens <= window` (the decode cache stays bounded by the window), and
-    the estimated peak ≤ `config.memory_budget_bytes` (None: the free memory now).
+    Rules: the prefix, the question and at least one new token fit the window; `question +
+    new_tokens <= window` (the decode cache stays bounded by the window); and the estimated peak ≤
+    `config.memory_budget_bytes` (None: the free memory now).
     """
+    if prefix + question + min(new_tokens, 1) > window:
+        msg = (
+            f"the question ({question} tokens with its template) and the prompt prefix ({prefix}) leave no "
+            f"room in the model's {window}-token window; shorten the question"
+        )
+        raise InputError(msg)
     if question + new_tokens > window:
         msg = (
             f"max_new_tokens={new_tokens:,} is too large: the question ({question} tokens with its template) "

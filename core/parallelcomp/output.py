@@ -37,7 +37,27 @@ class ChunkReport:
 
 
 @dataclass
-class RunStats:
+class ReuseStats:
+    """What the chunk KV store (store.py) did during one call; part of every RunStats."""
+
+    encoded_chunks: int = 0
+    """Chunks whose phase 1 ran in this call."""
+    reused_chunks: int = 0
+    """Chunks whose phase-1 KV came from the chunk KV store (memory or disk tier)."""
+    reused_tokens: int = 0
+    reuse_seconds_saved: float = 0.0
+    """Phase-1 time the reused chunks took when they were encoded."""
+    store_disk_hits: int = 0
+    """Of the reused chunks, those read from the disk tier."""
+    store_rejected: dict[str, int] = field(default_factory=dict)
+    """Disk-tier files found damaged, foreign or stale, by reason: deleted and recomputed."""
+    store_write_errors: int = 0
+    store_evicted: int = 0
+    """Entries the memory tier dropped during this call to stay within kv_store_bytes."""
+
+
+@dataclass
+class RunStats(ReuseStats):
     tokens_in: int = 0
     """Context tokens over all chunks (prefix and question excluded)."""
     prefix_tokens: int = 0
@@ -69,20 +89,6 @@ class RunStats:
     """"stop" (EOS or stop string) or "length" (max_new_tokens reached)."""
     exceeds_window: bool = False
     """True when p0 + question + max_new_tokens exceeds the model's trained window."""
-    encoded_chunks: int = 0
-    """Chunks whose phase 1 ran in this call."""
-    reused_chunks: int = 0
-    """Chunks whose phase-1 KV came from the chunk KV store (memory or disk tier)."""
-    reused_tokens: int = 0
-    reuse_seconds_saved: float = 0.0
-    """Phase-1 time the reused chunks took when they were encoded."""
-    store_disk_hits: int = 0
-    """Of the reused chunks, those read from the disk tier."""
-    store_rejected: dict[str, int] = field(default_factory=dict)
-    """Disk-tier files found damaged, foreign or stale, by reason: deleted and recomputed."""
-    store_write_errors: int = 0
-    store_evicted: int = 0
-    """Entries the memory tier dropped during this call to stay within kv_store_bytes."""
     store_bytes: int = 0
     """Bytes held by the memory tier after this call."""
     dtype: str = ""

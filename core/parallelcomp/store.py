@@ -30,12 +30,13 @@ import struct
 import uuid
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import kv as kvops
+from .output import ReuseStats
 
 FORMAT = "pc-chunk-kv/1"
 
@@ -52,23 +53,6 @@ class Entry:
     @property
     def nbytes(self) -> int:
         return kvops.n_bytes(self.kv) + self.last_logprobs.numel() * self.last_logprobs.element_size()
-
-
-@dataclass
-class StoreReport:
-    """What the store did during one call; copied into RunStats by the engine."""
-
-    memory_hits: int = 0
-    disk_hits: int = 0
-    misses: int = 0
-    reused_tokens: int = 0
-    saved_seconds: float = 0.0
-    """Phase-1 time the hits took when they were encoded."""
-    rejected: dict[str, int] = field(default_factory=dict)
-    """Disk files dropped and recomputed, by reason (checksum, identity, truncated, ...)."""
-    write_errors: int = 0
-    evicted: int = 0
-    """Entries the memory LRU dropped to stay within its byte budget."""
 
 
 def model_identity(model) -> dict:
@@ -133,24 +117,26 @@ class ChunkStore:
         return entry.nbytes if entry is not None else 0
 
     def get(self, key: str, identity: dict, prefix_ids: list[int], chunk_ids: list[int],
-            report: StoreReport, shape: tuple[int, int, int]) -> Entry | None:
-        """The stored entry for `key`, from memory or (verified) from disk; None on a miss.
+            report: ReuseStats, shape: tuple[int, int, int]) -> Entry | None:
+        """The stored entry for `key`, from memory or (verified) from disk; None on a miss, counted in
+        `report.encoded_chunks` (the caller encodes it).
         `shape` = (layers, KV heads, head dim) the entry must have."""
         entry = self._lru.get(key)
         if entry is not None:
             self._lru.move_to_end(key)
-            report.memory_hits += 1
+            report.reused_chunks += 1
             return entry
         entry = self._load(key, identity, prefix_ids, chunk_ids, report, shape)
         if entry is None:
-            report.misses += 1
+            report.encoded_chunks += 1
             return None
-        report.disk_hits += 1
+        report.reused_chunks += 1
+        report.store_disk_hits += 1
         self._remember(key, entry, report)
         return entry
 
     def put(self, key: str, entry: Entry, identity: dict, prefix_ids: list[int], chunk_ids: list[int],
-            report: StoreReport) -> None:
+            report: ReuseStats) -> None:
         self._remember(key, entry, report)
         if self.disk_dir is not None and not self._path(key, identity).exists():
             self._save(key, entry, identity, prefix_ids, chunk_ids, report)
@@ -162,7 +148,7 @@ class ChunkStore:
 
     # ------------------------------------------------------------------ memory tier
 
-    def _remember(self, key: str, entry: Entry, report: StoreReport) -> None:
+    def _remember(self, key: str, entry: Entry, report: ReuseStats) -> None:
         if entry.nbytes > self.memory_bytes:
             return  # larger than the whole budget: never held (reused from disk only)
         self._lru[key] = entry
@@ -170,14 +156,14 @@ class ChunkStore:
         while self._held > self.memory_bytes:
             _, dropped = self._lru.popitem(last=False)
             self._held -= dropped.nbytes
-            report.evicted += 1
+            report.store_evicted += 1
 
     # ------------------------------------------------------------------ disk tier
 
     def _path(self, key: str, identity: dict) -> Path:
         return self.disk_dir / "v1" / identity_digest(identity)[:16] / key[:2] / f"{key}.safetensors"
 
-    def _save(self, key, entry: Entry, identity, prefix_ids, chunk_ids, report: StoreReport) -> None:
+    def _save(self, key, entry: Entry, identity, prefix_ids, chunk_ids, report: ReuseStats) -> None:
         from safetensors.torch import save_file
 
         tensors = _tensors(entry, prefix_ids, chunk_ids)
@@ -194,7 +180,7 @@ class ChunkStore:
         except OSError as err:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            report.write_errors += 1
+            report.store_write_errors += 1
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"KV store: cannot write to {self.disk_dir} ({err}); answers go on without the "
@@ -203,7 +189,7 @@ class ChunkStore:
         if self.disk_bytes is not None:
             self._trim_disk(identity)
 
-    def _load(self, key, identity, prefix_ids, chunk_ids, report: StoreReport, shape) -> Entry | None:
+    def _load(self, key, identity, prefix_ids, chunk_ids, report: ReuseStats, shape) -> Entry | None:
         if self.disk_dir is None:
             return None
         path = self._path(key, identity)
@@ -221,7 +207,7 @@ class ChunkStore:
         else:
             reason = _check(meta, tensors, key, identity, prefix_ids, chunk_ids, shape)
         if reason is not None:
-            report.rejected[reason] = report.rejected.get(reason, 0) + 1
+            report.store_rejected[reason] = report.store_rejected.get(reason, 0) + 1
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
