@@ -38,7 +38,7 @@ SETTINGS = {
 
 def _old_path(monkeypatch):
     """The decode path before docs/decode.md: DynamicCache, transformers' sdpa for every step."""
-    monkeypatch.setattr(kvops, "decode_cache", lambda kv, extra_tokens: kvops.to_cache(kv))
+    monkeypatch.setattr(kvops, "decode_cache", lambda parts, extra_tokens: kvops.to_cache(kvops.concat(parts)))
     monkeypatch.setattr(decode, "packed_decode", lambda model: nullcontext())
     monkeypatch.setattr(attention, "packed_one_query",
                         lambda module, q, k, v, **kwargs: sdpa_attention_forward(module, q, k, v, None, **kwargs))
@@ -115,7 +115,7 @@ def test_packed_one_query_equals_sdpa_with_repeated_heads(dtype, tol, heads, kv_
 def test_preallocated_layer_writes_in_place_and_compacts_on_set_layer():
     torch.manual_seed(0)
     k, v = torch.randn(2, 1, 2, 5, 4).unbind(0)
-    cache = kvops.decode_cache([(k, v)], extra_tokens=3)
+    cache = kvops.decode_cache([[(k, v)]], extra_tokens=3)
     layer = cache.layers[0]
     buffer = layer.keys.data_ptr()
     step_k, step_v = torch.randn(2, 1, 2, 2, 4).unbind(0)

@@ -53,9 +53,9 @@ _NO_CORPUS = Corpus("", (), (), (), 0, 0)
 
 @dataclass
 class _Context:
-    """The merged KV of the kept chunks, ready for the question."""
+    """The kept KV, ready for the question: the prefix, then each kept chunk in document order."""
 
-    kv: list[kvops.LayerKV]
+    kv_parts: list[list[kvops.LayerKV]]
     p0: int
     reports: list[ChunkReport]
     stats: RunStats
@@ -244,7 +244,7 @@ class ParallelComp:
         corpus = self._corpus(parts, documents, context, corpus, required=True)
         with self._lock:
             ctx = self._prefill(parts, corpus, reserve=0, progress=progress)
-            cache = kvops.to_cache(ctx.kv)
+            cache = kvops.to_cache(kvops.concat(ctx.kv_parts))
             ids = torch.tensor([parts.question_ids], device=self.model.device)
             positions = ctx.p0 + torch.arange(ids.shape[1], device=self.model.device)[None]
             with torch.inference_mode():
@@ -263,7 +263,7 @@ class ParallelComp:
             ctx = self._prefill(parts, corpus, reserve=max_new_tokens, progress=progress)
             start = time.perf_counter()
             assembler = TextAssembler(self.tokenizer, stops)
-            cache = kvops.decode_cache(ctx.kv, extra_tokens=len(parts.question_ids) + max_new_tokens)
+            cache = kvops.decode_cache(ctx.kv_parts, extra_tokens=len(parts.question_ids) + max_new_tokens)
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens)
                     if calibrator else None)  # attention calibration at the question step (§4)
             tokens = scope.enter_context(closing(generate_tokens(
@@ -347,7 +347,7 @@ class ParallelComp:
 
     def _prefill(self, parts: PromptParts, corpus: Corpus, reserve: int, progress: bool) -> _Context:
         """Phase 1 (or store hits), phase 2, top-K and compression per micro-batch; return the
-        merged KV of the kept chunks."""
+        kept KV (merged only where the question needs it: once, into the decode cache)."""
         start = time.perf_counter()
         guard.check_run(self.model, self.config, self.window, len(parts.prefix_ids), list(corpus.chunks),
                         len(parts.question_ids), reserve)  # window and memory, before any model work
@@ -373,7 +373,7 @@ class ParallelComp:
             bar.update(len(batch))
         bar.close()
         kept = top.kept()
-        merged = kvops.concat([prefix] + [e.kv for e in kept])
+        kv_parts = [prefix] + [e.kv for e in kept]
         p0 = len(parts.prefix_ids) + max((e.length for e in kept), default=0)
         kv_tokens = {e.chunk.index: kvops.n_tokens(e.kv) for e in kept}
         reports = [
@@ -381,10 +381,10 @@ class ParallelComp:
                         kv_tokens.get(c.index, 0))
             for c in corpus.chunks
         ]
-        stats = self._stats(parts, corpus, reports, merged, p0, reserve, report)
+        stats = self._stats(parts, corpus, reports, kv_parts, p0, reserve, report)
         stats.kv_bytes_uncompressed = kvops.n_bytes(prefix) + sum(raw_bytes[i] for i in kv_tokens)
         stats.prefill_seconds = time.perf_counter() - start
-        return _Context(merged, p0, reports, stats)
+        return _Context(kv_parts, p0, reports, stats)
 
     def _chunk_budget(self, prefix_tokens: int, documents: list[str]) -> int:
         """Tokens per chunk: `chunk_tokens`, or the window less the prefix and `reserve_tokens`.
@@ -408,7 +408,7 @@ class ParallelComp:
             raise ConfigError(msg)
         return budget
 
-    def _stats(self, parts, corpus: Corpus, reports, merged, p0, reserve, report: ReuseStats) -> RunStats:
+    def _stats(self, parts, corpus: Corpus, reports, kv_parts, p0, reserve, report: ReuseStats) -> RunStats:
         """The one place a run's statistics are assembled."""
         kept_docs = {d for r in reports if r.kept for d in r.documents}
         split = sorted({s.document for c in corpus.chunks for s in c.spans if not s.complete})
@@ -431,8 +431,8 @@ class ParallelComp:
             split_documents=split,
             evicted_documents=sorted(set(range(corpus.n_documents)) - kept_docs),
             p0=p0,
-            kv_tokens=kvops.n_tokens(merged),
-            kv_bytes=kvops.n_bytes(merged),
+            kv_tokens=sum(kvops.n_tokens(part) for part in kv_parts),
+            kv_bytes=sum(kvops.n_bytes(part) for part in kv_parts),
             exceeds_window=exceeds,
             **asdict(report),
             store_bytes=self.store.bytes_held,

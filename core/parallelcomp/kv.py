@@ -30,23 +30,12 @@ class PreallocatedLayer(DynamicLayer):
     masks, positions and attention read them exactly as they read a DynamicLayer's tensors.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, extra_tokens: int):
+    def __init__(self, keys_buffer: torch.Tensor, values_buffer: torch.Tensor, n: int):
+        """Over (B, H_kv, capacity, D) buffers whose first n token slots are already filled."""
         super().__init__()
-        b, h, t, _ = keys.shape
-        self._keys = keys.new_empty(b, h, t + extra_tokens, keys.shape[-1])  # (B, H_kv, capacity, D)
-        self._values = values.new_empty(b, h, t + extra_tokens, values.shape[-1])
-        self.device, self.is_initialized = keys.device, True
-        self.replace(keys, values)
-
-    @classmethod
-    def holding(cls, keys_buffer: torch.Tensor, values_buffer: torch.Tensor, n: int) -> PreallocatedLayer:
-        """A layer over buffers whose first n token slots are already filled (nothing copied)."""
-        layer = cls.__new__(cls)
-        DynamicLayer.__init__(layer)
-        layer._keys, layer._values = keys_buffer, values_buffer
-        layer.device, layer.is_initialized = keys_buffer.device, True
-        layer.keys, layer.values = keys_buffer[:, :, :n], values_buffer[:, :, :n]
-        return layer
+        self._keys, self._values = keys_buffer, values_buffer
+        self.device, self.is_initialized = keys_buffer.device, True
+        self.keys, self.values = keys_buffer[:, :, :n], values_buffer[:, :, :n]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> LayerKV:
         self._write(self.keys.shape[-2], key_states, value_states)
@@ -66,9 +55,25 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
 
 
-def decode_cache(kv: list[LayerKV], extra_tokens: int) -> Cache:
-    """A cache holding these tensors with room for `extra_tokens` more per layer (question + answer)."""
-    return Cache(layers=[PreallocatedLayer(k, v, extra_tokens) for k, v in kv])
+def decode_cache(parts: list[list[LayerKV]], extra_tokens: int) -> Cache:
+    """The merged KV for decoding: `parts` (the prefix, then each kept chunk) written once, back to
+    back, into buffers with room for `extra_tokens` more per layer (question + answer)."""
+    layers = []
+    for layer_idx in range(len(parts[0])):
+        pieces = [part[layer_idx] for part in parts]
+        held = sum(keys.shape[-2] for keys, _ in pieces)
+        buffers = []
+        for which in (0, 1):  # keys, then values
+            first = pieces[0][which]
+            buf = first.new_empty(*first.shape[:2], held + extra_tokens, first.shape[-1])
+            at = 0
+            for piece in pieces:
+                n = piece[which].shape[-2]
+                buf[:, :, at : at + n] = piece[which]
+                at += n
+            buffers.append(buf)
+        layers.append(PreallocatedLayer(*buffers, held))
+    return Cache(layers=layers)
 
 
 def from_cache(cache: DynamicCache) -> list[LayerKV]:
@@ -112,7 +117,7 @@ def padded_batch_cache(prefix: list[LayerKV], chunks: list[list[LayerKV]], extra
                 buf[row, :, p : p + n] = tokens[0]
                 buf[row, :, p + n : p + longest].zero_()
             buffers.append(buf)
-        layers.append(PreallocatedLayer.holding(*buffers, p + longest))
+        layers.append(PreallocatedLayer(*buffers, p + longest))
     return Cache(layers=layers)
 
 
