@@ -37,10 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 from parallelcomp import GenerationOutput, InputError, ParallelComp, ParallelCompError, TextStream
-from parallelcomp.engine import MIN_CHUNK_TOKENS
-from parallelcomp.prompts import PromptParts, build_prompt, has_chat_template
+from parallelcomp.guard import cancel_scope, fits_window
+from parallelcomp.prompts import PromptParts, has_chat_template
 from parallelcomp.settings import GenerationSettings
-from parallelcomp.guard import cancel_scope
 
 CONTEXT_MARKER = "<<<QUESTION>>>"
 """In a single prompt string, text before the last marker is context and text after it is the
@@ -214,7 +213,7 @@ def route(
 ) -> Route:
     """The one routing rule for every wrapper call (module docstring). `history`: the chat
     messages before the prompt's turn (they sit in the prompt prefix)."""
-    parts = functools.partial(_parts, engine, history or [])
+    parts = functools.partial(engine.prompt_parts, history=history or [])
     if not isinstance(prompt, str):
         raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
     if documents is not None:
@@ -225,7 +224,8 @@ def route(
     if CONTEXT_MARKER in prompt:
         context, question = prompt.rsplit(CONTEXT_MARKER, 1)
         return _route(question.strip(), [SourceDocument(context)] if context.strip() else None, "marker")
-    if not prompt.strip() or _fits_alone(engine, parts(prompt, False), max_new_tokens):
+    alone = parts(prompt, False)
+    if not prompt.strip() or fits_window(engine.window, len(alone.prefix_ids), len(alone.question_ids), max_new_tokens):
         return _route(prompt, None, "question")
     limit = _question_budget(engine, parts("?", True), max_new_tokens)
     overhead = len(parts("?", True).question_ids)
@@ -239,20 +239,6 @@ def route(
 def _route(question: str, sources: list[SourceDocument] | None, rule: str) -> Route:
     split = {"rule": rule, "question_chars": len(question), "context_chars": sum(len(s.text) for s in sources or [])}
     return Route(question, sources, split)
-
-
-def _parts(engine: ParallelComp, history: list, question: str, with_documents: bool) -> PromptParts:
-    config = engine.config
-    tokenizer, instruction = engine.tokenizer, config.instruction
-    return build_prompt(tokenizer, instruction, question, config.use_chat_template, with_documents, history,
-                        restate_instruction=config.restate_instruction)
-
-
-def _fits_alone(engine: ParallelComp, parts: PromptParts, reserve: int) -> bool:
-    """Whether the engine answers the prompt as a plain question (the check in its chunk budget)."""
-    room = engine.window - len(parts.prefix_ids) - len(parts.question_ids) - reserve
-    budget = engine.config.chunk_tokens or room
-    return budget >= MIN_CHUNK_TOKENS and len(parts.question_ids) <= budget
 
 
 def _question_budget(engine: ParallelComp, parts: PromptParts, reserve: int) -> int:

@@ -179,9 +179,8 @@ class ParallelComp:
         store; `generate/stream/score(..., corpus=corpus)` then run only the question-dependent
         stages, with output identical to passing the same `documents=`."""
         documents = validate_documents(documents, None)
-        if not isinstance(progress, bool):
-            raise InputError(f"progress must be True or False, got {progress!r}")
-        parts = self._prompt(_PLACEHOLDER_QUESTION, with_documents=True)
+        progress = GenerationSettings.of(progress=progress).progress
+        parts = self.prompt_parts(_PLACEHOLDER_QUESTION, with_documents=True)
         with self._lock:
             start = time.perf_counter()
             corpus = self._chunk(documents, parts.prefix_ids)
@@ -220,7 +219,7 @@ class ParallelComp:
         _check_question(question)
         s = GenerationSettings.of(**settings)
         sampling = Sampling(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty)
-        parts = self._prompt(question, corpus is not None or documents is not None or context is not None, history)
+        parts = self.prompt_parts(question, corpus is not None or documents is not None or context is not None, history)
         corpus = self._corpus(parts, documents, context, corpus, required=False)
         result = _Result()
         deltas = self._answer(result, parts, corpus, s.max_new_tokens, list(s.stop), sampling, s.progress)
@@ -289,7 +288,8 @@ class ParallelComp:
             ctx.stats.decode_seconds = time.perf_counter() - start
             result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
-    def _prompt(self, question: str, with_documents: bool, history=()) -> PromptParts:
+    def prompt_parts(self, question: str, with_documents: bool, history=()) -> PromptParts:
+        """The token spans (prefix, question suffix) this engine builds for a question (prompts.py)."""
         return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
                             with_documents, history, restate_instruction=self.config.restate_instruction)
 

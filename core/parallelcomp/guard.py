@@ -156,6 +156,11 @@ def available_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def fits_window(window: int, prefix: int, question: int, new_tokens: int) -> bool:
+    """Whether a plain prompt (prefix + question) and its answer fit the window as they are."""
+    return prefix + question + new_tokens <= window
+
+
 def check_run(model, config, window: int, prefix: int, chunks: list, question: int, new_tokens: int) -> None:
     """Refuse a run that cannot fit, before any model work.
 
@@ -163,7 +168,7 @@ def check_run(model, config, window: int, prefix: int, chunks: list, question: i
     new_tokens <= window` (the decode cache stays bounded by the window); and the estimated peak ≤
     `config.memory_budget_bytes` (None: the free memory now).
     """
-    if prefix + question + min(new_tokens, 1) > window:
+    if not fits_window(window, prefix, question, min(new_tokens, 1)):
         msg = (
             f"the question ({question} tokens with its template) and the prompt prefix ({prefix}) leave no "
             f"room in the model's {window}-token window; shorten the question"
