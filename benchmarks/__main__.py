@@ -55,6 +55,9 @@ def main(argv=None) -> None:
     rq = sub.add_parser("repeat-query", help="cold question, then 4 more and a fresh process over one corpus")
     rq.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536, 131072])
     rq.add_argument("--out", default=str(DEFAULT_OUT / "repeat-query"))
+    prof = sub.add_parser("profile", help="top CPU operators of a cold encode and of a reused question")
+    prof.add_argument("--length", type=int, default=16384)
+    prof.add_argument("--out", default=str(DEFAULT_OUT / "profile"))
     rep = sub.add_parser("report", help="rewrite results.md and the plots from results.json")
     rep.add_argument("--out", default=str(DEFAULT_OUT))
     dec = sub.add_parser("decode", help="decode tok/s over merged KVs: old path, new path, bandwidth bound")
@@ -78,6 +81,10 @@ def main(argv=None) -> None:
         from .main_job import run as run_main_job
 
         print(run_main_job(opts.dtypes, Path(opts.out), opts.max_bound_seconds))
+    elif opts.command == "profile":
+        from .hotspots import run as run_profile
+
+        print(run_profile(opts.length, Path(opts.out)))
     elif opts.command == "repeat-query":
         from .repeat_query import run as run_repeat_query
 

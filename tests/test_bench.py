@@ -195,3 +195,25 @@ def test_main_job_flop_count_matches_the_model_parameters(tokenizer):
     layers, qd = cfg["num_hidden_layers"], cfg["num_attention_heads"] * cfg["head_dim"]
     assert one_token == 2 * weights + 2 * layers * qd + vocab_row
     assert prefill_flops(cfg, 0, 0, [1, 1]) == 2 * one_token  # chunks add up independently
+
+
+def test_profile_command_writes_the_top_operators(tmp_path, monkeypatch, tokenizer):
+    """`python -m benchmarks profile` on the tiny model: both tables, shares that sum to at most 1."""
+    import json
+
+    from benchmarks import hotspots
+    from benchmarks.__main__ import main as bench_main
+    from parallelcomp import ParallelComp
+
+    from .conftest import tiny_model
+
+    monkeypatch.setattr(hotspots, "CONFIG", {"keep_chunks": 1, "chunk_tokens": 128})
+    monkeypatch.setattr(ParallelComp, "from_pretrained",
+                        classmethod(lambda cls, path, config: cls(tiny_model("llama", len(tokenizer)), tokenizer, config)))
+    bench_main(["profile", "--length", "600", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    for part in ("encode", "reused_question"):
+        shares = [o["share"] for o in result[part]["ops"]]
+        assert shares and sum(shares) <= 1.0 + 1e-6 and shares == sorted(shares, reverse=True)
+    assert result["reused_question"]["reused_chunks"] == result["encode"]["chunks"] > 1
+    assert "## Reused question" in (tmp_path / "results.md").read_text()

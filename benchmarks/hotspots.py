@@ -1,0 +1,74 @@
+"""`python -m benchmarks profile`: where the time of a cold encode and of a reused question goes.
+
+One RULER haystack (the repeat-query one) at `--length` tokens with `make ask`'s settings (K=1,
+2,048-token chunks): `encode` runs phase 1 on every chunk under torch.profiler, then a question
+is asked twice over the corpus and the second, fully reused one is profiled. Writes the top CPU
+operators of both to results.md, with the share each takes of the profiled CPU time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from torch.profiler import ProfilerActivity, profile
+
+from . import machine
+from .repeat_query import CONFIG, haystack
+
+TOP = 8
+
+
+def run(length: int, out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from parallelcomp import ParallelComp, ParallelCompConfig
+    from parallelcomp.default_model import embedded_model_dir
+
+    model_dir = embedded_model_dir(progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    context, questions, _ = haystack(tokenizer, length)
+    pc = ParallelComp.from_pretrained(model_dir, ParallelCompConfig(**CONFIG))
+    load = os.getloadavg()[0]
+    with profile(activities=[ProfilerActivity.CPU]) as cold:
+        start = time.perf_counter()
+        corpus = pc.encode([context])
+        encode_seconds = time.perf_counter() - start
+    pc.generate(questions[0], corpus=corpus, max_new_tokens=2)  # warm-up: allocator, kernels
+    with profile(activities=[ProfilerActivity.CPU]) as warm:
+        answer = pc.generate(questions[1], corpus=corpus, max_new_tokens=2)
+    result = {
+        "machine": machine.describe(answer.stats.dtype), "length": length, "config": CONFIG,
+        "load_before": load, "load_after": os.getloadavg()[0],
+        "encode": {"seconds": round(encode_seconds, 2), "chunks": len(corpus.chunks), "ops": _top(cold)},
+        "reused_question": {"prefill_seconds": round(answer.stats.prefill_seconds, 2),
+                            "first_token_seconds": round(answer.stats.first_token_seconds, 2),
+                            "reused_chunks": answer.stats.reused_chunks, "ops": _top(warm)},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(_table(result))
+    return out / "results.md"
+
+
+def _top(prof) -> list[dict]:
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:TOP]
+    return [{"op": e.key, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 3),
+             "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in ranked]
+
+
+def _table(r: dict) -> str:
+    lines = [f"# Profile at {r['length']:,} tokens ({r['machine']['dtype']}, {r['machine']['torch_threads']} threads, "
+             f"load 1-min {r['load_before']:.1f}→{r['load_after']:.1f})", ""]
+    warm = r["reused_question"]
+    for title, part in ((f"Cold encode: {r['encode']['seconds']} s, {r['encode']['chunks']} chunks", r["encode"]),
+                        (f"Reused question: prefill {warm['prefill_seconds']} s + first token "
+                         f"{warm['first_token_seconds']} s, {warm['reused_chunks']} chunks reused", warm)):
+        lines += [f"## {title}", "", "| operator | self CPU s | share | calls |", "|---|---:|---:|---:|"]
+        lines += [f"| {o['op']} | {o['self_cpu_s']} | {o['share']:.0%} | {o['calls']} |" for o in part["ops"]]
+        lines.append("")
+    return "\n".join(lines)
