@@ -58,6 +58,8 @@ def main(argv=None) -> None:
     prof = sub.add_parser("profile", help="top CPU operators of a cold encode and of a reused question")
     prof.add_argument("--length", type=int, default=16384)
     prof.add_argument("--out", default=str(DEFAULT_OUT / "profile"))
+    mem = sub.add_parser("memory", help="the resource guard's estimate next to measured peak RSS growth")
+    mem.add_argument("--out", default=str(DEFAULT_OUT / "memory"))
     rep = sub.add_parser("report", help="rewrite results.md and the plots from results.json")
     rep.add_argument("--out", default=str(DEFAULT_OUT))
     dec = sub.add_parser("decode", help="decode tok/s over merged KVs: old path, new path, bandwidth bound")
@@ -81,6 +83,10 @@ def main(argv=None) -> None:
         from .main_job import run as run_main_job
 
         print(run_main_job(opts.dtypes, Path(opts.out), opts.max_bound_seconds))
+    elif opts.command == "memory":
+        from .memory_estimate import run as run_memory
+
+        print(run_memory(Path(opts.out)))
     elif opts.command == "profile":
         from .hotspots import run as run_profile
 

@@ -203,3 +203,20 @@ def test_default_budget_is_the_free_memory(pc, monkeypatch):
     monkeypatch.setattr(guard, "available_bytes", lambda device: 1000)
     with pytest.raises(ResourceError, match="above the free memory now"):
         pc.generate("Where?", documents=["The river runs north."], max_new_tokens=2)
+
+
+def test_the_estimate_counts_what_the_kv_store_may_keep(tokenizer):
+    from parallelcomp import guard
+    from parallelcomp.chunking import Chunk
+
+    from .conftest import tiny_model
+
+    shape = guard.ModelShape.of(tiny_model("llama", len(tokenizer)))
+    chunks = [Chunk(i, list(range(50)), ()) for i in range(4)]
+    config = ParallelCompConfig(chunk_tokens=64, keep_chunks=1)
+    base = guard.estimate(shape, config, 10, chunks, 5, 8)
+    all_kv = 200 * shape.kv_token_bytes
+    assert base.stored == 0
+    assert guard.estimate(shape, config, 10, chunks, 5, 8, store_room=10**12).stored == all_kv
+    capped = guard.estimate(shape, config, 10, chunks, 5, 8, store_room=all_kv // 3)
+    assert capped.stored == all_kv // 3 and capped.peak == base.peak + all_kv // 3

@@ -350,7 +350,7 @@ class ParallelComp:
         kept KV (merged only where the question needs it: once, into the decode cache)."""
         start = time.perf_counter()
         guard.check_run(self.model, self.config, self.window, len(parts.prefix_ids), list(corpus.chunks),
-                        len(parts.question_ids), reserve)  # window and memory, before any model work
+                        len(parts.question_ids), reserve, self.store.room)  # window and memory, before any work
         if self.config.compresses:
             compression.observation_rows(self.config, len(parts.question_ids), parts.question_span)
         prefix = encode_prefix(self.model, parts.prefix_ids)

@@ -122,16 +122,20 @@ class Estimate:
     """The largest micro-batch: its batch cache, sliced copies, phase-2 cache, activations, logits."""
     decode: int
     """Merged cache copy + question and answer tokens' KV + the question step."""
+    stored: int = 0
+    """Chunk KV the store's memory tier may keep from this call (at most its free room)."""
 
     @property
     def peak(self) -> int:
-        """Prefill and decode do not overlap; the kept KV spans both. On SmolLM2 (fp32, sdpa) this
-        came out 1.56-1.77× the measured peak RSS growth (docs/hardening.md), so it is used as is."""
-        return self.kept_kv + max(self.batch, self.decode)
+        """Prefill and decode do not overlap; the kept and stored KV span both. Compared with the
+        measured peak RSS growth by `python -m benchmarks memory` (docs/hardening.md)."""
+        return self.kept_kv + self.stored + max(self.batch, self.decode)
 
 
-def estimate(shape: ModelShape, config, prefix: int, chunks: list, question: int, new_tokens: int) -> Estimate:
-    """Bytes a run adds on top of the loaded model, per phase (docs/hardening.md derives each term)."""
+def estimate(shape: ModelShape, config, prefix: int, chunks: list, question: int, new_tokens: int,
+             store_room: int = 0) -> Estimate:
+    """Bytes a run adds on top of the loaded model, per phase (docs/hardening.md derives each term).
+    `store_room`: bytes the chunk store's memory tier may still fill."""
     kv = shape.kv_token_bytes
     kept_lengths = sorted((min(len(c.token_ids), config.kv_budget_for(len(c.token_ids))) for c in chunks),
                           reverse=True)
@@ -146,7 +150,8 @@ def estimate(shape: ModelShape, config, prefix: int, chunks: list, question: int
         batch = max(batch, caches + work)
     growth = (question + new_tokens) * kv
     decode = kept + growth + shape.activation_bytes(1, question) + shape.logits_bytes(question)
-    return Estimate(kept, batch, decode)
+    stored = min(sum(len(c.token_ids) for c in chunks) * kv, store_room)
+    return Estimate(kept, batch, decode, stored)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -161,7 +166,8 @@ def fits_window(window: int, prefix: int, question: int, new_tokens: int) -> boo
     return prefix + question + new_tokens <= window
 
 
-def check_run(model, config, window: int, prefix: int, chunks: list, question: int, new_tokens: int) -> None:
+def check_run(model, config, window: int, prefix: int, chunks: list, question: int, new_tokens: int,
+              store_room: int = 0) -> None:
     """Refuse a run that cannot fit, before any model work.
 
     Rules: the prefix, the question and at least one new token fit the window; `question +
@@ -181,7 +187,7 @@ def check_run(model, config, window: int, prefix: int, chunks: list, question: i
             f"{max(window - question, 0)}"
         )
         raise InputError(msg)
-    est = estimate(ModelShape.of(model), config, prefix, chunks, question, new_tokens)
+    est = estimate(ModelShape.of(model), config, prefix, chunks, question, new_tokens, store_room)
     budget = config.memory_budget_bytes
     budget = budget if budget is not None else available_bytes(model.device)
     if est.peak > budget:
@@ -193,6 +199,7 @@ def _too_big(est: Estimate, budget: int, derived: bool) -> str:
         "kept KV (lower keep_chunks or chunk_tokens, or set kv_budget_ratio)": est.kept_kv,
         "one prefill micro-batch (lower prefill_batch_tokens or chunk_tokens)": est.batch,
         "the question step and decode cache (lower max_new_tokens or shorten the question)": est.decode - est.kept_kv,
+        "chunk KV kept for reuse (lower kv_store_bytes)": est.stored,
     }
     largest = max(parts, key=parts.get)
     source = "the free memory now" if derived else "memory_budget_bytes"

@@ -111,6 +111,11 @@ class ChunkStore:
         """Bytes of KV in the memory tier."""
         return self._held
 
+    @property
+    def room(self) -> int:
+        """Bytes the memory tier may still fill before it starts evicting."""
+        return max(0, self.memory_bytes - self._held)
+
     def bytes_of(self, key: str) -> int:
         """Bytes the memory tier holds for `key` (0 when it holds nothing)."""
         entry = self._lru.get(key)
