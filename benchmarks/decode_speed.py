@@ -37,8 +37,8 @@ from .machine import describe
 
 PATHS = {  # name → (cache builder, attention scope)
     "old": (lambda kv, extra: kvops.to_cache(kv), lambda model: nullcontext()),
-    "preallocated": (kvops.decode_cache, lambda model: nullcontext()),
-    "new": (kvops.decode_cache, packed_decode),
+    "preallocated": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: nullcontext()),
+    "new": (lambda kv, extra: kvops.decode_cache([kv], extra), packed_decode),
 }
 
 
