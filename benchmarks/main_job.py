@@ -33,18 +33,30 @@ GEMM = (2048, 576, 1536)
 
 
 def prefill_flops(cfg: dict, prefix: int, question: int, chunks: list[int]) -> float:
+    """A cold prefill: the prefix once, phase 1 of every chunk, then `question_flops`."""
+    L, h, V, w, qd = _dims(cfg)
+    total = 2 * w * prefix + 2 * L * qd * prefix**2
+    for c in chunks:
+        n = prefix + c
+        total += 2 * w * n + 2 * L * qd * n**2 + 2 * h * V
+    return total + question_flops(cfg, prefix, question, chunks)
+
+
+def question_flops(cfg: dict, prefix: int, question: int, chunks: list[int]) -> float:
+    """Phase 2 alone (the question over every chunk's KV): all a question costs when every chunk's
+    phase-1 KV comes from the store."""
+    L, h, V, w, qd = _dims(cfg)
+    return float(sum(2 * w * question + 4 * L * qd * question * (prefix + c) + 2 * h * V * question for c in chunks))
+
+
+def _dims(cfg: dict) -> tuple[int, int, int, int, int]:
+    """(layers, hidden, vocabulary, dense weights per token W, query width H·D) of a model config."""
     cfg = cfg.get("text_config", cfg)
     L, h, I, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
     d = cfg.get("head_dim") or h // heads
     qd, kvd = heads * d, (cfg.get("num_key_value_heads") or heads) * d
-    w = L * (2 * h * qd + 2 * h * kvd + 3 * h * I)
-    total = 2 * w * prefix + 2 * L * qd * prefix**2
-    for c in chunks:
-        n = prefix + c
-        total += 2 * w * n + 2 * L * qd * n**2 + 2 * h * V
-        total += 2 * w * question + 4 * L * qd * question * n + 2 * h * V * question
-    return float(total)
+    return L, h, V, L * (2 * h * qd + 2 * h * kvd + 3 * h * I), qd
 
 
 def run(dtypes: list[str], out: Path, max_bound_seconds: float) -> Path:

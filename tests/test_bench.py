@@ -183,7 +183,7 @@ def test_decode_benchmark_writes_every_path_and_its_table(tmp_path):
 
 def test_main_job_flop_count_matches_the_model_parameters(tokenizer):
     """The dense part of `prefill_flops` is 2 FLOPs per weight of the decoder layers per token."""
-    from benchmarks.main_job import prefill_flops
+    from benchmarks.main_job import prefill_flops, question_flops
 
     from .conftest import tiny_model
 
@@ -195,6 +195,10 @@ def test_main_job_flop_count_matches_the_model_parameters(tokenizer):
     layers, qd = cfg["num_hidden_layers"], cfg["num_attention_heads"] * cfg["head_dim"]
     assert one_token == 2 * weights + 2 * layers * qd + vocab_row
     assert prefill_flops(cfg, 0, 0, [1, 1]) == 2 * one_token  # chunks add up independently
+    # a reused question costs phase 2 alone: one question token over a 1-token chunk, and the
+    # difference a question makes to a cold prefill
+    assert question_flops(cfg, prefix=0, question=1, chunks=[1]) == 2 * weights + 4 * layers * qd + vocab_row
+    assert prefill_flops(cfg, 5, 3, [4, 7]) - prefill_flops(cfg, 5, 0, [4, 7]) == question_flops(cfg, 5, 3, [4, 7])
 
 
 def test_profile_command_writes_the_top_operators(tmp_path, monkeypatch, tokenizer):
