@@ -55,6 +55,10 @@ def main(argv=None) -> None:
     rq = sub.add_parser("repeat-query", help="cold question, then 4 more and a fresh process over one corpus")
     rq.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536, 131072])
     rq.add_argument("--out", default=str(DEFAULT_OUT / "repeat-query"))
+    sc = sub.add_parser("prefill-scaling", help="cold prefill per context length against its FLOP bound; peak RSS per store tier")
+    sc.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384, 32768, 65536, 131072])
+    sc.add_argument("--stores", nargs="+", default=["memory", "disk"], choices=["memory", "disk"])
+    sc.add_argument("--out", default=str(DEFAULT_OUT / "prefill-scaling"))
     prof = sub.add_parser("profile", help="top CPU operators of a cold encode and of a reused question")
     prof.add_argument("--length", type=int, default=16384)
     prof.add_argument("--out", default=str(DEFAULT_OUT / "profile"))
@@ -83,6 +87,10 @@ def main(argv=None) -> None:
         from .main_job import run as run_main_job
 
         print(run_main_job(opts.dtypes, Path(opts.out), opts.max_bound_seconds))
+    elif opts.command == "prefill-scaling":
+        from .prefill_scaling import run as run_scaling
+
+        print(run_scaling(opts.lengths, opts.stores, Path(opts.out)))
     elif opts.command == "memory":
         from .memory_estimate import run as run_memory
 

@@ -221,3 +221,28 @@ def test_profile_command_writes_the_top_operators(tmp_path, monkeypatch, tokeniz
         assert shares and sum(shares) <= 1.0 + 1e-6 and shares == sorted(shares, reverse=True)
     assert result["reused_question"]["reused_chunks"] == result["encode"]["chunks"] > 1
     assert "## Reused question" in (tmp_path / "results.md").read_text()
+
+
+def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatch, tokenizer):
+    """One `prefill-scaling` case in this process, on the tiny model: the FLOPs are those of the
+    chunks it prefilled, the disk tier keeps no KV in memory, the memory tier keeps it all."""
+    import transformers
+
+    from benchmarks import prefill_scaling
+    from benchmarks.main_job import prefill_flops
+    from parallelcomp import ParallelComp
+
+    from .conftest import tiny_model
+
+    monkeypatch.setattr(prefill_scaling, "CONFIG", {"keep_chunks": 1, "chunk_tokens": 128})
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path: tokenizer)
+    monkeypatch.setattr(ParallelComp, "from_pretrained",
+                        classmethod(lambda cls, path, config: cls(tiny_model("llama", len(tokenizer)), tokenizer, config)))
+    rows = [prefill_scaling.worker({"model_dir": "tiny", "length": 600, "store": s}) for s in ("memory", "disk")]
+    memory, disk = rows
+    assert memory["n_chunks"] == disk["n_chunks"] > 1 and memory["flops"] == disk["flops"] > 0
+    assert disk["store_bytes"] == 0 < memory["store_bytes"]
+    assert memory["bound_seconds"] == round(memory["flops"] / (memory["gemm_gflops"] * 1e9), 2)
+    cfg = tiny_model("llama", len(tokenizer)).config.to_dict()
+    assert memory["flops"] > prefill_flops(cfg, 0, 0, [128] * (memory["n_chunks"] - 1))  # every chunk counted
+    assert "| memory |" in prefill_scaling.table(rows) and "| disk |" in prefill_scaling.table(rows)

@@ -1,0 +1,101 @@
+"""`python -m benchmarks prefill-scaling`: a cold prefill at growing context lengths, next to its
+FLOP bound, and the peak RSS with each tier of the chunk store.
+
+Per length and store: one fresh process (so its peak RSS is its own) loads the embedded model in
+the machine's default dtype, measures the GEMM rate (`main_job.GEMM`), builds the repeat-query
+haystack of that length and answers its first question with the settings `make ask` uses. The
+store is either the memory tier (the default budget) or the disk tier alone (`kv_store_bytes=0`,
+a temporary `kv_store_dir`): the chunk KV then leaves memory as each micro-batch is scored.
+
+Reported: prefill seconds, FLOPs of the work (`main_job.prefill_flops`), the bound (FLOPs ÷ GEMM
+rate) and the ratio, tokens/s, RSS after loading the model, peak RSS, the weights' bytes, and
+whether the answer holds the needle's value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import machine
+from .main_job import GEMM, prefill_flops
+from .memory_estimate import _status_kib
+from .repeat_query import CONFIG, MAX_NEW_TOKENS, REPO, haystack
+
+
+def worker(spec: dict) -> dict:
+    """Inside a subprocess: one cold question over a haystack of spec["length"] tokens."""
+    from transformers import AutoTokenizer
+
+    from parallelcomp import ParallelComp, ParallelCompConfig
+    from parallelcomp.hardware import measure_gflops
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    context, questions, values = haystack(tokenizer, spec["length"])
+    with tempfile.TemporaryDirectory(prefix="pc-scaling-") as store:
+        tier = {"kv_store_bytes": 0, "kv_store_dir": store} if spec["store"] == "disk" else {}
+        pc = ParallelComp.from_pretrained(spec["model_dir"], ParallelCompConfig(**CONFIG, **tier))
+        loaded_mb = _status_kib("VmRSS") / 1024
+        gflops = measure_gflops(pc.model.dtype, GEMM, seconds=1.0)
+        load = os.getloadavg()[0]
+        out = pc.generate(questions[0], context=context, max_new_tokens=MAX_NEW_TOKENS)
+    s = out.stats
+    flops = prefill_flops(pc.model.config.to_dict(), s.prefix_tokens, s.question_tokens,
+                          [c.n_tokens for c in out.chunks])
+    weights = sum(p.numel() * p.element_size() for p in pc.model.parameters())
+    return {
+        "length": spec["length"], "store": spec["store"], "tokens_in": s.tokens_in, "n_chunks": s.n_chunks,
+        "dtype": s.dtype, "threads": s.threads, "gemm_gflops": round(gflops, 1), "flops": flops,
+        "prefill_seconds": round(s.prefill_seconds, 2), "bound_seconds": round(flops / (gflops * 1e9), 2),
+        "tokens_per_second": round(s.tokens_in / s.prefill_seconds, 1),
+        "weights_mb": round(weights / 2**20), "loaded_rss_mb": round(loaded_mb),
+        "peak_rss_mb": round(_status_kib("VmHWM") / 1024), "store_bytes": s.store_bytes,
+        "correct": values[0] in out.text, "load_before": load, "load_after": os.getloadavg()[0],
+    }
+
+
+def run(lengths: list[int], stores: list[str], out: Path) -> Path:
+    from parallelcomp.default_model import embedded_model_dir
+
+    model_dir = str(embedded_model_dir(progress=False))
+    rows = []
+    for length in lengths:
+        for store in stores:
+            rows.append(_spawn({"model_dir": model_dir, "length": length, "store": store}))
+            out.mkdir(parents=True, exist_ok=True)
+            results = {"machine": machine.describe(rows[0]["dtype"]), "config": CONFIG, "rows": rows}
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+            (out / "results.md").write_text(table(rows))
+    return out / "results.md"
+
+
+def _spawn(spec: dict) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "core"), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.prefill_scaling"], input=json.dumps(spec),
+                          capture_output=True, text=True, cwd=REPO, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"prefill-scaling worker failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| context | store tier | chunks | prefill s | TFLOP | GEMM GFLOP/s | bound s | prefill ÷ bound | tokens/s | "
+             "weights MB | RSS loaded MB | peak RSS MB | peak − loaded MB | correct | load 1-min |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['tokens_in']:,} | {r['store']} | {r['n_chunks']} | {r['prefill_seconds']} | {r['flops'] / 1e12:.2f} | "
+            f"{r['gemm_gflops']} | {r['bound_seconds']} | {r['prefill_seconds'] / r['bound_seconds']:.2f}× | "
+            f"{r['tokens_per_second']:,} | {r['weights_mb']:,} | {r['loaded_rss_mb']:,} | {r['peak_rss_mb']:,} | "
+            f"{r['peak_rss_mb'] - r['loaded_rss_mb']:,} | {'yes' if r['correct'] else 'no'} | "
+            f"{r['load_before']:.1f}→{r['load_after']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.stdin.read()))))
