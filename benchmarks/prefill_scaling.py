@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 from . import machine
 from .main_job import GEMM, prefill_flops
 from .memory_estimate import _status_kib
-from .repeat_query import CONFIG, MAX_NEW_TOKENS, REPO, haystack
+from .repeat_query import CONFIG, MAX_NEW_TOKENS, haystack, spawn
 
 
 def worker(spec: dict) -> dict:
@@ -65,22 +64,12 @@ def run(lengths: list[int], stores: list[str], out: Path) -> Path:
     rows = []
     for length in lengths:
         for store in stores:
-            rows.append(_spawn({"model_dir": model_dir, "length": length, "store": store}))
+            rows.append(spawn("prefill_scaling", {"model_dir": model_dir, "length": length, "store": store}))
             out.mkdir(parents=True, exist_ok=True)
             results = {"machine": machine.describe(rows[0]["dtype"]), "config": CONFIG, "rows": rows}
             (out / "results.json").write_text(json.dumps(results, indent=1))
             (out / "results.md").write_text(table(rows))
     return out / "results.md"
-
-
-def _spawn(spec: dict) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "core"), str(REPO)])}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.prefill_scaling"], input=json.dumps(spec),
-                          capture_output=True, text=True, cwd=REPO, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"prefill-scaling worker failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict]) -> str:

@@ -92,8 +92,8 @@ def run(lengths: list[int], out: Path) -> Path:
         with tempfile.TemporaryDirectory(prefix="pc-store-") as store:
             load = os.getloadavg()[0]
             gflops = measure_gflops(dtype, GEMM, seconds=1.0)
-            warm = _spawn({"model_dir": model_dir, "length": length, "store": store, "questions": [0, 1, 2, 3, 4]})
-            fresh = _spawn({"model_dir": model_dir, "length": length, "store": store, "questions": [0],
+            warm = spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store, "questions": [0, 1, 2, 3, 4]})
+            fresh = spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store, "questions": [0],
                             "config": {"kv_store_bytes": 0}})
         results["lengths"][str(length)] = {"same_process": warm["rows"], "fresh_process_disk": fresh["rows"],
                                            "disk_bytes": warm["disk_bytes"], "load_before": load,
@@ -105,14 +105,16 @@ def run(lengths: list[int], out: Path) -> Path:
     return out / "results.md"
 
 
-def _spawn(spec: dict) -> dict:
+def spawn(module: str, spec: dict) -> dict:
+    """Run `python -m benchmarks.<module>` on `spec` (JSON on stdin) in a fresh process, so its
+    peak RSS is its own; return the JSON object it prints last, with the wall time."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "core"), str(REPO)])}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.repeat_query"], input=json.dumps(spec),
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}"], input=json.dumps(spec),
                           capture_output=True, text=True, cwd=REPO, env=env)
     if proc.returncode:
-        raise RuntimeError(f"repeat-query worker failed: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"{module} worker failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1]) | {"wall_seconds": time.perf_counter() - start}
 
 
