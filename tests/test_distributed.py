@@ -12,6 +12,7 @@ as the workers do.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -237,3 +238,23 @@ def test_cli_rejects_a_bad_worker_count(model_dir, tmp_path, capsys):
     doc.write_text(DOCS[0])
     assert main(["ask", "Where?", str(doc), "--model", str(model_dir), "--workers", "0"]) == 2
     assert "num_workers must be a positive integer" in capsys.readouterr().err
+
+
+def test_the_wrappers_take_a_ray_engine_unchanged(ray_engines):
+    from pc_integrations.langchain import ParallelCompLLM as LangChainLLM
+    from pc_integrations.llama_index import ParallelCompLLM as LlamaIndexLLM
+
+    ours, ref = ray_engines("llama")
+    got = LangChainLLM(engine=ours, max_new_tokens=8).generate([QUESTIONS[0]], documents=DOCS).generations[0][0]
+    want = LangChainLLM(engine=ref, max_new_tokens=8).generate([QUESTIONS[0]], documents=DOCS).generations[0][0]
+    assert got.text == want.text and got.generation_info["sources"] == want.generation_info["sources"]
+    assert got.generation_info["stats"]["transfer_bytes"] > 0 == want.generation_info["stats"]["transfer_bytes"]
+    got = LlamaIndexLLM(ours, max_new_tokens=8).complete(QUESTIONS[1], documents=DOCS)
+    want = LlamaIndexLLM(ref, max_new_tokens=8).complete(QUESTIONS[1], documents=DOCS)
+    assert got.text == want.text and got.text
+
+
+def test_nothing_imports_ray_until_an_engine_is_made():
+    code = "import sys, parallelcomp, parallelcomp.cli, parallelcomp.distributed; assert 'ray' not in sys.modules"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
