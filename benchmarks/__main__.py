@@ -1,5 +1,6 @@
 """`python -m benchmarks run ...` runs a grid; `python -m benchmarks report` redraws tables/plots;
-`python -m benchmarks decode` times decoding over a merged KV (decode_speed.py)."""
+`python -m benchmarks decode` times decoding over a merged KV (decode_speed.py);
+`python -m benchmarks ray-scaling` compares 1 and 2 Ray workers with one process (ray_scaling.py)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def main(argv=None) -> None:
     sc.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384, 32768, 65536, 131072])
     sc.add_argument("--stores", nargs="+", default=["memory", "disk"], choices=["memory", "disk"])
     sc.add_argument("--out", default=str(DEFAULT_OUT / "prefill-scaling"))
+    rs = sub.add_parser("ray-scaling", help="encode and question times with 1 and 2 Ray workers vs one process")
+    rs.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536])
+    rs.add_argument("--out", default=str(DEFAULT_OUT / "ray-scaling"))
     prof = sub.add_parser("profile", help="top CPU operators of a cold encode and of a reused question")
     prof.add_argument("--length", type=int, default=16384)
     prof.add_argument("--out", default=str(DEFAULT_OUT / "profile"))
@@ -99,6 +103,10 @@ def main(argv=None) -> None:
         from .hotspots import run as run_profile
 
         print(run_profile(opts.length, Path(opts.out)))
+    elif opts.command == "ray-scaling":
+        from .ray_scaling import run as run_ray_scaling
+
+        print(run_ray_scaling(opts.lengths, Path(opts.out)))
     elif opts.command == "repeat-query":
         from .repeat_query import run as run_repeat_query
 

