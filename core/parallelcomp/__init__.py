@@ -10,6 +10,7 @@ from .errors import (
     ModelNotSupportedError,
     ParallelCompError,
     ResourceError,
+    StructuredOutputError,
 )
 from .corpus import Corpus
 from .output import ChunkReport, DocumentSpan, GenerationOutput, RunStats, ScoreOutput
@@ -31,5 +32,6 @@ __all__ = [
     "ResourceError",
     "RunStats",
     "ScoreOutput",
+    "StructuredOutputError",
     "TextStream",
 ]

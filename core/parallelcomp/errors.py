@@ -27,3 +27,8 @@ class ModelNotSupportedError(ParallelCompError, TypeError):
 class ResourceError(InputError):
     """The run would need more memory than the budget allows (`memory_budget_bytes`); the message
     names the part that dominates and the knob that shrinks it."""
+
+
+class StructuredOutputError(ParallelCompError, RuntimeError):
+    """Constrained output (`json_schema=`, tool calls) could not be completed: the token limit
+    came first (raise `max_new_tokens`), or the grammar rejected a token."""
