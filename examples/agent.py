@@ -5,8 +5,9 @@ The agent is `langchain.agents.create_agent` with `ChatParallelComp` as its mode
 (~32K SmolLM2 tokens, four times the model's trained window): the corpus is encoded once
 (`engine.encode`), and every tool call prefills only its question over the stored chunk KV,
 keeps the best chunk and answers from it. Tool calls are grammar-constrained, so they always
-parse. A 135M model rarely decides on its own to call a tool, so the first model turn is forced
-to one (a `wrap_model_call` middleware setting `tool_choice="any"`); later turns are free.
+parse. A 135M model does not pick its turns well: left to choose, it calls the tool again after
+every result. So a `wrap_model_call` middleware sets the turns: `tool_choice="any"` (one forced
+call) until a tool result is in the history, then `"none"` (answer in text).
 
     pip install "parallelcomp[langchain]" "langchain>=1.5,<2"
     python examples/agent.py                                     # offline, a few minutes on 2 cores
@@ -36,11 +37,10 @@ QUESTION = "Who is the license steward of the Mozilla Public License 2.0?"
 
 
 @wrap_model_call
-def first_turn_calls_a_tool(request, handler):
-    """Force a tool call until the agent has a tool result; then the model answers freely."""
-    if not any(isinstance(m, ToolMessage) for m in request.messages):
-        request = request.override(tool_choice="any")
-    return handler(request)
+def look_up_then_answer(request, handler):
+    """One forced tool call until the agent has a tool result; then an answer in text."""
+    looked_up = any(isinstance(m, ToolMessage) for m in request.messages)
+    return handler(request.override(tool_choice="none" if looked_up else "any"))
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
         return out.text
 
     model = ChatParallelComp(engine=engine, max_tokens=96)
-    agent = create_agent(model, tools=[search_licences], middleware=[first_turn_calls_a_tool],
+    agent = create_agent(model, tools=[search_licences], middleware=[look_up_then_answer],
                          system_prompt="Answer questions about software licences. Use search_licences to look "
                                        "facts up, then answer in one sentence.")
     result = agent.invoke({"messages": [("user", args.question)]})

@@ -7,8 +7,9 @@ Three classes, so that every test runs once, on the cheapest model it can pass o
   test except CONTENT_TESTS, tool-message histories included.
 - `TestChatParallelCompTools` (the embedded SmolLM2-135M, marked slow): CONTENT_TESTS only.
   These assert what the model writes (`args == {"input": 3}` read from the question, a joke whose
-  strings end, a non-empty argument), which random weights cannot write. Tests of the other
-  class are set to None here, and CONTENT_TESTS to None there, so pytest does not collect them.
+  strings end, a non-empty argument), which random weights cannot write. Each class skips the
+  other's tests, with that reason (an autouse fixture; the suite forbids overriding its tests
+  except to mark an expected failure).
 
 `has_tool_calling`, `has_tool_choice` and `has_structured_output` are derived by the suite
 (`bind_tools` is overridden and takes `tool_choice`), so forced calls use `tool_choice="any"`;
@@ -23,12 +24,13 @@ its reason below. Async tests need pytest-asyncio's auto mode (pyproject.toml).
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from parallelcomp import ParallelComp, ParallelCompConfig
+from parallelcomp import ParallelComp, ParallelCompConfig, StructuredOutputError
 from pc_integrations.langchain import ChatParallelComp
 
 from .conftest import tiny_model
@@ -78,7 +80,13 @@ class TestChatParallelCompUnit(_Standard, ChatModelUnitTests):
 class TestChatParallelCompIntegration(_Standard, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict:
-        return {"engine": _tiny_engine(), "max_tokens": 12}
+        return {"engine": _tiny_engine(), "max_tokens": 40}  # a forced call without arguments: ~30 tokens
+
+    @pytest.fixture(autouse=True)
+    def _model_independent_only(self, request):
+        if request.node.originalname in CONTENT_TESTS:
+            pytest.skip("asserts what the model writes, which random weights cannot: runs on SmolLM2 in "
+                        "TestChatParallelCompTools")
 
 
 CONTENT_TESTS = {
@@ -89,8 +97,28 @@ CONTENT_TESTS = {
 }
 
 
+FULL_ONLY = {
+    "test_tool_calling_async", "test_structured_output_async", "test_structured_output_pydantic_2_v1",
+    "test_structured_output_optional_param", "test_structured_few_shot_examples", "test_json_mode",
+    "test_agent_loop", "test_unicode_tool_call_integration",
+}
+"""Content tests that repeat what the default ones check (async, pydantic v1, optional fields,
+JSON mode, few-shot) or are expected failures: SmolLM2 takes 1-5 minutes each on the 2-core CI
+machine, so they run only with PARALLELCOMP_STANDARD_FULL=1. All passed (the two xfails failing
+as marked) in the run recorded in docs/integrations.md."""
+
+
 @pytest.mark.slow
 class TestChatParallelCompTools(_Standard, ChatModelIntegrationTests):
+    @pytest.fixture(autouse=True)
+    def _content_only(self, request):
+        if request.node.originalname not in CONTENT_TESTS:
+            pytest.skip("does not depend on what the model writes: runs on the tiny model in "
+                        "TestChatParallelCompIntegration")
+        if request.node.originalname in FULL_ONLY and os.environ.get("PARALLELCOMP_STANDARD_FULL") != "1":
+            pytest.skip("SmolLM2 run of a repeated variant or an expected failure: set PARALLELCOMP_STANDARD_FULL=1 "
+                        "(FULL_ONLY in tests/test_langchain_standard.py)")
+
     @property
     def chat_model_params(self) -> dict:
         # Without a repetition penalty the 135M model repeats a clause inside the joke's JSON
@@ -102,7 +130,17 @@ class TestChatParallelCompTools(_Standard, ChatModelIntegrationTests):
     def supports_json_mode(self) -> bool:
         return True  # with_structured_output(method="json_mode"): any JSON object, by grammar
 
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)  # as in the suite
+    @pytest.mark.xfail(strict=True, reason=(
+        "model capability: the test binds get_weather without tool_choice, so the model must decide "
+        "to call it; SmolLM2-135M answers 'What is the weather in San Francisco, CA?' in text (the "
+        "'auto' grammar allows text or a call). Forced calls pass (test_tool_calling, test_tool_choice)."))
+    def test_agent_loop(self, model) -> None:
+        super().test_agent_loop(model)
 
-for _name in dir(ChatModelIntegrationTests):  # each test in one class (module docstring)
-    if _name.startswith("test_"):
-        setattr(TestChatParallelCompIntegration if _name in CONTENT_TESTS else TestChatParallelCompTools, _name, None)
+    @pytest.mark.xfail(strict=True, raises=StructuredOutputError, reason=(
+        "model capability: SmolLM2-135M does not finish the call's Chinese and emoji argument strings within "
+        "max_tokens=80; the grammar then raises StructuredOutputError instead of returning a cut call"))
+    def test_unicode_tool_call_integration(self, model) -> None:
+        super().test_unicode_tool_call_integration(model)
+
