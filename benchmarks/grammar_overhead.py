@@ -32,7 +32,7 @@ QUESTION = "Describe the weather in Paris today: city, temperature in Celsius, s
 SCHEMA = {
     "type": "object",
     "properties": {
-        "city": {"type": "string"},
+        "city": {"type": "string", "maxLength": 40},
         "celsius": {"type": "integer", "minimum": -60, "maximum": 60},
         "sky": {"enum": ["clear", "cloudy", "rain", "snow"]},
         "note": {"type": "string", "maxLength": 60},
@@ -76,7 +76,7 @@ def replay(engine: ParallelComp, grammar: str, token_ids: list[int]) -> dict:
 def run(repeats: int, max_new_tokens: int, out: Path) -> str:
     load_before = os.getloadavg()
     engine = ParallelComp.from_pretrained()
-    engine.generate("Warm up.", max_new_tokens=4, json_schema={"type": "object"})  # llguidance tokenizer, once
+    engine.generate("Warm up.", max_new_tokens=4, json_schema={"enum": ["yes", "no"]})  # builds llguidance's tokenizer
     rows = []
     for mode, (settings, grammar_of) in MODES.items():
         runs = [engine.generate(QUESTION, max_new_tokens=max_new_tokens, **settings) for _ in range(repeats)]
@@ -113,5 +113,5 @@ def markdown(result: dict) -> str:
         apply = f"{r['apply_us_p50']:.0f} / {r['apply_us_p95']:.0f}" if "apply_us_p50" in r else "-"
         lines.append(f"| {r['mode']} | {r['new_tokens']} | {r['decode_ms_per_token_best']:.1f} | "
                      f"{r['decode_ms_per_token_median']:.1f} | {fill} | {apply} |")
-    lines += ["", "Outputs:", ""] + [f"- {r['mode']}: `{r['text'][:160]!s}`" for r in result["rows"]]
+    lines += ["", "Outputs:", ""] + [f"- {r['mode']}: `{r['text'][:160]!r}`" for r in result["rows"]]
     return "\n".join(lines) + "\n"

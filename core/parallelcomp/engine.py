@@ -261,7 +261,7 @@ class ParallelComp:
 
     def _grammar(self, s: GenerationSettings) -> str | None:
         """The llguidance grammar of the call's constrained output, or None (grammar.py)."""
-        if s.tools and s.tool_choice != "none":
+        if s.tools:
             return grammar.tool_grammar(s.tools, s.tool_choice, self.tokenizer)
         return grammar.schema_grammar(s.json_schema) if s.json_schema is not None else None
 

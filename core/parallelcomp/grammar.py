@@ -24,7 +24,8 @@ Grammars per `tool_choice`:
 
 Forced modes allow one call: given the chance, SmolLM2-135M repeats a call until the token limit
 runs out. An agent calls again on its next turn.
-    "none"      no grammar (the tools are still described in the prompt)
+    "none"      free text without the marker: no call (the tools are still described in the
+                prompt, and a model that saw calls in the history would otherwise write one)
 
 JSON is written with fixed separators (", " and ": ", as `json.dumps` writes it, as in the
 prompt's example) and no other whitespace: a small model given free whitespace pads its output
@@ -77,11 +78,9 @@ def schema_grammar(schema: Mapping[str, Any]) -> str:
     return grammar
 
 
-def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer) -> str | None:
-    """The llguidance grammar of the output allowed by `choice` over `tools` (module docstring);
-    None for "none". `tools` are OpenAI-style {"type": "function", "function": {...}} dicts."""
-    if choice == "none":
-        return None
+def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer) -> str:
+    """The llguidance grammar of the output allowed by `choice` over `tools` (module docstring).
+    `tools` are OpenAI-style {"type": "function", "function": {...}} dicts."""
     named = [t for t in tools if t["function"]["name"] == choice] if choice not in CHOICES else list(tools)
     body = {"anyOf": [_call_schema(t["function"]) for t in named], "x-guidance": _JSON_STYLE}
     open_, close = (_marker(tokenizer, m) for m in (OPEN, CLOSE))
@@ -89,9 +88,11 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer) -> 
         f'call: {open_} "\\n" body "\\n" {close}',
         f"body: %json {json.dumps(body)}",
     ]
-    if choice == "auto":
-        # free text that never contains the marker, then zero or more calls
-        text = "/(?s:.)+/" if open_.startswith("<[") else f"/(?s:.)+/ & ~/(?s:.*{re.escape(OPEN)}.*)/"
+    # free text that never contains the marker
+    text = "/(?s:.)+/" if open_.startswith("<[") else f"/(?s:.)+/ & ~/(?s:.*{re.escape(OPEN)}.*)/"
+    if choice == "none":
+        rules = ["start: TEXT", f"TEXT: {text}"]
+    elif choice == "auto":  # text, then zero or more calls
         rules = ['start: TEXT | TEXT? calls', 'calls: call ("\\n" call)*', f"TEXT: {text}", *rules]
     else:
         rules = ["start: call", *rules]
@@ -233,8 +234,8 @@ def format_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """(text outside the blocks, valid calls, invalid calls) of an output. A valid call is
-    {"id": "call_<hex>", "name", "arguments": dict}; an invalid one (only possible without a
-    grammar, tool_choice "none") keeps its raw text and the error."""
+    {"id": "call_<hex>", "name", "arguments": dict}; an invalid one (possible only in text decoded
+    without a tool grammar) keeps its raw text and the error."""
     calls, invalid = [], []
     for block in _BLOCK.findall(text):
         call_id = f"call_{uuid.uuid4().hex[:24]}"

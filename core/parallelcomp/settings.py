@@ -75,8 +75,8 @@ class GenerationSettings(BaseModel):
     tool_choice: str = "auto"
     """With `tools`: "auto" (text and/or calls), "none", "required" (one call) or a
     tool name (one call of it); also accepted as None, "any", True or {"type": "function",
-    "function": {"name": ...}}. Every mode but "none" is grammar-constrained (grammar.py); stop
-    strings do not apply."""
+    "function": {"name": ...}}. Every mode is grammar-constrained ("none": text without a call;
+    grammar.py); stop strings do not apply."""
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -115,7 +115,7 @@ class GenerationSettings(BaseModel):
         if isinstance(data, dict) and ("tool_choice" in data or data.get("tools")):
             tools = grammar.check_tools(data.get("tools") or ())
             data = {**data, "tool_choice": grammar.check_tool_choice(data.get("tool_choice"), tools)}
-            if data.get("json_schema") is not None and tools and data["tool_choice"] != "none":
+            if data.get("json_schema") is not None and tools:
                 raise ValueError("pass json_schema= or tools=, not both")
         return data
 

@@ -172,7 +172,7 @@ class ChatParallelComp(BaseChatModel):
 
         `tool_choice`: None/"auto" (text and/or calls), "none", "any"/"required"/True (one call),
         a tool name or {"type": "function", "function": {"name": ...}} (one call of that tool).
-        Every mode but "none" decodes under a grammar (parallelcomp/grammar.py). An unknown
+        Every mode decodes under a grammar (parallelcomp/grammar.py). An unknown
         name or a malformed tool raises `InputError` here, not at the first call.
         """
         formatted = [convert_to_openai_tool(t) for t in tools]
