@@ -1,6 +1,7 @@
 """`python -m benchmarks run ...` runs a grid; `python -m benchmarks report` redraws tables/plots;
 `python -m benchmarks decode` times decoding over a merged KV (decode_speed.py);
-`python -m benchmarks ray-scaling` compares 1 and 2 Ray workers with one process (ray_scaling.py)."""
+`python -m benchmarks ray-scaling` compares 1 and 2 Ray workers with one process (ray_scaling.py);
+`python -m benchmarks grammar` times grammar-constrained decoding (grammar_overhead.py)."""
 
 from __future__ import annotations
 
@@ -76,8 +77,16 @@ def main(argv=None) -> None:
                      help="timed one-token steps per KV size (after one warm-up step)")
     dec.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     dec.add_argument("--out", default=str(DEFAULT_OUT / "decode"))
+    gram = sub.add_parser("grammar", help="decode ms/token with and without a grammar; mask fill/apply µs")
+    gram.add_argument("--repeats", type=int, default=3)
+    gram.add_argument("--max-new-tokens", type=int, default=64)
+    gram.add_argument("--out", default=str(DEFAULT_OUT / "grammar"))
     opts = parser.parse_args(argv)
-    if opts.command == "decode":
+    if opts.command == "grammar":
+        from .grammar_overhead import run as run_grammar
+
+        print(run_grammar(opts.repeats, opts.max_new_tokens, Path(opts.out)))
+    elif opts.command == "decode":
         from .decode_speed import run as run_decode
 
         if len(opts.tokens) != len(opts.kv_tokens):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 from parallelcomp import GenerationOutput, InputError, ParallelComp, ParallelCompError, TextStream
+from parallelcomp.grammar import OPEN, holdback, parse_tool_calls
 from parallelcomp.guard import cancel_scope, fits_window
 from parallelcomp.prompts import PromptParts, has_chat_template
 from parallelcomp.settings import GenerationSettings
@@ -144,6 +145,29 @@ def flatten_chat(turns: list[tuple[str, str]]) -> str:
     return "\n\n".join(p for p in [*system, *earlier, last] if p.strip())
 
 
+class ToolCallText:
+    """An answer's text deltas split into content, passed on as it comes, and tool calls, parsed
+    at the end (`grammar.parse_tool_calls`): text from the first `<tool_call>` marker on, or
+    what may still become one, is held back."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, delta: str) -> str:
+        """The content that is safe to show after `delta`."""
+        self.text += delta
+        first = self.text.find(OPEN)
+        end = max(first if first >= 0 else len(self.text) - holdback(self.text), self.emitted)
+        out, self.emitted = self.text[self.emitted : end], end
+        return out
+
+    def finish(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+        """(the rest of the content, calls, invalid calls)."""
+        rest, calls, invalid = parse_tool_calls(self.text[self.emitted :])
+        return (rest.strip() if calls or invalid else rest), calls, invalid
+
+
 # ---------------------------------------------------------------------- documents
 
 
@@ -209,11 +233,17 @@ class Route:
 
 
 def route(
-    engine: ParallelComp, prompt: Any, documents: Any = None, max_new_tokens: int = 256, history: list | None = None
+    engine: ParallelComp,
+    prompt: Any,
+    documents: Any = None,
+    max_new_tokens: int = 256,
+    history: list | None = None,
+    tools: Iterable[Mapping] | None = None,
 ) -> Route:
     """The one routing rule for every wrapper call (module docstring). `history`: the chat
-    messages before the prompt's turn (they sit in the prompt prefix)."""
-    parts = functools.partial(engine.prompt_parts, history=history or [])
+    messages before the prompt's turn, and `tools` (their description): both sit in the prompt
+    prefix."""
+    parts = functools.partial(engine.prompt_parts, history=history or [], tools=tools)
     if not isinstance(prompt, str):
         raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
     if documents is not None:
@@ -281,7 +311,8 @@ class Run:
     def __init__(self, engine: ParallelComp, prompt: Any, kwargs: Mapping[str, Any], defaults: Mapping[str, Any]):
         settings, options = call_settings(defaults, kwargs)
         history = options["history"]
-        self.route = route(engine, prompt, options["documents"], settings["max_new_tokens"], history)
+        self.route = route(engine, prompt, options["documents"], settings["max_new_tokens"], history,
+                           settings["tools"])
         texts = None if self.route.sources is None else [s.text for s in self.route.sources]
         self.timeout = options["timeout"]
         self.started = time.monotonic()

@@ -341,7 +341,8 @@ def test_chat_prompt_rule_and_bad_messages(engine):
         ToolMessage("It was 1874.", tool_call_id="1"),
     ]
     assert messages_to_prompt(history) == (
-        "Be brief.\n\nUser: Hi\n\nAssistant: calls ask_corpus({'question': 'q'})\n\nTool: It was 1874."
+        "Be brief.\n\nUser: Hi\n\nAssistant: <tool_call>\n"
+        '{"name": "ask_corpus", "arguments": {"question": "q"}}\n</tool_call>\n\nTool: It was 1874.'
     )
     # without a chat template the list is flattened into that one question
     plain = ParallelComp(engine.model, engine.tokenizer, engine.config.replace(use_chat_template=False))

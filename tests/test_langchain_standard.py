@@ -1,21 +1,36 @@
 """LangChain's own standard test suites (langchain-tests) on `ChatParallelComp`.
 
-Both suites run on a tiny random model (no test of them needs coherent text; about 30 s here),
-with a short `max_tokens`. Their async tests need pytest-asyncio's auto mode (pyproject.toml).
-Tests switched off, each through the suite's documented properties, with its reason:
+Three classes, so that every test runs once, on the cheapest model it can pass on:
+- `TestChatParallelCompUnit` (tiny random model): the whole unit suite, including `bind_tools`
+  over every tool type and `with_structured_output` for every method.
+- `TestChatParallelCompIntegration` (tiny random model, short `max_tokens`): every integration
+  test except CONTENT_TESTS, tool-message histories included.
+- `TestChatParallelCompTools` (the embedded SmolLM2-135M, marked slow): CONTENT_TESTS only.
+  These assert what the model writes (`args == {"input": 3}` read from the question, a joke whose
+  strings end, a non-empty argument), which random weights cannot write. Each class skips the
+  other's tests, with that reason (an autouse fixture; the suite forbids overriding its tests
+  except to mark an expected failure).
+
+`has_tool_calling`, `has_tool_choice` and `has_structured_output` are derived by the suite
+(`bind_tools` is overridden and takes `tool_choice`), so forced calls use `tool_choice="any"`;
+every tool call and structured answer is grammar-constrained (parallelcomp/grammar.py).
+Switched off, each through the suite's documented properties, with its reason:
 `supports_model_override` (one engine holds one model), `max_retries`/`api_key` left out of the
-standard parameters (a local engine has no network to retry and no API). Tool calling,
-structured output and multimodal inputs are not implemented, so the suite skips those tests.
+standard parameters (a local engine has no network to retry and no API). Multimodal inputs are
+not supported (text-only models), so the suite skips those. An expected failure is marked with
+its reason below. Async tests need pytest-asyncio's auto mode (pyproject.toml).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
+import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from parallelcomp import ParallelComp, ParallelCompConfig
+from parallelcomp import ParallelComp, ParallelCompConfig, StructuredOutputError
 from pc_integrations.langchain import ChatParallelComp
 
 from .conftest import tiny_model
@@ -29,6 +44,11 @@ def _tiny_engine() -> ParallelComp:
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     return ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, ParallelCompConfig(chunk_tokens=64))
+
+
+@functools.cache
+def _smol_engine() -> ParallelComp:
+    return ParallelComp.from_pretrained()
 
 
 class _Standard:
@@ -60,4 +80,67 @@ class TestChatParallelCompUnit(_Standard, ChatModelUnitTests):
 class TestChatParallelCompIntegration(_Standard, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict:
-        return {"engine": _tiny_engine(), "max_tokens": 12}
+        return {"engine": _tiny_engine(), "max_tokens": 40}  # a forced call without arguments: ~30 tokens
+
+    @pytest.fixture(autouse=True)
+    def _model_independent_only(self, request):
+        if request.node.originalname in CONTENT_TESTS:
+            pytest.skip("asserts what the model writes, which random weights cannot: runs on SmolLM2 in "
+                        "TestChatParallelCompTools")
+
+
+CONTENT_TESTS = {
+    "test_tool_calling", "test_tool_calling_async", "test_bind_runnables_as_tools", "test_tool_choice",
+    "test_structured_few_shot_examples", "test_structured_output", "test_structured_output_async",
+    "test_structured_output_pydantic_2_v1", "test_structured_output_optional_param", "test_json_mode",
+    "test_agent_loop", "test_unicode_tool_call_integration",
+}
+
+
+FULL_ONLY = {
+    "test_tool_calling_async", "test_structured_output_async", "test_structured_output_pydantic_2_v1",
+    "test_structured_output_optional_param", "test_structured_few_shot_examples", "test_json_mode",
+    "test_agent_loop", "test_unicode_tool_call_integration",
+}
+"""Content tests that repeat what the default ones check (async, pydantic v1, optional fields,
+JSON mode, few-shot) or are expected failures: SmolLM2 takes 1-5 minutes each on the 2-core CI
+machine, so they run only with PARALLELCOMP_STANDARD_FULL=1. All passed (the two xfails failing
+as marked) in the run recorded in docs/integrations.md."""
+
+
+@pytest.mark.slow
+class TestChatParallelCompTools(_Standard, ChatModelIntegrationTests):
+    @pytest.fixture(autouse=True)
+    def _content_only(self, request):
+        if request.node.originalname not in CONTENT_TESTS:
+            pytest.skip("does not depend on what the model writes: runs on the tiny model in "
+                        "TestChatParallelCompIntegration")
+        if request.node.originalname in FULL_ONLY and os.environ.get("PARALLELCOMP_STANDARD_FULL") != "1":
+            pytest.skip("SmolLM2 run of a repeated variant or an expected failure: set PARALLELCOMP_STANDARD_FULL=1 "
+                        "(FULL_ONLY in tests/test_langchain_standard.py)")
+
+    @property
+    def chat_model_params(self) -> dict:
+        # Without a repetition penalty the 135M model repeats a clause inside the joke's JSON
+        # string until the token limit; 1.3 is too strong (it writes 10 for the 3 in the
+        # question); 1.05 passes both. 80 tokens hold every call and answer the suite asks for.
+        return {"engine": _smol_engine(), "max_tokens": 80, "repetition_penalty": 1.05}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True  # with_structured_output(method="json_mode"): any JSON object, by grammar
+
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)  # as in the suite
+    @pytest.mark.xfail(strict=True, reason=(
+        "model capability: the test binds get_weather without tool_choice, so the model must decide "
+        "to call it; SmolLM2-135M answers 'What is the weather in San Francisco, CA?' in text (the "
+        "'auto' grammar allows text or a call). Forced calls pass (test_tool_calling, test_tool_choice)."))
+    def test_agent_loop(self, model) -> None:
+        super().test_agent_loop(model)
+
+    @pytest.mark.xfail(strict=True, raises=StructuredOutputError, reason=(
+        "model capability: SmolLM2-135M does not finish the call's Chinese and emoji argument strings within "
+        "max_tokens=80; the grammar then raises StructuredOutputError instead of returning a cut call"))
+    def test_unicode_tool_call_integration(self, model) -> None:
+        super().test_unicode_tool_call_integration(model)
+

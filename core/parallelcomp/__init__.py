@@ -11,6 +11,7 @@ from .errors import (
     ModelNotSupportedError,
     ParallelCompError,
     ResourceError,
+    StructuredOutputError,
 )
 from .corpus import Corpus
 from .output import ChunkReport, DocumentSpan, GenerationOutput, RunStats, ScoreOutput
@@ -33,5 +34,6 @@ __all__ = [
     "ResourceError",
     "RunStats",
     "ScoreOutput",
+    "StructuredOutputError",
     "TextStream",
 ]

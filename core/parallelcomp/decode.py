@@ -18,6 +18,7 @@ from typing import ContextManager, Iterator
 import torch
 from transformers import (
     Cache,
+    LogitsProcessor,
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
@@ -40,10 +41,14 @@ class Sampling:
     repetition_penalty: float = 1.0
     """> 1 discourages repeating question or answer tokens (CTRL-style, as in `model.generate`)."""
 
-    def processors(self, eos_ids: set[int], prompt_tokens: int) -> LogitsProcessorList:
-        """EOS is never the first new token (official code: min_length = |question| + 1), so an
-        answer is never empty; then the optional penalty and sampling warpers."""
-        procs = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(prompt_tokens, 1, sorted(eos_ids))])
+    def processors(self, eos_ids: set[int], prompt_tokens: int, constraint: LogitsProcessor | None = None
+                   ) -> LogitsProcessorList:
+        """The grammar's mask first (`constraint`, grammar.GrammarProcessor), so no later step sees
+        a disallowed token; EOS is never the first new token (official code: min_length =
+        |question| + 1), so an answer is never empty; then the optional penalty and sampling
+        warpers."""
+        procs = LogitsProcessorList([constraint] if constraint is not None else [])
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_tokens, 1, sorted(eos_ids)))
         if self.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
         if self.temperature > 0:
@@ -65,16 +70,18 @@ def generate_tokens(
     eos_ids: set[int],
     sampling: Sampling,
     question_step: ContextManager | None = None,
+    constraint: LogitsProcessor | None = None,
 ) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded) or `max_new_tokens`.
 
     `question_step` is entered around the question prefill only (attention calibration). The
-    packed-GQA scope ends when the generator is exhausted or closed.
+    packed-GQA scope ends when the generator is exhausted or closed. `constraint`: a grammar's
+    logits processor (grammar.GrammarProcessor), applied before every other.
     """
     device = model.device
     ids = torch.tensor([question_ids], device=device)
     positions = p0 + torch.arange(len(question_ids), device=device)[None]
-    processors = sampling.processors(eos_ids, len(question_ids))
+    processors = sampling.processors(eos_ids, len(question_ids), constraint)
     generator = None
     if sampling.temperature > 0 and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)

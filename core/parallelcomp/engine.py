@@ -34,7 +34,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from . import calibration, compression, guard, hardware
+from . import calibration, compression, grammar, guard, hardware
 from . import kv as kvops
 from .chunking import Chunk, check_text, make_chunks, validate_documents
 from .compat import forward
@@ -219,7 +219,9 @@ class ParallelComp:
 
         Keyword arguments are `GenerationSettings` (settings.py): max_new_tokens=256, stop=None
         (str or list of str), temperature=0.0 (greedy), top_p=1.0, top_k=0, seed=None,
-        repetition_penalty=1.0, progress=False (a tqdm bar on stderr).
+        repetition_penalty=1.0, progress=False (a tqdm bar on stderr), json_schema=None (a
+        grammar makes the answer JSON matching it), tools=None and tool_choice="auto" (tool calls
+        in `<tool_call>` blocks; grammar.py).
         """
         stream = self.stream(question, documents, context, corpus=corpus, **settings)
         for _ in stream:
@@ -237,10 +239,13 @@ class ParallelComp:
         _check_question(question)
         s = GenerationSettings.of(**settings)
         sampling = Sampling(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty)
-        parts = self.prompt_parts(question, corpus is not None or documents is not None or context is not None, history)
+        parts = self.prompt_parts(question, corpus is not None or documents is not None or context is not None, history,
+                                  s.tools)
         corpus = self._corpus(parts, documents, context, corpus, required=False)
         result = _Result()
-        deltas = self._answer(result, parts, corpus, s.max_new_tokens, list(s.stop), sampling, s.progress)
+        constraint = self._grammar(s)
+        stops = [] if constraint else list(s.stop)  # the grammar decides where constrained output ends
+        deltas = self._answer(result, parts, corpus, s.max_new_tokens, stops, sampling, s.progress, constraint)
         return TextStream(deltas, result)
 
     def score(self, target: str, documents=None, context=None, *, corpus: Corpus | None = None,
@@ -272,7 +277,13 @@ class ParallelComp:
 
     # ------------------------------------------------------------------ stages
 
-    def _answer(self, result, parts, corpus, max_new_tokens, stops, sampling, progress) -> Iterator[str]:
+    def _grammar(self, s: GenerationSettings) -> str | None:
+        """The llguidance grammar of the call's constrained output, or None (grammar.py)."""
+        if s.tools:
+            return grammar.tool_grammar(s.tools, s.tool_choice, self.tokenizer)
+        return grammar.schema_grammar(s.json_schema) if s.json_schema is not None else None
+
+    def _answer(self, result, parts, corpus, max_new_tokens, stops, sampling, progress, constraint) -> Iterator[str]:
         with self._lock, ExitStack() as scope:  # unwound on close(), break or drop (see _Result)
             if guard.cancelled():  # cancelled while queued for the lock: do no work
                 return
@@ -280,11 +291,13 @@ class ParallelComp:
             ctx = self._prefill(parts, corpus, reserve=max_new_tokens, progress=progress)
             start = time.perf_counter()
             assembler = TextAssembler(self.tokenizer, stops)
+            mask = (grammar.GrammarProcessor(self.tokenizer, constraint, self._vocab_size(), self.eos_ids,
+                                             len(parts.question_ids)) if constraint else None)
             cache = kvops.decode_cache(ctx.kv_parts, extra_tokens=len(parts.question_ids) + max_new_tokens)
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens)
                     if calibrator else None)  # attention calibration at the question step (§4)
             tokens = scope.enter_context(closing(generate_tokens(
-                self.model, cache, parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling, step
+                self.model, cache, parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling, step, mask
             )))  # closed before the lock is released: decode's attention switch is undone first
             for token_id in tokens:
                 if not assembler.ids:
@@ -296,6 +309,8 @@ class ParallelComp:
                     break
                 if guard.cancelled():  # the caller's task was cancelled: stop at this token
                     return
+            if mask:
+                mask.finish(assembler.ids)  # StructuredOutputError unless the grammar is complete
             tail = assembler.finish()
             if tail:
                 yield tail
@@ -306,10 +321,15 @@ class ParallelComp:
             ctx.stats.decode_seconds = time.perf_counter() - start
             result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
-    def prompt_parts(self, question: str, with_documents: bool, history=()) -> PromptParts:
+    def prompt_parts(self, question: str, with_documents: bool, history=(), tools=None) -> PromptParts:
         """The token spans (prefix, question suffix) this engine builds for a question (prompts.py)."""
         return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
-                            with_documents, history, restate_instruction=self.config.restate_instruction)
+                            with_documents, history, restate_instruction=self.config.restate_instruction,
+                            tools=tools)
+
+    def _vocab_size(self) -> int:
+        """Width of the model's logits (may exceed the tokenizer's vocabulary, as in Qwen2.5)."""
+        return self.model.get_output_embeddings().weight.shape[0]
 
     def _corpus(self, parts: PromptParts, documents, context, corpus: Corpus | None, required: bool) -> Corpus:
         """The call's corpus: the one given, or `documents`/`context` chunked (not yet encoded)."""

@@ -32,3 +32,8 @@ class ResourceError(InputError):
 class DistributedError(ParallelCompError, RuntimeError):
     """A distributed run (parallelcomp.distributed) cannot go on: Ray is not installed, no worker
     is left, or a worker did not answer within `timeout_s`."""
+
+
+class StructuredOutputError(ParallelCompError, RuntimeError):
+    """Constrained output (`json_schema=`, tool calls) could not be completed: the token limit
+    came first (raise `max_new_tokens`), or the grammar rejected a token."""

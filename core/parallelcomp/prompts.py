@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from .errors import InputError
+from .grammar import tools_prompt
 
 _SLOT = "<<<PARALLELCOMP_DOCUMENTS>>>"
 
@@ -45,6 +46,7 @@ def build_prompt(
     with_documents: bool = True,
     history: Sequence[Mapping[str, str]] = (),
     restate_instruction: bool = False,
+    tools: Sequence[Mapping] | None = None,
 ) -> PromptParts:
     """Token ids of the shared prefix and of the question suffix.
 
@@ -54,15 +56,26 @@ def build_prompt(
     the shared prefix that every chunk sees; it needs a chat template. With
     `restate_instruction`, the instruction is repeated after the documents, before the question,
     as long-context QA templates do (LongBench's "Now, answer the question based on ...").
+    `tools` (OpenAI-style dicts) go to a chat template that declares them (`tools=`, Qwen2.5);
+    otherwise `grammar.tools_prompt` describes them in a system message, or, without a chat
+    template, at the start of the prompt.
     """
     if not with_documents:
         instruction = ""
     body = f"{instruction}\n\n{_SLOT}" if instruction else _SLOT
+    template_tools = None
+    if tools and use_chat_template and has_chat_template(tokenizer):
+        if "tools" in tokenizer.chat_template:
+            template_tools = [dict(t) for t in tools]
+        else:
+            history = _with_system(history, tools_prompt(tools))
+    elif tools:
+        body = f"{tools_prompt(tools)}\n\n{body}"
     restated = f"{instruction}\n\n" if restate_instruction and instruction else ""
     tail = f"\n\n{restated}Question: {question}" if with_documents else question
     if use_chat_template and has_chat_template(tokenizer):
         messages = [*history, {"role": "user", "content": body + tail}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=template_tools, tokenize=False, add_generation_prompt=True)
         if text.count(_SLOT) != 1 or tail not in text:
             msg = "the tokenizer's chat template rewrites the message content; pass use_chat_template=False"
             raise InputError(msg)
@@ -76,6 +89,13 @@ def build_prompt(
     suffix = tail + "\nAnswer:" if with_documents else tail
     question_ids, span = _encode_marking(tokenizer, suffix, len(tail) - len(question), question)
     return PromptParts(list(prefix), question_ids, span)
+
+
+def _with_system(history: Sequence[Mapping[str, str]], text: str) -> list[Mapping[str, str]]:
+    """`history` with `text` added to its system message (one is added first if it has none)."""
+    if history and history[0]["role"] == "system":
+        return [{**history[0], "content": f"{history[0]['content']}\n\n{text}"}, *history[1:]]
+    return [{"role": "system", "content": text}, *history]
 
 
 def build_continuation(tokenizer, target: str) -> PromptParts:

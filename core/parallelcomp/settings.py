@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import grammar
 from .errors import InputError
 
 MAX_SEED = 2**63 - 1
@@ -64,6 +65,18 @@ class GenerationSettings(BaseModel):
     """> 1 discourages repeating question or answer tokens (1.0 = off)."""
     progress: bool = False
     """A tqdm bar on stderr during prefill."""
+    json_schema: dict[str, Any] | None = None
+    """The answer is one JSON value matching this schema, guaranteed by a grammar (grammar.py);
+    stop strings do not apply."""
+    tools: tuple[dict[str, Any], ...] | None = None
+    """OpenAI-style function tools ({"type": "function", "function": {"name", "description",
+    "parameters"}}), described in the prompt; calls come back as `<tool_call>` blocks in the
+    text (`grammar.parse_tool_calls`)."""
+    tool_choice: str = "auto"
+    """With `tools`: "auto" (text and/or calls), "none", "required" (one call) or a
+    tool name (one call of it); also accepted as None, "any", True or {"type": "function",
+    "function": {"name": ...}}. Every mode is grammar-constrained ("none": text without a call;
+    grammar.py); stop strings do not apply."""
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -80,6 +93,31 @@ class GenerationSettings(BaseModel):
         if longest > MAX_STOP_CHARS:
             raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest:,}")
         return tuple(value)
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools(cls, value: Any) -> tuple[dict[str, Any], ...] | None:
+        return None if value is None else grammar.check_tools(value)
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema(cls, value: Any) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(f"json_schema must be a dict (a JSON schema), got {type(value).__name__}")
+        grammar.schema_grammar(value)  # an unsupported schema fails here, not mid-decode
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tool_choice(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("tool_choice" in data or data.get("tools")):
+            tools = grammar.check_tools(data.get("tools") or ())
+            data = {**data, "tool_choice": grammar.check_tool_choice(data.get("tool_choice"), tools)}
+            if data.get("json_schema") is not None and tools:
+                raise ValueError("pass json_schema= or tools=, not both")
+        return data
 
     @field_validator("temperature")
     @classmethod
@@ -106,6 +144,16 @@ class GenerationSettings(BaseModel):
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(cls.model_fields)
+
+    @classmethod
+    def default_names(cls) -> tuple[str, ...]:
+        """The settings a wrapper instance holds defaults for: all but CALL_ONLY."""
+        return tuple(n for n in cls.model_fields if n not in CALL_ONLY)
+
+
+CALL_ONLY = ("json_schema", "tools", "tool_choice")
+"""Settings that belong to one call (or a bound runnable: `bind_tools`, `with_structured_output`),
+never to a wrapper instance."""
 
 
 def explain(err: ValidationError) -> str:

@@ -4,31 +4,48 @@ A message list goes through `pc_integrations.common.chat_call`: with the tokeniz
 template, system messages and earlier turns are rendered by `tokenizer.apply_chat_template` (they
 sit in the prompt prefix every chunk sees) and the last message's text is the question; without a
 template, the list is flattened into one question (`messages_to_prompt`). The last message must
-be a user or tool message. An assistant message's tool calls are rendered as text
-("calls name(args)").
+be a user or tool message. An assistant message's tool calls are rendered in the model's tool-call
+format (`<tool_call>` blocks, parallelcomp/grammar.py).
 
 Documents go in as kwargs (`chat.invoke(messages, documents=[...])`) and are chunked exactly as in
 `ParallelCompLLM`; the routing rule applies to the question. `generation_info` (sources, chunks,
 stats, split, model_name) lands in `AIMessage.response_metadata`, token counts in
-`AIMessage.usage_metadata`. Tool calling (`bind_tools`) is not implemented: expose the corpus to
-agents with `create_parallelcomp_tool` instead.
+`AIMessage.usage_metadata`.
+
+Tools and structured output (docs/integrations.md): `bind_tools(tools, tool_choice=...)` and
+`with_structured_output(schema, method=...)` bind the `tools`/`tool_choice`/`json_schema`
+generation settings, so decoding runs under a grammar and the output always parses. Calls come
+back as `AIMessage.tool_calls` (ids `call_<hex>`); streamed, as one `tool_call_chunks` entry per
+call in the last chunk, while text before a call streams as it is decoded. Documents still go in
+as chunks, so an agent reasons over a corpus far longer than the window.
 """
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Iterator
+import json
+from operator import itemgetter
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.messages.utils import message_chunk_to_message
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, model_validator
 
 from parallelcomp import InputError
+from parallelcomp.grammar import format_tool_call
+from parallelcomp.settings import GenerationSettings
 
-from ..common import ROLES, aiter_in_thread, chat_call, flatten_chat
+from ..common import ROLES, ToolCallText, aiter_in_thread, chat_call, flatten_chat
 from .llms import ParallelCompLLM, usage_from_info
 
 _ROLES = {"human": "User", "ai": "Assistant", "tool": "Tool", "function": "Tool", "chat": "User"}
@@ -128,8 +145,74 @@ class ChatParallelComp(BaseChatModel):
         if "history" in kwargs:
             raise InputError("a chat model takes its history from the messages; do not pass history=")
         prompt, extra = chat_call(self.llm.engine, _turns(messages))
-        for chunk in self.llm.iter_chunks(prompt, stop, **kwargs, **extra):
-            yield _chat_chunk(chunk)
+        chunks = self.llm.iter_chunks(prompt, stop, **kwargs, **extra)
+        if not kwargs.get("tools"):
+            yield from map(_chat_chunk, chunks)
+            return
+        split = ToolCallText()
+        for chunk in chunks:
+            if chunk.generation_info is None:
+                content = split.feed(chunk.text)
+                if content:
+                    yield _chat_chunk(GenerationChunk(text=content))
+            else:
+                rest, calls, invalid = split.finish()
+                yield _chat_chunk(GenerationChunk(text=rest, generation_info=chunk.generation_info), calls, invalid)
+
+    # ------------------------------------------------------------------ tools and structured output
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | bool | dict | None = None,
+        **kwargs: Any,
+    ) -> Runnable[Any, AIMessage]:
+        """Bind tools (anything `convert_to_openai_tool` takes) for every call of the result.
+
+        `tool_choice`: None/"auto" (text and/or calls), "none", "any"/"required"/True (one call),
+        a tool name or {"type": "function", "function": {"name": ...}} (one call of that tool).
+        Every mode decodes under a grammar (parallelcomp/grammar.py). An unknown
+        name or a malformed tool raises `InputError` here, not at the first call.
+        """
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        GenerationSettings.of(tools=formatted, tool_choice=tool_choice)  # InputError now
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: str = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[Any, dict[str, Any] | Any]:
+        """Answers as instances of `schema` (pydantic class, TypedDict or JSON schema dict).
+
+        method: "function_calling" (the schema as a tool the model must call; the model sees its
+        description), "json_schema" (the answer is the JSON value itself, under the schema's
+        grammar) or "json_mode" (any JSON object). Output always parses: every method decodes
+        under a grammar, so `strict` is accepted and always in effect. `include_raw=True` gives
+        {"raw", "parsed", "parsing_error"}. A schema the grammar cannot express raises `InputError`.
+        """
+        if method == "function_calling":
+            return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
+        if method not in ("json_schema", "json_mode"):
+            raise InputError(f"method must be function_calling, json_schema or json_mode, got {method!r}")
+        if kwargs:
+            raise InputError(f"unexpected keyword argument(s) {sorted(kwargs)}")
+        pydantic_schema = isinstance(schema, type) and is_basemodel_subclass(schema)
+        json_schema = convert_to_json_schema(schema) if method == "json_schema" else {"type": "object"}
+        GenerationSettings.of(json_schema=json_schema)  # an unsupported schema raises InputError now
+        llm = self.bind(json_schema=json_schema,
+                        ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
+        parser = PydanticOutputParser(pydantic_object=schema) if pydantic_schema else JsonOutputParser()
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
 
 
 def messages_to_prompt(messages: list[BaseMessage]) -> str:
@@ -157,18 +240,26 @@ def _turns(messages: Any) -> list[tuple[str, str]]:
 
 
 def _text(message: BaseMessage) -> str:
-    if isinstance(message, AIMessage) and message.tool_calls and not message.text:
-        return "; ".join(f"calls {c['name']}({c['args']})" for c in message.tool_calls)
+    """A message's text; an assistant message's tool calls follow it as `<tool_call>` blocks."""
+    if isinstance(message, AIMessage) and message.tool_calls:
+        calls = [format_tool_call(c["name"], c["args"]) for c in message.tool_calls]
+        return "\n".join(p for p in [message.text, *calls] if p)
     return message.text
 
 
-def _chat_chunk(chunk: GenerationChunk) -> ChatGenerationChunk:
+def _chat_chunk(chunk: GenerationChunk, calls: Sequence[dict] = (), invalid: Sequence[dict] = ()
+                ) -> ChatGenerationChunk:
     info = chunk.generation_info
     message = AIMessageChunk(content=chunk.text)
-    if info is not None:  # the last chunk: usage and end of stream
+    if info is not None:  # the last chunk: usage, tool calls and end of stream
         usage = usage_from_info(info)
+        chunks = [tool_call_chunk(name=c["name"], args=json.dumps(c["arguments"]), id=c["id"], index=i)
+                  for i, c in enumerate(calls)]
+        chunks += [tool_call_chunk(name=None, args=c["text"], id=c["id"], index=len(calls) + i)
+                   for i, c in enumerate(invalid)]  # unparsable args: merged into invalid_tool_calls
         message = AIMessageChunk(
             content=chunk.text,
+            tool_call_chunks=chunks,
             usage_metadata=UsageMetadata(
                 input_tokens=usage["prompt_tokens"],
                 output_tokens=usage["completion_tokens"],
@@ -180,7 +271,9 @@ def _chat_chunk(chunk: GenerationChunk) -> ChatGenerationChunk:
 
 
 def _result(chunks: list[ChatGenerationChunk]) -> ChatResult:
+    """The streamed chunks merged into one message, exactly as a caller merging `stream()` gets it."""
     info = next((c.generation_info for c in reversed(chunks) if c.generation_info), None)
-    last = chunks[-1].message
-    message = AIMessage(content="".join(c.text for c in chunks), usage_metadata=last.usage_metadata)
-    return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
+    merged = chunks[0].message
+    for c in chunks[1:]:
+        merged += c.message
+    return ChatResult(generations=[ChatGeneration(message=message_chunk_to_message(merged), generation_info=info)])

@@ -82,7 +82,7 @@ class ParallelCompLLM(BaseLLM):
 
     def settings(self) -> dict[str, Any]:
         """The instance's defaults for every per-call setting (`common.call_settings`)."""
-        names = [*GenerationSettings.names(), "timeout"]
+        names = [*GenerationSettings.default_names(), "timeout"]
         return {name: getattr(self, name) for name in names}
 
     @model_validator(mode="before")

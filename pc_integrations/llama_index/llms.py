@@ -1,4 +1,4 @@
-"""`ParallelCompLLM`: a LlamaIndex `CustomLLM` over one `parallelcomp.ParallelComp` engine.
+"""`ParallelCompLLM`: a LlamaIndex `FunctionCallingLLM` over one `parallelcomp.ParallelComp` engine.
 
 `Settings.llm = ParallelCompLLM(engine)` and `index.as_query_engine(llm=...)` work as with any
 LlamaIndex LLM, with LlamaIndex's own prompts and response modes (compact, refine,
@@ -13,6 +13,13 @@ LlamaIndex packs all retrieved text into one call. The `ParallelCompSynthesizer`
 Errors: a rejected call raises `common.CallError` (its cause is the `InputError`), never a
 ValueError, which LlamaIndex's synthesizers would swallow into "Empty Response".
 
+Function calling (`FunctionAgent`, `predict_and_call`, `structured_predict`): the tools go to the
+engine as the `tools`/`tool_choice` generation settings ("required" when `tool_required=True`),
+so the calls are grammar-constrained and always parse (parallelcomp/grammar.py). A response's
+calls are in `message.additional_kwargs["tool_calls"]` ({"id": "call_<hex>", "name",
+"arguments"} each); an assistant message carrying them is rendered back into the prompt in the
+model's tool-call format.
+
 The async methods run the engine in a worker thread (`asyncio.to_thread`,
 `common.aiter_in_thread`): the event loop is never blocked, and concurrent calls queue on the
 engine's lock. A stream the consumer stops reading is closed, which frees the engine.
@@ -23,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Union
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -38,10 +45,12 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.prompts import PromptTemplate
 
-from parallelcomp import InputError, ParallelComp, ParallelCompConfig, ParallelCompError
+from parallelcomp import InputError, ParallelComp, ParallelCompConfig, ParallelCompError, StructuredOutputError
+from parallelcomp.grammar import format_tool_call
 from parallelcomp.settings import GenerationSettings, Integer, Number
 from pc_integrations.common import (
     CALL_KEYS,
@@ -49,10 +58,14 @@ from pc_integrations.common import (
     SETTING_ALIASES,
     CallError,
     Run,
+    ToolCallText,
     aiter_in_thread,
     call_settings,
     chat_call,
 )
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
 
 CALL_KWARGS = frozenset([*GenerationSettings.names(), *SETTING_ALIASES, *CALL_KEYS, "instruction"])
 """Keyword arguments `complete`/`stream_complete` use; others LlamaIndex may add are ignored, as
@@ -70,7 +83,7 @@ REFINE_TEMPLATE = PromptTemplate(
 )
 
 
-class ParallelCompLLM(CustomLLM):
+class ParallelCompLLM(FunctionCallingLLM):
     """A LlamaIndex LLM answering over inputs far longer than the model's trained window.
 
     Build it around a ready engine, `ParallelCompLLM(engine, max_new_tokens=...)`, or load one
@@ -107,7 +120,7 @@ class ParallelCompLLM(CustomLLM):
 
     def settings(self) -> dict[str, Any]:
         """The instance's defaults for every per-call setting (`common.call_settings`)."""
-        return {name: getattr(self, name) for name in [*GenerationSettings.names(), "timeout"]}
+        return {name: getattr(self, name) for name in [*GenerationSettings.default_names(), "timeout"]}
 
     @classmethod
     def from_pretrained(
@@ -142,6 +155,7 @@ class ParallelCompLLM(CustomLLM):
             context_window=self.context_window,
             num_output=self.max_new_tokens,
             is_chat_model=False,  # the engine applies the tokenizer's chat template itself
+            is_function_calling_model=True,
             model_name=self._engine.model_name,
         )
 
@@ -227,7 +241,7 @@ class ParallelCompLLM(CustomLLM):
         with _rejected():
             prompt, extra = chat_call(self._engine, _turns(messages))
         responses = self._responses(self._start(prompt, {**kwargs, **extra}))
-        return _as_chat(responses)
+        return _as_chat(responses, ToolCallText() if kwargs.get("tools") else None)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -240,6 +254,39 @@ class ParallelCompLLM(CustomLLM):
                 yield response
 
         return gen()
+
+
+    # ------------------------------------------------------------------ function calling
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence["BaseTool"],
+        user_msg: Optional[Union[str, ChatMessage]] = None,
+        chat_history: Optional[List[ChatMessage]] = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: Optional[Union[str, dict]] = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The `chat` arguments of a call with `tools`: "required" when `tool_required`, unless a
+        `tool_choice` (a tool name, "auto", "none", ...) is given."""
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str)
+                            else user_msg)
+        choice = tool_choice if tool_choice is not None else ("required" if tool_required else "auto")
+        openai_tools = [t.metadata.to_openai_tool() for t in tools]
+        return {"messages": messages, "tools": openai_tools or None, "tool_choice": choice, **kwargs}
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> List[ToolSelection]:
+        calls = response.message.additional_kwargs.get("tool_calls", [])
+        if not calls and error_on_no_tool_call:
+            msg = f"the model answered without a tool call ({response.message.content!r:.80}); pass tool_required=True"
+            raise StructuredOutputError(msg)
+        return [ToolSelection(tool_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls]
 
 
 @contextlib.contextmanager
@@ -264,12 +311,30 @@ def _turns(messages: Any) -> list[tuple[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, ChatMessage):
             raise InputError(f"message {i} is a {type(m).__name__}, expected a ChatMessage")
-        turns.append((_ROLES[MessageRole(m.role).value], m.content or ""))
+        calls = [format_tool_call(c["name"], c["arguments"]) for c in m.additional_kwargs.get("tool_calls", [])]
+        text = "\n".join(p for p in [m.content or "", *calls] if p)
+        turns.append((_ROLES[MessageRole(m.role).value], text))
     return turns
 
 
-def _as_chat(responses: Iterator[CompletionResponse]) -> Iterator[ChatResponse]:
+def _as_chat(responses: Iterator[CompletionResponse], split: Optional[ToolCallText]) -> Iterator[ChatResponse]:
+    """Completion responses as chat responses; with `split` (a call with tools), text from the
+    first tool call on is held back and the last response carries the parsed calls."""
+    content = ""
     with contextlib.closing(responses):
         for r in responses:
-            message = ChatMessage(role=MessageRole.ASSISTANT, content=r.text)
-            yield ChatResponse(message=message, delta=r.delta, raw=r.raw, additional_kwargs=r.additional_kwargs)
+            if split is None:
+                message = ChatMessage(role=MessageRole.ASSISTANT, content=r.text)
+                yield ChatResponse(message=message, delta=r.delta, raw=r.raw, additional_kwargs=r.additional_kwargs)
+            elif r.raw is None:  # a text delta
+                delta = split.feed(r.delta)
+                content += delta
+                if delta:
+                    yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=content), delta=delta)
+            else:  # the last response: the run's output and info
+                rest, calls, invalid = split.finish()
+                content += rest
+                extra = {"tool_calls": calls} if calls else {}
+                message = ChatMessage(role=MessageRole.ASSISTANT, content=content, additional_kwargs=extra)
+                info = {**r.additional_kwargs, **({"invalid_tool_calls": invalid} if invalid else {})}
+                yield ChatResponse(message=message, delta=rest, raw=r.raw, additional_kwargs=info)

@@ -1,0 +1,257 @@
+"""Grammar-constrained decoding: JSON schemas and tool calls that always parse (llguidance).
+
+A request with `json_schema=` or `tools=` (`GenerationSettings`) decodes under a grammar: at
+every step `GrammarProcessor`, the first logits processor, leaves only the tokens that keep the
+output inside the grammar, and EOS only where the grammar is complete. Output that the token
+limit cuts short of a complete grammar raises `StructuredOutputError`; it is never returned as
+if it were valid. Library choice and measurements: docs/structured-output.md.
+
+Tool calls use one format for every model, the one Qwen2.5's chat template defines:
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+Templates that declare tools (`tools=` in `apply_chat_template`) describe the tools themselves;
+for the others (SmolLM2) `tools_prompt` writes the same description into a system message
+(prompts.py). A marker that the tokenizer has as one added token (Qwen's `<tool_call>`) is
+referenced by id, since llguidance treats every added token as special.
+
+Grammars per `tool_choice`:
+    "auto"      free text without the marker, then zero or more calls
+    "required"  exactly one call, of any of the tools, and nothing else
+    a tool name exactly one call of that tool
+
+Forced modes allow one call: given the chance, SmolLM2-135M repeats a call until the token limit
+runs out. An agent calls again on its next turn.
+    "none"      free text without the marker: no call (the tools are still described in the
+                prompt, and a model that saw calls in the history would otherwise write one)
+
+JSON is written with fixed separators (", " and ": ", as `json.dumps` writes it, as in the
+prompt's example) and no other whitespace: a small model given free whitespace pads its output
+until it runs out of tokens. Knows nothing about LangChain or LlamaIndex.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+import weakref
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor
+
+from .errors import ConfigError, StructuredOutputError
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+CHOICES = ("auto", "none", "required")
+"""`tool_choice` after normalisation, besides a tool name."""
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.S)
+
+
+def llguidance():
+    """The llguidance module, imported on first use (a typed error names the package if absent)."""
+    try:
+        import llguidance as llg
+        import llguidance.hf  # noqa: F401 - llg.hf.from_tokenizer
+    except ImportError as err:
+        msg = "structured output and tool calls need the llguidance package: pip install 'llguidance>=1.9,<2'"
+        raise ConfigError(msg) from err
+    return llg
+
+
+# ---------------------------------------------------------------------- grammars
+
+
+def schema_grammar(schema: Mapping[str, Any]) -> str:
+    """The llguidance grammar of one JSON value matching `schema`; ValueError if unsupported."""
+    llg = llguidance()
+    try:
+        grammar = llg.LLMatcher.grammar_from_json_schema(dict(schema), overrides=_JSON_STYLE)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"json_schema is not a JSON schema: {err}") from None
+    _check(llg, grammar, "json_schema")
+    return grammar
+
+
+def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer) -> str:
+    """The llguidance grammar of the output allowed by `choice` over `tools` (module docstring).
+    `tools` are OpenAI-style {"type": "function", "function": {...}} dicts."""
+    named = [t for t in tools if t["function"]["name"] == choice] if choice not in CHOICES else list(tools)
+    body = {"anyOf": [_call_schema(t["function"]) for t in named], "x-guidance": _JSON_STYLE}
+    open_, close = (_marker(tokenizer, m) for m in (OPEN, CLOSE))
+    rules = [
+        f'call: {open_} "\\n" body "\\n" {close}',
+        f"body: %json {json.dumps(body)}",
+    ]
+    # free text that never contains the marker
+    text = "/(?s:.)+/" if open_.startswith("<[") else f"/(?s:.)+/ & ~/(?s:.*{re.escape(OPEN)}.*)/"
+    if choice == "none":
+        rules = ["start: TEXT", f"TEXT: {text}"]
+    elif choice == "auto":  # text, then zero or more calls
+        rules = ['start: TEXT | TEXT? calls', 'calls: call ("\\n" call)*', f"TEXT: {text}", *rules]
+    else:
+        rules = ["start: call", *rules]
+    llg = llguidance()
+    grammar = llg.LLMatcher.grammar_from_lark("\n".join(rules))
+    _check(llg, grammar, "tools")
+    return grammar
+
+
+def _call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
+    params = dict(function.get("parameters") or {"type": "object", "properties": {}})
+    if params.get("type") == "object" and "additionalProperties" not in params:
+        params["additionalProperties"] = False  # no invented keys
+    return {
+        "type": "object",
+        "properties": {"name": {"const": function["name"]}, "arguments": params},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def _marker(tokenizer, text: str) -> str:
+    """A Lark terminal for the marker: its token id if it is one added token, else its text."""
+    added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    return f"<[{added[text]}]>" if text in added else json.dumps(text)
+
+
+def _check(llg, grammar: str, what: str) -> None:
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise ValueError(f"{what} cannot be turned into a grammar: {messages[0]}")
+
+
+# ---------------------------------------------------------------------- decoding
+
+_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def ll_tokenizer(tokenizer, n_vocab: int, eos_ids: set[int]):
+    """llguidance's view of `tokenizer` (0.4-1.4 s to build): cached per tokenizer."""
+    key = (n_vocab, tuple(sorted(eos_ids)))
+    per = _TOKENIZERS.setdefault(tokenizer, {})
+    if key not in per:
+        per[key] = llguidance().hf.from_tokenizer(tokenizer, n_vocab=n_vocab, eos_token=list(key[1]))
+    return per[key]
+
+
+class GrammarProcessor(LogitsProcessor):
+    """Masks every token the grammar does not allow next; one per request.
+
+    It consumes the tokens generated since its last call from `input_ids`, whose first
+    `prompt_tokens` columns are the question. Put it first, before any warper.
+    """
+
+    def __init__(self, tokenizer, grammar: str, n_vocab: int, eos_ids: set[int], prompt_tokens: int):
+        llg = llguidance()
+        self.matcher = llg.LLMatcher(ll_tokenizer(tokenizer, n_vocab, eos_ids), grammar)
+        if self.matcher.is_error():
+            raise StructuredOutputError(f"the grammar could not be compiled: {self.matcher.get_error()}")
+        self.bits = np.full((n_vocab + 31) // 32, -1, dtype=np.int32)
+        self.prompt_tokens = prompt_tokens
+        self.consumed = prompt_tokens  # columns of input_ids already consumed
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.advance(input_ids[0, self.consumed :].tolist())
+        self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
+        allowed = np.unpackbits(self.bits.view(np.uint8), bitorder="little")[: scores.shape[-1]].view(bool)
+        if scores.is_cpu:  # numpy, single-threaded: a 2-thread torch op can stall (docs/structured-output.md)
+            scores.numpy()[0, ~allowed] = -np.inf
+        else:
+            scores.masked_fill_(~torch.from_numpy(allowed).to(scores.device), float("-inf"))
+        return scores
+
+    def advance(self, token_ids: list[int]) -> None:
+        for token in token_ids:
+            if not self.matcher.consume_token(token):
+                raise StructuredOutputError(f"token {token} broke the grammar: {self.matcher.get_error()}")
+        self.consumed += len(token_ids)
+
+    def finish(self, new_ids: list[int]) -> None:
+        """Check that the whole output (`new_ids`, every token after the question) is complete."""
+        self.advance(new_ids[self.consumed - self.prompt_tokens :])
+        if not self.matcher.is_accepting():
+            msg = (f"the token limit ({len(new_ids)} new tokens) ended the output before the grammar was complete; "
+                   "raise max_new_tokens")
+            raise StructuredOutputError(msg)
+
+
+# ---------------------------------------------------------------------- tools
+
+
+def check_tools(tools: Any) -> tuple[dict[str, Any], ...]:
+    """OpenAI-style tool dicts, each {"type": "function", "function": {"name", "description"?,
+    "parameters"?}}; ValueError otherwise."""
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise ValueError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}} dicts, got {tools!r:.80}")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"tool {i} must be {{'type': 'function', 'function': {{'name': str, ...}}}}, got {tool!r:.80}")
+        if not isinstance(function.get("parameters", {}), Mapping):
+            raise ValueError(f"tool {function['name']!r}: parameters must be a JSON schema object")
+    return tuple({"type": "function", "function": dict(t["function"])} for t in tools)
+
+
+def check_tool_choice(choice: Any, tools: Sequence[Mapping[str, Any]]) -> str:
+    """"auto", "none", "required" or a tool name, from any of the spellings LangChain, OpenAI and
+    LlamaIndex use: None/"auto", "none", "any"/"required"/True, a name, {"type": "function",
+    "function": {"name": ...}} or {"name": ...}; ValueError for anything else."""
+    if isinstance(choice, Mapping):
+        choice = (choice.get("function") or choice).get("name")
+    choice = {None: "auto", True: "required", "any": "required"}.get(choice, choice)
+    names = [t["function"]["name"] for t in tools]
+    if choice in CHOICES and (choice in ("auto", "none") or names):
+        return choice
+    if isinstance(choice, str) and choice in names:
+        return choice
+    raise ValueError(f"unknown tool_choice {choice!r}; use auto, none, any/required or one of the tools {names}")
+
+
+def tools_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The system text describing `tools` for a chat template that has no tool support (the
+    wording of Qwen2.5's template, so both kinds of model see the same format)."""
+    listing = "\n".join(json.dumps(t) for t in tools)
+    return (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{listing}\n</tools>\n\n"
+        "For each function call, return a json object with function name and arguments within "
+        f"{OPEN}{CLOSE} XML tags:\n{OPEN}\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n'
+        f"{CLOSE}"
+    )
+
+
+def format_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
+    """One call as the model writes it (for calls in a chat history)."""
+    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': dict(arguments)})}\n{CLOSE}"
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(text outside the blocks, valid calls, invalid calls) of an output. A valid call is
+    {"id": "call_<hex>", "name", "arguments": dict}; an invalid one (possible only in text decoded
+    without a tool grammar) keeps its raw text and the error."""
+    calls, invalid = [], []
+    for block in _BLOCK.findall(text):
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        try:
+            data = json.loads(block)
+            if not (isinstance(data, dict) and isinstance(data.get("name"), str)
+                    and isinstance(data.get("arguments", {}), dict)):
+                raise ValueError("expected {\"name\": str, \"arguments\": object}")
+            calls.append({"id": call_id, "name": data["name"], "arguments": data.get("arguments", {})})
+        except ValueError as err:
+            invalid.append({"id": call_id, "text": block, "error": str(err)})
+    return _BLOCK.sub("", text), calls, invalid
+
+
+def holdback(text: str) -> int:
+    """Characters at the end of `text` that may be the start of a tool-call marker: held back
+    while streaming until it is clear whether a call begins."""
+    start = text.rfind(OPEN[0], max(0, len(text) - len(OPEN) + 1))
+    return len(text) - start if start >= 0 and OPEN.startswith(text[start:]) else 0

@@ -1,0 +1,287 @@
+"""Grammar-constrained output (parallelcomp/grammar.py) through the engine and both wrappers.
+
+The tiny random model writes whatever its random weights favour, so every valid output below is
+the grammar's doing: a schema whose every field is bounded (ints with limits, enums, strings
+with maxLength, lists with maxItems) must come back valid for every seed. SmolLM2 runs the
+agent over a QueryEngineTool (and the LangChain standard tool/structured tests,
+test_langchain_standard.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel, Field
+
+from parallelcomp import InputError, ParallelComp, ParallelCompConfig, StructuredOutputError
+from parallelcomp.grammar import OPEN, parse_tool_calls, tool_grammar, tools_prompt
+from pc_integrations.common import CallError, ToolCallText
+
+from .conftest import tiny_model
+
+SEEDS = range(8)
+
+
+class Reading(BaseModel):
+    model_config = {"extra": "forbid"}
+    level: int = Field(ge=0, le=99)
+    colour: Literal["red", "green", "blue"]
+    ok: bool
+    label: str = Field(max_length=8)
+    tags: list[Literal["a", "b"]] = Field(max_length=3)
+
+
+SCHEMA = Reading.model_json_schema()
+LOOKUP = {"type": "function", "function": {
+    "name": "lookup", "description": "Look a section up.",
+    "parameters": {"type": "object", "properties": {"section": {"type": "integer", "minimum": 1, "maximum": 20}},
+                   "required": ["section"]}}}
+PING = {"type": "function", "function": {"name": "ping", "description": "Check the service.",
+                                         "parameters": {"type": "object", "properties": {}}}}
+DOCS = ["The licence steward is the Mozilla Foundation.", "Apache is a web server.", "Cats sleep a lot."]
+
+
+@pytest.fixture
+def engine(make_engine):
+    return make_engine(chunk_tokens=64)
+
+
+def test_json_schema_output_is_valid_for_every_seed(engine):
+    for seed in SEEDS:
+        out = engine.generate("Report the reading.", json_schema=SCHEMA, max_new_tokens=64, temperature=1.0, seed=seed)
+        Reading.model_validate_json(out.text)  # raises on any invalid output
+        assert out.stats.finish_reason == "stop"
+
+
+def test_json_schema_with_documents_and_greedy(engine):
+    out = engine.generate("Report the reading.", documents=DOCS, json_schema=SCHEMA, max_new_tokens=64)
+    Reading.model_validate_json(out.text)
+    assert out.stats.n_chunks >= 1
+
+
+@pytest.mark.parametrize("choice", ["required", "lookup", "ping"])
+def test_forced_tool_calls_parse_and_match_their_schema(engine, choice):
+    for seed in SEEDS[:6]:
+        out = engine.generate("Which section?", tools=[LOOKUP, PING], tool_choice=choice, max_new_tokens=48,
+                              temperature=1.0, seed=seed)
+        content, calls, invalid = parse_tool_calls(out.text)
+        assert content.strip() == "" and invalid == [] and len(calls) == 1
+        call = calls[0]
+        assert call["id"].startswith("call_") and (choice == "required" or call["name"] == choice)
+        if call["name"] == "lookup":
+            assert list(call["arguments"]) == ["section"] and 1 <= call["arguments"]["section"] <= 20
+        else:
+            assert call["arguments"] == {}
+
+
+def test_auto_and_none_modes(engine):
+    for seed in SEEDS[:4]:
+        out = engine.generate("Hello", tools=[LOOKUP], max_new_tokens=24, temperature=1.0, seed=seed)
+        content, calls, invalid = parse_tool_calls(out.text)
+        assert invalid == [] and (OPEN not in content)  # free text never opens a call it does not finish
+    # "none": the tools are described, but the output is text without a call
+    prompt = engine.prompt_parts("Hello", False, tools=[LOOKUP])
+    assert tools_prompt([LOOKUP]) in engine.tokenizer.decode(prompt.prefix_ids)
+    for seed in SEEDS[:4]:
+        free = engine.generate("Hello", tools=[LOOKUP], tool_choice="none", max_new_tokens=12, temperature=1.0,
+                               seed=seed)
+        assert OPEN not in free.text and free.stats.new_tokens >= 1
+
+
+def test_token_limit_before_the_grammar_completes_is_an_error(engine):
+    with pytest.raises(StructuredOutputError, match="raise max_new_tokens"):
+        engine.generate("Report the reading.", json_schema=SCHEMA, max_new_tokens=3)
+
+
+def test_bad_schema_and_tool_choice_are_typed_errors(engine):
+    with pytest.raises(InputError, match="json_schema"):
+        engine.generate("q", json_schema={"type": "no-such-type"})
+    with pytest.raises(InputError, match="json_schema must be a dict"):
+        engine.generate("q", json_schema="{}")
+    with pytest.raises(InputError, match="unknown tool_choice 'nope'"):
+        engine.generate("q", tools=[LOOKUP], tool_choice="nope")
+    with pytest.raises(InputError, match="unknown tool_choice 'required'"):
+        engine.generate("q", tool_choice="required")  # forcing a call with no tools
+    with pytest.raises(InputError, match="tool 0 must be"):
+        engine.generate("q", tools=[{"name": "x"}])
+    with pytest.raises(InputError, match="not both"):
+        engine.generate("q", tools=[LOOKUP], json_schema=SCHEMA)
+
+
+def test_added_marker_tokens_are_referenced_by_id(tokenizer):
+    """Qwen2.5 has <tool_call> as one added (non-special) token; llguidance treats added tokens
+    as special, so the grammar must name it by id (docs/structured-output.md's pitfall)."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    open_id = tok.convert_tokens_to_ids("<tool_call>")
+    assert f"<[{open_id}]>" in json.dumps(tool_grammar([LOOKUP], "required", tok))
+    engine = ParallelComp(tiny_model("qwen2", len(tok)), tok, ParallelCompConfig())
+    out = engine.generate("Which section?", tools=[LOOKUP], tool_choice="required", max_new_tokens=40)
+    assert out.token_ids[0] == open_id
+    assert parse_tool_calls(out.text)[1][0]["name"] == "lookup"
+
+
+def test_template_with_tools_renders_them_itself(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for t in tools %}TOOL {{ t['function']['name'] }}\n{% endfor %}"
+                         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    engine = ParallelComp(tiny_model("llama", len(tok)), tok, ParallelCompConfig())
+    prefix = tok.decode(engine.prompt_parts("Hi", False, tools=[LOOKUP]).prefix_ids)
+    assert prefix.startswith("TOOL lookup\n") and "# Tools" not in prefix
+
+
+def test_tool_call_text_holds_back_only_the_calls():
+    split = ToolCallText()
+    text = 'Sure. <tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>'
+    shown = "".join(split.feed(text[i : i + 3]) for i in range(0, len(text), 3))
+    rest, calls, invalid = split.finish()
+    assert shown == "Sure. " and rest == "" and [c["name"] for c in calls] == ["ping"] and invalid == []
+    split = ToolCallText()
+    assert split.feed("a <tool") == "a " and split.feed("box>") == "<toolbox>"
+
+
+# ---------------------------------------------------------------------- LangChain
+
+
+def test_langchain_tool_calls_invoke_and_stream_agree(engine):
+    from langchain_core.messages import HumanMessage
+
+    from pc_integrations.langchain import ChatParallelComp
+
+    chat = ChatParallelComp(engine=engine, max_tokens=48).bind_tools([LOOKUP], tool_choice="any")
+    message = chat.invoke([HumanMessage("Which section?")])
+    assert len(message.tool_calls) == 1 and message.tool_calls[0]["id"].startswith("call_")
+    merged = None
+    for chunk in chat.stream([HumanMessage("Which section?")]):
+        merged = chunk if merged is None else merged + chunk
+    streamed = merged.tool_calls
+    assert [(c["name"], c["args"]) for c in streamed] == [(c["name"], c["args"]) for c in message.tool_calls]
+    assert message.usage_metadata["output_tokens"] > 0
+
+
+@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
+def test_langchain_structured_output_every_seed(engine, method):
+    """(json_mode allows any JSON object, which random weights never close: SmolLM2 runs it in
+    the standard suite's test_json_mode.)"""
+    from pc_integrations.langchain import ChatParallelComp
+
+    for seed in SEEDS[:4]:
+        chat = ChatParallelComp(engine=engine, max_tokens=64, temperature=1.0, seed=seed)
+        assert isinstance(chat.with_structured_output(Reading, method=method).invoke("Report the reading."), Reading)
+    raw = chat.with_structured_output(SCHEMA, method=method, include_raw=True).invoke("Report the reading.")
+    assert raw["parsing_error"] is None and raw["raw"].usage_metadata
+
+
+def test_langchain_bad_tool_input_is_typed(engine):
+    from pc_integrations.langchain import ChatParallelComp
+
+    chat = ChatParallelComp(engine=engine)
+    with pytest.raises(InputError, match="unknown tool_choice 'nope'"):
+        chat.bind_tools([LOOKUP], tool_choice="nope")
+    with pytest.raises(InputError, match="method must be"):
+        chat.with_structured_output(Reading, method="xml")
+    with pytest.raises(InputError, match="json_schema"):
+        chat.with_structured_output({"title": "X", "type": "object", "properties": {"a": {"type": "no-such-type"}}},
+                                    method="json_schema")
+
+
+def test_langchain_agent_calls_a_tool(engine):
+    """`langchain.agents.create_agent` with ChatParallelComp as the model: the first model call
+    is forced to a tool (a tiny random model would not choose one), the tool runs, and its result
+    reaches the second model call through the prompt."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import wrap_model_call
+    from langchain_core.messages import ToolMessage
+    from langchain_core.tools import tool
+
+    from pc_integrations.langchain import ChatParallelComp
+
+    seen = []
+
+    @tool
+    def lookup(section: int = Field(ge=1, le=20)) -> str:
+        """Look a section of the licence up."""
+        seen.append(section)
+        return f"Section {section} names the Mozilla Foundation."
+
+    @wrap_model_call
+    def first_call_uses_a_tool(request, handler):
+        first = not any(isinstance(m, ToolMessage) for m in request.messages)
+        return handler(request.override(tool_choice="any") if first else request)
+
+    model = ChatParallelComp(engine=engine, max_tokens=48)
+    agent = create_agent(model, tools=[lookup], middleware=[first_call_uses_a_tool])
+    result = agent.invoke({"messages": [("user", "Who is the steward? Look it up.")]})
+    tool_messages = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert len(seen) == 1 and 1 <= seen[0] <= 20
+    assert tool_messages and "Mozilla Foundation" in tool_messages[0].content
+    assert result["messages"][-1].type == "ai"
+
+
+# ---------------------------------------------------------------------- LlamaIndex
+
+
+def test_llama_index_function_calling_and_structured_predict(engine):
+    from llama_index.core.prompts import PromptTemplate
+    from llama_index.core.tools import FunctionTool
+
+    from pc_integrations.llama_index import ParallelCompLLM
+
+    llm = ParallelCompLLM(engine, max_new_tokens=48)
+    assert llm.metadata.is_function_calling_model
+
+    def ping() -> str:
+        """Check the service."""
+        return "pong"
+
+    response = llm.chat_with_tools([FunctionTool.from_defaults(ping)], user_msg="Is it up?", tool_required=True)
+    calls = llm.get_tool_calls_from_response(response)
+    assert [(c.tool_name, c.tool_kwargs) for c in calls] == [("ping", {})] and calls[0].tool_id.startswith("call_")
+    for seed in SEEDS[:3]:
+        llm = ParallelCompLLM(engine, max_new_tokens=64, temperature=1.0, seed=seed)
+        reading = llm.structured_predict(Reading, PromptTemplate("Report the reading for {place}."), place="the lab")
+        assert isinstance(reading, Reading)
+    with pytest.raises(CallError, match="unknown tool_choice"):
+        llm.chat_with_tools([FunctionTool.from_defaults(ping)], user_msg="q", tool_choice="nope")
+
+
+@pytest.mark.slow
+def test_llama_index_function_agent_calls_a_query_engine_tool(smol_engine):
+    """A LlamaIndex `FunctionAgent` with the SmolLM2 `ParallelCompLLM`: its first step calls a
+    `QueryEngineTool` (forced by `initial_tool_choice`), whose query engine answers from the
+    corpus through the same engine. The run is stopped after that tool result: left to choose
+    (tool_choice "auto"), the 135M model calls the tool again rather than answer."""
+    import asyncio
+
+    from llama_index.core.agent.workflow import FunctionAgent, ToolCallResult
+    from llama_index.core.query_engine import CustomQueryEngine
+    from llama_index.core.tools import QueryEngineTool
+
+    from pc_integrations.llama_index import ParallelCompLLM
+
+    class CorpusQueryEngine(CustomQueryEngine):
+        def custom_query(self, query_str: str) -> str:
+            queries.append(query_str)
+            return smol_engine.generate(query_str, documents=DOCS, max_new_tokens=24).text
+
+    queries: list[str] = []
+    tool = QueryEngineTool.from_defaults(CorpusQueryEngine(), name="licences",
+                                         description="Answers questions about software licences.")
+    llm = ParallelCompLLM(smol_engine, max_new_tokens=96, repetition_penalty=1.05)  # as in test_langchain_standard
+    agent = FunctionAgent(tools=[tool], llm=llm, initial_tool_choice="licences")
+
+    async def first_tool_result():
+        handler = agent.run("Who is the steward of the Mozilla licence?")
+        async for event in handler.stream_events():
+            if isinstance(event, ToolCallResult):
+                await handler.cancel_run()
+                return event
+        await handler  # no tool result: raise the run's error
+
+    result = asyncio.run(first_tool_result())
+    assert len(queries) == 1 and queries[0].strip()
+    assert result.tool_name == "licences" and result.tool_output.content.strip()
