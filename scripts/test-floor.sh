@@ -20,4 +20,7 @@ if [[ "$(cat "$venv/.floor" 2>/dev/null)" != "$floor" ]]; then
 fi
 got=$("$venv/bin/python" -c "import transformers; print(transformers.__version__)")
 echo "test-floor: transformers $got (pin floor $floor)" >&2
-HF_HUB_OFFLINE=1 PYTHONPATH=core:. "$venv/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider tests
+# Skipped here, to keep CI short: the Ray tests (the same engine code behind actors) and LangChain's
+# standard suites (langchain-core's contract, not transformers'); both run in the main job.
+HF_HUB_OFFLINE=1 PYTHONPATH=core:. "$venv/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider tests \
+    --ignore=tests/test_distributed.py --ignore=tests/test_langchain_standard.py
