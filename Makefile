@@ -1,6 +1,6 @@
 # make setup  - create .venv and install everything (scripts/setup.sh; fast when nothing changed)
 # make ask    - answer QUESTION from the files in CORPUS with the embedded SmolLM2 model
-# make test   - run the test suite, then its fast part again on the lowest transformers we allow
+# make test   - run the test suite, then the core tests again on the lowest transformers we allow
 # Override either variable: make ask QUESTION="..." CORPUS="notes/ paper.txt"
 
 # Nine distinct licences that every Debian machine has: about 32K SmolLM2 tokens, four times the
