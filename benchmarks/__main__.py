@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from . import report  # noqa: E402
+from .ray_scaling import SETUPS  # noqa: E402
 from .tasks import TASKS  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -63,6 +64,7 @@ def main(argv=None) -> None:
     sc.add_argument("--out", default=str(DEFAULT_OUT / "prefill-scaling"))
     rs = sub.add_parser("ray-scaling", help="encode and question times with 1 and 2 Ray workers vs one process")
     rs.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536])
+    rs.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     rs.add_argument("--out", default=str(DEFAULT_OUT / "ray-scaling"))
     prof = sub.add_parser("profile", help="top CPU operators of a cold encode and of a reused question")
     prof.add_argument("--length", type=int, default=16384)
@@ -115,7 +117,7 @@ def main(argv=None) -> None:
     elif opts.command == "ray-scaling":
         from .ray_scaling import run as run_ray_scaling
 
-        print(run_ray_scaling(opts.lengths, Path(opts.out)))
+        print(run_ray_scaling(opts.lengths, opts.setups, Path(opts.out)))
     elif opts.command == "repeat-query":
         from .repeat_query import run as run_repeat_query
 

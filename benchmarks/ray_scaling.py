@@ -64,15 +64,18 @@ def worker(spec: dict) -> dict:
     return row
 
 
-def run(lengths: list[int], out: Path) -> Path:
+def run(lengths: list[int], setups: list[str], out: Path) -> Path:
+    """Measure `setups` at each of `lengths`; rows of other lengths already in `out` are kept."""
     from parallelcomp.default_model import embedded_model_dir
 
     model_dir = str(embedded_model_dir(progress=False))
-    results = {"machine": machine.describe("per machine (hardware.default_dtype)"), "config": CONFIG, "lengths": {}}
+    previous = out / "results.json"
+    results = json.loads(previous.read_text()) if previous.exists() else {"config": CONFIG, "lengths": {}}
+    results["machine"] = machine.describe("per machine (hardware.default_dtype)")
     for length in lengths:
         entry = {"load_before": os.getloadavg()[0]}
-        for name, workers in SETUPS.items():
-            entry[name] = _spawn({"model_dir": model_dir, "length": length, "workers": workers})
+        for name in setups:
+            entry[name] = _spawn({"model_dir": model_dir, "length": length, "workers": SETUPS[name]})
         entry["load_after"] = os.getloadavg()[0]
         results["lengths"][str(length)] = entry
         out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +101,7 @@ def table(results: dict) -> str:
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for length, entry in results["lengths"].items():
         base = entry["1 worker"]["encode_seconds"]
-        for name in SETUPS:
+        for name in [name for name in SETUPS if name in entry]:
             r = entry[name]
             q1, q2 = r["questions"]
             split = ", ".join(f"{q2['worker_chunks'][w]} ({q2['worker_seconds'][w]})" for w in sorted(q2["worker_chunks"]))
