@@ -23,6 +23,15 @@ Routing (`route`), in this order; `generation_info(...)["split"]` reports which 
    "tail"      - the longest run of trailing tokens within the budget.
    A trailing answer cue on its own line (`Answer:`, `Response:`, `Assistant:`, ...) is dropped
    from the question; everything before the question is the corpus, chunked like documents.
+
+Before these rules, a chat history that leaves no room in the window is fitted: while the prompt
+prefix (template, instruction, tool descriptions and history) and `max_new_tokens` take more than
+half the window, the longest history message leaves the history and becomes one more corpus
+document (metadata: its role and index). This is how a stuffed system message, as in LangChain's
+`create_stuff_documents_chain` with `("system", "...{context}"), ("human", "{input}")`, or a long
+tool result reaches the model: chunked, scored and evicted like any document. `split` then lists
+the moved messages' indices under "moved_messages" (rule "history" when the last turn is a plain
+question).
 """
 
 from __future__ import annotations
@@ -230,6 +239,8 @@ class Route:
     question: str
     sources: list[SourceDocument] | None
     split: dict[str, Any]
+    history: list[dict[str, str]]
+    """The chat history left in the prompt prefix (moved messages removed)."""
 
 
 def route(
@@ -243,32 +254,53 @@ def route(
     """The one routing rule for every wrapper call (module docstring). `history`: the chat
     messages before the prompt's turn, and `tools` (their description): both sit in the prompt
     prefix."""
-    parts = functools.partial(engine.prompt_parts, history=history or [], tools=tools)
     if not isinstance(prompt, str):
         raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
+    history, moved = _fit_history(engine, history or [], tools, max_new_tokens)
+    parts = functools.partial(engine.prompt_parts, history=history, tools=tools)
+
+    def done(question: str, sources: list[SourceDocument] | None, rule: str) -> Route:
+        sources = [*(sources or []), *moved] or None
+        split = {"rule": "history" if moved and rule == "question" else rule, "question_chars": len(question),
+                 "context_chars": sum(len(s.text) for s in sources or [])}
+        if moved:
+            split["moved_messages"] = [s.metadata["message"] for s in moved]
+        return Route(question, sources, split, history)
+
     if documents is not None:
         if CONTEXT_MARKER in prompt:
             msg = f"the prompt contains {CONTEXT_MARKER!r} and documents= was given: pass the context one way only"
             raise InputError(msg)
-        return _route(prompt, normalize_documents(documents), "documents")
+        return done(prompt, normalize_documents(documents), "documents")
     if CONTEXT_MARKER in prompt:
         context, question = prompt.rsplit(CONTEXT_MARKER, 1)
-        return _route(question.strip(), [SourceDocument(context)] if context.strip() else None, "marker")
+        return done(question.strip(), [SourceDocument(context)] if context.strip() else None, "marker")
     alone = parts(prompt, False)
     if not prompt.strip() or fits_window(engine.window, len(alone.prefix_ids), len(alone.question_ids), max_new_tokens):
-        return _route(prompt, None, "question")
+        return done(prompt, None, "question")
     limit = _question_budget(engine, parts("?", True), max_new_tokens)
     overhead = len(parts("?", True).question_ids)
     for rule, end, start in _question_starts(engine, prompt, limit - overhead):
         question, context = _strip_cue(prompt[start:]).strip(), prompt[:end]
         if question and context.strip() and len(parts(question, True).question_ids) <= limit:
-            return _route(question, [SourceDocument(context)], rule)
+            return done(question, [SourceDocument(context)], rule)
     raise InputError(f"no question of at most {limit} tokens could be found at the end of the prompt")
 
 
-def _route(question: str, sources: list[SourceDocument] | None, rule: str) -> Route:
-    split = {"rule": rule, "question_chars": len(question), "context_chars": sum(len(s.text) for s in sources or [])}
-    return Route(question, sources, split)
+def _fit_history(engine: ParallelComp, history: list[dict[str, str]], tools, max_new_tokens: int
+                 ) -> tuple[list[dict[str, str]], list[SourceDocument]]:
+    """(history left in the prefix, moved messages as documents): the longest messages move to
+    the corpus while the prefix and `max_new_tokens` take more than half the window."""
+    kept = dict(enumerate(history))
+    moved = []
+    while kept:
+        prefix = engine.prompt_parts("?", True, history=list(kept.values()), tools=tools).prefix_ids
+        if len(prefix) + max_new_tokens <= engine.window // 2:
+            break
+        i = max(kept, key=lambda j: len(kept[j]["content"]))
+        message = kept.pop(i)
+        moved.append(SourceDocument(message["content"], {"role": message["role"], "message": i}))
+    return list(kept.values()), sorted(moved, key=lambda s: s.metadata["message"])
 
 
 def _question_budget(engine: ParallelComp, parts: PromptParts, reserve: int) -> int:
@@ -310,13 +342,13 @@ class Run:
 
     def __init__(self, engine: ParallelComp, prompt: Any, kwargs: Mapping[str, Any], defaults: Mapping[str, Any]):
         settings, options = call_settings(defaults, kwargs)
-        history = options["history"]
-        self.route = route(engine, prompt, options["documents"], settings["max_new_tokens"], history,
+        self.route = route(engine, prompt, options["documents"], settings["max_new_tokens"], options["history"],
                            settings["tools"])
         texts = None if self.route.sources is None else [s.text for s in self.route.sources]
         self.timeout = options["timeout"]
         self.started = time.monotonic()
-        self.stream: TextStream = engine.stream(self.route.question, documents=texts, history=history, **settings)
+        self.stream: TextStream = engine.stream(self.route.question, documents=texts, history=self.route.history,
+                                                **settings)
 
     def deltas(self) -> Iterator[str]:
         try:
@@ -355,7 +387,8 @@ def generation_info(output: GenerationOutput, sources: list[SourceDocument] | No
     if sources is not None:
         info["sources"] = attribution(output, sources)
         info["chunks"] = [
-            {"index": c.index, "documents": list(c.documents), "n_tokens": c.n_tokens, "score": c.score, "kept": c.kept}
+            {"index": c.index, "documents": list(c.documents), "spans": [[s.document, s.start, s.end] for s in c.spans],
+             "n_tokens": c.n_tokens, "score": c.score, "kept": c.kept}
             for c in output.chunks
         ]
     return info

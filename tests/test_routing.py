@@ -9,6 +9,8 @@ import asyncio
 
 import pytest
 import torch
+from langchain_classic.chains.combine_documents import create_stuff_documents_chain
+from langchain_core.documents import Document
 from langchain_core.prompts import ChatPromptTemplate
 from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT, DEFAULT_TREE_SUMMARIZE_PROMPT
 from llama_index.core.response_synthesizers import get_response_synthesizer
@@ -102,6 +104,33 @@ def test_langchain_stuffed_prompt_equals_engine_on_the_split(engine):
     chat = ChatParallelComp(llm=llm)
     message = chat.invoke(f"{CORPUS}\n\nQuestion: {QUESTION}")
     assert message.response_metadata["split"]["rule"] == "label" and message.usage_metadata["output_tokens"] > 0
+
+
+def test_stuffed_system_message_moves_into_the_corpus(engine):
+    """LangChain's RAG tutorial: `create_stuff_documents_chain` with the documents stuffed into a
+    system message and the question as the human turn."""
+    chat = ChatParallelComp(engine=engine, max_tokens=N)
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", "Answer from this context:\n\n{context}"), ("human", "Hi"), ("ai", "Hello!"), ("human", "{input}")]
+    )
+    docs = [Document(page_content=p) for p in CORPUS.split("\n\n")]
+    answer = create_stuff_documents_chain(chat, prompt).invoke({"context": docs, "input": QUESTION})
+    message = chat.invoke(prompt.invoke({"context": CORPUS, "input": QUESTION}))
+    system = f"Answer from this context:\n\n{CORPUS}"
+    assert message.response_metadata["split"] == {
+        "rule": "history", "question_chars": len(QUESTION), "context_chars": len(system), "moved_messages": [0]}
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    direct = engine.generate(QUESTION, documents=[system], history=history, max_new_tokens=N)
+    assert answer == message.content == direct.text
+    assert [c["kept"] for c in message.response_metadata["chunks"]] == [c.kept for c in direct.chunks]
+    # the longest messages move first, only while the prefix takes more than half the window
+    two = [{"role": "system", "content": system}, {"role": "user", "content": CORPUS[:3000]}, *history]
+    routed = route(engine, QUESTION, max_new_tokens=N, history=two)
+    assert routed.split["moved_messages"] == [0, 1] and routed.history == history
+    assert [(s.text, s.metadata) for s in routed.sources] == [
+        (system, {"role": "system", "message": 0}), (CORPUS[:3000], {"role": "user", "message": 1})]
+    assert route(engine, QUESTION, documents=FACTS, history=two).split["rule"] == "documents"
+    assert route(engine, QUESTION, history=history).history == history  # short histories stay
 
 
 def _nodes():

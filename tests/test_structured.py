@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig, StructuredOutputError
-from parallelcomp.grammar import OPEN, parse_tool_calls, tool_grammar, tools_prompt
+from parallelcomp.grammar import OPEN, ll_tokenizer, llguidance, parse_tool_calls, tool_grammar, tools_prompt
 from pc_integrations.common import CallError, ToolCallText
 
 from .conftest import tiny_model
@@ -89,6 +89,29 @@ def test_auto_and_none_modes(engine):
         free = engine.generate("Hello", tools=[LOOKUP], tool_choice="none", max_new_tokens=12, temperature=1.0,
                                seed=seed)
         assert OPEN not in free.text and free.stats.new_tokens >= 1
+
+
+@pytest.mark.parametrize("marker", ["text", "added token"])
+def test_tool_grammars_accept_exactly_text_then_calls(tokenizer, marker):
+    """The grammars themselves, string by string: free text may precede calls in "auto" (its
+    lexeme ends at the marker), and no free text holds the marker's stem (SmolLM2 under "none"
+    once wrote `<tool_call id=...>`)."""
+    tok = copy.deepcopy(tokenizer)
+    if marker == "added token":
+        tok.add_tokens([OPEN, "</tool_call>"])
+    call = '<tool_call>\n{"name": "lookup", "arguments": {"section": 3}}\n</tool_call>'
+
+    def accepts(choice: str, text: str) -> bool:
+        matcher = llguidance().LLMatcher(ll_tokenizer(tok, len(tok), {tok.eos_token_id}), tool_grammar([LOOKUP], choice, tok))
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+    for choice in ("auto", "none"):
+        assert accepts(choice, "Section 3 covers it.")
+        assert not accepts(choice, 'Let me see. <tool_call id="1">{}')
+    assert accepts("auto", f"Let me look.\n{call}") and accepts("auto", f"{call}\n{call}")
+    assert not accepts("auto", f"{call} and more text") and not accepts("none", call)
+    assert accepts("required", call) and not accepts("required", f"Sure.\n{call}")
 
 
 def test_token_limit_before_the_grammar_completes_is_an_error(engine):

@@ -18,14 +18,14 @@ for the others (SmolLM2) `tools_prompt` writes the same description into a syste
 referenced by id, since llguidance treats every added token as special.
 
 Grammars per `tool_choice`:
-    "auto"      free text without the marker, then zero or more calls
+    "auto"      free text without the marker (nor its stem `<tool_call`), then zero or more calls
     "required"  exactly one call, of any of the tools, and nothing else
     a tool name exactly one call of that tool
+    "none"      free text without the marker's stem: no call (the tools are still described in the
+                prompt, and a model that saw calls in the history would otherwise write one)
 
 Forced modes allow one call: given the chance, SmolLM2-135M repeats a call until the token limit
 runs out. An agent calls again on its next turn.
-    "none"      free text without the marker: no call (the tools are still described in the
-                prompt, and a model that saw calls in the history would otherwise write one)
 
 JSON is written with fixed separators (", " and ": ", as `json.dumps` writes it, as in the
 prompt's example) and no other whitespace: a small model given free whitespace pads its output
@@ -84,16 +84,22 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer) -> 
     named = [t for t in tools if t["function"]["name"] == choice] if choice not in CHOICES else list(tools)
     body = {"anyOf": [_call_schema(t["function"]) for t in named], "x-guidance": _JSON_STYLE}
     open_, close = (_marker(tokenizer, m) for m in (OPEN, CLOSE))
+    # free text never contains the marker's stem: SmolLM2 told "none" after a call in its history
+    # wrote `<tool_call id=...>` blocks, which excluding the exact marker let through
+    free = f"/(?s:.)*/ & ~/(?s:.*{re.escape(OPEN[:-1])}.*)/"
     rules = [
-        f'call: {open_} "\\n" body "\\n" {close}',
+        f"call: {open_} rest",
+        f'rest: "\\n" body "\\n" {close}',
         f"body: %json {json.dumps(body)}",
     ]
-    # free text that never contains the marker
-    text = "/(?s:.)+/" if open_.startswith("<[") else f"/(?s:.)+/ & ~/(?s:.*{re.escape(OPEN)}.*)/"
     if choice == "none":
-        rules = ["start: TEXT", f"TEXT: {text}"]
+        rules = ["start: TEXT", f"TEXT: {free} & /(?s:.)+/"]
     elif choice == "auto":  # text, then zero or more calls
-        rules = ['start: TEXT | TEXT? calls', 'calls: call ("\\n" call)*', f"TEXT: {text}", *rules]
+        # A greedy text lexeme would run on into a text marker and never end, so the text before
+        # the first call ends at the marker: a lazy lexeme (llguidance's StructTag idiom). A
+        # special-token marker is never text, so there the text simply stops before it.
+        lead = f"lead: TEXT? {open_}" if open_.startswith("<[") else f"lead[lazy]: FREE {open_}"
+        rules = ['start: TEXT | lead rest ("\\n" call)*', lead, f"FREE: {free}", "TEXT: FREE & /(?s:.)+/", *rules]
     else:
         rules = ["start: call", *rules]
     llg = llguidance()
