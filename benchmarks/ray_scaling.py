@@ -69,9 +69,7 @@ def run(lengths: list[int], setups: list[str], out: Path) -> Path:
     from parallelcomp.default_model import embedded_model_dir
 
     model_dir = str(embedded_model_dir(progress=False))
-    previous = out / "results.json"
-    results = json.loads(previous.read_text()) if previous.exists() else {"config": CONFIG, "lengths": {}}
-    results["machine"] = machine.describe("per machine (hardware.default_dtype)")
+    results = machine.per_length_results(out, "per machine (hardware.default_dtype)", CONFIG)
     for length in lengths:
         entry = {"load_before": os.getloadavg()[0]}
         for name in setups:

@@ -79,6 +79,7 @@ def worker(spec: dict) -> dict:
 
 
 def run(lengths: list[int], out: Path) -> Path:
+    """Measure each of `lengths`; rows of other lengths already in `out` are kept."""
     from parallelcomp.default_model import embedded_model_dir
 
     model_dir = str(embedded_model_dir(progress=False))
@@ -87,7 +88,7 @@ def run(lengths: list[int], out: Path) -> Path:
     from parallelcomp.hardware import default_dtype, measure_gflops
 
     dtype = default_dtype(torch.device("cpu"))
-    results = {"machine": machine.describe(str(dtype)), "config": CONFIG, "lengths": {}}
+    results = machine.per_length_results(out, str(dtype), CONFIG)
     for length in lengths:
         with tempfile.TemporaryDirectory(prefix="pc-store-") as store:
             load = os.getloadavg()[0]
