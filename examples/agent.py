@@ -5,9 +5,12 @@ The agent is `langchain.agents.create_agent` with `ChatParallelComp` as its mode
 (~32K SmolLM2 tokens, four times the model's trained window): the corpus is encoded once
 (`engine.encode`), and every tool call prefills only its question over the stored chunk KV,
 keeps the best chunk and answers from it. Tool calls are grammar-constrained, so they always
-parse. A 135M model does not pick its turns well: left to choose, it calls the tool again after
-every result. So a `wrap_model_call` middleware sets the turns: `tool_choice="any"` (one forced
-call) until a tool result is in the history, then `"none"` (answer in text).
+parse. A 135M model does not pick its turns well, so the agent is set up as small models need:
+a `wrap_model_call` middleware forces one call (`tool_choice="any"`; left to choose, SmolLM2
+answers without looking anything up), and the tool is `return_direct`, so its answer ends the
+run. Asked for a text answer after the tool result (`tool_choice="none"`), SmolLM2-135M imitates
+the call in its history instead (it wrote `<tool_call id=...>` blocks, and `<tool_check>` blocks
+once the grammar excluded those); a stronger model (`--model`) can be given that last turn.
 
     pip install "parallelcomp[langchain]" "langchain>=1.5,<2"
     python examples/agent.py                                     # offline, a few minutes on 2 cores
@@ -25,7 +28,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from langchain.agents import create_agent  # noqa: E402
 from langchain.agents.middleware import wrap_model_call  # noqa: E402
-from langchain_core.messages import ToolMessage  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
 
 from parallelcomp import ParallelComp, ParallelCompConfig  # noqa: E402
@@ -37,10 +39,9 @@ QUESTION = "Who is the license steward of the Mozilla Public License 2.0?"
 
 
 @wrap_model_call
-def look_up_then_answer(request, handler):
-    """One forced tool call until the agent has a tool result; then an answer in text."""
-    looked_up = any(isinstance(m, ToolMessage) for m in request.messages)
-    return handler(request.override(tool_choice="none" if looked_up else "any"))
+def look_it_up(request, handler):
+    """The model's turn is one forced tool call."""
+    return handler(request.override(tool_choice="any"))
 
 
 def main() -> None:
@@ -57,7 +58,7 @@ def main() -> None:
     print(f"corpus: {len(texts)} files, {corpus.n_tokens:,} tokens in "
           f"{len(corpus.chunks)} chunks, encoded in {corpus.encode_seconds:.0f} s")
 
-    @tool
+    @tool(return_direct=True)
     def search_licences(question: str) -> str:
         """Answer a question from the full text of nine software licences."""
         out = engine.generate(question, corpus=corpus, max_new_tokens=48)
@@ -66,9 +67,9 @@ def main() -> None:
         return out.text
 
     model = ChatParallelComp(engine=engine, max_tokens=96)
-    agent = create_agent(model, tools=[search_licences], middleware=[look_up_then_answer],
+    agent = create_agent(model, tools=[search_licences], middleware=[look_it_up],
                          system_prompt="Answer questions about software licences. Use search_licences to look "
-                                       "facts up, then answer in one sentence.")
+                                       "facts up.")
     result = agent.invoke({"messages": [("user", args.question)]})
     for message in result["messages"]:
         calls = getattr(message, "tool_calls", None)
