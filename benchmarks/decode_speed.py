@@ -2,13 +2,14 @@
 
     python -m benchmarks decode [--kv-tokens 8192 24576 98304] [--tokens 6 4 3] [--threads N]
 
-The embedded SmolLM2-135M in bf16 decodes one token at a time over a merged KV of each size,
+The embedded SmolLM2-135M, in this machine's default dtype (`hardware.default_dtype`: bf16 where
+the CPU has native bf16, fp32 otherwise), decodes one token at a time over a merged KV of each size,
 three ways in the same process: the old path (a DynamicCache, whose `update` concatenates, and
 transformers' sdpa, which calls SDPA with `enable_gqa=True` when there is no mask), the
 preallocated cache alone (`kv.decode_cache`), and the new path (preallocated cache plus packed
 one-query attention, `attention.packed_decode`), as `decode.generate_tokens` runs it.
 
-The merged KV is random (normal, bf16) of the real shape: timing depends only on shapes, and
+The merged KV is random (normal, the model's dtype) of the real shape: timing depends only on shapes, and
 random KV avoids minutes of prefill per size. The bound is the time to read every weight and
 the whole KV once per token at the read bandwidth measured just before (a large fp32 `sum`, in
 CPU time, same thread count). Writes `decode_speed.json` and `decode_speed.md` under
@@ -85,8 +86,9 @@ def run(kv_sizes: list[int], tokens: list[int], threads: int | None, out: Path) 
     load_before = os.getloadavg()
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     started = time.perf_counter()
-    engine = ParallelComp.from_pretrained(None, dtype=torch.bfloat16)
+    engine = ParallelComp.from_pretrained(None)
     model = engine.model
+    dtype = str(model.dtype).removeprefix("torch.")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = read_bandwidth()
     rows = []
@@ -102,7 +104,7 @@ def run(kv_sizes: list[int], tokens: list[int], threads: int | None, out: Path) 
         rows.append(row)
         del kv
     result = {
-        "machine": describe("bfloat16"),
+        "machine": describe(dtype),
         "model": DEFAULT_MODEL,
         "weight_bytes": weight_bytes,
         "read_bandwidth_gb_s": bandwidth / 1e9,
@@ -124,7 +126,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Decode speed over a merged KV",
         "",
-        f"SmolLM2-135M-Instruct, bf16, {m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}, "
+        f"SmolLM2-135M-Instruct, {m['dtype']}, {m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}, "
         f"transformers {m['transformers']}. Random KV of the real shape (timing depends only on shapes). "
         "tok/s = 1 / median wall seconds per one-token step (after one warm-up step); per CPU-s = 1 / median "
         "CPU seconds of this process per step (with one thread: the speed while scheduled, which a loaded "
@@ -136,7 +138,7 @@ def markdown(result: dict) -> str:
         f"({result['wall_seconds']:.0f} s run).",
         "",
         "Greedy tokens over random KV: the preallocated cache reproduces the old path bit for bit; packed "
-        "attention rounds in another order in bf16, so over junk context (near-tied logits) the tokens may part "
+        "attention rounds in another order, so over junk context (near-tied logits) the tokens may part "
         "after a few steps. Exactness is the tests' job (tests/test_decode.py, fp32).",
         "",
         "| KV tokens | KV MiB | old tok/s | preallocated only | new tok/s | new / old | bound tok/s "
