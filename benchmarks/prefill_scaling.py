@@ -58,15 +58,19 @@ def worker(spec: dict) -> dict:
 
 
 def run(lengths: list[int], stores: list[str], out: Path) -> Path:
+    """Measure every (length, store); rows of other pairs already in `out` are kept."""
     from parallelcomp.default_model import embedded_model_dir
 
     model_dir = str(embedded_model_dir(progress=False))
-    rows = []
+    previous = out / "results.json"
+    rows = json.loads(previous.read_text())["rows"] if previous.exists() else []
     for length in lengths:
         for store in stores:
-            rows.append(spawn("prefill_scaling", {"model_dir": model_dir, "length": length, "store": store}))
+            row = spawn("prefill_scaling", {"model_dir": model_dir, "length": length, "store": store})
+            rows = sorted([r for r in rows if (r["length"], r["store"]) != (length, store)] + [row],
+                          key=lambda r: (r["length"], r["store"]))
             out.mkdir(parents=True, exist_ok=True)
-            results = {"machine": machine.describe(rows[0]["dtype"]), "config": CONFIG, "rows": rows}
+            results = {"machine": machine.describe(row["dtype"]), "config": CONFIG, "rows": rows}
             (out / "results.json").write_text(json.dumps(results, indent=1))
             (out / "results.md").write_text(table(rows))
     return out / "results.md"
