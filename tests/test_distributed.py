@@ -30,7 +30,7 @@ from .test_core import text
 
 ray = pytest.importorskip("ray")
 
-from parallelcomp.distributed import RayParallelComp  # noqa: E402
+from parallelcomp.distributed import RayParallelComp, placement  # noqa: E402
 from parallelcomp.distributed.engine import _runtime_env  # noqa: E402
 
 QUESTIONS = ["Where is the copper garden?", "Which river runs past the stone?"]
@@ -136,7 +136,9 @@ def test_generate_and_score_equal_the_single_process_engine(family, ray_engines,
         want = ref.generate(question, documents=DOCS, max_new_tokens=12)
         assert_same(got, want)
         assert len(set(want.token_ids)) > 1, "degenerate output makes this comparison weak"
-        assert got.stats.workers == 2 and sum(got.stats.worker_chunks.values()) == len(DOCS)
+        # each chunk was scored by its owner under rendezvous hashing (not necessarily both workers)
+        plan = placement.assign(dict(enumerate(ref.encode(DOCS).keys)), ["worker-0", "worker-1"])
+        assert got.stats.worker_chunks == {name: len(indices) for name, indices in plan.items()}
         assert want.stats.workers == 0 and want.stats.transfer_bytes == 0
     target = "The copper garden lies north of the river stone."
     got, want = ours.score(target, documents=DOCS), ref.score(target, documents=DOCS)
@@ -159,7 +161,10 @@ def test_a_corpus_stays_on_its_workers_and_only_kept_kv_moves(ray_engines):
         # what moved is the kept chunks' compressed KV: the merged KV less the driver's own prefix
         per_token = s.kv_bytes // s.kv_tokens
         assert s.transfer_bytes == per_token * (s.kv_tokens - s.prefix_tokens) > 0
-    assert placements[0] == placements[1] and all(placements[0].values()) and len(placements[0]) == 2
+    assert placements[0] == placements[1] and all(placements[0].values())
+    # both workers hold chunks: the keys (tiny model seed 0, identity without the model's path)
+    # are the same in every run, so this is deterministic, not luck per run
+    assert len(placements[0]) == 2
     assert ours.store.bytes_held == 0  # the driver holds no chunk KV
 
 

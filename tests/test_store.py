@@ -138,6 +138,17 @@ def test_disk_tier_serves_a_fresh_engine_and_misses_for_another_model_dtype_temp
         assert out.stats.n_chunks > same, name
 
 
+def test_the_key_does_not_depend_on_where_the_model_lives(tokenizer, tmp_path):
+    model = tiny_model("llama", len(tokenizer))
+    keys = []
+    for place in ("a", "b/c"):
+        model.save_pretrained(tmp_path / place)
+        tokenizer.save_pretrained(tmp_path / place)
+        keys.append(ParallelComp.from_pretrained(tmp_path / place, ParallelCompConfig(**BASE), dtype="float32")
+                    .encode(DOCS).keys)
+    assert keys[0] == keys[1]
+
+
 def _flip(path: Path, where: float) -> None:
     data = bytearray(path.read_bytes())
     at = int(len(data) * where)

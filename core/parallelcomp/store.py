@@ -69,7 +69,10 @@ def model_identity(model) -> dict:
             sample = flat[:: max(1, flat.numel() // 65536)].float().cpu().contiguous()
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(sample.numpy().tobytes())
-    cfg = model.config.to_dict()
+    # Not the directory the model was loaded from (`_name_or_path`), nor the transformers version
+    # that saved it: a moved checkpoint keeps its stored KV, and placement by key on Ray workers
+    # does not depend on a path.
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     return {
         "format": FORMAT,
         "config": json.dumps(cfg, sort_keys=True, default=str),
