@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 import psutil
 import torch
@@ -39,9 +41,6 @@ def describe(dtype: str) -> dict:
 def per_length_results(out, dtype: str, config: dict) -> dict:
     """`out/results.json` to add rows to (rows of lengths not measured again are kept), or a new
     one; its machine record is this machine's."""
-    import json
-    from pathlib import Path
-
     previous = Path(out) / "results.json"
     results = json.loads(previous.read_text()) if previous.exists() else {"config": config, "lengths": {}}
     results["machine"] = describe(dtype)

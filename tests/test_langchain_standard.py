@@ -116,8 +116,9 @@ class TestChatParallelCompTools(_Standard, ChatModelIntegrationTests):
             pytest.skip("does not depend on what the model writes: runs on the tiny model in "
                         "TestChatParallelCompIntegration")
         if request.node.originalname in FULL_ONLY and os.environ.get("PARALLELCOMP_STANDARD_FULL") != "1":
-            pytest.skip("SmolLM2 run of a repeated variant or an expected failure: set PARALLELCOMP_STANDARD_FULL=1 "
-                        "(FULL_ONLY in tests/test_langchain_standard.py)")
+            pytest.skip("1-5 min with SmolLM2 on a 2-core CPU, and either a variant (async, pydantic v1, optional "
+                        "field, few-shot, JSON mode) of a content test that does run here, or an expected failure "
+                        "of the 135M model (xfail below): set PARALLELCOMP_STANDARD_FULL=1 to run it")
 
     @property
     def chat_model_params(self) -> dict:
