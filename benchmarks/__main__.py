@@ -44,6 +44,9 @@ def main(argv=None) -> None:
     run.add_argument("--inline", action="store_true",
                      help="run cells in this process (fast smoke tests; peak RSS is then shared)")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    run.add_argument("--kv-store", default=None, metavar="DIR",
+                     help="disk tier of the chunk KV store shared by the cells (exact reuse: "
+                          "scores are unchanged, times fall where haystacks repeat)")
     run.add_argument("--kvpress-ratio", type=float, default=0.5,
                      help="SnapKVPress compression_ratio (fraction of the KV removed)")
     run.add_argument("--kvpress-venv", default=str(Path(__file__).resolve().parent / ".kvpress-venv"))

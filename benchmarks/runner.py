@@ -176,6 +176,7 @@ class CellRun:
         else:
             python, module = sys.executable, "benchmarks.worker"
             spec["samples"] = [s.to_dict() for s in self.samples]
+            spec["kv_store_dir"] = self.opts.kv_store
             env["PYTHONPATH"] = os.pathsep.join([str(REPO / "core"), str(REPO)])
         if self.opts.inline and self.cell.method != "kvpress":
             records: list[dict] = []

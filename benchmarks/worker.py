@@ -48,10 +48,29 @@ def preset_config(preset: str, **extra) -> ParallelCompConfig:
     return ParallelCompConfig.preset(name, **overrides, **extra)
 
 
+_ENGINES: dict[tuple, ParallelComp] = {}
+
+
+def engine(model, tokenizer, preset: str, instruction: str, kv_store_dir: str | None) -> ParallelComp:
+    """One engine per cell and instruction, as a user keeps one: its chunk store serves every
+    sample, so a haystack shared by samples (passkey filler, the essays before a needle) is
+    encoded once. Reuse is exact (tests/test_store.py), so scores do not depend on it; times do,
+    and each record says how many chunks were reused. `kv_store_dir` adds a disk tier shared by
+    the grid's cells (`--kv-store`)."""
+    key = (id(model), preset, instruction, kv_store_dir)
+    if any(k[0] != key[0] for k in _ENGINES):  # `--inline` moved on to another model
+        _ENGINES.clear()
+    if key not in _ENGINES:
+        overrides = {"instruction": instruction} if instruction else {}
+        if kv_store_dir:
+            overrides["kv_store_dir"] = kv_store_dir
+        _ENGINES[key] = ParallelComp(model, tokenizer, preset_config(preset, **overrides))
+    return _ENGINES[key]
+
+
 def run_parallelcomp(spec: dict, model, tokenizer, sample: Sample) -> dict:
     preset = spec["method"].split(":", 1)[1]
-    overrides = {"instruction": sample.instruction} if sample.instruction else {}
-    pc = ParallelComp(model, tokenizer, preset_config(preset, **overrides))
+    pc = engine(model, tokenizer, preset, sample.instruction, spec.get("kv_store_dir"))
     if sample.task == "ppl":
         out = pc.score(sample.target, context=sample.context)
         rec = {"nll": out.nll, "n_target": out.n_tokens}
@@ -65,7 +84,7 @@ def run_parallelcomp(spec: dict, model, tokenizer, sample: Sample) -> dict:
                   "prefill_seconds": st.prefill_seconds, "decode_seconds": st.decode_seconds,
                   "first_token_seconds": st.first_token_seconds,
                   "new_tokens": st.new_tokens, "kv_tokens": st.kv_tokens, "kv_bytes": st.kv_bytes,
-                  "n_chunks": st.n_chunks, "n_kept": st.n_kept}
+                  "n_chunks": st.n_chunks, "n_kept": st.n_kept, "reused_chunks": st.reused_chunks}
 
 
 def run_baseline(spec: dict, model, tokenizer, sample: Sample) -> dict:

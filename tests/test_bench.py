@@ -156,6 +156,32 @@ def test_more_samples_only_runs_the_missing_ones(tiny_dir, tmp_path):
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 2
 
 
+def test_samples_of_a_cell_share_one_chunk_store(tiny_dir, tmp_path):
+    """Passkey filler repeats, so later samples reuse chunks from earlier ones (and from the disk
+    tier given by --kv-store); every answer equals a fresh engine's."""
+    from benchmarks import worker
+
+    worker._ENGINES.clear()
+    out, store = tmp_path / "results", tmp_path / "store"
+    method = "parallelcomp:paper-retrieval,chunk_tokens=64"
+    bench_main(["run", "--inline", "--models", str(tiny_dir), "--tasks", "passkey",
+                "--methods", "parallelcomp", "--presets", method.split(":", 1)[1],
+                "--lengths", "700", "--samples", "3", "--max-new-tokens", "3",
+                "--kv-store", str(store), "--out", str(out)])
+    (cell,) = json.loads((out / "results.json").read_text())["cells"].values()
+    recs = cell["samples"]
+    assert all(r["reused_chunks"] >= r["n_chunks"] - 2 for r in recs[1:])  # only the needle's chunks are new
+    assert list(store.rglob("*.safetensors"))
+
+    model, tokenizer = worker.load(str(tiny_dir), "float32")
+    spec = {"method": method, "max_new_tokens": 3}
+    for i, (raw, rec) in enumerate(zip(make_samples("passkey", tokenizer, 700, 3), recs)):
+        worker._ENGINES.clear()
+        fresh = worker.run_parallelcomp(spec, model, tokenizer, raw)  # repeats within the sample only
+        assert fresh["reused_chunks"] == rec["reused_chunks"] if i == 0 else fresh["reused_chunks"] < rec["reused_chunks"]
+        assert (fresh["output"], fresh["gold_kept"]) == (rec["output"], rec["gold_kept"])
+
+
 def test_preset_overrides_parse_and_fail_loudly():
     from benchmarks.worker import preset_config
     from parallelcomp import ConfigError

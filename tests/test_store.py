@@ -90,6 +90,19 @@ def test_a_chunk_shared_by_two_corpora_is_stored_once(tokenizer):
     assert len(pc.store._lru) == 5
 
 
+def test_a_document_repeated_in_one_micro_batch_is_encoded_once(tokenizer):
+    pc = engine(tokenizer, kv_store_bytes=1)  # nothing stored: the repeat is served in the batch
+    docs = [DOCS[0], DOCS[0], DOCS[1]]  # one micro-batch holds the first two chunks
+    out = pc.generate(QUESTION, documents=docs, max_new_tokens=6)
+    assert (out.stats.encoded_chunks, out.stats.reused_chunks) == (2, 1)
+    assert out.stats.reused_tokens == out.chunks[1].n_tokens
+    # reference: one chunk per micro-batch and no store, so the document is encoded twice
+    ref = engine(tokenizer, model=pc.model, kv_store_bytes=1, prefill_batch_tokens=40)
+    expected = ref.generate(QUESTION, documents=docs, max_new_tokens=6)
+    assert (expected.stats.encoded_chunks, expected.stats.reused_chunks) == (3, 0)
+    outputs_equal(out, expected)
+
+
 def test_an_lru_budget_smaller_than_one_chunk_still_answers(tokenizer):
     pc = engine(tokenizer, kv_store_bytes=1)
     first = pc.generate(QUESTION, documents=DOCS, max_new_tokens=8)

@@ -391,17 +391,20 @@ class ParallelComp:
 
     def phase1(self, batch: list[Chunk], keys: dict[int, str], prefix_ids: list[int], report: ReuseStats):
         """Phase-1 results of one micro-batch: store hits as they are, the misses encoded together
-        (one padded forward) and stored."""
+        (one padded forward) and stored. A chunk whose tokens occur twice in the batch (a repeated
+        document, boilerplate) is encoded once and counted as reused the second time."""
         identity = self._model_identity()[0]
         shape = kvops.layout(self.model)
-        entries = {}
+        entries, first = {}, {}  # first: store key → index of the batch's first chunk with it
         for c in batch:
+            if first.setdefault(keys[c.index], c.index) != c.index:
+                continue
             entry = self.store.get(keys[c.index], identity, prefix_ids, c.token_ids, report, shape)
             if entry is not None:
                 entries[c.index] = entry
                 report.reused_tokens += len(c.token_ids)
                 report.reuse_seconds_saved += entry.seconds
-        missing = [c for c in batch if c.index not in entries]
+        missing = [c for c in batch if first[keys[c.index]] == c.index and c.index not in entries]
         if missing:
             start = time.perf_counter()
             encoded = encode_chunks(self.model, prefix_ids, missing)
@@ -410,6 +413,12 @@ class ParallelComp:
                 entry = Entry(enc.kv, enc.last_logprobs, share * enc.length)
                 self.store.put(keys[enc.chunk.index], entry, identity, prefix_ids, enc.chunk.token_ids, report)
                 entries[enc.chunk.index] = entry
+        for c in batch:
+            if c.index not in entries:  # a repeat of an earlier chunk of this batch
+                entries[c.index] = entry = entries[first[keys[c.index]]]
+                report.reused_chunks += 1
+                report.reused_tokens += len(c.token_ids)
+                report.reuse_seconds_saved += entry.seconds
         return [EncodedChunk(c, entries[c.index].kv, entries[c.index].last_logprobs) for c in batch]
 
     @staticmethod
