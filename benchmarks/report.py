@@ -20,7 +20,7 @@ SCORE_NOTE = {
     "hotpotqa": "HotpotQA supporting paragraphs among distractors, string_match_part; gold_kept needs all of them",
 }
 METRICS = ("n", "score", "gold_kept", "prefill_seconds", "ttft_seconds", "decode_tok_s",
-           "peak_rss_mb", "kv_mb", "tokens_in", "n_kept", "n_chunks")
+           "peak_rss_mb", "kv_mb", "tokens_in", "n_kept", "n_chunks", "reused_chunks")
 
 
 def summarize(entry: dict) -> dict:
@@ -42,7 +42,9 @@ def summarize(entry: dict) -> dict:
             "prefill_seconds": avg("prefill_seconds"), "ttft_seconds": mean(ttft) if ttft else None,
             "decode_tok_s": new / decode if decode > 0 and new else None,
             "peak_rss_mb": entry.get("peak_rss_mb"), "kv_mb": kv / 2**20 if kv else None,
-            "tokens_in": avg("tokens_in"), "n_kept": avg("n_kept"), "n_chunks": avg("n_chunks")}
+            "tokens_in": avg("tokens_in"), "n_kept": avg("n_kept"), "n_chunks": avg("n_chunks"),
+            # phase-1 KV from the chunk store (--kv-store, earlier samples): exact, but faster
+            "reused_chunks": avg("reused_chunks")}
 
 
 def _fmt(value, digits=2) -> str:
