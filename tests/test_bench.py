@@ -178,7 +178,10 @@ def test_samples_of_a_cell_share_one_chunk_store(tiny_dir, tmp_path):
     for i, (raw, rec) in enumerate(zip(make_samples("passkey", tokenizer, 700, 3), recs)):
         worker._ENGINES.clear()
         fresh = worker.run_parallelcomp(spec, model, tokenizer, raw)  # repeats within the sample only
-        assert fresh["reused_chunks"] == rec["reused_chunks"] if i == 0 else fresh["reused_chunks"] < rec["reused_chunks"]
+        if i == 0:
+            assert fresh["reused_chunks"] == rec["reused_chunks"]
+        else:  # the cell's engine also holds the earlier samples' chunks
+            assert fresh["reused_chunks"] < rec["reused_chunks"]
         assert (fresh["output"], fresh["gold_kept"]) == (rec["output"], rec["gold_kept"])
 
 

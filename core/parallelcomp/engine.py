@@ -396,14 +396,18 @@ class ParallelComp:
         identity = self._model_identity()[0]
         shape = kvops.layout(self.model)
         entries, first = {}, {}  # first: store key → index of the batch's first chunk with it
+
+        def reused(c: Chunk, entry: Entry) -> None:
+            entries[c.index] = entry
+            report.reused_tokens += len(c.token_ids)
+            report.reuse_seconds_saved += entry.seconds
+
         for c in batch:
             if first.setdefault(keys[c.index], c.index) != c.index:
                 continue
             entry = self.store.get(keys[c.index], identity, prefix_ids, c.token_ids, report, shape)
-            if entry is not None:
-                entries[c.index] = entry
-                report.reused_tokens += len(c.token_ids)
-                report.reuse_seconds_saved += entry.seconds
+            if entry is not None:  # the store counted it in report.reused_chunks
+                reused(c, entry)
         missing = [c for c in batch if first[keys[c.index]] == c.index and c.index not in entries]
         if missing:
             start = time.perf_counter()
@@ -415,10 +419,8 @@ class ParallelComp:
                 entries[enc.chunk.index] = entry
         for c in batch:
             if c.index not in entries:  # a repeat of an earlier chunk of this batch
-                entries[c.index] = entry = entries[first[keys[c.index]]]
                 report.reused_chunks += 1
-                report.reused_tokens += len(c.token_ids)
-                report.reuse_seconds_saved += entry.seconds
+                reused(c, entries[first[keys[c.index]]])
         return [EncodedChunk(c, entries[c.index].kv, entries[c.index].last_logprobs) for c in batch]
 
     @staticmethod
