@@ -118,7 +118,8 @@ class TestChatParallelCompTools(_Standard, ChatModelIntegrationTests):
         if request.node.originalname in FULL_ONLY and os.environ.get("PARALLELCOMP_STANDARD_FULL") != "1":
             pytest.skip("1-5 min with SmolLM2 on a 2-core CPU, and either a variant (async, pydantic v1, optional "
                         "field, few-shot, JSON mode) of a content test that does run here, or an expected failure "
-                        "of the 135M model (xfail below): set PARALLELCOMP_STANDARD_FULL=1 to run it")
+                        "of the 135M model (xfail below); the full run is recorded in docs/integrations.md: set "
+                        "PARALLELCOMP_STANDARD_FULL=1 to run it")
 
     @property
     def chat_model_params(self) -> dict:
