@@ -144,8 +144,9 @@ def estimate(shape: ModelShape, config, prefix: int, chunks: list, question: int
     for rows in micro_batches(chunks, config.prefill_batch_tokens):
         longest = max(len(c.token_ids) for c in rows)
         length = prefix + longest
-        # phase-1 batch cache, the per-chunk sliced copies, the phase-2 padded cache plus the question
-        caches = (3 * length + question) * len(rows) * kv
+        # phase 2: the per-chunk copies and the padded cache plus the question (phase 1's batch
+        # cache becomes those copies layer by layer, so it never adds a third copy)
+        caches = (2 * length + question) * len(rows) * kv
         work = shape.activation_bytes(len(rows), length) + shape.logits_bytes(len(rows) * max(question, 1))
         batch = max(batch, caches + work)
     growth = (question + new_tokens) * kv

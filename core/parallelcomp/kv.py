@@ -94,9 +94,17 @@ def expand_batch(kv: list[LayerKV], batch: int) -> list[LayerKV]:
     return [(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous()) for k, v in kv]
 
 
-def slice_tokens(kv: list[LayerKV], row: int, start: int, end: int) -> list[LayerKV]:
-    """Tokens [start, end) of one batch row, as an owned batch-1 copy."""
-    return [(k[row : row + 1, :, start:end].clone(), v[row : row + 1, :, start:end].clone()) for k, v in kv]
+def split_rows(cache: DynamicCache, spans: list[tuple[int, int]]) -> list[list[LayerKV]]:
+    """Row i's tokens [start_i, end_i) of a batch cache, as owned batch-1 copies. The cache is
+    emptied layer by layer as it is copied, so the batch and its copies overlap by one layer, not
+    the whole KV (phase 1's peak memory)."""
+    rows: list[list[LayerKV]] = [[] for _ in spans]
+    while cache.layers:
+        layer = cache.layers.pop(0)
+        for row, (start, end) in enumerate(spans):
+            rows[row].append((layer.keys[row : row + 1, :, start:end].clone(),
+                              layer.values[row : row + 1, :, start:end].clone()))
+    return rows
 
 
 def padded_batch_cache(prefix: list[LayerKV], chunks: list[list[LayerKV]], extra_tokens: int) -> Cache:

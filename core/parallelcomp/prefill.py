@@ -82,11 +82,8 @@ def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk]) -> list[Enc
     positions = torch.arange(ids.shape[1], device=device).expand(len(chunks), -1)
     logits = forward(model, ids, cache, positions, logits_to_keep=(p + lengths - 1)[:, None])
     logprobs = torch.log_softmax(logits[:, 0].float(), dim=-1)
-    batch_kv = kvops.from_cache(cache)
-    return [
-        EncodedChunk(c, kvops.slice_tokens(batch_kv, row, p, p + len(c.token_ids)), logprobs[row])
-        for row, c in enumerate(chunks)
-    ]
+    rows = kvops.split_rows(cache, [(p, p + len(c.token_ids)) for c in chunks])
+    return [EncodedChunk(c, kv, logprobs[row]) for row, (c, kv) in enumerate(zip(chunks, rows))]
 
 
 @torch.inference_mode()
