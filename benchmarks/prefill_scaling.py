@@ -1,11 +1,15 @@
 """`python -m benchmarks prefill-scaling`: a cold prefill at growing context lengths, next to its
 FLOP bound, and the peak RSS with each tier of the chunk store.
 
-Per length and store: one fresh process (so its peak RSS is its own) loads the embedded model in
-the machine's default dtype, measures the GEMM rate (`main_job.GEMM`), builds the repeat-query
-haystack of that length and answers its first question with the settings `make ask` uses. The
+Per length, store and `--batch-tokens` value (`prefill_batch_tokens`): one fresh process (so its
+peak RSS is its own) loads the embedded model in the machine's default dtype, measures the GEMM
+rate (`main_job.GEMM`), builds the repeat-query haystack of that length and answers its first
+question with the settings `make ask` uses. The
 store is either the memory tier (the default budget) or the disk tier alone (`kv_store_bytes=0`,
 a temporary `kv_store_dir`): the chunk KV then leaves memory as each micro-batch is scored.
+
+Then a second question over the same haystack, every chunk reused from the store's tier, times
+phase 2 alone (after the peak RSS is read, so the peak is the cold question's).
 
 Reported: prefill seconds, FLOPs of the work (`main_job.prefill_flops`), the bound (FLOPs ÷ GEMM
 rate) and the ratio, tokens/s, RSS after loading the model, peak RSS, the weights' bytes, and
@@ -14,6 +18,7 @@ whether the answer holds the needle's value.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -37,55 +42,68 @@ def worker(spec: dict) -> dict:
     context, questions, values = haystack(tokenizer, spec["length"])
     with tempfile.TemporaryDirectory(prefix="pc-scaling-") as store:
         tier = {"kv_store_bytes": 0, "kv_store_dir": store} if spec["store"] == "disk" else {}
-        pc = ParallelComp.from_pretrained(spec["model_dir"], ParallelCompConfig(**CONFIG, **tier))
+        config = ParallelCompConfig(**CONFIG, **tier, prefill_batch_tokens=spec["batch_tokens"])
+        pc = ParallelComp.from_pretrained(spec["model_dir"], config)
         loaded_mb = _status_kib("VmRSS") / 1024
         gflops = measure_gflops(pc.model.dtype, GEMM, seconds=1.0)
         load = os.getloadavg()[0]
         out = pc.generate(questions[0], context=context, max_new_tokens=MAX_NEW_TOKENS)
+        peak_mb = _status_kib("VmHWM") / 1024
+        again = pc.generate(questions[1], context=context, max_new_tokens=1).stats  # every chunk reused
     s = out.stats
     flops = prefill_flops(pc.model.config.to_dict(), s.prefix_tokens, s.question_tokens,
                           [c.n_tokens for c in out.chunks])
     weights = sum(p.numel() * p.element_size() for p in pc.model.parameters())
     return {
-        "length": spec["length"], "store": spec["store"], "tokens_in": s.tokens_in, "n_chunks": s.n_chunks,
+        "length": spec["length"], "store": spec["store"], "batch_tokens": spec["batch_tokens"],
+        "tokens_in": s.tokens_in, "n_chunks": s.n_chunks,
         "dtype": s.dtype, "threads": s.threads, "gemm_gflops": round(gflops, 1), "flops": flops,
         "prefill_seconds": round(s.prefill_seconds, 2), "bound_seconds": round(flops / (gflops * 1e9), 2),
         "tokens_per_second": round(s.tokens_in / s.prefill_seconds, 1),
         "weights_mb": round(weights / 2**20), "loaded_rss_mb": round(loaded_mb),
-        "peak_rss_mb": round(_status_kib("VmHWM") / 1024), "store_bytes": s.store_bytes,
+        "peak_rss_mb": round(peak_mb), "store_bytes": s.store_bytes,
+        "reused_prefill_seconds": round(again.prefill_seconds, 2), "reused_chunks": again.reused_chunks,
         "correct": values[0] in out.text, "load_before": load, "load_after": os.getloadavg()[0],
     }
 
 
-def run(lengths: list[int], stores: list[str], out: Path) -> Path:
-    """Measure every (length, store); rows of other pairs already in `out` are kept."""
+def run(lengths: list[int], stores: list[str], batch_tokens: list[int] | None, out: Path) -> Path:
+    """Measure every (length, store, prefill_batch_tokens); rows of other triples already in `out`
+    are kept."""
+    from parallelcomp import ParallelCompConfig
     from parallelcomp.default_model import embedded_model_dir
 
     model_dir = str(embedded_model_dir(progress=False))
+    batch_tokens = batch_tokens or [ParallelCompConfig().prefill_batch_tokens]
     previous = out / "results.json"
     rows = json.loads(previous.read_text())["rows"] if previous.exists() else []
-    for length in lengths:
-        for store in stores:
-            row = spawn("prefill_scaling", {"model_dir": model_dir, "length": length, "store": store})
-            rows = sorted([r for r in rows if (r["length"], r["store"]) != (length, store)] + [row],
-                          key=lambda r: (r["length"], r["store"]))
-            out.mkdir(parents=True, exist_ok=True)
-            results = {"machine": machine.describe(row["dtype"]), "config": CONFIG, "rows": rows}
-            (out / "results.json").write_text(json.dumps(results, indent=1))
-            (out / "results.md").write_text(table(rows))
+    for length, store, batch in itertools.product(lengths, stores, batch_tokens):
+        spec = {"model_dir": model_dir, "length": length, "store": store, "batch_tokens": batch}
+        row = spawn("prefill_scaling", spec)
+        rows = sorted([r for r in rows if _cell(r) != (length, store, batch)] + [row], key=_cell)
+        out.mkdir(parents=True, exist_ok=True)
+        results = {"machine": machine.describe(row["dtype"]), "config": CONFIG, "rows": rows}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(table(rows))
     return out / "results.md"
 
 
+def _cell(row: dict) -> tuple[int, str, int]:
+    return row["length"], row["store"], row["batch_tokens"]
+
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| context | store tier | chunks | prefill s | TFLOP | GEMM GFLOP/s | bound s | prefill ÷ bound | tokens/s | "
-             "weights MB | RSS loaded MB | peak RSS MB | peak − loaded MB | correct | load 1-min |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = ["| context | store tier | batch tokens | chunks | prefill s | TFLOP | GEMM GFLOP/s | bound s | prefill ÷ bound | tokens/s | "
+             "weights MB | RSS loaded MB | peak RSS MB | peak − loaded MB | correct | 2nd question prefill s | load 1-min |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         lines.append(
-            f"| {r['tokens_in']:,} | {r['store']} | {r['n_chunks']} | {r['prefill_seconds']} | {r['flops'] / 1e12:.2f} | "
+            f"| {r['tokens_in']:,} | {r['store']} | {r['batch_tokens']:,} | {r['n_chunks']} | {r['prefill_seconds']} | {r['flops'] / 1e12:.2f} | "
             f"{r['gemm_gflops']} | {r['bound_seconds']} | {r['prefill_seconds'] / r['bound_seconds']:.2f}× | "
             f"{r['tokens_per_second']:,} | {r['weights_mb']:,} | {r['loaded_rss_mb']:,} | {r['peak_rss_mb']:,} | "
             f"{r['peak_rss_mb'] - r['loaded_rss_mb']:,} | {'yes' if r['correct'] else 'no'} | "
+            f"{r.get('reused_prefill_seconds', '–')} | "
             f"{r['load_before']:.1f}→{r['load_after']:.1f} |")
     return "\n".join(lines) + "\n"
 

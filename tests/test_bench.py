@@ -267,11 +267,13 @@ def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatc
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path: tokenizer)
     monkeypatch.setattr(ParallelComp, "from_pretrained",
                         classmethod(lambda cls, path, config: cls(tiny_model("llama", len(tokenizer)), tokenizer, config)))
-    rows = [prefill_scaling.worker({"model_dir": "tiny", "length": 600, "store": s}) for s in ("memory", "disk")]
+    rows = [prefill_scaling.worker({"model_dir": "tiny", "length": 600, "store": s, "batch_tokens": 256})
+            for s in ("memory", "disk")]
     memory, disk = rows
     assert memory["n_chunks"] == disk["n_chunks"] > 1 and memory["flops"] == disk["flops"] > 0
     assert disk["store_bytes"] == 0 < memory["store_bytes"]
+    assert memory["reused_chunks"] == disk["reused_chunks"] == memory["n_chunks"]  # the 2nd question is phase 2 only
     assert memory["bound_seconds"] == round(memory["flops"] / (memory["gemm_gflops"] * 1e9), 2)
     cfg = tiny_model("llama", len(tokenizer)).config.to_dict()
     assert memory["flops"] > prefill_flops(cfg, 0, 0, [128] * (memory["n_chunks"] - 1))  # every chunk counted
-    assert "| memory |" in prefill_scaling.table(rows) and "| disk |" in prefill_scaling.table(rows)
+    assert "| memory | 256 |" in prefill_scaling.table(rows) and "| disk | 256 |" in prefill_scaling.table(rows)
