@@ -98,14 +98,17 @@ CONTENT_TESTS = {
 
 
 FULL_ONLY = {
-    "test_tool_calling_async", "test_structured_output_async", "test_structured_output_pydantic_2_v1",
-    "test_structured_output_optional_param", "test_structured_few_shot_examples", "test_json_mode",
-    "test_agent_loop", "test_unicode_tool_call_integration",
+    "test_tool_calling_async": "the async twin of test_tool_calling, which runs here; ChatParallelComp's ainvoke "
+                               "is checked equal to invoke in tests/test_langchain.py "
+                               "(test_chat_model_renders_history_with_the_chat_template)",
+    "test_structured_output_async": "the async twin of test_structured_output, which runs here for the same three "
+                                    "schema kinds; ainvoke equals invoke in tests/test_langchain.py",
+    "test_structured_output_pydantic_2_v1": "test_structured_output with a pydantic.v1 model (which runs here for "
+                                            "pydantic 2, TypedDict and JSON schema); 32 s of SmolLM2 on 2 cores",
 }
-"""Content tests that repeat what the default ones check (async, pydantic v1, optional fields,
-JSON mode, few-shot) or are expected failures: SmolLM2 takes 1-5 minutes each on the 2-core CI
-machine, so they run only with PARALLELCOMP_STANDARD_FULL=1. All passed (the two xfails failing
-as marked) in the run recorded in docs/integrations.md."""
+"""Standard content tests left to PARALLELCOMP_STANDARD_FULL=1, each a variant of one that runs
+here; together about 1.5 min of SmolLM2 on the 2-core machine (idle, 2026-12-01). Every other
+content test, the two strict xfails included, runs in CI."""
 
 
 @pytest.mark.slow
@@ -116,10 +119,7 @@ class TestChatParallelCompTools(_Standard, ChatModelIntegrationTests):
             pytest.skip("does not depend on what the model writes: runs on the tiny model in "
                         "TestChatParallelCompIntegration")
         if request.node.originalname in FULL_ONLY and os.environ.get("PARALLELCOMP_STANDARD_FULL") != "1":
-            pytest.skip("1-5 min with SmolLM2 on a 2-core CPU, and either a variant (async, pydantic v1, optional "
-                        "field, few-shot, JSON mode) of a content test that does run here, or an expected failure "
-                        "of the 135M model (xfail below); the full run is recorded in docs/integrations.md: set "
-                        "PARALLELCOMP_STANDARD_FULL=1 to run it")
+            pytest.skip(FULL_ONLY[request.node.originalname] + "; PARALLELCOMP_STANDARD_FULL=1 runs it")
 
     @property
     def chat_model_params(self) -> dict:
