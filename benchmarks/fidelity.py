@@ -106,8 +106,9 @@ def scoring(engine: ParallelComp) -> None:
             chunks = make_chunks(engine.tokenizer, docs, 400, "\n\n")
             gold_chunk = next(c.index for c in chunks if any(s.document == k for s in c.spans))
             prefix = encode_prefix(engine.model, parts.prefix_ids)
+            every = slice(0, len(parts.question_ids))
             nll = torch.cat([question_nll(engine.model, prefix, encode_chunks(engine.model, parts.prefix_ids, [c]),
-                                          parts.question_ids) for c in chunks])
+                                          parts.question_ids, every) for c in chunks])
             for which in ("question", "suffix"):
                 scores = nll[:, parts.scored(which)].mean(dim=1).tolist()
                 rank = sorted(scores).index(scores[gold_chunk])
@@ -142,10 +143,10 @@ def snapkv(_: ParallelComp) -> None:  # builds its own engines, one per setting
             a = doc.index(answer)
             needle = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < a + len(answer) and e > a]
             encoded = encode_chunks(engine.model, parts.prefix_ids, [chunk])
-            comp = BatchCompressor.for_batch(engine.model, engine.config, len(parts.prefix_ids), encoded,
+            comp = BatchCompressor.for_batch(engine.config, len(parts.prefix_ids), encoded,
                                              len(parts.question_ids), parts.question_span)
             question_nll(engine.model, encode_prefix(engine.model, parts.prefix_ids), encoded, parts.question_ids,
-                         comp.observe())
+                         parts.scored(engine.config.score_tokens), comp.observe)
             budget = engine.config.kv_budget_for(len(chunk.token_ids))
             keep = torch.stack([keep_topk(s, budget)[0] for s in comp.scores[0].values()])  # (layers, H_kv, B)
             has = torch.stack([(keep == j).any(-1) for j in needle]).all(0)  # (layers, H_kv)

@@ -32,21 +32,31 @@ REPO = Path(__file__).resolve().parent.parent
 GEMM = (2048, 576, 1536)
 
 
-def prefill_flops(cfg: dict, prefix: int, question: int, chunks: list[int]) -> float:
+def prefill_flops(cfg: dict, prefix: int, question: int, chunks: list[int], logits: int | None = None) -> float:
     """A cold prefill: the prefix once, phase 1 of every chunk, then `question_flops`."""
     L, h, V, w, qd = _dims(cfg)
     total = 2 * w * prefix + 2 * L * qd * prefix**2
     for c in chunks:
         n = prefix + c
         total += 2 * w * n + 2 * L * qd * n**2 + 2 * h * V
-    return total + question_flops(cfg, prefix, question, chunks)
+    return total + question_flops(cfg, prefix, question, chunks, logits)
 
 
-def question_flops(cfg: dict, prefix: int, question: int, chunks: list[int]) -> float:
+def question_flops(cfg: dict, prefix: int, question: int, chunks: list[int], logits: int | None = None) -> float:
     """Phase 2 alone (the question over every chunk's KV): all a question costs when every chunk's
-    phase-1 KV comes from the store."""
+    phase-1 KV comes from the store. `question`: the tokens phase 2 runs per chunk; `logits`: the
+    vocabulary rows it computes per chunk (default: one per token)."""
     L, h, V, w, qd = _dims(cfg)
-    return float(sum(2 * w * question + 4 * L * qd * question * (prefix + c) + 2 * h * V * question for c in chunks))
+    logits = question if logits is None else logits
+    return float(sum(2 * w * question + 4 * L * qd * question * (prefix + c) + 2 * h * V * logits for c in chunks))
+
+
+def phase2_work(question_scored) -> tuple[int, int]:
+    """(tokens phase 2 runs per chunk, logit rows it computes) for a run without compression, from
+    `RunStats.question_scored`: the question up to its last scored token, and one row per scored
+    token after the first (whose log-probability phase 1 already computed)."""
+    start, end = question_scored
+    return end, end - max(start, 1)
 
 
 def _dims(cfg: dict) -> tuple[int, int, int, int, int]:
@@ -83,7 +93,8 @@ def run(dtypes: list[str], out: Path, max_bound_seconds: float) -> Path:
             continue
         report = json.loads(proc.stdout[proc.stdout.index("{"):])
         s = report["stats"]
-        flops = prefill_flops(cfg, s["prefix_tokens"], s["question_tokens"], [c["n_tokens"] for c in report["chunks"]])
+        run_tokens, logit_rows = phase2_work(s["question_scored"])
+        flops = prefill_flops(cfg, s["prefix_tokens"], run_tokens, [c["n_tokens"] for c in report["chunks"]], logit_rows)
         bound = flops / (gflops * 1e9)
         rows.append(row | {
             "status": "ok", "flops": flops, "bound_seconds": round(bound, 1),

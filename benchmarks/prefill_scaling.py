@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from . import machine
-from .main_job import GEMM, prefill_flops
+from .main_job import GEMM, phase2_work, prefill_flops
 from .memory_estimate import _status_kib
 from .repeat_query import CONFIG, MAX_NEW_TOKENS, haystack, spawn
 
@@ -51,8 +51,9 @@ def worker(spec: dict) -> dict:
         peak_mb = _status_kib("VmHWM") / 1024
         again = pc.generate(questions[1], context=context, max_new_tokens=1).stats  # every chunk reused
     s = out.stats
-    flops = prefill_flops(pc.model.config.to_dict(), s.prefix_tokens, s.question_tokens,
-                          [c.n_tokens for c in out.chunks])
+    run_tokens, logit_rows = phase2_work(s.question_scored)
+    flops = prefill_flops(pc.model.config.to_dict(), s.prefix_tokens, run_tokens, [c.n_tokens for c in out.chunks],
+                          logit_rows)
     weights = sum(p.numel() * p.element_size() for p in pc.model.parameters())
     return {
         "length": spec["length"], "store": spec["store"], "batch_tokens": spec["batch_tokens"],

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from . import machine
-from .main_job import GEMM, prefill_flops, question_flops
+from .main_job import GEMM, phase2_work, prefill_flops, question_flops
 from .tasks import NIAH_NEEDLE, NIAH_QUESTION, _count, _first_tokens, _insert, data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +72,8 @@ def worker(spec: dict) -> dict:
             "answer": out.text, "correct": values[i] in out.text,
             # the work this question did: a cold prefill, or phase 2 alone when every chunk was reused
             "flops": (prefill_flops if s.encoded_chunks else question_flops)(
-                pc.model.config.to_dict(), s.prefix_tokens, s.question_tokens, [c.n_tokens for c in out.chunks]),
+                pc.model.config.to_dict(), s.prefix_tokens, phase2_work(s.question_scored)[0],
+                [c.n_tokens for c in out.chunks], phase2_work(s.question_scored)[1]),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         })
     return {"rows": rows, "disk_bytes": sum(p.stat().st_size for p in Path(spec["store"]).rglob("*.safetensors"))}

@@ -212,7 +212,7 @@ def test_decode_benchmark_writes_every_path_and_its_table(tmp_path):
 
 def test_main_job_flop_count_matches_the_model_parameters(tokenizer):
     """The dense part of `prefill_flops` is 2 FLOPs per weight of the decoder layers per token."""
-    from benchmarks.main_job import prefill_flops, question_flops
+    from benchmarks.main_job import phase2_work, prefill_flops, question_flops
 
     from .conftest import tiny_model
 
@@ -228,6 +228,9 @@ def test_main_job_flop_count_matches_the_model_parameters(tokenizer):
     # difference a question makes to a cold prefill
     assert question_flops(cfg, prefix=0, question=1, chunks=[1]) == 2 * weights + 4 * layers * qd + vocab_row
     assert prefill_flops(cfg, 5, 3, [4, 7]) - prefill_flops(cfg, 5, 0, [4, 7]) == question_flops(cfg, 5, 3, [4, 7])
+    assert question_flops(cfg, prefix=0, question=1, chunks=[1], logits=0) == 2 * weights + 4 * layers * qd
+    # phase 2 runs the question up to its last scored token; phase 1 scored the first token
+    assert phase2_work((4, 21)) == (21, 17) and phase2_work((0, 21)) == (21, 20)
 
 
 def test_profile_command_writes_the_top_operators(tmp_path, monkeypatch, tokenizer):

@@ -35,7 +35,7 @@ def _assert_same_selection(ours: list[int], ref: list[int], scores: list[float])
     ("llama", "max", "mean", "question"), ("qwen2", "max", "mean", "last"),
     ("qwen2", "avg", "max", "question"), ("qwen3", "max", "max", "last")])
 def test_selection_equals_eager_reference(tokenizer, family, pooling, gqa_reduce, observation):
-    """Phase-2 scores on a padded batch of three chunks keep exactly the oracle's tokens per
+    """Phase-2 scores on a batch of three chunks keep exactly the oracle's tokens per
     layer and KV head, and the kept KV equals the oracle's KV at those tokens. Observation rows:
     the question's own tokens (here 2..8 of a 12-token suffix) or the last 8."""
     model = tiny_model(family, len(tokenizer))
@@ -51,8 +51,8 @@ def test_selection_equals_eager_reference(tokenizer, family, pooling, gqa_reduce
 
     prefix = encode_prefix(model, prefix_ids)
     encoded = encode_chunks(model, prefix_ids, chunks)
-    comp = BatchCompressor.for_batch(model, config, len(prefix_ids), encoded, len(question_ids), span)
-    question_nll(model, prefix, encoded, question_ids, comp.observe())
+    comp = BatchCompressor.for_batch(config, len(prefix_ids), encoded, len(question_ids), span)
+    question_nll(model, prefix, encoded, question_ids, slice(*span), comp.observe)
     assert not any(m._forward_hooks for m in model.modules())
     ours = {i: {layer: keep_topk(s, 20)[0].tolist() for layer, s in layers.items()}
             for i, layers in comp.scores.items()}

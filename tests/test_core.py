@@ -43,7 +43,7 @@ def test_one_chunk_equals_model_generate(family, make_engine, tokenizer):
     assert out.stats.p0 == len(parts.prefix_ids) + len(ids_of(tokenizer, doc))
 
 
-@pytest.mark.parametrize("budget", [10_000, 1])  # all chunks in one padded batch / one at a time
+@pytest.mark.parametrize("budget", [10_000, 1])  # all chunks in one batch / one at a time
 def test_two_phase_prefill_equals_single_forward(family, tokenizer, budget):
     model = tiny_model(family, len(tokenizer))
     parts = build_prompt(tokenizer, "Read.", "What is seven?", True)
@@ -55,7 +55,7 @@ def test_two_phase_prefill_equals_single_forward(family, tokenizer, budget):
     got = []
     for batch in micro_batches(chunks, budget):
         sub = [e for e in encoded if e.chunk in batch]
-        got.extend(question_nll(model, prefix, sub, parts.question_ids))
+        got.extend(question_nll(model, prefix, sub, parts.question_ids, slice(0, len(parts.question_ids))))
     p = len(parts.prefix_ids)
     for enc, nll in zip(encoded, got):
         ref_nll = ref_question_nll(model, parts.prefix_ids, enc.chunk.token_ids, parts.question_ids)
@@ -77,6 +77,7 @@ def test_keeps_lowest_nll_chunks_in_document_order_and_matches_pcw_reference(fam
     assert [c.n_tokens for c in out.chunks] == [len(ids_of(tokenizer, d)) for d in docs]  # one doc per chunk
     scored = parts.scored(pc.config.score_tokens)  # the question text's tokens (Eq. 3)
     assert 0 < scored.stop - scored.start < len(parts.question_ids)
+    assert out.stats.question_scored == (scored.start, scored.stop)
     ref_scores = [
         float(ref_question_nll(pc.model, parts.prefix_ids, ids_of(tokenizer, d), parts.question_ids)[scored].mean())
         for d in docs
@@ -189,3 +190,20 @@ def test_score_equals_teacher_forced_reference(make_engine, tokenizer):
     ref = -torch.log_softmax(logits[start : start + len(t) - 1], -1).gather(-1, torch.tensor(t[1:])[:, None])[:, 0]
     assert sc.n_tokens == len(t) - 1
     assert sc.nll == pytest.approx(float(ref.mean()), abs=1e-4)
+
+
+def test_phase2_honours_a_sliding_window(tokenizer):
+    """A Mistral layer with a 16-token window: each question token sees only the last 16 positions
+    of [prefix ‖ chunk ‖ question], as in one forward of the whole prompt."""
+    model = tiny_model("mistral", len(tokenizer), sliding_window=16)
+    parts = build_prompt(tokenizer, "Read.", "What is seven?", True)
+    chunks = [Chunk(i, ids_of(tokenizer, text(i, n)), ()) for i, n in enumerate([40, 13])]
+    prefix = encode_prefix(model, parts.prefix_ids)
+    encoded = encode_chunks(model, parts.prefix_ids, chunks)
+    nll = question_nll(model, prefix, encoded, parts.question_ids, slice(0, len(parts.question_ids)))
+    for enc, got in zip(encoded, nll):
+        ref = ref_question_nll(model, parts.prefix_ids, enc.chunk.token_ids, parts.question_ids)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    full = tiny_model("mistral", len(tokenizer))  # same weights, no window: the window must matter here
+    unwindowed = question_nll(full, prefix, encoded, parts.question_ids, slice(0, len(parts.question_ids)))
+    assert not torch.allclose(nll, unwindowed, atol=1e-3)

@@ -50,11 +50,12 @@ def test_corpus_path_equals_documents_path(family, tokenizer, extra):
     corpus = pc.encode(DOCS)
     assert (corpus.n_documents, len(corpus.chunks), corpus.encoded_chunks) == (5, 5, 5)
     assert corpus.bytes_held > 0 and corpus.n_tokens == ref.stats.tokens_in
-    for _ in range(2):
+    for call in range(2):
         out = pc.generate(QUESTION, corpus=corpus, max_new_tokens=10)
         outputs_equal(out, ref)
         assert out.stats.reused_chunks == 5 and out.stats.encoded_chunks == 0
         assert out.stats.reused_tokens == corpus.n_tokens and out.stats.reuse_seconds_saved > 0
+        assert out.stats.reused_prefix_tokens == call * len(corpus.prefix_ids)  # kept from the first call
     assert len(set(ref.token_ids)) > 1, "degenerate output makes this comparison weak"
 
 

@@ -1,20 +1,21 @@
 """Scoped attention hooks: the only place that reaches into a model's attention layers.
 
-Two routes (transformers5.md §5.2), both scoped to a `with` block and undone in `finally`:
+Two scopes, each a `with` block undone in `finally`:
 
-* `forward_hooks(model, fn)` — Route 1: a forward hook on every `self_attn` module. It runs
-  after the layer's attention, so it can read that layer's cache (which already holds this
-  step's keys) without changing the forward. Used by per-chunk compression during phase 2.
-* `attention_function(model, handler)` — Route 2: registers the attention function
-  "parallelcomp" together with a mask function (without the mask the question would silently
-  ignore the cache, transformers5.md §5.5), switches this model to it, and restores the previous
-  implementation afterwards. `handler(module, query, key, value, mask)` may shrink key/value
+* `attention_function(model, handler)` — Route 2 of transformers5.md §5.2: registers the
+  attention function "parallelcomp" together with a mask function (without the mask the question
+  would silently ignore the cache, transformers5.md §5.5), switches this model to it, and
+  restores the previous implementation afterwards. `handler(module, query, key, value, mask)` may shrink key/value
   before the attention runs; the real attention is the model's previous backend (sdpa, eager or
   flash attention). Used by attention-bias calibration at the question step, and with no handler
   by `packed_decode`: on sdpa models, a one-token step with no mask runs `packed_one_query`.
+* `chunk_attention(model, prefix, chunks, observe)` — phase 2 (prefill.question_nll): the same
+  registration, but the attention itself is `_attend_chunks`: batch row i's question
+  attends to [prefix ‖ chunk i ‖ its own earlier tokens], reading the prefix and each chunk's KV
+  where they are stored, with no padded batch copy and no `repeat_kv` expansion.
 
-Plus the GQA-native score helper both stages share: `last_rows_attention`. This module does not
-decide what to evict (compression.py, calibration.py) and does not edit KV (kv.py).
+Plus the GQA-native score helper: `last_rows_attention`. This module does not decide what to
+evict (compression.py, calibration.py) and does not edit KV (kv.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import sys
 import threading
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -29,16 +31,17 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama import modeling_llama
 
 from .errors import ModelNotSupportedError
 
 NAME = "parallelcomp"
 Handler = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+Observer = Callable[[int, int, torch.Tensor], None]  # (row, layer, probabilities)
+LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 _lock = threading.Lock()
 _users = 0  # scopes currently relying on the registered name (registered while > 0)
-_handlers: dict[int, tuple[Handler | None, str]] = {}  # id(self_attn) → (handler, previous backend)
+_attends: dict[int, Callable] = {}  # id(self_attn) → its attention while a scope is active
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -68,47 +71,6 @@ def last_rows_attention(
     return torch.softmax(logits, dim=-1)
 
 
-def recompute_queries(module, hidden_states: torch.Tensor, position_embeddings, rows: int) -> torch.Tensor:
-    """(B, H, rows, D): the layer's queries for its last `rows` input positions, as the layer
-    computed them (q_proj, q_norm where the family has one, RoPE at the given positions)."""
-    h = hidden_states[:, -rows:]
-    q = module.q_proj(h).view(*h.shape[:-1], -1, module.head_dim)  # (B, rows, H, D)
-    if hasattr(module, "q_norm"):  # Qwen3-style per-head RMSNorm
-        q = module.q_norm(q)
-    q = q.transpose(1, 2)
-    cos, sin = position_embeddings
-    rope = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
-    q, _ = rope(q, q, cos[:, -rows:], sin[:, -rows:])
-    return q
-
-
-# ---------------------------------------------------------------------- Route 1
-
-
-def hook_cache(kwargs: dict):
-    """The cache a `self_attn` forward received (`cache` on 5.24, `past_key_values` before)."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
-@contextmanager
-def forward_hooks(model, fn: Callable) -> Iterator[None]:
-    """Call `fn(module, kwargs)` after every `self_attn` forward while the block runs."""
-
-    def hook(module, args, kwargs, output):
-        if "hidden_states" not in kwargs and args:
-            kwargs = {**kwargs, "hidden_states": args[0]}
-        fn(module, kwargs)
-        return None  # anything else would replace the layer's output
-
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules(model)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 # ---------------------------------------------------------------------- Route 2
 
 _BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -117,21 +79,45 @@ _BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 @contextmanager
 def attention_function(model, handler: Handler) -> Iterator[None]:
     """Run the model's attention through "parallelcomp" (and `handler`) inside the block."""
-    global _users
     previous = model.config._attn_implementation or "eager"
-    if previous == NAME:
-        raise RuntimeError("this model is already inside a parallelcomp attention scope")
-    if previous not in _BACKENDS:
+    if previous not in _BACKENDS and previous != NAME:
         msg = f"attention calibration supports the {_BACKENDS} backends, not {previous!r}; load the model with sdpa"
         raise ModelNotSupportedError(msg)
-    modules = attention_modules(model)
+    with _scope(model, attention_modules(model), lambda module: partial(_through, handler, previous)):
+        yield
+
+
+@contextmanager
+def chunk_attention(model, prefix: list[LayerKV], chunks: list[list[LayerKV]],
+                    observe: Observer | None = None) -> Iterator[None]:
+    """Phase 2's attention inside the block: row i of the forward is the question behind chunk i.
+
+    `prefix` (batch-1 KV) and `chunks[i]` are read in place. The forward must get no cache and a
+    4D (1, 1, q, q) causal mask, which transformers passes through as it is. `observe(row, layer,
+    probs)` receives each row's fp32 attention probabilities, (H_kv, G, q, P + L_i + q).
+    """
+    layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    if not layers:
+        raise ModelNotSupportedError(f"{type(model).__name__}: no attention modules with a layer_idx found")
+    with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, chunks, observe)):
+        yield
+
+
+@contextmanager
+def _scope(model, modules: list[torch.nn.Module], attend_for: Callable[[torch.nn.Module], Callable]) -> Iterator[None]:
+    """Switch `model` to the registered "parallelcomp" attention, with `attend_for(module)` as the
+    attention of each of its attention `modules`, for the block."""
+    global _users
+    if model.config._attn_implementation == NAME:
+        raise RuntimeError("this model is already inside a parallelcomp attention scope")
+    previous = model.config._attn_implementation or "eager"
     with _lock:
         if _users == 0:
             AttentionInterface.register(NAME, _dispatch)
             AttentionMaskInterface.register(NAME, sdpa_mask)  # bool masks; converted per backend below
         _users += 1
         for m in modules:
-            _handlers[id(m)] = (handler, previous)
+            _attends[id(m)] = attend_for(m)
     try:
         model.set_attn_implementation(NAME)
         yield
@@ -141,7 +127,7 @@ def attention_function(model, handler: Handler) -> Iterator[None]:
         finally:
             with _lock:
                 for m in modules:
-                    _handlers.pop(id(m), None)
+                    _attends.pop(id(m), None)
                 _users -= 1
                 if _users == 0:  # leave transformers' registries as we found them
                     AttentionInterface._global_mapping.pop(NAME, None)
@@ -186,8 +172,13 @@ def packed_one_query(module, query, key, value, dropout: float = 0.0, scaling: f
 
 
 def _dispatch(module, query, key, value, attention_mask, **kwargs):
-    """The registered "parallelcomp" attention: optional handler, then the previous backend."""
-    handler, previous = _handlers.get(id(module), (None, "sdpa"))
+    """The registered "parallelcomp" attention: whatever the active scope set for this layer."""
+    attend = _attends.get(id(module)) or partial(_through, None, "sdpa")
+    return attend(module, query, key, value, attention_mask, **kwargs)
+
+
+def _through(handler: Handler | None, previous: str, module, query, key, value, attention_mask, **kwargs):
+    """Route 2: the optional handler, then the previous backend."""
     if handler is not None:
         key, value, attention_mask = handler(module, query, key, value, attention_mask)
     if previous == "sdpa":
@@ -202,3 +193,47 @@ def _dispatch(module, query, key, value, attention_mask, **kwargs):
         return eager(module, query, key, value, attention_mask, **kwargs)
     # flash attention: the merged cache has no padding, and its causal mask is bottom-right aligned
     return ALL_ATTENTION_FUNCTIONS[previous](module, query, key, value, None, **kwargs)
+
+
+def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: Observer | None,
+                   module, query, key, value, attention_mask, scaling: float | None = None, **kwargs):
+    """Phase 2's attention: softmax(q·Kᵀ·scale)·V of row i's question over [prefix ‖ chunk i ‖ question],
+    scored segment by segment (so nothing is concatenated but the (H_kv, G·q, T) scores), fp32
+    softmax, the G query heads of a KV head packed as G·q query rows (no `repeat_kv`).
+
+    query (B, H, q, D) and the question's own key/value (B, H_kv, q, D), post-RoPE; attention_mask
+    (1, 1, q, q) bool, causal. Returns ((B, q, H, D), None) like the transformers functions.
+    """
+    if _SDPA_SPECIAL.intersection(kwargs) or kwargs.get("s_aux") is not None:
+        raise ModelNotSupportedError(f"{type(module).__name__}: phase 2 supports softmax attention without "
+                                     "soft-capping, position bias or attention sinks")
+    window = kwargs.get("sliding_window")
+    layer = module.layer_idx
+    b, h, q, d = query.shape
+    h_kv, g = key.shape[1], h // key.shape[1]
+    scale = scaling if scaling is not None else d**-0.5
+    hidden = ~attention_mask.reshape(1, q, q).expand(g, q, q).reshape(1, g * q, q)  # same for every KV head
+    prefix_k, prefix_v = prefix[layer]
+    out = query.new_empty(b, q, h, value.shape[-1])
+    for i in range(b):
+        chunk_k, chunk_v = chunks[i][layer]
+        keys = (prefix_k[0], chunk_k[0], key[i])  # each (H_kv, n, D)
+        values = (prefix_v[0], chunk_v[0], value[i])
+        rows = query[i].reshape(h_kv, g * q, d)  # head h ↔ KV head h // G, as repeat_kv
+        scores = torch.cat([torch.matmul(rows, k.transpose(-1, -2)) for k in keys], dim=-1).float() * scale
+        scores[..., -q:].masked_fill_(hidden, float("-inf"))
+        if window:  # key t is out of reach of question token j when (P + L + j) - t >= window
+            t = torch.arange(scores.shape[-1] - q, device=scores.device)
+            j = torch.arange(q, device=scores.device).repeat(g)
+            scores[..., : t.numel()].masked_fill_((t.numel() + j[:, None] - t[None]) >= window, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if observe is not None:
+            observe(i, layer, probs.view(h_kv, g, q, -1))
+        probs = probs.to(value.dtype)
+        mixed, at = None, 0
+        for v in values:
+            part = torch.matmul(probs[..., at : at + v.shape[-2]], v)
+            mixed = part if mixed is None else mixed.add_(part)
+            at += v.shape[-2]
+        out[i] = mixed.view(h, q, -1).transpose(0, 1)
+    return out, None

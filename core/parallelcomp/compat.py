@@ -23,18 +23,19 @@ def _cache_kwarg(model_cls: type) -> str:
 def forward(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    cache: DynamicCache,
+    cache: DynamicCache | None,
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     logits_to_keep: int | torch.Tensor = 1,
     **kwargs,
 ) -> torch.Tensor:
-    """One causal-LM forward that appends to `cache` in place; returns the kept logits."""
+    """One causal-LM forward that appends to `cache` in place (None: no cache, the attention
+    brings its own keys); returns the kept logits."""
     out = model(
         input_ids=input_ids,
         position_ids=position_ids,
         attention_mask=attention_mask,
-        use_cache=True,
+        use_cache=cache is not None,
         logits_to_keep=logits_to_keep,
         **{_cache_kwarg(type(model)): cache},
         **kwargs,

@@ -21,16 +21,14 @@ never expand the cache: each query head is scored and pooled exactly as in the o
 then the G query heads sharing a KV head are combined (`gqa_reduce`: mean by default, or max)
 and selection is per KV head. With G = 1 this is the official selection.
 
-No second pass over the chunk: the scores come from phase 2 (`prefill.question_nll`), where the
-question runs against [prefix ‖ chunk] caches. A forward hook on each `self_attn` recomputes the
-last-w queries and scores them against that layer's cache (attention.py, Route 1), so no chunk's
-own forward changes. A budget ≥ the chunk length leaves that chunk untouched (an exact no-op).
+No second pass over the chunk: the scores come from phase 2 (`prefill.question_nll`), whose
+attention (`attention.chunk_attention`) hands each row's fp32 probabilities to `BatchCompressor.observe`.
+A budget ≥ the chunk length leaves that chunk untouched (an exact no-op).
 Only chunk tokens are candidates: the shared prefix is stored once, outside the chunks.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from . import kv as kvops
-from .attention import forward_hooks, hook_cache, last_rows_attention, recompute_queries
 from .errors import InputError
 from .prefill import EncodedChunk
 
@@ -99,23 +96,22 @@ def observation_rows(config, question_tokens: int, question_span: tuple[int, int
 class BatchCompressor:
     """Scores the chunks of one micro-batch during phase 2, then keeps each chunk's top-B tokens.
 
-        comp = BatchCompressor.for_batch(model, config, prefix_len, encoded, question_len, question_span)
-        nll = question_nll(..., observe=comp.observe() if comp else None)
+        comp = BatchCompressor.for_batch(config, prefix_len, encoded, question_len, question_span)
+        nll = question_nll(..., observe=comp.observe if comp else None)
         encoded = comp.apply(encoded) if comp else encoded
 
-    Row i of the phase-2 cache is [prefix (P) ‖ chunk_i right-padded to L_max ‖ question (q)].
+    Row i of phase 2 attends to [prefix (P) ‖ chunk_i (L_i) ‖ question (q)].
     """
 
-    def __init__(self, model, scorer: SnapKV, prefix_len: int, lengths: list[int], budgets: list[int], q: int):
-        self.model, self.scorer = model, scorer
-        self.prefix_len, self.lengths, self.budgets, self.q = prefix_len, lengths, budgets, q
-        self.rows = [i for i, (n, b) in enumerate(zip(lengths, budgets)) if b < n]
+    def __init__(self, scorer: SnapKV, prefix_len: int, lengths: list[int], budgets: list[int]):
+        self.scorer = scorer
+        self.prefix_len, self.lengths, self.budgets = prefix_len, lengths, budgets
+        self.rows = {i for i, (n, b) in enumerate(zip(lengths, budgets)) if b < n}
         self.scores: dict[int, dict[int, torch.Tensor]] = {i: {} for i in self.rows}  # row → layer → (1, H_kv, L_i)
-        self._visible: torch.Tensor | None = None
 
     @classmethod
     def for_batch(
-        cls, model, config, prefix_len: int, encoded: list[EncodedChunk], q: int, question_span: tuple[int, int]
+        cls, config, prefix_len: int, encoded: list[EncodedChunk], q: int, question_span: tuple[int, int]
     ) -> BatchCompressor | None:
         """None when compression is off or every chunk fits its budget (nothing to score).
 
@@ -126,11 +122,14 @@ class BatchCompressor:
         rows = observation_rows(config, q, question_span)
         lengths = [e.length for e in encoded]
         budgets = [config.kv_budget_for(n) for n in lengths]
-        comp = cls(model, SnapKV.from_config(config, rows), prefix_len, lengths, budgets, q)
+        comp = cls(SnapKV.from_config(config, rows), prefix_len, lengths, budgets)
         return comp if comp.rows else None
 
-    def observe(self) -> AbstractContextManager:
-        return forward_hooks(self.model, self._score_layer)
+    def observe(self, row: int, layer: int, probs: torch.Tensor) -> None:
+        """Phase 2's attention of `row` in `layer`, (H_kv, G, q, P + L + q) fp32: score its chunk."""
+        if row in self.rows:
+            first, end = self.scorer.rows
+            self.scores[row][layer] = self.scorer.score(probs[None, :, :, first:end], self.prefix_len, self.lengths[row])
 
     def apply(self, encoded: list[EncodedChunk]) -> list[EncodedChunk]:
         out = []
@@ -141,29 +140,3 @@ class BatchCompressor:
                 enc = EncodedChunk(enc.chunk, kvops.gather_tokens(enc.kv, keep), enc.last_logprobs)
             out.append(enc)
         return out
-
-    def _score_layer(self, module, kwargs) -> None:
-        first, end = self.scorer.rows
-        keys = kvops.layer_keys(hook_cache(kwargs), module.layer_idx)  # (B, H_kv, T, D)
-        cos, sin = kwargs["position_embeddings"]  # (B, q, D) each
-        hidden = kwargs["hidden_states"][:, first:end]  # (B, w, d): the observation rows
-        query = recompute_queries(module, hidden, (cos[:, first:end], sin[:, first:end]), end - first)
-        attention = last_rows_attention(query, keys, module.scaling, self._mask(keys))  # (B, H_kv, G, w, T)
-        for i in self.rows:
-            self.scores[i][module.layer_idx] = self.scorer.score(attention[i : i + 1], self.prefix_len, self.lengths[i])
-
-    def _mask(self, keys: torch.Tensor) -> torch.Tensor:
-        """(B, w, T): row i's observation rows see prefix, its own chunk tokens (not the
-        padding) and the question causally."""
-        if self._visible is None:
-            device, p = keys.device, self.prefix_len
-            first, end = self.scorer.rows
-            total = keys.shape[-2]
-            context = total - self.q  # P + L_max
-            t = torch.arange(total, device=device)
-            lengths = torch.tensor(self.lengths, device=device)
-            in_context = t[None] < (p + lengths)[:, None]  # (B, T): prefix + own chunk
-            last = context + torch.arange(first, end, device=device)  # absolute index of each row
-            causal = (t[None] >= context) & (t[None] <= last[:, None])  # (w, T)
-            self._visible = in_context[:, None, :] | causal[None]
-        return self._visible

@@ -2,9 +2,10 @@
 flow reads like method.md §0:
 
     chunk the documents                    chunking.py              (a Corpus, corpus.py)
-    encode the shared prefix once          prefill.encode_prefix
+    encode the shared prefix once          prefill.encode_prefix     (kept for the next call)
     per micro-batch of chunks:
         phase 1: chunk KV (PCW positions)  prefill.encode_chunks     (or a hit in store.py)
+    per question batch of chunks:
         phase 2: question NLL per chunk    prefill.question_nll      (+ KV scores, compression.py)
         keep the K lowest-NLL chunks       eviction.TopK
     merge kept KV in document order        kv.concat
@@ -44,7 +45,7 @@ from .decode import Sampling, TextAssembler, generate_tokens
 from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedError
 from .eviction import TopK
 from .output import ChunkReport, GenerationOutput, ReuseStats, RunStats, ScoreOutput, SpreadStats
-from .prefill import EncodedChunk, encode_chunks, encode_prefix, micro_batches, question_nll
+from .prefill import EncodedChunk, encode_chunks, encode_prefix, micro_batches, question_nll, question_rows
 from .prompts import PromptParts, build_continuation, build_prompt, end_of_turn_ids
 from .settings import GenerationSettings
 from .store import ChunkStore, Entry, chunk_key, identity_digest, model_identity
@@ -136,6 +137,7 @@ class ParallelComp:
         self.store = ChunkStore(psutil.virtual_memory().total // 3 if memory is None else memory,
                                 self.config.kv_store_dir, self.config.kv_store_disk_bytes)
         self._identity: tuple[dict, str] | None = None
+        self._prefix: tuple[tuple[int, ...], list[kvops.LayerKV]] = ((), [])  # the last prompt prefix and its KV
 
     @classmethod
     def from_pretrained(
@@ -193,6 +195,16 @@ class ParallelComp:
             identity = model_identity(self.model)
             self._identity = (identity, identity_digest(identity))
         return self._identity
+
+    def prefix_kv(self, prefix_ids: list[int], report: ReuseStats) -> list[kvops.LayerKV]:
+        """The prompt prefix's KV. The last one is kept: calls over one corpus share their prefix
+        (template head, instruction, history), and it is read-only downstream."""
+        ids = tuple(prefix_ids)
+        if self._prefix[0] == ids and self._prefix[1]:
+            report.reused_prefix_tokens += len(ids)
+        else:
+            self._prefix = (ids, encode_prefix(self.model, prefix_ids))
+        return self._prefix[1]
 
     def encode(self, documents, *, progress: bool = False) -> Corpus:
         """Chunk `documents` and run phase 1 on every chunk once, keeping the KV in the chunk
@@ -369,24 +381,42 @@ class ParallelComp:
 
     def score_chunks(self, parts: PromptParts, chunks: list[Chunk], keys: dict[int, str],
                      prefix: list[kvops.LayerKV], report: ReuseStats, bar=None) -> Scored:
-        """Per micro-batch of `chunks`: phase 1 (or a store hit), phase 2 (question NLL over the
-        prefix KV `prefix`), per-chunk compression, and the online top-K (method.md §0)."""
+        """Phase 1 (or a store hit) per micro-batch, then phase 2 (question NLL over the prefix
+        KV `prefix`), per-chunk compression and the online top-K (method.md §0) per question batch.
+
+        Phase 2 reads each chunk's KV where it is, so its rows wait for more micro-batches while
+        the memory tier holds every one of them (a reused corpus: one forward for all its chunks,
+        up to `question_rows`); a chunk the tier does not hold is scored before the next
+        micro-batch, so at most one micro-batch of KV is alive outside the store."""
         top = TopK[EncodedChunk](self.config.keep_chunks)
         scores: dict[int, float] = {}
         raw_bytes: dict[int, int] = {}  # chunk index → KV bytes before compression
-        for batch in micro_batches(chunks, self.config.prefill_batch_tokens):
-            encoded = self.phase1(batch, keys, parts.prefix_ids, report)
+        scored = parts.scored(self.config.score_tokens)
+        rows = question_rows(self.config.prefill_batch_tokens, len(parts.question_ids))
+        pending: list[EncodedChunk] = []
+
+        def phase2(group: list[EncodedChunk]) -> None:
             comp = compression.BatchCompressor.for_batch(
-                self.model, self.config, kvops.n_tokens(prefix), encoded, len(parts.question_ids), parts.question_span
+                self.config, kvops.n_tokens(prefix), group, len(parts.question_ids), parts.question_span
             )
-            nll = question_nll(self.model, prefix, encoded, parts.question_ids, comp.observe() if comp else None)
-            raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in encoded})
-            encoded = comp.apply(encoded) if comp else encoded
-            for enc, chunk_nll in zip(encoded, nll[:, parts.scored(self.config.score_tokens)].mean(dim=1).tolist()):
+            nll = question_nll(self.model, prefix, group, parts.question_ids, scored, comp.observe if comp else None)
+            raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in group})
+            for enc, chunk_nll in zip(comp.apply(group) if comp else group, nll.mean(dim=1).tolist()):
                 scores[enc.chunk.index] = chunk_nll
                 top.offer(chunk_nll, enc.chunk.index, enc)
             if bar is not None:
-                bar.update(len(batch))
+                bar.update(len(group))
+
+        for batch in micro_batches(chunks, self.config.prefill_batch_tokens):
+            pending.extend(self.phase1(batch, keys, parts.prefix_ids, report))
+            while len(pending) >= rows:
+                phase2(pending[:rows])
+                del pending[:rows]
+            if pending and not all(self.store.bytes_of(keys[e.chunk.index]) for e in pending):
+                phase2(pending)
+                pending.clear()
+        if pending:
+            phase2(pending)
         return Scored(scores, raw_bytes, [(e.chunk, e.kv) for e in top.kept()], self.store.bytes_held)
 
     def phase1(self, batch: list[Chunk], keys: dict[int, str], prefix_ids: list[int], report: ReuseStats):
@@ -438,8 +468,8 @@ class ParallelComp:
                         len(parts.question_ids), reserve, self.store.room)  # window and memory, before any work
         if self.config.compresses:
             compression.observation_rows(self.config, len(parts.question_ids), parts.question_span)
-        prefix = encode_prefix(self.model, parts.prefix_ids)
         report = ReuseStats()
+        prefix = self.prefix_kv(parts.prefix_ids, report)
         bar = tqdm(total=len(corpus.chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
         scored = self.score_chunks(parts, list(corpus.chunks), self._keys(corpus, parts.prefix_ids), prefix, report,
                                    bar)
@@ -496,6 +526,7 @@ class ParallelComp:
             tokens_in=corpus.n_tokens,
             prefix_tokens=len(parts.prefix_ids),
             question_tokens=len(parts.question_ids),
+            question_scored=parts.scored(self.config.score_tokens).indices(len(parts.question_ids))[:2],
             n_documents=corpus.n_documents,
             n_chunks=len(corpus.chunks),
             n_kept=sum(r.kept for r in reports),

@@ -27,7 +27,7 @@ import psutil
 import torch
 
 from .errors import InputError, ModelLoadError, ResourceError
-from .prefill import micro_batches
+from .prefill import micro_batches, question_rows
 
 # ---------------------------------------------------------------------- model files
 
@@ -119,7 +119,8 @@ class Estimate:
     kept_kv: int
     """The kept chunks' KV (compressed size) and the prefix, alive from prefill to the end."""
     batch: int
-    """The largest micro-batch: its batch cache, sliced copies, phase-2 cache, activations, logits."""
+    """The larger of phase 1's largest micro-batch (batch cache, sliced copies, activations) and a
+    phase-2 forward (chunk KV waiting outside the store, activations, logits)."""
     decode: int
     """Merged cache copy + question and answer tokens' KV + the question step."""
     stored: int = 0
@@ -140,15 +141,18 @@ def estimate(shape: ModelShape, config, prefix: int, chunks: list, question: int
     kept_lengths = sorted((min(len(c.token_ids), config.kv_budget_for(len(c.token_ids))) for c in chunks),
                           reverse=True)
     kept = (prefix + sum(kept_lengths[: config.keep_chunks])) * kv
-    batch = 0
+    batch = copies = 0
     for rows in micro_batches(chunks, config.prefill_batch_tokens):
-        longest = max(len(c.token_ids) for c in rows)
-        length = prefix + longest
-        # phase 2: the per-chunk copies and the padded cache plus the question (phase 1's batch
-        # cache becomes those copies layer by layer, so it never adds a third copy)
-        caches = (2 * length + question) * len(rows) * kv
-        work = shape.activation_bytes(len(rows), length) + shape.logits_bytes(len(rows) * max(question, 1))
-        batch = max(batch, caches + work)
+        length = prefix + max(len(c.token_ids) for c in rows)
+        # phase 1: the batch cache and the per-chunk copies it becomes, one layer at a time
+        copies = max(copies, length * len(rows) * kv)
+        batch = max(batch, 2 * length * len(rows) * kv + shape.activation_bytes(len(rows), length)
+                    + shape.logits_bytes(len(rows)))
+    # phase 2 reads chunk KV in place; outside the memory tier, at most two micro-batches of it
+    # wait for their question forward (engine.score_chunks), which runs `question_rows` chunks
+    q_rows = min(len(chunks), question_rows(config.prefill_batch_tokens, question))
+    phase2 = 2 * copies + shape.activation_bytes(q_rows, question) + shape.logits_bytes(q_rows * question)
+    batch = max(batch, phase2)
     growth = (question + new_tokens) * kv
     decode = kept + growth + shape.activation_bytes(1, question) + shape.logits_bytes(question)
     stored = min(sum(len(c.token_ids) for c in chunks) * kv, store_room)

@@ -107,28 +107,6 @@ def split_rows(cache: DynamicCache, spans: list[tuple[int, int]]) -> list[list[L
     return rows
 
 
-def padded_batch_cache(prefix: list[LayerKV], chunks: list[list[LayerKV]], extra_tokens: int) -> Cache:
-    """Phase 2's cache: row i = [prefix ‖ chunk_i ‖ zeros up to the longest chunk], each token
-    written once into buffers with room for `extra_tokens` more (the question), so the forward
-    appends in place instead of concatenating the whole batch again."""
-    longest = max(n_tokens(c) for c in chunks)
-    layers = []
-    for layer_idx, prefix_kv in enumerate(prefix):
-        p = prefix_kv[0].shape[-2]
-        buffers = []
-        for part, head in enumerate(prefix_kv):  # keys, then values
-            buf = head.new_empty(len(chunks), head.shape[1], p + longest + extra_tokens, head.shape[-1])
-            buf[:, :, :p] = head
-            for row, chunk in enumerate(chunks):
-                tokens = chunk[layer_idx][part]
-                n = tokens.shape[-2]
-                buf[row, :, p : p + n] = tokens[0]
-                buf[row, :, p + n : p + longest].zero_()
-            buffers.append(buf)
-        layers.append(PreallocatedLayer(*buffers, p + longest))
-    return Cache(layers=layers)
-
-
 def gather_tokens(kv: list[LayerKV], indices: list[torch.Tensor]) -> list[LayerKV]:
     """Keep per layer and per KV head the token indices `indices[l]` of shape (1, H_kv, n)."""
     out = []
@@ -160,8 +138,3 @@ def n_tokens(kv: list[LayerKV]) -> int:
 
 def n_bytes(kv: list[LayerKV]) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-
-
-def layer_keys(cache: DynamicCache, layer_idx: int) -> torch.Tensor:
-    """(B, H_kv, T, D) keys of one cache layer, read-only (already rotated)."""
-    return cache.layers[layer_idx].keys

@@ -47,6 +47,9 @@ class ReuseStats:
     reused_tokens: int = 0
     reuse_seconds_saved: float = 0.0
     """Phase-1 time the reused chunks took when they were encoded."""
+    reused_prefix_tokens: int = 0
+    """Prompt-prefix tokens whose KV was kept from the engine's previous call (0: encoded), summed
+    over the engines that needed it (a distributed run: the driver and each scoring worker)."""
     store_disk_hits: int = 0
     """Of the reused chunks, those read from the disk tier."""
     store_rejected: dict[str, int] = field(default_factory=dict)
@@ -91,6 +94,9 @@ class RunStats(SpreadStats, ReuseStats):
     """Context tokens over all chunks (prefix and question excluded)."""
     prefix_tokens: int = 0
     question_tokens: int = 0
+    question_scored: tuple[int, int] = (0, 0)
+    """[start, end) of the question tokens whose NLL scores a chunk (`score_tokens`). Phase 2 runs
+    the question up to `end` (all of it when compression observes it)."""
     n_documents: int = 0
     n_chunks: int = 0
     n_kept: int = 0

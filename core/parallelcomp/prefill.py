@@ -6,8 +6,10 @@
   row behind the prefix, so every chunk reuses the positions P, P+1, … (PCW); padded slots are
   sliced away, so each chunk's KV is stored exactly once, batch 1;
 * phase 2 (`question_nll`, question-dependent): the question runs against each chunk's KV at
-  positions P + L_c, …, giving the per-token NLL of Eq. 3. Only the logits scoring needs are
-  computed (`logits_to_keep`), never a chunk's full-vocabulary logits (method.md §7 item 12).
+  positions P + L_c, …, giving the per-token NLL of Eq. 3. Each row's attention reads the prefix
+  and its chunk where they are stored (no padded batch copy), so one forward can score many
+  chunks (`question_batches`). Only the logits of the scored tokens are computed
+  (`logits_to_keep`), never a chunk's full-vocabulary logits (method.md §7 item 12).
 
 Because phase 1 does not see the question, a corpus's chunk KV is reused across questions
 (store.py, `ParallelComp.encode`).
@@ -15,14 +17,14 @@ Because phase 1 does not see the question, a corpus's chunk KV is reused across 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Iterator
+from typing import Iterator
 
 import torch
 
 from . import kv as kvops
 from .chunking import Chunk
+from .attention import Observer, chunk_attention
 from .compat import forward
 
 
@@ -50,6 +52,14 @@ def micro_batches(chunks: list[Chunk], budget_tokens: int) -> Iterator[list[Chun
         batch.append(chunk)
     if batch:
         yield batch
+
+
+def question_rows(budget_tokens: int, question_tokens: int) -> int:
+    """Chunks phase 2 scores in one forward: a quarter of the phase-1 token budget in question
+    tokens (each also carries a row of vocabulary logits), at least one. At the default 4096,
+    1024 question tokens: from about 1K rows the model's GEMMs run near their large-matrix rate
+    on CPU, while 256 rows (4 chunks of a 60-token question) reach about half of it."""
+    return max(1, budget_tokens // 4 // max(question_tokens, 1))
 
 
 @torch.inference_mode()
@@ -92,33 +102,35 @@ def question_nll(
     prefix: list[kvops.LayerKV],
     encoded: list[EncodedChunk],
     question_ids: list[int],
-    observe: ContextManager | None = None,
+    scored: slice,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
-    """Phase 2: (B, q) NLL of every question token given each chunk (Eq. 3 before averaging).
-
-    `observe` is entered around the forward (e.g. to capture attention for KV compression).
+    """Phase 2: (B, n) NLL of the question tokens `scored` (n of them) given each chunk (Eq. 3
+    before averaging). Row i runs the question behind [prefix ‖ chunk i], both read in place
+    (`attention.chunk_attention`); only the question tokens up to the last scored one (or the
+    last one `observe` needs) go through the model. `observe(row, layer, probs)` receives the
+    question's attention (e.g. for KV compression).
     """
-    device, p, q = model.device, kvops.n_tokens(prefix), len(question_ids)
+    device, p = model.device, kvops.n_tokens(prefix)
+    first, end, _ = scored.indices(len(question_ids))
+    q = len(question_ids) if observe is not None else end  # compression may observe any question row
     lengths = torch.tensor([e.length for e in encoded], device=device)
-    longest = int(lengths.max())
-    cache = kvops.padded_batch_cache(prefix, [e.kv for e in encoded], extra_tokens=q)
-    chunk_mask = torch.arange(longest, device=device)[None] < lengths[:, None]
-    mask = torch.cat([_with_prefix(chunk_mask, p), chunk_mask.new_ones(len(encoded), q)], dim=1)
     positions = p + lengths[:, None] + torch.arange(q, device=device)[None]
-    question = torch.tensor([question_ids], device=device).expand(len(encoded), -1)
-    with observe or nullcontext():
-        logits = forward(model, question, cache, positions, mask, logits_to_keep=q)
-    first = torch.stack([-e.last_logprobs[question_ids[0]] for e in encoded])[:, None]
-    if q == 1:
-        return first
-    rest = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = question[:, 1:, None]
-    return torch.cat([first, -rest.gather(-1, targets)[..., 0]], dim=1)
-
-
-def _with_prefix(chunk_mask: torch.Tensor, prefix_len: int) -> torch.Tensor:
-    ones = chunk_mask.new_ones(chunk_mask.shape[0], prefix_len)
-    return torch.cat([ones, chunk_mask], dim=1).long()
+    question = torch.tensor([question_ids[:q]], device=device).expand(len(encoded), -1)
+    causal = torch.ones(q, q, dtype=torch.bool, device=device).tril()[None, None]
+    rows = torch.arange(max(first, 1) - 1, end - 1, device=device)  # logits predicting tokens max(first, 1)…end-1
+    with chunk_attention(model, prefix, [e.kv for e in encoded], observe):
+        logits = forward(model, question, None, positions, causal, logits_to_keep=rows) if rows.numel() else None
+    nll = torch.empty(len(encoded), end - first, device=device)
+    if first == 0:
+        nll[:, 0] = torch.stack([-e.last_logprobs[question_ids[0]] for e in encoded])
+    if logits is not None:
+        targets = torch.tensor(question_ids[max(first, 1) : end], device=device)
+        for row in range(len(encoded)):  # one row at a time: no second (n, V) tensor for log-softmax
+            row_logits = logits[row].float()
+            nll[row, end - first - len(targets) :] = (torch.logsumexp(row_logits, dim=-1)
+                                                     - row_logits.gather(-1, targets[:, None])[:, 0])
+    return nll
 
 
 def _empty_kv(model) -> list[kvops.LayerKV]:

@@ -22,7 +22,6 @@ from ..chunking import Chunk
 from ..config import ParallelCompConfig
 from ..engine import ParallelComp
 from ..output import ReuseStats
-from ..prefill import encode_prefix
 from ..prompts import PromptParts
 from . import transfer
 
@@ -66,7 +65,7 @@ class ChunkWorker:
         start = time.perf_counter()
         self.engine.config = config  # the driver's: an engine variant may change it between calls
         report = ReuseStats()
-        prefix = encode_prefix(self.engine.model, parts.prefix_ids)  # a few dozen tokens
+        prefix = self.engine.prefix_kv(parts.prefix_ids, report)
         scored = self.engine.score_chunks(parts, chunks, keys, prefix, report)
         self._kept.setdefault(call, {}).update({chunk.index: kv for chunk, kv in scored.kept})
         while len(self._kept) > _CALLS_KEPT:
