@@ -4,7 +4,7 @@ chunks are scored again elsewhere; typed errors for a missing Ray and bad settin
 
 One Ray per test session (starting it takes seconds) and one engine per model family. Bit for
 bit needs the same float work on both sides (docs/distributed.md, "Exactness"): the workers batch
-only their own chunks, so these configs give every chunk its own micro-batch
+only their own chunks, so these configs give every chunk its own micro-batch and phase-2 forward
 (prefill_batch_tokens < 2 × the shortest chunk), and every process here runs one torch thread,
 as the workers do.
 """
