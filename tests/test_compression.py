@@ -201,3 +201,18 @@ def test_window_larger_than_question_is_an_input_error(make_engine):
     # observing the question's own tokens needs no window: the same short target is scored
     assert make_engine("llama", kv_budget_tokens=16, snap_observation="question").score(
         "Paris is", documents=DOCS).n_tokens >= 1
+
+
+def test_compression_scores_even_when_no_question_logits_are_needed(tokenizer):
+    """A scored span of only the first question token needs no logits (phase 1 scored it), but
+    compression still observes the question's attention in every layer."""
+    model = tiny_model("llama", len(tokenizer))
+    gen = torch.Generator().manual_seed(2)
+    prefix_ids = [1] + torch.randint(3, len(tokenizer), (5,), generator=gen).tolist()
+    question_ids = torch.randint(3, len(tokenizer), (6,), generator=gen).tolist()
+    chunks = [Chunk(0, torch.randint(3, len(tokenizer), (40,), generator=gen).tolist(), ())]
+    encoded = encode_chunks(model, prefix_ids, chunks)
+    comp = BatchCompressor.for_batch(ParallelCompConfig(kv_budget_tokens=10), len(prefix_ids), encoded, 6, (0, 6))
+    nll = question_nll(model, encode_prefix(model, prefix_ids), encoded, question_ids, slice(0, 1), comp.observe)
+    assert nll.shape == (1, 1)
+    assert sorted(comp.scores[0]) == list(range(model.config.num_hidden_layers))

@@ -8,7 +8,7 @@
 * phase 2 (`question_nll`, question-dependent): the question runs against each chunk's KV at
   positions P + L_c, …, giving the per-token NLL of Eq. 3. Each row's attention reads the prefix
   and its chunk where they are stored (no padded batch copy), so one forward can score many
-  chunks (`question_batches`). Only the logits of the scored tokens are computed
+  chunks (`question_rows`). Only the logits of the scored tokens are computed
   (`logits_to_keep`), never a chunk's full-vocabulary logits (method.md §7 item 12).
 
 Because phase 1 does not see the question, a corpus's chunk KV is reused across questions
@@ -120,8 +120,11 @@ def question_nll(
     question = torch.tensor([question_ids[:q]], device=device).expand(len(encoded), -1)
     causal = torch.ones(q, q, dtype=torch.bool, device=device).tril()[None, None]
     rows = torch.arange(max(first, 1) - 1, end - 1, device=device)  # logits predicting tokens max(first, 1)…end-1
-    with chunk_attention(model, prefix, [e.kv for e in encoded], observe):
-        logits = forward(model, question, None, positions, causal, logits_to_keep=rows) if rows.numel() else None
+    logits = None
+    if rows.numel() or observe is not None:  # compression observes even when no logits are needed
+        with chunk_attention(model, prefix, [e.kv for e in encoded], observe):
+            logits = forward(model, question, None, positions, causal, logits_to_keep=rows if rows.numel() else 1)
+        logits = logits if rows.numel() else None
     nll = torch.empty(len(encoded), end - first, device=device)
     if first == 0:
         nll[:, 0] = torch.stack([-e.last_logprobs[question_ids[0]] for e in encoded])
