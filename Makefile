@@ -9,9 +9,10 @@
 CORPUS ?= $(addprefix /usr/share/common-licenses/,\
 	Apache-2.0 Artistic BSD CC0-1.0 GFDL-1.3 GPL-2 GPL-3 LGPL-2.1 MPL-2.0)
 QUESTION ?= Who is the license steward of the Mozilla Public License 2.0?
-# A single-fact question: keep the one best chunk (the paper's K=1 setting for retrieval tasks,
-# method.md §2); 2048-token chunks prefill fastest on a CPU. `parallelcomp ask --help` for more.
-ASK_FLAGS ?= --keep-chunks 1 --chunk-tokens 2048
+# A single-fact question: the `retrieval` preset keeps the one best chunk (the paper's K=1 setting
+# for retrieval tasks) of 2048-token chunks, which a small model reads best and a CPU prefills
+# fastest (README, Performance). `parallelcomp ask --help` for more.
+ASK_FLAGS ?= --preset retrieval
 # Extra flags for one run (the main-job benchmark adds --json --dtype ...).
 ASK_EXTRA ?=
 

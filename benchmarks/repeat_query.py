@@ -23,13 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from parallelcomp.config import PRESETS
+
 from . import machine
 from .main_job import GEMM, phase2_work, prefill_flops, question_flops
 from .tasks import NIAH_NEEDLE, NIAH_QUESTION, _count, _first_tokens, _insert, data
 
 REPO = Path(__file__).resolve().parent.parent
 DEPTHS = (10, 30, 50, 70, 90)
-CONFIG = {"keep_chunks": 1, "chunk_tokens": 2048}  # what `make ask` runs
+CONFIG = PRESETS["retrieval"]  # what `make ask` runs: K=1, 2048-token chunks
 MAX_NEW_TOKENS = 48
 
 

@@ -52,7 +52,7 @@ def main() -> None:
 
     start = time.perf_counter()
     # One best chunk of 2048 tokens per question, as `make ask` does (README, Makefile).
-    engine = ParallelComp.from_pretrained(args.model, ParallelCompConfig(keep_chunks=1, chunk_tokens=2048))
+    engine = ParallelComp.from_pretrained(args.model, ParallelCompConfig.preset("retrieval"))
     texts = [p.read_text() for p in LICENSES]
     corpus = engine.encode(texts)
     print(f"corpus: {len(texts)} files, {corpus.n_tokens:,} tokens in "

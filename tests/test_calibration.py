@@ -163,7 +163,7 @@ def test_constructed_case_evicts_exactly_the_outliers_plus_fill(tokenizer, make_
         assert eager_engine.generate(QUESTION, documents=DOCS, max_new_tokens=6).token_ids == out.token_ids
 
 
-@pytest.mark.parametrize("preset", ["paper-retrieval", "paper-calibration", "paper-calibration-compression", "fast"])
+@pytest.mark.parametrize("preset", ["paper-retrieval", "retrieval", "paper-calibration", "paper-calibration-compression", "fast"])
 def test_presets_run_end_to_end(tokenizer, make_engine, preset):
     engine = make_engine("qwen3", **{**PRESETS[preset], "chunk_tokens": 100, "calibration_region_tokens": 10})
     out = engine.generate(QUESTION, documents=DOCS, max_new_tokens=4)
