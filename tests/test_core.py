@@ -192,15 +192,20 @@ def test_score_equals_teacher_forced_reference(make_engine, tokenizer):
     assert sc.nll == pytest.approx(float(ref.mean()), abs=1e-4)
 
 
-def test_phase2_honours_a_sliding_window(tokenizer):
+@pytest.mark.parametrize("observed", [False, True], ids=["fused", "observed"])
+def test_phase2_honours_a_sliding_window(tokenizer, observed):
     """A Mistral layer with a 16-token window: each question token sees only the last 16 positions
-    of [prefix ‖ chunk ‖ question], as in one forward of the whole prompt."""
+    of [prefix ‖ chunk ‖ question], as in one forward of the whole prompt — on the fused path and
+    on the explicit one compression's observer forces."""
     model = tiny_model("mistral", len(tokenizer), sliding_window=16)
     parts = build_prompt(tokenizer, "Read.", "What is seven?", True)
     chunks = [Chunk(i, ids_of(tokenizer, text(i, n)), ()) for i, n in enumerate([40, 13])]
     prefix = encode_prefix(model, parts.prefix_ids)
     encoded = encode_chunks(model, parts.prefix_ids, chunks)
-    nll = question_nll(model, prefix, encoded, parts.question_ids, slice(0, len(parts.question_ids)))
+    seen = []
+    observe = (lambda row, layer, probs: seen.append(probs.shape)) if observed else None
+    nll = question_nll(model, prefix, encoded, parts.question_ids, slice(0, len(parts.question_ids)), observe)
+    assert len(seen) == (len(encoded) * model.config.num_hidden_layers if observed else 0)
     for enc, got in zip(encoded, nll):
         ref = ref_question_nll(model, parts.prefix_ids, enc.chunk.token_ids, parts.question_ids)
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)

@@ -198,21 +198,21 @@ def _through(handler: Handler | None, previous: str, module, query, key, value, 
 def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: Observer | None,
                    module, query, key, value, attention_mask, scaling: float | None = None, **kwargs):
     """Phase 2's attention: softmax(q·Kᵀ·scale)·V of row i's question over [prefix ‖ chunk i ‖ question],
-    scored segment by segment (so nothing is concatenated but the (H_kv, G·q, T) scores), fp32
-    softmax, the G query heads of a KV head packed as G·q query rows (no `repeat_kv`).
+    the G query heads of a KV head packed as G·q query rows (no `repeat_kv`).
 
-    query (B, H, q, D) and the question's own key/value (B, H_kv, q, D), post-RoPE; attention_mask
-    (1, 1, q, q) bool, causal. Returns ((B, q, H, D), None) like the transformers functions.
+    With no observer this is one SDPA call per row over the concatenated keys and values (torch's
+    fused kernel: no (G·q, T) score matrix in memory); compression needs the probabilities, so with
+    an observer the scores are formed segment by segment (only they are concatenated) with an fp32
+    softmax. query (B, H, q, D) and the question's own key/value (B, H_kv, q, D), post-RoPE;
+    attention_mask (1, 1, q, q) bool, causal. Returns ((B, q, H, D), None) like the transformers functions.
     """
     if _SDPA_SPECIAL.intersection(kwargs) or kwargs.get("s_aux") is not None:
         raise ModelNotSupportedError(f"{type(module).__name__}: phase 2 supports softmax attention without "
                                      "soft-capping, position bias or attention sinks")
-    window = kwargs.get("sliding_window")
     layer = module.layer_idx
     b, h, q, d = query.shape
     h_kv, g = key.shape[1], h // key.shape[1]
     scale = scaling if scaling is not None else d**-0.5
-    hidden = ~attention_mask.reshape(1, q, q).expand(g, q, q).reshape(1, g * q, q)  # same for every KV head
     prefix_k, prefix_v = prefix[layer]
     out = query.new_empty(b, q, h, value.shape[-1])
     for i in range(b):
@@ -220,20 +220,42 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
         keys = (prefix_k[0], chunk_k[0], key[i])  # each (H_kv, n, D)
         values = (prefix_v[0], chunk_v[0], value[i])
         rows = query[i].reshape(h_kv, g * q, d)  # head h ↔ KV head h // G, as repeat_kv
-        scores = torch.cat([torch.matmul(rows, k.transpose(-1, -2)) for k in keys], dim=-1).float() * scale
-        scores[..., -q:].masked_fill_(hidden, float("-inf"))
-        if window:  # key t is out of reach of question token j when (P + L + j) - t >= window
-            t = torch.arange(scores.shape[-1] - q, device=scores.device)
-            j = torch.arange(q, device=scores.device).repeat(g)
-            scores[..., : t.numel()].masked_fill_((t.numel() + j[:, None] - t[None]) >= window, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if observe is not None:
-            observe(i, layer, probs.view(h_kv, g, q, -1))
-        probs = probs.to(value.dtype)
-        mixed, at = None, 0
-        for v in values:
-            part = torch.matmul(probs[..., at : at + v.shape[-2]], v)
-            mixed = part if mixed is None else mixed.add_(part)
-            at += v.shape[-2]
+        visible = _visible(attention_mask, sum(k.shape[-2] for k in keys[:2]), g, kwargs.get("sliding_window"))
+        if observe is None:
+            mixed = torch.nn.functional.scaled_dot_product_attention(
+                rows[None], torch.cat(keys, dim=-2)[None], torch.cat(values, dim=-2)[None],
+                attn_mask=visible, scale=scale)[0]
+        else:
+            mixed = _observed(rows, keys, values, visible, scale, lambda p: observe(i, layer, p.view(h_kv, g, q, -1)))
         out[i] = mixed.view(h, q, -1).transpose(0, 1)
     return out, None
+
+
+def _visible(attention_mask: torch.Tensor, n_context: int, g: int, window: int | None) -> torch.Tensor:
+    """(G·q, n_context + q) bool: the keys each packed query row may attend to. Every context key,
+    bar those out of a sliding window — key t is out of reach of question token j when
+    (n_context + j) - t >= window — and the question's own keys under its causal mask."""
+    q = attention_mask.shape[-1]
+    visible = torch.ones(q, n_context + q, dtype=torch.bool, device=attention_mask.device)
+    visible[:, n_context:] = attention_mask.reshape(q, q)
+    if window:
+        t = torch.arange(n_context, device=visible.device)
+        j = torch.arange(q, device=visible.device)
+        visible[:, :n_context] &= (n_context + j[:, None] - t[None]) < window
+    return visible.repeat(g, 1)
+
+
+def _observed(rows, keys, values, visible, scale: float, observe: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """Attention of the packed rows (H_kv, G·q, D) over the key/value segments, handing the fp32
+    probabilities (H_kv, G·q, T) to `observe` before they mix the values."""
+    scores = torch.cat([torch.matmul(rows, k.transpose(-1, -2)) for k in keys], dim=-1).float() * scale
+    scores.masked_fill_(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    observe(probs)
+    probs = probs.to(values[0].dtype)
+    mixed, at = None, 0
+    for v in values:
+        part = torch.matmul(probs[..., at : at + v.shape[-2]], v)
+        mixed = part if mixed is None else mixed.add_(part)
+        at += v.shape[-2]
+    return mixed
