@@ -99,7 +99,8 @@ def chunk_attention(model, prefix: list[LayerKV], chunks: list[list[LayerKV]],
     layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     if not layers:
         raise ModelNotSupportedError(f"{type(model).__name__}: no attention modules with a layer_idx found")
-    with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, chunks, observe)):
+    masks: dict[tuple[int, int | None, int], torch.Tensor] = {}  # built once per forward, shared by its layers
+    with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, chunks, observe, masks)):
         yield
 
 
@@ -196,6 +197,7 @@ def _through(handler: Handler | None, previous: str, module, query, key, value, 
 
 
 def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: Observer | None,
+                   masks: dict[tuple[int, int | None, int], torch.Tensor],
                    module, query, key, value, attention_mask, scaling: float | None = None, **kwargs):
     """Phase 2's attention: softmax(q·Kᵀ·scale)·V of row i's question over [prefix ‖ chunk i ‖ question],
     the G query heads of a KV head packed as G·q query rows (no `repeat_kv`).
@@ -204,7 +206,9 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
     fused kernel: no (G·q, T) score matrix in memory); compression needs the probabilities, so with
     an observer the scores are formed segment by segment (only they are concatenated) with an fp32
     softmax. query (B, H, q, D) and the question's own key/value (B, H_kv, q, D), post-RoPE;
-    attention_mask (1, 1, q, q) bool, causal. Returns ((B, q, H, D), None) like the transformers functions.
+    attention_mask (1, 1, q, q) bool, causal, the same in every layer of the forward, so `masks`
+    keeps each row's key mask by (context length, sliding window, G) for the forward's later layers.
+    Returns ((B, q, H, D), None) like the transformers functions.
     """
     if _SDPA_SPECIAL.intersection(kwargs) or kwargs.get("s_aux") is not None:
         raise ModelNotSupportedError(f"{type(module).__name__}: phase 2 supports softmax attention without "
@@ -220,7 +224,10 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
         keys = (prefix_k[0], chunk_k[0], key[i])  # each (H_kv, n, D)
         values = (prefix_v[0], chunk_v[0], value[i])
         rows = query[i].reshape(h_kv, g * q, d)  # head h ↔ KV head h // G, as repeat_kv
-        visible = _visible(attention_mask, sum(k.shape[-2] for k in keys[:2]), g, kwargs.get("sliding_window"))
+        shape = (sum(k.shape[-2] for k in keys[:2]), kwargs.get("sliding_window"), g)
+        if shape not in masks:
+            masks[shape] = _visible(attention_mask, *shape)
+        visible = masks[shape]
         if observe is None:
             mixed = torch.nn.functional.scaled_dot_product_attention(
                 rows[None], torch.cat(keys, dim=-2)[None], torch.cat(values, dim=-2)[None],
@@ -231,7 +238,7 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
     return out, None
 
 
-def _visible(attention_mask: torch.Tensor, n_context: int, g: int, window: int | None) -> torch.Tensor:
+def _visible(attention_mask: torch.Tensor, n_context: int, window: int | None, g: int) -> torch.Tensor:
     """(G·q, n_context + q) bool: the keys each packed query row may attend to. Every context key,
     bar those out of a sliding window — key t is out of reach of question token j when
     (n_context + j) - t >= window — and the question's own keys under its causal mask."""
