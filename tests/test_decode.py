@@ -65,10 +65,18 @@ def _record(engine, monkeypatch, **kwargs):
     return out, steps, packed
 
 
-@pytest.mark.parametrize("setting", sorted(SETTINGS))
-@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"),
-                                         ("qwen3", "sdpa"), ("llama", "eager")])
-def test_fast_decode_equals_dynamic_cache_path(tokenizer, make_engine, monkeypatch, family, attn, setting):
+FAMILIES = [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"), ("qwen3", "sdpa"), ("llama", "eager")]
+# split: the one-token attention over these tiny runs' merged KV (~250 tokens) split into key
+# ranges of ≥ 32 keys, as over a long merged KV (attention._split_key_attention)
+CASES = ([(family, attn, setting, "unsplit") for family, attn in FAMILIES for setting in sorted(SETTINGS)]
+         + [(family, "sdpa", "plain", "split") for family in ("llama", "mistral", "qwen2", "qwen3")]
+         + [("llama", "sdpa", setting, "split") for setting in ("calibration", "compression")])
+
+
+@pytest.mark.parametrize("family,attn,setting,split", CASES)
+def test_fast_decode_equals_dynamic_cache_path(tokenizer, make_engine, monkeypatch, family, attn, setting, split):
+    if split == "split":
+        monkeypatch.setattr(attention, "SPLIT_KEYS", 32)
     model = tiny_model(family, len(tokenizer), attn=attn)
     engine = make_engine(model=model, **BASE, **SETTINGS[setting])
     new, new_steps, packed = _record(engine, monkeypatch)
@@ -95,15 +103,25 @@ def test_fast_decode_equals_dynamic_cache_path(tokenizer, make_engine, monkeypat
     assert "parallelcomp" not in AttentionInterface._global_mapping
 
 
+@pytest.mark.parametrize("keys,split_keys,ranges", [(300, attention.SPLIT_KEYS, 0), (301, 64, 4), (300, 32, 8)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 2), (4, 4)])
-def test_packed_one_query_equals_sdpa_with_repeated_heads(dtype, tol, heads, kv_heads):
+def test_packed_one_query_equals_sdpa_with_repeated_heads(monkeypatch, dtype, tol, heads, kv_heads,
+                                                          keys, split_keys, ranges):
+    """Unsplit, and split into key ranges (with a remainder at 301 keys), over views of a
+    preallocated buffer (gaps between heads, as decode_cache holds them)."""
     torch.manual_seed(0)
+    monkeypatch.setattr(attention, "SPLIT_KEYS", split_keys)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # at most 4 ranges per thread
+    calls, flash = [], attention.compat.cpu_flash_attention  # calls: the key ranges of each kernel call
+    monkeypatch.setattr(attention.compat, "cpu_flash_attention",
+                        lambda q, k, v, **kw: calls.append(k.shape[1]) or flash(q, k, v, **kw))
     module = torch.nn.Module()
     module.num_key_value_groups = heads // kv_heads
     query = torch.randn(2, heads, 1, 64, dtype=dtype)
-    key, value = torch.randn(2, 2, kv_heads, 300, 64, dtype=dtype).unbind(0)
+    key, value = torch.randn(2, 2, kv_heads, keys + 20, 64, dtype=dtype)[..., :keys, :].unbind(0)
     out, weights = attention.packed_one_query(module, query, key, value, scaling=0.125)
+    assert calls == ([ranges] + [1] * (keys % ranges > 0) if ranges else [])
     groups = heads // kv_heads  # query head h reads KV head h // groups
     ref = torch.nn.functional.scaled_dot_product_attention(
         query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), scale=0.125

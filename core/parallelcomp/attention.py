@@ -32,12 +32,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import compat
 from .errors import ModelNotSupportedError
 
 NAME = "parallelcomp"
 Handler = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 Observer = Callable[[int, int, torch.Tensor], None]  # (row, layer, probabilities)
 LayerKV = tuple[torch.Tensor, torch.Tensor]
+SPLIT_KEYS = 2048  # fewest keys per range of a split one-token attention (docs/decode.md)
 
 _lock = threading.Lock()
 _users = 0  # scopes currently relying on the registered name (registered while > 0)
@@ -168,8 +170,45 @@ def packed_one_query(module, query, key, value, dropout: float = 0.0, scaling: f
     b, h, _, d = query.shape
     h_kv = key.shape[1]
     packed = query.reshape(b, h_kv, h // h_kv, d)  # (B, H_kv, G, D): head h ↔ KV head h // G, as repeat_kv
-    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, dropout_p=dropout, scale=scaling)
+    splits = _key_splits(key) if dropout == 0.0 else 1
+    if splits > 1:
+        out = _split_key_attention(packed, key, value, splits, scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, dropout_p=dropout, scale=scaling)
     return out.reshape(b, 1, h, value.shape[-1]), None
+
+
+def _key_splits(key: torch.Tensor) -> int:
+    """Into how many key ranges a one-token step's attention is split: CPU only (CUDA kernels split
+    by themselves), at least SPLIT_KEYS keys per range, at most 4 ranges per thread."""
+    if key.device.type != "cpu" or compat.cpu_flash_attention is None:
+        return 1
+    return min(key.shape[2] // SPLIT_KEYS, 4 * torch.get_num_threads())
+
+
+def _split_key_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, splits: int,
+                         scale: float | None) -> torch.Tensor:
+    """Split-key ("flash-decoding") attention of the packed query rows; returns (B·H_kv, G, Dv).
+
+    torch's CPU flash attention shares out batch × heads × query blocks among threads: for one
+    token of a GQA model that is B·H_kv items (3 for SmolLM2), so one of two threads streams two
+    thirds of the KV while the other idles. Here the first `splits`·m keys become `splits` ranges
+    of m keys, each range one more "head" (a view: the preallocated cache's gaps between heads
+    stay where they are), and the last T mod splits keys one more call; each range's output is
+    weighted by the softmax of the ranges' log-sum-exps, which is exact up to rounding. Measured
+    in docs/decode.md. query (B, H_kv, G, D); key, value (B, H_kv, T, D).
+    """
+    n, m = key.shape[2], key.shape[2] // splits
+    rows = query.flatten(0, 1).unsqueeze(1)  # (B·H_kv, 1, G, D)
+
+    def attend(lo: int, hi: int, parts: int) -> tuple[torch.Tensor, torch.Tensor]:  # (output, log-sum-exp)
+        k, v = (t[:, :, lo:hi].flatten(0, 1).unflatten(1, (parts, (hi - lo) // parts)) for t in (key, value))
+        return compat.cpu_flash_attention(rows.expand(-1, parts, -1, -1), k, v, scale=scale)[:2]
+
+    parts = [attend(0, m * splits, splits)] + ([attend(m * splits, n, 1)] if n > m * splits else [])
+    out = torch.cat([o for o, _ in parts], dim=1)  # (B·H_kv, ranges, G, Dv)
+    weights = torch.softmax(torch.cat([lse for _, lse in parts], dim=1), dim=1).unsqueeze(-1)
+    return (out.float() * weights).sum(dim=1).to(query.dtype)
 
 
 def _dispatch(module, query, key, value, attention_mask, **kwargs):

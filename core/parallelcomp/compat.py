@@ -1,4 +1,4 @@
-"""The one seam for transformers version drift (transformers5.md §5.1).
+"""The one seam for version drift: transformers (transformers5.md §5.1) and the one private torch op.
 
 transformers 5.24 renamed the cache keyword `past_key_values` → `cache` (and the output field);
 unknown keywords are swallowed silently, so the name is detected from the forward signature
@@ -41,3 +41,9 @@ def forward(
         **kwargs,
     )
     return out.logits
+
+
+# torch's CPU flash attention, which returns the log-sum-exp next to the output (a private aten op
+# of torch ≥ 2.3); split-key decode attention needs it (attention._split_key_attention). None where
+# this torch lacks it: one-token steps then run unsplit.
+cpu_flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
