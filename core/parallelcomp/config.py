@@ -139,7 +139,9 @@ class ParallelCompConfig(BaseModel):
     kv_store_dir: str | None = None
     """Disk tier: a directory of checksummed safetensors files shared by runs and processes."""
     kv_store_disk_bytes: int | None = Field(None, gt=0)
-    """Disk tier budget; least recently used files are deleted above it. None: unbounded."""
+    """Disk tier budget; least recently used files are deleted above it. None: half of what the
+    tier could occupy when the engine opens it (the bytes it holds plus the free space of its file
+    system), so a store never fills the disk (docs/store.md)."""
 
     # --- per-chunk KV eviction, SnapKV-style (method.md §3) ---
     kv_budget_tokens: int | None = Field(None, gt=0)

@@ -57,6 +57,8 @@ class ReuseStats:
     store_write_errors: int = 0
     store_evicted: int = 0
     """Entries the memory tier dropped during this call to stay within kv_store_bytes."""
+    store_disk_evicted: int = 0
+    """Files the disk tier deleted during this call to stay within its budget (kv_store_disk_bytes)."""
 
     def add(self, other: ReuseStats) -> None:
         """Count `other`'s work in this report too (a distributed run sums its workers')."""

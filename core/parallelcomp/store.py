@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import struct
 import uuid
 import warnings
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import kv as kvops
 from .output import ReuseStats
@@ -104,6 +106,8 @@ class ChunkStore:
     def __init__(self, memory_bytes: int, disk_dir: str | os.PathLike | None = None, disk_bytes: int | None = None):
         self.memory_bytes = memory_bytes
         self.disk_dir = Path(disk_dir) if disk_dir is not None else None
+        if self.disk_dir is not None and disk_bytes is None:
+            disk_bytes = _default_disk_budget(self.disk_dir)
         self.disk_bytes = disk_bytes
         self._lru: OrderedDict[str, Entry] = OrderedDict()
         self._held = 0
@@ -185,7 +189,7 @@ class ChunkStore:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # safetensors reports its writer's I/O errors as its own type
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             report.store_write_errors += 1
@@ -195,7 +199,7 @@ class ChunkStore:
                               "disk tier", stacklevel=2)
             return
         if self.disk_bytes is not None:
-            self._trim_disk(identity)
+            report.store_disk_evicted += self._trim_disk()
 
     def _load(self, key, identity, prefix_ids, chunk_ids, report: ReuseStats, shape) -> Entry | None:
         if self.disk_dir is None:
@@ -225,21 +229,39 @@ class ChunkStore:
         kv = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(layers)]
         return Entry(kv, tensors["last_logprobs"], float(meta["seconds"]))
 
-    def _trim_disk(self, identity: dict) -> None:
-        """Above the disk budget: delete least recently used files down to 90% of it."""
-        files = []
-        for path in (self.disk_dir / "v1").glob("*/*/*.safetensors"):
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            files.append((st.st_mtime, st.st_size, path))
-        total = sum(size for _, size, _ in files)
+    def _trim_disk(self) -> int:
+        """Above the disk budget: delete least recently used files down to 90% of it; returns how many."""
+        files = _stored_files(self.disk_dir)
+        total, deleted = sum(size for _, size, _ in files), 0
+        if total <= self.disk_bytes:
+            return 0
         for _, size, path in sorted(files):
             if total <= 0.9 * self.disk_bytes:
                 break
             path.unlink(missing_ok=True)
             total -= size
+            deleted += 1
+        return deleted
+
+
+def _stored_files(root: Path) -> list[tuple[float, int, Path]]:
+    """(mtime, bytes, path) of every entry file of a disk tier."""
+    files = []
+    for path in (root / "v1").glob("*/*/*.safetensors"):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        files.append((st.st_mtime, st.st_size, path))
+    return files
+
+
+def _default_disk_budget(root: Path) -> int:
+    """Half of what a disk tier could occupy: the bytes it holds plus the free space of its file
+    system (of the nearest existing parent while the directory does not exist yet)."""
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    held = sum(size for _, size, _ in _stored_files(root))
+    return max(1, (held + shutil.disk_usage(existing).free) // 2)
 
 
 def _tensors(entry: Entry, prefix_ids, chunk_ids) -> dict[str, torch.Tensor]:
