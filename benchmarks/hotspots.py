@@ -3,7 +3,10 @@
 One RULER haystack (the repeat-query one) at `--length` tokens with `make ask`'s settings (K=1,
 2,048-token chunks): `encode` runs phase 1 on every chunk under torch.profiler, then a question
 is asked twice over the corpus and the second, fully reused one is profiled. Writes the top CPU
-operators of both to results.md, with the share each takes of the profiled CPU time.
+operators of both to results.md, with the share each takes of the profiled CPU time, and the two
+kernels' rates in float32 and in the model's dtype: the GEMM of the roofline (`main_job.GEMM`) and
+the causal SDPA of one phase-1 micro-batch (2 rows of prefix + 2,048-token chunk, this model's
+heads), which the roofline counts at the GEMM rate.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 from . import machine
+from .main_job import GEMM
 from .repeat_query import CONFIG, haystack
 
 TOP = 8
@@ -46,11 +51,35 @@ def run(length: int, out: Path) -> Path:
         "reused_question": {"prefill_seconds": round(answer.stats.prefill_seconds, 2),
                             "first_token_seconds": round(answer.stats.first_token_seconds, 2),
                             "reused_chunks": answer.stats.reused_chunks, "ops": _top(warm)},
+        "kernels": [_kernel_rates(pc.model, dtype, answer.stats.prefix_tokens + CONFIG["chunk_tokens"])
+                    for dtype in dict.fromkeys([torch.float32, pc.model.dtype])],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(_table(result))
     return out / "results.md"
+
+
+def _kernel_rates(model, dtype: torch.dtype, tokens: int, rows: int = 2) -> dict:
+    """GFLOP/s of the roofline's GEMM and of causal SDPA over `rows` × `tokens` with the model's
+    heads (causal FLOPs: 2·2·rows·heads·tokens²·head_dim / 2), in `dtype`, best of 3."""
+    from parallelcomp import kv as kvops
+    from parallelcomp.hardware import measure_gflops
+
+    _, h_kv, d = kvops.layout(model)
+    h = model.config.get_text_config().num_attention_heads
+    q = torch.randn(rows, h, tokens, d, dtype=dtype)
+    k, v = (torch.randn(rows, h_kv, tokens, d, dtype=dtype) for _ in range(2))
+    def attend() -> float:
+        start = time.perf_counter()
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return time.perf_counter() - start
+
+    attend()  # warm-up
+    best = min(attend() for _ in range(3))
+    return {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "rows": rows,
+            "gemm_gflops": round(measure_gflops(dtype, GEMM, seconds=1.0), 1),
+            "attention_gflops": round(2 * rows * h * tokens**2 * d / best / 1e9, 1)}
 
 
 def _top(prof) -> list[dict]:
@@ -71,4 +100,9 @@ def _table(r: dict) -> str:
         lines += [f"## {title}", "", "| operator | self CPU s | share | calls |", "|---|---:|---:|---:|"]
         lines += [f"| {o['op']} | {o['self_cpu_s']} | {o['share']:.0%} | {o['calls']} |" for o in part["ops"]]
         lines.append("")
-    return "\n".join(lines)
+    lines += ["## Kernel rates", "", f"GEMM {GEMM[0]}×{GEMM[1]}·{GEMM[1]}×{GEMM[2]} (the roofline's rate) and causal SDPA "
+              "of one phase-1 micro-batch, best of 3:", "",
+              "| dtype | rows × tokens | GEMM GFLOP/s | attention GFLOP/s | attention ÷ GEMM |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {k['dtype']} | {k['rows']} × {k['tokens']:,} | {k['gemm_gflops']} | {k['attention_gflops']} | "
+              f"{k['attention_gflops'] / k['gemm_gflops']:.2f} |" for k in r.get("kernels", [])]
+    return "\n".join(lines) + "\n"

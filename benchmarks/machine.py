@@ -40,8 +40,11 @@ def describe(dtype: str) -> dict:
 
 def per_length_results(out, dtype: str, config: dict) -> dict:
     """`out/results.json` to add rows to (rows of lengths not measured again are kept), or a new
-    one; its machine record is this machine's."""
+    one when there is none or it holds another dtype's rows (one file never mixes dtypes); its
+    machine record is this machine's."""
     previous = Path(out) / "results.json"
-    results = json.loads(previous.read_text()) if previous.exists() else {"config": config, "lengths": {}}
+    results = json.loads(previous.read_text()) if previous.exists() else {}
+    if results.get("machine", {}).get("dtype") != dtype:
+        results = {"config": config, "lengths": {}}
     results["machine"] = describe(dtype)
     return results

@@ -70,7 +70,7 @@ def worker(spec: dict) -> dict:
 
 def run(lengths: list[int], stores: list[str], batch_tokens: list[int] | None, out: Path) -> Path:
     """Measure every (length, store, prefill_batch_tokens); rows of other triples already in `out`
-    are kept."""
+    are kept if they were measured in the same dtype (one file never mixes dtypes)."""
     from parallelcomp import ParallelCompConfig
     from parallelcomp.default_model import embedded_model_dir
 
@@ -81,7 +81,8 @@ def run(lengths: list[int], stores: list[str], batch_tokens: list[int] | None, o
     for length, store, batch in itertools.product(lengths, stores, batch_tokens):
         spec = {"model_dir": model_dir, "length": length, "store": store, "batch_tokens": batch}
         row = spawn("prefill_scaling", spec)
-        rows = sorted([r for r in rows if _cell(r) != (length, store, batch)] + [row], key=_cell)
+        rows = sorted([r for r in rows if _cell(r) != (length, store, batch) and r["dtype"] == row["dtype"]] + [row],
+                      key=_cell)
         out.mkdir(parents=True, exist_ok=True)
         results = {"machine": machine.describe(row["dtype"]), "config": CONFIG, "rows": rows}
         (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -101,7 +102,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['tokens_in']:,} | {r['store']} | {r['batch_tokens']:,} | {r['n_chunks']} | {r['prefill_seconds']} | {r['flops'] / 1e12:.2f} | "
-            f"{r['gemm_gflops']} | {r['bound_seconds']} | {r['prefill_seconds'] / r['bound_seconds']:.2f}× | "
+            f"{r['gemm_gflops']} | {r['bound_seconds']} | {r['prefill_seconds'] * r['gemm_gflops'] * 1e9 / r['flops']:.2f}× | "
             f"{r['tokens_per_second']:,} | {r['weights_mb']:,} | {r['loaded_rss_mb']:,} | {r['peak_rss_mb']:,} | "
             f"{r['peak_rss_mb'] - r['loaded_rss_mb']:,} | {'yes' if r['correct'] else 'no'} | "
             f"{r.get('reused_prefill_seconds', '–')} | "

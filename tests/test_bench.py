@@ -252,7 +252,26 @@ def test_profile_command_writes_the_top_operators(tmp_path, monkeypatch, tokeniz
         shares = [o["share"] for o in result[part]["ops"]]
         assert shares and sum(shares) <= 1.0 + 1e-6 and shares == sorted(shares, reverse=True)
     assert result["reused_question"]["reused_chunks"] == result["encode"]["chunks"] > 1
-    assert "## Reused question" in (tmp_path / "results.md").read_text()
+    # the kernel rates: one fp32 row for an fp32 model, over prefix + one chunk
+    [kernels] = result["kernels"]
+    assert kernels["dtype"] == "float32" and kernels["tokens"] > 128
+    assert kernels["gemm_gflops"] > 0 and kernels["attention_gflops"] > 0
+    text = (tmp_path / "results.md").read_text()
+    assert "## Reused question" in text and "| float32 | 2 × " in text
+
+
+def test_per_length_results_never_mix_dtypes(tmp_path):
+    """Rows of other lengths are kept only from a file of the same dtype; another dtype's file
+    is replaced, so one table never holds rows measured in two precisions."""
+    import json
+
+    from benchmarks import machine
+
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"config": {}, "machine": machine.describe("torch.float32"), "lengths": {"8192": {"rows": []}}}))
+    assert machine.per_length_results(tmp_path, "torch.float32", {})["lengths"] == {"8192": {"rows": []}}
+    fresh = machine.per_length_results(tmp_path, "torch.bfloat16", {"k": 1})
+    assert fresh["lengths"] == {} and fresh["config"] == {"k": 1} and fresh["machine"]["dtype"] == "torch.bfloat16"
 
 
 def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatch, tokenizer):
