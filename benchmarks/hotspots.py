@@ -70,6 +70,7 @@ def _kernel_rates(model, dtype: torch.dtype, tokens: int, rows: int = 2) -> dict
     h = model.config.get_text_config().num_attention_heads
     q = torch.randn(rows, h, tokens, d, dtype=dtype)
     k, v = (torch.randn(rows, h_kv, tokens, d, dtype=dtype) for _ in range(2))
+
     def attend() -> float:
         start = time.perf_counter()
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
