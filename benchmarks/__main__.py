@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     sc.add_argument("--stores", nargs="+", default=["memory", "disk"], choices=["memory", "disk"])
     sc.add_argument("--batch-tokens", nargs="+", type=int,
                     help="prefill_batch_tokens values, one row each (default: the config's default)")
+    sc.add_argument("--attention-kernels", nargs="+", default=["auto"], choices=["auto", "fused", "matmul"],
+                    help="attention_kernel values, one row each (fused and matmul: side by side)")
     sc.add_argument("--out", default=str(DEFAULT_OUT / "prefill-scaling"))
     rs = sub.add_parser("ray-scaling", help="encode and question times with 1 and 2 Ray workers vs one process")
     rs.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536])
@@ -110,7 +112,7 @@ def main(argv=None) -> None:
     elif opts.command == "prefill-scaling":
         from .prefill_scaling import run as run_scaling
 
-        print(run_scaling(opts.lengths, opts.stores, opts.batch_tokens, Path(opts.out)))
+        print(run_scaling(opts.lengths, opts.stores, opts.batch_tokens, Path(opts.out), opts.attention_kernels))
     elif opts.command == "memory":
         from .memory_estimate import run as run_memory
 

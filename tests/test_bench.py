@@ -255,7 +255,7 @@ def test_profile_command_writes_the_top_operators(tmp_path, monkeypatch, tokeniz
     # the kernel rates: one fp32 row for an fp32 model, over prefix + one chunk
     [kernels] = result["kernels"]
     assert kernels["dtype"] == "float32" and kernels["tokens"] > 128
-    assert kernels["gemm_gflops"] > 0 and kernels["attention_gflops"] > 0
+    assert kernels["gemm_gflops"] > 0 and kernels["attention_gflops"] > 0 and kernels["matmul_attention_gflops"] > 0
     text = (tmp_path / "results.md").read_text()
     assert "## Reused question" in text and "| float32 | 2 × " in text
 
@@ -289,13 +289,14 @@ def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatc
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path: tokenizer)
     monkeypatch.setattr(ParallelComp, "from_pretrained",
                         classmethod(lambda cls, path, config: cls(tiny_model("llama", len(tokenizer)), tokenizer, config)))
-    rows = [prefill_scaling.worker({"model_dir": "tiny", "length": 600, "store": s, "batch_tokens": 256})
-            for s in ("memory", "disk")]
+    rows = [prefill_scaling.worker({"model_dir": "tiny", "length": 600, "store": s, "batch_tokens": 256,
+                                    "kernel": kernel}) for s, kernel in (("memory", "auto"), ("disk", "matmul"))]
     memory, disk = rows
+    assert (memory["attention_kernel"], disk["attention_kernel"]) == ("sdpa", "matmul")  # auto: fp32 → fused
     assert memory["n_chunks"] == disk["n_chunks"] > 1 and memory["flops"] == disk["flops"] > 0
     assert disk["store_bytes"] == 0 < memory["store_bytes"]
     assert memory["reused_chunks"] == disk["reused_chunks"] == memory["n_chunks"]  # the 2nd question is phase 2 only
     assert memory["bound_seconds"] == round(memory["flops"] / (memory["gemm_gflops"] * 1e9), 2)
     cfg = tiny_model("llama", len(tokenizer)).config.to_dict()
     assert memory["flops"] > prefill_flops(cfg, 0, 0, [128] * (memory["n_chunks"] - 1))  # every chunk counted
-    assert "| memory | 256 |" in prefill_scaling.table(rows) and "| disk | 256 |" in prefill_scaling.table(rows)
+    assert "| memory | 256 | sdpa |" in prefill_scaling.table(rows) and "| disk | 256 | matmul |" in prefill_scaling.table(rows)

@@ -128,7 +128,7 @@ def files(root: Path) -> list[Path]:
     return sorted(root.glob("v1/*/*/*.safetensors"))
 
 
-def test_disk_tier_serves_a_fresh_engine_and_misses_for_another_model_dtype_template_or_chunk_size(tokenizer, tmp_path):
+def test_disk_tier_serves_a_fresh_engine_and_misses_for_another_model_dtype_template_chunk_size_or_kernel(tokenizer, tmp_path):
     model = tiny_model("llama", len(tokenizer))
     ref = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS, max_new_tokens=8)
     assert len(files(tmp_path)) == 5
@@ -143,6 +143,7 @@ def test_disk_tier_serves_a_fresh_engine_and_misses_for_another_model_dtype_temp
                         kv_store_dir=str(tmp_path)),
         "template": engine(tokenizer, model=model, kv_store_dir=str(tmp_path), instruction="Answer tersely."),
         "chunk size": engine(tokenizer, model=model, kv_store_dir=str(tmp_path), chunk_tokens=72),
+        "attention kernel": engine(tokenizer, model=model, kv_store_dir=str(tmp_path), attention_kernel="matmul"),
     }
     for name, pc in variants.items():
         out = pc.generate(QUESTION, documents=DOCS, max_new_tokens=2)

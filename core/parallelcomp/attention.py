@@ -13,6 +13,10 @@ Two scopes, each a `with` block undone in `finally`:
   registration, but the attention itself is `_attend_chunks`: batch row i's question
   attends to [prefix ‖ chunk i ‖ its own earlier tokens], reading the prefix and each chunk's KV
   where they are stored, with no padded batch copy and no `repeat_kv` expansion.
+* `causal_matmul(model)` — phase 1 and the prompt prefix on the "matmul" kernel
+  (`ParallelCompConfig.attention_kernel`): an sdpa model's causal self-attention over a whole
+  sequence runs `_causal_matmul`, blocks of bf16 matmuls, which on a CPU with native bf16 GEMMs
+  is about twice torch's fused kernel there (docs/hardware.md).
 
 Plus the GQA-native score helper: `last_rows_attention`. This module does not decide what to
 evict (compression.py, calibration.py) and does not edit KV (kv.py).
@@ -40,6 +44,7 @@ Handler = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 Observer = Callable[[int, int, torch.Tensor], None]  # (row, layer, probabilities)
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 SPLIT_KEYS = 2048  # fewest keys per range of a split one-token attention (docs/decode.md)
+CAUSAL_ROWS = 192  # packed query rows (G per position) per block of `_causal_matmul` (docs/hardware.md)
 
 _lock = threading.Lock()
 _users = 0  # scopes currently relying on the registered name (registered while > 0)
@@ -91,18 +96,30 @@ def attention_function(model, handler: Handler) -> Iterator[None]:
 
 @contextmanager
 def chunk_attention(model, prefix: list[LayerKV], chunks: list[list[LayerKV]],
-                    observe: Observer | None = None) -> Iterator[None]:
+                    observe: Observer | None = None, matmul: bool = False) -> Iterator[None]:
     """Phase 2's attention inside the block: row i of the forward is the question behind chunk i.
 
     `prefix` (batch-1 KV) and `chunks[i]` are read in place. The forward must get no cache and a
     4D (1, 1, q, q) causal mask, which transformers passes through as it is. `observe(row, layer,
-    probs)` receives each row's fp32 attention probabilities, (H_kv, G, q, P + L_i + q).
+    probs)` receives each row's fp32 attention probabilities, (H_kv, G, q, P + L_i + q). `matmul`:
+    the "matmul" kernel (scores from one matmul in the model's dtype) instead of torch's fused one.
     """
     layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     if not layers:
         raise ModelNotSupportedError(f"{type(model).__name__}: no attention modules with a layer_idx found")
     masks: dict[tuple[int, int | None, int], torch.Tensor] = {}  # built once per forward, shared by its layers
-    with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, chunks, observe, masks)):
+    with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, chunks, observe, matmul, masks)):
+        yield
+
+
+@contextmanager
+def causal_matmul(model) -> Iterator[None]:
+    """Inside the block, each causal self-attention of an sdpa model over a whole sequence (query
+    and key lengths equal, no mask: phase 1's micro-batches and the prompt prefix) runs
+    `_causal_matmul`; every other call goes to transformers' sdpa function as before."""
+    if model.config._attn_implementation != "sdpa":
+        raise ModelNotSupportedError(f"the matmul attention kernel replaces sdpa, not {model.config._attn_implementation!r}")
+    with _scope(model, attention_modules(model), lambda module: _causal_or_sdpa):
         yield
 
 
@@ -211,6 +228,40 @@ def _split_key_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return (out.float() * weights).sum(dim=1).to(query.dtype)
 
 
+def _causal_or_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """`causal_matmul`'s attention: `_causal_matmul` where sdpa would take its causal kernel (no
+    mask, as many queries as keys), else transformers' sdpa function."""
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if (query.shape[2] == key.shape[2] > 1 and attention_mask is None and causal and not kwargs.get("dropout")
+            and not _SDPA_SPECIAL.intersection(kwargs) and kwargs.get("s_aux") is None):
+        return _causal_matmul(query, key, value, kwargs.get("scaling")), None
+    return _through(None, "sdpa", module, query, key, value, attention_mask, **kwargs)
+
+
+def _causal_matmul(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal softmax attention in blocks of query positions: per block, one matmul of its query
+    rows with the keys up to its last position, a softmax, one matmul with those values. That is
+    the arithmetic of transformers' eager attention (scores in the model's dtype, the softmax
+    accumulated in fp32), without the (T, T) score matrix or any key past a block. The G query
+    heads of a KV head are packed as G·n rows (no `repeat_kv`), n = CAUSAL_ROWS // G positions
+    per block, so that a block's scores stay in the core's cache. query (B, H, T, D), key and
+    value (B, H_kv, T, D); returns (B, T, H, Dv) like the transformers functions. Measured
+    against torch's fused kernel in docs/hardware.md."""
+    b, h, t, d = query.shape
+    h_kv, g = key.shape[1], h // key.shape[1]
+    n_max = max(1, CAUSAL_ROWS // g)
+    rows = (query * (scale if scale is not None else d**-0.5)).view(b, h_kv, g, t, d)
+    out = query.new_empty(b, t, h_kv, g, value.shape[-1])
+    future = torch.ones(n_max, n_max, dtype=torch.bool, device=query.device).triu(1)
+    for lo in range(0, t, n_max):
+        hi = min(t, lo + n_max)
+        n = hi - lo
+        scores = torch.matmul(rows[:, :, :, lo:hi].reshape(b, h_kv, g * n, d), key[:, :, :hi].transpose(-1, -2))
+        scores[..., lo:].masked_fill_(future[:n, :n].repeat(g, 1), float("-inf"))
+        out[:, lo:hi] = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :hi]).view(b, h_kv, g, n, -1).permute(0, 3, 1, 2, 4)
+    return out.view(b, t, h, -1)
+
+
 def _dispatch(module, query, key, value, attention_mask, **kwargs):
     """The registered "parallelcomp" attention: whatever the active scope set for this layer."""
     attend = _attends.get(id(module)) or partial(_through, None, "sdpa")
@@ -236,14 +287,16 @@ def _through(handler: Handler | None, previous: str, module, query, key, value, 
 
 
 def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: Observer | None,
-                   masks: dict[tuple[int, int | None, int], torch.Tensor],
+                   matmul: bool, masks: dict[tuple[int, int | None, int], torch.Tensor],
                    module, query, key, value, attention_mask, scaling: float | None = None, **kwargs):
     """Phase 2's attention: softmax(q·Kᵀ·scale)·V of row i's question over [prefix ‖ chunk i ‖ question],
     the G query heads of a KV head packed as G·q query rows (no `repeat_kv`).
 
     With no observer this is one SDPA call per row over the concatenated keys and values (torch's
-    fused kernel: no (G·q, T) score matrix in memory); compression needs the probabilities, so with
-    an observer the scores are formed segment by segment (only they are concatenated) with an fp32
+    fused kernel: no (G·q, T) score matrix in memory), or with `matmul` one matmul for the scores,
+    a softmax and one for the values (eager's arithmetic, as `_causal_matmul`; faster where the fused kernel
+    does not use native bf16, docs/hardware.md); compression needs the probabilities, so with an
+    observer the scores are formed segment by segment (only they are concatenated) with an fp32
     softmax. query (B, H, q, D) and the question's own key/value (B, H_kv, q, D), post-RoPE;
     attention_mask (1, 1, q, q) bool, causal, the same in every layer of the forward, so `masks`
     keeps each row's key mask by (context length, sliding window, G) for the forward's later layers.
@@ -267,7 +320,11 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
         if shape not in masks:
             masks[shape] = _visible(attention_mask, *shape)
         visible = masks[shape]
-        if observe is None:
+        if observe is None and matmul:
+            scores = torch.matmul(rows * scale, torch.cat(keys, dim=-2).transpose(-1, -2))
+            mixed = torch.matmul(torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1),
+                                 torch.cat(values, dim=-2))
+        elif observe is None:
             mixed = torch.nn.functional.scaled_dot_product_attention(
                 rows[None], torch.cat(keys, dim=-2)[None], torch.cat(values, dim=-2)[None],
                 attn_mask=visible, scale=scale)[0]

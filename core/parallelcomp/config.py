@@ -131,6 +131,13 @@ class ParallelCompConfig(BaseModel):
     batching buys throughput."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     """None: flash_attention_2 on CUDA when installed, else sdpa."""
+    attention_kernel: Literal["auto", "fused", "matmul"] = "auto"
+    """How an sdpa model attends in phase 1, to the prompt prefix and in phase 2: "fused" is torch's
+    scaled_dot_product_attention; "matmul" is blocks of matmuls with a softmax (fp32-accumulated) between them,
+    the arithmetic of transformers' eager attention (scores in the model's dtype). "auto": matmul
+    for a bf16 model on a CPU whose native bf16 GEMMs beat fp32 (hardware.matmul_attention), where
+    torch's fused CPU kernel runs at its fp32 rate and the matmuls at about twice that; fused
+    elsewhere. Chunk KV is stored under the kernel that made it (docs/hardware.md)."""
 
     # --- chunk KV store (store.py, docs/store.md) ---
     kv_store_bytes: int | None = Field(None, ge=0)

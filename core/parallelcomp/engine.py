@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from . import calibration, compression, grammar, guard, hardware
 from . import kv as kvops
+from .attention import attention_modules
 from .chunking import Chunk, check_text, make_chunks, validate_documents
 from .compat import forward
 from .config import DTYPE_NAMES, ParallelCompConfig
@@ -132,6 +133,8 @@ class ParallelComp:
         self.num_layers = text_config.num_hidden_layers
         calibration.layer_plan(self.config.calibration_rules, self.num_layers)  # rules must fit the depth
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.attention_kernel = _attention_kernel(model, self.config.attention_kernel)
+        self._matmul = self.attention_kernel == "matmul"
         self._lock = guard.run_lock(model)  # one run at a time per model, shared by its engines
         memory = self.config.kv_store_bytes
         self.store = ChunkStore(psutil.virtual_memory().total // 3 if memory is None else memory,
@@ -192,7 +195,7 @@ class ParallelComp:
         """What every chunk's KV depends on besides its tokens (store.model_identity) and its
         digest; computed once, on the first call that has documents."""
         if self._identity is None:
-            identity = model_identity(self.model)
+            identity = model_identity(self.model, self.attention_kernel)
             self._identity = (identity, identity_digest(identity))
         return self._identity
 
@@ -203,7 +206,7 @@ class ParallelComp:
         if self._prefix[0] == ids and self._prefix[1]:
             report.reused_prefix_tokens += len(ids)
         else:
-            self._prefix = (ids, encode_prefix(self.model, prefix_ids))
+            self._prefix = (ids, encode_prefix(self.model, prefix_ids, self._matmul))
         return self._prefix[1]
 
     def encode(self, documents, *, progress: bool = False) -> Corpus:
@@ -399,7 +402,8 @@ class ParallelComp:
             comp = compression.BatchCompressor.for_batch(
                 self.config, kvops.n_tokens(prefix), group, len(parts.question_ids), parts.question_span
             )
-            nll = question_nll(self.model, prefix, group, parts.question_ids, scored, comp.observe if comp else None)
+            nll = question_nll(self.model, prefix, group, parts.question_ids, scored, comp.observe if comp else None,
+                               self._matmul)
             raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in group})
             for enc, chunk_nll in zip(comp.apply(group) if comp else group, nll.mean(dim=1).tolist()):
                 scores[enc.chunk.index] = chunk_nll
@@ -441,7 +445,7 @@ class ParallelComp:
         missing = [c for c in batch if first[keys[c.index]] == c.index and c.index not in entries]
         if missing:
             start = time.perf_counter()
-            encoded = encode_chunks(self.model, prefix_ids, missing)
+            encoded = encode_chunks(self.model, prefix_ids, missing, self._matmul)
             share = (time.perf_counter() - start) / sum(len(c.token_ids) for c in missing)
             for enc in encoded:
                 entry = Entry(enc.kv, enc.last_logprobs, share * enc.length)
@@ -541,6 +545,7 @@ class ParallelComp:
             **asdict(scored.spread),
             store_bytes=scored.store_bytes,
             dtype=str(self.model.dtype).removeprefix("torch."),
+            attention_kernel=self.attention_kernel,
             threads=torch.get_num_threads(),
         )
 
@@ -560,6 +565,18 @@ def _resolve_model(model) -> str:
         msg = f"{model!s} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1); pass a local path"
         raise ModelLoadError(msg)
     return str(model)
+
+
+def _attention_kernel(model, choice: str) -> str:
+    """The kernel phases 1 and 2 attend with (ParallelCompConfig.attention_kernel): "sdpa" or
+    "matmul" for an sdpa model, else the model's own backend, which both phases then use."""
+    backend = str(model.config._attn_implementation)
+    if backend != "sdpa" or choice == "fused":
+        return backend
+    if choice == "auto" and not hardware.matmul_attention(model.device, model.dtype):
+        return backend
+    attention_modules(model)  # ModelNotSupportedError for layers the matmul kernel cannot reach
+    return "matmul"
 
 
 def _default_attention(device: torch.device) -> str:

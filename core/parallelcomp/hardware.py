@@ -6,6 +6,7 @@
   matmul runs 20-90x slower than fp32 (measured on an AVX2-only EPYC, docs/hardware.md), so the
   flag check comes first and the measurement confirms it. The measurement runs once per machine
   and torch version and is cached as a small JSON file whose checksum is verified on read.
+* attention: on such a CPU a bf16 model's attention runs as matmuls (`matmul_attention`).
 * threads: torch's intra-op threads = the physical cores this process may run on (its CPU
   affinity mask, counted per physical core, capped by a cgroup CPU quota), unless the caller or
   OMP_NUM_THREADS says otherwise.
@@ -53,6 +54,14 @@ def default_dtype(device: torch.device, cache_dir: Path | None = None) -> torch.
         return torch.float32
     rates = matmul_rates(cache_dir)
     return torch.bfloat16 if rates["bfloat16"] > rates["float32"] else torch.float32
+
+
+def matmul_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether attention should run as bf16 matmuls rather than torch's fused kernel: a bf16
+    model on a CPU whose native bf16 GEMMs measure faster than fp32 (`default_dtype`'s test).
+    There the fused CPU kernel runs no faster in bf16 than in fp32, while the blocked matmul
+    attention runs at about twice its rate (docs/hardware.md)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and default_dtype(device) == torch.bfloat16
 
 
 def matmul_rates(cache_dir: Path | None = None) -> dict[str, float]:

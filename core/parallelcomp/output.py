@@ -130,6 +130,9 @@ class RunStats(SpreadStats, ReuseStats):
     """Bytes held by the memory tier after this call."""
     dtype: str = ""
     """The model's compute dtype (float32, bfloat16, ...), chosen per machine unless given."""
+    attention_kernel: str = ""
+    """How phases 1 and 2 attended: "sdpa" (torch's fused kernel), "matmul", or the model's own
+    backend ("eager", "flash_attention_2"); ParallelCompConfig.attention_kernel."""
     threads: int = 0
     """torch intra-op threads the run used."""
     prefill_seconds: float = 0.0

@@ -18,13 +18,14 @@ Because phase 1 does not see the question, a corpus's chunk KV is reused across 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from contextlib import nullcontext
 from typing import Iterator
 
 import torch
 
 from . import kv as kvops
 from .chunking import Chunk
-from .attention import Observer, chunk_attention
+from .attention import Observer, causal_matmul, chunk_attention
 from .compat import forward
 
 
@@ -64,25 +65,28 @@ def question_rows(budget_tokens: int, question_tokens: int) -> int:
 
 
 @torch.inference_mode()
-def encode_prefix(model, prefix_ids: list[int]) -> list[kvops.LayerKV]:
+def encode_prefix(model, prefix_ids: list[int], matmul: bool = False) -> list[kvops.LayerKV]:
+    """The prompt prefix's KV, batch 1; `matmul`: on the "matmul" attention kernel, as phase 1."""
     device = model.device
     if not prefix_ids:
         return _empty_kv(model)
     cache = kvops.to_cache([])
     ids = torch.tensor([prefix_ids], device=device)
-    forward(model, ids, cache, position_ids=torch.arange(len(prefix_ids), device=device)[None])
+    with causal_matmul(model) if matmul else nullcontext():
+        forward(model, ids, cache, position_ids=torch.arange(len(prefix_ids), device=device)[None])
     return kvops.from_cache(cache)
 
 
 @torch.inference_mode()
-def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk]) -> list[EncodedChunk]:
+def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk], matmul: bool = False) -> list[EncodedChunk]:
     """Phase 1 for one micro-batch: rows [prefix ‖ chunk_i ‖ padding], causal, no mask.
 
     The prefix (a few dozen tokens) is re-run in every row instead of read from its cache: with
     q_len == kv_len and no mask, sdpa and flash attention take their fused causal kernels, which
     on CPU is about 2× faster and far leaner than the explicit-mask path a prefix cache forces
     (measured on SmolLM2, 8K tokens: 17 s vs 32 s). Right padding needs no mask either: a real
-    token never attends to a later position. Only the chunk's own KV is kept.
+    token never attends to a later position. Only the chunk's own KV is kept. `matmul`: the
+    attention runs `attention.causal_matmul` instead (ParallelCompConfig.attention_kernel).
     """
     device, p = model.device, len(prefix_ids)
     lengths = torch.tensor([len(c.token_ids) for c in chunks], device=device)
@@ -91,7 +95,8 @@ def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk]) -> list[Enc
         ids[row, : p + len(c.token_ids)] = torch.tensor(prefix_ids + c.token_ids, device=device)
     cache = kvops.to_cache([])
     positions = torch.arange(ids.shape[1], device=device).expand(len(chunks), -1)
-    logits = forward(model, ids, cache, positions, logits_to_keep=(p + lengths - 1)[:, None])
+    with causal_matmul(model) if matmul else nullcontext():
+        logits = forward(model, ids, cache, positions, logits_to_keep=(p + lengths - 1)[:, None])
     logprobs = torch.log_softmax(logits[:, 0].float(), dim=-1)
     rows = kvops.split_rows(cache, [(p, p + len(c.token_ids)) for c in chunks])
     return [EncodedChunk(c, kv, logprobs[row]) for row, (c, kv) in enumerate(zip(chunks, rows))]
@@ -105,12 +110,13 @@ def question_nll(
     question_ids: list[int],
     scored: slice,
     observe: Observer | None = None,
+    matmul: bool = False,
 ) -> torch.Tensor:
     """Phase 2: (B, n) NLL of the question tokens `scored` (n of them) given each chunk (Eq. 3
     before averaging). Row i runs the question behind [prefix ‖ chunk i], both read in place
     (`attention.chunk_attention`); only the question tokens up to the last scored one (or the
     last one `observe` needs) go through the model. `observe(row, layer, probs)` receives the
-    question's attention (e.g. for KV compression).
+    question's attention (e.g. for KV compression). `matmul`: the "matmul" attention kernel.
     """
     device, p = model.device, kvops.n_tokens(prefix)
     first, end, _ = scored.indices(len(question_ids))
@@ -122,7 +128,7 @@ def question_nll(
     rows = torch.arange(max(first, 1) - 1, end - 1, device=device)  # logits predicting tokens max(first, 1)…end-1
     logits = None
     if rows.numel() or observe is not None:  # compression observes even when no logits are needed
-        with chunk_attention(model, prefix, [e.kv for e in encoded], observe):
+        with chunk_attention(model, prefix, [e.kv for e in encoded], observe, matmul):
             logits = forward(model, question, None, positions, causal, logits_to_keep=rows if rows.numel() else 1)
         logits = logits if rows.numel() else None
     nll = torch.empty(len(encoded), end - first, device=device)

@@ -57,9 +57,10 @@ class Entry:
         return kvops.n_bytes(self.kv) + self.last_logprobs.numel() * self.last_logprobs.element_size()
 
 
-def model_identity(model) -> dict:
+def model_identity(model, attention: str) -> dict:
     """Everything a chunk's KV depends on besides the tokens: config, weights, dtype, device type,
-    attention implementation, transformers major.minor. Weights are fingerprinted by sampling
+    the attention kernel phase 1 ran (`attention`: the model's backend, or "matmul" for
+    ParallelCompConfig.attention_kernel's), transformers major.minor. Weights are fingerprinted by sampling
     each tensor at up to 65,536 evenly strided positions (exact for a changed checkpoint in
     practice; hashing every weight would cost seconds per GB)."""
     import transformers
@@ -81,7 +82,7 @@ def model_identity(model) -> dict:
         "weights": digest.hexdigest(),
         "dtype": str(model.dtype),
         "device": model.device.type,
-        "attn_implementation": str(model.config._attn_implementation),
+        "attn_implementation": attention,
         "transformers": ".".join(transformers.__version__.split(".")[:2]),
     }
 
