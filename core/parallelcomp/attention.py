@@ -322,8 +322,9 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
         visible = masks[shape]
         if observe is None and matmul:
             scores = torch.matmul(rows * scale, torch.cat(keys, dim=-2).transpose(-1, -2))
-            mixed = torch.matmul(torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1),
-                                 torch.cat(values, dim=-2))
+            start = shape[0] if shape[1] is None else 0  # no sliding window: every context key is visible
+            scores[..., start:].masked_fill_(~visible[:, start:], float("-inf"))
+            mixed = torch.matmul(torch.softmax(scores, dim=-1), torch.cat(values, dim=-2))
         elif observe is None:
             mixed = torch.nn.functional.scaled_dot_product_attention(
                 rows[None], torch.cat(keys, dim=-2)[None], torch.cat(values, dim=-2)[None],
