@@ -48,19 +48,28 @@ def test_native_bf16_is_chosen_only_when_it_measures_faster(monkeypatch, measure
     assert hardware.default_dtype(torch.device("cpu"), tmp_path) == expected
 
 
-@pytest.mark.parametrize("flags, bf16_rate, device, dtype, expected", [
-    ({"avx512_bf16"}, 300.0, "cpu", torch.bfloat16, True),
-    ({"avx512_bf16"}, 300.0, "cpu", torch.float32, False),
-    ({"avx512_bf16"}, 50.0, "cpu", torch.bfloat16, False),  # bf16 GEMMs slower than fp32
-    ({"avx2"}, 300.0, "cpu", torch.bfloat16, False),  # emulated bf16
-    ({"avx512_bf16"}, 300.0, "cuda", torch.bfloat16, False),  # fused kernels on GPUs
+@pytest.mark.parametrize("flags, bf16_rate, matmul_rate, device, dtype, expected", [
+    ({"avx512_bf16"}, 300.0, 270.0, "cpu", torch.bfloat16, True),
+    ({"avx512_bf16"}, 300.0, 100.0, "cpu", torch.bfloat16, False),  # the fused kernel measures faster (AMX)
+    ({"avx512_bf16"}, 300.0, 270.0, "cpu", torch.float32, False),
+    ({"avx512_bf16"}, 50.0, 270.0, "cpu", torch.bfloat16, False),  # bf16 GEMMs slower than fp32
+    ({"avx2"}, 300.0, 270.0, "cpu", torch.bfloat16, False),  # emulated bf16
+    ({"avx512_bf16"}, 300.0, 270.0, "cuda", torch.bfloat16, False),  # fused kernels on GPUs
 ])
-def test_matmul_attention_only_for_bf16_on_a_cpu_whose_bf16_matmuls_win(monkeypatch, measured, tmp_path,
-                                                                          flags, bf16_rate, device, dtype, expected):
+def test_matmul_attention_only_where_bf16_matmuls_and_the_matmul_attention_measure_faster(
+        monkeypatch, measured, tmp_path, flags, bf16_rate, matmul_rate, device, dtype, expected):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
-    monkeypatch.setattr(hardware, "_cache_file", lambda cache_dir, key: tmp_path / "rates.json")
+    monkeypatch.setattr(hardware, "_cache_file", lambda cache_dir, name, key: tmp_path / f"{name}.json")
+    monkeypatch.setattr(hardware, "measure_attention", lambda shape: {"fused": 130.0, "matmul": matmul_rate})
     measured[0]["bfloat16"] = bf16_rate
     assert hardware.matmul_attention(torch.device(device), dtype) is expected
+
+
+def test_real_attention_measurement_returns_both_kernels_and_is_cached(tmp_path):
+    rates = hardware.attention_rates(tmp_path)
+    assert set(rates) == {"fused", "matmul"} and all(r > 0 for r in rates.values())
+    (cached,) = tmp_path.glob("attention-rates-*.json")
+    assert hardware.attention_rates(tmp_path) == rates  # read back, not measured again (timings never repeat)
 
 
 def test_cuda_keeps_bfloat16(measured):

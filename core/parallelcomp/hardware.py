@@ -26,6 +26,7 @@ import torch
 
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 _PROBE = (256, 576, 1536)  # m, k, n: a SmolLM2-sized MLP matmul; ~0.45 GFLOP, < 1 s even emulated
+_ATTENTION_PROBE = (9, 3, 2048, 64)  # query heads, KV heads, tokens, head dim: one SmolLM2 chunk; ~0.1 s
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
@@ -57,23 +58,51 @@ def default_dtype(device: torch.device, cache_dir: Path | None = None) -> torch.
 
 
 def matmul_attention(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether attention should run as bf16 matmuls rather than torch's fused kernel: a bf16
-    model on a CPU whose native bf16 GEMMs measure faster than fp32 (`default_dtype`'s test).
-    There the fused CPU kernel runs no faster in bf16 than in fp32, while the blocked matmul
-    attention runs at about twice its rate (docs/hardware.md)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and default_dtype(device) == torch.bfloat16
+    """Whether a bf16 model's attention should run as matmuls (`attention._causal_matmul`)
+    rather than torch's fused kernel: on a CPU whose native bf16 GEMMs beat fp32
+    (`default_dtype`'s test) and where the matmul attention measures faster than the fused one.
+    On AVX-512 BF16 without AMX the fused CPU kernel runs no faster in bf16 than in fp32 and the
+    matmuls about twice its rate (docs/hardware.md); where the fused kernel has a native bf16
+    path (e.g. AMX) the measurement keeps it."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or default_dtype(device) != torch.bfloat16:
+        return False
+    rates = attention_rates()
+    return rates["matmul"] > rates["fused"]
 
 
 def matmul_rates(cache_dir: Path | None = None) -> dict[str, float]:
     """GFLOP/s of the probe matmul in float32 and bfloat16 on this CPU, measured once and cached."""
-    key = {"cpu": platform.processor() or platform.machine(), "flags": sorted(cpu_flags()),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "probe": list(_PROBE)}
-    path = _cache_file(cache_dir, key)
-    cached = _read_checked(path, key)
-    if cached is not None:
-        return cached
-    rates = {name: measure_gflops(getattr(torch, name)) for name in ("float32", "bfloat16")}
-    _write_checked(path, key, rates)
+    return _measured("matmul-rates", ("float32", "bfloat16"), {"probe": list(_PROBE)}, cache_dir,
+                     lambda: {name: measure_gflops(getattr(torch, name)) for name in ("float32", "bfloat16")})
+
+
+def attention_rates(cache_dir: Path | None = None) -> dict[str, float]:
+    """GFLOP/s of causal bf16 attention over one 2,048-token chunk with SmolLM2's heads on the
+    fused kernel and on the matmul one, measured once and cached like `matmul_rates`."""
+    return _measured("attention-rates", ("fused", "matmul"), {"probe": list(_ATTENTION_PROBE)}, cache_dir,
+                     lambda: measure_attention(_ATTENTION_PROBE))
+
+
+def measure_attention(shape: tuple[int, int, int, int] = _ATTENTION_PROBE, repeats: int = 3) -> dict[str, float]:
+    """Best-of-`repeats` GFLOP/s of causal bf16 attention, (query heads, KV heads, tokens, head
+    dim), on torch's fused SDPA ("fused") and on `attention._causal_matmul` ("matmul")."""
+    from .attention import _causal_matmul
+
+    h, h_kv, t, d = shape
+    q = torch.randn(1, h, t, d, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, h_kv, t, d, dtype=torch.bfloat16) for _ in range(2))
+    kernels = {"fused": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                 enable_gqa=True),
+               "matmul": lambda: _causal_matmul(q, k, v, None)}
+    rates = {}
+    for name, attend in kernels.items():
+        attend()  # warm-up
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            attend()
+            best = min(best, time.perf_counter() - start)
+        rates[name] = 2 * h * t * t * d / best / 1e9  # causal: half of 4·h·t²·d
     return rates
 
 
@@ -122,24 +151,38 @@ def _cgroup_quota(sys_root: Path) -> int | None:
     return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
 
 
-def _cache_file(cache_dir: Path | None, key: dict) -> Path:
+def _measured(name: str, names: tuple[str, ...], probe: dict, cache_dir: Path | None, measure) -> dict[str, float]:
+    """`measure()` → {names…: rate} once per CPU model, flag set, torch version and thread count;
+    cached as `<name>-<digest>.json` under a checksum, measured again when the file is unusable."""
+    key = {"cpu": platform.processor() or platform.machine(), "flags": sorted(cpu_flags()),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), **probe}
+    path = _cache_file(cache_dir, name, key)
+    cached = _read_checked(path, key, names)
+    if cached is not None:
+        return cached
+    rates = measure()
+    _write_checked(path, key, rates)
+    return rates
+
+
+def _cache_file(cache_dir: Path | None, name: str, key: dict) -> Path:
     if cache_dir is None:
         from .default_model import cache_root
 
         cache_dir = cache_root()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"matmul-rates-{digest}.json"
+    return Path(cache_dir) / f"{name}-{digest}.json"
 
 
 def _checksum(key: dict, rates: dict) -> str:
     return hashlib.sha256(json.dumps([key, rates], sort_keys=True).encode()).hexdigest()
 
 
-def _read_checked(path: Path, key: dict) -> dict[str, float] | None:
+def _read_checked(path: Path, key: dict, names: tuple[str, ...]) -> dict[str, float] | None:
     """The cached rates, or None when the file is missing, foreign, malformed or fails its checksum."""
     try:
         data = json.loads(path.read_text())
-        rates = {name: float(data["rates"][name]) for name in ("float32", "bfloat16")}
+        rates = {name: float(data["rates"][name]) for name in names}
         if data["key"] != key or data["sha256"] != _checksum(key, data["rates"]):
             return None
     except (OSError, ValueError, KeyError, TypeError):
