@@ -118,7 +118,8 @@ def causal_matmul(model) -> Iterator[None]:
     and key lengths equal, no mask: phase 1's micro-batches and the prompt prefix) runs
     `_causal_matmul`; every other call goes to transformers' sdpa function as before."""
     if model.config._attn_implementation != "sdpa":
-        raise ModelNotSupportedError(f"the matmul attention kernel replaces sdpa, not {model.config._attn_implementation!r}")
+        backend = model.config._attn_implementation
+        raise ModelNotSupportedError(f"the matmul attention kernel replaces sdpa, not {backend!r}")
     with _scope(model, attention_modules(model), lambda module: _causal_or_sdpa):
         yield
 
@@ -258,7 +259,8 @@ def _causal_matmul(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         n = hi - lo
         scores = torch.matmul(rows[:, :, :, lo:hi].reshape(b, h_kv, g * n, d), key[:, :, :hi].transpose(-1, -2))
         scores[..., lo:].masked_fill_(future[:n, :n].repeat(g, 1), float("-inf"))
-        out[:, lo:hi] = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :hi]).view(b, h_kv, g, n, -1).permute(0, 3, 1, 2, 4)
+        mixed = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :hi])  # (B, H_kv, G·n, Dv)
+        out[:, lo:hi] = mixed.view(b, h_kv, g, n, -1).permute(0, 3, 1, 2, 4)
     return out.view(b, t, h, -1)
 
 
@@ -294,8 +296,8 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
 
     With no observer this is one SDPA call per row over the concatenated keys and values (torch's
     fused kernel: no (G·q, T) score matrix in memory), or with `matmul` one matmul for the scores,
-    a softmax and one for the values (eager's arithmetic, as `_causal_matmul`; faster where the fused kernel
-    does not use native bf16, docs/hardware.md); compression needs the probabilities, so with an
+    a softmax and one for the values (eager's arithmetic, as `_causal_matmul`; faster where the
+    fused kernel does not use native bf16, docs/hardware.md); compression needs the probabilities, so with an
     observer the scores are formed segment by segment (only they are concatenated) with an fp32
     softmax. query (B, H, q, D) and the question's own key/value (B, H_kv, q, D), post-RoPE;
     attention_mask (1, 1, q, q) bool, causal, the same in every layer of the forward, so `masks`

@@ -133,13 +133,13 @@ class ParallelCompConfig(BaseModel):
     """None: flash_attention_2 on CUDA when installed, else sdpa."""
     attention_kernel: Literal["auto", "fused", "matmul"] = "auto"
     """How an sdpa model attends in phase 1, to the prompt prefix and in phase 2: "fused" is torch's
-    scaled_dot_product_attention; "matmul" is blocks of matmuls with a softmax (fp32-accumulated) between them,
-    the arithmetic of transformers' eager attention (scores in the model's dtype). "auto": matmul
-    for a bf16 model on a CPU whose native bf16 GEMMs beat fp32 and where the matmul attention
-    measures faster than the fused kernel (hardware.matmul_attention, measured once per machine):
-    on AVX-512 BF16 without AMX the fused CPU kernel runs at its fp32 rate and the matmuls at about
-    twice that; fused elsewhere. Chunk KV is stored under the kernel that made it
-    (docs/hardware.md)."""
+    scaled_dot_product_attention; "matmul" is blocks of matmuls with a softmax (accumulated in
+    fp32) between them, the arithmetic of transformers' eager attention (scores in the model's
+    dtype). "auto": matmul for a bf16 model on a CPU whose native bf16 GEMMs beat fp32 and where
+    the matmul attention measures faster than the fused kernel (hardware.matmul_attention,
+    measured once per machine): on AVX-512 BF16 without AMX the fused CPU kernel runs at its fp32
+    rate and the matmuls at about twice that; fused elsewhere. Chunk KV is stored under the
+    kernel that made it (docs/hardware.md)."""
 
     # --- chunk KV store (store.py, docs/store.md) ---
     kv_store_bytes: int | None = Field(None, ge=0)

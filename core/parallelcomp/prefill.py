@@ -17,8 +17,8 @@ Because phase 1 does not see the question, a corpus's chunk KV is reused across 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
