@@ -62,32 +62,17 @@ def run(length: int, out: Path) -> Path:
 
 def _kernel_rates(model, dtype: torch.dtype, tokens: int, rows: int = 2) -> dict:
     """GFLOP/s of the roofline's GEMM and of causal attention over `rows` × `tokens` with the
-    model's heads (causal FLOPs: 2·2·rows·heads·tokens²·head_dim / 2) on both kernels of
-    ParallelCompConfig.attention_kernel: torch's fused SDPA and the blocked matmuls
-    (`attention._causal_matmul`), in `dtype`, best of 3."""
+    model's heads on both kernels of ParallelCompConfig.attention_kernel (torch's fused SDPA and
+    the blocked matmuls; `hardware.measure_attention`), in `dtype`, best of 3."""
     from parallelcomp import kv as kvops
-    from parallelcomp.attention import _causal_matmul
-    from parallelcomp.hardware import measure_gflops
+    from parallelcomp.hardware import measure_attention, measure_gflops
 
     _, h_kv, d = kvops.layout(model)
     h = model.config.get_text_config().num_attention_heads
-    q = torch.randn(rows, h, tokens, d, dtype=dtype)
-    k, v = (torch.randn(rows, h_kv, tokens, d, dtype=dtype) for _ in range(2))
-    kernels = {"attention_gflops": lambda: torch.nn.functional.scaled_dot_product_attention(
-                   q, k, v, is_causal=True, enable_gqa=True),
-               "matmul_attention_gflops": lambda: _causal_matmul(q, k, v, None)}
-
-    def seconds(attend) -> float:
-        start = time.perf_counter()
-        attend()
-        return time.perf_counter() - start
-
-    rates = {}
-    for name, attend in kernels.items():
-        attend()  # warm-up
-        rates[name] = round(2 * rows * h * tokens**2 * d / min(seconds(attend) for _ in range(3)) / 1e9, 1)
+    rates = measure_attention((rows, h, h_kv, tokens, d), dtype)
     return {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "rows": rows,
-            "gemm_gflops": round(measure_gflops(dtype, GEMM, seconds=1.0), 1), **rates}
+            "gemm_gflops": round(measure_gflops(dtype, GEMM, seconds=1.0), 1),
+            "attention_gflops": round(rates["fused"], 1), "matmul_attention_gflops": round(rates["matmul"], 1)}
 
 
 def _top(prof) -> list[dict]:

@@ -254,11 +254,12 @@ def _causal_matmul(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     rows = (query * (scale if scale is not None else d**-0.5)).view(b, h_kv, g, t, d)
     out = query.new_empty(b, t, h_kv, g, value.shape[-1])
     future = torch.ones(n_max, n_max, dtype=torch.bool, device=query.device).triu(1)
+    full_block = future.repeat(g, 1)  # (G·n, n): position i of each head's rows sees keys ≤ i
     for lo in range(0, t, n_max):
         hi = min(t, lo + n_max)
         n = hi - lo
         scores = torch.matmul(rows[:, :, :, lo:hi].reshape(b, h_kv, g * n, d), key[:, :, :hi].transpose(-1, -2))
-        scores[..., lo:].masked_fill_(future[:n, :n].repeat(g, 1), float("-inf"))
+        scores[..., lo:].masked_fill_(full_block if n == n_max else future[:n, :n].repeat(g, 1), float("-inf"))
         mixed = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :hi])  # (B, H_kv, G·n, Dv)
         out[:, lo:hi] = mixed.view(b, h_kv, g, n, -1).permute(0, 3, 1, 2, 4)
     return out.view(b, t, h, -1)

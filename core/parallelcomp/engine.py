@@ -134,7 +134,6 @@ class ParallelComp:
         calibration.layer_plan(self.config.calibration_rules, self.num_layers)  # rules must fit the depth
         self.eos_ids = _eos_ids(model, tokenizer)
         self.attention_kernel = _attention_kernel(model, self.config.attention_kernel)
-        self._matmul = self.attention_kernel == "matmul"
         self._lock = guard.run_lock(model)  # one run at a time per model, shared by its engines
         memory = self.config.kv_store_bytes
         self.store = ChunkStore(psutil.virtual_memory().total // 3 if memory is None else memory,
@@ -181,6 +180,11 @@ class ParallelComp:
             where = f"{path!s} ({', '.join(files)})" if files else str(path)
             raise ModelLoadError(f"could not load model {where}: {type(err).__name__}: {err}") from err
         return cls(hf_model.to(device), tokenizer, config)
+
+    @property
+    def _matmul(self) -> bool:
+        """Phases 1 and 2 attend on the matmul kernel (attention.causal_matmul, chunk_attention)."""
+        return self.attention_kernel == "matmul"
 
     @property
     def model_name(self) -> str:

@@ -26,7 +26,7 @@ import torch
 
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 _PROBE = (256, 576, 1536)  # m, k, n: a SmolLM2-sized MLP matmul; ~0.45 GFLOP, < 1 s even emulated
-_ATTENTION_PROBE = (9, 3, 2048, 64)  # query heads, KV heads, tokens, head dim: one SmolLM2 chunk; ~0.1 s
+_ATTENTION_PROBE = (1, 9, 3, 2048, 64)  # rows, query heads, KV heads, tokens, head dim: one SmolLM2 chunk; ~0.1 s
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
@@ -83,14 +83,16 @@ def attention_rates(cache_dir: Path | None = None) -> dict[str, float]:
                      lambda: measure_attention(_ATTENTION_PROBE))
 
 
-def measure_attention(shape: tuple[int, int, int, int] = _ATTENTION_PROBE, repeats: int = 3) -> dict[str, float]:
-    """Best-of-`repeats` GFLOP/s of causal bf16 attention, (query heads, KV heads, tokens, head
-    dim), on torch's fused SDPA ("fused") and on `attention._causal_matmul` ("matmul")."""
+def measure_attention(shape: tuple[int, int, int, int, int] = _ATTENTION_PROBE, dtype: torch.dtype = torch.bfloat16,
+                      repeats: int = 3) -> dict[str, float]:
+    """Best-of-`repeats` GFLOP/s of causal attention, shape (rows, query heads, KV heads,
+    tokens, head dim), in `dtype`, on torch's fused SDPA ("fused") and on
+    `attention._causal_matmul` ("matmul"); causal FLOPs are half of 4·rows·heads·tokens²·dim."""
     from .attention import _causal_matmul
 
-    h, h_kv, t, d = shape
-    q = torch.randn(1, h, t, d, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, h_kv, t, d, dtype=torch.bfloat16) for _ in range(2))
+    b, h, h_kv, t, d = shape
+    q = torch.randn(b, h, t, d, dtype=dtype)
+    k, v = (torch.randn(b, h_kv, t, d, dtype=dtype) for _ in range(2))
     kernels = {"fused": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                  enable_gqa=True),
                "matmul": lambda: _causal_matmul(q, k, v, None)}
@@ -102,7 +104,7 @@ def measure_attention(shape: tuple[int, int, int, int] = _ATTENTION_PROBE, repea
             start = time.perf_counter()
             attend()
             best = min(best, time.perf_counter() - start)
-        rates[name] = 2 * h * t * t * d / best / 1e9  # causal: half of 4·h·t²·d
+        rates[name] = 2 * b * h * t * t * d / best / 1e9
     return rates
 
 
