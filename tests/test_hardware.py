@@ -32,6 +32,7 @@ def measured(monkeypatch):
         return rates[str(dtype).removeprefix("torch.")]
 
     monkeypatch.setattr(hardware, "measure_gflops", fake)
+    monkeypatch.setattr(hardware, "BUSY_SHARE", 0.0)  # instant fakes: never "busy" (tested below)
     return rates, calls
 
 
@@ -65,11 +66,49 @@ def test_matmul_attention_only_where_bf16_matmuls_and_the_matmul_attention_measu
     assert hardware.matmul_attention(torch.device(device), dtype) is expected
 
 
-def test_real_attention_measurement_returns_both_kernels_and_is_cached(tmp_path):
+def test_real_attention_measurement_returns_both_kernels_and_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "BUSY_SHARE", 0.0)  # cached even if this host is busy right now
     rates = hardware.attention_rates(tmp_path)
     assert set(rates) == {"fused", "matmul"} and all(r > 0 for r in rates.values())
     (cached,) = tmp_path.glob("attention-rates-*.json")
     assert hardware.attention_rates(tmp_path) == rates  # read back, not measured again (timings never repeat)
+
+
+class FakeClocks:
+    """Wall and process CPU time that only a fake measurement advances."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def perf_counter(self):
+        return self.wall
+
+    def process_time(self):
+        return self.cpu
+
+
+def test_a_measurement_taken_while_the_cpu_was_busy_serves_this_process_only(monkeypatch, tmp_path):
+    clocks, calls, share = FakeClocks(), [], [0.4]
+
+    def measure(shape):  # one wall second, our 2 threads on the CPU for `share` of it
+        calls.append(shape)
+        clocks.wall += 1.0
+        clocks.cpu += 2 * share[0]
+        return {"fused": 130.0, "matmul": 2.5 if share[0] < 0.5 else 270.0}  # contention hurts matmul most
+
+    monkeypatch.setattr(hardware, "time", clocks)
+    monkeypatch.setattr(hardware, "measure_attention", measure)
+    monkeypatch.setattr(hardware.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(hardware, "_uncached", {})
+    assert hardware.attention_rates(tmp_path)["matmul"] == 2.5
+    assert hardware.attention_rates(tmp_path)["matmul"] == 2.5 and len(calls) == 1  # kept for this process
+    assert list(tmp_path.iterdir()) == []  # but never written
+    hardware._uncached.clear()  # the next process measures again, now on an idle machine
+    share[0] = 0.95
+    assert hardware.attention_rates(tmp_path)["matmul"] == 270.0 and len(calls) == 2
+    (cached,) = tmp_path.glob("attention-rates-*.json")
+    hardware._uncached.clear()
+    assert hardware.attention_rates(tmp_path)["matmul"] == 270.0 and len(calls) == 2  # from the file
 
 
 def test_cuda_keeps_bfloat16(measured):

@@ -5,7 +5,8 @@
   faster in bf16 than in fp32; else float32. Without native support torch emulates bf16 and a
   matmul runs 20-90x slower than fp32 (measured on an AVX2-only EPYC, docs/hardware.md), so the
   flag check comes first and the measurement confirms it. The measurement runs once per machine
-  and torch version and is cached as a small JSON file whose checksum is verified on read.
+  and torch version and is cached as a small JSON file whose checksum is verified on read; one
+  taken while other work held the CPU is used by this process only and taken again next time.
 * attention: on such a CPU a bf16 model's attention runs as matmuls (`matmul_attention`).
 * threads: torch's intra-op threads = the physical cores this process may run on (its CPU
   affinity mask, counted per physical core, capped by a cgroup CPU quota), unless the caller or
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -27,6 +29,10 @@ import torch
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 _PROBE = (256, 576, 1536)  # m, k, n: a SmolLM2-sized MLP matmul; ~0.45 GFLOP, < 1 s even emulated
 _ATTENTION_PROBE = (1, 9, 3, 2048, 64)  # rows, query heads, KV heads, tokens, head dim: one SmolLM2 chunk; ~0.1 s
+BUSY_SHARE = 0.75  # a measurement whose threads got less of their CPUs than this is not cached (docs/hardware.md)
+
+_log = logging.getLogger(__name__)
+_uncached: dict[Path, dict[str, float]] = {}  # measured on a busy machine: this process's answer only
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
@@ -96,16 +102,15 @@ def measure_attention(shape: tuple[int, int, int, int, int] = _ATTENTION_PROBE, 
     kernels = {"fused": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                  enable_gqa=True),
                "matmul": lambda: _causal_matmul(q, k, v, None)}
-    rates = {}
-    for name, attend in kernels.items():
+    best = dict.fromkeys(kernels, math.inf)
+    for attend in kernels.values():
         attend()  # warm-up
-        best = math.inf
-        for _ in range(repeats):
+    for _ in range(repeats):  # interleaved, so that a burst of other work hits both kernels alike
+        for name, attend in kernels.items():
             start = time.perf_counter()
             attend()
-            best = min(best, time.perf_counter() - start)
-        rates[name] = 2 * b * h * t * t * d / best / 1e9
-    return rates
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: 2 * b * h * t * t * d / seconds / 1e9 for name, seconds in best.items()}
 
 
 def measure_gflops(dtype: torch.dtype, shape: tuple[int, int, int] = _PROBE, seconds: float = 0.2) -> float:
@@ -155,15 +160,26 @@ def _cgroup_quota(sys_root: Path) -> int | None:
 
 def _measured(name: str, names: tuple[str, ...], probe: dict, cache_dir: Path | None, measure) -> dict[str, float]:
     """`measure()` → {names…: rate} once per CPU model, flag set, torch version and thread count;
-    cached as `<name>-<digest>.json` under a checksum, measured again when the file is unusable."""
+    cached as `<name>-<digest>.json` under a checksum, measured again when the file is unusable.
+
+    Only a measurement taken with the CPUs to ourselves is cached: if other work kept this
+    process's threads below BUSY_SHARE of their CPUs meanwhile, the rates serve this process
+    alone. Contention does not slow every candidate alike (a kernel of many small operations
+    waits at every one), so a busy minute must not decide for every later run."""
     key = {"cpu": platform.processor() or platform.machine(), "flags": sorted(cpu_flags()),
            "torch": torch.__version__, "threads": torch.get_num_threads(), **probe}
     path = _cache_file(cache_dir, name, key)
-    cached = _read_checked(path, key, names)
+    cached = _read_checked(path, key, names) or _uncached.get(path)
     if cached is not None:
         return cached
+    wall, cpu = time.perf_counter(), time.process_time()
     rates = measure()
-    _write_checked(path, key, rates)
+    share = (time.process_time() - cpu) / max((time.perf_counter() - wall) * torch.get_num_threads(), 1e-9)
+    if share >= BUSY_SHARE:
+        _write_checked(path, key, rates)
+    else:
+        _uncached[path] = rates
+        _log.info("%s: the CPU was busy (our threads got %.0f%% of it); measured again next run", name, 100 * share)
     return rates
 
 
