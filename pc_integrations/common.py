@@ -388,7 +388,7 @@ def generation_info(output: GenerationOutput, sources: list[SourceDocument] | No
         info["sources"] = attribution(output, sources)
         info["chunks"] = [
             {"index": c.index, "documents": list(c.documents), "spans": [[s.document, s.start, s.end] for s in c.spans],
-             "n_tokens": c.n_tokens, "score": c.score, "kept": c.kept}
+             "n_tokens": c.n_tokens, "score": c.score, "lexical": c.lexical, "kept": c.kept}
             for c in output.chunks
         ]
     return info

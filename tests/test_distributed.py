@@ -40,6 +40,7 @@ CONFIGS = {
     "compression+calibration": dict(kv_budget_ratio=0.5, calibration_rules=PAPER_CALIBRATION_RULES,
                                     calibrate_prefix=True),
     "plain": {},
+    "lexical": dict(lexical_weight=1.0),  # the BM25 prior is computed once, over every worker's chunks
 }
 BASE = dict(keep_chunks=3, chunk_tokens=40, prefill_batch_tokens=40)
 
@@ -125,7 +126,8 @@ def assert_same(got, ref):
     # run saw a 1-ulp difference (12.207420349 against 12.207421303) between a worker process and
     # the driver (both one thread), which the GEMM kernels do not promise across processes
     assert [c.score for c in got.chunks] == pytest.approx([c.score for c in ref.chunks], rel=1e-6, abs=0)
-    assert [(c.index, c.kept, c.kv_tokens) for c in got.chunks] == [(c.index, c.kept, c.kv_tokens) for c in ref.chunks]
+    assert [(c.index, c.kept, c.kv_tokens, c.lexical) for c in got.chunks] == \
+           [(c.index, c.kept, c.kv_tokens, c.lexical) for c in ref.chunks]
     for field in ("p0", "kv_tokens", "kv_bytes", "kv_bytes_uncompressed", "calibration_evicted", "n_kept"):
         assert getattr(got.stats, field) == getattr(ref.stats, field), field
 

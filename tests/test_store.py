@@ -29,8 +29,8 @@ BASE = dict(keep_chunks=2, chunk_tokens=40, prefill_batch_tokens=80)
 
 def outputs_equal(a, b):
     assert a.token_ids == b.token_ids and a.text == b.text
-    assert [(c.index, c.kept, c.n_tokens, c.kv_tokens) for c in a.chunks] == \
-           [(c.index, c.kept, c.n_tokens, c.kv_tokens) for c in b.chunks]
+    assert [(c.index, c.kept, c.n_tokens, c.kv_tokens, c.lexical) for c in a.chunks] == \
+           [(c.index, c.kept, c.n_tokens, c.kv_tokens, c.lexical) for c in b.chunks]
     assert [c.score for c in a.chunks] == pytest.approx([c.score for c in b.chunks], abs=1e-6)
     assert a.stats.p0 == b.stats.p0 and a.stats.kv_bytes == b.stats.kv_bytes
 
@@ -40,8 +40,8 @@ def engine(tokenizer, family="llama", model=None, **config):
     return ParallelComp(model, tokenizer, ParallelCompConfig(**{**BASE, **config}))
 
 
-@pytest.mark.parametrize("extra", [{}, {"kv_budget_ratio": 0.5}, {"calibration_rules": PAPER_CALIBRATION_RULES}],
-                         ids=["plain", "compression", "calibration"])
+@pytest.mark.parametrize("extra", [{}, {"kv_budget_ratio": 0.5}, {"calibration_rules": PAPER_CALIBRATION_RULES},
+                                   {"lexical_weight": 1.0}], ids=["plain", "compression", "calibration", "lexical"])
 def test_corpus_path_equals_documents_path(family, tokenizer, extra):
     cold = engine(tokenizer, family, **extra, kv_store_bytes=0)  # no store: every call encodes
     ref = cold.generate(QUESTION, documents=DOCS, max_new_tokens=10)

@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--keep-chunks", type=int, help="K chunks kept (overrides the preset)")
     common.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: derived from the window)")
     common.add_argument("--kv-budget-ratio", type=float, help="per-chunk KV kept, as a fraction")
+    common.add_argument("--lexical-weight", type=float,
+                        help="nats of BM25 prior on chunk selection (0: question NLL alone; docs/lexical-prior.md)")
     common.add_argument("--kv-store", metavar="DIR",
                         help="reuse and fill a chunk KV store in DIR across runs (encode once, ask many)")
     common.add_argument("--max-new-tokens", type=int, default=128)
@@ -76,6 +78,7 @@ def _load(args):
             ("keep_chunks", args.keep_chunks),
             ("chunk_tokens", args.chunk_tokens),
             ("kv_budget_ratio", args.kv_budget_ratio),
+            ("lexical_weight", args.lexical_weight),
             ("kv_store_dir", args.kv_store),
         )
         if value is not None
@@ -125,7 +128,7 @@ def _ask(args) -> int:
             {"document": names[d], "score": score, "kept": kept}
             for d, (score, kept) in sorted(out.document_scores().items())
         ]
-        chunks = [{"n_tokens": c.n_tokens, "score": c.score, "kept": c.kept} for c in out.chunks]
+        chunks = [{"n_tokens": c.n_tokens, "score": c.score, "lexical": c.lexical, "kept": c.kept} for c in out.chunks]
         report = {"answer": out.text, "sources": sources, "chunks": chunks, "stats": out.stats.to_dict()}
         report.update(load_seconds=load_seconds, peak_rss_mb=peak_rss_mb)
         print(json.dumps(report, indent=2))

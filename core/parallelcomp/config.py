@@ -120,6 +120,12 @@ class ParallelCompConfig(BaseModel):
     tokens ("\n\nQuestion:", end of turn, "assistant") carry no relevance and counting them
     cut the gold chunk's lead by ~40% on SmolLM2 needle cases (docs/method-fidelity.md §1)."""
 
+    lexical_weight: float = Field(0.0, ge=0)
+    """λ in nats: rank chunks by NLL − λ · (the question's BM25 match with the chunk ÷ the corpus's
+    best match), computed over the model's token ids (lexical.py). 0: the question's NLL alone, as
+    the paper. With SmolLM2-135M on SQuAD/HotpotQA distractors the NLL alone misses the gold chunk
+    far more often than BM25 does; held-out numbers and the default's choice: docs/lexical-prior.md."""
+
     # --- prefill execution ---
     prefill_batch_tokens: int = Field(4096, gt=0)
     """Micro-batch budget: chunks prefilled together pad to at most this many tokens (a longer

@@ -7,7 +7,7 @@ flow reads like method.md §0:
         phase 1: chunk KV (PCW positions)  prefill.encode_chunks     (or a hit in store.py)
     per question batch of chunks:
         phase 2: question NLL per chunk    prefill.question_nll      (+ KV scores, compression.py)
-        keep the K lowest-NLL chunks       eviction.TopK
+        keep the K lowest-NLL chunks       eviction.TopK             (+ a BM25 prior, lexical.py)
     merge kept KV in document order        kv.concat
     question at p0, then decode            decode.generate_tokens    (+ calibration.py)
 
@@ -35,7 +35,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from . import calibration, compression, grammar, guard, hardware
+from . import calibration, compression, grammar, guard, hardware, lexical
 from . import kv as kvops
 from .attention import attention_modules
 from .chunking import Chunk, check_text, make_chunks, validate_documents
@@ -67,7 +67,7 @@ class Scored:
     raw_bytes: dict[int, int]
     """Chunk index → its KV bytes before compression."""
     kept: list[tuple[Chunk, list[kvops.LayerKV]]]
-    """The K lowest-NLL chunks in document order, with their (compressed) KV."""
+    """The K best-ranked chunks (lowest NLL, lexical.rank) in document order, with their (compressed) KV."""
     store_bytes: int
     """Bytes the chunk store's memory tier holds afterwards."""
     spread: SpreadStats = field(default_factory=SpreadStats)
@@ -387,9 +387,10 @@ class ParallelComp:
         return sum(self.store.bytes_of(keys[c.index]) for c in chunks)
 
     def score_chunks(self, parts: PromptParts, chunks: list[Chunk], keys: dict[int, str],
-                     prefix: list[kvops.LayerKV], report: ReuseStats, bar=None) -> Scored:
+                     prefix: list[kvops.LayerKV], report: ReuseStats, matches: dict[int, float], bar=None) -> Scored:
         """Phase 1 (or a store hit) per micro-batch, then phase 2 (question NLL over the prefix
-        KV `prefix`), per-chunk compression and the online top-K (method.md §0) per question batch.
+        KV `prefix`), per-chunk compression and the online top-K (method.md §0) per question batch,
+        ranked with each chunk's lexical match in `matches` (`lexical_matches`; lexical.rank).
 
         Phase 2 reads each chunk's KV where it is, so its rows wait for more micro-batches while
         the memory tier holds every one of them (a reused corpus: one forward for all its chunks,
@@ -411,7 +412,8 @@ class ParallelComp:
             raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in group})
             for enc, chunk_nll in zip(comp.apply(group) if comp else group, nll.mean(dim=1).tolist()):
                 scores[enc.chunk.index] = chunk_nll
-                top.offer(chunk_nll, enc.chunk.index, enc)
+                top.offer(lexical.rank(chunk_nll, matches[enc.chunk.index], self.config.lexical_weight),
+                          enc.chunk.index, enc)
             if bar is not None:
                 bar.update(len(group))
 
@@ -461,6 +463,14 @@ class ParallelComp:
                 reused(c, entries[first[keys[c.index]]])
         return [EncodedChunk(c, entries[c.index].kv, entries[c.index].last_logprobs) for c in batch]
 
+    def lexical_matches(self, parts: PromptParts, chunks: list[Chunk]) -> dict[int, float]:
+        """Chunk index → the scored question tokens' BM25 match with it over all `chunks`, in
+        [0, 1] (lexical.py); all 0 when `lexical_weight` is 0."""
+        if not self.config.lexical_weight:
+            return {c.index: 0.0 for c in chunks}
+        query = parts.question_ids[parts.scored(self.config.score_tokens)]
+        return dict(zip((c.index for c in chunks), lexical.match([c.token_ids for c in chunks], query)))
+
     @staticmethod
     def _keys(corpus: Corpus, prefix_ids: list[int]) -> dict[int, str]:
         """Chunk index → store key behind `prefix_ids` (the corpus's own keys when it is its prefix)."""
@@ -479,15 +489,16 @@ class ParallelComp:
         report = ReuseStats()
         prefix = self.prefix_kv(parts.prefix_ids, report)
         bar = tqdm(total=len(corpus.chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
+        matches = self.lexical_matches(parts, list(corpus.chunks))
         scored = self.score_chunks(parts, list(corpus.chunks), self._keys(corpus, parts.prefix_ids), prefix, report,
-                                   bar)
+                                   matches, bar)
         bar.close()
         kv_parts = [prefix] + [kv for _, kv in scored.kept]
         p0 = len(parts.prefix_ids) + max((len(c.token_ids) for c, _ in scored.kept), default=0)
         kv_tokens = {c.index: kvops.n_tokens(kv) for c, kv in scored.kept}
         reports = [
             ChunkReport(c.index, c.spans, len(c.token_ids), scored.scores[c.index], c.index in kv_tokens,
-                        kv_tokens.get(c.index, 0))
+                        kv_tokens.get(c.index, 0), matches[c.index])
             for c in corpus.chunks
         ]
         stats = self._stats(parts, corpus, reports, kv_parts, p0, reserve, report, scored)

@@ -29,6 +29,9 @@ class ChunkReport:
     kept: bool
     kv_tokens: int = 0
     """Context tokens this chunk contributes to the merged KV per layer and KV head (0 if evicted)."""
+    lexical: float = 0.0
+    """The question's BM25 match with this chunk ÷ the corpus's best, in [0, 1]; 0 unless
+    `lexical_weight` > 0. The top-K ranks by `score − lexical_weight × lexical` (lexical.py)."""
 
     @property
     def documents(self) -> tuple[int, ...]:

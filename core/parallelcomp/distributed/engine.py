@@ -23,7 +23,7 @@ import torch
 
 import parallelcomp
 
-from .. import hardware
+from .. import hardware, lexical
 from ..chunking import Chunk
 from ..config import ParallelCompConfig
 from ..engine import ParallelComp, Scored, _check_dtype, _check_threads, _resolve_model
@@ -179,18 +179,18 @@ class RayParallelComp(ParallelComp):
         return held
 
     def score_chunks(self, parts: PromptParts, chunks: list[Chunk], keys: dict[int, str], prefix: list[LayerKV],
-                     report: ReuseStats, bar=None) -> Scored:
+                     report: ReuseStats, matches: dict[int, float], bar=None) -> Scored:
         """Phases 1-2 and the local top-K on each worker; the global top-K here; then only the
         kept chunks' KV moves. A worker lost at either step has its chunks scored again elsewhere."""
         if not chunks:  # a plain chat turn: nothing to spread
-            return super().score_chunks(parts, chunks, keys, prefix, report, bar)
+            return super().score_chunks(parts, chunks, keys, prefix, report, matches, bar)
         by_index = {c.index: c for c in chunks}
         call = uuid.uuid4().hex
 
         def score(name: str, indices: list[int]):
             shard_keys = {i: keys[i] for i in indices}
             return self._workers[name].score.remote(call, self.config, parts, [by_index[i] for i in indices],
-                                                    shard_keys)
+                                                    shard_keys, {i: matches[i] for i in indices})
 
         spread = SpreadStats()
         shards: list[tuple[str, Shard]] = []
@@ -203,7 +203,7 @@ class RayParallelComp(ParallelComp):
                 owners = {i: name for name, shard in shards for i in shard.scores}
                 for _, shard in shards:
                     for index, nll in shard.scores.items():
-                        top.offer(nll, index, index)
+                        top.offer(lexical.rank(nll, matches[index], self.config.lexical_weight), index, index)
                 kept = top.kept()
                 lost = self._take(call, owners, [i for i in kept if i not in pulled], pulled, spread)
                 if not lost:

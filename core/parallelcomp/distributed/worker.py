@@ -60,13 +60,14 @@ class ChunkWorker:
         return report, self.engine.fill_store(chunks, keys, prefix_ids, report)
 
     def score(self, call: str, config: ParallelCompConfig, parts: PromptParts, chunks: list[Chunk],
-              keys: dict[int, str]) -> Shard:
-        """Phases 1-2, compression and the local top-K of these chunks for one question."""
+              keys: dict[int, str], matches: dict[int, float]) -> Shard:
+        """Phases 1-2, compression and the local top-K of these chunks for one question, ranked
+        with the driver's lexical `matches` (computed over the whole corpus)."""
         start = time.perf_counter()
         self.engine.config = config  # the driver's: an engine variant may change it between calls
         report = ReuseStats()
         prefix = self.engine.prefix_kv(parts.prefix_ids, report)
-        scored = self.engine.score_chunks(parts, chunks, keys, prefix, report)
+        scored = self.engine.score_chunks(parts, chunks, keys, prefix, report, matches)
         self._kept.setdefault(call, {}).update({chunk.index: kv for chunk, kv in scored.kept})
         while len(self._kept) > _CALLS_KEPT:
             self._kept.popitem(last=False)
