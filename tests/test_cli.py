@@ -28,6 +28,16 @@ def test_ask_reads_files_and_directories_and_reports_sources(tmp_path, model_dir
     assert report["stats"]["n_documents"] == 3 and report["stats"]["n_kept"] == 1
 
 
+def test_ask_lexical_weight_reaches_the_ranking(tmp_path, model_dir, capsys):
+    args = ["ask", "--model", str(model_dir), "--keep-chunks", "1", "--chunk-tokens", "16", "--max-new-tokens", "2",
+            "--json", "Where is the copper garden?", *_docs(tmp_path)]
+    assert main(args) == 0
+    assert {c["lexical"] for c in json.loads(capsys.readouterr().out)["chunks"]} == {0.0}  # off by default
+    assert main(args[:1] + ["--lexical-weight", "100"] + args[1:]) == 0
+    chunks = json.loads(capsys.readouterr().out)["chunks"]
+    assert [c["kept"] for c in chunks] == [c["lexical"] == 1.0 for c in chunks] == [True, False, False]
+
+
 def test_ask_reports_bad_input_as_an_error_line(tmp_path, capsys):
     assert main(["ask", "Q?", str(tmp_path / "missing.txt")]) == 2
     assert "no such file or directory" in capsys.readouterr().err

@@ -34,6 +34,7 @@ def match(chunks: Sequence[Sequence[int]], query: Sequence[int]) -> list[float]:
     return [float(s) / best if best > 0 else 0.0 for s in scores]
 
 
-def rank(nll: float, match_: float, weight: float) -> float:
-    """The score the top-K keeps the lowest of (module docstring)."""
-    return nll - weight * match_
+def rank(nll: float, matched: float, weight: float) -> float:
+    """The score the top-K keeps the lowest of: `nll` less `weight` nats per unit of `matched`
+    (a chunk's `match`)."""
+    return nll - weight * matched
