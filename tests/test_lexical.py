@@ -42,6 +42,7 @@ def test_match_is_okapi_over_token_ids_scaled_by_the_best_chunk():
     assert max(lexical.match(chunks, query)) == 1.0
     assert lexical.match(chunks, [99]) == [0.0] * 5  # no shared term: no prior at all
     assert lexical.match([], [1]) == [] and lexical.match(chunks, []) == [0.0] * 5
+    assert lexical.match([[1, 2]], [1]) == [0.0]  # one chunk: every IDF is negative, nothing to prefer
 
 
 def test_top_k_ranks_by_nll_minus_weighted_match(tokenizer):
@@ -57,6 +58,8 @@ def test_top_k_ranks_by_nll_minus_weighted_match(tokenizer):
     parts = pc.prompt_parts(QUESTION, True)
     query = parts.question_ids[parts.scored("question")]
     ref = okapi([list(pc.encode(DOCS).chunks[i].token_ids) for i in range(len(DOCS))], query)
+    assert min(ref) < 0  # these short chunks share most words: the IDF floor is negative, read as no match
+    ref = [max(s, 0.0) for s in ref]
     assert [c.lexical for c in out.chunks] == pytest.approx([s / max(ref) for s in ref], rel=1e-6)
     assert max(range(len(DOCS)), key=lambda i: out.chunks[i].lexical) == 3
     ranked = min(out.chunks, key=lambda c: (c.score - 1.0 * c.lexical, c.index))
