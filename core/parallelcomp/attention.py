@@ -107,7 +107,7 @@ def chunk_attention(model, prefix: list[LayerKV], chunks: list[list[LayerKV]],
     layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     if not layers:
         raise ModelNotSupportedError(f"{type(model).__name__}: no attention modules with a layer_idx found")
-    masks: dict[tuple[int, int | None, int], torch.Tensor] = {}  # built once per forward, shared by its layers
+    masks: dict[tuple[int, int | None, int], tuple[torch.Tensor, torch.Tensor]] = {}  # per forward, shared by its layers
     with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, chunks, observe, matmul, masks)):
         yield
 
@@ -290,7 +290,7 @@ def _through(handler: Handler | None, previous: str, module, query, key, value, 
 
 
 def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: Observer | None,
-                   matmul: bool, masks: dict[tuple[int, int | None, int], torch.Tensor],
+                   matmul: bool, masks: dict[tuple[int, int | None, int], tuple[torch.Tensor, torch.Tensor]],
                    module, query, key, value, attention_mask, scaling: float | None = None, **kwargs):
     """Phase 2's attention: softmax(q·Kᵀ·scale)·V of row i's question over [prefix ‖ chunk i ‖ question],
     the G query heads of a KV head packed as G·q query rows (no `repeat_kv`).
@@ -302,7 +302,9 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
     observer the scores are formed segment by segment (only they are concatenated) with an fp32
     softmax. query (B, H, q, D) and the question's own key/value (B, H_kv, q, D), post-RoPE;
     attention_mask (1, 1, q, q) bool, causal, the same in every layer of the forward, so `masks`
-    keeps each row's key mask by (context length, sliding window, G) for the forward's later layers.
+    keeps each row's key mask and its negation by (context length, sliding window, G) for the
+    forward's later layers. The matmul kernel scales the layer's queries once, not row by row
+    (docs/store.md, "What limits the second question").
     Returns ((B, q, H, D), None) like the transformers functions.
     """
     if _SDPA_SPECIAL.intersection(kwargs) or kwargs.get("s_aux") is not None:
@@ -314,6 +316,7 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
     scale = scaling if scaling is not None else d**-0.5
     prefix_k, prefix_v = prefix[layer]
     out = query.new_empty(b, q, h, value.shape[-1])
+    scaled = query * scale if observe is None and matmul else None
     for i in range(b):
         chunk_k, chunk_v = chunks[i][layer]
         keys = (prefix_k[0], chunk_k[0], key[i])  # each (H_kv, n, D)
@@ -321,12 +324,13 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
         rows = query[i].reshape(h_kv, g * q, d)  # head h ↔ KV head h // G, as repeat_kv
         shape = (sum(k.shape[-2] for k in keys[:2]), kwargs.get("sliding_window"), g)
         if shape not in masks:
-            masks[shape] = _visible(attention_mask, *shape)
-        visible = masks[shape]
-        if observe is None and matmul:
-            scores = torch.matmul(rows * scale, torch.cat(keys, dim=-2).transpose(-1, -2))
+            visible = _visible(attention_mask, *shape)
+            masks[shape] = visible, ~visible
+        visible, hidden = masks[shape]
+        if scaled is not None:
+            scores = torch.matmul(scaled[i].reshape(h_kv, g * q, d), torch.cat(keys, dim=-2).transpose(-1, -2))
             start = shape[0] if shape[1] is None else 0  # no sliding window: every context key is visible
-            scores[..., start:].masked_fill_(~visible[:, start:], float("-inf"))
+            scores[..., start:].masked_fill_(hidden[:, start:], float("-inf"))
             mixed = torch.matmul(torch.softmax(scores, dim=-1), torch.cat(values, dim=-2))
         elif observe is None:
             mixed = torch.nn.functional.scaled_dot_product_attention(
