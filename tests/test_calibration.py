@@ -163,12 +163,16 @@ def test_constructed_case_evicts_exactly_the_outliers_plus_fill(tokenizer, make_
         assert eager_engine.generate(QUESTION, documents=DOCS, max_new_tokens=6).token_ids == out.token_ids
 
 
-@pytest.mark.parametrize("preset", ["paper-retrieval", "retrieval", "paper-calibration", "paper-calibration-compression", "fast"])
+@pytest.mark.parametrize("preset", ["paper-retrieval", "retrieval", "qa", "paper-calibration", "paper-calibration-compression", "fast"])
 def test_presets_run_end_to_end(tokenizer, make_engine, preset):
     engine = make_engine("qwen3", **{**PRESETS[preset], "chunk_tokens": 100, "calibration_region_tokens": 10})
     out = engine.generate(QUESTION, documents=DOCS, max_new_tokens=4)
     assert len(out.token_ids) == 4
     assert out.stats.n_kept == min(engine.config.keep_chunks, out.stats.n_chunks)
+    weight = engine.config.lexical_weight  # the kept chunks are the top K by score − λ·lexical
+    ranked = sorted(out.chunks, key=lambda c: c.score - weight * c.lexical)[: engine.config.keep_chunks]
+    assert {c.index for c in ranked} == {c.index for c in out.chunks if c.kept}
+    assert any(c.lexical for c in out.chunks) == bool(weight)
     assert bool(out.stats.calibration_evicted) == bool(engine.config.calibration_rules)
     assert engine.config.calibrate_prefix == bool(engine.config.calibration_rules)  # paper presets: as the code
     assert len(out.stats.calibration_evicted_by_rule) == len(engine.config.calibration_rules)
