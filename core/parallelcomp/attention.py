@@ -304,7 +304,7 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
     attention_mask (1, 1, q, q) bool, causal, the same in every layer of the forward, so `masks`
     keeps each row's key mask and its negation by (context length, sliding window, G) for the
     forward's later layers. The matmul kernel scales the layer's queries once, not row by row
-    (docs/store.md, "What limits the second question").
+    (docs/store.md, "What a reused question costs").
     Returns ((B, q, H, D), None) like the transformers functions.
     """
     if _SDPA_SPECIAL.intersection(kwargs) or kwargs.get("s_aux") is not None:

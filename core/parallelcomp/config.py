@@ -246,9 +246,9 @@ PRESETS: dict[str, dict] = {
     "retrieval": {"keep_chunks": 1, "chunk_tokens": 2048},
     # Ours: K=3 over 1024-token chunks, ranked with the BM25 prior (λ=2, docs/lexical-prior.md),
     # for answers that lie in one paragraph among many. Same samples, SmolLM2: SQuAD's gold
-    # paragraph kept in 30/30 at 16K and 32K against 28/30 and 25/30 with `retrieval` plus the prior,
-    # 28/30 at 64K; niah 15/15 (benchmarks/results/qa-preset). Twice `retrieval`'s chunks: twice the question rows
-    # a reused question runs through the model.
+    # paragraph kept in 30/30 at 16K and 32K against 28/30 and 25/30 with `retrieval` plus the
+    # prior, 28/30 at 64K; niah 15/15 (benchmarks/results/qa-preset). Twice `retrieval`'s chunks:
+    # twice the question rows a reused question runs through the model.
     "qa": {"keep_chunks": 3, "chunk_tokens": 1024, "lexical_weight": 2.0},
     # Paper "Ours-calibration": the three-rule set of Tables 6/8, λ=0.1, regions of 100 tokens.
     # The prefix is a candidate, as in the code the tables came from: there the sink region is the
