@@ -321,14 +321,14 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
         chunk_k, chunk_v = chunks[i][layer]
         keys = (prefix_k[0], chunk_k[0], key[i])  # each (H_kv, n, D)
         values = (prefix_v[0], chunk_v[0], value[i])
-        rows = query[i].reshape(h_kv, g * q, d)  # head h ↔ KV head h // G, as repeat_kv
+        rows = (query if scaled is None else scaled)[i].reshape(h_kv, g * q, d)  # head h ↔ KV head h // G
         shape = (sum(k.shape[-2] for k in keys[:2]), kwargs.get("sliding_window"), g)
         if shape not in masks:
             visible = _visible(attention_mask, *shape)
             masks[shape] = visible, ~visible
         visible, hidden = masks[shape]
         if scaled is not None:
-            scores = torch.matmul(scaled[i].reshape(h_kv, g * q, d), torch.cat(keys, dim=-2).transpose(-1, -2))
+            scores = torch.matmul(rows, torch.cat(keys, dim=-2).transpose(-1, -2))
             start = shape[0] if shape[1] is None else 0  # no sliding window: every context key is visible
             scores[..., start:].masked_fill_(hidden[:, start:], float("-inf"))
             mixed = torch.matmul(torch.softmax(scores, dim=-1), torch.cat(values, dim=-2))
