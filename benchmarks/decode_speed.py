@@ -7,9 +7,10 @@ the CPU has native bf16, fp32 otherwise), decodes one token at a time over a mer
 four ways in the same process: the old path (a DynamicCache, whose `update` concatenates, and
 transformers' sdpa, which calls SDPA with `enable_gqa=True` when there is no mask), the
 preallocated cache alone (`kv.decode_cache`), the preallocated cache with packed one-query
-attention in one SDPA call per layer ("unsplit", the path before split-key attention), and the new
-path, where that attention is split into key ranges on CPU (`attention.packed_decode`), as
-`decode.generate_tokens` runs it.
+attention in torch's SDPA split into key ranges and torch's GEMV ("torch",
+`decode_kernel="torch"`), and the new path, where that attention and the projections run the C
+kernels of decode_kernel.py ("kernel", the default where they build), as
+`decode.generate_tokens` runs them (`decode.one_token_steps`).
 
 The merged KV is random (normal, the model's dtype) of the real shape: timing depends only on shapes, and
 random KV avoids minutes of prefill per size. The bound is the time to read every weight and
@@ -24,36 +25,27 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 from parallelcomp import ParallelComp
-from parallelcomp import attention
+from parallelcomp import decode_kernel
 from parallelcomp import kv as kvops
-from parallelcomp.attention import packed_decode
+from parallelcomp.decode import one_token_steps
 from parallelcomp.compat import forward
 from parallelcomp.default_model import DEFAULT_MODEL
 
 from .machine import describe
 
 
-@contextmanager
-def unsplit_decode(model):
-    """packed_decode with one SDPA call per layer: no key range is ever long enough to split."""
-    with packed_decode(model), mock.patch.object(attention, "SPLIT_KEYS", sys.maxsize):
-        yield
-
-
 PATHS = {  # name → (cache builder, attention scope)
     "old": (lambda kv, extra: kvops.to_cache(kv), lambda model: nullcontext()),
     "preallocated": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: nullcontext()),
-    "unsplit": (lambda kv, extra: kvops.decode_cache([kv], extra), unsplit_decode),
-    "new": (lambda kv, extra: kvops.decode_cache([kv], extra), packed_decode),
+    "torch": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: one_token_steps(model, kernel=False)),
+    "kernel": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: one_token_steps(model, kernel=True)),
 }
 
 
@@ -124,6 +116,8 @@ def run(kv_sizes: list[int], tokens: list[int], threads: int | None, out: Path) 
     started = time.perf_counter()
     engine = ParallelComp.from_pretrained(None)
     model = engine.model
+    if not decode_kernel.available():
+        raise SystemExit("the C decode kernel is unavailable here (needs x86-64 with AVX2 and FMA and a C compiler)")
     dtype = str(model.dtype).removeprefix("torch.")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = read_bandwidth()
@@ -181,20 +175,20 @@ def markdown(result: dict) -> str:
         "",
         "Greedy tokens over random KV: the preallocated cache reproduces the old path bit for bit; packed "
         "attention rounds in another order, so over junk context (near-tied logits) the tokens may part "
-        "after a few steps. Exactness is the tests' job (tests/test_decode.py, fp32).",
+        "after a few steps. Exactness is the tests' job (tests/test_decode.py and tests/test_decode_kernel.py).",
         "",
-        "| KV tokens | KV MiB | old tok/s | preallocated only | packed, unsplit | new tok/s | new / old "
-        "| new / unsplit | bound tok/s | new / bound | old, new per CPU-s | new per CPU-s / bound "
-        "| same tokens as old (prealloc., unsplit, new) |",
+        "| KV tokens | KV MiB | old tok/s | preallocated only | torch SDPA, split | C kernel tok/s | kernel / old "
+        "| kernel / torch | bound tok/s | kernel / bound | torch, kernel per CPU-s | kernel per CPU-s / bound "
+        "| same tokens as old (prealloc., torch, kernel) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--:|",
     ]
     for r in result["rows"]:
-        old, pre, unsplit, new, bound = (r["old"], r["preallocated"], r["unsplit"], r["new"], r["bound_tok_s"])
-        same = ", ".join("yes" if r[p]["ids"] == old["ids"] else "no" for p in ("preallocated", "unsplit", "new"))
+        old, pre, split, new, bound = (r["old"], r["preallocated"], r["torch"], r["kernel"], r["bound_tok_s"])
+        same = ", ".join("yes" if r[p]["ids"] == old["ids"] else "no" for p in ("preallocated", "torch", "kernel"))
         lines.append(
             f"| {r['kv_tokens']:,} | {r['kv_mib']:,.0f} | {old['tok_s']:.2f} | {pre['tok_s']:.2f} "
-            f"| {unsplit['tok_s']:.2f} | {new['tok_s']:.2f} | {new['tok_s'] / old['tok_s']:.1f}× "
-            f"| {new['tok_s'] / unsplit['tok_s']:.2f}× | {bound:.2f} | {new['tok_s'] / bound:.0%} "
-            f"| {old['tok_per_cpu_s']:.2f}, {new['tok_per_cpu_s']:.2f} | {new['tok_per_cpu_s'] / bound:.0%} | {same} |"
+            f"| {split['tok_s']:.2f} | {new['tok_s']:.2f} | {new['tok_s'] / old['tok_s']:.1f}× "
+            f"| {new['tok_s'] / split['tok_s']:.2f}× | {bound:.2f} | {new['tok_s'] / bound:.0%} "
+            f"| {split['tok_per_cpu_s']:.2f}, {new['tok_per_cpu_s']:.2f} | {new['tok_per_cpu_s'] / bound:.0%} | {same} |"
         )
     return "\n".join(lines) + "\n"

@@ -204,7 +204,7 @@ def test_decode_benchmark_writes_every_path_and_its_table(tmp_path):
     result = json.loads((tmp_path / "decode_speed.json").read_text())
     [row] = result["rows"]
     assert row["kv_tokens"] == 64 and row["bound_tok_s"] > 0 and result["uptime_before"]
-    for path in ("old", "preallocated", "unsplit", "new"):
+    for path in ("old", "preallocated", "torch", "kernel"):
         assert len(row[path]["wall_seconds"]) == 2 and len(row[path]["ids"]) == 3
     assert row["preallocated"]["ids"] == row["old"]["ids"]  # the cache alone changes no number
     assert "| 64 |" in (tmp_path / "decode_speed.md").read_text()

@@ -14,7 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from parallelcomp import CalibrationRule
 from parallelcomp import attention
-from parallelcomp import decode
+from parallelcomp import decode, decode_kernel
 from parallelcomp import kv as kvops
 from parallelcomp.config import PAPER_CALIBRATION_RULES
 
@@ -39,15 +39,17 @@ SETTINGS = {
 def _old_path(monkeypatch):
     """The decode path before docs/decode.md: DynamicCache, transformers' sdpa for every step."""
     monkeypatch.setattr(kvops, "decode_cache", lambda parts, extra_tokens: kvops.to_cache(kvops.concat(parts)))
-    monkeypatch.setattr(decode, "packed_decode", lambda model: nullcontext())
+    monkeypatch.setattr(decode, "packed_decode", lambda model, kernel=False: nullcontext())
     monkeypatch.setattr(attention, "packed_one_query",
                         lambda module, q, k, v, **kwargs: sdpa_attention_forward(module, q, k, v, None, **kwargs))
 
 
 def _record(engine, monkeypatch, **kwargs):
-    """Generate; return the output, each forward's logits and layer type, and packed-attention calls."""
-    steps, packed = [], []
-    forward, pack = decode.forward, attention.packed_one_query
+    """Generate; return the output, each forward's logits and layer type, and packed-attention calls
+    (each call's layer, and whether the C kernel ran it); `products` counts the C kernel's one-row
+    products (decode_kernel.linear)."""
+    steps, packed, products = [], [], []
+    forward, pack, attend, linear = decode.forward, attention.packed_one_query, decode_kernel.attend, decode_kernel.linear
 
     def spy_forward(model, ids, cache, positions, *args, **kw):
         logits = forward(model, ids, cache, positions, *args, **kw)
@@ -55,40 +57,57 @@ def _record(engine, monkeypatch, **kwargs):
         return logits
 
     def spy_pack(module, *args, **kw):
-        packed.append(module.layer_idx)
+        packed.append([module.layer_idx, False])
         return pack(module, *args, **kw)
+
+    def spy_kernel(*args, **kw):
+        packed[-1][1] = True
+        return attend(*args, **kw)
 
     with monkeypatch.context() as m:
         m.setattr(decode, "forward", spy_forward)
         m.setattr(attention, "packed_one_query", spy_pack)
+        m.setattr(decode_kernel, "attend", spy_kernel)
+        m.setattr(decode_kernel, "linear", lambda *a: products.append(1) or linear(*a))
         out = engine.generate(QUESTION, documents=DOCS, max_new_tokens=12, **kwargs)
-    return out, steps, packed
+    return out, steps, packed, len(products)
 
 
 FAMILIES = [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"), ("qwen3", "sdpa"), ("llama", "eager")]
 # split: the one-token attention over these tiny runs' merged KV (~250 tokens) split into key
 # ranges of ≥ 32 keys, as over a long merged KV (attention._split_key_attention)
-CASES = ([(family, attn, setting, "unsplit") for family, attn in FAMILIES for setting in sorted(SETTINGS)]
-         + [(family, "sdpa", "plain", "split") for family in ("llama", "mistral", "qwen2", "qwen3")]
-         + [("llama", "sdpa", setting, "split") for setting in ("calibration", "compression")])
+# kernel: "c-avx2" runs the one-token steps on the C kernel (decode_kernel.py), "torch" on SDPA
+CASES = ([(family, attn, setting, "unsplit", "torch") for family, attn in FAMILIES for setting in sorted(SETTINGS)]
+         + [(family, "sdpa", "plain", "split", "torch") for family in ("llama", "mistral", "qwen2", "qwen3")]
+         + [("llama", "sdpa", setting, "split", "torch") for setting in ("calibration", "compression")]
+         + [(family, "sdpa", "plain", "unsplit", "c-avx2") for family in ("llama", "mistral", "qwen2", "qwen3")]
+         + [("llama", "sdpa", setting, "unsplit", "c-avx2") for setting in ("calibration", "compression")])
+needs_kernel = pytest.mark.skipif(not decode_kernel.available(), reason="no AVX2/FMA CPU or no C compiler here")
 
 
-@pytest.mark.parametrize("family,attn,setting,split", CASES)
-def test_fast_decode_equals_dynamic_cache_path(tokenizer, make_engine, monkeypatch, family, attn, setting, split):
+@pytest.mark.parametrize("family,attn,setting,split,kernel",
+                         [pytest.param(*case, marks=needs_kernel) if case[-1] == "c-avx2" else case for case in CASES])
+def test_fast_decode_equals_dynamic_cache_path(tokenizer, make_engine, monkeypatch, family, attn, setting, split,
+                                               kernel):
     if split == "split":
         monkeypatch.setattr(attention, "SPLIT_KEYS", 32)
     model = tiny_model(family, len(tokenizer), attn=attn)
-    engine = make_engine(model=model, **BASE, **SETTINGS[setting])
-    new, new_steps, packed = _record(engine, monkeypatch)
+    engine = make_engine(model=model, **BASE, **SETTINGS[setting], decode_kernel="auto" if kernel == "c-avx2" else kernel)
+    new, new_steps, packed, products = _record(engine, monkeypatch)
     with monkeypatch.context() as m:
         _old_path(m)
-        old, old_steps, _ = _record(engine, monkeypatch)
+        old, old_steps, _, _ = _record(engine, monkeypatch)
 
     assert {kind for _, kind in new_steps} == {kvops.PreallocatedLayer}
     assert {kind for _, kind in old_steps} == {DynamicLayer}
     # sdpa: every one-token step runs packed in every layer; eager is never packed
     n_layers = model.config.num_hidden_layers
-    assert packed == (list(range(n_layers)) * (len(new_steps) - 1) if attn == "sdpa" else [])
+    on_kernel = kernel == "c-avx2"
+    assert packed == ([[layer, on_kernel] for layer in range(n_layers)] * (len(new_steps) - 1) if attn == "sdpa" else [])
+    # every projection and the LM head at each one-token step, and the LM head on the question's last row
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert products == (linears * (len(new_steps) - 1) + 1 if on_kernel else 0)
+    assert new.stats.decode_kernel == (kernel if attn == "sdpa" else "torch")
     assert new.token_ids == old.token_ids
     assert len(new.token_ids) == 12 and len(set(new.token_ids)) > 1, "a degenerate answer makes this weak"
     assert len(new_steps) == len(old_steps)
@@ -175,10 +194,10 @@ def test_an_architecture_without_known_attention_modules_decodes_as_before(token
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     engine = make_engine(model=GPTNeoXForCausalLM(config).eval(), **BASE)  # fused query_key_value, no q_proj
-    new, _, packed = _record(engine, monkeypatch)
+    new, _, packed, _ = _record(engine, monkeypatch)
     with monkeypatch.context() as m:
         _old_path(m)
-        old, _, _ = _record(engine, monkeypatch)
+        old, _, _, _ = _record(engine, monkeypatch)
     assert new.token_ids == old.token_ids and len(new.token_ids) == 12 and not packed
 
 

@@ -8,7 +8,8 @@ Two scopes, each a `with` block undone in `finally`:
   restores the previous implementation afterwards. `handler(module, query, key, value, mask)` may shrink key/value
   before the attention runs; the real attention is the model's previous backend (sdpa, eager or
   flash attention). Used by attention-bias calibration at the question step, and with no handler
-  by `packed_decode`: on sdpa models, a one-token step with no mask runs `packed_one_query`.
+  by `packed_decode`: on sdpa models, a one-token step with no mask runs `packed_one_query`
+  (on CPU, optionally the C kernel of decode_kernel.py).
 * `chunk_attention(model, prefix, chunks, observe)` — phase 2 (prefill.question_nll): the same
   registration, but the attention itself is `_attend_chunks`: batch row i's question
   attends to [prefix ‖ chunk i ‖ its own earlier tokens], reading the prefix and each chunk's KV
@@ -36,7 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import compat
+from . import compat, decode_kernel
 from .errors import ModelNotSupportedError
 
 NAME = "parallelcomp"
@@ -84,13 +85,14 @@ _BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 @contextmanager
-def attention_function(model, handler: Handler) -> Iterator[None]:
-    """Run the model's attention through "parallelcomp" (and `handler`) inside the block."""
+def attention_function(model, handler: Handler, kernel: bool = False) -> Iterator[None]:
+    """Run the model's attention through "parallelcomp" (and `handler`) inside the block;
+    `kernel`: one-token steps may run the C kernel (packed_one_query)."""
     previous = model.config._attn_implementation or "eager"
     if previous not in _BACKENDS and previous != NAME:
         msg = f"attention calibration supports the {_BACKENDS} backends, not {previous!r}; load the model with sdpa"
         raise ModelNotSupportedError(msg)
-    with _scope(model, attention_modules(model), lambda module: partial(_through, handler, previous)):
+    with _scope(model, attention_modules(model), lambda module: partial(_through, handler, previous, kernel=kernel)):
         yield
 
 
@@ -156,8 +158,9 @@ def _scope(model, modules: list[torch.nn.Module], attend_for: Callable[[torch.nn
 
 
 @contextmanager
-def packed_decode(model) -> Iterator[None]:
-    """Inside the block, one-token steps of an sdpa model run `packed_one_query`.
+def packed_decode(model, kernel: bool = False) -> Iterator[None]:
+    """Inside the block, one-token steps of an sdpa model run `packed_one_query`; with `kernel`,
+    on the C kernel (decode_kernel.py) wherever it takes the step's tensors.
 
     A no-op for other backends (eager keeps its own numerics; flash attention is unverified here),
     inside an `attention_function` scope (calibration), whose dispatch already packs, and for
@@ -167,7 +170,7 @@ def packed_decode(model) -> Iterator[None]:
     if model.config._attn_implementation == "sdpa":
         try:
             attention_modules(model)
-            scope = attention_function(model, None)
+            scope = attention_function(model, None, kernel)
         except ModelNotSupportedError:
             pass
     with scope:
@@ -177,19 +180,23 @@ def packed_decode(model) -> Iterator[None]:
 _SDPA_SPECIAL = {"position_bias", "softcap"}  # kwargs that sdpa_attention_forward must handle itself
 
 
-def packed_one_query(module, query, key, value, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+def packed_one_query(module, query, key, value, dropout: float = 0.0, scaling: float | None = None,
+                     kernel: bool = False, **kwargs):
     """SDPA for one query token, the G query heads of each KV head packed as G query rows.
 
     Equal to SDPA with `enable_gqa=True`, which transformers picks when there is no mask (every
     one-token step on an unpadded cache) and which is several times slower on CPU (docs/decode.md).
     No mask is needed: the one new token sees every cached key. query (B, H, 1, D), key and value
     (B, H_kv, T, D); returns ((B, 1, H, D), None) like the transformers attention functions.
+    `kernel`: the C kernel (decode_kernel.attend) where it takes these tensors, else torch's.
     """
     b, h, _, d = query.shape
     h_kv = key.shape[1]
     packed = query.reshape(b, h_kv, h // h_kv, d)  # (B, H_kv, G, D): head h ↔ KV head h // G, as repeat_kv
     splits = _key_splits(key) if dropout == 0.0 else 1
-    if splits > 1:
+    if kernel and dropout == 0.0 and decode_kernel.supports(packed, key, value):
+        out = decode_kernel.attend(packed, key, value, scaling)
+    elif splits > 1:
         out = _split_key_attention(packed, key, value, splits, scaling)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, dropout_p=dropout, scale=scaling)
@@ -271,13 +278,14 @@ def _dispatch(module, query, key, value, attention_mask, **kwargs):
     return attend(module, query, key, value, attention_mask, **kwargs)
 
 
-def _through(handler: Handler | None, previous: str, module, query, key, value, attention_mask, **kwargs):
-    """Route 2: the optional handler, then the previous backend."""
+def _through(handler: Handler | None, previous: str, module, query, key, value, attention_mask, *,
+             kernel: bool = False, **kwargs):
+    """Route 2: the optional handler, then the previous backend (`kernel`: see packed_one_query)."""
     if handler is not None:
         key, value, attention_mask = handler(module, query, key, value, attention_mask)
     if previous == "sdpa":
         if query.shape[2] == 1 and attention_mask is None and not _SDPA_SPECIAL.intersection(kwargs):
-            return packed_one_query(module, query, key, value, **kwargs)
+            return packed_one_query(module, query, key, value, kernel=kernel, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if previous == "eager":
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")

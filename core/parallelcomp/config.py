@@ -146,6 +146,11 @@ class ParallelCompConfig(BaseModel):
     measured once per machine): on AVX-512 BF16 without AMX the fused CPU kernel runs at its fp32
     rate and the matmuls at about twice that; fused elsewhere. Chunk KV is stored under the
     kernel that made it (docs/hardware.md)."""
+    decode_kernel: Literal["auto", "torch"] = "auto"
+    """How an sdpa model's one-token decode steps attend on CPU: "auto" runs the C kernel of
+    decode_kernel.py (fp32 arithmetic, the KV streamed once by all threads; compiled on first use
+    by the system C compiler) on an x86-64 CPU with AVX2 and FMA, where it builds; "torch" keeps
+    torch's SDPA split into key ranges. The tokens agree to rounding (docs/decode.md)."""
 
     # --- chunk KV store (store.py, docs/store.md) ---
     kv_store_bytes: int | None = Field(None, ge=0)

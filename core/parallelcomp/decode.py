@@ -5,13 +5,14 @@ and every new token advances by one, while the cache keeps its own length. Sampl
 transformers' logits processors; EOS ids and string stops end generation here, in one place.
 
 Speed (docs/decode.md): the engine hands in a preallocated cache (`kv.decode_cache`), and the
-one-token steps run packed-GQA attention (`attention.packed_decode`) for as long as the
-generator runs; both give the same tokens as a DynamicCache with transformers' own sdpa.
+one-token steps run packed-GQA attention (`attention.packed_decode`; on CPU the C kernel of
+decode_kernel.py) for as long as the generator runs; both give the same tokens as a DynamicCache
+with transformers' own sdpa, up to rounding.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import ContextManager, Iterator
 
@@ -28,6 +29,7 @@ from transformers import (
 )
 
 from .attention import packed_decode
+from .decode_kernel import one_row_linears
 from .compat import forward
 
 
@@ -60,6 +62,14 @@ class Sampling:
         return procs
 
 
+@contextmanager
+def one_token_steps(model, kernel: bool) -> Iterator[None]:
+    """The scope of decoding: packed one-query attention, and with `kernel` the C kernels of
+    decode_kernel.py for one-token steps' attention and projections."""
+    with packed_decode(model, kernel), one_row_linears(model) if kernel else nullcontext():
+        yield
+
+
 @torch.inference_mode()
 def generate_tokens(
     model,
@@ -71,12 +81,15 @@ def generate_tokens(
     sampling: Sampling,
     question_step: ContextManager | None = None,
     constraint: LogitsProcessor | None = None,
+    kernel: bool = False,
 ) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded) or `max_new_tokens`.
 
     `question_step` is entered around the question prefill only (attention calibration). The
     packed-GQA scope ends when the generator is exhausted or closed. `constraint`: a grammar's
-    logits processor (grammar.GrammarProcessor), applied before every other.
+    logits processor (grammar.GrammarProcessor), applied before every other. `kernel`: the
+    one-token steps run the C kernels of decode_kernel.py (attention and projections) where they
+    take the step's tensors.
     """
     device = model.device
     ids = torch.tensor([question_ids], device=device)
@@ -86,7 +99,7 @@ def generate_tokens(
     if sampling.temperature > 0 and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     history = ids
-    with packed_decode(model):
+    with one_token_steps(model, kernel):
         with question_step or nullcontext():
             logits = forward(model, ids, cache, positions)
         for _ in range(max_new_tokens):

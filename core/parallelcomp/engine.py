@@ -35,7 +35,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from . import calibration, compression, grammar, guard, hardware, lexical
+from . import calibration, compression, decode_kernel, grammar, guard, hardware, lexical
 from . import kv as kvops
 from .attention import attention_modules
 from .chunking import Chunk, check_text, make_chunks, validate_documents
@@ -134,6 +134,7 @@ class ParallelComp:
         calibration.layer_plan(self.config.calibration_rules, self.num_layers)  # rules must fit the depth
         self.eos_ids = _eos_ids(model, tokenizer)
         self.attention_kernel = _attention_kernel(model, self.config.attention_kernel)
+        self.decode_kernel = _decode_kernel(model, self.config.decode_kernel)
         self._lock = guard.run_lock(model)  # one run at a time per model, shared by its engines
         memory = self.config.kv_store_bytes
         self.store = ChunkStore(psutil.virtual_memory().total // 3 if memory is None else memory,
@@ -313,11 +314,12 @@ class ParallelComp:
             mask = (grammar.GrammarProcessor(self.tokenizer, constraint, self._vocab_size(), self.eos_ids,
                                              len(parts.question_ids)) if constraint else None)
             cache = kvops.decode_cache(ctx.kv_parts, extra_tokens=len(parts.question_ids) + max_new_tokens)
-            step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens)
+            kernel = self.decode_kernel == decode_kernel.NAME
+            step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens, kernel)
                     if calibrator else None)  # attention calibration at the question step (§4)
             tokens = scope.enter_context(closing(generate_tokens(
-                self.model, cache, parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling, step, mask
-            )))  # closed before the lock is released: decode's attention switch is undone first
+                self.model, cache, parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling, step, mask,
+                kernel)))  # closed before the lock is released: decode's attention switch is undone first
             for token_id in tokens:
                 if not assembler.ids:
                     ctx.stats.first_token_seconds = time.perf_counter() - start
@@ -561,6 +563,7 @@ class ParallelComp:
             store_bytes=scored.store_bytes,
             dtype=str(self.model.dtype).removeprefix("torch."),
             attention_kernel=self.attention_kernel,
+            decode_kernel=self.decode_kernel,
             threads=torch.get_num_threads(),
         )
 
@@ -592,6 +595,24 @@ def _attention_kernel(model, choice: str) -> str:
         return backend
     attention_modules(model)  # ModelNotSupportedError for layers the matmul kernel cannot reach
     return "matmul"
+
+
+def _decode_kernel(model, choice: str) -> str:
+    """What one-token decode steps attend with (ParallelCompConfig.decode_kernel): the C kernel
+    where an sdpa model on CPU, whose attention layers attention.packed_decode reaches, has KV and
+    heads it takes and the kernel builds; else "torch"."""
+    if (choice != "auto" or model.device.type != "cpu" or model.config._attn_implementation != "sdpa"
+            or model.dtype not in (torch.float32, torch.bfloat16)):
+        return "torch"
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    try:
+        attention_modules(model)
+    except ModelNotSupportedError:
+        return "torch"
+    groups = heads // (getattr(text, "num_key_value_heads", None) or heads)
+    return decode_kernel.NAME if decode_kernel.takes(groups, head_dim) and decode_kernel.available() else "torch"
 
 
 def _default_attention(device: torch.device) -> str:

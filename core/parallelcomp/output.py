@@ -136,6 +136,9 @@ class RunStats(SpreadStats, ReuseStats):
     attention_kernel: str = ""
     """How phases 1 and 2 attended: "sdpa" (torch's fused kernel), "matmul", or the model's own
     backend ("eager", "flash_attention_2"); ParallelCompConfig.attention_kernel."""
+    decode_kernel: str = ""
+    """How one-token decode steps attended: "c-avx2" (decode_kernel.py) or "torch";
+    ParallelCompConfig.decode_kernel."""
     threads: int = 0
     """torch intra-op threads the run used."""
     prefill_seconds: float = 0.0

@@ -1,0 +1,168 @@
+"""The C kernels of a one-token decode step (`decode_kernel.c`), compiled on first use (docs/decode.md).
+
+A decode step reads every weight and the whole merged KV once; torch's CPU kernels for a
+one-token step (a one-row GEMV, attention of a few query rows) read them at a third to a half of
+the memory bandwidth here. The C kernels are small (two functions, AVX2 + FMA, OpenMP threads from
+torch's own pool), so they are compiled here by the system's C compiler, once per source,
+compiler and flags, into the user cache; they run only where the CPU has AVX2 and FMA and the build
+succeeded. Everywhere else (no compiler, another architecture, CUDA) decoding keeps torch's
+kernels, and `RunStats.decode_kernel` says which ran.
+
+The shared library is loaded into the process, so it is never trusted blindly: its SHA-256 is
+written next to it when built and checked before every load; a library that fails the check is
+rebuilt. Builds go to a temporary name and are renamed into place, so concurrent processes never
+load a half-written file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import hardware
+
+SOURCE = Path(__file__).with_name("decode_kernel.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
+NAME = "c-avx2"  # RunStats.decode_kernel when these kernels run
+_GROUPS, _HEAD_DIM = 16, 256  # MAX_G, MAX_D in the C source
+
+_log = logging.getLogger(__name__)
+
+
+def available() -> bool:
+    """Whether one-token steps on this CPU can run the C kernel (built, or buildable, and loadable)."""
+    return _library() is not None
+
+
+def takes(groups: int, *head_dims: int) -> bool:
+    """Whether the kernel's shape limits admit `groups` query rows per KV head (at most 16) and
+    these head sizes (multiples of 8 up to 256)."""
+    return 1 <= groups <= _GROUPS and all(8 <= d <= _HEAD_DIM and d % 8 == 0 for d in head_dims)
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether `attend` takes these tensors: CPU, float32 or bfloat16 KV of one dtype, rows
+    contiguous in the last dimension, shapes that `takes` admits, and a built kernel."""
+    return (key.device.type == "cpu" and key.dtype == value.dtype and key.dtype in (torch.float32, torch.bfloat16)
+            and key.stride(-1) == 1 and value.stride(-1) == 1
+            and takes(query.shape[2], key.shape[-1], value.shape[-1]) and available())
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale · q·Kᵀ) V for every key (no mask), in fp32; returns the query's dtype.
+
+    query (B, H_kv, G, D): the G query heads of each KV head packed as rows; key (B, H_kv, T, D)
+    and value (B, H_kv, T, Dv) may be views with gaps between heads and batch entries (the
+    preallocated decode cache). Call only where `supports` holds.
+    """
+    b, h, g, d = query.shape
+    t, dv = key.shape[2], value.shape[-1]
+    q = (query.float() * (d ** -0.5 if scale is None else scale)).contiguous()
+    out = torch.empty(b, h, g, dv, dtype=torch.float32)
+    code = _library().pc_decode_attention(
+        q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), int(key.dtype == torch.bfloat16),
+        b, h, g, t, d, dv, *key.stride()[:3], *value.stride()[:3], torch.get_num_threads())
+    if code != 0:  # shapes are checked by `supports`; 2 is a failed allocation in C
+        raise MemoryError(f"decode attention kernel failed (code {code}) for {b}x{h}x{g} rows over {t} keys")
+    return out.to(query.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` of one row x (any leading shape of one element) in fp32; returns x's dtype. Call
+    only where `takes_linear(x, weight)` holds."""
+    n, k = weight.shape
+    row = x.reshape(k).float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    out = torch.empty(n, dtype=torch.float32)
+    _library().pc_linear(row.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(),
+                         int(weight.dtype == torch.bfloat16), n, k, weight.stride(0), torch.get_num_threads())
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One row of x on CPU against a float32 or bfloat16 weight of x's dtype, with rows contiguous
+    and a multiple of 8 long, and a built kernel."""
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
+            and weight.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2 and weight.stride(1) == 1
+            and x.numel() == weight.shape[1] and weight.shape[1] % 8 == 0 and available())
+
+
+@contextmanager
+def one_row_linears(model) -> Iterator[None]:
+    """Inside the block, each `torch.nn.Linear` of `model` computes a one-row input with `linear`
+    (a one-token step's projections and LM head) and any other input as before."""
+    modules = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+    for m in modules:
+        m.forward = functools.partial(_linear_forward, m)
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
+
+
+def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if takes_linear(x, module.weight):
+        return linear(x, module.weight, module.bias)
+    return torch.nn.functional.linear(x, module.weight, module.bias)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= hardware.cpu_flags():
+        return None
+    try:
+        path = _build()
+    except (OSError, subprocess.SubprocessError) as exc:
+        _log.warning("decode attention kernel unavailable, decoding with torch's attention: %s", exc)
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.pc_decode_attention.restype = lib.pc_linear.restype = ctypes.c_int
+    lib.pc_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_long] * 13
+    lib.pc_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_long] * 4
+    return lib
+
+
+def _build() -> Path:
+    """The compiled library in the user cache, rebuilt when missing or when its checksum fails."""
+    from .default_model import cache_root
+
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise OSError("no C compiler found (set CC or install gcc/clang)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode()])).hexdigest()[:16]
+    path = cache_root() / "kernels" / f"decode_kernel-{key}.so"
+    digest = path.with_suffix(".sha256")
+    if path.is_file() and digest.is_file() and digest.read_text().strip() == _sha256(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, text=True,
+                       timeout=120, check=True)
+        tmp_digest = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
+        tmp_digest.write_text(_sha256(tmp))
+        os.replace(tmp, path)
+        os.replace(tmp_digest, digest)
+    except subprocess.CalledProcessError as exc:
+        raise OSError(f"{compiler} failed: {exc.stderr.strip()[-500:]}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
