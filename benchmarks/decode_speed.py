@@ -63,10 +63,11 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
     return x.numel() * 4 / best
 
 
-def gemv_bandwidth(model, threads: int, repeats: int = 3) -> float:
-    """Bytes/s at which a one-row `F.linear` reads the model's own weight matrices (every Linear,
-    the LM head included: a decoded token's matmuls), with `threads` torch threads, in wall time,
-    best of `repeats`. Set against `read_bandwidth`, it shows what the BLAS GEMV reaches here."""
+def gemv_bandwidth(model, threads: int, repeats: int = 3, product=torch.nn.functional.linear) -> float:
+    """Bytes/s at which a one-row `product` (torch's `F.linear`, or the C kernel's
+    `decode_kernel.linear`) reads the model's own weight matrices (every Linear, the LM head
+    included: a decoded token's matmuls), with `threads` torch threads, in wall time, best of
+    `repeats`. Set against `read_bandwidth`, it shows what each GEMV reaches here."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     rows = {w.shape[1]: torch.ones(1, w.shape[1], dtype=w.dtype) for w in weights}
     before, best = torch.get_num_threads(), float("inf")
@@ -76,7 +77,7 @@ def gemv_bandwidth(model, threads: int, repeats: int = 3) -> float:
             for _ in range(repeats):
                 start = time.perf_counter()
                 for w in weights:
-                    torch.nn.functional.linear(rows[w.shape[1]], w)
+                    product(rows[w.shape[1]], w)
                 best = min(best, time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
@@ -122,6 +123,7 @@ def run(kv_sizes: list[int], tokens: list[int], threads: int | None, out: Path) 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = read_bandwidth()
     gemv = {n: gemv_bandwidth(model, n) for n in sorted({1, torch.get_num_threads()})}
+    kernel_gemv = {n: gemv_bandwidth(model, n, product=decode_kernel.linear) for n in gemv}
     rows = []
     for size, n in zip(kv_sizes, tokens):
         kv = random_kv(model, size)
@@ -140,6 +142,7 @@ def run(kv_sizes: list[int], tokens: list[int], threads: int | None, out: Path) 
         "weight_bytes": weight_bytes,
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "gemv_gb_s": {str(n): rate / 1e9 for n, rate in gemv.items()},
+        "kernel_gemv_gb_s": {str(n): rate / 1e9 for n, rate in kernel_gemv.items()},
         "uptime_before": uptime,
         "load_before": load_before,
         "load_after": os.getloadavg(),
@@ -167,9 +170,8 @@ def markdown(result: dict) -> str:
         f"Read bandwidth measured in the run: {result['read_bandwidth_gb_s']:.1f} GB/s (fp32 sum, wall time, best of 3); "
         f"weights {result['weight_bytes'] / 1e6:.0f} MB. Bound = bandwidth / (weight bytes + KV bytes), per token.",
         "One-row `F.linear` over the model's own weight matrices (a token's matmuls) reads them at "
-        + ", ".join(f"{rate:.1f} GB/s with {n} thread{'s' if n != '1' else ''}"
-                    for n, rate in result["gemv_gb_s"].items())
-        + " (wall time, best of 3).",
+        + _rates(result["gemv_gb_s"]) + ", the C kernel's `decode_kernel.linear` at "
+        + _rates(result["kernel_gemv_gb_s"]) + " (wall time, best of 3).",
         f"Load: `{result['uptime_before']}` before, 1-min load {result['load_after'][0]:.2f} after "
         f"({result['wall_seconds']:.0f} s run).",
         "",
@@ -192,3 +194,7 @@ def markdown(result: dict) -> str:
             f"| {split['tok_per_cpu_s']:.2f}, {new['tok_per_cpu_s']:.2f} | {new['tok_per_cpu_s'] / bound:.0%} | {same} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _rates(rates: dict[str, float]) -> str:
+    return ", ".join(f"{rate:.1f} GB/s with {n} thread{'s' if n != '1' else ''}" for n, rate in rates.items())
