@@ -123,11 +123,10 @@ def _library() -> ctypes.CDLL | None:
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= hardware.cpu_flags():
         return None
     try:
-        path = _build()
-    except (OSError, subprocess.SubprocessError) as exc:
-        _log.warning("decode attention kernel unavailable, decoding with torch's attention: %s", exc)
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as exc:  # no compiler, a failed build, a cache we cannot load from
+        _log.warning("decode kernels unavailable, decoding with torch's kernels: %s", exc)
         return None
-    lib = ctypes.CDLL(str(path))
     lib.pc_decode_attention.restype = lib.pc_linear.restype = ctypes.c_int
     lib.pc_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_long] * 13
     lib.pc_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_long] * 4
