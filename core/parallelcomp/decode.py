@@ -5,9 +5,9 @@ and every new token advances by one, while the cache keeps its own length. Sampl
 transformers' logits processors; EOS ids and string stops end generation here, in one place.
 
 Speed (docs/decode.md): the engine hands in a preallocated cache (`kv.decode_cache`), and the
-one-token steps run packed-GQA attention (`attention.packed_decode`; on CPU the C kernel of
-decode_kernel.py) for as long as the generator runs; both give the same tokens as a DynamicCache
-with transformers' own sdpa, up to rounding.
+one-token steps run packed-GQA attention (`attention.packed_decode`; on CPU the C kernels of
+decode_kernel.py for that attention and the projections) for as long as the generator runs; both
+give the same tokens as a DynamicCache with transformers' own sdpa, up to rounding.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from transformers import (
 )
 
 from .attention import packed_decode
-from .decode_kernel import one_row_linears
 from .compat import forward
+from .decode_kernel import one_row_linears
 
 
 @dataclass(frozen=True)

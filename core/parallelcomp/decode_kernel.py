@@ -85,8 +85,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     row = x.reshape(k).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     out = torch.empty(n, dtype=torch.float32)
-    _library().pc_linear(row.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(),
-                         int(weight.dtype == torch.bfloat16), n, k, weight.stride(0), torch.get_num_threads())
+    code = _library().pc_linear(row.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(),
+                                out.data_ptr(), int(weight.dtype == torch.bfloat16), n, k, weight.stride(0),
+                                torch.get_num_threads())
+    if code != 0:  # widths are checked by `takes_linear`
+        raise ValueError(f"decode product kernel declined a {n}x{k} weight (code {code})")
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

@@ -598,9 +598,9 @@ def _attention_kernel(model, choice: str) -> str:
 
 
 def _decode_kernel(model, choice: str) -> str:
-    """What one-token decode steps attend with (ParallelCompConfig.decode_kernel): the C kernel
-    where an sdpa model on CPU, whose attention layers attention.packed_decode reaches, has KV and
-    heads it takes and the kernel builds; else "torch"."""
+    """What one-token decode steps run on (ParallelCompConfig.decode_kernel): the C kernels where
+    an sdpa model on CPU, whose attention layers attention.packed_decode reaches, has a dtype and
+    heads they take and they build; else "torch"."""
     if (choice != "auto" or model.device.type != "cpu" or model.config._attn_implementation != "sdpa"
             or model.dtype not in (torch.float32, torch.bfloat16)):
         return "torch"
