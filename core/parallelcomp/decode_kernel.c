@@ -12,7 +12,8 @@
  * prefetching the rows it reads next. The shares merge by their log-sum-exps, as split-KV "flash
  * decoding" does.
  *
- * pc_linear: y = W x (+ b) for one row x, four weight rows per pass over x.
+ * pc_linear: y = W x (+ b) for one row x, four weight rows per pass over x, prefetching the rows
+ * PREFETCH_GROUPS groups ahead.
  *
  * Weights, keys and values are float32 or bfloat16 (widened to fp32 on load); arithmetic is fp32.
  * Threads come from OpenMP: torch's CPU wheel already loaded libgomp.so.1 into the process, so
@@ -29,6 +30,7 @@
 #define MAX_D 256
 #define SERIAL_KEYS 4096        /* fewer (head, key) pairs than this run on one thread */
 #define SERIAL_WEIGHTS 65536    /* as do products with fewer weights than this */
+#define PREFETCH_GROUPS 4       /* pc_linear reads rows this many 4-row groups ahead (docs/decode.md) */
 
 typedef struct {
     const float *q;            /* (B, H, G, D) contiguous, already multiplied by the softmax scale */
@@ -210,7 +212,10 @@ static inline __attribute__((always_inline)) void rows_as(const float *x, const 
     const char *row[4];
     for (long r = 0; r < 4; r++) row[r] = w + (r0 + (r < n ? r : 0)) * ws * size;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    const long ahead = 4 * PREFETCH_GROUPS * ws * size;  /* the same columns, PREFETCH_GROUPS groups on */
     for (long k = 0; k < K; k += 8) {
+        if ((k * size) % 64 == 0)  /* one prefetch per cache line of each row */
+            for (long r = 0; r < 4; r++) _mm_prefetch(row[r] + ahead + k * size, _MM_HINT_T0);
         const __m256 xv = _mm256_loadu_ps(x + k);
         a0 = _mm256_fmadd_ps(xv, load8(row[0], k, bf16), a0);
         a1 = _mm256_fmadd_ps(xv, load8(row[1], k, bf16), a1);
