@@ -41,8 +41,13 @@ _log = logging.getLogger(__name__)
 
 
 def available() -> bool:
-    """Whether one-token steps on this CPU can run the C kernel (built, or buildable, and loadable)."""
-    return _library() is not None
+    """Whether one-token steps on this CPU can run the C kernels (built, or buildable, and loadable)."""
+    return _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ("" when it is True): the CPU, or the compiler's or loader's error."""
+    return _library()[1]
 
 
 def takes(groups: int, *head_dims: int) -> bool:
@@ -70,7 +75,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: f
     t, dv = key.shape[2], value.shape[-1]
     q = (query.float() * (d ** -0.5 if scale is None else scale)).contiguous()
     out = torch.empty(b, h, g, dv, dtype=torch.float32)
-    code = _library().pc_decode_attention(
+    code = _library()[0].pc_decode_attention(
         q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), int(key.dtype == torch.bfloat16),
         b, h, g, t, d, dv, *key.stride()[:3], *value.stride()[:3], torch.get_num_threads())
     if code != 0:  # shapes are checked by `supports`; 2 is a failed allocation in C
@@ -85,7 +90,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     row = x.reshape(k).float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     out = torch.empty(n, dtype=torch.float32)
-    code = _library().pc_linear(row.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(),
+    code = _library()[0].pc_linear(row.data_ptr(), weight.data_ptr(), None if b is None else b.data_ptr(),
                                 out.data_ptr(), int(weight.dtype == torch.bfloat16), n, k, weight.stride(0),
                                 torch.get_num_threads())
     if code != 0:  # widths are checked by `takes_linear`
@@ -94,18 +99,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def takes_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One row of x on CPU against a float32 or bfloat16 weight of x's dtype, with rows contiguous
-    and a multiple of 8 long, and a built kernel."""
-    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
-            and weight.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2 and weight.stride(1) == 1
-            and x.numel() == weight.shape[1] and weight.shape[1] % 8 == 0 and available())
+    """One row of x on CPU against a weight `takes_weight` admits, of x's dtype."""
+    return _one_row(x, weight) and takes_weight(weight)
+
+
+def takes_weight(weight: torch.Tensor) -> bool:
+    """A float32 or bfloat16 CPU weight with rows contiguous and a multiple of 8 long, and built kernels."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.dim() == 2
+            and weight.stride(1) == 1 and weight.shape[1] % 8 == 0 and available())
 
 
 @contextmanager
 def one_row_linears(model) -> Iterator[None]:
-    """Inside the block, each `torch.nn.Linear` of `model` computes a one-row input with `linear`
-    (a one-token step's projections and LM head) and any other input as before."""
-    modules = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__]
+    """Inside the block, each `torch.nn.Linear` of `model` whose weight the kernel takes computes a
+    one-row input with `linear` (a one-token step's projections and LM head) and any other input as
+    before. The weights are checked once here; each call checks only its input."""
+    modules = [m for m in model.modules()
+               if type(m) is torch.nn.Linear and "forward" not in m.__dict__ and takes_weight(m.weight)]
     for m in modules:
         m.forward = functools.partial(_linear_forward, m)
     try:
@@ -115,25 +125,30 @@ def one_row_linears(model) -> Iterator[None]:
             del m.forward
 
 
+def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.numel() == weight.shape[1] and x.dtype == weight.dtype and x.device.type == "cpu"
+
+
 def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if takes_linear(x, module.weight):
+    if _one_row(x, module.weight):
         return linear(x, module.weight, module.bias)
     return torch.nn.functional.linear(x, module.weight, module.bias)
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded library, or None and why not."""
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= hardware.cpu_flags():
-        return None
+        return None, f"the CPU ({platform.machine()}) lacks AVX2 and FMA"
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as exc:  # no compiler, a failed build, a cache we cannot load from
         _log.warning("decode kernels unavailable, decoding with torch's kernels: %s", exc)
-        return None
+        return None, str(exc)
     lib.pc_decode_attention.restype = lib.pc_linear.restype = ctypes.c_int
     lib.pc_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_long] * 13
     lib.pc_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_long] * 4
-    return lib
+    return lib, ""
 
 
 def _build() -> Path:
@@ -142,7 +157,7 @@ def _build() -> Path:
 
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        raise OSError("no C compiler found (set CC or install gcc/clang)")
+        raise OSError(f"no C compiler {os.environ.get('CC', 'cc')!r} found (set CC or install gcc/clang)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode()])).hexdigest()[:16]

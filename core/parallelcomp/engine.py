@@ -604,14 +604,12 @@ def _decode_kernel(model, choice: str) -> str:
     if (choice != "auto" or model.device.type != "cpu" or model.config._attn_implementation != "sdpa"
             or model.dtype not in (torch.float32, torch.bfloat16)):
         return "torch"
-    text = model.config.get_text_config()
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     try:
         attention_modules(model)
     except ModelNotSupportedError:
         return "torch"
-    groups = heads // (getattr(text, "num_key_value_heads", None) or heads)
+    _, kv_heads, head_dim = kvops.layout(model)
+    groups = model.config.get_text_config().num_attention_heads // kv_heads
     return decode_kernel.NAME if decode_kernel.takes(groups, head_dim) and decode_kernel.available() else "torch"
 
 
