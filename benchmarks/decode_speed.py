@@ -4,13 +4,14 @@
 
 The embedded SmolLM2-135M, in this machine's default dtype (`hardware.default_dtype`: bf16 where
 the CPU has native bf16, fp32 otherwise), decodes one token at a time over a merged KV of each size,
-four ways in the same process: the old path (a DynamicCache, whose `update` concatenates, and
+five ways in the same process: the old path (a DynamicCache, whose `update` concatenates, and
 transformers' sdpa, which calls SDPA with `enable_gqa=True` when there is no mask), the
 preallocated cache alone (`kv.decode_cache`), the preallocated cache with packed one-query
 attention in torch's SDPA split into key ranges and torch's GEMV ("torch",
 `decode_kernel="torch"`), and the new path, where that attention and the projections run the C
-kernels of decode_kernel.py ("kernel", the default where they build), as
-`decode.generate_tokens` runs them (`decode.one_token_steps`).
+kernels of decode_kernel.py ("kernel"), as `decode.generate_tokens` runs them
+(`decode.one_token_steps`) for models other than the Llama family, and the whole step in one C call
+("step", `decode_kernel.DecodeStep`, the default for SmolLM2 and the other Llama-family models).
 
 The merged KV is random (normal, the model's dtype) of the real shape: timing depends only on shapes, and
 random KV avoids minutes of prefill per size. The bound is the time to read every weight and
@@ -41,11 +42,15 @@ from parallelcomp.default_model import DEFAULT_MODEL
 from .machine import describe
 
 
-PATHS = {  # name → (cache builder, attention scope)
-    "old": (lambda kv, extra: kvops.to_cache(kv), lambda model: nullcontext()),
-    "preallocated": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: nullcontext()),
-    "torch": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: one_token_steps(model, kernel=False)),
-    "kernel": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: one_token_steps(model, kernel=True)),
+PATHS = {  # name → (cache builder, attention scope, whole step in one C call)
+    "old": (lambda kv, extra: kvops.to_cache(kv), lambda model: nullcontext(), False),
+    "preallocated": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: nullcontext(), False),
+    "torch": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: one_token_steps(model, kernel=False),
+              False),
+    "kernel": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: one_token_steps(model, kernel=True),
+               False),
+    "step": (lambda kv, extra: kvops.decode_cache([kv], extra), lambda model: one_token_steps(model, kernel=True),
+             True),
 }
 
 
@@ -94,14 +99,20 @@ def random_kv(model, tokens: int) -> list[kvops.LayerKV]:
 @torch.inference_mode()
 def time_decode(model, kv, path: str, tokens: int) -> dict:
     """Wall and CPU seconds of each one-token step after a warm-up step, and the greedy tokens."""
-    build, scope = PATHS[path]
+    build, scope, whole = PATHS[path]
     cache = build(kv, tokens + 1)
+    one_call = decode_kernel.DecodeStep.for_model(model, cache) if whole else None
+    if whole and one_call is None:
+        raise SystemExit("the whole-step kernel declined this model and cache (decode_kernel.DecodeStep.for_model)")
     token, p0 = torch.tensor([[1]]), kvops.n_tokens(kv)
     wall, cpu, ids = [], [], []
     with scope(model):
         for step in range(tokens + 1):
             start, start_cpu = time.perf_counter(), time.process_time()
-            logits = forward(model, token, cache, torch.tensor([[p0 + step]]))
+            if one_call is not None:
+                logits = one_call(int(token), p0 + step)
+            else:
+                logits = forward(model, token, cache, torch.tensor([[p0 + step]]))
             token = logits[:, -1].argmax(dim=-1, keepdim=True)
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
@@ -118,7 +129,7 @@ def run(kv_sizes: list[int], tokens: list[int], threads: int | None, out: Path) 
     engine = ParallelComp.from_pretrained(None)
     model = engine.model
     if not decode_kernel.available():
-        raise SystemExit("the C decode kernel is unavailable here (needs x86-64 with AVX2 and FMA and a C compiler)")
+        raise SystemExit(f"the C decode kernels are unavailable here: {decode_kernel.unavailable_reason()}")
     dtype = str(model.dtype).removeprefix("torch.")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = read_bandwidth()
@@ -179,19 +190,25 @@ def markdown(result: dict) -> str:
         "attention rounds in another order, so over junk context (near-tied logits) the tokens may part "
         "after a few steps. Exactness is the tests' job (tests/test_decode.py and tests/test_decode_kernel.py).",
         "",
-        "| KV tokens | KV MiB | old tok/s | preallocated only | torch SDPA, split | C kernel tok/s | kernel / old "
-        "| kernel / torch | bound tok/s | kernel / bound | torch, kernel per CPU-s | kernel per CPU-s / bound "
-        "| same tokens as old (prealloc., torch, kernel) |",
+        "Columns: old; the preallocated cache alone; torch = preallocated + packed split SDPA + torch's GEMV; "
+        "C kernels = the same steps through the model's modules with the C attention and GEMV; C step = the "
+        "whole step in one C call (`decode_kernel.DecodeStep`, the default for Llama-family models).",
+        "",
+        "| KV tokens | KV MiB | old tok/s | preallocated only | torch | C kernels | C step | step / torch "
+        "| bound tok/s | C kernels / bound | **C step / bound** | step per CPU-s / bound "
+        "| same tokens as old (prealloc., torch, kernels, step) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--:|",
     ]
     for r in result["rows"]:
-        old, pre, split, new, bound = (r["old"], r["preallocated"], r["torch"], r["kernel"], r["bound_tok_s"])
-        same = ", ".join("yes" if r[p]["ids"] == old["ids"] else "no" for p in ("preallocated", "torch", "kernel"))
+        old, pre, split, new, step, bound = (r["old"], r["preallocated"], r["torch"], r["kernel"], r["step"],
+                                             r["bound_tok_s"])
+        same = ", ".join("yes" if r[p]["ids"] == old["ids"] else "no"
+                         for p in ("preallocated", "torch", "kernel", "step"))
         lines.append(
             f"| {r['kv_tokens']:,} | {r['kv_mib']:,.0f} | {old['tok_s']:.2f} | {pre['tok_s']:.2f} "
-            f"| {split['tok_s']:.2f} | {new['tok_s']:.2f} | {new['tok_s'] / old['tok_s']:.1f}× "
-            f"| {new['tok_s'] / split['tok_s']:.2f}× | {bound:.2f} | {new['tok_s'] / bound:.0%} "
-            f"| {split['tok_per_cpu_s']:.2f}, {new['tok_per_cpu_s']:.2f} | {new['tok_per_cpu_s'] / bound:.0%} | {same} |"
+            f"| {split['tok_s']:.2f} | {new['tok_s']:.2f} | {step['tok_s']:.2f} | {step['tok_s'] / split['tok_s']:.2f}× "
+            f"| {bound:.2f} | {new['tok_s'] / bound:.0%} | **{step['tok_s'] / bound:.0%}** "
+            f"| {step['tok_per_cpu_s'] / bound:.0%} | {same} |"
         )
     return "\n".join(lines) + "\n"
 

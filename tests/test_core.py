@@ -116,6 +116,7 @@ def test_keeps_lowest_nll_chunks_in_document_order_and_matches_pcw_reference(fam
 def test_question_and_decode_positions(make_engine, monkeypatch):
     """The question is fed at p0, p0+1, …; every decoded token continues by one."""
     import parallelcomp.decode as decode
+    import parallelcomp.decode_kernel as decode_kernel
 
     seen = []
     real = decode.forward
@@ -124,10 +125,19 @@ def test_question_and_decode_positions(make_engine, monkeypatch):
         seen.append((positions[0].tolist(), cache.get_seq_length()))
         return real(model, ids, cache, positions, *args, **kwargs)
 
+    whole = decode_kernel.DecodeStep.__call__
+
+    def spy_whole(step, token_id, position):  # a one-token step in one C call
+        seen.append(([position], step.cache.get_seq_length()))
+        return whole(step, token_id, position)
+
     monkeypatch.setattr(decode, "forward", spy)
+    monkeypatch.setattr(decode_kernel.DecodeStep, "__call__", spy_whole)
     pc = make_engine("llama", keep_chunks=2, chunk_tokens=30)
     out = pc.generate("Where?", documents=[text(1, 20), text(2, 9), text(3, 25)], max_new_tokens=5)
     p0, q = out.stats.p0, out.stats.question_tokens
+    # the question step, then one step per new token that was followed by another (or by EOS)
+    assert len(seen) == out.stats.new_tokens + (out.stats.finish_reason == "stop") > 1
     assert seen[0] == (list(range(p0, p0 + q)), out.stats.kv_tokens)
     for step, (positions, cache_len) in enumerate(seen[1:]):
         assert positions == [p0 + q + step]
@@ -149,7 +159,7 @@ def test_first_token_seconds_time_the_question_step(make_engine, monkeypatch):
     monkeypatch.setattr(decode, "forward", slow_question)
     pc = make_engine("llama", keep_chunks=1)
     out = pc.generate("Where?", documents=[text(4, 30)], max_new_tokens=4)
-    assert len(calls) > 1 and calls[0] == out.stats.question_tokens
+    assert calls[0] == out.stats.question_tokens and out.stats.new_tokens > 1
     assert 0.2 <= out.stats.first_token_seconds < out.stats.decode_seconds
 
 

@@ -48,15 +48,22 @@ def _old_path(monkeypatch):
 
 
 def _record(engine, monkeypatch, **kwargs):
-    """Generate; return the output, each forward's logits and layer type, and packed-attention calls
-    (each call's layer, and whether the C kernel ran it); `products` counts the C kernel's one-row
-    products (decode_kernel.linear)."""
+    """Generate; return the output, each step's logits, cache layer type and path ("modules": the
+    model's forward, "whole": decode_kernel.DecodeStep), and packed-attention calls (each call's
+    layer, and whether the C kernel ran it); `products` counts the C kernel's one-row products
+    (decode_kernel.linear)."""
     steps, packed, products = [], [], []
     forward, pack, attend, linear = decode.forward, attention.packed_one_query, decode_kernel.attend, decode_kernel.linear
+    whole = decode_kernel.DecodeStep.__call__
 
     def spy_forward(model, ids, cache, positions, *args, **kw):
         logits = forward(model, ids, cache, positions, *args, **kw)
-        steps.append((logits[0, -1].clone(), type(cache.layers[0])))
+        steps.append((logits[0, -1].clone(), type(cache.layers[0]), "modules"))
+        return logits
+
+    def spy_whole(step, *args):
+        logits = whole(step, *args)
+        steps.append((logits[0, -1].clone(), type(step.cache.layers[0]), "whole"))
         return logits
 
     def spy_pack(module, *args, **kw):
@@ -69,6 +76,7 @@ def _record(engine, monkeypatch, **kwargs):
 
     with monkeypatch.context() as m:
         m.setattr(decode, "forward", spy_forward)
+        m.setattr(decode_kernel.DecodeStep, "__call__", spy_whole)
         m.setattr(attention, "packed_one_query", spy_pack)
         m.setattr(decode_kernel, "attend", spy_kernel)
         m.setattr(decode_kernel, "linear", lambda *a: products.append(1) or linear(*a))
@@ -79,12 +87,16 @@ def _record(engine, monkeypatch, **kwargs):
 FAMILIES = [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"), ("qwen3", "sdpa"), ("llama", "eager")]
 # split: the one-token attention over these tiny runs' merged KV (~250 tokens) split into key
 # ranges of ≥ 32 keys, as over a long merged KV (attention._split_key_attention)
-# kernel: "c-avx2" runs the one-token steps on the C kernel (decode_kernel.py), "torch" on SDPA
+# kernel: "c-avx2" runs the one-token steps whole in one C call (decode_kernel.DecodeStep),
+# "c-avx2-modules" through the model's modules with the C kernels for attention and projections
+# (DecodeStep disabled), "torch" on SDPA
 CASES = ([(family, attn, setting, "unsplit", "torch") for family, attn in FAMILIES for setting in sorted(SETTINGS)]
          + [(family, "sdpa", "plain", "split", "torch") for family in ("llama", "mistral", "qwen2", "qwen3")]
          + [("llama", "sdpa", setting, "split", "torch") for setting in ("calibration", "compression")]
-         + [(family, "sdpa", "plain", "unsplit", "c-avx2") for family in ("llama", "mistral", "qwen2", "qwen3")]
-         + [("llama", "sdpa", setting, "unsplit", "c-avx2") for setting in ("calibration", "compression")])
+         + [(family, "sdpa", "plain", "unsplit", kernel) for family in ("llama", "mistral", "qwen2", "qwen3")
+            for kernel in ("c-avx2", "c-avx2-modules")]
+         + [("llama", "sdpa", setting, "unsplit", kernel) for setting in ("calibration", "compression")
+            for kernel in ("c-avx2", "c-avx2-modules")])
 # the C kernels need an x86-64 CPU with AVX2 and FMA and a C compiler (tests/test_decode_kernel.py
 # fails where those are present and the kernels do not build); the "torch" cases run everywhere
 needs_kernel = pytest.mark.skipif(not decode_kernel.available(),
@@ -92,32 +104,39 @@ needs_kernel = pytest.mark.skipif(not decode_kernel.available(),
 
 
 @pytest.mark.parametrize("family,attn,setting,split,kernel",
-                         [pytest.param(*case, marks=needs_kernel) if case[-1] == "c-avx2" else case for case in CASES])
+                         [pytest.param(*case, marks=needs_kernel) if case[-1] != "torch" else case for case in CASES])
 def test_fast_decode_equals_dynamic_cache_path(tokenizer, make_engine, monkeypatch, family, attn, setting, split,
                                                kernel):
     if split == "split":
         monkeypatch.setattr(attention, "SPLIT_KEYS", 32)
+    if kernel == "c-avx2-modules":
+        monkeypatch.setattr(decode_kernel.DecodeStep, "for_model", classmethod(lambda cls, model, cache: None))
     model = tiny_model(family, len(tokenizer), attn=attn)
-    engine = make_engine(model=model, **BASE, **SETTINGS[setting], decode_kernel="auto" if kernel == "c-avx2" else kernel)
+    engine = make_engine(model=model, **BASE, **SETTINGS[setting], decode_kernel="torch" if kernel == "torch" else "auto")
     new, new_steps, packed, products = _record(engine, monkeypatch)
     with monkeypatch.context() as m:
         _old_path(m)
         old, old_steps, _, _ = _record(engine, monkeypatch)
 
-    assert {kind for _, kind in new_steps} == {kvops.PreallocatedLayer}
-    assert {kind for _, kind in old_steps} == {DynamicLayer}
-    # sdpa: every one-token step runs packed in every layer; eager is never packed
+    assert {kind for _, kind, _ in new_steps} == {kvops.PreallocatedLayer}
+    assert {kind for _, kind, _ in old_steps} == {DynamicLayer}
+    # the question step runs through the modules; with "c-avx2" every one-token step runs whole
+    whole = kernel == "c-avx2" and attn == "sdpa"
+    assert [path for _, _, path in new_steps] == ["modules"] + ["whole" if whole else "modules"] * (len(new_steps) - 1)
+    assert new.stats.kernel_steps == (len(new_steps) - 1 if whole else 0)
+    # sdpa: every one-token step through the modules runs packed in every layer; eager is never packed
     n_layers = model.config.num_hidden_layers
-    on_kernel = kernel == "c-avx2"
-    assert packed == ([[layer, on_kernel] for layer in range(n_layers)] * (len(new_steps) - 1) if attn == "sdpa" else [])
+    on_kernel = kernel != "torch"
+    module_steps = 0 if whole else len(new_steps) - 1
+    assert packed == ([[layer, on_kernel] for layer in range(n_layers)] * module_steps if attn == "sdpa" else [])
     # every projection and the LM head at each one-token step, and the LM head on the question's last row
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert products == (linears * (len(new_steps) - 1) + 1 if on_kernel else 0)
-    assert new.stats.decode_kernel == (kernel if attn == "sdpa" else "torch")
+    assert products == (linears * module_steps + 1 if on_kernel else 0)
+    assert new.stats.decode_kernel == ("torch" if kernel == "torch" or attn != "sdpa" else decode_kernel.NAME)
     assert new.token_ids == old.token_ids
     assert len(new.token_ids) == 12 and len(set(new.token_ids)) > 1, "a degenerate answer makes this weak"
     assert len(new_steps) == len(old_steps)
-    for (a, _), (b, _) in zip(new_steps, old_steps):
+    for (a, _, _), (b, _, _) in zip(new_steps, old_steps):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     assert new.stats.calibration_evicted == old.stats.calibration_evicted
     if setting == "calibration":  # evictions were compacted into the preallocated buffers

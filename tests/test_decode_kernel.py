@@ -164,3 +164,87 @@ def test_without_a_compiler_decoding_keeps_torch(fresh_build, monkeypatch, token
     out = engine.generate("What is the capital of France?", documents=["Paris is the capital of France. " * 5],
                           max_new_tokens=3)
     assert out.stats.decode_kernel == "torch"
+
+
+def _decode(model, whole: bool, steps: int = 8, prompt: int = 40):
+    """Prefill a random prompt, then feed `steps` fixed tokens one at a time, through the model's
+    modules on the C kernels or whole (DecodeStep); returns each step's logits and the cache."""
+    from transformers import DynamicCache
+
+    from parallelcomp import kv as kvops
+    from parallelcomp.compat import forward
+    from parallelcomp.decode import one_token_steps
+
+    torch.manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt + steps))
+    with torch.inference_mode(), one_token_steps(model, True):
+        prefilled = DynamicCache()
+        forward(model, ids[:, :prompt], prefilled, torch.arange(prompt)[None])
+        cache = kvops.decode_cache([kvops.from_cache(prefilled)], steps)
+        step = decode_kernel.DecodeStep.for_model(model, cache) if whole else None
+        assert (step is not None) == whole
+        logits = []
+        for i in range(prompt, prompt + steps):
+            if whole:
+                assert step.takes_step()
+                logits.append(step(int(ids[0, i]), i))
+            else:
+                logits.append(forward(model, ids[:, i : i + 1], cache, torch.tensor([[i]])))
+        assert not whole or (step.steps == steps and not step.takes_step())  # full: the next token would not fit
+    return torch.cat(logits), cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family,options", [("llama", {}), ("llama", dict(attention_bias=True, mlp_bias=True)),
+                                            ("mistral", {}), ("qwen2", {}), ("qwen3", {})])
+def test_whole_step_equals_the_modules(tokenizer, family, options, dtype):
+    """The one-call step computes what the model's modules compute: fp32 up to summation order; in
+    bf16 with transformers' roundings, so that nearly every logit and every cached key and value is
+    the same bf16 number. (The engine-level comparison with transformers' own sdpa path is
+    tests/test_decode.py.)"""
+    model = tiny_model(family, len(tokenizer), **options)
+    with torch.no_grad():  # initialised to 0 and 1, where a bias or norm weight left out would go unseen
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+            elif "norm" in name:
+                param.normal_(1.0, 0.3)
+    model = model.to(dtype)
+    (got, got_cache), (ref, ref_cache) = _decode(model, True), _decode(model, False)
+    assert got.dtype == ref.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    else:
+        # bit for bit here for llama, mistral and qwen3; qwen2 differs in one of its 8 steps, by one
+        # bf16 step at the logits' scale (an fp32 sum in another order, rounded the other way)
+        assert (got == ref).float().mean() > 0.95, "bf16 roundings differ from the modules'"
+        torch.testing.assert_close(got, ref, atol=float(ref.abs().max()) * 2 ** -7, rtol=0)
+    for a, b in zip(got_cache.layers, ref_cache.layers):
+        assert a.keys.shape == b.keys.shape
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=2 ** -7)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=2 ** -7)
+
+
+def test_whole_step_declines_what_it_does_not_compute(tokenizer):
+    from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from parallelcomp import kv as kvops
+
+    llama = tiny_model("llama", len(tokenizer))
+    cache = kvops.decode_cache([[(torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16))] * 3], 4)
+    assert decode_kernel.DecodeStep.for_model(llama, cache) is not None
+    assert decode_kernel.DecodeStep.for_model(llama, DynamicCache()) is None  # not preallocated
+    gelu = tiny_model("llama", len(tokenizer), hidden_act="gelu")
+    assert decode_kernel.DecodeStep.for_model(gelu, cache) is None
+    hooked = tiny_model("llama", len(tokenizer))
+    hooked.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert decode_kernel.DecodeStep.for_model(hooked, cache) is None
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, intermediate_size=128))
+    neox.config._attn_implementation = "sdpa"
+    assert decode_kernel.DecodeStep.for_model(neox, cache) is None
+    # a sliding window shorter than the cache: that step runs through the modules, which mask
+    windowed = tiny_model("mistral", len(tokenizer), sliding_window=5)
+    step = decode_kernel.DecodeStep.for_model(windowed, cache)
+    assert step is not None and not step.takes_step()
+    assert decode_kernel.DecodeStep.for_model(tiny_model("mistral", len(tokenizer), sliding_window=6), cache).takes_step()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import parallelcomp.decode as decode
+import parallelcomp.decode_kernel as decode_kernel
 from parallelcomp import ParallelComp, ParallelCompConfig
 from parallelcomp.decode import Sampling
 from parallelcomp.prompts import build_continuation, build_prompt
@@ -77,12 +78,15 @@ def test_eos_is_never_the_first_new_token(make_engine, monkeypatch):
     eos = min(engine.eos_ids)
     real = decode.forward
 
-    def eos_first(model, ids, *args, **kwargs):
-        logits = real(model, ids, *args, **kwargs).clone()
+    whole = decode_kernel.DecodeStep.__call__
+
+    def wants_eos(logits):
+        logits = logits.clone()
         logits[:, -1, eos] = logits[:, -1].max() + 10.0
         return logits
 
-    monkeypatch.setattr(decode, "forward", eos_first)
+    monkeypatch.setattr(decode, "forward", lambda *args, **kwargs: wants_eos(real(*args, **kwargs)))
+    monkeypatch.setattr(decode_kernel.DecodeStep, "__call__", lambda *args: wants_eos(whole(*args)))
     for sampling in (dict(), dict(temperature=1.0, seed=3)):
         out = engine.generate("Where?", documents=DOCS[:1], max_new_tokens=5, **sampling)
         assert len(out.token_ids) == 1 and out.token_ids[0] not in engine.eos_ids

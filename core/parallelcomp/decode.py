@@ -6,8 +6,9 @@ transformers' logits processors; EOS ids and string stops end generation here, i
 
 Speed (docs/decode.md): the engine hands in a preallocated cache (`kv.decode_cache`), and the
 one-token steps run packed-GQA attention (`attention.packed_decode`; on CPU the C kernels of
-decode_kernel.py for that attention and the projections) for as long as the generator runs; both
-give the same tokens as a DynamicCache with transformers' own sdpa, up to rounding.
+decode_kernel.py for that attention and the projections, or for a Llama-family model the whole
+step in one C call) for as long as the generator runs; all give the same tokens as a DynamicCache
+with transformers' own sdpa, up to rounding.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from transformers import (
 
 from .attention import packed_decode
 from .compat import forward
-from .decode_kernel import one_row_linears
+from .decode_kernel import DecodeStep, one_row_linears
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def generate_tokens(
     question_step: ContextManager | None = None,
     constraint: LogitsProcessor | None = None,
     kernel: bool = False,
+    whole_step: DecodeStep | None = None,
 ) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded) or `max_new_tokens`.
 
@@ -89,7 +91,8 @@ def generate_tokens(
     packed-GQA scope ends when the generator is exhausted or closed. `constraint`: a grammar's
     logits processor (grammar.GrammarProcessor), applied before every other. `kernel`: the
     one-token steps run the C kernels of decode_kernel.py (attention and projections) where they
-    take the step's tensors.
+    take the step's tensors. `whole_step`: one-token steps run in one C call where it takes them
+    (decode_kernel.DecodeStep, over this `cache`), else through the model's modules.
     """
     device = model.device
     ids = torch.tensor([question_ids], device=device)
@@ -102,7 +105,7 @@ def generate_tokens(
     with one_token_steps(model, kernel):
         with question_step or nullcontext():
             logits = forward(model, ids, cache, positions)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             scores = processors(history, logits[:, -1].float())
             if sampling.temperature > 0:
                 token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
@@ -112,9 +115,14 @@ def generate_tokens(
             if token_id in eos_ids:
                 return
             yield token_id
+            if step + 1 == max_new_tokens:  # no step for a token that could only be followed by none
+                return
             history = torch.cat([history, token], dim=1)
             positions = positions[:, -1:] + 1
-            logits = forward(model, token, cache, positions)
+            if whole_step is not None and whole_step.takes_step():
+                logits = whole_step(token_id, int(positions[0, 0]))
+            else:
+                logits = forward(model, token, cache, positions)
 
 
 class TextAssembler:

@@ -15,6 +15,9 @@
  * pc_linear: y = W x (+ b) for one row x, four weight rows per pass over x, prefetching the rows
  * PREFETCH_GROUPS groups ahead.
  *
+ * pc_decode_step: a whole one-token step of a Llama-family decoder (every layer, the final norm
+ * and the LM head) on the two functions above, with no per-operator dispatch between them.
+ *
  * Weights, keys and values are float32 or bfloat16 (widened to fp32 on load); arithmetic is fp32.
  * Threads come from OpenMP: torch's CPU wheel already loaded libgomp.so.1 into the process, so
  * these parallel regions share torch's thread pool instead of starting threads of their own.
@@ -241,4 +244,132 @@ int pc_linear(const float *x, const void *w, const float *bias, float *y, int bf
         else rows_as(x, (const char *)w, ws, K, 4 * i, n, bias, y, 0);
     }
     return 0;
+}
+
+/* ---- The whole one-token step of a Llama-family decoder (llama, mistral, qwen2, qwen3) ----
+ *
+ * pc_decode_step runs every layer, the final norm and the LM head of one token in one call, so
+ * that a step pays no per-operator dispatch (the ~20 ms of norms, rotary embedding, adds and
+ * module calls per step that torch spends between the kernels above at 30 layers here). It
+ * computes what transformers' modeling code computes, in the same order, and in a bfloat16
+ * model rounds each intermediate to bfloat16 where transformers does: after each projection,
+ * norm, product and residual add. */
+
+/* Per-layer table (int64 fields, this order); 0 for an absent tensor. Weights, norm weights and the
+ * cache are in the model's dtype; biases are float32. */
+enum { W_IN_NORM, W_Q, W_K, W_V, W_O, W_POST_NORM, W_GATE, W_UP, W_DOWN,
+       B_Q, B_K, B_V, B_O, B_GATE, B_UP, B_DOWN, W_Q_NORM, W_K_NORM,
+       C_K, C_V, C_HEAD_STRIDE, C_HELD, FIELDS };
+
+static inline float round_bf16(float x) {  /* round to nearest even, as torch's float -> bfloat16 */
+    union { float f; uint32_t u; } v = {x};
+    v.u = (v.u + 0x7FFFu + ((v.u >> 16) & 1u)) & 0xFFFF0000u;
+    return v.f;
+}
+
+static inline float load1(const void *base, long i, int bf16) {
+    if (bf16) {
+        union { uint32_t u; float f; } v = {(uint32_t)((const uint16_t *)base)[i] << 16};
+        return v.f;
+    }
+    return ((const float *)base)[i];
+}
+
+static void round_all(float *x, long n, int bf16) {
+    if (bf16) for (long i = 0; i < n; i++) x[i] = round_bf16(x[i]);
+}
+
+/* RMSNorm (LlamaRMSNorm): w * (x * rsqrt(mean(x^2) + eps)), the normalised row rounded first. */
+static void rms_norm(const float *x, const void *w, float *y, long n, float eps, int bf16) {
+    float ss = 0.0f;
+    for (long i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (long i = 0; i < n; i++) {
+        const float h = bf16 ? round_bf16(x[i] * r) : x[i] * r;
+        y[i] = bf16 ? round_bf16(load1(w, i, 1) * h) : load1(w, i, 0) * h;
+    }
+}
+
+/* transformers' apply_rotary_pos_emb on each head of x: x*cos + rotate_half(x)*sin. */
+static void rotate(float *x, long heads, long D, const float *cos, const float *sin, int bf16) {
+    const long half = D / 2;
+    for (long h = 0; h < heads; h++) {
+        float *r = x + h * D;
+        for (long i = 0; i < half; i++) {
+            const float a = r[i], b = r[i + half];
+            float lo1 = a * cos[i], lo2 = -b * sin[i], hi1 = b * cos[i + half], hi2 = a * sin[i + half];
+            if (bf16) { lo1 = round_bf16(lo1); lo2 = round_bf16(lo2); hi1 = round_bf16(hi1); hi2 = round_bf16(hi2); }
+            r[i] = bf16 ? round_bf16(lo1 + lo2) : lo1 + lo2;
+            r[i + half] = bf16 ? round_bf16(hi1 + hi2) : hi1 + hi2;
+        }
+    }
+}
+
+/* x (already rounded to bfloat16 in a bfloat16 model, so truncation is exact) into the cache at element i. */
+static void store_row(void *base, long i, const float *x, long n, int bf16) {
+    for (long d = 0; d < n; d++) {
+        union { float f; uint32_t u; } v = {x[d]};
+        if (bf16) ((uint16_t *)base)[i + d] = (uint16_t)(v.u >> 16);
+        else ((float *)base)[i + d] = x[d];
+    }
+}
+
+static int project(const float *x, int64_t w, int64_t b, float *y, long N, long K, int bf16, long threads) {
+    const int code = pc_linear(x, (const void *)w, (const float *)b, y, bf16, N, K, K, threads);
+    round_all(y, N, bf16);
+    return code;
+}
+
+/* One token through L layers, the final norm and the LM head: x (hidden floats, the token's
+ * embedding row) is overwritten; logits gets vocab floats. Each layer's cache holds C_HELD tokens
+ * and has room for one more, which this step writes. 0 on success, else pc_linear's or
+ * pc_decode_attention's code, or 2 without memory. */
+int pc_decode_step(float *x, const int64_t *layers, long L, const void *final_norm, const void *lm_head,
+                   float *logits, const float *cos, const float *sin, int bf16, long hidden, long heads,
+                   long kv_heads, long D, long inter, long vocab, double eps, double scale, long threads) {
+    const long G = heads / kv_heads;
+    float *buf = (float *)malloc(sizeof(float) * (2 * hidden + 2 * heads * D + 2 * kv_heads * D + 2 * inter));
+    if (!buf) return 2;
+    float *h = buf, *o = h + hidden, *q = o + hidden, *att = q + heads * D, *k = att + heads * D,
+          *v = k + kv_heads * D, *g = v + kv_heads * D, *u = g + inter;
+    int code = 0;
+    for (long l = 0; l < L && !code; l++) {
+        const int64_t *t = layers + l * FIELDS;
+        rms_norm(x, (const void *)t[W_IN_NORM], h, hidden, (float)eps, bf16);
+        code |= project(h, t[W_Q], t[B_Q], q, heads * D, hidden, bf16, threads);
+        code |= project(h, t[W_K], t[B_K], k, kv_heads * D, hidden, bf16, threads);
+        code |= project(h, t[W_V], t[B_V], v, kv_heads * D, hidden, bf16, threads);
+        if (t[W_Q_NORM])
+            for (long i = 0; i < heads; i++) rms_norm(q + i * D, (const void *)t[W_Q_NORM], q + i * D, D, (float)eps, bf16);
+        if (t[W_K_NORM])
+            for (long i = 0; i < kv_heads; i++) rms_norm(k + i * D, (const void *)t[W_K_NORM], k + i * D, D, (float)eps, bf16);
+        rotate(q, heads, D, cos, sin, bf16);
+        rotate(k, kv_heads, D, cos, sin, bf16);
+        const long held = t[C_HELD], hs = t[C_HEAD_STRIDE];
+        for (long i = 0; i < kv_heads; i++) {
+            store_row((void *)t[C_K], i * hs + held * D, k + i * D, D, bf16);
+            store_row((void *)t[C_V], i * hs + held * D, v + i * D, D, bf16);
+        }
+        for (long i = 0; i < heads * D; i++) q[i] *= (float)scale;
+        code |= pc_decode_attention(q, (const void *)t[C_K], (const void *)t[C_V], att, bf16, 1, kv_heads, G,
+                                    held + 1, D, D, 0, hs, D, 0, hs, D, threads);
+        round_all(att, heads * D, bf16);
+        code |= project(att, t[W_O], t[B_O], o, hidden, heads * D, bf16, threads);
+        for (long i = 0; i < hidden; i++) x[i] = bf16 ? round_bf16(x[i] + o[i]) : x[i] + o[i];
+        rms_norm(x, (const void *)t[W_POST_NORM], h, hidden, (float)eps, bf16);
+        code |= project(h, t[W_GATE], t[B_GATE], g, inter, hidden, bf16, threads);
+        code |= project(h, t[W_UP], t[B_UP], u, inter, hidden, bf16, threads);
+        for (long i = 0; i < inter; i++) {
+            const float s = g[i] / (1.0f + expf(-g[i]));
+            g[i] = bf16 ? round_bf16(round_bf16(s) * u[i]) : s * u[i];
+        }
+        code |= project(g, t[W_DOWN], t[B_DOWN], o, hidden, inter, bf16, threads);
+        for (long i = 0; i < hidden; i++) x[i] = bf16 ? round_bf16(x[i] + o[i]) : x[i] + o[i];
+    }
+    if (!code) {
+        rms_norm(x, final_norm, h, hidden, (float)eps, bf16);
+        code = project(h, (int64_t)lm_head, 0, logits, vocab, hidden, bf16, threads);
+    }
+    free(buf);
+    return code;
 }

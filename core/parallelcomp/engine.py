@@ -317,9 +317,10 @@ class ParallelComp:
             kernel = self.decode_kernel == decode_kernel.NAME
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens, kernel)
                     if calibrator else None)  # attention calibration at the question step (§4)
+            whole = decode_kernel.DecodeStep.for_model(self.model, cache) if kernel else None
             tokens = scope.enter_context(closing(generate_tokens(
                 self.model, cache, parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling, step, mask,
-                kernel)))  # closed before the lock is released: decode's attention switch is undone first
+                kernel, whole)))  # closed before the lock is released: decode's attention switch is undone first
             for token_id in tokens:
                 if not assembler.ids:
                     ctx.stats.first_token_seconds = time.perf_counter() - start
@@ -338,6 +339,7 @@ class ParallelComp:
             if calibrator:
                 calibrator.report(ctx.stats)
             ctx.stats.new_tokens = len(assembler.ids)
+            ctx.stats.kernel_steps = whole.steps if whole else 0
             ctx.stats.finish_reason = "length" if len(assembler.ids) == max_new_tokens and not assembler.stopped else "stop"
             ctx.stats.decode_seconds = time.perf_counter() - start
             result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))

@@ -45,6 +45,11 @@ class PreallocatedLayer(DynamicLayer):
         """Hold exactly these tokens from now on (e.g. a layer after eviction), compacted to the front."""
         self._write(0, keys, values)
 
+    def advance(self, n: int) -> None:
+        """Hold the first n slots, after a kernel wrote the new tokens into the buffers itself
+        (decode_kernel.DecodeStep)."""
+        self.keys, self.values = self._keys[:, :, :n], self._values[:, :, :n]
+
     def _write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         end, capacity = start + keys.shape[-2], self._keys.shape[-2]
         if end > capacity:

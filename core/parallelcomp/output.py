@@ -139,6 +139,9 @@ class RunStats(SpreadStats, ReuseStats):
     decode_kernel: str = ""
     """How one-token decode steps attended: "c-avx2" (decode_kernel.py) or "torch";
     ParallelCompConfig.decode_kernel."""
+    kernel_steps: int = 0
+    """One-token steps that ran whole in one C call (decode_kernel.DecodeStep: a Llama-family
+    model on the C kernels); the others ran through the model's modules."""
     threads: int = 0
     """torch intra-op threads the run used."""
     prefill_seconds: float = 0.0
