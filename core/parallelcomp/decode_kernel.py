@@ -4,9 +4,9 @@ A decode step reads every weight and the whole merged KV once; torch's CPU kerne
 one-token step (a one-row GEMV, attention of a few query rows) read them at a third to a half of
 the memory bandwidth here, and transformers' modules add ~20 ms a step of small operators. The C
 kernels are small (attention, the one-row product, and `DecodeStep`'s whole Llama-family step;
-AVX2 + FMA, OpenMP threads from torch's own pool), so they are compiled here by the system's C compiler, once per source,
-compiler and flags, into the user cache; they run only where the CPU has AVX2 and FMA and the build
-succeeded. Everywhere else (no compiler, another architecture, CUDA) decoding keeps torch's
+AVX2 + FMA, OpenMP threads from torch's own pool), so they are compiled here by the system's C
+compiler, once per source, compiler and flags, into the user cache; they run only where the CPU
+has AVX2 and FMA and the build succeeded. Everywhere else (no compiler, another architecture, CUDA) decoding keeps torch's
 kernels, and `RunStats.decode_kernel` says which ran.
 
 The shared library is loaded into the process, so it is never trusted blindly: its SHA-256 is
