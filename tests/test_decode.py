@@ -46,15 +46,19 @@ def _old_path(monkeypatch):
     monkeypatch.setattr(decode, "one_row_linears", lambda model: nullcontext())  # torch's products too
     monkeypatch.setattr(attention, "packed_one_query",
                         lambda module, q, k, v, **kwargs: sdpa_attention_forward(module, q, k, v, None, **kwargs))
+    monkeypatch.setattr(attention, "packed_queries",  # the question step too (repeat_kv, then SDPA)
+                        lambda module, q, k, v, mask, **kwargs: sdpa_attention_forward(module, q, k, v, mask, **kwargs))
 
 
 def _record(engine, monkeypatch, **kwargs):
     """Generate; return the output, each step's logits, cache layer type and path ("modules": the
     model's forward, "whole": decode_kernel.DecodeStep), and packed-attention calls (each call's
     layer, and whether the C kernel ran it); `products` counts the C kernel's one-row products
-    (decode_kernel.linear)."""
-    steps, packed, products = [], [], []
+    (decode_kernel.linear); `queries` lists the layers whose multi-token attention ran packed
+    (attention.packed_queries)."""
+    steps, packed, products, queries = [], [], [], []
     forward, pack, attend, linear = decode.forward, attention.packed_one_query, decode_kernel.attend, decode_kernel.linear
+    pack_queries = attention.packed_queries
     whole = decode_kernel.DecodeStep.__call__
 
     def spy_forward(model, ids, cache, positions, *args, **kw):
@@ -75,14 +79,19 @@ def _record(engine, monkeypatch, **kwargs):
         packed[-1][1] = True
         return attend(*args, **kw)
 
+    def spy_queries(module, *args, **kw):
+        queries.append(module.layer_idx)
+        return pack_queries(module, *args, **kw)
+
     with monkeypatch.context() as m:
         m.setattr(decode, "forward", spy_forward)
         m.setattr(decode_kernel.DecodeStep, "__call__", spy_whole)
         m.setattr(attention, "packed_one_query", spy_pack)
+        m.setattr(attention, "packed_queries", spy_queries)
         m.setattr(decode_kernel, "attend", spy_kernel)
         m.setattr(decode_kernel, "linear", lambda *a: products.append(1) or linear(*a))
         out = engine.generate(QUESTION, documents=DOCS, max_new_tokens=12, **kwargs)
-    return out, steps, packed, len(products)
+    return out, steps, packed, len(products), queries
 
 
 FAMILIES = [("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa"), ("qwen3", "sdpa"), ("llama", "eager")]
@@ -114,10 +123,10 @@ def test_fast_decode_equals_dynamic_cache_path(tokenizer, make_engine, monkeypat
         monkeypatch.setattr(decode_kernel.DecodeStep, "for_model", classmethod(lambda cls, model, cache: None))
     model = tiny_model(family, len(tokenizer), attn=attn)
     engine = make_engine(model=model, **BASE, **SETTINGS[setting], decode_kernel="torch" if kernel == "torch" else "auto")
-    new, new_steps, packed, products = _record(engine, monkeypatch)
+    new, new_steps, packed, products, queries = _record(engine, monkeypatch)
     with monkeypatch.context() as m:
         _old_path(m)
-        old, old_steps, _, old_products = _record(engine, monkeypatch)
+        old, old_steps, _, old_products, _ = _record(engine, monkeypatch)
     assert old_products == 0  # the reference is torch's and transformers' arithmetic throughout
 
     assert {kind for _, kind, _ in new_steps} == {kvops.PreallocatedLayer}
@@ -131,6 +140,8 @@ def test_fast_decode_equals_dynamic_cache_path(tokenizer, make_engine, monkeypat
     on_kernel = kernel != "torch"
     module_steps = 0 if whole else len(new_steps) - 1
     assert packed == ([[layer, on_kernel] for layer in range(n_layers)] * module_steps if attn == "sdpa" else [])
+    # sdpa: the question step's masked attention runs packed in every layer (the tiny models are GQA)
+    assert queries == (list(range(n_layers)) if attn == "sdpa" else [])
     # every projection and the LM head at each one-token step, and the LM head on the question's last row
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert products == (linears * module_steps + 1 if on_kernel else 0)
@@ -174,6 +185,44 @@ def test_packed_one_query_equals_sdpa_with_repeated_heads(monkeypatch, dtype, to
     )
     assert weights is None and out.shape == (2, 1, heads, 64)
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize("batch,mask_batch", [(1, 1), (2, 2), (2, 1)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 2)])
+def test_packed_queries_equal_sdpa_with_repeated_heads(dtype, tol, heads, kv_heads, batch, mask_batch, mask_kind):
+    """The question step's packing equals transformers' sdpa function (which repeats the KV heads),
+    over views of a preallocated buffer, under a causal-over-the-question mask that also hides some
+    context keys (as calibration does), bool or additive, per row or broadcast over the batch."""
+    torch.manual_seed(0)
+    q_len, keys = 7, 50
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    query = torch.randn(batch, heads, q_len, 64, dtype=dtype)
+    key, value = torch.randn(2, batch, kv_heads, keys + 20, 64, dtype=dtype)[..., :keys, :].unbind(0)
+    visible = torch.ones(mask_batch, 1, q_len, keys, dtype=torch.bool)
+    visible[..., keys - q_len:] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    visible[..., 3:9] = torch.rand(mask_batch, 1, q_len, 6) > 0.5
+    mask = visible if mask_kind == "bool" else torch.zeros(visible.shape, dtype=dtype).masked_fill(
+        ~visible, torch.finfo(dtype).min)
+    assert attention._packs_queries(query, key, mask, {})
+    out, weights = attention.packed_queries(module, query, key, value, mask, scaling=0.125)
+    ref, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.125)
+    assert weights is None and out.shape == ref.shape == (batch, q_len, heads, 64)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+def test_queries_are_packed_only_where_packing_is_equal():
+    query, key = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 10, 8)
+    mask = torch.ones(1, 1, 3, 10, dtype=torch.bool)
+    assert attention._packs_queries(query, key, mask, {})
+    assert not attention._packs_queries(query, key, None, {})  # no mask: transformers' GQA-native causal call
+    assert not attention._packs_queries(query[:, :, :1], key, mask, {})  # one token: packed_one_query
+    assert not attention._packs_queries(query, torch.zeros(1, 4, 10, 8), mask, {})  # no GQA: nothing repeated
+    assert not attention._packs_queries(query, key, mask.expand(1, 4, 3, 10), {})  # a per-head mask
+    assert not attention._packs_queries(query, key, mask, {"softcap": 30.0})
+    assert not attention._packs_queries(query, key, mask, {"s_aux": torch.zeros(4)})
 
 
 def test_preallocated_layer_writes_in_place_and_compacts_on_set_layer():
@@ -221,11 +270,11 @@ def test_an_architecture_without_known_attention_modules_decodes_as_before(token
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     engine = make_engine(model=GPTNeoXForCausalLM(config).eval(), **BASE)  # fused query_key_value, no q_proj
-    new, _, packed, _ = _record(engine, monkeypatch)
+    new, _, packed, _, queries = _record(engine, monkeypatch)
     with monkeypatch.context() as m:
         _old_path(m)
-        old, _, _, _ = _record(engine, monkeypatch)
-    assert new.token_ids == old.token_ids and len(new.token_ids) == 12 and not packed
+        old, _, _, _, _ = _record(engine, monkeypatch)
+    assert new.token_ids == old.token_ids and len(new.token_ids) == 12 and not packed and not queries
 
 
 def test_flash_attention_is_never_packed(tokenizer):

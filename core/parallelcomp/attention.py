@@ -9,7 +9,8 @@ Two scopes, each a `with` block undone in `finally`:
   before the attention runs; the real attention is the model's previous backend (sdpa, eager or
   flash attention). Used by attention-bias calibration at the question step, and with no handler
   by `packed_decode`: on sdpa models, a one-token step with no mask runs `packed_one_query`
-  (on CPU, optionally the C kernel of decode_kernel.py).
+  (on CPU, optionally the C kernel of decode_kernel.py), and a GQA layer's masked multi-token
+  step (the question step) `packed_queries`, neither copying the KV heads.
 * `chunk_attention(model, prefix, chunks, observe)` — phase 2 (prefill.question_nll): the same
   registration, but the attention itself is `_attend_chunks`: batch row i's question
   attends to [prefix ‖ chunk i ‖ its own earlier tokens], reading the prefix and each chunk's KV
@@ -160,7 +161,8 @@ def _scope(model, modules: list[torch.nn.Module], attend_for: Callable[[torch.nn
 @contextmanager
 def packed_decode(model, kernel: bool = False) -> Iterator[None]:
     """Inside the block, one-token steps of an sdpa model run `packed_one_query`; with `kernel`,
-    on the C kernel (decode_kernel.py) wherever it takes the step's tensors.
+    on the C kernel (decode_kernel.py) wherever it takes the step's tensors. The question step's
+    masked GQA attention runs `packed_queries`.
 
     A no-op for other backends (eager keeps its own numerics; flash attention is unverified here),
     inside an `attention_function` scope (calibration), whose dispatch already packs, and for
@@ -201,6 +203,35 @@ def packed_one_query(module, query, key, value, dropout: float = 0.0, scaling: f
     else:
         out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, dropout_p=dropout, scale=scaling)
     return out.reshape(b, 1, h, value.shape[-1]), None
+
+
+def packed_queries(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                   **kwargs):
+    """SDPA for several query tokens under a mask, the G query heads of each KV head packed as
+    G·q query rows: the question step over the merged KV (q question tokens, a causal mask over
+    their own keys).
+
+    transformers' sdpa function gives torch a GQA model's keys and values copied G times
+    (`repeat_kv`) whenever there is a mask; at the question step that copy took longer than the
+    attention itself (docs/decode.md, "Measured"). query (B, H, q, D); key and value (B, H_kv, T, D);
+    attention_mask (B or 1, 1, q, T), bool or additive, shared by the heads. Returns ((B, q, H, Dv),
+    None) like the transformers attention functions.
+    """
+    b, h, q, d = query.shape
+    h_kv = key.shape[1]
+    rows = query.reshape(b, h_kv, (h // h_kv) * q, d)  # head h ↔ KV head h // G, its q rows consecutive
+    mask = attention_mask.expand(b, 1, q, -1).repeat(1, 1, h // h_kv, 1)  # the same mask for each of the G heads
+    out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling)
+    return out.view(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _packs_queries(query, key, attention_mask, kwargs) -> bool:
+    """Whether `packed_queries` computes this call: a GQA layer, several query tokens and a mask
+    shared by the heads, and none of the extras only transformers' function handles."""
+    return (query.shape[2] > 1 and query.shape[1] != key.shape[1] and attention_mask is not None
+            and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+            and not _SDPA_SPECIAL.intersection(kwargs) and kwargs.get("s_aux") is None)
 
 
 def _key_splits(key: torch.Tensor) -> int:
@@ -286,6 +317,8 @@ def _through(handler: Handler | None, previous: str, module, query, key, value, 
     if previous == "sdpa":
         if query.shape[2] == 1 and attention_mask is None and not _SDPA_SPECIAL.intersection(kwargs):
             return packed_one_query(module, query, key, value, kernel=kernel, **kwargs)
+        if _packs_queries(query, key, attention_mask, kwargs):
+            return packed_queries(module, query, key, value, attention_mask, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if previous == "eager":
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
