@@ -182,6 +182,12 @@ def packed_decode(model, kernel: bool = False) -> Iterator[None]:
 _SDPA_SPECIAL = {"position_bias", "softcap"}  # kwargs that sdpa_attention_forward must handle itself
 
 
+def _plain_softmax(kwargs) -> bool:
+    """Whether a call's attention is plain softmax attention: no soft-capping, position bias or
+    attention sinks (`s_aux`), which only transformers' own functions handle."""
+    return not _SDPA_SPECIAL.intersection(kwargs) and kwargs.get("s_aux") is None
+
+
 def packed_one_query(module, query, key, value, dropout: float = 0.0, scaling: float | None = None,
                      kernel: bool = False, **kwargs):
     """SDPA for one query token, the G query heads of each KV head packed as G query rows.
@@ -228,10 +234,9 @@ def packed_queries(module, query, key, value, attention_mask, dropout: float = 0
 
 def _packs_queries(query, key, attention_mask, kwargs) -> bool:
     """Whether `packed_queries` computes this call: a GQA layer, several query tokens and a mask
-    shared by the heads, and none of the extras only transformers' function handles."""
+    shared by the heads, plain softmax attention."""
     return (query.shape[2] > 1 and query.shape[1] != key.shape[1] and attention_mask is not None
-            and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
-            and not _SDPA_SPECIAL.intersection(kwargs) and kwargs.get("s_aux") is None)
+            and attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and _plain_softmax(kwargs))
 
 
 def _key_splits(key: torch.Tensor) -> int:
@@ -272,7 +277,7 @@ def _causal_or_sdpa(module, query, key, value, attention_mask, **kwargs):
     mask, as many queries as keys), else transformers' sdpa function."""
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     if (query.shape[2] == key.shape[2] > 1 and attention_mask is None and causal and not kwargs.get("dropout")
-            and not _SDPA_SPECIAL.intersection(kwargs) and kwargs.get("s_aux") is None):
+            and _plain_softmax(kwargs)):
         return _causal_matmul(query, key, value, kwargs.get("scaling")), None
     return _through(None, "sdpa", module, query, key, value, attention_mask, **kwargs)
 
@@ -348,7 +353,7 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
     (docs/store.md, "What a reused question costs").
     Returns ((B, q, H, D), None) like the transformers functions.
     """
-    if _SDPA_SPECIAL.intersection(kwargs) or kwargs.get("s_aux") is not None:
+    if not _plain_softmax(kwargs):
         raise ModelNotSupportedError(f"{type(module).__name__}: phase 2 supports softmax attention without "
                                      "soft-capping, position bias or attention sinks")
     layer = module.layer_idx
