@@ -38,6 +38,19 @@ def test_ask_lexical_weight_reaches_the_ranking(tmp_path, model_dir, capsys):
     assert [c["kept"] for c in chunks] == [c["lexical"] == 1.0 for c in chunks] == [True, False, False]
 
 
+def test_ask_lexical_fold_case_reaches_the_match(tmp_path, model_dir, capsys):
+    # " Confederation" is one token, the question's " confederation" two: only folding matches them
+    docs = _docs(tmp_path)
+    (tmp_path / "b.txt").write_text("In 1806 a Confederation formed.")
+    args = ["ask", "--model", str(model_dir), "--keep-chunks", "1", "--chunk-tokens", "16", "--max-new-tokens", "2",
+            "--lexical-weight", "100", "--json", "when was the confederation?", *docs]
+    lexical = {}
+    for fold in ("--no-lexical-fold-case", "--lexical-fold-case"):
+        assert main(args[:1] + [fold] + args[1:]) == 0
+        lexical[fold] = [c["lexical"] for c in json.loads(capsys.readouterr().out)["chunks"]]
+    assert lexical["--lexical-fold-case"][1] == 1.0 > lexical["--no-lexical-fold-case"][1]
+
+
 def test_ask_reports_bad_input_as_an_error_line(tmp_path, capsys):
     assert main(["ask", "Q?", str(tmp_path / "missing.txt")]) == 2
     assert "no such file or directory" in capsys.readouterr().err

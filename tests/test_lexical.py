@@ -1,6 +1,7 @@
 """The optional BM25 prior on chunk selection (lexical.py, `lexical_weight`): its match equals the
-Okapi formula written out here over the chunks' token ids, the top-K ranks by NLL − λ·match, the
-NLL scores themselves do not move, and λ = 0 is the paper's ranking."""
+Okapi formula written out here over the chunks' token ids (or, with `lexical_fold_case`, over the
+ids of their case-folded text), the top-K ranks by NLL − λ·match, the NLL scores themselves do not
+move, and λ = 0 is the paper's ranking."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from parallelcomp import ConfigError, ParallelComp, ParallelCompConfig
 from parallelcomp import lexical
 
 from .conftest import tiny_model
-from .test_core import text
+from .test_core import ids_of, text
 
 QUESTION = "Where is the copper garden?"
 # One document per chunk; the fourth holds the question's words.
@@ -65,6 +66,36 @@ def test_top_k_ranks_by_nll_minus_weighted_match(tokenizer):
     ranked = min(out.chunks, key=lambda c: (c.score - 1.0 * c.lexical, c.index))
     assert [c.index for c in out.kept_chunks] == [ranked.index] == [3]
     assert out.stats.n_kept == 1
+
+
+# The question's "confederation" is two tokens (" confed", "eration"); the fourth document's
+# "Confederation" is one (" Confederation"), so over the ids as they are they share no term.
+FOLD_QUESTION = "when was the confederation?"
+FOLD_DOCS = DOCS[:3] + ["In 1806 a Confederation formed, " + text(303, 14)] + DOCS[4:]
+
+
+def test_folded_match_is_okapi_over_the_case_folded_text(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    outs = {fold: ParallelComp(model, tokenizer, ParallelCompConfig(**BASE, lexical_weight=100.0, lexical_fold_case=fold))
+            .generate(FOLD_QUESTION, documents=FOLD_DOCS, max_new_tokens=2) for fold in (False, True)}
+    assert ids_of(tokenizer, " confederation") != ids_of(tokenizer, " Confederation")
+    assert max(range(len(FOLD_DOCS)), key=lambda i: outs[False].chunks[i].lexical) != 3  # the word is missed
+
+    ref = [max(s, 0.0) for s in okapi([ids_of(tokenizer, d.casefold()) for d in FOLD_DOCS],
+                                      ids_of(tokenizer, FOLD_QUESTION.casefold()))]
+    assert [c.lexical for c in outs[True].chunks] == pytest.approx([s / max(ref) for s in ref], rel=1e-9)
+    assert [c.index for c in outs[True].kept_chunks] == [3]  # λ = 100: the match decides
+    assert [c.score for c in outs[True].chunks] == pytest.approx([c.score for c in outs[False].chunks], abs=1e-6)
+
+
+def test_folded_terms_are_remembered_by_key_for_the_last_size_sequences(tokenizer):
+    folded = lexical.FoldedTerms(tokenizer, size=2)
+    ids = ids_of(tokenizer, "The Confederation")
+    first = folded(ids, "a")
+    assert list(first) == ids_of(tokenizer, "the confederation")
+    assert folded([], "a") is first  # a key names its sequence: not folded again
+    folded(ids, "b"), folded(ids, "c")  # "a" is the least recently used of three
+    assert list(folded([], "a")) == [] and folded(ids) is not folded(ids)  # no key: nothing kept
 
 
 def test_negative_lexical_weight_is_a_config_error():

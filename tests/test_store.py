@@ -41,7 +41,8 @@ def engine(tokenizer, family="llama", model=None, **config):
 
 
 @pytest.mark.parametrize("extra", [{}, {"kv_budget_ratio": 0.5}, {"calibration_rules": PAPER_CALIBRATION_RULES},
-                                   {"lexical_weight": 1.0}], ids=["plain", "compression", "calibration", "lexical"])
+                                   {"lexical_weight": 1.0}, {"lexical_weight": 1.0, "lexical_fold_case": True}],
+                         ids=["plain", "compression", "calibration", "lexical", "lexical-folded"])
 def test_corpus_path_equals_documents_path(family, tokenizer, extra):
     cold = engine(tokenizer, family, **extra, kv_store_bytes=0)  # no store: every call encodes
     ref = cold.generate(QUESTION, documents=DOCS, max_new_tokens=10)

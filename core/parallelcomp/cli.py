@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--kv-budget-ratio", type=float, help="per-chunk KV kept, as a fraction")
     common.add_argument("--lexical-weight", type=float,
                         help="nats of BM25 prior on chunk selection (0: question NLL alone; docs/lexical-prior.md)")
+    common.add_argument("--lexical-fold-case", action=argparse.BooleanOptionalAction,
+                        help="match the BM25 prior over case-folded text (default: the preset's)")
     common.add_argument("--kv-store", metavar="DIR",
                         help="reuse and fill a chunk KV store in DIR across runs (encode once, ask many)")
     common.add_argument("--max-new-tokens", type=int, default=128)
@@ -79,6 +81,7 @@ def _load(args):
             ("chunk_tokens", args.chunk_tokens),
             ("kv_budget_ratio", args.kv_budget_ratio),
             ("lexical_weight", args.lexical_weight),
+            ("lexical_fold_case", args.lexical_fold_case),
             ("kv_store_dir", args.kv_store),
         )
         if value is not None

@@ -126,6 +126,12 @@ class ParallelCompConfig(BaseModel):
     the paper. With SmolLM2-135M on SQuAD/HotpotQA distractors the NLL alone misses the gold chunk
     far more often than BM25 does; held-out numbers and the default's choice: docs/lexical-prior.md."""
 
+    lexical_fold_case: bool = False
+    """Match the case-folded text: the terms are the token ids of the question's and each chunk's
+    text after `str.casefold`. A BPE vocabulary splits one word differently by case (SmolLM2:
+    " Confederation" is one token, " confederation" two), so with the ids as they are a question
+    and a chunk can share a word and no term. Only read when `lexical_weight` > 0."""
+
     # --- prefill execution ---
     prefill_batch_tokens: int = Field(4096, gt=0)
     """Micro-batch budget: chunks prefilled together pad to at most this many tokens (a longer

@@ -141,6 +141,7 @@ class ParallelComp:
                                 self.config.kv_store_dir, self.config.kv_store_disk_bytes)
         self._identity: tuple[dict, str] | None = None
         self._prefix: tuple[tuple[int, ...], list[kvops.LayerKV]] = ((), [])  # the last prompt prefix and its KV
+        self._folded = lexical.FoldedTerms(tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -467,13 +468,18 @@ class ParallelComp:
                 reused(c, entries[first[keys[c.index]]])
         return [EncodedChunk(c, entries[c.index].kv, entries[c.index].last_logprobs) for c in batch]
 
-    def lexical_matches(self, parts: PromptParts, chunks: list[Chunk]) -> dict[int, float]:
+    def lexical_matches(self, parts: PromptParts, chunks: list[Chunk], keys: dict[int, str]) -> dict[int, float]:
         """Chunk index → the scored question tokens' BM25 match with it over all `chunks`, in
-        [0, 1] (lexical.py); all 0 when `lexical_weight` is 0."""
+        [0, 1] (lexical.py); all 0 when `lexical_weight` is 0. `keys`: the chunks' store keys,
+        under which their case-folded terms are remembered (`lexical_fold_case`)."""
         if not self.config.lexical_weight:
             return {c.index: 0.0 for c in chunks}
         query = parts.question_ids[parts.scored(self.config.score_tokens)]
-        return dict(zip((c.index for c in chunks), lexical.match([c.token_ids for c in chunks], query)))
+        terms = [c.token_ids for c in chunks]
+        if self.config.lexical_fold_case:
+            query = self._folded(query)
+            terms = [self._folded(c.token_ids, keys[c.index]) for c in chunks]
+        return dict(zip((c.index for c in chunks), lexical.match(terms, query)))
 
     @staticmethod
     def _keys(corpus: Corpus, prefix_ids: list[int]) -> dict[int, str]:
@@ -493,9 +499,9 @@ class ParallelComp:
         report = ReuseStats()
         prefix = self.prefix_kv(parts.prefix_ids, report)
         bar = tqdm(total=len(corpus.chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
-        matches = self.lexical_matches(parts, list(corpus.chunks))
-        scored = self.score_chunks(parts, list(corpus.chunks), self._keys(corpus, parts.prefix_ids), prefix, report,
-                                   matches, bar)
+        keys = self._keys(corpus, parts.prefix_ids)
+        matches = self.lexical_matches(parts, list(corpus.chunks), keys)
+        scored = self.score_chunks(parts, list(corpus.chunks), keys, prefix, report, matches, bar)
         bar.close()
         kv_parts = [prefix] + [kv for _, kv in scored.kept]
         p0 = len(parts.prefix_ids) + max((len(c.token_ids) for c, _ in scored.kept), default=0)
