@@ -78,7 +78,13 @@ def run_parallelcomp(spec: dict, model, tokenizer, sample: Sample) -> dict:
         out = pc.generate(sample.question, documents=sample.documents, context=sample.context,
                           max_new_tokens=spec["max_new_tokens"])
         kept = [(s.document, s.start, s.end) for c in out.chunks if c.kept for s in c.spans]
-        rec = {"output": out.text, "gold_kept": spans_kept(sample.gold, kept)}
+        rec = {"output": out.text, "gold_kept": spans_kept(sample.gold, kept),
+               # per chunk, in order: NLL, lexical match, kept, and which gold spans it holds, so a
+               # cell can be re-ranked offline (another λ) without running the model again
+               "chunks": [[c.score, c.lexical, c.kept,
+                           [i for i, g in enumerate(sample.gold)
+                            if spans_kept([g], [(s.document, s.start, s.end) for s in c.spans])]]
+                          for c in out.chunks]}
     st = out.stats
     return rec | {"tokens_in": st.tokens_in + st.prefix_tokens + st.question_tokens,
                   "prefill_seconds": st.prefill_seconds, "decode_seconds": st.decode_seconds,
