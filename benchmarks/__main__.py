@@ -1,7 +1,8 @@
 """`python -m benchmarks run ...` runs a grid; `python -m benchmarks report` redraws tables/plots;
 `python -m benchmarks decode` times decoding over a merged KV (decode_speed.py);
 `python -m benchmarks ray-scaling` compares 1 and 2 Ray workers with one process (ray_scaling.py);
-`python -m benchmarks grammar` times grammar-constrained decoding (grammar_overhead.py)."""
+`python -m benchmarks grammar` times grammar-constrained decoding (grammar_overhead.py);
+`python -m benchmarks rerank` re-ranks a finished cell's chunks from its recorded NLLs (rerank.py)."""
 
 from __future__ import annotations
 
@@ -90,7 +91,18 @@ def main(argv=None) -> None:
     gram.add_argument("--repeats", type=int, default=3)
     gram.add_argument("--max-new-tokens", type=int, default=64)
     gram.add_argument("--out", default=str(DEFAULT_OUT / "grammar"))
+    rr = sub.add_parser("rerank", help="a finished cell's gold kept under other ranking settings, from its recorded NLLs")
+    rr.add_argument("results", help="the run's --out directory (holds results.json)")
+    rr.add_argument("--cell", required=True, help="the cell's key in results.json (model|task|method|length)")
+    rr.add_argument("--variants", nargs="+", default=[],
+                    help="field=value,... over the cell's preset (lexical_weight, lexical_fold_case, keep_chunks)")
+    rr.add_argument("--out", default=None, help="where the table goes (default: the results directory)")
     opts = parser.parse_args(argv)
+    if opts.command == "rerank":
+        from .rerank import main as run_rerank
+
+        run_rerank(opts.results, opts.cell, opts.variants, opts.out or opts.results)
+        return
     if opts.command == "grammar":
         from .grammar_overhead import run as run_grammar
 
