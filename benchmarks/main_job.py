@@ -53,10 +53,10 @@ def question_flops(cfg: dict, prefix: int, question: int, chunks: list[int], log
 
 def phase2_work(question_scored) -> tuple[int, int]:
     """(tokens phase 2 runs per chunk, logit rows it computes) for a run without compression, from
-    `RunStats.question_scored`: the question up to its last scored token, and one row per scored
+    `RunStats.question_scored`: the question before its last scored token, and one row per scored
     token after the first (whose log-probability phase 1 already computed)."""
     start, end = question_scored
-    return end, end - max(start, 1)
+    return end - 1, end - max(start, 1)
 
 
 def _dims(cfg: dict) -> tuple[int, int, int, int, int]:

@@ -252,8 +252,8 @@ def test_main_job_flop_count_matches_the_model_parameters(tokenizer):
     assert question_flops(cfg, prefix=0, question=1, chunks=[1]) == 2 * weights + 4 * layers * qd + vocab_row
     assert prefill_flops(cfg, 5, 3, [4, 7]) - prefill_flops(cfg, 5, 0, [4, 7]) == question_flops(cfg, 5, 3, [4, 7])
     assert question_flops(cfg, prefix=0, question=1, chunks=[1], logits=0) == 2 * weights + 4 * layers * qd
-    # phase 2 runs the question up to its last scored token; phase 1 scored the first token
-    assert phase2_work((4, 21)) == (21, 17) and phase2_work((0, 21)) == (21, 20)
+    # phase 2 runs the question before its last scored token; phase 1 scored the first token
+    assert phase2_work((4, 21)) == (20, 17) and phase2_work((0, 21)) == (20, 20)
 
 
 def test_profile_command_writes_the_top_operators(tmp_path, monkeypatch, tokenizer):

@@ -163,6 +163,25 @@ def test_first_token_seconds_time_the_question_step(make_engine, monkeypatch):
     assert 0.2 <= out.stats.first_token_seconds < out.stats.decode_seconds
 
 
+def test_phase2_runs_the_question_only_before_its_last_scored_token(make_engine, monkeypatch):
+    """The last scored token's own logits predict the unscored template tail, so phase 2 stops
+    one token earlier (the NLLs equal the one-forward reference: test_two_phase_prefill_equals_single_forward)."""
+    import parallelcomp.prefill as prefill
+
+    real, widths = prefill.forward, []
+
+    def record(model, ids, *args, **kwargs):
+        widths.append(ids.shape[1])
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(prefill, "forward", record)
+    out = make_engine("llama", keep_chunks=1).generate("Where is the copper garden?", documents=[text(4, 30)],
+                                                       max_new_tokens=1)
+    start, end = out.stats.question_scored
+    assert 1 < start < end < out.stats.question_tokens  # the template around the question is not scored
+    assert widths[-1] == end - 1  # phase 2, after the prefix and phase 1
+
+
 def test_kv_bytes_are_real_tensor_sizes(make_engine):
     pc = make_engine("llama", keep_chunks=1)
     out = pc.generate("Where?", documents=[text(4, 30)], max_new_tokens=2)

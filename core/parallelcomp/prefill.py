@@ -114,13 +114,15 @@ def question_nll(
 ) -> torch.Tensor:
     """Phase 2: (B, n) NLL of the question tokens `scored` (n of them) given each chunk (Eq. 3
     before averaging). Row i runs the question behind [prefix ‖ chunk i], both read in place
-    (`attention.chunk_attention`); only the question tokens up to the last scored one (or the
-    last one `observe` needs) go through the model. `observe(row, layer, probs)` receives the
+    (`attention.chunk_attention`); only the question tokens before the last scored one (or up to
+    the last one `observe` needs) go through the model. `observe(row, layer, probs)` receives the
     question's attention (e.g. for KV compression). `matmul`: the "matmul" attention kernel.
     """
     device, p = model.device, kvops.n_tokens(prefix)
     first, end, _ = scored.indices(len(question_ids))
-    q = len(question_ids) if observe is not None else end  # compression may observe any question row
+    # The last scored token's own logits predict nothing scored: the model runs the tokens before
+    # it. Compression may observe any question row, so it runs them all.
+    q = len(question_ids) if observe is not None else end - 1
     lengths = torch.tensor([e.length for e in encoded], device=device)
     positions = p + lengths[:, None] + torch.arange(q, device=device)[None]
     question = torch.tensor([question_ids[:q]], device=device).expand(len(encoded), -1)
