@@ -82,6 +82,16 @@ def test_chunk_tokens_above_the_model_window(tokenizer):
         ParallelComp(model, tokenizer, ParallelCompConfig(chunk_tokens=4096))
 
 
+@pytest.mark.parametrize("config", [{"keep_chunks": 1}, "retrieval", 3])
+def test_a_config_that_is_not_a_parallelcomp_config_is_a_config_error(tokenizer, config):
+    from .conftest import tiny_model
+
+    with pytest.raises(ConfigError, match="config must be a ParallelCompConfig"):
+        ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, config)
+    with pytest.raises(ConfigError, match=f"got {type(config).__name__}"):  # before any file is read
+        ParallelComp.from_pretrained("/nonexistent", config=config)
+
+
 def test_unknown_preset_and_errors_share_one_base():
     with pytest.raises(ParallelCompError, match="unknown preset"):
         ParallelCompConfig.preset("nope")

@@ -122,7 +122,7 @@ class ParallelComp:
     def __init__(self, model, tokenizer, config: ParallelCompConfig | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = config or ParallelCompConfig()
+        self.config = _check_config(config)
         text_config = model.config.get_text_config()
         self.window = getattr(text_config, "max_position_embeddings", None)
         if not self.window:
@@ -160,7 +160,7 @@ class ParallelComp:
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        config = config or ParallelCompConfig()
+        config = _check_config(config)
         path = _resolve_model(model)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         hardware.configure_threads(_check_threads(threads))
@@ -650,6 +650,15 @@ def _check_dtype(dtype) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
     raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or None to choose per machine), got {dtype!r}")
+
+
+def _check_config(config) -> ParallelCompConfig:
+    if config is None:
+        return ParallelCompConfig()
+    if not isinstance(config, ParallelCompConfig):
+        raise ConfigError(f"config must be a ParallelCompConfig, got {type(config).__name__}; build one with "
+                          "ParallelCompConfig(**settings) or ParallelCompConfig.preset(name)")
+    return config
 
 
 def _check_threads(threads) -> int | None:
