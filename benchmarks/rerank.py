@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from parallelcomp import lexical
+from parallelcomp.eviction import TopK
+
 from .runner import model_dir
 from .tasks import make_samples
 from .worker import engine, load, preset_config
@@ -25,8 +28,11 @@ RANKING = {"lexical_weight", "lexical_fold_case", "keep_chunks"}
 
 
 def kept(nll: list[float], match: list[float], weight: float, k: int) -> set[int]:
-    """The top-K of `eviction.TopK` over NLL − λ·match (lexical.rank); ties go to the earlier chunk."""
-    return set(sorted(range(len(nll)), key=lambda i: (nll[i] - weight * match[i], i))[:k])
+    """The chunks the engine's own top-K (eviction.TopK over lexical.rank) keeps."""
+    top = TopK[int](k)
+    for i, (n, m) in enumerate(zip(nll, match)):
+        top.offer(lexical.rank(n, m, weight), i, i)
+    return top.kept_indices()
 
 
 def rerank(results: Path, key: str, variants: list[str]) -> dict:
@@ -39,9 +45,9 @@ def rerank(results: Path, key: str, variants: list[str]) -> dict:
     model, tokenizer = load(model_dir(model_name), "float32")  # no forward runs: any dtype chunks alike
     samples = {s.id: s for s in make_samples(task, tokenizer, int(length), len(recs))}
     rows = []
+    recorded = preset_config(preset).model_dump()
     for variant in [preset, *(f"{preset},{v}" for v in variants)]:
         config = preset_config(variant)
-        recorded = preset_config(preset).model_dump()
         changed = {field for field, value in config.model_dump().items() if recorded[field] != value}
         if changed - RANKING:
             raise SystemExit(f"{variant}: only {sorted(RANKING)} change the ranking without changing the NLLs")
