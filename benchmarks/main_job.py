@@ -51,11 +51,15 @@ def question_flops(cfg: dict, prefix: int, question: int, chunks: list[int], log
     return float(sum(2 * w * question + 4 * L * qd * question * (prefix + c) + 2 * h * V * logits for c in chunks))
 
 
-def phase2_work(question_scored) -> tuple[int, int]:
+def phase2_work(question_scored, head_reused: bool = False) -> tuple[int, int]:
     """(tokens phase 2 runs per chunk, logit rows it computes) for a run without compression, from
     `RunStats.question_scored`: the question before its last scored token, and one row per scored
-    token after the first (whose log-probability phase 1 already computed)."""
+    token after the first (whose log-probability phase 1 already computed). `head_reused`: every
+    chunk's question head came from the store (`RunStats.reused_head_tokens`), so phase 2 ran
+    neither the tokens before the first scored one nor the row predicting it."""
     start, end = question_scored
+    if head_reused and start:
+        return end - 1 - start, end - 1 - start
     return end - 1, end - max(start, 1)
 
 

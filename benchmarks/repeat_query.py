@@ -69,16 +69,26 @@ def worker(spec: dict) -> dict:
             "question": i + 1, "prefill_seconds": round(s.prefill_seconds, 2),
             "ttft_seconds": round(s.prefill_seconds + s.first_token_seconds, 2),
             "decode_tok_s": round(decode_tokens / max(1e-9, s.decode_seconds - s.first_token_seconds), 2),
-            "reused_chunks": s.reused_chunks, "disk_hits": s.store_disk_hits, "n_chunks": s.n_chunks,
+            "reused_chunks": s.reused_chunks, "reused_head_tokens": s.reused_head_tokens,
+            "disk_hits": s.store_disk_hits, "n_chunks": s.n_chunks,
             "tokens_in": s.tokens_in, "store_bytes": s.store_bytes, "kv_bytes": s.kv_bytes, "dtype": s.dtype,
             "answer": out.text, "correct": values[i] in out.text,
-            # the work this question did: a cold prefill, or phase 2 alone when every chunk was reused
-            "flops": (prefill_flops if s.encoded_chunks else question_flops)(
-                pc.model.config.to_dict(), s.prefix_tokens, phase2_work(s.question_scored)[0],
-                [c.n_tokens for c in out.chunks], phase2_work(s.question_scored)[1]),
+            "flops": flops(pc.model.config.to_dict(), s, [c.n_tokens for c in out.chunks]),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         })
     return {"rows": rows, "disk_bytes": sum(p.stat().st_size for p in Path(spec["store"]).rglob("*.safetensors"))}
+
+
+def flops(cfg: dict, s, chunks: list[int]) -> float:
+    """The work a question did (RunStats `s`): a cold prefill, or phase 2 alone when every chunk
+    was reused; with every chunk's question head reused as well, phase 2 ran from the question's
+    first token, over the head's keys too."""
+    if s.encoded_chunks:
+        tokens, logits = phase2_work(s.question_scored)
+        return prefill_flops(cfg, s.prefix_tokens, tokens, chunks, logits)
+    heads = s.reused_head_tokens == s.question_scored[0] * len(chunks) > 0
+    tokens, logits = phase2_work(s.question_scored, heads)
+    return question_flops(cfg, s.prefix_tokens + s.question_scored[0] * heads, tokens, chunks, logits)
 
 
 def run(lengths: list[int], out: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -180,6 +181,43 @@ def test_phase2_runs_the_question_only_before_its_last_scored_token(make_engine,
     start, end = out.stats.question_scored
     assert 1 < start < end < out.stats.question_tokens  # the template around the question is not scored
     assert widths[-1] == end - 1  # phase 2, after the prefix and phase 1
+
+
+def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer, kernel, monkeypatch):
+    """The question head (the template before the question text) kept from one question's phase 2
+    is the head's KV of one forward over prefix + chunk + head, and a second question that reads it
+    runs only its own tokens yet gets the one-forward NLL."""
+    import parallelcomp.prefill as prefill
+
+    model = tiny_model(family, len(tokenizer))
+    matmul = kernel[0] == "matmul"
+    first = build_prompt(tokenizer, "Read.", "What is seven?", True, restate_instruction=True)
+    second = build_prompt(tokenizer, "Read.", "Where is the copper garden?", True, restate_instruction=True)
+    head = first.scored("question").start
+    assert head > 4 and second.scored("question").start == head
+    assert second.question_ids[:head] == first.question_ids[:head]  # "\n\nRead.\n\nQuestion:" and the template
+    chunks = [Chunk(i, ids_of(tokenizer, text(i, n)), ()) for i, n in enumerate([40, 13, 27])]
+    prefix = encode_prefix(model, first.prefix_ids, matmul)
+    encoded = encode_chunks(model, first.prefix_ids, chunks, matmul)
+    real, widths = prefill.forward, []
+    monkeypatch.setattr(prefill, "forward", lambda m, ids, *a, **kw: widths.append(ids.shape[1]) or real(m, ids, *a, **kw))
+    p = len(first.prefix_ids)
+    for parts in (first, second):
+        scored = parts.scored("question")
+        nll = question_nll(model, prefix, encoded, parts.question_ids, scored, matmul=matmul, head=head)
+        for enc, row in zip(encoded, nll):
+            ref = ref_question_nll(model, parts.prefix_ids, enc.chunk.token_ids, parts.question_ids)[scored]
+            torch.testing.assert_close(row, ref, atol=2e-5, rtol=1e-4)
+    assert widths == [first.scored("question").stop - 1, second.scored("question").stop - 1 - head]
+    for enc in encoded:
+        _, ref_kv = single_prompt_forward(model, first.prefix_ids + enc.chunk.token_ids + first.question_ids[:head])
+        at = p + enc.length
+        for (k, v), (rk, rv) in zip(enc.head.kv, ref_kv):
+            torch.testing.assert_close(k, rk[:, :, at:], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(v, rv[:, :, at:], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="every row"):  # rows that mix carried and missing heads
+        question_nll(model, prefix, [encoded[0], replace(encoded[1], head=None)], second.question_ids,
+                     second.scored("question"), head=head)
 
 
 def test_kv_bytes_are_real_tensor_sizes(make_engine):

@@ -104,7 +104,9 @@ def test_invoke_equals_engine_and_reports_sources(llm, engine, serial):
     sources = generation.generation_info["sources"]
     assert [s["metadata"]["source"] for s in sources] == ["doc0", "doc1", "doc2", "doc3"]
     scores = direct.document_scores()
-    assert [(s["score"], s["kept"]) for s in sources] == [scores[i] for i in range(len(DOCS))]
+    # the second call reads each chunk's question head from the store: equal NLLs up to rounding
+    assert [s["kept"] for s in sources] == [scores[i][1] for i in range(len(DOCS))]
+    assert [s["score"] for s in sources] == pytest.approx([scores[i][0] for i in range(len(DOCS))], abs=1e-5)
     assert 0 < sum(s["kept"] for s in sources) < len(DOCS)  # something kept, something evicted
     assert generation.generation_info["stats"]["n_chunks"] == len(direct.chunks) > 2
     assert result.llm_output["token_usage"]["completion_tokens"] == direct.stats.new_tokens == len(direct.token_ids)

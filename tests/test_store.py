@@ -114,9 +114,30 @@ def test_an_lru_budget_smaller_than_one_chunk_still_answers(tokenizer):
     assert second.stats.reused_chunks == 0 and second.stats.store_bytes == 0
 
 
+def test_a_second_question_reuses_each_chunks_question_head_and_answers_as_a_cold_engine(family, tokenizer):
+    """Phase 2 keeps each chunk's question head (the suffix before the question text) with the
+    chunk; a later question runs from its own first token and answers as an engine without a store."""
+    pc = engine(tokenizer, family, restate_instruction=True)
+    first = pc.generate(QUESTION, documents=DOCS, max_new_tokens=2)
+    head = first.stats.question_scored[0]
+    assert first.stats.reused_head_tokens == 0 and head > 4
+    out = pc.generate("Which stone is purple?", documents=DOCS, max_new_tokens=10)
+    assert out.stats.question_scored[0] == head and out.stats.reused_head_tokens == 5 * head
+    cold = engine(tokenizer, family, model=pc.model, restate_instruction=True, kv_store_bytes=0)
+    ref = cold.generate("Which stone is purple?", documents=DOCS, max_new_tokens=10)
+    assert ref.stats.reused_head_tokens == 0
+    outputs_equal(out, ref)
+    # compression observes the head's rows too: it runs them, and leaves the kept heads as they are
+    squeezed = engine(tokenizer, family, model=pc.model, restate_instruction=True, kv_budget_ratio=0.5)
+    for question in (QUESTION, "Which stone is purple?"):
+        assert squeezed.generate(question, documents=DOCS, max_new_tokens=1).stats.reused_head_tokens == 0
+
+
 def test_the_lru_evicts_least_recently_used_chunks_within_its_budget(tokenizer):
     probe = engine(tokenizer)
-    one_chunk = max(probe.store.bytes_of(k) for k in probe.encode(DOCS).keys)
+    keys = probe.encode(DOCS).keys
+    probe.generate(QUESTION, documents=DOCS, max_new_tokens=1)
+    one_chunk = max(probe.store.bytes_of(k) for k in keys)  # its KV, and the question head kept with it
     pc = engine(tokenizer, model=probe.model, kv_store_bytes=int(2.5 * one_chunk))
     out = pc.generate(QUESTION, documents=DOCS, max_new_tokens=4)
     assert out.stats.store_evicted == 3 and out.stats.store_bytes <= 2.5 * one_chunk

@@ -11,10 +11,10 @@ Two scopes, each a `with` block undone in `finally`:
   by `packed_decode`: on sdpa models, a one-token step with no mask runs `packed_one_query`
   (on CPU, optionally the C kernel of decode_kernel.py), and a GQA layer's masked multi-token
   step (the question step) `packed_queries`, neither copying the KV heads.
-* `chunk_attention(model, prefix, chunks, observe)` — phase 2 (prefill.question_nll): the same
+* `chunk_attention(model, prefix, contexts, observe)` — phase 2 (prefill.question_nll): the same
   registration, but the attention itself is `_attend_chunks`: batch row i's question
-  attends to [prefix ‖ chunk i ‖ its own earlier tokens], reading the prefix and each chunk's KV
-  where they are stored, with no padded batch copy and no `repeat_kv` expansion.
+  attends to [prefix ‖ chunk i (‖ its question head) ‖ its own earlier tokens], reading the prefix
+  and each chunk's KV where they are stored, with no padded batch copy and no `repeat_kv` expansion.
 * `causal_matmul(model)` — phase 1 and the prompt prefix on the "matmul" kernel
   (`ParallelCompConfig.attention_kernel`): an sdpa model's causal self-attention over a whole
   sequence runs `_causal_matmul`, blocks of bf16 matmuls, which on a CPU with native bf16 GEMMs
@@ -98,20 +98,24 @@ def attention_function(model, handler: Handler, kernel: bool = False) -> Iterato
 
 
 @contextmanager
-def chunk_attention(model, prefix: list[LayerKV], chunks: list[list[LayerKV]],
-                    observe: Observer | None = None, matmul: bool = False) -> Iterator[None]:
-    """Phase 2's attention inside the block: row i of the forward is the question behind chunk i.
+def chunk_attention(model, prefix: list[LayerKV], contexts: list[list[list[LayerKV]]],
+                    observe: Observer | None = None, matmul: bool = False,
+                    kept: dict[int, LayerKV] | None = None, keep: int = 0) -> Iterator[None]:
+    """Phase 2's attention inside the block: row i of the forward is the question behind
+    `contexts[i]`, one or more batch-1 KV segments in order (a chunk, then its question head).
 
-    `prefix` (batch-1 KV) and `chunks[i]` are read in place. The forward must get no cache and a
+    `prefix` (batch-1 KV) and the segments are read in place. The forward must get no cache and a
     4D (1, 1, q, q) causal mask, which transformers passes through as it is. `observe(row, layer,
     probs)` receives each row's fp32 attention probabilities, (H_kv, G, q, P + L_i + q). `matmul`:
     the "matmul" kernel (scores from one matmul in the model's dtype) instead of torch's fused one.
+    `kept`: filled with each layer's KV of the first `keep` question tokens, (B, H_kv, keep, D).
     """
     layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     if not layers:
         raise ModelNotSupportedError(f"{type(model).__name__}: no attention modules with a layer_idx found")
     masks: dict[tuple[int, int | None, int], tuple[torch.Tensor, torch.Tensor]] = {}  # per forward, shared by its layers
-    with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, chunks, observe, matmul, masks)):
+    with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, contexts, observe, matmul, masks,
+                                                      kept, keep)):
         yield
 
 
@@ -335,10 +339,12 @@ def _through(handler: Handler | None, previous: str, module, query, key, value, 
     return ALL_ATTENTION_FUNCTIONS[previous](module, query, key, value, None, **kwargs)
 
 
-def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: Observer | None,
+def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], observe: Observer | None,
                    matmul: bool, masks: dict[tuple[int, int | None, int], tuple[torch.Tensor, torch.Tensor]],
+                   kept: dict[int, LayerKV] | None, keep: int,
                    module, query, key, value, attention_mask, scaling: float | None = None, **kwargs):
-    """Phase 2's attention: softmax(q·Kᵀ·scale)·V of row i's question over [prefix ‖ chunk i ‖ question],
+    """Phase 2's attention: softmax(q·Kᵀ·scale)·V of row i's question over [prefix ‖ its context
+    segments ‖ question] (`chunk_attention`),
     the G query heads of a KV head packed as G·q query rows (no `repeat_kv`).
 
     With no observer this is one SDPA call per row over the concatenated keys and values (torch's
@@ -361,14 +367,15 @@ def _attend_chunks(prefix: list[LayerKV], chunks: list[list[LayerKV]], observe: 
     h_kv, g = key.shape[1], h // key.shape[1]
     scale = scaling if scaling is not None else d**-0.5
     prefix_k, prefix_v = prefix[layer]
+    if kept is not None:
+        kept[layer] = key[:, :, :keep].clone(), value[:, :, :keep].clone()
     out = query.new_empty(b, q, h, value.shape[-1])
     scaled = query * scale if observe is None and matmul else None
     for i in range(b):
-        chunk_k, chunk_v = chunks[i][layer]
-        keys = (prefix_k[0], chunk_k[0], key[i])  # each (H_kv, n, D)
-        values = (prefix_v[0], chunk_v[0], value[i])
+        keys = (prefix_k[0], *(segment[layer][0][0] for segment in contexts[i]), key[i])  # each (H_kv, n, D)
+        values = (prefix_v[0], *(segment[layer][1][0] for segment in contexts[i]), value[i])
         rows = (query if scaled is None else scaled)[i].reshape(h_kv, g * q, d)  # head h ↔ KV head h // G
-        shape = (sum(k.shape[-2] for k in keys[:2]), kwargs.get("sliding_window"), g)
+        shape = (sum(k.shape[-2] for k in keys[:-1]), kwargs.get("sliding_window"), g)
         if shape not in masks:
             visible = _visible(attention_mask, *shape)
             masks[shape] = visible, ~visible

@@ -412,8 +412,10 @@ class ParallelComp:
             comp = compression.BatchCompressor.for_batch(
                 self.config, kvops.n_tokens(prefix), group, len(parts.question_ids), parts.question_span
             )
-            nll = question_nll(self.model, prefix, group, parts.question_ids, scored, comp.observe if comp else None,
-                               self._matmul)
+            if comp is None:
+                nll = self.question_nll(parts, scored, group, keys, prefix, report)
+            else:
+                nll = question_nll(self.model, prefix, group, parts.question_ids, scored, comp.observe, self._matmul)
             raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in group})
             for enc, chunk_nll in zip(comp.apply(group) if comp else group, nll.mean(dim=1).tolist()):
                 scores[enc.chunk.index] = chunk_nll
@@ -433,6 +435,31 @@ class ParallelComp:
         if pending:
             phase2(pending)
         return Scored(scores, raw_bytes, [(e.chunk, e.kv) for e in top.kept()], self.store.bytes_held)
+
+    def question_nll(self, parts: PromptParts, scored: slice, group: list[EncodedChunk], keys: dict[int, str],
+                     prefix: list[kvops.LayerKV], report: ReuseStats) -> torch.Tensor:
+        """Phase 2 of `group` without compression, reusing each chunk's question head: the suffix
+        tokens before the first scored one (the template's "\n\nQuestion:", a restated
+        instruction), which every question with that head shares. The chunks whose head the
+        memory tier holds run from the first scored token; the others run the head too and leave
+        it with their chunk in the store. Returns the (len(group), n) NLL in group order."""
+        head, end, _ = scored.indices(len(parts.question_ids))
+        if not head:
+            return question_nll(self.model, prefix, group, parts.question_ids, scored, None, self._matmul)
+        head_ids = parts.question_ids[:head]
+        for e in group:
+            e.head = self.store.head(keys[e.chunk.index], head_ids)
+        carried = [i for i, e in enumerate(group) if e.head is not None]
+        fresh = [i for i, e in enumerate(group) if e.head is None]
+        nll = torch.empty(len(group), end - head, device=self.model.device)
+        for rows in (carried, fresh):
+            if rows:
+                nll[rows] = question_nll(self.model, prefix, [group[i] for i in rows], parts.question_ids, scored,
+                                         None, self._matmul, head)
+        for i in fresh:
+            self.store.keep_head(keys[group[i].chunk.index], head_ids, group[i].head, report)
+        report.reused_head_tokens += head * len(carried)
+        return nll
 
     def phase1(self, batch: list[Chunk], keys: dict[int, str], prefix_ids: list[int], report: ReuseStats):
         """Phase-1 results of one micro-batch: store hits as they are, the misses encoded together

@@ -53,6 +53,9 @@ class ReuseStats:
     reused_prefix_tokens: int = 0
     """Prompt-prefix tokens whose KV was kept from the engine's previous call (0: encoded), summed
     over the engines that needed it (a distributed run: the driver and each scoring worker)."""
+    reused_head_tokens: int = 0
+    """Question-head tokens (the suffix before the question text, prefill.Head) whose KV behind a
+    chunk came from the memory tier, summed over chunks: phase 2 did not run them."""
     store_disk_hits: int = 0
     """Of the reused chunks, those read from the disk tier."""
     store_rejected: dict[str, int] = field(default_factory=dict)

@@ -12,7 +12,9 @@
   (`logits_to_keep`), never a chunk's full-vocabulary logits (method.md §7 item 12).
 
 Because phase 1 does not see the question, a corpus's chunk KV is reused across questions
-(store.py, `ParallelComp.encode`).
+(store.py, `ParallelComp.encode`). So is the KV of the question suffix's head, the template tokens
+before the question text (`Head`): phase 2 keeps it per chunk, and a later question with the same
+head starts at its own first token (docs/store.md, "What a reused question costs").
 """
 
 from __future__ import annotations
@@ -37,9 +39,23 @@ class EncodedChunk:
     last_logprobs: torch.Tensor
     """(V,) log-probabilities of the token after the chunk: scores the first question token."""
 
+    head: Head | None = None
+    """The question head's KV behind this chunk, when phase 2 reads it instead of running it."""
+
     @property
     def length(self) -> int:
         return len(self.chunk.token_ids)
+
+
+@dataclass
+class Head:
+    """The first question tokens that do not depend on the question (e.g. the template's
+    "\n\nQuestion:") behind one chunk: their KV, at the positions right after the chunk, and the
+    log-probabilities of the token after them. They depend only on the prefix, the chunk and the
+    head's ids, so a later question with the same head reads them instead of running the head."""
+
+    kv: list[kvops.LayerKV]
+    last_logprobs: torch.Tensor
 
 
 def micro_batches(chunks: list[Chunk], budget_tokens: int) -> Iterator[list[Chunk]]:
@@ -111,37 +127,56 @@ def question_nll(
     scored: slice,
     observe: Observer | None = None,
     matmul: bool = False,
+    head: int = 0,
 ) -> torch.Tensor:
     """Phase 2: (B, n) NLL of the question tokens `scored` (n of them) given each chunk (Eq. 3
     before averaging). Row i runs the question behind [prefix ‖ chunk i], both read in place
     (`attention.chunk_attention`); only the question tokens before the last scored one (or up to
     the last one `observe` needs) go through the model. `observe(row, layer, probs)` receives the
     question's attention (e.g. for KV compression). `matmul`: the "matmul" attention kernel.
+
+    `head`: how many leading question tokens are the question-independent head (`Head`; the first
+    scored token must follow it, and no `observe`). If the rows carry their `head` (all of them),
+    the model runs from the question's first token behind [prefix ‖ chunk ‖ head]; otherwise it
+    runs the head too and sets each row's `head` from this forward, for the caller to keep.
     """
     device, p = model.device, kvops.n_tokens(prefix)
     first, end, _ = scored.indices(len(question_ids))
+    if head and (first != head or observe is not None):
+        raise ValueError("a question head must end where the scored tokens start, without an observer")
+    carried = sum(e.head is not None for e in encoded)
+    if carried not in (0, len(encoded)) or (carried and not head):
+        raise ValueError("either every row carries its question head, or none does")
+    skip = head if carried else 0  # question tokens read from each row's head
     # The last scored token's own logits predict nothing scored: the model runs the tokens before
     # it. Compression may observe any question row, so it runs them all.
     q = len(question_ids) if observe is not None else end - 1
-    lengths = torch.tensor([e.length for e in encoded], device=device)
-    positions = p + lengths[:, None] + torch.arange(q, device=device)[None]
-    question = torch.tensor([question_ids[:q]], device=device).expand(len(encoded), -1)
-    causal = torch.ones(q, q, dtype=torch.bool, device=device).tril()[None, None]
-    rows = torch.arange(max(first, 1) - 1, end - 1, device=device)  # logits predicting tokens max(first, 1)…end-1
+    lengths = torch.tensor([e.length + skip for e in encoded], device=device)
+    positions = p + lengths[:, None] + torch.arange(q - skip, device=device)[None]
+    question = torch.tensor([question_ids[skip:q]], device=device).expand(len(encoded), -1)
+    causal = torch.ones(q - skip, q - skip, dtype=torch.bool, device=device).tril()[None, None]
+    # logits predicting tokens max(first, skip + 1)…end-1, as rows of this forward
+    rows = torch.arange(max(first, skip + 1) - 1 - skip, end - 1 - skip, device=device)
+    contexts = [[e.kv] if e.head is None else [e.kv, e.head.kv] for e in encoded]
+    kept = {} if head and not skip else None  # layer → this forward's head KV, (B, H_kv, head, D) each
     logits = None
     if rows.numel() or observe is not None:  # compression observes even when no logits are needed
-        with chunk_attention(model, prefix, [e.kv for e in encoded], observe, matmul):
+        with chunk_attention(model, prefix, contexts, observe, matmul, kept, head):
             logits = forward(model, question, None, positions, causal, logits_to_keep=rows if rows.numel() else 1)
         logits = logits if rows.numel() else None
     nll = torch.empty(len(encoded), end - first, device=device)
-    if first == 0:
-        nll[:, 0] = torch.stack([-e.last_logprobs[question_ids[0]] for e in encoded])
+    if first == skip:
+        nll[:, 0] = torch.stack([-(e.head or e).last_logprobs[question_ids[first]] for e in encoded])
     if logits is not None:
-        targets = torch.tensor(question_ids[max(first, 1) : end], device=device)
+        targets = torch.tensor(question_ids[max(first, skip + 1) : end], device=device)
         for row in range(len(encoded)):  # one row at a time: no second (n, V) tensor for log-softmax
             row_logits = logits[row].float()
             nll[row, end - first - len(targets) :] = (torch.logsumexp(row_logits, dim=-1)
                                                      - row_logits.gather(-1, targets[:, None])[:, 0])
+    if kept is not None:  # the last head token's logits are row 0 (it predicts the first scored token)
+        for row, e in enumerate(encoded):
+            e.head = Head([(k[row : row + 1].clone(), v[row : row + 1].clone()) for k, v in map(kept.get, sorted(kept))],
+                          torch.log_softmax(logits[row, 0].float(), dim=-1))
     return nll
 
 

@@ -8,7 +8,9 @@ prefix and the chunk's tokens are the same. The key is the SHA-256 of exactly th
     "pc-chunk-kv/1" ‖ model identity ‖ prefix ids ‖ chunk ids
 
 It is not chained over earlier chunks: a chunk hits in any document order and in any corpus.
-Only uncompressed KV is stored; compression and calibration depend on the question.
+Only uncompressed KV is stored; compression and calibration depend on the question. The memory
+tier also keeps, with each chunk, the KV of the question heads phase 2 ran behind it (prefill.Head:
+the template tokens before the question text, the same for every question).
 
 Tiers:
 * memory: an LRU bounded in bytes (`ParallelCompConfig.kv_store_bytes`; 0 turns it off);
@@ -31,7 +33,7 @@ import struct
 import uuid
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,8 +41,14 @@ from safetensors import SafetensorError
 
 from . import kv as kvops
 from .output import ReuseStats
+from .prefill import Head
 
 FORMAT = "pc-chunk-kv/1"
+
+
+HEADS_PER_CHUNK = 4
+"""Question heads kept per chunk in the memory tier: one per prompt template and restated
+instruction in use (engine.question_nll)."""
 
 
 @dataclass
@@ -51,10 +59,17 @@ class Entry:
     last_logprobs: torch.Tensor
     seconds: float
     """Time its phase 1 took (its share of the micro-batch): what a hit saves."""
+    heads: dict[tuple[int, ...], Head] = field(default_factory=dict)
+    """Question heads behind this chunk by their ids, oldest first (memory tier only)."""
 
     @property
     def nbytes(self) -> int:
-        return kvops.n_bytes(self.kv) + self.last_logprobs.numel() * self.last_logprobs.element_size()
+        return (kvops.n_bytes(self.kv) + self.last_logprobs.numel() * self.last_logprobs.element_size()
+                + sum(map(_head_bytes, self.heads.values())))
+
+
+def _head_bytes(head: Head) -> int:
+    return kvops.n_bytes(head.kv) + head.last_logprobs.numel() * head.last_logprobs.element_size()
 
 
 def model_identity(model, attention: str) -> dict:
@@ -154,6 +169,25 @@ class ChunkStore:
         if self.disk_dir is not None and not self._path(key, identity).exists():
             self._save(key, entry, identity, prefix_ids, chunk_ids, report)
 
+    def head(self, key: str, head_ids: list[int]) -> Head | None:
+        """The question head `head_ids` behind the chunk `key`, when the memory tier holds both."""
+        entry = self._lru.get(key)
+        return None if entry is None else entry.heads.get(tuple(head_ids))
+
+    def keep_head(self, key: str, head_ids: list[int], head: Head, report: ReuseStats) -> None:
+        """Keep `head` with the chunk `key` if the memory tier holds that chunk (the last
+        HEADS_PER_CHUNK heads per chunk; they leave with it and count in its bytes)."""
+        entry = self._lru.get(key)
+        if entry is None:
+            return
+        heads = entry.heads
+        self._held += _head_bytes(head) - (_head_bytes(heads.pop(tuple(head_ids))) if tuple(head_ids) in heads else 0)
+        heads[tuple(head_ids)] = head
+        while len(heads) > HEADS_PER_CHUNK:
+            self._held -= _head_bytes(heads.pop(next(iter(heads))))
+        self._lru.move_to_end(key)
+        self._shrink(report)
+
     def clear(self) -> None:
         """Empty the memory tier (the disk tier is left as it is)."""
         self._lru.clear()
@@ -166,6 +200,10 @@ class ChunkStore:
             return  # larger than the whole budget: never held (reused from disk only)
         self._lru[key] = entry
         self._held += entry.nbytes
+        self._shrink(report)
+
+    def _shrink(self, report: ReuseStats) -> None:
+        """Drop least recently used entries until the memory tier is within its budget."""
         while self._held > self.memory_bytes:
             _, dropped = self._lru.popitem(last=False)
             self._held -= dropped.nbytes
