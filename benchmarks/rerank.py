@@ -56,7 +56,8 @@ def rerank(results: Path, key: str, variants: list[str]) -> dict:
             sample = samples[rec["id"]]
             pc = engine(model, tokenizer, variant, sample.instruction, None)  # as the run built it
             parts = pc.prompt_parts(sample.question, with_documents=True)
-            chunks = list(pc._chunk(sample.documents, parts.prefix_ids).chunks)  # no phase 1: chunking only
+            # chunking only (no phase 1), of the documents or the one context, as the run's generate call
+            chunks = list(pc._corpus(parts, sample.documents, sample.context, None, True).chunks)
             if len(chunks) != len(rec["chunks"]):
                 raise SystemExit(f"{rec['id']}: {len(chunks)} chunks now, {len(rec['chunks'])} in the run")
             match = pc.lexical_matches(parts, chunks, {c.index: None for c in chunks})

@@ -187,23 +187,25 @@ def test_samples_of_a_cell_share_one_chunk_store(tiny_dir, tmp_path):
 
 def test_rerank_from_recorded_nlls_equals_running_the_other_ranking(tiny_dir, tmp_path):
     """`rerank` re-ranks a finished cell with another λ / term rule / K from the NLLs it recorded;
-    the chunks it keeps and its gold-kept count equal a real run of that ranking."""
+    the chunks it keeps and its gold-kept count equal a real run of that ranking. For a task of
+    documents (qa) and one of a single context (niah)."""
     from benchmarks.rerank import rerank
 
     base = "qa,chunk_tokens=64"
-    variants = ["lexical_weight=0", "lexical_fold_case=true,lexical_weight=50", "keep_chunks=1"]
+    variants = ["lexical_weight=0", "lexical_fold_case=false,lexical_weight=50", "keep_chunks=1"]
     out = tmp_path / "results"
-    args = ["run", "--inline", "--models", str(tiny_dir), "--tasks", "qa", "--methods", "parallelcomp",
+    args = ["run", "--inline", "--models", str(tiny_dir), "--tasks", "qa", "niah", "--methods", "parallelcomp",
             "--lengths", "700", "--samples", "3", "--max-new-tokens", "2", "--out", str(out), "--presets"]
     bench_main(args + [base] + [f"{base},{v}" for v in variants])
     cells = json.loads((out / "results.json").read_text())["cells"]
-    key = f"{tiny_dir}|qa|parallelcomp:{{}}|700"
-    got = rerank(out / "results.json", key.format(base), variants)
-    for row, variant in zip(got["rows"], [base] + [f"{base},{v}" for v in variants]):
-        ran = cells[key.format(variant)]["samples"]
-        assert row["kept"] == {r["id"]: [i for i, c in enumerate(r["chunks"]) if c[2]] for r in ran}, variant
-        assert row["gold_kept"] == sum(r["gold_kept"] for r in ran)
-    assert len({json.dumps(r["kept"]) for r in got["rows"]}) > 2  # the variants do move chunks
+    for task in ("qa", "niah"):
+        key = f"{tiny_dir}|{task}|parallelcomp:{{}}|700"
+        got = rerank(out / "results.json", key.format(base), variants)
+        for row, variant in zip(got["rows"], [base] + [f"{base},{v}" for v in variants]):
+            ran = cells[key.format(variant)]["samples"]
+            assert row["kept"] == {r["id"]: [i for i, c in enumerate(r["chunks"]) if c[2]] for r in ran}, variant
+            assert row["gold_kept"] == sum(r["gold_kept"] for r in ran)
+        assert len({json.dumps(r["kept"]) for r in got["rows"]}) > 2, task  # the variants do move chunks
     with pytest.raises(SystemExit, match="only"):
         rerank(out / "results.json", key.format(base), ["chunk_tokens=32"])  # would change the NLLs
 
