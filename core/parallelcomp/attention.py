@@ -367,8 +367,8 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
     h_kv, g = key.shape[1], h // key.shape[1]
     scale = scaling if scaling is not None else d**-0.5
     prefix_k, prefix_v = prefix[layer]
-    if kept is not None:
-        kept[layer] = key[:, :, :keep].clone(), value[:, :, :keep].clone()
+    if kept is not None:  # views: the caller copies each row's part once
+        kept[layer] = key[:, :, :keep], value[:, :, :keep]
     out = query.new_empty(b, q, h, value.shape[-1])
     scaled = query * scale if observe is None and matmul else None
     for i in range(b):

@@ -57,6 +57,10 @@ class Head:
     kv: list[kvops.LayerKV]
     last_logprobs: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        return kvops.n_bytes(self.kv) + self.last_logprobs.numel() * self.last_logprobs.element_size()
+
 
 def micro_batches(chunks: list[Chunk], budget_tokens: int) -> Iterator[list[Chunk]]:
     """Consecutive chunks grouped so that rows × longest chunk ≤ budget_tokens (at least one)."""

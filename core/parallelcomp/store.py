@@ -64,12 +64,8 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return (kvops.n_bytes(self.kv) + self.last_logprobs.numel() * self.last_logprobs.element_size()
-                + sum(map(_head_bytes, self.heads.values())))
-
-
-def _head_bytes(head: Head) -> int:
-    return kvops.n_bytes(head.kv) + head.last_logprobs.numel() * head.last_logprobs.element_size()
+        own = Head(self.kv, self.last_logprobs)  # a chunk's phase-1 result has a head's layout
+        return own.nbytes + sum(h.nbytes for h in self.heads.values())
 
 
 def model_identity(model, attention: str) -> dict:
@@ -180,11 +176,11 @@ class ChunkStore:
         entry = self._lru.get(key)
         if entry is None:
             return
-        heads = entry.heads
-        self._held += _head_bytes(head) - (_head_bytes(heads.pop(tuple(head_ids))) if tuple(head_ids) in heads else 0)
-        heads[tuple(head_ids)] = head
+        heads, ids = entry.heads, tuple(head_ids)
+        self._held += head.nbytes - (heads.pop(ids).nbytes if ids in heads else 0)
+        heads[ids] = head
         while len(heads) > HEADS_PER_CHUNK:
-            self._held -= _head_bytes(heads.pop(next(iter(heads))))
+            self._held -= heads.pop(next(iter(heads))).nbytes
         self._lru.move_to_end(key)
         self._shrink(report)
 
