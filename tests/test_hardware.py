@@ -203,3 +203,81 @@ def test_cli_dtype_flag(model_dir, tmp_path, capsys):
                  "--max-new-tokens", "2", "--json", "Where does the river run?", str(doc)])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["stats"]["dtype"] == "bfloat16"
+
+
+HEAP = """
+import resource, sys, psutil, torch
+from parallelcomp import hardware
+rss = lambda: psutil.Process().memory_info().rss
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+print(hardware.configure_allocator() if sys.argv[1] == "configure" else False)
+torch.empty(2**21).fill_(1)  # an 8 MB block, freed at once: glibc's own mmap threshold rises past it
+if sys.argv[2] == "again":  # 200 MB of 2 MB blocks freed and allocated again, as by each layer of phase 1
+    blocks = [torch.empty(2**19).fill_(1) for _ in range(100)]
+    before = faults()
+    del blocks
+    blocks = [torch.empty(2**19).fill_(1) for _ in range(100)]
+    print(faults() - before)
+else:  # the same blocks, each behind a live 64 KB one, freed: the heap cannot shrink from its top
+    blocks, pins = [], []
+    for _ in range(100):
+        blocks.append(torch.empty(2**19).fill_(1))
+        pins.append(torch.empty(2**14).fill_(1))
+    before = rss()
+    del blocks
+    freed = rss()
+    hardware.release_free_heap()
+    print(before - freed, freed - rss())
+"""
+
+
+def _heap(allocator: str, pattern: str, **env) -> tuple[bool, list[int]]:
+    """HEAP in a fresh process (which arena and thresholds a test process's earlier allocations
+    left is not a test's to know): whether configure_allocator changed anything, then the numbers."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", HEAP, allocator, pattern], capture_output=True, text=True,
+                         timeout=120, check=True, env={**os.environ, **env})
+    changed, numbers = run.stdout.split("\n", 1)
+    return changed == "True", [int(n) for n in numbers.split()]
+
+
+needs_glibc = pytest.mark.skipif(hardware._libc() is None, reason="not glibc")
+PAGES_200MB = 200 * 2**20 // 4096
+
+
+@needs_glibc
+def test_freed_heap_blocks_behind_live_ones_go_back_to_the_os_when_released():
+    """A heap full of freed few-MB blocks, each behind a live small one (a store that evicted
+    chunks between runs), stays resident until release_free_heap returns it."""
+    _, (on_free, on_release) = _heap("default", "pinned")
+    assert on_free < 20 * 2**20 and on_release > 150 * 2**20
+
+
+@needs_glibc
+def test_the_configured_allocator_reuses_freed_blocks_without_faulting_them_in_again():
+    """glibc alone gives 200 MB freed at the heap's top back to the OS at once, so allocating them
+    again faults every page in afresh; configured, the pages stay for reuse. MALLOC_*_ set by the
+    user wins."""
+    changed, (faults,) = _heap("default", "again")
+    assert not changed and faults > 0.8 * PAGES_200MB
+    changed, (faults,) = _heap("configure", "again")
+    assert changed and faults < 0.05 * PAGES_200MB
+    changed, (faults,) = _heap("configure", "again", MALLOC_TOP_PAD_="131072")
+    assert not changed and faults > 0.8 * PAGES_200MB
+
+
+def test_every_run_ends_by_releasing_the_freed_heap(monkeypatch, make_engine):
+    released = []
+    monkeypatch.setattr(hardware, "release_free_heap", lambda: released.append(1))
+    pc = make_engine("llama")
+    docs = ["Paris is the capital of France. " * 8, "Berlin is the capital of Germany. " * 8]
+    corpus = pc.encode(docs)
+    assert len(released) == 1
+    pc.generate("What is the capital of France?", corpus=corpus, max_new_tokens=3)
+    pc.score("Paris is the capital.", documents=docs)
+    assert len(released) == 3
+    list(pc.stream("And of Germany?", documents=docs, max_new_tokens=3))
+    assert len(released) == 4

@@ -156,7 +156,8 @@ class ParallelComp:
 
         dtype None picks per machine (hardware.py): bfloat16 on CUDA and on CPUs with native,
         faster bf16; float32 otherwise. threads None sets torch's intra-op threads to the physical
-        cores available to this process (unless OMP_NUM_THREADS is set).
+        cores available to this process (unless OMP_NUM_THREADS is set). Like the threads, glibc's
+        allocator is tuned for the process (hardware.configure_allocator) unless MALLOC_*_ says otherwise.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,6 +165,7 @@ class ParallelComp:
         path = _resolve_model(model)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         hardware.configure_threads(_check_threads(threads))
+        hardware.configure_allocator()
         dtype = _check_dtype(dtype) or hardware.default_dtype(device)
         if Path(path).is_dir():
             guard.check_weight_files(path)

@@ -4,7 +4,8 @@
 * `check_run`: one call after chunking, before any model work: the question and the answer fit
   the model's window, and the estimated peak memory of the run fits the memory budget;
 * `run_lock(model)`: one lock per model, shared by every engine on it (hooks and the attention
-  switch are per model), which refuses a same-thread re-entry instead of deadlocking;
+  switch are per model), which refuses a same-thread re-entry instead of deadlocking, and hands
+  the heap's free pages back to the OS as a run ends;
 * `cancel_scope` / `cancelled`: a caller's thread can ask the run it drives to stop at its next
   token (the async wrappers' worker thread sets it when the awaiting task is cancelled).
 
@@ -26,6 +27,7 @@ from typing import Iterator
 import psutil
 import torch
 
+from . import hardware
 from .errors import InputError, ModelLoadError, ResourceError
 from .prefill import micro_batches, question_rows
 
@@ -242,8 +244,11 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._owner = None
-        self._lock.release()
+        try:
+            hardware.release_free_heap()  # the run's freed tensors and evicted chunks, back to the OS
+        finally:
+            self._owner = None
+            self._lock.release()
 
     def locked(self) -> bool:
         return self._lock.locked()
