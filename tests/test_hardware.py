@@ -244,7 +244,10 @@ def _heap(allocator: str, pattern: str, **env) -> tuple[bool, list[int]]:
     return changed == "True", [int(n) for n in numbers.split()]
 
 
-needs_glibc = pytest.mark.skipif(hardware._libc() is None, reason="not glibc")
+needs_glibc = pytest.mark.skipif(
+    hardware._libc() is None,
+    reason="the allocator tuning is glibc's mallopt/malloc_trim, which this C library (macOS, Windows, musl) lacks; "
+           "there configure_allocator and release_free_heap are no-ops by design")
 PAGES_200MB = 200 * 2**20 // 4096
 
 

@@ -169,8 +169,7 @@ def configure_allocator() -> bool:
     By default glibc hands a block above its mmap threshold to the OS on free, and trims the heap's
     top once it holds more than twice that threshold free. Phase 1 frees a micro-batch's
     activations, tens of MB, at every layer and allocates them again at the next, so each layer
-    faulted them in afresh: 2.9 M minor page faults (11 GB) to encode 16K tokens, against 0.25 M
-    with these settings, and 37.0–38.8 s against 33.4–33.6 s (docs/store.md, "Memory between runs")."""
+    faulted them in afresh (measured in docs/store.md, "Memory between runs")."""
     libc = _libc()
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if libc is None or any(v in os.environ for v in _ALLOCATOR_ENV) or "glibc.malloc." in tunables:
