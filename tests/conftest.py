@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random models of several families (built from configs, offline) that
-share the embedded SmolLM2 tokenizer, and the embedded SmolLM2 model itself for slow tests."""
+share the embedded SmolLM2 tokenizer, and the embedded SmolLM2 model itself for slow tests.
+
+PARALLELCOMP_TEST_DEVICE (default "cpu") is where the tiny models live: scripts/cuda-check.sh
+runs the core tests with it set to "cuda" on a GPU machine. CI runs them on the CPU."""
 
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from transformers import (
 )
 
 from parallelcomp import ParallelComp, ParallelCompConfig
+
+DEVICE = torch.device(os.environ.get("PARALLELCOMP_TEST_DEVICE", "cpu"))
 
 # Small but not degenerate: a larger init spread makes greedy outputs vary token to token, so
 # token-for-token comparisons are meaningful. GQA (4 query heads, 2 KV heads) everywhere.
@@ -62,7 +67,7 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0, attn: str = "sdpa", 
     config = config_cls(vocab_size=vocab_size, **{**_COMMON, **extra, **overrides})
     config._attn_implementation = attn
     torch.manual_seed(seed)
-    return model_cls(config).eval()
+    return model_cls(config).eval().to(DEVICE)
 
 
 @pytest.fixture(scope="session", params=sorted(FAMILIES))

@@ -26,8 +26,8 @@ def eager_run(model, ids: list[int], cache=None, positions: list[int] | None = N
     assert model.config._attn_implementation == "eager", "the oracle needs an eager model"
     kwargs = {_cache_kwarg(model): cache} if cache is not None else {}
     if positions is not None:
-        kwargs["position_ids"] = torch.tensor([positions])
-    out = model(input_ids=torch.tensor([ids]), output_attentions=True, use_cache=True, **kwargs)
+        kwargs["position_ids"] = torch.tensor([positions], device=model.device)
+    out = model(input_ids=torch.tensor([ids], device=model.device), output_attentions=True, use_cache=True, **kwargs)
     new_cache = getattr(out, "cache", None) or out.past_key_values
     return [a[0] for a in out.attentions], new_cache
 

@@ -12,7 +12,7 @@ from .reference import _cache_kwarg
 @torch.inference_mode()
 def single_prompt_forward(model, ids: list[int]):
     """Logits (T, V) and per-layer KV of one ordinary forward over `ids`."""
-    out = model(torch.tensor([ids]), use_cache=True)
+    out = model(torch.tensor([ids], device=model.device), use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values  # `cache` from transformers 5.24
     return out.logits[0].float(), [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -22,7 +22,7 @@ def question_nll(model, prefix: list[int], chunk: list[int], question: list[int]
     logits, _ = single_prompt_forward(model, prefix + chunk + question)
     start = len(prefix) + len(chunk) - 1
     logprobs = torch.log_softmax(logits[start : start + len(question)], dim=-1)
-    return -logprobs.gather(-1, torch.tensor(question)[:, None])[:, 0]
+    return -logprobs.gather(-1, torch.tensor(question, device=logprobs.device)[:, None])[:, 0]
 
 
 @torch.inference_mode()
@@ -41,8 +41,8 @@ def pcw_greedy(model, prefix: list[int], kept_chunks: list[list[int]], question:
             vs.append(v[:, :, p:])
     cache = DynamicCache(ddp_cache_data=[(torch.cat(ks, 2), torch.cat(vs, 2)) for ks, vs in layers])
     pos = p + max(len(c) for c in kept_chunks)
-    ids = torch.tensor([question])
-    positions = torch.arange(pos, pos + len(question))[None]
+    ids = torch.tensor([question], device=model.device)
+    positions = torch.arange(pos, pos + len(question), device=model.device)[None]
     out_ids = []
     for _ in range(n):
         logits = model(ids, position_ids=positions, use_cache=True, **{_cache_kwarg(model): cache}).logits
@@ -50,6 +50,6 @@ def pcw_greedy(model, prefix: list[int], kept_chunks: list[list[int]], question:
         if token in eos:
             break
         out_ids.append(token)
-        ids = torch.tensor([[token]])
+        ids = torch.tensor([[token]], device=model.device)
         positions = positions[:, -1:] + 1
     return out_ids

@@ -202,7 +202,7 @@ def _vanilla(model, ids):
 
 def test_model_is_vanilla_after_calibration_and_after_an_abandoned_stream(tokenizer, make_engine):
     model = tiny_model("qwen2", len(tokenizer))
-    ids = torch.tensor([tokenizer("Hello there, how are you", add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([tokenizer("Hello there, how are you", add_special_tokens=False)["input_ids"]], device=model.device)
     logits, generated = _vanilla(model, ids)
     engine = make_engine(model=model, calibration_rules=[CalibrationRule(region="all", layers=(0, 2))],
                          kv_budget_ratio=0.5, **BASE)

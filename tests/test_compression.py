@@ -173,7 +173,7 @@ def test_keep_topk_sorted_and_ties_go_to_earlier_tokens():
 
 def test_model_is_vanilla_after_a_compressed_call(tokenizer, make_engine):
     model = tiny_model("llama", len(tokenizer))
-    ids = torch.tensor([tokenizer("Hello there, how are you", add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([tokenizer("Hello there, how are you", add_special_tokens=False)["input_ids"]], device=model.device)
     with torch.no_grad():
         before = model(ids).logits
     make_engine(model=model, chunk_tokens=120, keep_chunks=2, kv_budget_tokens=16).generate(

@@ -36,7 +36,7 @@ def test_one_chunk_equals_model_generate(family, make_engine, tokenizer):
     parts = build_prompt(tokenizer, pc.config.instruction, question, True)
     prompt = parts.prefix_ids + ids_of(tokenizer, doc) + parts.question_ids
     ref = pc.model.generate(
-        torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=sorted(pc.eos_ids), pad_token_id=0
+        torch.tensor([prompt], device=pc.model.device), max_new_tokens=16, do_sample=False, eos_token_id=sorted(pc.eos_ids), pad_token_id=0
     )[0, len(prompt) :].tolist()
     ref = ref[: next((i for i, t in enumerate(ref) if t in pc.eos_ids), len(ref))]
     assert out.token_ids == ref
@@ -261,7 +261,7 @@ def test_no_documents_answers_from_the_model_alone(make_engine, tokenizer):
     assert out.chunks == [] and out.stats.n_chunks == 0
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True)
     prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
-    ref = pc.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = pc.model.generate(torch.tensor([prompt], device=pc.model.device), max_new_tokens=6, do_sample=False, pad_token_id=0)
     ref = ref[0, len(prompt) :].tolist()
     ref = ref[: next((i for i, t in enumerate(ref) if t in pc.eos_ids), len(ref))]
     assert out.token_ids == ref
@@ -275,7 +275,7 @@ def test_score_equals_teacher_forced_reference(make_engine, tokenizer):
     logits, _ = single_prompt_forward(pc.model, prefix + ids_of(tokenizer, doc) + ids_of(tokenizer, target))
     t = ids_of(tokenizer, target)
     start = len(prefix) + len(ids_of(tokenizer, doc))
-    ref = -torch.log_softmax(logits[start : start + len(t) - 1], -1).gather(-1, torch.tensor(t[1:])[:, None])[:, 0]
+    ref = -torch.log_softmax(logits[start : start + len(t) - 1], -1).gather(-1, torch.tensor(t[1:], device=logits.device)[:, None])[:, 0]
     assert sc.n_tokens == len(t) - 1
     assert sc.nll == pytest.approx(float(ref.mean()), abs=1e-4)
 
@@ -338,3 +338,28 @@ def test_attention_kernel_is_chosen_per_model_and_reported(make_engine, tokenize
     assert make_engine(attention_kernel="fused").attention_kernel == "sdpa"
     eager = make_engine(model=tiny_model("llama", len(tokenizer), attn="eager"), attention_kernel="matmul")
     assert eager.attention_kernel == "eager"  # the model's own backend: nothing of sdpa's to replace
+
+
+@pytest.mark.parametrize("settings", [{}, {"kv_budget_ratio": 0.5}, {"calibration_rules": [{"region": "all", "layers": (0, 2)}]}],
+                         ids=["plain", "compression", "calibration"])
+def test_a_strided_sdpa_result_gives_the_same_answer(make_engine, monkeypatch, settings):
+    """CUDA's flash and memory-efficient SDPA kernels return a (B, H, L, D) view of a (B, L, H, D)
+    buffer where the CPU kernels return a contiguous one; phase 2 and the question step must take
+    either (`view` failed on the first GPU run)."""
+    docs, question = [text(20, 50), text(21, 50), text(22, 50)], "Which river is named?"
+    pc = make_engine("llama", keep_chunks=2, chunk_tokens=60, attention_kernel="fused", **settings)
+    expected = pc.generate(question, documents=docs, max_new_tokens=10)
+    real = torch.nn.functional.scaled_dot_product_attention
+    strided = []
+
+    def like_cuda(*args, **kwargs):
+        out = real(*args, **kwargs)
+        strided.append(out.dim() == 4)
+        return out.transpose(-3, -2).contiguous().transpose(-3, -2) if out.dim() == 4 else out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", like_cuda)
+    pc.store.clear()  # phase 1 runs again, under the strided kernel too
+    got = pc.generate(question, documents=docs, max_new_tokens=10)
+    assert any(strided)
+    assert got.token_ids == expected.token_ids
+    assert [c.score for c in got.chunks] == pytest.approx([c.score for c in expected.chunks], abs=1e-5)

@@ -31,7 +31,8 @@ def outputs_equal(a, b):
     assert a.token_ids == b.token_ids and a.text == b.text
     assert [(c.index, c.kept, c.n_tokens, c.kv_tokens, c.lexical) for c in a.chunks] == \
            [(c.index, c.kept, c.n_tokens, c.kv_tokens, c.lexical) for c in b.chunks]
-    assert [c.score for c in a.chunks] == pytest.approx([c.score for c in b.chunks], abs=1e-6)
+    # a few fp32 ulps: on a GPU a question head run apart from its chunk's phase 2 picks other GEMM kernels
+    assert [c.score for c in a.chunks] == pytest.approx([c.score for c in b.chunks], rel=1e-6, abs=1e-6)
     assert a.stats.p0 == b.stats.p0 and a.stats.kv_bytes == b.stats.kv_bytes
 
 

@@ -233,7 +233,7 @@ def packed_queries(module, query, key, value, attention_mask, dropout: float = 0
     mask = attention_mask.expand(b, 1, q, -1).repeat(1, 1, h // h_kv, 1)  # the same mask for each of the G heads
     out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, dropout_p=dropout,
                                                            scale=scaling)
-    return out.view(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+    return out.reshape(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None  # strided on CUDA
 
 
 def _packs_queries(query, key, attention_mask, kwargs) -> bool:
@@ -391,7 +391,7 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
                 attn_mask=visible, scale=scale)[0]
         else:
             mixed = _observed(rows, keys, values, visible, scale, lambda p: observe(i, layer, p.view(h_kv, g, q, -1)))
-        out[i] = mixed.view(h, q, -1).transpose(0, 1)
+        out[i] = mixed.reshape(h, q, -1).transpose(0, 1)  # reshape: CUDA's SDPA returns a strided result
     return out, None
 
 

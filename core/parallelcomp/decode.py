@@ -44,14 +44,14 @@ class Sampling:
     repetition_penalty: float = 1.0
     """> 1 discourages repeating question or answer tokens (CTRL-style, as in `model.generate`)."""
 
-    def processors(self, eos_ids: set[int], prompt_tokens: int, constraint: LogitsProcessor | None = None
-                   ) -> LogitsProcessorList:
+    def processors(self, eos_ids: set[int], prompt_tokens: int, constraint: LogitsProcessor | None = None,
+                   device: torch.device | str = "cpu") -> LogitsProcessorList:
         """The grammar's mask first (`constraint`, grammar.GrammarProcessor), so no later step sees
         a disallowed token; EOS is never the first new token (official code: min_length =
         |question| + 1), so an answer is never empty; then the optional penalty and sampling
-        warpers."""
+        warpers. `device`: where the logits are (the EOS ids are compared there)."""
         procs = LogitsProcessorList([constraint] if constraint is not None else [])
-        procs.append(MinNewTokensLengthLogitsProcessor(prompt_tokens, 1, sorted(eos_ids)))
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_tokens, 1, sorted(eos_ids), device=device))
         if self.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
         if self.temperature > 0:
@@ -97,7 +97,7 @@ def generate_tokens(
     device = model.device
     ids = torch.tensor([question_ids], device=device)
     positions = p0 + torch.arange(len(question_ids), device=device)[None]
-    processors = sampling.processors(eos_ids, len(question_ids), constraint)
+    processors = sampling.processors(eos_ids, len(question_ids), constraint, model.device)
     generator = None
     if sampling.temperature > 0 and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)

@@ -141,16 +141,17 @@ class ChunkStore:
         return entry.nbytes if entry is not None else 0
 
     def get(self, key: str, identity: dict, prefix_ids: list[int], chunk_ids: list[int],
-            report: ReuseStats, shape: tuple[int, int, int]) -> Entry | None:
+            report: ReuseStats, shape: tuple[int, int, int], device: torch.device | str = "cpu") -> Entry | None:
         """The stored entry for `key`, from memory or (verified) from disk; None on a miss, counted in
         `report.encoded_chunks` (the caller encodes it).
-        `shape` = (layers, KV heads, head dim) the entry must have."""
+        `shape` = (layers, KV heads, head dim) the entry must have; `device`: the model's, where an
+        entry read from disk is moved after it is verified."""
         entry = self._lru.get(key)
         if entry is not None:
             self._lru.move_to_end(key)
             report.reused_chunks += 1
             return entry
-        entry = self._load(key, identity, prefix_ids, chunk_ids, report, shape)
+        entry = self._load(key, identity, prefix_ids, chunk_ids, report, shape, torch.device(device))
         if entry is None:
             report.encoded_chunks += 1
             return None
@@ -236,7 +237,8 @@ class ChunkStore:
         if self.disk_bytes is not None:
             report.store_disk_evicted += self._trim_disk()
 
-    def _load(self, key, identity, prefix_ids, chunk_ids, report: ReuseStats, shape) -> Entry | None:
+    def _load(self, key, identity, prefix_ids, chunk_ids, report: ReuseStats, shape, device: torch.device
+              ) -> Entry | None:
         if self.disk_dir is None:
             return None
         path = self._path(key, identity)
@@ -261,8 +263,8 @@ class ChunkStore:
         with contextlib.suppress(OSError):
             os.utime(path)  # recency for the disk budget (atime is often off)
         layers = shape[0]
-        kv = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(layers)]
-        return Entry(kv, tensors["last_logprobs"], float(meta["seconds"]))
+        kv = [(tensors[f"k.{i}"].to(device), tensors[f"v.{i}"].to(device)) for i in range(layers)]
+        return Entry(kv, tensors["last_logprobs"].to(device), float(meta["seconds"]))
 
     def _trim_disk(self) -> int:
         """Above the disk budget: delete least recently used files down to 90% of it; returns how many."""
