@@ -308,3 +308,23 @@ def test_llama_index_function_agent_calls_a_query_engine_tool(smol_engine):
     result = asyncio.run(first_tool_result())
     assert len(queries) == 1 and queries[0].strip()
     assert result.tool_name == "licences" and result.tool_output.content.strip()
+
+
+@pytest.mark.parametrize("choice", ["none", "auto"])
+def test_free_text_cut_inside_a_character_by_the_token_limit_is_not_an_error(tokenizer, choice):
+    """A byte-fallback token (the first byte of "é") ends the output: the free text is complete up to
+    it; a JSON object cut the same way is still incomplete."""
+    from parallelcomp.grammar import GrammarProcessor, schema_grammar
+
+    text = tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+    first_byte = tokenizer.convert_tokens_to_ids("Ã")  # byte 0xC3, the first byte of "é" in byte-level BPE
+    assert tokenizer.decode(text + [first_byte]).endswith("\ufffd")
+    n = len(tokenizer)
+    free = GrammarProcessor(tokenizer, tool_grammar([LOOKUP], choice, tokenizer), n, {2}, prompt_tokens=0)
+    free.finish(text + [first_byte])
+    assert free.matcher.is_accepting()
+    cut_json = tokenizer('{"level": 3, "colour": "red", "ok": true, "label": "', add_special_tokens=False)["input_ids"]
+    cut_json += [first_byte]
+    schema = GrammarProcessor(tokenizer, schema_grammar(Reading.model_json_schema()), n, {2}, prompt_tokens=0)
+    with pytest.raises(StructuredOutputError, match="raise max_new_tokens"):
+        schema.finish(cut_json)

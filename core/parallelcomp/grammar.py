@@ -155,6 +155,7 @@ class GrammarProcessor(LogitsProcessor):
 
     def __init__(self, tokenizer, grammar: str, n_vocab: int, eos_ids: set[int], prompt_tokens: int):
         llg = llguidance()
+        self.tokenizer = tokenizer
         self.matcher = llg.LLMatcher(ll_tokenizer(tokenizer, n_vocab, eos_ids), grammar)
         if self.matcher.is_error():
             raise StructuredOutputError(f"the grammar could not be compiled: {self.matcher.get_error()}")
@@ -179,12 +180,28 @@ class GrammarProcessor(LogitsProcessor):
         self.consumed += len(token_ids)
 
     def finish(self, new_ids: list[int]) -> None:
-        """Check that the whole output (`new_ids`, every token after the question) is complete."""
+        """Check that the whole output (`new_ids`, every token after the question) is complete.
+
+        Free text (tool_choice "none", or "auto" before any call) that the token limit cut inside
+        a multi-byte character is complete up to that character, as an unconstrained answer cut
+        there would be: the grammar matches characters, so the bytes of the unfinished one leave
+        it short of accepting, yet more tokens are all the output lacks (seen on a GPU run)."""
         self.advance(new_ids[self.consumed - self.prompt_tokens :])
-        if not self.matcher.is_accepting():
-            msg = (f"the token limit ({len(new_ids)} new tokens) ended the output before the grammar was complete; "
-                   "raise max_new_tokens")
-            raise StructuredOutputError(msg)
+        if self.matcher.is_accepting():
+            return
+        cut = _unfinished_character(self.tokenizer, new_ids)
+        if cut and self.matcher.rollback(cut) and self.matcher.is_accepting():
+            return
+        msg = (f"the token limit ({len(new_ids)} new tokens) ended the output before the grammar was complete; "
+               "raise max_new_tokens")
+        raise StructuredOutputError(msg)
+
+
+def _unfinished_character(tokenizer, ids: list[int]) -> int:
+    """How many of the last tokens of `ids` are the bytes of an unfinished UTF-8 character (≤ 3); 0 if none."""
+    if not tokenizer.decode(ids[-4:]).endswith("\ufffd"):
+        return 0
+    return next((k for k in range(1, min(3, len(ids)) + 1) if not tokenizer.decode(ids[-4:-k]).endswith("\ufffd")), 0)
 
 
 # ---------------------------------------------------------------------- tools
