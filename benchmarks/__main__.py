@@ -2,7 +2,8 @@
 `python -m benchmarks decode` times decoding over a merged KV (decode_speed.py);
 `python -m benchmarks ray-scaling` compares 1 and 2 Ray workers with one process (ray_scaling.py);
 `python -m benchmarks grammar` times grammar-constrained decoding (grammar_overhead.py);
-`python -m benchmarks rerank` re-ranks a finished cell's chunks from its recorded NLLs (rerank.py)."""
+`python -m benchmarks rerank` re-ranks a finished cell's chunks from its recorded NLLs (rerank.py);
+`python -m benchmarks cuda` times the runtime on a CUDA GPU per attention implementation (cuda.py)."""
 
 from __future__ import annotations
 
@@ -97,7 +98,20 @@ def main(argv=None) -> None:
     rr.add_argument("--variants", nargs="+", default=[],
                     help="field=value,... over the cell's preset (lexical_weight, lexical_fold_case, keep_chunks)")
     rr.add_argument("--out", default=None, help="where the table goes (default: the results directory)")
+    gpu = sub.add_parser("cuda", help="cold, reused and decode times on a CUDA GPU per attention implementation")
+    gpu.add_argument("--lengths", nargs="+", type=int, default=[8192, 32768, 131072])
+    gpu.add_argument("--attn", nargs="+", default=["sdpa", "eager", "flash_attention_2"],
+                     choices=["sdpa", "eager", "flash_attention_2"])
+    gpu.add_argument("--model", default=None, help="a local HF directory (default: the embedded SmolLM2-135M)")
+    gpu.add_argument("--random-weights", action="store_true",
+                     help="the model's architecture with random weights (times and exactness only)")
+    gpu.add_argument("--out", default=str(DEFAULT_OUT / "cuda"))
     opts = parser.parse_args(argv)
+    if opts.command == "cuda":
+        from .cuda import run as run_cuda
+
+        print(run_cuda(opts.lengths, opts.attn, opts.model, opts.random_weights, Path(opts.out)))
+        return
     if opts.command == "rerank":
         from .rerank import main as run_rerank
 
