@@ -115,6 +115,19 @@ def test_an_lru_budget_smaller_than_one_chunk_still_answers(tokenizer):
     assert second.stats.reused_chunks == 0 and second.stats.store_bytes == 0
 
 
+def test_the_memory_tier_defaults_to_a_third_of_the_memory_its_entries_live_in(tokenizer, monkeypatch):
+    """RAM for a model on the CPU; the GPU's own memory (not the host's RAM) for one on CUDA."""
+    import psutil
+
+    from parallelcomp import guard
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 3 << 30}))
+    assert guard.total_bytes(torch.device("cuda")) == 3 << 30
+    assert guard.total_bytes(torch.device("cpu")) == psutil.virtual_memory().total
+    pc = engine(tokenizer)
+    assert pc.store.memory_bytes == guard.total_bytes(pc.model.device) // 3
+
+
 def test_a_second_question_reuses_each_chunks_question_head_and_answers_as_a_cold_engine(family, tokenizer):
     """Phase 2 keeps each chunk's question head (the suffix before the question text) with the
     chunk; a later question runs from its own first token and answers as an engine without a store."""

@@ -161,7 +161,7 @@ class ParallelCompConfig(BaseModel):
     # --- chunk KV store (store.py, docs/store.md) ---
     kv_store_bytes: int | None = Field(None, ge=0)
     """Memory tier of the chunk KV store: an LRU of at most this many bytes. None: a third of the
-    machine's RAM. 0: no memory tier."""
+    memory the KV lives in (the GPU's for a model on CUDA, else the machine's RAM). 0: no memory tier."""
     kv_store_dir: str | None = None
     """Disk tier: a directory of checksummed safetensors files shared by runs and processes."""
     kv_store_disk_bytes: int | None = Field(None, gt=0)

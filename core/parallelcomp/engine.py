@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -137,7 +136,7 @@ class ParallelComp:
         self.decode_kernel = _decode_kernel(model, self.config.decode_kernel)
         self._lock = guard.run_lock(model)  # one run at a time per model, shared by its engines
         memory = self.config.kv_store_bytes
-        self.store = ChunkStore(psutil.virtual_memory().total // 3 if memory is None else memory,
+        self.store = ChunkStore(guard.total_bytes(model.device) // 3 if memory is None else memory,
                                 self.config.kv_store_dir, self.config.kv_store_disk_bytes)
         self._identity: tuple[dict, str] | None = None
         self._prefix: tuple[tuple[int, ...], list[kvops.LayerKV]] = ((), [])  # the last prompt prefix and its KV

@@ -168,6 +168,13 @@ def available_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def total_bytes(device: torch.device) -> int:
+    """All memory where the run's KV lives: the CUDA device's, else the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return psutil.virtual_memory().total
+
+
 def fits_window(window: int, prefix: int, question: int, new_tokens: int) -> bool:
     """Whether a plain prompt (prefix + question) and its answer fit the window as they are."""
     return prefix + question + new_tokens <= window
