@@ -190,6 +190,24 @@ def test_disk_tier_serves_a_fresh_engine_and_misses_for_another_model_dtype_temp
         assert out.stats.n_chunks > same, name
 
 
+def test_a_disk_tier_entry_is_verified_then_moved_to_the_model_device(tokenizer, tmp_path):
+    """Files hold CPU tensors; a hit is moved to the device the caller names (a GPU model's: the
+    first CUDA run found disk-tier KV left on the CPU). The meta device stands in for a GPU."""
+    from parallelcomp import kv as kvops
+    from parallelcomp.output import ReuseStats
+
+    pc = engine(tokenizer, kv_store_dir=str(tmp_path))
+    corpus = pc.encode(DOCS)
+    pc.store.clear()  # the memory tier forgets; the files stay
+    chunk, key = corpus.chunks[0], corpus.keys[0]
+    report = ReuseStats()
+    entry = pc.store.get(key, pc._model_identity()[0], list(corpus.prefix_ids), chunk.token_ids, report,
+                         kvops.layout(pc.model), device="meta")
+    assert report.store_disk_hits == 1 and report.store_rejected == {}
+    assert {t.device.type for layer in entry.kv for t in layer} == {"meta"}
+    assert entry.last_logprobs.device.type == "meta"
+
+
 def test_the_key_does_not_depend_on_where_the_model_lives(tokenizer, tmp_path):
     model = tiny_model("llama", len(tokenizer))
     keys = []
