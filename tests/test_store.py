@@ -232,10 +232,25 @@ def _rewrite(path: Path, **meta_changes) -> None:
     save_file(tensors, str(path), metadata={**meta, **meta_changes})
 
 
+def _as_format_1(path: Path) -> None:
+    """The file as format /1 wrote it: the same key, identity and tensors, a SHA-256 checksum."""
+    import hashlib
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy())
+    del meta["xxh3_128"]
+    save_file(tensors, str(path), metadata={**meta, "format": "pc-chunk-kv/1", "sha256": digest.hexdigest()})
+
+
 @pytest.mark.parametrize("damage, reason", [
     (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "unreadable"),
     (lambda p: _flip(p, 0.6), "checksum"),  # bits flipped inside the KV payload
     (lambda p: _rewrite(p, format="pc-chunk-kv/0"), "format"),
+    (lambda p: _as_format_1(p), "format"),  # written before the checksum became XXH3-128
     (lambda p: _rewrite(p, identity=json.dumps({"model": "another"})), "identity"),
 ])
 def test_a_damaged_foreign_or_old_file_is_dropped_recomputed_and_reported(tokenizer, tmp_path, damage, reason):

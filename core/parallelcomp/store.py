@@ -17,9 +17,9 @@ Tiers:
 * disk (optional, `kv_store_dir`): one immutable safetensors file per chunk at
   `<dir>/v1/<identity[:16]>/<key[:2]>/<key>.safetensors`, written to a temporary file, fsynced
   and renamed into place, so readers in other processes never see a partial file. A file is used
-  only after its format version, key, identity, token ids, tensor shapes and payload SHA-256 all
-  check out; anything else is deleted, counted in the run's stats and recomputed. A full or
-  read-only directory costs a warning, never an answer.
+  only after its format version, key, identity, token ids, tensor shapes and payload checksum
+  (XXH3-128) all check out; anything else is deleted, counted in the run's stats and recomputed.
+  A full or read-only directory costs a warning, never an answer.
 """
 
 from __future__ import annotations
@@ -37,13 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xxhash
 from safetensors import SafetensorError
 
 from . import kv as kvops
 from .output import ReuseStats
 from .prefill import Head
 
-FORMAT = "pc-chunk-kv/1"
+KEY_VERSION = "pc-chunk-kv/1"
+"""What a key and a model identity cover (chunk_key, model_identity); a new version would orphan
+every stored file, where a new FORMAT has each one rejected, deleted and recomputed on its next hit."""
+FORMAT = "pc-chunk-kv/2"
+"""The file layout, checked on load: /2 checksums the payload with XXH3-128 (/1: SHA-256)."""
 
 
 HEADS_PER_CHUNK = 4
@@ -88,7 +93,7 @@ def model_identity(model, attention: str) -> dict:
     # does not depend on a path.
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     return {
-        "format": FORMAT,
+        "format": KEY_VERSION,
         "config": json.dumps(cfg, sort_keys=True, default=str),
         "weights": digest.hexdigest(),
         "dtype": str(model.dtype),
@@ -103,7 +108,7 @@ def identity_digest(identity: dict) -> str:
 
 
 def chunk_key(identity_hex: str, prefix_ids: list[int], chunk_ids: list[int]) -> str:
-    h = hashlib.sha256(FORMAT.encode())
+    h = hashlib.sha256(KEY_VERSION.encode())
     h.update(bytes.fromhex(identity_hex))
     for ids in (prefix_ids, chunk_ids):
         h.update(struct.pack("<I", len(ids)))
@@ -216,7 +221,7 @@ class ChunkStore:
 
         tensors = _tensors(entry, prefix_ids, chunk_ids)
         meta = {"format": FORMAT, "key": key, "identity": json.dumps(identity, sort_keys=True),
-                "seconds": repr(entry.seconds), "sha256": _payload_sha256(tensors)}
+                "seconds": repr(entry.seconds), "xxh3_128": _payload_checksum(tensors)}
         path = self._path(key, identity)
         tmp = path.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
@@ -311,8 +316,11 @@ def _tensors(entry: Entry, prefix_ids, chunk_ids) -> dict[str, torch.Tensor]:
     return out
 
 
-def _payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """XXH3-128 over the tensors' names and bytes: it catches truncation, bit rot and torn writes at
+    memory speed (docs/store.md, "Tiers"). Like any checksum kept in the file it guards, it is no
+    defence against someone who can write the directory, so SHA-256 would add nothing but time."""
+    h = xxhash.xxh3_128()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(name.encode())
@@ -337,6 +345,6 @@ def _check(meta, tensors, key, identity, prefix_ids, chunk_ids, shape) -> str | 
     want = (1, heads, len(chunk_ids), dim)
     if any(tuple(tensors[f"{kv}.{i}"].shape) != want for kv in "kv" for i in range(layers)):
         return "shape"
-    if meta.get("sha256") != _payload_sha256(tensors):
+    if meta.get("xxh3_128") != _payload_checksum(tensors):
         return "checksum"
     return None
