@@ -2,11 +2,12 @@
 # The GPU check, for a machine with a CUDA GPU (CI never has one): the core tests with the tiny
 # models on the GPU (tests/conftest.py, PARALLELCOMP_TEST_DEVICE), then `python -m benchmarks cuda`
 # (benchmarks/cuda.py) with the arguments given here. Logs and results go under $OUT (default
-# /tmp/cuda-check): tests.log, tests.xml (JUnit), bench.log, results.md, results.json.
+# cuda-check/ in the repository, git-ignored): tests.log, tests.xml (JUnit), bench.log, results.md,
+# results.json.
 #   scripts/cuda-check.sh [--random-weights] [--model DIR] [--lengths ...] [--attn ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/cuda-check}
+out=${OUT:-cuda-check}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="core:.${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}

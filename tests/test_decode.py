@@ -112,7 +112,8 @@ CASES = ([(family, attn, setting, "unsplit", "torch") for family, attn in FAMILI
 # With the tiny models on a GPU (PARALLELCOMP_TEST_DEVICE) the engine decodes with torch by design.
 needs_kernel = pytest.mark.skipif(
     not decode_kernel.available() or DEVICE.type != "cpu",
-    reason=f"C decode kernels: {decode_kernel.unavailable_reason() or 'CPU models only'} (models on {DEVICE})")
+    reason=(f"the engine decodes a model on {DEVICE} with torch; the C decode kernels serve CPU models only"
+            if DEVICE.type != "cpu" else f"the C decode kernels are unavailable here: {decode_kernel.unavailable_reason()}"))
 
 
 @pytest.mark.parametrize("family,attn,setting,split,kernel",
