@@ -86,13 +86,14 @@ def measure(pc, length: int, gemm_flops: float, bandwidth: float) -> dict:
     cold_flops = prefill_flops(cfg, s.prefix_tokens, tokens, chunks, logit_rows)
     weights = sum(p.numel() * p.element_size() for p in pc.model.parameters())
     decode_tokens = max(0, r.new_tokens - 1)
+    reused_flops = flops(cfg, r, chunks)
     return {
         "length": length, "tokens_in": s.tokens_in, "n_chunks": s.n_chunks,
         "prefill_seconds": s.prefill_seconds, "cold_ttft_seconds": s.prefill_seconds + s.first_token_seconds,
         "cold_flops": cold_flops, "cold_bound_seconds": cold_flops / gemm_flops,
         "exact": again.token_ids == cold.token_ids, "reused_chunks": r.reused_chunks,
         "ttft_seconds": r.prefill_seconds + r.first_token_seconds,
-        "reused_flops": flops(cfg, r, chunks), "reused_bound_seconds": flops(cfg, r, chunks) / gemm_flops,
+        "reused_flops": reused_flops, "reused_bound_seconds": reused_flops / gemm_flops,
         "decode_tok_s": decode_tokens / max(1e-9, r.decode_seconds - r.first_token_seconds),
         "decode_bound_tok_s": bandwidth / (weights + r.kv_bytes), "kv_bytes": r.kv_bytes,
         "new_tokens": r.new_tokens, "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20,

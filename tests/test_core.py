@@ -36,7 +36,8 @@ def test_one_chunk_equals_model_generate(family, make_engine, tokenizer):
     parts = build_prompt(tokenizer, pc.config.instruction, question, True)
     prompt = parts.prefix_ids + ids_of(tokenizer, doc) + parts.question_ids
     ref = pc.model.generate(
-        torch.tensor([prompt], device=pc.model.device), max_new_tokens=16, do_sample=False, eos_token_id=sorted(pc.eos_ids), pad_token_id=0
+        torch.tensor([prompt], device=pc.model.device), max_new_tokens=16, do_sample=False,
+        eos_token_id=sorted(pc.eos_ids), pad_token_id=0
     )[0, len(prompt) :].tolist()
     ref = ref[: next((i for i, t in enumerate(ref) if t in pc.eos_ids), len(ref))]
     assert out.token_ids == ref
@@ -261,7 +262,8 @@ def test_no_documents_answers_from_the_model_alone(make_engine, tokenizer):
     assert out.chunks == [] and out.stats.n_chunks == 0
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True)
     prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
-    ref = pc.model.generate(torch.tensor([prompt], device=pc.model.device), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = pc.model.generate(torch.tensor([prompt], device=pc.model.device), max_new_tokens=6, do_sample=False,
+                            pad_token_id=0)
     ref = ref[0, len(prompt) :].tolist()
     ref = ref[: next((i for i, t in enumerate(ref) if t in pc.eos_ids), len(ref))]
     assert out.token_ids == ref
@@ -275,7 +277,8 @@ def test_score_equals_teacher_forced_reference(make_engine, tokenizer):
     logits, _ = single_prompt_forward(pc.model, prefix + ids_of(tokenizer, doc) + ids_of(tokenizer, target))
     t = ids_of(tokenizer, target)
     start = len(prefix) + len(ids_of(tokenizer, doc))
-    ref = -torch.log_softmax(logits[start : start + len(t) - 1], -1).gather(-1, torch.tensor(t[1:], device=logits.device)[:, None])[:, 0]
+    targets = torch.tensor(t[1:], device=logits.device)[:, None]
+    ref = -torch.log_softmax(logits[start : start + len(t) - 1], -1).gather(-1, targets)[:, 0]
     assert sc.n_tokens == len(t) - 1
     assert sc.nll == pytest.approx(float(ref.mean()), abs=1e-4)
 

@@ -97,7 +97,7 @@ def generate_tokens(
     device = model.device
     ids = torch.tensor([question_ids], device=device)
     positions = p0 + torch.arange(len(question_ids), device=device)[None]
-    processors = sampling.processors(eos_ids, len(question_ids), constraint, model.device)
+    processors = sampling.processors(eos_ids, len(question_ids), constraint, device)
     generator = None
     if sampling.temperature > 0 and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)

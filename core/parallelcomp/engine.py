@@ -478,7 +478,8 @@ class ParallelComp:
         for c in batch:
             if first.setdefault(keys[c.index], c.index) != c.index:
                 continue
-            entry = self.store.get(keys[c.index], identity, prefix_ids, c.token_ids, report, shape, self.model.device)
+            entry = self.store.get(keys[c.index], identity, prefix_ids, c.token_ids, report, shape,
+                                   self.model.device)
             if entry is not None:  # the store counted it in report.reused_chunks
                 reused(c, entry)
         missing = [c for c in batch if first[keys[c.index]] == c.index and c.index not in entries]
