@@ -206,17 +206,28 @@ def test_cli_dtype_flag(model_dir, tmp_path, capsys):
 
 
 HEAP = """
-import resource, sys, psutil, torch
+import ctypes, resource, sys, psutil, torch
 from parallelcomp import hardware
 rss = lambda: psutil.Process().memory_info().rss
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 print(hardware.configure_allocator() if sys.argv[1] == "configure" else False)
 torch.empty(2**21).fill_(1)  # an 8 MB block, freed at once: glibc's own mmap threshold rises past it
 if sys.argv[2] == "again":  # 200 MB of 2 MB blocks freed and allocated again, as by each layer of phase 1
-    blocks = [torch.empty(2**19).fill_(1) for _ in range(100)]
+    # straight from malloc, the C heap torch's CPU tensors come from, with nothing else allocated
+    # in between: a small allocation above the last block (a tensor's C++ objects, a growing
+    # list's storage) would pin the heap's top now and then, and the control needs that top free
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    blocks = [0] * 100
+    def fill():
+        for i in range(100):
+            blocks[i] = libc.malloc(2**21)
+            ctypes.memset(blocks[i], 1, 2**21)
+    fill()
     before = faults()
-    del blocks
-    blocks = [torch.empty(2**19).fill_(1) for _ in range(100)]
+    for pointer in blocks:
+        libc.free(pointer)
+    fill()
     print(faults() - before)
 else:  # the same blocks, each behind a live 64 KB one, freed: the heap cannot shrink from its top
     blocks, pins = [], []
