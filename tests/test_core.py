@@ -366,3 +366,24 @@ def test_a_strided_sdpa_result_gives_the_same_answer(make_engine, monkeypatch, s
     assert any(strided)
     assert got.token_ids == expected.token_ids
     assert [c.score for c in got.chunks] == pytest.approx([c.score for c in expected.chunks], abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_phase_2_gives_sdpa_the_additive_mask_torch_would_build_from_the_bool_one(make_engine, tokenizer,
+                                                                                    monkeypatch, dtype):
+    """Phase 2 builds each row's additive mask once per forward instead of handing SDPA a bool
+    mask to convert at every call; the attention must come out bit for bit the same."""
+    real = torch.nn.functional.scaled_dot_product_attention
+    compared = []
+
+    def both(query, key, value, attn_mask=None, **kwargs):
+        out = real(query, key, value, attn_mask=attn_mask, **kwargs)
+        if attn_mask is not None and attn_mask.dtype == query.dtype:
+            assert set(attn_mask.unique().tolist()) == {0.0, float("-inf")}
+            compared.append(torch.equal(out, real(query, key, value, attn_mask=attn_mask == 0, **kwargs)))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", both)
+    pc = make_engine(model=tiny_model("llama", len(tokenizer)).to(dtype), chunk_tokens=60, attention_kernel="fused")
+    pc.generate("Which river is named?", documents=[text(20, 50), text(21, 50), text(22, 50)], max_new_tokens=2)
+    assert compared and all(compared)

@@ -45,6 +45,7 @@ NAME = "parallelcomp"
 Handler = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 Observer = Callable[[int, int, torch.Tensor], None]  # (row, layer, probabilities)
 LayerKV = tuple[torch.Tensor, torch.Tensor]
+Masks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a row's visible keys, hidden keys, additive mask
 SPLIT_KEYS = 2048  # fewest keys per range of a split one-token attention (docs/decode.md)
 CAUSAL_ROWS = 192  # packed query rows (G per position) per block of `_causal_matmul` (docs/hardware.md)
 
@@ -113,7 +114,7 @@ def chunk_attention(model, prefix: list[LayerKV], contexts: list[list[list[Layer
     layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     if not layers:
         raise ModelNotSupportedError(f"{type(model).__name__}: no attention modules with a layer_idx found")
-    masks: dict[tuple[int, int | None, int], tuple[torch.Tensor, torch.Tensor]] = {}  # per forward, shared by its layers
+    masks: dict[tuple[int, int | None, int], Masks] = {}  # per forward, shared by its layers
     with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, contexts, observe, matmul, masks,
                                                       kept, keep)):
         yield
@@ -340,7 +341,7 @@ def _through(handler: Handler | None, previous: str, module, query, key, value, 
 
 
 def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], observe: Observer | None,
-                   matmul: bool, masks: dict[tuple[int, int | None, int], tuple[torch.Tensor, torch.Tensor]],
+                   matmul: bool, masks: dict[tuple[int, int | None, int], Masks],
                    kept: dict[int, LayerKV] | None, keep: int,
                    module, query, key, value, attention_mask, scaling: float | None = None, **kwargs):
     """Phase 2's attention: softmax(q·Kᵀ·scale)·V of row i's question over [prefix ‖ its context
@@ -354,8 +355,9 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
     observer the scores are formed segment by segment (only they are concatenated) with an fp32
     softmax. query (B, H, q, D) and the question's own key/value (B, H_kv, q, D), post-RoPE;
     attention_mask (1, 1, q, q) bool, causal, the same in every layer of the forward, so `masks`
-    keeps each row's key mask and its negation by (context length, sliding window, G) for the
-    forward's later layers. The matmul kernel scales the layer's queries once, not row by row
+    keeps each row's key mask, its negation and the additive mask that SDPA would otherwise build
+    from the bool one at every call (0 or -inf in the query's dtype: the same numbers) by (context
+    length, sliding window, G) for the forward's later layers. The matmul kernel scales the layer's queries once, not row by row
     (docs/store.md, "What a reused question costs").
     Returns ((B, q, H, D), None) like the transformers functions.
     """
@@ -378,8 +380,9 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
         shape = (sum(k.shape[-2] for k in keys[:-1]), kwargs.get("sliding_window"), g)
         if shape not in masks:
             visible = _visible(attention_mask, *shape)
-            masks[shape] = visible, ~visible
-        visible, hidden = masks[shape]
+            additive = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
+            masks[shape] = visible, ~visible, additive.masked_fill_(~visible, float("-inf"))
+        visible, hidden, additive = masks[shape]
         if scaled is not None:
             scores = torch.matmul(rows, torch.cat(keys, dim=-2).transpose(-1, -2))
             start = shape[0] if shape[1] is None else 0  # no sliding window: every context key is visible
@@ -388,7 +391,7 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
         elif observe is None:
             mixed = torch.nn.functional.scaled_dot_product_attention(
                 rows[None], torch.cat(keys, dim=-2)[None], torch.cat(values, dim=-2)[None],
-                attn_mask=visible, scale=scale)[0]
+                attn_mask=additive, scale=scale)[0]
         else:
             mixed = _observed(rows, keys, values, visible, scale, lambda p: observe(i, layer, p.view(h_kv, g, q, -1)))
         out[i] = mixed.reshape(h, q, -1).transpose(0, 1)  # reshape: CUDA's SDPA returns a strided result
