@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import time
 from typing import Any
 
 import pytest
@@ -161,17 +162,23 @@ def test_astream_events(llm, serial):
     assert end["data"]["output"]["generations"][0][0]["generation_info"]["sources"]
 
 
-def test_async_calls_do_not_block_the_loop_and_queue_on_one_engine(llm, serial):
+def test_async_calls_do_not_block_the_loop_and_queue_on_one_engine(llm, serial, engine, monkeypatch):
     questions = [QUESTION, "Who signed the treaty?", "How many strings?", "Where do tomatoes come from?"]
     expected = [serial(q) for q in questions]
+    stream = engine.stream
 
+    def slow_stream(*args, **kwargs):  # each run takes at least 0.15 s in whichever thread runs it,
+        time.sleep(0.15)               # however fast the host: a blocked loop could not tick meanwhile
+        return stream(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "stream", slow_stream)
     results, ticks, elapsed = run_with_ticker(
         lambda: asyncio.gather(*(llm.ainvoke(q, documents=DOCS) for q in questions))
     )
     assert results == expected
     # The loop kept running while four engine runs queued in worker threads (a blocked loop
-    # would tick about once per call).
-    assert elapsed > 0.1 and ticks >= 20
+    # would tick about once per call, ~5 times in all).
+    assert elapsed >= 0.15 and ticks >= 20
 
 
 def test_abandoned_streams_release_the_engine(llm, serial):
