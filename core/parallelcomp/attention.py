@@ -357,8 +357,8 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
     attention_mask (1, 1, q, q) bool, causal, the same in every layer of the forward, so `masks`
     keeps each row's key mask, its negation and the additive mask that SDPA would otherwise build
     from the bool one at every call (0 or -inf in the query's dtype: the same numbers) by (context
-    length, sliding window, G) for the forward's later layers. The matmul kernel scales the layer's queries once, not row by row
-    (docs/store.md, "What a reused question costs").
+    length, sliding window, G) for the forward's later layers. The matmul kernel scales the layer's
+    queries once, not row by row (docs/store.md, "What a reused question costs").
     Returns ((B, q, H, D), None) like the transformers functions.
     """
     if not _plain_softmax(kwargs):
@@ -380,8 +380,10 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
         shape = (sum(k.shape[-2] for k in keys[:-1]), kwargs.get("sliding_window"), g)
         if shape not in masks:
             visible = _visible(attention_mask, *shape)
+            hidden = ~visible
             additive = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
-            masks[shape] = visible, ~visible, additive.masked_fill_(~visible, float("-inf"))
+            additive.masked_fill_(hidden, float("-inf"))
+            masks[shape] = visible, hidden, additive
         visible, hidden, additive = masks[shape]
         if scaled is not None:
             scores = torch.matmul(rows, torch.cat(keys, dim=-2).transpose(-1, -2))
