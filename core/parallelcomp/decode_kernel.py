@@ -5,25 +5,17 @@ one-token step (a one-row GEMV, attention of a few query rows) read them at a th
 the memory bandwidth here, and transformers' modules add ~20 ms a step of small operators. The C
 kernels are small (attention, the one-row product, and `DecodeStep`'s whole Llama-family step;
 AVX2 + FMA, OpenMP threads from torch's own pool), so they are compiled here by the system's C
-compiler, once per source, compiler and flags, into the user cache; they run only where the CPU
-has AVX2 and FMA and the build succeeded. Everywhere else (no compiler, another architecture, CUDA) decoding keeps torch's
-kernels, and `RunStats.decode_kernel` says which ran.
-
-The shared library is loaded into the process, so it is never trusted blindly: its SHA-256 is
-written next to it when built and checked before every load; a library that fails the check is
-rebuilt. Builds go to a temporary name and are renamed into place, so concurrent processes never
-load a half-written file.
+compiler on first use (native.py: cached per source, compiler and flags, checksummed); they run
+only where the CPU has AVX2 and FMA and the build succeeded. Everywhere else (no compiler, another
+architecture, CUDA) decoding keeps torch's kernels, and `RunStats.decode_kernel` says which ran.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
 import platform
-import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from . import hardware
+from . import hardware, native
 
 SOURCE = Path(__file__).with_name("decode_kernel.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
@@ -278,34 +270,4 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 
 def _build() -> Path:
-    """The compiled library in the user cache, rebuilt when missing or when its checksum fails."""
-    from .default_model import cache_root
-
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        raise OSError(f"no C compiler {os.environ.get('CC', 'cc')!r} found (set CC or install gcc/clang)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode()])).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"decode_kernel-{key}.so"
-    digest = path.with_suffix(".sha256")
-    if path.is_file() and digest.is_file() and digest.read_text().strip() == _sha256(path):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, text=True,
-                       timeout=120, check=True)
-        tmp_digest = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
-        tmp_digest.write_text(_sha256(tmp))
-        os.replace(tmp, path)
-        os.replace(tmp_digest, digest)
-    except subprocess.CalledProcessError as exc:
-        raise OSError(f"{compiler} failed: {exc.stderr.strip()[-500:]}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return native.build(SOURCE, FLAGS)

@@ -1,0 +1,51 @@
+"""Builds the C kernels (decode_kernel.c, attention_kernel.c) with the system's C compiler.
+
+Each source is compiled once per source, compiler and flags into the user cache, and the shared
+library is loaded into the process, so it is never trusted blindly: its SHA-256 is written next
+to it when built and checked before every load; a library that fails the check is rebuilt. Builds
+go to a temporary name and are renamed into place, so concurrent processes never load a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def build(source: Path, flags: tuple[str, ...]) -> Path:
+    """The library compiled from `source` with `flags` in the user cache, rebuilt when missing or
+    when its checksum fails. OSError (no compiler, a failed build) or SubprocessError."""
+    from .default_model import cache_root
+
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise OSError(f"no C compiler {os.environ.get('CC', 'cc')!r} found (set CC or install gcc/clang)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+    text = source.read_bytes()
+    key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), version.encode()])).hexdigest()[:16]
+    path = cache_root() / "kernels" / f"{source.stem}-{key}.so"
+    digest = path.with_suffix(".sha256")
+    if path.is_file() and digest.is_file() and digest.read_text().strip() == _sha256(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        subprocess.run([compiler, *flags, "-o", str(tmp), str(source), "-lm"], capture_output=True, text=True,
+                       timeout=120, check=True)
+        tmp_digest = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
+        tmp_digest.write_text(_sha256(tmp))
+        os.replace(tmp, path)
+        os.replace(tmp_digest, digest)
+    except subprocess.CalledProcessError as exc:
+        raise OSError(f"{compiler} failed: {exc.stderr.strip()[-500:]}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
