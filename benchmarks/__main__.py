@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     sc.add_argument("--stores", nargs="+", default=["memory", "disk"], choices=["memory", "disk"])
     sc.add_argument("--batch-tokens", nargs="+", type=int,
                     help="prefill_batch_tokens values, one row each (default: the config's default)")
-    sc.add_argument("--attention-kernels", nargs="+", default=["auto"], choices=["auto", "fused", "matmul"],
+    sc.add_argument("--attention-kernels", nargs="+", default=["auto"], choices=["auto", "fused", "matmul", "amx"],
                     help="attention_kernel values, one row each (fused and matmul: side by side)")
     sc.add_argument("--out", default=str(DEFAULT_OUT / "prefill-scaling"))
     rs = sub.add_parser("ray-scaling", help="encode and question times with 1 and 2 Ray workers vs one process")

@@ -28,6 +28,14 @@ def ids_of(tokenizer, s: str) -> list[int]:
     return tokenizer(s, add_special_tokens=False)["input_ids"]
 
 
+def two_phase_nll(model, parts, chunks: list[Chunk], kernel: str) -> torch.Tensor:
+    """Phase 1 then phase 2 on `kernel` (attention.KERNELS): each chunk's fp32 NLL of every question token."""
+    prefix = encode_prefix(model, parts.prefix_ids, kernel)
+    encoded = encode_chunks(model, parts.prefix_ids, chunks, kernel)
+    return question_nll(model, prefix, encoded, parts.question_ids, slice(0, len(parts.question_ids)),
+                        kernel=kernel).float()
+
+
 def test_one_chunk_equals_model_generate(family, make_engine, tokenizer):
     """K=1, one chunk: the answer is token-for-token model.generate on prefix+chunk+question."""
     pc = make_engine(family, keep_chunks=1)
@@ -63,18 +71,19 @@ def kernel(request, monkeypatch):
 def test_two_phase_prefill_equals_single_forward(family, tokenizer, budget, kernel):
     model = tiny_model(family, len(tokenizer))
     matmul = kernel[0] == "matmul"
+    name = "matmul" if matmul else "sdpa"
     parts = build_prompt(tokenizer, "Read.", "What is seven?", True)
     chunks = [Chunk(i, ids_of(tokenizer, text(i, n)), ()) for i, n in enumerate([40, 13, 27])]
-    prefix = encode_prefix(model, parts.prefix_ids, matmul)
+    prefix = encode_prefix(model, parts.prefix_ids, name)
     from parallelcomp.prefill import micro_batches
 
     encoded = [e for batch in micro_batches(chunks, budget)
-               for e in encode_chunks(model, parts.prefix_ids, batch, matmul)]
+               for e in encode_chunks(model, parts.prefix_ids, batch, name)]
     got = []
     for batch in micro_batches(chunks, budget):
         sub = [e for e in encoded if e.chunk in batch]
         got.extend(question_nll(model, prefix, sub, parts.question_ids, slice(0, len(parts.question_ids)),
-                                matmul=matmul))
+                                kernel=name))
     # the prefix, then each micro-batch, in every layer
     assert len(kernel[1]) == (1 + len(list(micro_batches(chunks, budget)))) * model.config.num_hidden_layers * matmul
     p = len(parts.prefix_ids)
@@ -191,21 +200,21 @@ def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer,
     import parallelcomp.prefill as prefill
 
     model = tiny_model(family, len(tokenizer))
-    matmul = kernel[0] == "matmul"
+    name = {"fused": "sdpa", "matmul": "matmul"}[kernel[0]]
     first = build_prompt(tokenizer, "Read.", "What is seven?", True, restate_instruction=True)
     second = build_prompt(tokenizer, "Read.", "Where is the copper garden?", True, restate_instruction=True)
     head = first.scored("question").start
     assert head > 4 and second.scored("question").start == head
     assert second.question_ids[:head] == first.question_ids[:head]  # "\n\nRead.\n\nQuestion:" and the template
     chunks = [Chunk(i, ids_of(tokenizer, text(i, n)), ()) for i, n in enumerate([40, 13, 27])]
-    prefix = encode_prefix(model, first.prefix_ids, matmul)
-    encoded = encode_chunks(model, first.prefix_ids, chunks, matmul)
+    prefix = encode_prefix(model, first.prefix_ids, name)
+    encoded = encode_chunks(model, first.prefix_ids, chunks, name)
     real, widths = prefill.forward, []
     monkeypatch.setattr(prefill, "forward", lambda m, ids, *a, **kw: widths.append(ids.shape[1]) or real(m, ids, *a, **kw))
     p = len(first.prefix_ids)
     for parts in (first, second):
         scored = parts.scored("question")
-        nll = question_nll(model, prefix, encoded, parts.question_ids, scored, matmul=matmul, head=head)
+        nll = question_nll(model, prefix, encoded, parts.question_ids, scored, kernel=name, head=head)
         for enc, row in zip(encoded, nll):
             ref = ref_question_nll(model, parts.prefix_ids, enc.chunk.token_ids, parts.question_ids)[scored]
             torch.testing.assert_close(row, ref, atol=2e-5, rtol=1e-4)
@@ -290,15 +299,15 @@ def test_phase2_honours_a_sliding_window(tokenizer, path):
     the explicit one compression's observer forces and on the matmul kernel (whose phase 1 must
     then leave the windowed, masked attention to sdpa)."""
     model = tiny_model("mistral", len(tokenizer), sliding_window=16)
-    observed, matmul = path == "observed", path == "matmul"
+    observed, name = path == "observed", "matmul" if path == "matmul" else "sdpa"
     parts = build_prompt(tokenizer, "Read.", "What is seven?", True)
     chunks = [Chunk(i, ids_of(tokenizer, text(i, n)), ()) for i, n in enumerate([40, 13])]
-    prefix = encode_prefix(model, parts.prefix_ids, matmul)
-    encoded = encode_chunks(model, parts.prefix_ids, chunks, matmul)
+    prefix = encode_prefix(model, parts.prefix_ids, name)
+    encoded = encode_chunks(model, parts.prefix_ids, chunks, name)
     seen = []
     observe = (lambda row, layer, probs: seen.append(probs.shape)) if observed else None
     nll = question_nll(model, prefix, encoded, parts.question_ids, slice(0, len(parts.question_ids)), observe,
-                       matmul)
+                       name)
     assert len(seen) == (len(encoded) * model.config.num_hidden_layers if observed else 0)
     for enc, got in zip(encoded, nll):
         ref = ref_question_nll(model, parts.prefix_ids, enc.chunk.token_ids, parts.question_ids)
@@ -316,16 +325,10 @@ def test_matmul_kernel_in_bf16_is_as_close_to_fp32_as_the_fused_kernel(tokenizer
     parts = build_prompt(tokenizer, "Read.", "What is seven?", True)
     chunks = [Chunk(i, ids_of(tokenizer, text(i, n)), ()) for i, n in enumerate([300, 130, 270])]
 
-    def nll(model, matmul):
-        prefix = encode_prefix(model, parts.prefix_ids, matmul)
-        encoded = encode_chunks(model, parts.prefix_ids, chunks, matmul)
-        return question_nll(model, prefix, encoded, parts.question_ids, slice(0, len(parts.question_ids)),
-                            matmul=matmul).float()
-
     for family in ("llama", "qwen2"):
-        ref = nll(tiny_model(family, len(tokenizer)), False)
+        ref = two_phase_nll(tiny_model(family, len(tokenizer)), parts, chunks, "sdpa")
         bf16 = tiny_model(family, len(tokenizer)).to(torch.bfloat16)
-        fused, matmul = (nll(bf16, m) - ref for m in (False, True))
+        fused, matmul = (two_phase_nll(bf16, parts, chunks, k) - ref for k in ("sdpa", "matmul"))
         assert 0 < matmul.abs().mean() <= 1.5 * fused.abs().mean() + 0.01, family
         assert matmul.abs().max() < 0.3, family
 

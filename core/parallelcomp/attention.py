@@ -15,10 +15,11 @@ Two scopes, each a `with` block undone in `finally`:
   registration, but the attention itself is `_attend_chunks`: batch row i's question
   attends to [prefix ‖ chunk i (‖ its question head) ‖ its own earlier tokens], reading the prefix
   and each chunk's KV where they are stored, with no padded batch copy and no `repeat_kv` expansion.
-* `causal_matmul(model)` — phase 1 and the prompt prefix on the "matmul" kernel
+* `causal_kernel(model, kernel)` — phase 1 and the prompt prefix on the "matmul" or "amx" kernel
   (`ParallelCompConfig.attention_kernel`): an sdpa model's causal self-attention over a whole
   sequence runs `_causal_matmul`, blocks of bf16 matmuls, which on a CPU with native bf16 GEMMs
-  is about twice torch's fused kernel there (docs/hardware.md).
+  but no AMX is about twice torch's fused kernel there, or attention_kernel.py's AMX tiles, about
+  twice torch's fused kernel on a CPU with AMX (docs/hardware.md).
 
 Plus the GQA-native score helper: `last_rows_attention`. This module does not decide what to
 evict (compression.py, calibration.py) and does not edit KV (kv.py).
@@ -38,7 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import compat, decode_kernel
+from . import attention_kernel, compat, decode_kernel
 from .errors import ModelNotSupportedError
 
 NAME = "parallelcomp"
@@ -46,6 +47,7 @@ Handler = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 Observer = Callable[[int, int, torch.Tensor], None]  # (row, layer, probabilities)
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 Masks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a row's visible keys, hidden keys, additive mask
+KERNELS = ("sdpa", "matmul", "amx")  # how an sdpa model's phases 1 and 2 attend (ParallelCompConfig.attention_kernel)
 SPLIT_KEYS = 2048  # fewest keys per range of a split one-token attention (docs/decode.md)
 CAUSAL_ROWS = 192  # packed query rows (G per position) per block of `_causal_matmul` (docs/hardware.md)
 
@@ -100,35 +102,41 @@ def attention_function(model, handler: Handler, kernel: bool = False) -> Iterato
 
 @contextmanager
 def chunk_attention(model, prefix: list[LayerKV], contexts: list[list[list[LayerKV]]],
-                    observe: Observer | None = None, matmul: bool = False,
+                    observe: Observer | None = None, kernel: str = "sdpa",
                     kept: dict[int, LayerKV] | None = None, keep: int = 0) -> Iterator[None]:
     """Phase 2's attention inside the block: row i of the forward is the question behind
     `contexts[i]`, one or more batch-1 KV segments in order (a chunk, then its question head).
 
     `prefix` (batch-1 KV) and the segments are read in place. The forward must get no cache and a
     4D (1, 1, q, q) causal mask, which transformers passes through as it is. `observe(row, layer,
-    probs)` receives each row's fp32 attention probabilities, (H_kv, G, q, P + L_i + q). `matmul`:
-    the "matmul" kernel (scores from one matmul in the model's dtype) instead of torch's fused one.
+    probs)` receives each row's fp32 attention probabilities, (H_kv, G, q, P + L_i + q). `kernel`
+    (one of KERNELS): "matmul" forms the scores with one matmul in the model's dtype, "amx"
+    attends over each row's chunk on attention_kernel.py's tiles; "sdpa" is torch's fused kernel.
     `kept`: filled with each layer's KV of the first `keep` question tokens, (B, H_kv, keep, D).
     """
     layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     if not layers:
         raise ModelNotSupportedError(f"{type(model).__name__}: no attention modules with a layer_idx found")
     masks: dict[tuple[int, int | None, int], Masks] = {}  # per forward, shared by its layers
-    with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, contexts, observe, matmul, masks,
+    with _scope(model, layers, lambda module: partial(_attend_chunks, prefix, contexts, observe, kernel, masks,
                                                       kept, keep)):
         yield
 
 
 @contextmanager
-def causal_matmul(model) -> Iterator[None]:
+def causal_kernel(model, kernel: str) -> Iterator[None]:
     """Inside the block, each causal self-attention of an sdpa model over a whole sequence (query
-    and key lengths equal, no mask: phase 1's micro-batches and the prompt prefix) runs
-    `_causal_matmul`; every other call goes to transformers' sdpa function as before."""
+    and key lengths equal, no mask: phase 1's micro-batches and the prompt prefix) runs on
+    `kernel`: `_causal_matmul` ("matmul") or attention_kernel.attend ("amx"); every other call
+    goes to transformers' sdpa function as before. Any other kernel ("sdpa", or the model's own
+    backend) changes nothing."""
+    if kernel not in ("matmul", "amx"):
+        yield
+        return
     if model.config._attn_implementation != "sdpa":
         backend = model.config._attn_implementation
-        raise ModelNotSupportedError(f"the matmul attention kernel replaces sdpa, not {backend!r}")
-    with _scope(model, attention_modules(model), lambda module: _causal_or_sdpa):
+        raise ModelNotSupportedError(f"the {kernel} attention kernel replaces sdpa, not {backend!r}")
+    with _scope(model, attention_modules(model), lambda module: partial(_causal_or_sdpa, kernel)):
         yield
 
 
@@ -277,13 +285,17 @@ def _split_key_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return (out.float() * weights).sum(dim=1).to(query.dtype)
 
 
-def _causal_or_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """`causal_matmul`'s attention: `_causal_matmul` where sdpa would take its causal kernel (no
-    mask, as many queries as keys), else transformers' sdpa function."""
+def _causal_or_sdpa(kernel: str, module, query, key, value, attention_mask, **kwargs):
+    """`causal_kernel`'s attention: `kernel`'s where sdpa would take its causal kernel (no mask, as
+    many queries as keys) and, for "amx", where attention_kernel.takes the tensors; else
+    transformers' sdpa function."""
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     if (query.shape[2] == key.shape[2] > 1 and attention_mask is None and causal and not kwargs.get("dropout")
             and _plain_softmax(kwargs)):
-        return _causal_matmul(query, key, value, kwargs.get("scaling")), None
+        if kernel == "matmul":
+            return _causal_matmul(query, key, value, kwargs.get("scaling")), None
+        if attention_kernel.takes(query, key, value):
+            return attention_kernel.attend(query, key, value, kwargs.get("scaling"), causal=True)[0].transpose(1, 2), None
     return _through(None, "sdpa", module, query, key, value, attention_mask, **kwargs)
 
 
@@ -341,7 +353,7 @@ def _through(handler: Handler | None, previous: str, module, query, key, value, 
 
 
 def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], observe: Observer | None,
-                   matmul: bool, masks: dict[tuple[int, int | None, int], Masks],
+                   kernel: str, masks: dict[tuple[int, int | None, int], Masks],
                    kept: dict[int, LayerKV] | None, keep: int,
                    module, query, key, value, attention_mask, scaling: float | None = None, **kwargs):
     """Phase 2's attention: softmax(q·Kᵀ·scale)·V of row i's question over [prefix ‖ its context
@@ -349,9 +361,10 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
     the G query heads of a KV head packed as G·q query rows (no `repeat_kv`).
 
     With no observer this is one SDPA call per row over the concatenated keys and values (torch's
-    fused kernel: no (G·q, T) score matrix in memory), or with `matmul` one matmul for the scores,
-    a softmax and one for the values (eager's arithmetic, as `_causal_matmul`; faster where the
-    fused kernel does not use native bf16, docs/hardware.md); compression needs the probabilities, so with an
+    fused kernel: no (G·q, T) score matrix in memory), or on the "matmul" kernel one matmul for the
+    scores, a softmax and one for the values (eager's arithmetic, as `_causal_matmul`; faster where
+    the fused kernel does not use native bf16, docs/hardware.md), or on the "amx" kernel
+    `_attend_on_tiles` (no concatenation); compression needs the probabilities, so with an
     observer the scores are formed segment by segment (only they are concatenated) with an fp32
     softmax. query (B, H, q, D) and the question's own key/value (B, H_kv, q, D), post-RoPE;
     attention_mask (1, 1, q, q) bool, causal, the same in every layer of the forward, so `masks`
@@ -371,20 +384,19 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
     prefix_k, prefix_v = prefix[layer]
     if kept is not None:  # views: the caller copies each row's part once
         kept[layer] = key[:, :, :keep], value[:, :, :keep]
+    if observe is None and kernel == "amx" and not kwargs.get("sliding_window"):
+        tiled = _attend_on_tiles(prefix[layer], [[segment[layer] for segment in row] for row in contexts], masks,
+                                 query, key, value, attention_mask, scale)
+        if tiled is not None:
+            return tiled, None
     out = query.new_empty(b, q, h, value.shape[-1])
-    scaled = query * scale if observe is None and matmul else None
+    scaled = query * scale if observe is None and kernel == "matmul" else None
     for i in range(b):
         keys = (prefix_k[0], *(segment[layer][0][0] for segment in contexts[i]), key[i])  # each (H_kv, n, D)
         values = (prefix_v[0], *(segment[layer][1][0] for segment in contexts[i]), value[i])
         rows = (query if scaled is None else scaled)[i].reshape(h_kv, g * q, d)  # head h ↔ KV head h // G
         shape = (sum(k.shape[-2] for k in keys[:-1]), kwargs.get("sliding_window"), g)
-        if shape not in masks:
-            visible = _visible(attention_mask, *shape)
-            hidden = ~visible
-            additive = torch.zeros(visible.shape, dtype=query.dtype, device=query.device)
-            additive.masked_fill_(hidden, float("-inf"))
-            masks[shape] = visible, hidden, additive
-        visible, hidden, additive = masks[shape]
+        visible, hidden, additive = _masks(masks, attention_mask, shape, query.dtype)
         if scaled is not None:
             scores = torch.matmul(rows, torch.cat(keys, dim=-2).transpose(-1, -2))
             start = shape[0] if shape[1] is None else 0  # no sliding window: every context key is visible
@@ -398,6 +410,50 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
             mixed = _observed(rows, keys, values, visible, scale, lambda p: observe(i, layer, p.view(h_kv, g, q, -1)))
         out[i] = mixed.reshape(h, q, -1).transpose(0, 1)  # reshape: CUDA's SDPA returns a strided result
     return out, None
+
+
+def _attend_on_tiles(prefix: LayerKV, contexts: list[list[LayerKV]], masks: dict[tuple[int, int | None, int], Masks],
+                     query, key, value, attention_mask, scale: float) -> torch.Tensor | None:
+    """Phase 2's attention on the "amx" kernel, for one layer without a sliding window; None where
+    the kernel does not take the tensors. Each row's chunk (its first segment) is attended on the
+    AMX tiles (attention_kernel.attend, no mask: the question sees every chunk key); the prefix,
+    any later segments (the question head) and the question's own keys, the same length in every
+    row, are attended by all rows in one call of torch's fused kernel under the question's causal
+    mask. The two parts merge by their log-sum-exps (the split-key softmax of
+    `_split_key_attention`), exact up to rounding; nothing is concatenated but the short part.
+    query (B, H, q, D), key and value (B, H_kv, q, D); returns (B, q, H, Dv)."""
+    b, h, q, d = query.shape
+    h_kv, g = key.shape[1], h // key.shape[1]
+    rows = query.reshape(b, h_kv, g * q, d)  # head h ↔ KV head h // G
+    chunks = [row[0] for row in contexts]
+    if compat.cpu_flash_attention is None or not all(attention_kernel.takes(rows[i : i + 1], *chunks[i])
+                                                     for i in range(b)):
+        return None
+    outs, lses = zip(*(attention_kernel.attend(rows[i : i + 1], *chunks[i], scale) for i in range(b)))
+    short = [tuple(torch.cat(parts, dim=0) for parts in zip(*(row[j] for row in contexts))) for j in
+             range(1, len(contexts[0]))]  # the later segments, (B, H_kv, n, D) each
+    keys = torch.cat([prefix[0].expand(b, -1, -1, -1), *(k for k, _ in short), key], dim=-2)
+    values = torch.cat([prefix[1].expand(b, -1, -1, -1), *(v for _, v in short), value], dim=-2)
+    additive = _masks(masks, attention_mask, (keys.shape[-2] - q, None, g), query.dtype)[2]
+    out_short, lse_short = compat.cpu_flash_attention(rows, keys, values, attn_mask=additive, scale=scale)[:2]
+    lse_chunk = torch.cat(lses, dim=0)
+    top = torch.maximum(lse_chunk, lse_short)
+    w_chunk, w_short = (lse_chunk - top).exp_().unsqueeze(-1), (lse_short - top).exp_().unsqueeze(-1)
+    mixed = (torch.cat(outs, dim=0).float() * w_chunk).add_(out_short.float() * w_short).div_(w_chunk + w_short)
+    return mixed.to(query.dtype).view(b, h, q, -1).transpose(1, 2)
+
+
+def _masks(masks: dict[tuple[int, int | None, int], Masks], attention_mask: torch.Tensor,
+           shape: tuple[int, int | None, int], dtype: torch.dtype) -> Masks:
+    """`masks[shape]` (a row's visible keys, hidden keys, additive mask for context length, sliding
+    window, G), built on the forward's first layer."""
+    if shape not in masks:
+        visible = _visible(attention_mask, *shape)
+        hidden = ~visible
+        additive = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        additive.masked_fill_(hidden, float("-inf"))
+        masks[shape] = visible, hidden, additive
+    return masks[shape]
 
 
 def _visible(attention_mask: torch.Tensor, n_context: int, window: int | None, g: int) -> torch.Tensor:

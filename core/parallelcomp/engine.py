@@ -34,7 +34,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from . import calibration, compression, decode_kernel, grammar, guard, hardware, lexical
+from . import attention_kernel, calibration, compression, decode_kernel, grammar, guard, hardware, lexical
 from . import kv as kvops
 from .attention import attention_modules
 from .chunking import Chunk, check_text, make_chunks, validate_documents
@@ -185,11 +185,6 @@ class ParallelComp:
         return cls(hf_model.to(device), tokenizer, config)
 
     @property
-    def _matmul(self) -> bool:
-        """Phases 1 and 2 attend on the matmul kernel (attention.causal_matmul, chunk_attention)."""
-        return self.attention_kernel == "matmul"
-
-    @property
     def model_name(self) -> str:
         return str(getattr(self.model, "name_or_path", "") or type(self.model).__name__)
 
@@ -213,7 +208,7 @@ class ParallelComp:
         if self._prefix[0] == ids and self._prefix[1]:
             report.reused_prefix_tokens += len(ids)
         else:
-            self._prefix = (ids, encode_prefix(self.model, prefix_ids, self._matmul))
+            self._prefix = (ids, encode_prefix(self.model, prefix_ids, self.attention_kernel))
         return self._prefix[1]
 
     def encode(self, documents, *, progress: bool = False) -> Corpus:
@@ -416,7 +411,7 @@ class ParallelComp:
             if comp is None:
                 nll = self.question_nll(parts, scored, group, keys, prefix, report)
             else:
-                nll = question_nll(self.model, prefix, group, parts.question_ids, scored, comp.observe, self._matmul)
+                nll = question_nll(self.model, prefix, group, parts.question_ids, scored, comp.observe, self.attention_kernel)
             raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in group})
             for enc, chunk_nll in zip(comp.apply(group) if comp else group, nll.mean(dim=1).tolist()):
                 scores[enc.chunk.index] = chunk_nll
@@ -446,7 +441,7 @@ class ParallelComp:
         it with their chunk in the store. Returns the (len(group), n) NLL in group order."""
         head, end, _ = scored.indices(len(parts.question_ids))
         if not head:
-            return question_nll(self.model, prefix, group, parts.question_ids, scored, None, self._matmul)
+            return question_nll(self.model, prefix, group, parts.question_ids, scored, None, self.attention_kernel)
         head_ids = parts.question_ids[:head]
         for e in group:
             e.head = self.store.head(keys[e.chunk.index], head_ids)
@@ -456,7 +451,7 @@ class ParallelComp:
         for rows in (carried, fresh):
             if rows:
                 nll[rows] = question_nll(self.model, prefix, [group[i] for i in rows], parts.question_ids, scored,
-                                         None, self._matmul, head)
+                                         None, self.attention_kernel, head)
         for i in fresh:
             self.store.keep_head(keys[group[i].chunk.index], head_ids, group[i].head, report)
         report.reused_head_tokens += head * len(carried)
@@ -485,7 +480,7 @@ class ParallelComp:
         missing = [c for c in batch if first[keys[c.index]] == c.index and c.index not in entries]
         if missing:
             start = time.perf_counter()
-            encoded = encode_chunks(self.model, prefix_ids, missing, self._matmul)
+            encoded = encode_chunks(self.model, prefix_ids, missing, self.attention_kernel)
             share = (time.perf_counter() - start) / sum(len(c.token_ids) for c in missing)
             for enc in encoded:
                 entry = Entry(enc.kv, enc.last_logprobs, share * enc.length)
@@ -623,11 +618,23 @@ def _resolve_model(model) -> str:
 
 
 def _attention_kernel(model, choice: str) -> str:
-    """The kernel phases 1 and 2 attend with (ParallelCompConfig.attention_kernel): "sdpa" or
-    "matmul" for an sdpa model, else the model's own backend, which both phases then use."""
+    """The kernel phases 1 and 2 attend with (ParallelCompConfig.attention_kernel): "sdpa",
+    "matmul" or "amx" for an sdpa model, else the model's own backend, which both phases then use.
+    "auto" takes the AMX kernel wherever it runs (a bf16 model on a CPU with AMX, head sizes it
+    takes); asked for explicitly where it cannot run, ConfigError says why."""
     backend = str(model.config._attn_implementation)
     if backend != "sdpa" or choice == "fused":
         return backend
+    _, _, head_dim = kvops.layout(model)
+    amx = model.device.type == "cpu" and model.dtype == torch.bfloat16 and head_dim % 64 == 0 and head_dim <= 256
+    if choice == "amx" and not (amx and attention_kernel.available()):
+        why = attention_kernel.unavailable_reason() or (
+            f"it takes bf16 models on CPU with a head size that is a multiple of 64 up to 256, not a "
+            f"{model.dtype} model on {model.device.type} with head size {head_dim}")
+        raise ConfigError(f'attention_kernel="amx" cannot run here: {why}; use "auto" or "fused"')
+    if choice == "amx" or (choice == "auto" and amx and attention_kernel.available()):
+        attention_modules(model)  # ModelNotSupportedError for layers the kernel cannot reach
+        return "amx"
     if choice == "auto" and not hardware.matmul_attention(model.device, model.dtype):
         return backend
     attention_modules(model)  # ModelNotSupportedError for layers the matmul kernel cannot reach

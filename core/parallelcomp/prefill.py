@@ -19,7 +19,6 @@ head starts at its own first token (docs/store.md, "What a reused question costs
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,7 +26,7 @@ import torch
 
 from . import kv as kvops
 from .chunking import Chunk
-from .attention import Observer, causal_matmul, chunk_attention
+from .attention import Observer, causal_kernel, chunk_attention
 from .compat import forward
 
 
@@ -85,28 +84,28 @@ def question_rows(budget_tokens: int, question_tokens: int) -> int:
 
 
 @torch.inference_mode()
-def encode_prefix(model, prefix_ids: list[int], matmul: bool = False) -> list[kvops.LayerKV]:
-    """The prompt prefix's KV, batch 1; `matmul`: on the "matmul" attention kernel, as phase 1."""
+def encode_prefix(model, prefix_ids: list[int], kernel: str = "sdpa") -> list[kvops.LayerKV]:
+    """The prompt prefix's KV, batch 1, on the attention `kernel` of phase 1 (attention.KERNELS)."""
     device = model.device
     if not prefix_ids:
         return _empty_kv(model)
     cache = kvops.to_cache([])
     ids = torch.tensor([prefix_ids], device=device)
-    with causal_matmul(model) if matmul else nullcontext():
+    with causal_kernel(model, kernel):
         forward(model, ids, cache, position_ids=torch.arange(len(prefix_ids), device=device)[None])
     return kvops.from_cache(cache)
 
 
 @torch.inference_mode()
-def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk], matmul: bool = False) -> list[EncodedChunk]:
+def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk], kernel: str = "sdpa") -> list[EncodedChunk]:
     """Phase 1 for one micro-batch: rows [prefix ‖ chunk_i ‖ padding], causal, no mask.
 
     The prefix (a few dozen tokens) is re-run in every row instead of read from its cache: with
     q_len == kv_len and no mask, sdpa and flash attention take their fused causal kernels, which
     on CPU is about 2× faster and far leaner than the explicit-mask path a prefix cache forces
     (measured on SmolLM2, 8K tokens: 17 s vs 32 s). Right padding needs no mask either: a real
-    token never attends to a later position. Only the chunk's own KV is kept. `matmul`: the
-    attention runs `attention.causal_matmul` instead (ParallelCompConfig.attention_kernel).
+    token never attends to a later position. Only the chunk's own KV is kept. `kernel`: the
+    attention kernel (`attention.causal_kernel`, ParallelCompConfig.attention_kernel).
     """
     device, p = model.device, len(prefix_ids)
     lengths = torch.tensor([len(c.token_ids) for c in chunks], device=device)
@@ -115,7 +114,7 @@ def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk], matmul: boo
         ids[row, : p + len(c.token_ids)] = torch.tensor(prefix_ids + c.token_ids, device=device)
     cache = kvops.to_cache([])
     positions = torch.arange(ids.shape[1], device=device).expand(len(chunks), -1)
-    with causal_matmul(model) if matmul else nullcontext():
+    with causal_kernel(model, kernel):
         logits = forward(model, ids, cache, positions, logits_to_keep=(p + lengths - 1)[:, None])
     logprobs = torch.log_softmax(logits[:, 0].float(), dim=-1)
     rows = kvops.split_rows(cache, [(p, p + len(c.token_ids)) for c in chunks])
@@ -130,14 +129,14 @@ def question_nll(
     question_ids: list[int],
     scored: slice,
     observe: Observer | None = None,
-    matmul: bool = False,
+    kernel: str = "sdpa",
     head: int = 0,
 ) -> torch.Tensor:
     """Phase 2: (B, n) NLL of the question tokens `scored` (n of them) given each chunk (Eq. 3
     before averaging). Row i runs the question behind [prefix ‖ chunk i], both read in place
     (`attention.chunk_attention`); only the question tokens before the last scored one (or up to
     the last one `observe` needs) go through the model. `observe(row, layer, probs)` receives the
-    question's attention (e.g. for KV compression). `matmul`: the "matmul" attention kernel.
+    question's attention (e.g. for KV compression). `kernel`: the attention kernel (attention.KERNELS).
 
     `head`: how many leading question tokens are the question-independent head (`Head`; the first
     scored token must follow it, and no `observe`). If the rows carry their `head` (all of them),
@@ -165,7 +164,7 @@ def question_nll(
     kept = {} if head and not skip else None  # layer → this forward's head KV, (B, H_kv, head, D) each
     logits = None
     if rows.numel() or observe is not None:  # compression observes even when no logits are needed
-        with chunk_attention(model, prefix, contexts, observe, matmul, kept, head):
+        with chunk_attention(model, prefix, contexts, observe, kernel, kept, head):
             logits = forward(model, question, None, positions, causal, logits_to_keep=rows if rows.numel() else 1)
         logits = logits if rows.numel() else None
     nll = torch.empty(len(encoded), end - first, device=device)

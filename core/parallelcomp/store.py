@@ -75,7 +75,7 @@ class Entry:
 
 def model_identity(model, attention: str) -> dict:
     """Everything a chunk's KV depends on besides the tokens: config, weights, dtype, device type,
-    the attention kernel phase 1 ran (`attention`: the model's backend, or "matmul" for
+    the attention kernel phase 1 ran (`attention`: the model's backend, or "matmul" or "amx" for
     ParallelCompConfig.attention_kernel's), transformers major.minor. Weights are fingerprinted by sampling
     each tensor at up to 65,536 evenly strided positions (exact for a changed checkpoint in
     practice; hashing every weight would cost seconds per GB)."""

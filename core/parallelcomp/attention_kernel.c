@@ -1,0 +1,242 @@
+/* Softmax attention on Intel AMX tiles (bf16 products, fp32 accumulation): phase 1's causal
+ * attention and phase 2's packed question rows on CPUs with AMX (docs/hardware.md measures it).
+ *
+ * Compiled on first use by attention_kernel.py (native.py) and called through ctypes.
+ *
+ * pc_amx_attention: out[b, h, m] = softmax(scale * q[b, h, m] . K[b, h / G]^T) V[b, h / G], for
+ * every key (causal < 0) or for keys t <= causal + m (causal = T - M: the bottom-right aligned
+ * mask of a query block at the end of its keys). FlashAttention's loop (Dao et al. 2022, Alg. 1),
+ * one block of QB query rows against KB keys at a time: the scores are four 16x16 tile products,
+ * the online softmax runs on AVX-512 registers, and the probabilities (rounded to bf16, as torch's
+ * fused kernel does) times the values are four more tile products accumulated into the output.
+ *
+ * Two things make it faster than torch's fused CPU kernel here (docs/hardware.md):
+ * - keys and values are packed once per call into the tiles' pair-interleaved ("VNNI") layout,
+ *   which every query block of the head then loads row by row;
+ * - a row's running maximum moves only when a score exceeds it by more than LAZY (in log2 units),
+ *   so the common block needs no horizontal maximum, no rescaling of the output and no scalar
+ *   exp; the probabilities are then at most 2^LAZY before normalisation, which fp32 and bf16
+ *   hold exactly as well as values at most 1 (the same exponent range, the same mantissa).
+ *
+ * Tiles hold 16 rows of 64 bytes; tile registers 0-3 accumulate, 4-6 hold operands. Threads come
+ * from OpenMP (torch's pool, as decode_kernel.c); each configures its tiles and releases them.
+ * Linux hands AMX state to a process only on request (pc_amx_init).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define KB 64  /* keys per block: four 16-key score tiles */
+#define QB 16  /* query rows per block: one tile's rows */
+#define LAZY 8.0f  /* log2 of the largest unnormalised probability (see the online softmax) */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Asks Linux for the AMX tile state (XTILEDATA) for this process: 0 when granted. */
+int pc_amx_init(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) ? 1 : 0; }
+
+static void configure(void) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) { c.rows[i] = 16; c.colsb[i] = 64; }
+    _tile_loadconfig(&c);
+}
+
+/* 2^t for finite t (underflows to 0 below -150): rounding to the nearest integer n, a degree-6
+ * polynomial of 2^(t - n) on [-1/2, 1/2], and scalef. */
+static inline __m512 exp2_16(__m512 t) {
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 y = _mm512_set1_ps(1.540353039e-4f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.333355815e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618129108e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550410866e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402265070e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931471806e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* K rows (T, D) → [Tp/16 groups][D/2 pairs][16 keys] of bf16 pairs (the B layout of q·kᵀ). */
+static void pack_keys(const uint16_t *k, long ks, long T, long D, long g, uint32_t *dst) {
+    const long P = D / 2, t0 = g * 16;
+    uint32_t *o = dst + g * P * 16;
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)ks));
+    const __mmask16 live = T - t0 >= 16 ? 0xFFFF : (__mmask16)((1u << (T - t0)) - 1);
+    for (long p = 0; p < P; p++)
+        _mm512_store_si512((__m512i *)(o + p * 16),
+                           _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, k + t0 * ks + 2 * p, 2));
+}
+
+/* V rows (T, Dv) → [Tp/32][Dv/16][16 key pairs][16 columns][2] (the B layout of p·v). */
+static void pack_values(const uint16_t *v, long vs, long T, long Dv, long g, uint16_t *dst) {
+    const long C = Dv / 16;
+    __m512i lo, hi;
+    {
+        short a[32], b[32];
+        for (int j = 0; j < 16; j++) { a[2 * j] = j; a[2 * j + 1] = 32 + j; b[2 * j] = 16 + j; b[2 * j + 1] = 48 + j; }
+        lo = _mm512_loadu_si512(a);
+        hi = _mm512_loadu_si512(b);
+    }
+    for (long p = 0; p < 16; p++) {
+        const long t0 = g * 32 + 2 * p, t1 = t0 + 1;
+        for (long c = 0; c < C; c += 2) {
+            const __m512i a = t0 < T ? _mm512_loadu_si512(v + t0 * vs + 16 * c) : _mm512_setzero_si512();
+            const __m512i b = t1 < T ? _mm512_loadu_si512(v + t1 * vs + 16 * c) : _mm512_setzero_si512();
+            _mm512_store_si512((__m512i *)(dst + ((g * C + c) * 16 + p) * 32), _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_store_si512((__m512i *)(dst + ((g * C + c + 1) * 16 + p) * 32), _mm512_permutex2var_epi16(a, hi, b));
+        }
+    }
+}
+
+/* out[b, h, m] = softmax(scale · q[b, h, m]·K[b, h / (H/Hkv)]ᵀ) V over the keys row m sees:
+ * every key (causal < 0) or keys t <= causal + m (bottom-right aligned when causal = T - M).
+ * bf16 in and out, fp32 accumulation; lse (B, H, M) fp32 or NULL. Returns 0, 1 on shapes, 2 on memory. */
+int pc_amx_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, float *lse,
+                     long B, long H, long Hkv, long M, long T, long D, long Dv,
+                     long qs_b, long qs_h, long qs_m, long ks_b, long ks_h, long ks_t,
+                     long vs_b, long vs_h, long vs_t, long os_b, long os_h, long os_m,
+                     long causal, float scale, long threads, void *work) {
+    if (D % 32 || D > 256 || Dv % 64 || Dv > 256 || H % Hkv || M < 1 || T < 1) return 1;
+    const long Tp = (T + KB - 1) / KB * KB, P = D / 2, G = H / Hkv, C = Dv / 16;
+    const long kgroups = Tp / 16, vgroups = Tp / 32;
+    uint32_t *kp = (uint32_t *)work;  /* pc_amx_workspace bytes, 64-byte aligned */
+    uint16_t *vp = (uint16_t *)(kp + B * Hkv * kgroups * P * 16);
+    const long qblocks = (M + QB - 1) / QB, items = B * H * qblocks;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long i = 0; i < B * Hkv * kgroups; i++) {
+            const long bh = i / kgroups, g = i % kgroups, b = bh / Hkv, h = bh % Hkv;
+            pack_keys(k + b * ks_b + h * ks_h, ks_t, T, D, g, kp + bh * kgroups * P * 16);
+            if (g % 2 == 0)
+                pack_values(v + b * vs_b + h * vs_h, vs_t, T, Dv, g / 2, vp + bh * Tp * Dv);
+        }
+        configure();
+        uint16_t qbuf[QB * 256] __attribute__((aligned(64)));
+        uint16_t pbuf[QB * KB] __attribute__((aligned(64)));
+        float sbuf[QB * KB] __attribute__((aligned(64)));
+        float obuf[QB * 256] __attribute__((aligned(64)));
+        float mx[QB], lsum[QB * 16] __attribute__((aligned(64)));
+        const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f), ninf = _mm512_set1_ps(-INFINITY);
+#pragma omp for schedule(dynamic, 1)
+        for (long it = 0; it < items; it++) {
+            /* causal: the longest rows first, so that the dynamic schedule ends balanced */
+            const long blk = causal >= 0 ? qblocks - 1 - it % qblocks : it % qblocks, bh = it / qblocks;
+            const long b = bh / H, h = bh % H, hk = h / G, m0 = blk * QB, rows = M - m0 < QB ? M - m0 : QB;
+            const uint32_t *kh = kp + (b * Hkv + hk) * kgroups * P * 16;
+            const uint16_t *vh = vp + (b * Hkv + hk) * Tp * Dv;
+            for (long r = 0; r < QB; r++) {
+                if (r < rows) memcpy(qbuf + r * D, q + b * qs_b + h * qs_h + (m0 + r) * qs_m, 2 * D);
+                else memset(qbuf + r * D, 0, 2 * D);
+                mx[r] = -INFINITY;
+                _mm512_store_ps(lsum + 16 * r, _mm512_setzero_ps());
+            }
+            memset(obuf, 0, sizeof(float) * QB * Dv);
+            const long last = causal >= 0 ? (causal + m0 + rows - 1 < T - 1 ? causal + m0 + rows - 1 : T - 1) : T - 1;
+            const long blocks = last / KB + 1;
+            const long lo_lim = causal >= 0 ? (causal + m0 < T - 1 ? causal + m0 : T - 1) : T - 1;  /* fewest keys a row sees */
+            for (long kb = 0; kb < blocks; kb++) {
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (long s = 0; s < D / 32; s++) {
+                    _tile_loadd(4, qbuf + 32 * s, 2 * D);
+                    const uint32_t *kt = kh + (kb * 4 * P + 16 * s) * 16;
+                    _tile_loadd(5, kt, 64); _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(6, kt + P * 16, 64); _tile_dpbf16ps(1, 4, 6);
+                    _tile_loadd(5, kt + 2 * P * 16, 64); _tile_dpbf16ps(2, 4, 5);
+                    _tile_loadd(6, kt + 3 * P * 16, 64); _tile_dpbf16ps(3, 4, 6);
+                }
+                _tile_stored(0, sbuf, 4 * KB); _tile_stored(1, sbuf + 16, 4 * KB);
+                _tile_stored(2, sbuf + 32, 4 * KB); _tile_stored(3, sbuf + 48, 4 * KB);
+                /* the block's scores, in log2 units: x = s·scale·log2(e). Online softmax with a lazy
+                 * maximum: a row's running maximum moves (and its sum and output are rescaled) only
+                 * when a score exceeds it by more than LAZY, so p = 2^(x - max) <= 2^LAZY. */
+                const int full = kb * KB + KB - 1 <= lo_lim;
+                for (long r = 0; r < QB; r++) {
+                    __m512 x[4];
+                    __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+                    if (full) {
+                        for (int c = 0; c < 4; c++) x[c] = _mm512_mul_ps(_mm512_load_ps(sbuf + r * KB + 16 * c), sc);
+                    } else {
+                        long lim = causal >= 0 && r < rows ? causal + m0 + r : T - 1;  /* last key this row sees */
+                        if (lim > T - 1) lim = T - 1;
+                        long n = lim - kb * KB + 1;
+                        n = n < 0 ? 0 : n > KB ? KB : n;
+                        for (int c = 0; c < 4; c++) {
+                            const long left = n - 16 * c;
+                            mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                            x[c] = _mm512_mask_mul_ps(ninf, mk[c], _mm512_load_ps(sbuf + r * KB + 16 * c), sc);
+                        }
+                    }
+                    const __m512 top = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
+                    if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(mx[r] + LAZY), _CMP_GT_OQ)) {
+                        const float mnew = _mm512_reduce_max_ps(top);
+                        if (mx[r] != -INFINITY) {
+                            const __m512 a = _mm512_set1_ps(exp2f(mx[r] - mnew));
+                            for (long c = 0; c < C; c++)
+                                _mm512_store_ps(obuf + r * Dv + 16 * c, _mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), a));
+                            _mm512_store_ps(lsum + 16 * r, _mm512_mul_ps(_mm512_load_ps(lsum + 16 * r), a));
+                        }
+                        mx[r] = mnew;
+                    }
+                    const __m512 mm = _mm512_set1_ps(mx[r]);
+                    __m512 acc = _mm512_load_ps(lsum + 16 * r);
+                    for (int c = 0; c < 4; c += 2) {
+                        const __m512 p0 = _mm512_maskz_mov_ps(mk[c], exp2_16(_mm512_sub_ps(x[c], mm)));
+                        const __m512 p1 = _mm512_maskz_mov_ps(mk[c + 1], exp2_16(_mm512_sub_ps(x[c + 1], mm)));
+                        acc = _mm512_add_ps(acc, _mm512_add_ps(p0, p1));
+                        _mm512_store_si512((__m512i *)(pbuf + r * KB + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+                    }
+                    _mm512_store_ps(lsum + 16 * r, acc);
+                }
+                for (long c0 = 0; c0 < C; c0 += 4) {
+                    float *o = obuf + 16 * c0;
+                    _tile_loadd(0, o, 4 * Dv); _tile_loadd(1, o + 16, 4 * Dv);
+                    _tile_loadd(2, o + 32, 4 * Dv); _tile_loadd(3, o + 48, 4 * Dv);
+                    for (long half = 0; half < 2; half++) {
+                        _tile_loadd(4, pbuf + 32 * half, 2 * KB);
+                        const uint16_t *vt = vh + ((kb * 2 + half) * C + c0) * 512;
+                        _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
+                        _tile_loadd(6, vt + 512, 64); _tile_dpbf16ps(1, 4, 6);
+                        _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5);
+                        _tile_loadd(6, vt + 1536, 64); _tile_dpbf16ps(3, 4, 6);
+                    }
+                    _tile_stored(0, o, 4 * Dv); _tile_stored(1, o + 16, 4 * Dv);
+                    _tile_stored(2, o + 32, 4 * Dv); _tile_stored(3, o + 48, 4 * Dv);
+                }
+            }
+            for (long r = 0; r < rows; r++) {
+                const float sum = _mm512_reduce_add_ps(_mm512_load_ps(lsum + 16 * r));
+                const __m512 inv = _mm512_set1_ps(1.0f / sum);
+                uint16_t *dst = out + b * os_b + h * os_h + (m0 + r) * os_m;
+                for (long c = 0; c < C; c++) {
+                    const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), inv));
+                    _mm256_storeu_si256((__m256i *)(dst + 16 * c), (__m256i)y);
+                }
+                if (lse) lse[(b * H + h) * M + m0 + r] = (mx[r] + log2f(sum)) * 0.69314718055994531f;
+            }
+        }
+        _tile_release();
+    }
+    return 0;
+}
+
+/* The bytes of packed keys and values a pc_amx_attention call needs at `work` (64-byte aligned). */
+long pc_amx_workspace(long B, long Hkv, long T, long D, long Dv) {
+    const long Tp = (T + KB - 1) / KB * KB;
+    return 2 * B * Hkv * Tp * (D + Dv);
+}

@@ -1,0 +1,106 @@
+"""The AMX attention kernel (`attention_kernel.c`), compiled on first use (native.py).
+
+On a CPU with AMX tiles (Intel Xeon since Sapphire Rapids) a bf16 GEMM runs at 2.3-3.2 TFLOP/s
+here, but torch's fused CPU attention at about 0.5: with a head size of 64 its small products
+leave the tiles idle while the softmax runs. This kernel packs each head's keys and values once
+into the tiles' layout and keeps the softmax's maximum lazily (the C source says how), which
+measures about twice torch's rate on phase 1's causal attention (docs/hardware.md).
+`attention.py` runs it when `ParallelCompConfig.attention_kernel` resolves to "amx": phase 1,
+the prompt prefix, and phase 2's attention over each chunk's keys. It takes bf16 tensors on CPU
+with head sizes that are multiples of 32 (keys) and 64 (values), up to 256.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import platform
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+from . import hardware, native
+
+SOURCE = Path(__file__).with_name("attention_kernel.c")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
+         "-fPIC", "-shared")
+CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+
+_log = logging.getLogger(__name__)
+_scratch = threading.local()  # each thread's packed-KV workspace, grown to the largest call
+
+
+def available() -> bool:
+    """Whether this CPU runs the kernel: AMX and AVX-512 BF16, a build that loads, and Linux's
+    permission to use the tiles."""
+    return _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ("" when it is True)."""
+    return _library()[1]
+
+
+def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether `attend` computes these (B, H, M, D), (B, H_kv, T, D), (B, H_kv, T, Dv) tensors:
+    bf16 on CPU, rows contiguous in the last dimension, H a multiple of H_kv, D a multiple of 32
+    and Dv of 64 (each at most 256), and an available kernel."""
+    d, dv = key.shape[-1], value.shape[-1]
+    return (all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 and t.dim() == 4
+                for t in (query, key, value))
+            and query.shape[1] % key.shape[1] == 0 and query.shape[-1] == d and d % 32 == 0 and dv % 64 == 0
+            and d <= 256 and dv <= 256 and key.shape[2] > 0 and available())
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
+           causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scale · q·Kᵀ)·V of each query head h over KV head h // (H / H_kv), and the rows'
+    log-sum-exps of the scaled scores. `causal`: row m sees keys t <= T - M + m (a block of
+    queries at the end of its keys); else every key. Returns the output (B, H, M, Dv) in bf16, a
+    view of a (B, M, H, Dv) tensor (transformers' layout after `.transpose(1, 2)`), and the
+    log-sum-exps (B, H, M) in fp32. Call only where `takes` holds."""
+    b, h, m, d = query.shape
+    h_kv, t, dv = key.shape[1], key.shape[2], value.shape[-1]
+    lib = _library()[0]
+    out = torch.empty(b, m, h, dv, dtype=torch.bfloat16).transpose(1, 2)
+    lse = torch.empty(b, h, m, dtype=torch.float32)
+    code = lib.pc_amx_attention(
+        query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, h_kv, m, t, d, dv,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], t - m if causal else -1,
+        d**-0.5 if scale is None else scale, torch.get_num_threads(), _workspace(lib.pc_amx_workspace(b, h_kv, t, d, dv)))
+    if code != 0:  # shapes are checked by `takes`
+        raise ValueError(f"AMX attention kernel declined {tuple(query.shape)} over {tuple(key.shape)} (code {code})")
+    return out, lse
+
+
+def _workspace(nbytes: int) -> int:
+    """The address of this thread's workspace of at least `nbytes`, 64-byte aligned."""
+    held = getattr(_scratch, "buffer", None)
+    if held is None or held.numel() < nbytes + 64:
+        held = _scratch.buffer = torch.empty(nbytes + 64, dtype=torch.uint8)
+    address = held.data_ptr()
+    return address + (-address % 64)
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded library, or None and why not."""
+    missing = CPU_FLAGS - hardware.cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or missing:
+        return None, f"the CPU ({platform.machine()}) lacks {', '.join(sorted(missing)) or 'x86-64'}"
+    try:
+        lib = ctypes.CDLL(str(native.build(SOURCE, FLAGS)))
+    except (OSError, subprocess.SubprocessError) as exc:  # no compiler, a failed build, a cache we cannot load from
+        _log.warning("AMX attention kernel unavailable: %s", exc)
+        return None, str(exc)
+    if lib.pc_amx_init() != 0:
+        return None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+    lib.pc_amx_attention.restype = ctypes.c_int
+    lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] * 20
+                                     + [ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
+    lib.pc_amx_workspace.restype = ctypes.c_long
+    lib.pc_amx_workspace.argtypes = [ctypes.c_long] * 5
+    return lib, ""

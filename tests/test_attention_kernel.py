@@ -1,0 +1,165 @@
+"""The AMX attention kernel (attention_kernel.py) against float64 attention, phase 1 and phase 2
+on it against the fp32 model, and how `attention_kernel` is chosen or refused."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+
+import pytest
+import torch
+
+from parallelcomp import ParallelComp, ParallelCompConfig, attention, attention_kernel, hardware
+from parallelcomp.chunking import Chunk
+from parallelcomp.errors import ConfigError
+from parallelcomp.prompts import build_prompt
+
+from .conftest import tiny_model
+from .test_core import ids_of, text, two_phase_nll
+
+# The kernel needs an x86-64 CPU with AMX and AVX-512 BF16 (Intel Xeon since Sapphire Rapids) and a
+# C compiler; elsewhere phases 1 and 2 attend on torch's kernels, which the rest of the suite covers.
+# test_the_kernel_builds_wherever_it_can never skips, so such a machine cannot skip these silently.
+needs_amx = pytest.mark.skipif(not attention_kernel.available(),
+                               reason=f"AMX attention kernel unavailable: {attention_kernel.unavailable_reason()}")
+
+
+def test_the_kernel_builds_wherever_it_can():
+    """On an x86-64 CPU with the AMX and AVX-512 flags and a C compiler on PATH it must build, load and
+    get Linux's permission to use the tiles."""
+    prerequisites = (platform.machine() in ("x86_64", "AMD64") and attention_kernel.CPU_FLAGS <= hardware.cpu_flags()
+                     and shutil.which(os.environ.get("CC", "cc")) is not None)
+    assert attention_kernel.available() == prerequisites, attention_kernel.unavailable_reason()
+
+
+def _reference(query, key, value, scale, causal):
+    """float64 softmax attention, key head h // G for query head h, and the log-sum-exps."""
+    g = query.shape[1] // key.shape[1]
+    k, v = (t.double().repeat_interleave(g, dim=1) for t in (key, value))
+    scores = query.double() @ k.transpose(-1, -2) * scale
+    if causal:
+        m, t = scores.shape[-2:]
+        scores.masked_fill_(torch.ones(m, t, dtype=torch.bool).tril(t - m).logical_not(), float("-inf"))
+    return scores.softmax(-1) @ v, scores.logsumexp(-1)
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch,heads,kv_heads,rows,keys,head_dim,value_dim,causal", [
+    (1, 3, 3, 60, 2048, 64, 64, False),    # phase 2: SmolLM2's packed question rows over one chunk
+    (1, 3, 3, 60, 2111, 64, 64, False),    # keys past the last full block
+    (2, 9, 3, 300, 300, 64, 64, True),     # phase 1: SmolLM2's heads, causal, two rows
+    (1, 4, 2, 77, 130, 128, 128, True),    # fewer queries than keys: the mask aligned bottom-right
+    (1, 2, 1, 5, 3, 32, 64, False),        # fewer keys than a block, head sizes at their minimum
+    (1, 14, 2, 40, 40, 64, 64, True),      # Qwen2.5-0.5B's 7 query heads per KV head
+    (1, 2, 2, 17, 700, 256, 256, False),   # the largest heads it takes; one row past a query block
+])
+def test_kernel_equals_float64_attention(monkeypatch, threads, batch, heads, kv_heads, rows, keys, head_dim,
+                                         value_dim, causal):
+    """bf16 queries, keys and values, the keys and values as views of transformers' (B, T, H, D)
+    layout; a sharp softmax (scale 1.5 on unit normals) moves the running maximum across blocks.
+    The kernel rounds its probabilities and output to bf16 as torch's fused kernel does, so its
+    error may be at most torch's plus a bf16 rounding of the output."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(0)
+    query = torch.randn(batch, rows, heads, head_dim).to(torch.bfloat16).transpose(1, 2)
+    key = torch.randn(batch, keys, kv_heads, head_dim).to(torch.bfloat16).transpose(1, 2)
+    value = torch.randn(batch, keys, kv_heads, value_dim).to(torch.bfloat16).transpose(1, 2)
+    scale = 1.5 / head_dim**0.5
+    assert attention_kernel.takes(query, key, value)
+    out, lse = attention_kernel.attend(query, key, value, scale, causal=causal)
+    ref, ref_lse = _reference(query, key, value, scale, causal)
+    mask = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows) if causal else None
+    torch_out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                                                 enable_gqa=True)
+    error, torch_error = ((o.double() - ref).abs().max().item() for o in (out, torch_out))
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert error <= torch_error + 2**-8 * ref.abs().max().item(), (error, torch_error)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+    assert out.transpose(1, 2).is_contiguous()  # transformers' layout
+
+
+@needs_amx
+def test_a_maximum_that_keeps_rising_and_one_that_comes_first():
+    """The lazy maximum: scores that rise by ~40 (log2 units) from block to block rescale the output
+    at every block; a top score in the first block never rescales it. Both equal float64."""
+    torch.manual_seed(1)
+    keys, d = 640, 64
+    query = torch.ones(1, 1, 16, d, dtype=torch.bfloat16)
+    ramp = torch.linspace(0, 6, keys)[:, None].expand(keys, d)  # score of key t ∝ t
+    value = torch.randn(1, 1, keys, d).to(torch.bfloat16)
+    for key in (ramp, ramp.flip(0)):
+        key = key.to(torch.bfloat16)[None, None]
+        out, lse = attention_kernel.attend(query, key, value, 1.0)
+        ref, ref_lse = _reference(query, key, value, 1.0, False)
+        torch.testing.assert_close(out.double(), ref, atol=2**-7 * ref.abs().max().item(), rtol=0)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-5)
+
+
+def _wide_heads(family: str, vocab: int):
+    """A tiny model with head size 64, the smallest the kernel takes."""
+    return tiny_model(family, vocab, head_dim=64)
+
+
+@needs_amx
+def test_phases_1_and_2_on_tiles_are_as_close_to_fp32_as_the_fused_kernel(tokenizer, monkeypatch):
+    """Question NLL per chunk over ~300-token chunks of two families in bf16, on the AMX kernel and
+    on torch's fused one, against the fp32 model's: the AMX kernel's error is no larger than the
+    fused kernel's (as test_core's matmul test; measured mean error 0.087 and 0.053 nats on the
+    tiles, 0.091 and 0.050 fused, of NLLs near 12). Both phases ran on the tiles: phase 1 in every
+    layer of the prefix and the micro-batch, phase 2 once per row and layer."""
+    parts = build_prompt(tokenizer, "Read.", "What is seven?", True)
+    chunks = [Chunk(i, ids_of(tokenizer, text(i, n)), ()) for i, n in enumerate([300, 130, 270])]
+    calls = []
+    real = attention_kernel.attend
+    monkeypatch.setattr(attention_kernel, "attend", lambda q, k, v, *a, **kw: calls.append(kw.get("causal", False))
+                        or real(q, k, v, *a, **kw))
+
+    for family in ("llama", "qwen2"):
+        ref = two_phase_nll(_wide_heads(family, len(tokenizer)), parts, chunks, "sdpa")
+        bf16 = _wide_heads(family, len(tokenizer)).to(torch.bfloat16)
+        calls.clear()
+        fused, amx = (two_phase_nll(bf16, parts, chunks, k) - ref for k in ("sdpa", "amx"))
+        layers = bf16.config.num_hidden_layers
+        assert calls == [True] * 2 * layers + [False] * len(chunks) * layers, family
+        assert 0 < amx.abs().mean() <= 1.5 * fused.abs().mean() + 0.01, family
+        assert amx.abs().max() <= 1.5 * fused.abs().max() + 0.05, (family, amx.abs().max(), fused.abs().max())
+
+
+@needs_amx
+def test_engine_on_tiles_keeps_the_chunks_the_fused_kernel_keeps(tokenizer):
+    """The whole run on "amx" ("auto" picks it for this bf16 model) against "fused": the same kept
+    chunks and scores to bf16 rounding; the stats say which kernel ran, and a question over the
+    stored chunks is answered from them."""
+    model = _wide_heads("llama", len(tokenizer)).to(torch.bfloat16)
+    docs = [text(10 + i, n) for i, n in enumerate([30, 12, 25, 33, 18])]
+    outs = {}
+    for choice in ("auto", "fused"):
+        pc = ParallelComp(model, tokenizer, ParallelCompConfig(keep_chunks=2, chunk_tokens=36,
+                                                               attention_kernel=choice))
+        outs[choice] = pc.generate("Where is the copper garden?", documents=docs, max_new_tokens=4)
+        again = pc.generate("Where is the copper garden?", documents=docs, max_new_tokens=4)
+        assert again.stats.reused_chunks == len(docs) and again.token_ids == outs[choice].token_ids
+    assert outs["auto"].stats.attention_kernel == "amx" and outs["fused"].stats.attention_kernel == "sdpa"
+    assert [c.kept for c in outs["auto"].chunks] == [c.kept for c in outs["fused"].chunks]
+    assert [c.score for c in outs["auto"].chunks] == pytest.approx([c.score for c in outs["fused"].chunks], abs=0.05)
+
+
+def test_amx_is_refused_where_it_cannot_run_and_auto_passes_it_by(tokenizer, monkeypatch):
+    """Asked for explicitly, "amx" on an fp32 model, on a head size it does not take, or on a CPU
+    without the kernel is a ConfigError that says why; "auto" then picks another kernel."""
+    fp32 = _wide_heads("llama", len(tokenizer))
+    with pytest.raises(ConfigError, match="bf16 models on CPU"):
+        ParallelComp(fp32, tokenizer, ParallelCompConfig(attention_kernel="amx"))
+    narrow = tiny_model("llama", len(tokenizer)).to(torch.bfloat16)  # head size 16
+    with pytest.raises(ConfigError, match="head size 16"):
+        ParallelComp(narrow, tokenizer, ParallelCompConfig(attention_kernel="amx"))
+    assert ParallelComp(narrow, tokenizer, ParallelCompConfig()).attention_kernel in ("sdpa", "matmul")
+    monkeypatch.setattr(attention_kernel, "_library", lambda: (None, "the CPU (x86_64) lacks amx_tile"))
+    bf16 = _wide_heads("llama", len(tokenizer)).to(torch.bfloat16)
+    with pytest.raises(ConfigError, match="lacks amx_tile"):
+        ParallelComp(bf16, tokenizer, ParallelCompConfig(attention_kernel="amx"))
+    assert ParallelComp(bf16, tokenizer, ParallelCompConfig()).attention_kernel in ("sdpa", "matmul")
+    assert not attention_kernel.takes(*(torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16),) * 3)
+    assert "amx" in attention.KERNELS
