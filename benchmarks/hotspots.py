@@ -62,8 +62,9 @@ def run(length: int, out: Path) -> Path:
 
 def _kernel_rates(model, dtype: torch.dtype, tokens: int, rows: int = 2) -> dict:
     """GFLOP/s of the roofline's GEMM and of causal attention over `rows` × `tokens` with the
-    model's heads on both kernels of ParallelCompConfig.attention_kernel (torch's fused SDPA and
-    the blocked matmuls; `hardware.measure_attention`), in `dtype`, best of 3."""
+    model's heads on the kernels of ParallelCompConfig.attention_kernel (torch's fused SDPA, the
+    blocked matmuls and, where it runs, the AMX kernel; `hardware.measure_attention`), in `dtype`,
+    best of 3."""
     from parallelcomp import kv as kvops
     from parallelcomp.hardware import measure_attention, measure_gflops
 
@@ -72,7 +73,8 @@ def _kernel_rates(model, dtype: torch.dtype, tokens: int, rows: int = 2) -> dict
     rates = measure_attention((rows, h, h_kv, tokens, d), dtype)
     return {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "rows": rows,
             "gemm_gflops": round(measure_gflops(dtype, GEMM, seconds=1.0), 1),
-            "attention_gflops": round(rates["fused"], 1), "matmul_attention_gflops": round(rates["matmul"], 1)}
+            "attention_gflops": round(rates["fused"], 1), "matmul_attention_gflops": round(rates["matmul"], 1),
+            **({"amx_attention_gflops": round(rates["amx"], 1)} if "amx" in rates else {})}
 
 
 def _top(prof) -> list[dict]:
@@ -94,12 +96,14 @@ def _table(r: dict) -> str:
         lines += [f"| {o['op']} | {o['self_cpu_s']} | {o['share']:.0%} | {o['calls']} |" for o in part["ops"]]
         lines.append("")
     lines += ["## Kernel rates", "", f"GEMM {GEMM[0]}×{GEMM[1]}·{GEMM[1]}×{GEMM[2]} (the roofline's rate) and the causal "
-              "attention of one phase-1 micro-batch on both kernels (`attention_kernel`: torch's fused SDPA, the "
-              "blocked matmuls), best of 3:", "",
+              "attention of one phase-1 micro-batch on each kernel (`attention_kernel`: torch's fused SDPA, the "
+              "blocked matmuls, the AMX tiles where they run), best of 3:", "",
               "| dtype | rows × tokens | GEMM GFLOP/s | fused attention GFLOP/s | matmul attention GFLOP/s | "
-              "best attention ÷ GEMM |", "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {k['dtype']} | {k['rows']} × {k['tokens']:,} | {k['gemm_gflops']} | {k['attention_gflops']} | "
-              f"{k.get('matmul_attention_gflops', '–')} | "
-              f"{max(k['attention_gflops'], k.get('matmul_attention_gflops', 0)) / k['gemm_gflops']:.2f} |"
-              for k in r.get("kernels", [])]
+              "amx attention GFLOP/s | best attention ÷ GEMM |", "|---|---|---:|---:|---:|---:|---:|"]
+    for k in r.get("kernels", []):
+        best = max(k["attention_gflops"], k.get("matmul_attention_gflops", 0), k.get("amx_attention_gflops", 0))
+        lines.append(f"| {k['dtype']} | {k['rows']} × {k['tokens']:,} | {k['gemm_gflops']} | "
+                     f"{k['attention_gflops']} | {k.get('matmul_attention_gflops', '–')} | "
+                     f"{k.get('amx_attention_gflops', '–')} | "
+                     f"{best / k['gemm_gflops']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -163,3 +163,9 @@ def test_amx_is_refused_where_it_cannot_run_and_auto_passes_it_by(tokenizer, mon
     assert ParallelComp(bf16, tokenizer, ParallelCompConfig()).attention_kernel in ("sdpa", "matmul")
     assert not attention_kernel.takes(*(torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16),) * 3)
     assert "amx" in attention.KERNELS
+
+
+def test_the_kernel_rates_include_the_tiles_where_they_run():
+    """`hardware.measure_attention` (the profile's "Kernel rates") times the AMX kernel where it runs."""
+    rates = hardware.measure_attention((1, 2, 1, 128, 64), torch.bfloat16, repeats=1)
+    assert ("amx" in rates) == attention_kernel.available() and all(r > 0 for r in rates.values())

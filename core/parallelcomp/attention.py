@@ -295,7 +295,8 @@ def _causal_or_sdpa(kernel: str, module, query, key, value, attention_mask, **kw
         if kernel == "matmul":
             return _causal_matmul(query, key, value, kwargs.get("scaling")), None
         if attention_kernel.takes(query, key, value):
-            return attention_kernel.attend(query, key, value, kwargs.get("scaling"), causal=True)[0].transpose(1, 2), None
+            out, _ = attention_kernel.attend(query, key, value, kwargs.get("scaling"), causal=True)
+            return out.transpose(1, 2), None
     return _through(None, "sdpa", module, query, key, value, attention_mask, **kwargs)
 
 

@@ -70,7 +70,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: f
     code = lib.pc_amx_attention(
         query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, h_kv, m, t, d, dv,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], t - m if causal else -1,
-        d**-0.5 if scale is None else scale, torch.get_num_threads(), _workspace(lib.pc_amx_workspace(b, h_kv, t, d, dv)))
+        d**-0.5 if scale is None else scale, torch.get_num_threads(),
+        _workspace(lib.pc_amx_workspace(b, h_kv, t, d, dv)))
     if code != 0:  # shapes are checked by `takes`
         raise ValueError(f"AMX attention kernel declined {tuple(query.shape)} over {tuple(key.shape)} (code {code})")
     return out, lse

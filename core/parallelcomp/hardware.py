@@ -88,16 +88,20 @@ def matmul_rates(cache_dir: Path | None = None) -> dict[str, float]:
 
 def attention_rates(cache_dir: Path | None = None) -> dict[str, float]:
     """GFLOP/s of causal bf16 attention over one 2,048-token chunk with SmolLM2's heads on the
-    fused kernel and on the matmul one, measured once and cached like `matmul_rates`."""
-    return _measured("attention-rates", ("fused", "matmul"), {"probe": list(_ATTENTION_PROBE)}, cache_dir,
-                     lambda: measure_attention(_ATTENTION_PROBE))
+    fused kernel and on the matmul one (the choice `matmul_attention` makes), measured once and
+    cached like `matmul_rates`."""
+    names = ("fused", "matmul")
+    return _measured("attention-rates", names, {"probe": list(_ATTENTION_PROBE)}, cache_dir,
+                     lambda: {n: r for n, r in measure_attention(_ATTENTION_PROBE).items() if n in names})
 
 
 def measure_attention(shape: tuple[int, int, int, int, int] = _ATTENTION_PROBE, dtype: torch.dtype = torch.bfloat16,
                       repeats: int = 3) -> dict[str, float]:
     """Best-of-`repeats` GFLOP/s of causal attention, shape (rows, query heads, KV heads,
-    tokens, head dim), in `dtype`, on torch's fused SDPA ("fused") and on
-    `attention._causal_matmul` ("matmul"); causal FLOPs are half of 4·rows·heads·tokens²·dim."""
+    tokens, head dim), in `dtype`, on torch's fused SDPA ("fused"), on
+    `attention._causal_matmul` ("matmul") and, where it takes the shape, on the AMX tiles
+    (attention_kernel.py, "amx"); causal FLOPs are half of 4·rows·heads·tokens²·dim."""
+    from . import attention_kernel
     from .attention import _causal_matmul
 
     b, h, h_kv, t, d = shape
@@ -106,6 +110,8 @@ def measure_attention(shape: tuple[int, int, int, int, int] = _ATTENTION_PROBE, 
     kernels = {"fused": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                  enable_gqa=True),
                "matmul": lambda: _causal_matmul(q, k, v, None)}
+    if attention_kernel.takes(q, k, v) and d % 64 == 0:
+        kernels["amx"] = lambda: attention_kernel.attend(q, k, v, causal=True)
     best = dict.fromkeys(kernels, math.inf)
     for attend in kernels.values():
         attend()  # warm-up
