@@ -417,7 +417,8 @@ def _attend_on_tiles(prefix: LayerKV, contexts: list[list[LayerKV]], masks: dict
                      query, key, value, attention_mask, scale: float) -> torch.Tensor | None:
     """Phase 2's attention on the "amx" kernel, for one layer without a sliding window; None where
     the kernel does not take the tensors. Each row's chunk (its first segment) is attended on the
-    AMX tiles (attention_kernel.attend, no mask: the question sees every chunk key); the prefix,
+    AMX tiles, read where it is stored, all rows in one call (attention_kernel.attend_rows, no mask:
+    the question sees every chunk key); the prefix,
     any later segments (the question head) and the question's own keys, the same length in every
     row, are attended by all rows in one call of torch's fused kernel under the question's causal
     mask. The two parts merge by their log-sum-exps (the split-key softmax of
@@ -430,18 +431,17 @@ def _attend_on_tiles(prefix: LayerKV, contexts: list[list[LayerKV]], masks: dict
     if compat.cpu_flash_attention is None or not all(attention_kernel.takes(rows[i : i + 1], *chunks[i])
                                                      for i in range(b)):
         return None
-    outs, lses = zip(*(attention_kernel.attend(rows[i : i + 1], *chunks[i], scale) for i in range(b)))
+    out_chunk, lse_chunk = attention_kernel.attend_rows(rows, chunks, scale)
     short = [tuple(torch.cat(parts, dim=0) for parts in zip(*(row[j] for row in contexts))) for j in
              range(1, len(contexts[0]))]  # the later segments, (B, H_kv, n, D) each
     keys = torch.cat([prefix[0].expand(b, -1, -1, -1), *(k for k, _ in short), key], dim=-2)
     values = torch.cat([prefix[1].expand(b, -1, -1, -1), *(v for _, v in short), value], dim=-2)
     additive = _masks(masks, attention_mask, (keys.shape[-2] - q, None, g), query.dtype)[2]
     out_short, lse_short = compat.cpu_flash_attention(rows, keys, values, attn_mask=additive, scale=scale)[:2]
-    lse_chunk = torch.cat(lses, dim=0)
     top = torch.maximum(lse_chunk, lse_short)
     w_chunk, w_short = (lse_chunk - top).exp_().unsqueeze(-1), (lse_short - top).exp_().unsqueeze(-1)
-    mixed = (torch.cat(outs, dim=0).float() * w_chunk).add_(out_short.float() * w_short).div_(w_chunk + w_short)
-    return mixed.to(query.dtype).view(b, h, q, -1).transpose(1, 2)
+    mixed = (out_chunk.float() * w_chunk).add_(out_short.float() * w_short).div_(w_chunk + w_short)
+    return mixed.to(query.dtype).reshape(b, h, q, -1).transpose(1, 2)
 
 
 def _masks(masks: dict[tuple[int, int | None, int], Masks], attention_mask: torch.Tensor,

@@ -3,9 +3,10 @@
  *
  * Compiled on first use by attention_kernel.py (native.py) and called through ctypes.
  *
- * pc_amx_attention: out[b, h, m] = softmax(scale * q[b, h, m] . K[b, h / G]^T) V[b, h / G], for
- * every key (causal < 0) or for keys t <= causal + m (causal = T - M: the bottom-right aligned
- * mask of a query block at the end of its keys). FlashAttention's loop (Dao et al. 2022, Alg. 1),
+ * pc_amx_attention: out[b, h, m] = softmax(scale * q[b, h, m] . K_b[h / G]^T) V_b[h / G], for
+ * every key or, causal, for keys t <= T_b - M + m (the bottom-right aligned mask of a query block
+ * at the end of its keys). Each batch entry reads keys and values of its own length from where
+ * they are (phase 2: each row's chunk in the store), so one call serves a whole micro-batch. FlashAttention's loop (Dao et al. 2022, Alg. 1),
  * one block of QB query rows against KB keys at a time: the scores are four 16x16 tile products,
  * the online softmax runs on AVX-512 registers, and the probabilities (rounded to bf16, as torch's
  * fused kernel does) times the values are four more tile products accumulated into the output.
@@ -103,28 +104,44 @@ static void pack_values(const uint16_t *v, long vs, long T, long Dv, long g, uin
     }
 }
 
-/* out[b, h, m] = softmax(scale · q[b, h, m]·K[b, h / (H/Hkv)]ᵀ) V over the keys row m sees:
- * every key (causal < 0) or keys t <= causal + m (bottom-right aligned when causal = T - M).
- * bf16 in and out, fp32 accumulation; lse (B, H, M) fp32 or NULL. Returns 0, 1 on shapes, 2 on memory. */
-int pc_amx_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, float *lse,
-                     long B, long H, long Hkv, long M, long T, long D, long Dv,
-                     long qs_b, long qs_h, long qs_m, long ks_b, long ks_h, long ks_t,
-                     long vs_b, long vs_h, long vs_t, long os_b, long os_h, long os_m,
-                     long causal, float scale, long threads, void *work) {
-    if (D % 32 || D > 256 || Dv % 64 || Dv > 256 || H % Hkv || M < 1 || T < 1) return 1;
-    const long Tp = (T + KB - 1) / KB * KB, P = D / 2, G = H / Hkv, C = Dv / 16;
-    const long kgroups = Tp / 16, vgroups = Tp / 32;
-    uint32_t *kp = (uint32_t *)work;  /* pc_amx_workspace bytes, 64-byte aligned */
-    uint16_t *vp = (uint16_t *)(kp + B * Hkv * kgroups * P * 16);
+/* The packed keys and values of batch entry b start at offset[b] (in bf16 elements) of the work area. */
+static long packed_size(long Hkv, long T, long D, long Dv) { return Hkv * ((T + KB - 1) / KB * KB) * (D + Dv); }
+
+/* out[b, h, m] = softmax(scale · q[b, h, m]·K_b[h / (H/Hkv)]ᵀ) V_b over the keys row m sees: every
+ * key, or with `causal` keys t <= T_b - M + m (a block of queries at the end of its keys).
+ * Each batch entry b has keys and values of its own, T_b of them, where `kv` row b says:
+ * {key address, key head stride, key row stride, value address, value head stride, value row
+ * stride, T_b} (strides in elements). bf16 in and out, fp32 accumulation; lse (B, H, M) fp32.
+ * Returns 0, 1 on shapes (or causal with T_b < M), 2 on memory. */
+int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *lse,
+                     long B, long H, long Hkv, long M, long D, long Dv,
+                     long qs_b, long qs_h, long qs_m, long os_b, long os_h, long os_m,
+                     int causal, float scale, long threads, void *work) {
+    if (D % 32 || D > 256 || Dv % 64 || Dv > 256 || H % Hkv || M < 1 || B < 1) return 1;
+    const long P = D / 2, G = H / Hkv, C = Dv / 16;
+    long *offset = (long *)malloc(sizeof(long) * 2 * (B + 1));  /* packed offsets, then cumulative key groups */
+    if (!offset) return 2;
+    long *groups = offset + B + 1;
+    offset[0] = groups[0] = 0;
+    for (long b = 0; b < B; b++) {
+        const long T = kv[7 * b + 6];
+        if (T < 1 || (causal && T < M)) { free(offset); return 1; }
+        offset[b + 1] = offset[b] + packed_size(Hkv, T, D, Dv);
+        groups[b + 1] = groups[b] + Hkv * ((T + KB - 1) / KB * KB) / 16;
+    }
     const long qblocks = (M + QB - 1) / QB, items = B * H * qblocks;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (long i = 0; i < B * Hkv * kgroups; i++) {
-            const long bh = i / kgroups, g = i % kgroups, b = bh / Hkv, h = bh % Hkv;
-            pack_keys(k + b * ks_b + h * ks_h, ks_t, T, D, g, kp + bh * kgroups * P * 16);
-            if (g % 2 == 0)
-                pack_values(v + b * vs_b + h * vs_h, vs_t, T, Dv, g / 2, vp + bh * Tp * Dv);
+        for (long i = 0; i < groups[B]; i++) {
+            long b = 0;
+            while (groups[b + 1] <= i) b++;
+            const long *e = kv + 7 * b, T = e[6], kgroups = (T + KB - 1) / KB * KB / 16;
+            const long h = (i - groups[b]) / kgroups, g = (i - groups[b]) % kgroups;
+            uint32_t *kp = (uint32_t *)((uint16_t *)work + offset[b]);
+            uint16_t *vp = (uint16_t *)work + offset[b] + Hkv * kgroups * 16 * D;
+            pack_keys((const uint16_t *)e[0] + h * e[1], e[2], T, D, g, kp + h * kgroups * P * 16);
+            if (g % 2 == 0) pack_values((const uint16_t *)e[3] + h * e[4], e[5], T, Dv, g / 2, vp + h * kgroups * 16 * Dv);
         }
         configure();
         uint16_t qbuf[QB * 256] __attribute__((aligned(64)));
@@ -136,10 +153,12 @@ int pc_amx_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, ui
 #pragma omp for schedule(dynamic, 1)
         for (long it = 0; it < items; it++) {
             /* causal: the longest rows first, so that the dynamic schedule ends balanced */
-            const long blk = causal >= 0 ? qblocks - 1 - it % qblocks : it % qblocks, bh = it / qblocks;
+            const long blk = causal ? qblocks - 1 - it % qblocks : it % qblocks, bh = it / qblocks;
             const long b = bh / H, h = bh % H, hk = h / G, m0 = blk * QB, rows = M - m0 < QB ? M - m0 : QB;
-            const uint32_t *kh = kp + (b * Hkv + hk) * kgroups * P * 16;
-            const uint16_t *vh = vp + (b * Hkv + hk) * Tp * Dv;
+            const long T = kv[7 * b + 6], Tp = (T + KB - 1) / KB * KB, kgroups = Tp / 16;
+            const long shift = causal ? T - M : -1;  /* row m sees keys t <= shift + m */
+            const uint32_t *kh = (const uint32_t *)((const uint16_t *)work + offset[b]) + hk * kgroups * P * 16;
+            const uint16_t *vh = (const uint16_t *)work + offset[b] + Hkv * Tp * D + hk * Tp * Dv;
             for (long r = 0; r < QB; r++) {
                 if (r < rows) memcpy(qbuf + r * D, q + b * qs_b + h * qs_h + (m0 + r) * qs_m, 2 * D);
                 else memset(qbuf + r * D, 0, 2 * D);
@@ -147,9 +166,9 @@ int pc_amx_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, ui
                 _mm512_store_ps(lsum + 16 * r, _mm512_setzero_ps());
             }
             memset(obuf, 0, sizeof(float) * QB * Dv);
-            const long last = causal >= 0 ? (causal + m0 + rows - 1 < T - 1 ? causal + m0 + rows - 1 : T - 1) : T - 1;
+            const long last = shift >= 0 ? (shift + m0 + rows - 1 < T - 1 ? shift + m0 + rows - 1 : T - 1) : T - 1;
             const long blocks = last / KB + 1;
-            const long lo_lim = causal >= 0 ? (causal + m0 < T - 1 ? causal + m0 : T - 1) : T - 1;  /* fewest keys a row sees */
+            const long lo_lim = shift >= 0 ? (shift + m0 < T - 1 ? shift + m0 : T - 1) : T - 1;  /* fewest keys a row sees */
             for (long kb = 0; kb < blocks; kb++) {
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (long s = 0; s < D / 32; s++) {
@@ -172,7 +191,7 @@ int pc_amx_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, ui
                     if (full) {
                         for (int c = 0; c < 4; c++) x[c] = _mm512_mul_ps(_mm512_load_ps(sbuf + r * KB + 16 * c), sc);
                     } else {
-                        long lim = causal >= 0 && r < rows ? causal + m0 + r : T - 1;  /* last key this row sees */
+                        long lim = shift >= 0 && r < rows ? shift + m0 + r : T - 1;  /* last key this row sees */
                         if (lim > T - 1) lim = T - 1;
                         long n = lim - kb * KB + 1;
                         n = n < 0 ? 0 : n > KB ? KB : n;
@@ -227,16 +246,18 @@ int pc_amx_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, ui
                     const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), inv));
                     _mm256_storeu_si256((__m256i *)(dst + 16 * c), (__m256i)y);
                 }
-                if (lse) lse[(b * H + h) * M + m0 + r] = (mx[r] + log2f(sum)) * 0.69314718055994531f;
+                lse[(b * H + h) * M + m0 + r] = (mx[r] + log2f(sum)) * 0.69314718055994531f;
             }
         }
         _tile_release();
     }
+    free(offset);
     return 0;
 }
 
-/* The bytes of packed keys and values a pc_amx_attention call needs at `work` (64-byte aligned). */
-long pc_amx_workspace(long B, long Hkv, long T, long D, long Dv) {
-    const long Tp = (T + KB - 1) / KB * KB;
-    return 2 * B * Hkv * Tp * (D + Dv);
+/* The bytes of packed keys and values a pc_amx_attention call over `kv` (B rows) needs at `work`. */
+long pc_amx_workspace(const long *kv, long B, long Hkv, long D, long Dv) {
+    long n = 0;
+    for (long b = 0; b < B; b++) n += packed_size(Hkv, kv[7 * b + 6], D, Dv);
+    return 2 * n;
 }

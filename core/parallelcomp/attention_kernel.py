@@ -45,9 +45,10 @@ def unavailable_reason() -> str:
 
 
 def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether `attend` computes these (B, H, M, D), (B, H_kv, T, D), (B, H_kv, T, Dv) tensors:
-    bf16 on CPU, rows contiguous in the last dimension, H a multiple of H_kv, D a multiple of 32
-    and Dv of 64 (each at most 256), and an available kernel."""
+    """Whether `attend` computes these (B, H, M, D), (B, H_kv, T, D), (B, H_kv, T, Dv) tensors (or
+    `attend_rows` the query with such keys and values per row, B = 1): bf16 on CPU, rows contiguous
+    in the last dimension, H a multiple of H_kv, D a multiple of 32 and Dv of 64 (each at most
+    256), and an available kernel."""
     d, dv = key.shape[-1], value.shape[-1]
     return (all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 and t.dim() == 4
                 for t in (query, key, value))
@@ -62,18 +63,27 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: f
     queries at the end of its keys); else every key. Returns the output (B, H, M, Dv) in bf16, a
     view of a (B, M, H, Dv) tensor (transformers' layout after `.transpose(1, 2)`), and the
     log-sum-exps (B, H, M) in fp32. Call only where `takes` holds."""
+    return attend_rows(query, [(key[b : b + 1], value[b : b + 1]) for b in range(key.shape[0])], scale, causal=causal)
+
+
+def attend_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]], scale: float | None = None,
+                causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend` with keys and values of its own per batch row: row b of query (B, H, M, D) attends
+    over rows[b] = (key (1, H_kv, T_b, D), value (1, H_kv, T_b, Dv)), read where they are (phase 2:
+    each chunk in the store), in one call of the kernel. Call only where `takes` holds for each."""
     b, h, m, d = query.shape
-    h_kv, t, dv = key.shape[1], key.shape[2], value.shape[-1]
+    h_kv, dv = rows[0][0].shape[1], rows[0][1].shape[-1]
     lib = _library()[0]
+    kv = torch.tensor([[k.data_ptr(), k.stride(1), k.stride(2), v.data_ptr(), v.stride(1), v.stride(2), k.shape[2]]
+                       for k, v in rows], dtype=torch.int64)
     out = torch.empty(b, m, h, dv, dtype=torch.bfloat16).transpose(1, 2)
     lse = torch.empty(b, h, m, dtype=torch.float32)
     code = lib.pc_amx_attention(
-        query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, h_kv, m, t, d, dv,
-        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], t - m if causal else -1,
-        d**-0.5 if scale is None else scale, torch.get_num_threads(),
-        _workspace(lib.pc_amx_workspace(b, h_kv, t, d, dv)))
+        query.data_ptr(), kv.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, h_kv, m, d, dv, *query.stride()[:3],
+        *out.stride()[:3], int(causal), d**-0.5 if scale is None else scale, torch.get_num_threads(),
+        _workspace(lib.pc_amx_workspace(kv.data_ptr(), b, h_kv, d, dv)))
     if code != 0:  # shapes are checked by `takes`
-        raise ValueError(f"AMX attention kernel declined {tuple(query.shape)} over {tuple(key.shape)} (code {code})")
+        raise ValueError(f"AMX attention kernel declined {tuple(query.shape)} over {len(rows)} rows (code {code})")
     return out, lse
 
 
@@ -100,8 +110,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if lib.pc_amx_init() != 0:
         return None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     lib.pc_amx_attention.restype = ctypes.c_int
-    lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] * 20
-                                     + [ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
+    lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12
+                                     + [ctypes.c_int, ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
     lib.pc_amx_workspace.restype = ctypes.c_long
-    lib.pc_amx_workspace.argtypes = [ctypes.c_long] * 5
+    lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4
     return lib, ""
