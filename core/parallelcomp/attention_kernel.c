@@ -104,7 +104,7 @@ static void pack_values(const uint16_t *v, long vs, long T, long Dv, long g, uin
     }
 }
 
-/* The packed keys and values of batch entry b start at offset[b] (in bf16 elements) of the work area. */
+/* The bf16 elements of one row's packed keys and values. */
 static long packed_size(long Hkv, long T, long D, long Dv) { return Hkv * ((T + KB - 1) / KB * KB) * (D + Dv); }
 
 /* out[b, h, m] = softmax(scale · q[b, h, m]·K_b[h / (H/Hkv)]ᵀ) V_b over the keys row m sees: every
@@ -119,30 +119,15 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
                      int causal, float scale, long threads, void *work) {
     if (D % 32 || D > 256 || Dv % 64 || Dv > 256 || H % Hkv || M < 1 || B < 1) return 1;
     const long P = D / 2, G = H / Hkv, C = Dv / 16;
-    long *offset = (long *)malloc(sizeof(long) * 2 * (B + 1));  /* packed offsets, then cumulative key groups */
-    if (!offset) return 2;
-    long *groups = offset + B + 1;
-    offset[0] = groups[0] = 0;
+    long most = 0;  /* the largest row's packed keys and values, in bf16 elements */
     for (long b = 0; b < B; b++) {
         const long T = kv[7 * b + 6];
-        if (T < 1 || (causal && T < M)) { free(offset); return 1; }
-        offset[b + 1] = offset[b] + packed_size(Hkv, T, D, Dv);
-        groups[b + 1] = groups[b] + Hkv * ((T + KB - 1) / KB * KB) / 16;
+        if (T < 1 || (causal && T < M)) return 1;
+        most = packed_size(Hkv, T, D, Dv) > most ? packed_size(Hkv, T, D, Dv) : most;
     }
-    const long qblocks = (M + QB - 1) / QB, items = B * H * qblocks;
+    const long qblocks = (M + QB - 1) / QB, items = H * qblocks;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-        for (long i = 0; i < groups[B]; i++) {
-            long b = 0;
-            while (groups[b + 1] <= i) b++;
-            const long *e = kv + 7 * b, T = e[6], kgroups = (T + KB - 1) / KB * KB / 16;
-            const long h = (i - groups[b]) / kgroups, g = (i - groups[b]) % kgroups;
-            uint32_t *kp = (uint32_t *)((uint16_t *)work + offset[b]);
-            uint16_t *vp = (uint16_t *)work + offset[b] + Hkv * kgroups * 16 * D;
-            pack_keys((const uint16_t *)e[0] + h * e[1], e[2], T, D, g, kp + h * kgroups * P * 16);
-            if (g % 2 == 0) pack_values((const uint16_t *)e[3] + h * e[4], e[5], T, Dv, g / 2, vp + h * kgroups * 16 * Dv);
-        }
         configure();
         uint16_t qbuf[QB * 256] __attribute__((aligned(64)));
         uint16_t pbuf[QB * KB] __attribute__((aligned(64)));
@@ -150,114 +135,127 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
         float obuf[QB * 256] __attribute__((aligned(64)));
         float mx[QB], lsum[QB * 16] __attribute__((aligned(64)));
         const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f), ninf = _mm512_set1_ps(-INFINITY);
-#pragma omp for schedule(dynamic, 1)
-        for (long it = 0; it < items; it++) {
-            /* causal: the longest rows first, so that the dynamic schedule ends balanced */
-            const long blk = causal ? qblocks - 1 - it % qblocks : it % qblocks, bh = it / qblocks;
-            const long b = bh / H, h = bh % H, hk = h / G, m0 = blk * QB, rows = M - m0 < QB ? M - m0 : QB;
-            const long T = kv[7 * b + 6], Tp = (T + KB - 1) / KB * KB, kgroups = Tp / 16;
+        /* Row by row, so that a row's packed keys and values stay in the cores' caches while its
+         * queries read them; two buffers, so that a thread done with row b packs row b + 1 while
+         * the others finish row b (the packing loop's barrier keeps row b + 2 from overwriting it). */
+        for (long b = 0; b < B; b++) {
+            const long *e = kv + 7 * b, T = e[6], Tp = (T + KB - 1) / KB * KB, kgroups = Tp / 16;
             const long shift = causal ? T - M : -1;  /* row m sees keys t <= shift + m */
-            const uint32_t *kh = (const uint32_t *)((const uint16_t *)work + offset[b]) + hk * kgroups * P * 16;
-            const uint16_t *vh = (const uint16_t *)work + offset[b] + Hkv * Tp * D + hk * Tp * Dv;
-            for (long r = 0; r < QB; r++) {
-                if (r < rows) memcpy(qbuf + r * D, q + b * qs_b + h * qs_h + (m0 + r) * qs_m, 2 * D);
-                else memset(qbuf + r * D, 0, 2 * D);
-                mx[r] = -INFINITY;
-                _mm512_store_ps(lsum + 16 * r, _mm512_setzero_ps());
+            uint32_t *kp = (uint32_t *)((uint16_t *)work + (b % 2) * most);
+            uint16_t *vp = (uint16_t *)work + (b % 2) * most + Hkv * Tp * D;
+#pragma omp for schedule(static)
+            for (long i = 0; i < Hkv * kgroups; i++) {
+                const long h = i / kgroups, g = i % kgroups;
+                pack_keys((const uint16_t *)e[0] + h * e[1], e[2], T, D, g, kp + h * kgroups * P * 16);
+                if (g % 2 == 0) pack_values((const uint16_t *)e[3] + h * e[4], e[5], T, Dv, g / 2, vp + h * Tp * Dv);
             }
-            memset(obuf, 0, sizeof(float) * QB * Dv);
-            const long last = shift >= 0 ? (shift + m0 + rows - 1 < T - 1 ? shift + m0 + rows - 1 : T - 1) : T - 1;
-            const long blocks = last / KB + 1;
-            const long lo_lim = shift >= 0 ? (shift + m0 < T - 1 ? shift + m0 : T - 1) : T - 1;  /* fewest keys a row sees */
-            for (long kb = 0; kb < blocks; kb++) {
-                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                for (long s = 0; s < D / 32; s++) {
-                    _tile_loadd(4, qbuf + 32 * s, 2 * D);
-                    const uint32_t *kt = kh + (kb * 4 * P + 16 * s) * 16;
-                    _tile_loadd(5, kt, 64); _tile_dpbf16ps(0, 4, 5);
-                    _tile_loadd(6, kt + P * 16, 64); _tile_dpbf16ps(1, 4, 6);
-                    _tile_loadd(5, kt + 2 * P * 16, 64); _tile_dpbf16ps(2, 4, 5);
-                    _tile_loadd(6, kt + 3 * P * 16, 64); _tile_dpbf16ps(3, 4, 6);
-                }
-                _tile_stored(0, sbuf, 4 * KB); _tile_stored(1, sbuf + 16, 4 * KB);
-                _tile_stored(2, sbuf + 32, 4 * KB); _tile_stored(3, sbuf + 48, 4 * KB);
-                /* the block's scores, in log2 units: x = s·scale·log2(e). Online softmax with a lazy
-                 * maximum: a row's running maximum moves (and its sum and output are rescaled) only
-                 * when a score exceeds it by more than LAZY, so p = 2^(x - max) <= 2^LAZY. */
-                const int full = kb * KB + KB - 1 <= lo_lim;
+#pragma omp for schedule(dynamic, 1) nowait
+            for (long it = 0; it < items; it++) {
+                /* causal: the longest query blocks first, so that the dynamic schedule ends balanced */
+                const long blk = causal ? qblocks - 1 - it % qblocks : it % qblocks, h = it / qblocks, hk = h / G;
+                const long m0 = blk * QB, rows = M - m0 < QB ? M - m0 : QB;
+                const uint32_t *kh = kp + hk * kgroups * P * 16;
+                const uint16_t *vh = vp + hk * Tp * Dv;
                 for (long r = 0; r < QB; r++) {
-                    __m512 x[4];
-                    __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
-                    if (full) {
-                        for (int c = 0; c < 4; c++) x[c] = _mm512_mul_ps(_mm512_load_ps(sbuf + r * KB + 16 * c), sc);
-                    } else {
-                        long lim = shift >= 0 && r < rows ? shift + m0 + r : T - 1;  /* last key this row sees */
-                        if (lim > T - 1) lim = T - 1;
-                        long n = lim - kb * KB + 1;
-                        n = n < 0 ? 0 : n > KB ? KB : n;
-                        for (int c = 0; c < 4; c++) {
-                            const long left = n - 16 * c;
-                            mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-                            x[c] = _mm512_mask_mul_ps(ninf, mk[c], _mm512_load_ps(sbuf + r * KB + 16 * c), sc);
+                    if (r < rows) memcpy(qbuf + r * D, q + b * qs_b + h * qs_h + (m0 + r) * qs_m, 2 * D);
+                    else memset(qbuf + r * D, 0, 2 * D);
+                    mx[r] = -INFINITY;
+                    _mm512_store_ps(lsum + 16 * r, _mm512_setzero_ps());
+                }
+                memset(obuf, 0, sizeof(float) * QB * Dv);
+                const long last = shift >= 0 ? (shift + m0 + rows - 1 < T - 1 ? shift + m0 + rows - 1 : T - 1) : T - 1;
+                const long blocks = last / KB + 1;
+                const long lo_lim = shift >= 0 ? (shift + m0 < T - 1 ? shift + m0 : T - 1) : T - 1;  /* fewest keys a row sees */
+                for (long kb = 0; kb < blocks; kb++) {
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    for (long s = 0; s < D / 32; s++) {
+                        _tile_loadd(4, qbuf + 32 * s, 2 * D);
+                        const uint32_t *kt = kh + (kb * 4 * P + 16 * s) * 16;
+                        _tile_loadd(5, kt, 64); _tile_dpbf16ps(0, 4, 5);
+                        _tile_loadd(6, kt + P * 16, 64); _tile_dpbf16ps(1, 4, 6);
+                        _tile_loadd(5, kt + 2 * P * 16, 64); _tile_dpbf16ps(2, 4, 5);
+                        _tile_loadd(6, kt + 3 * P * 16, 64); _tile_dpbf16ps(3, 4, 6);
+                    }
+                    _tile_stored(0, sbuf, 4 * KB); _tile_stored(1, sbuf + 16, 4 * KB);
+                    _tile_stored(2, sbuf + 32, 4 * KB); _tile_stored(3, sbuf + 48, 4 * KB);
+                    /* the block's scores, in log2 units: x = s·scale·log2(e). Online softmax with a lazy
+                     * maximum: a row's running maximum moves (and its sum and output are rescaled) only
+                     * when a score exceeds it by more than LAZY, so p = 2^(x - max) <= 2^LAZY. */
+                    const int full = kb * KB + KB - 1 <= lo_lim;
+                    for (long r = 0; r < QB; r++) {
+                        __m512 x[4];
+                        __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+                        if (full) {
+                            for (int c = 0; c < 4; c++) x[c] = _mm512_mul_ps(_mm512_load_ps(sbuf + r * KB + 16 * c), sc);
+                        } else {
+                            long lim = shift >= 0 && r < rows ? shift + m0 + r : T - 1;  /* last key this row sees */
+                            if (lim > T - 1) lim = T - 1;
+                            long n = lim - kb * KB + 1;
+                            n = n < 0 ? 0 : n > KB ? KB : n;
+                            for (int c = 0; c < 4; c++) {
+                                const long left = n - 16 * c;
+                                mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                                x[c] = _mm512_mask_mul_ps(ninf, mk[c], _mm512_load_ps(sbuf + r * KB + 16 * c), sc);
+                            }
                         }
-                    }
-                    const __m512 top = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
-                    if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(mx[r] + LAZY), _CMP_GT_OQ)) {
-                        const float mnew = _mm512_reduce_max_ps(top);
-                        if (mx[r] != -INFINITY) {
-                            const __m512 a = _mm512_set1_ps(exp2f(mx[r] - mnew));
-                            for (long c = 0; c < C; c++)
-                                _mm512_store_ps(obuf + r * Dv + 16 * c, _mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), a));
-                            _mm512_store_ps(lsum + 16 * r, _mm512_mul_ps(_mm512_load_ps(lsum + 16 * r), a));
+                        const __m512 top = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
+                        if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(mx[r] + LAZY), _CMP_GT_OQ)) {
+                            const float mnew = _mm512_reduce_max_ps(top);
+                            if (mx[r] != -INFINITY) {
+                                const __m512 a = _mm512_set1_ps(exp2f(mx[r] - mnew));
+                                for (long c = 0; c < C; c++)
+                                    _mm512_store_ps(obuf + r * Dv + 16 * c, _mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), a));
+                                _mm512_store_ps(lsum + 16 * r, _mm512_mul_ps(_mm512_load_ps(lsum + 16 * r), a));
+                            }
+                            mx[r] = mnew;
                         }
-                        mx[r] = mnew;
+                        const __m512 mm = _mm512_set1_ps(mx[r]);
+                        __m512 acc = _mm512_load_ps(lsum + 16 * r);
+                        for (int c = 0; c < 4; c += 2) {
+                            const __m512 p0 = _mm512_maskz_mov_ps(mk[c], exp2_16(_mm512_sub_ps(x[c], mm)));
+                            const __m512 p1 = _mm512_maskz_mov_ps(mk[c + 1], exp2_16(_mm512_sub_ps(x[c + 1], mm)));
+                            acc = _mm512_add_ps(acc, _mm512_add_ps(p0, p1));
+                            _mm512_store_si512((__m512i *)(pbuf + r * KB + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+                        }
+                        _mm512_store_ps(lsum + 16 * r, acc);
                     }
-                    const __m512 mm = _mm512_set1_ps(mx[r]);
-                    __m512 acc = _mm512_load_ps(lsum + 16 * r);
-                    for (int c = 0; c < 4; c += 2) {
-                        const __m512 p0 = _mm512_maskz_mov_ps(mk[c], exp2_16(_mm512_sub_ps(x[c], mm)));
-                        const __m512 p1 = _mm512_maskz_mov_ps(mk[c + 1], exp2_16(_mm512_sub_ps(x[c + 1], mm)));
-                        acc = _mm512_add_ps(acc, _mm512_add_ps(p0, p1));
-                        _mm512_store_si512((__m512i *)(pbuf + r * KB + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+                    for (long c0 = 0; c0 < C; c0 += 4) {
+                        float *o = obuf + 16 * c0;
+                        _tile_loadd(0, o, 4 * Dv); _tile_loadd(1, o + 16, 4 * Dv);
+                        _tile_loadd(2, o + 32, 4 * Dv); _tile_loadd(3, o + 48, 4 * Dv);
+                        for (long half = 0; half < 2; half++) {
+                            _tile_loadd(4, pbuf + 32 * half, 2 * KB);
+                            const uint16_t *vt = vh + ((kb * 2 + half) * C + c0) * 512;
+                            _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
+                            _tile_loadd(6, vt + 512, 64); _tile_dpbf16ps(1, 4, 6);
+                            _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5);
+                            _tile_loadd(6, vt + 1536, 64); _tile_dpbf16ps(3, 4, 6);
+                        }
+                        _tile_stored(0, o, 4 * Dv); _tile_stored(1, o + 16, 4 * Dv);
+                        _tile_stored(2, o + 32, 4 * Dv); _tile_stored(3, o + 48, 4 * Dv);
                     }
-                    _mm512_store_ps(lsum + 16 * r, acc);
                 }
-                for (long c0 = 0; c0 < C; c0 += 4) {
-                    float *o = obuf + 16 * c0;
-                    _tile_loadd(0, o, 4 * Dv); _tile_loadd(1, o + 16, 4 * Dv);
-                    _tile_loadd(2, o + 32, 4 * Dv); _tile_loadd(3, o + 48, 4 * Dv);
-                    for (long half = 0; half < 2; half++) {
-                        _tile_loadd(4, pbuf + 32 * half, 2 * KB);
-                        const uint16_t *vt = vh + ((kb * 2 + half) * C + c0) * 512;
-                        _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
-                        _tile_loadd(6, vt + 512, 64); _tile_dpbf16ps(1, 4, 6);
-                        _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5);
-                        _tile_loadd(6, vt + 1536, 64); _tile_dpbf16ps(3, 4, 6);
+                for (long r = 0; r < rows; r++) {
+                    const float sum = _mm512_reduce_add_ps(_mm512_load_ps(lsum + 16 * r));
+                    const __m512 inv = _mm512_set1_ps(1.0f / sum);
+                    uint16_t *dst = out + b * os_b + h * os_h + (m0 + r) * os_m;
+                    for (long c = 0; c < C; c++) {
+                        const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), inv));
+                        _mm256_storeu_si256((__m256i *)(dst + 16 * c), (__m256i)y);
                     }
-                    _tile_stored(0, o, 4 * Dv); _tile_stored(1, o + 16, 4 * Dv);
-                    _tile_stored(2, o + 32, 4 * Dv); _tile_stored(3, o + 48, 4 * Dv);
+                    lse[(b * H + h) * M + m0 + r] = (mx[r] + log2f(sum)) * 0.69314718055994531f;
                 }
-            }
-            for (long r = 0; r < rows; r++) {
-                const float sum = _mm512_reduce_add_ps(_mm512_load_ps(lsum + 16 * r));
-                const __m512 inv = _mm512_set1_ps(1.0f / sum);
-                uint16_t *dst = out + b * os_b + h * os_h + (m0 + r) * os_m;
-                for (long c = 0; c < C; c++) {
-                    const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), inv));
-                    _mm256_storeu_si256((__m256i *)(dst + 16 * c), (__m256i)y);
-                }
-                lse[(b * H + h) * M + m0 + r] = (mx[r] + log2f(sum)) * 0.69314718055994531f;
             }
         }
         _tile_release();
     }
-    free(offset);
     return 0;
 }
 
-/* The bytes of packed keys and values a pc_amx_attention call over `kv` (B rows) needs at `work`. */
+/* The bytes of packed keys and values a pc_amx_attention call over `kv` (B rows) needs at `work`:
+ * two buffers (one for a single row) of the largest row's. */
 long pc_amx_workspace(const long *kv, long B, long Hkv, long D, long Dv) {
-    long n = 0;
-    for (long b = 0; b < B; b++) n += packed_size(Hkv, kv[7 * b + 6], D, Dv);
-    return 2 * n;
+    long most = 0;
+    for (long b = 0; b < B; b++) most = packed_size(Hkv, kv[7 * b + 6], D, Dv) > most ? packed_size(Hkv, kv[7 * b + 6], D, Dv) : most;
+    return 2 * (B > 1 ? 2 : 1) * most;
 }
