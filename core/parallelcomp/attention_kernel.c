@@ -78,6 +78,9 @@ static void pack_keys(const uint16_t *k, long ks, long T, long D, long g, uint32
     const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm512_set1_epi32((int)ks));
     const __mmask16 live = T - t0 >= 16 ? 0xFFFF : (__mmask16)((1u << (T - t0)) - 1);
+    if (t0 + 32 <= T)  /* the next group's rows: gathers defeat the hardware's prefetch from memory */
+        for (long n = 16; n < 32; n++)
+            for (long x = 0; x < 2 * D; x += 64) _mm_prefetch((const char *)(k + (t0 + n) * ks) + x, _MM_HINT_T0);
     for (long p = 0; p < P; p++)
         _mm512_store_si512((__m512i *)(o + p * 16),
                            _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, k + t0 * ks + 2 * p, 2));
