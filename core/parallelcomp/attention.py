@@ -417,13 +417,13 @@ def _attend_on_tiles(prefix: LayerKV, contexts: list[list[LayerKV]], masks: dict
                      query, key, value, attention_mask, scale: float) -> torch.Tensor | None:
     """Phase 2's attention on the "amx" kernel, for one layer without a sliding window; None where
     the kernel does not take the tensors. Each row's chunk (its first segment) is attended on the
-    AMX tiles, read where it is stored, all rows in one call (attention_kernel.attend_rows, no mask:
-    the question sees every chunk key); the prefix,
-    any later segments (the question head) and the question's own keys, the same length in every
-    row, are attended by all rows in one call of torch's fused kernel under the question's causal
-    mask. The two parts merge by their log-sum-exps (the split-key softmax of
-    `_split_key_attention`), exact up to rounding; nothing is concatenated but the short part.
-    query (B, H, q, D), key and value (B, H_kv, q, D); returns (B, q, H, Dv)."""
+    AMX tiles, read where it is stored, all rows in one call (attention_kernel.attend_rows, no
+    mask: the question sees every chunk key); the prefix, any later segments (the question head)
+    and the question's own keys, the same length in every row, are attended by all rows in one
+    call of torch's fused kernel under the question's causal mask. The two parts merge by their
+    log-sum-exps (the split-key softmax of `_split_key_attention`), exact up to rounding; nothing
+    is concatenated but the short part. query (B, H, q, D), key and value (B, H_kv, q, D);
+    returns (B, q, H, Dv)."""
     b, h, q, d = query.shape
     h_kv, g = key.shape[1], h // key.shape[1]
     rows = query.reshape(b, h_kv, g * q, d)  # head h ↔ KV head h // G

@@ -6,13 +6,14 @@
  * pc_amx_attention: out[b, h, m] = softmax(scale * q[b, h, m] . K_b[h / G]^T) V_b[h / G], for
  * every key or, causal, for keys t <= T_b - M + m (the bottom-right aligned mask of a query block
  * at the end of its keys). Each batch entry reads keys and values of its own length from where
- * they are (phase 2: each row's chunk in the store), so one call serves a whole micro-batch. FlashAttention's loop (Dao et al. 2022, Alg. 1),
- * one block of QB query rows against KB keys at a time: the scores are four 16x16 tile products,
+ * they are (phase 2: each row's chunk in the store), so one call serves a whole micro-batch.
+ * FlashAttention's loop (Dao et al. 2022, Alg. 1), one block of QB query rows against KB keys at
+ * a time: the scores are four 16x16 tile products,
  * the online softmax runs on AVX-512 registers, and the probabilities (rounded to bf16, as torch's
  * fused kernel does) times the values are four more tile products accumulated into the output.
  *
  * Two things make it faster than torch's fused CPU kernel here (docs/hardware.md):
- * - keys and values are packed once per call into the tiles' pair-interleaved ("VNNI") layout,
+ * - keys and values are packed once per row into the tiles' pair-interleaved ("VNNI") layout,
  *   which every query block of the head then loads row by row;
  * - a row's running maximum moves only when a score exceeds it by more than LAZY (in log2 units),
  *   so the common block needs no horizontal maximum, no rescaling of the output and no scalar

@@ -30,7 +30,7 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-
 CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 
 _log = logging.getLogger(__name__)
-_scratch = threading.local()  # each thread's packed-KV workspace, grown to the largest call
+_scratch = threading.local()  # each thread's packed-KV workspace (two rows' worth), grown to the largest call
 
 
 def available() -> bool:

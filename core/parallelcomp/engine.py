@@ -411,7 +411,8 @@ class ParallelComp:
             if comp is None:
                 nll = self.question_nll(parts, scored, group, keys, prefix, report)
             else:
-                nll = question_nll(self.model, prefix, group, parts.question_ids, scored, comp.observe, self.attention_kernel)
+                nll = question_nll(self.model, prefix, group, parts.question_ids, scored, comp.observe,
+                                   self.attention_kernel)
             raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in group})
             for enc, chunk_nll in zip(comp.apply(group) if comp else group, nll.mean(dim=1).tolist()):
                 scores[enc.chunk.index] = chunk_nll
