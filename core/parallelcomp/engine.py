@@ -629,7 +629,7 @@ def _attention_kernel(model, choice: str) -> str:
     _, _, head_dim = kvops.layout(model)
     amx = model.device.type == "cpu" and model.dtype == torch.bfloat16 and head_dim % 64 == 0 and head_dim <= 256
     if choice == "amx" and not (amx and attention_kernel.available()):
-        why = attention_kernel.unavailable_reason() or (
+        why = attention_kernel.unavailable_reason() if amx else (
             f"it takes bf16 models on CPU with a head size that is a multiple of 64 up to 256, not a "
             f"{model.dtype} model on {model.device.type} with head size {head_dim}")
         raise ConfigError(f'attention_kernel="amx" cannot run here: {why}; use "auto" or "fused"')
