@@ -102,6 +102,40 @@ def test_rows_with_keys_of_their_own_equal_one_call_per_row(monkeypatch, threads
         torch.testing.assert_close(lse[b : b + 1].double(), ref_lse, atol=1e-4, rtol=1e-5)
 
 
+_GUARDED = r"""
+import ctypes, mmap, sys, torch
+sys.path.insert(0, sys.argv[1])
+from parallelcomp import attention_kernel
+page = mmap.PAGESIZE
+for keys in (70, 1, 17, 64, 129):  # 70: the padded block holds three key groups past the last key
+    buf = mmap.mmap(-1, 2 * page * 64)
+    end = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + len(buf) - page
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(end), page, 0) == 0  # the page after the keys: no access
+    n = 3 * keys * 64
+    key = torch.frombuffer(buf, dtype=torch.bfloat16, count=n, offset=len(buf) - page - 2 * n).view(1, 3, keys, 64)
+    key.copy_(torch.randn(key.shape))
+    value = torch.randn(1, 3, keys, 64).to(torch.bfloat16)
+    out, _ = attention_kernel.attend(torch.randn(1, 3, 5, 64).to(torch.bfloat16), key, value)
+    assert torch.isfinite(out.float()).all()
+    del key, out
+print("read nothing past the keys")
+"""
+
+
+@needs_amx
+def test_packing_reads_no_key_past_the_last_one(tmp_path):
+    """Keys whose storage ends right before a page the process may not read: packing must stop at the
+    last key, also in the key groups that only pad the count to a whole block (it once read 16 rows
+    there, which crashed a test run whenever a chunk's keys ended at the end of a mapping). In a
+    subprocess, so that a fault fails this test instead of ending the run."""
+    import subprocess
+    import sys
+
+    core = os.path.dirname(os.path.dirname(attention_kernel.__file__))
+    run = subprocess.run([sys.executable, "-c", _GUARDED, core], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "read nothing past the keys" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
 @needs_amx
 def test_a_maximum_that_keeps_rising_and_one_that_comes_first():
     """The lazy maximum: scores that rise by ~40 (log2 units) from block to block rescale the output

@@ -78,7 +78,8 @@ static void pack_keys(const uint16_t *k, long ks, long T, long D, long g, uint32
     uint32_t *o = dst + g * P * 16;
     const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            _mm512_set1_epi32((int)ks));
-    const __mmask16 live = T - t0 >= 16 ? 0xFFFF : (__mmask16)((1u << (T - t0)) - 1);
+    /* the keys of this group that exist: none in the groups that pad T to a whole block */
+    const __mmask16 live = T - t0 >= 16 ? 0xFFFF : T <= t0 ? 0 : (__mmask16)((1u << (T - t0)) - 1);
     if (t0 + 32 <= T)  /* the next group's rows: gathers defeat the hardware's prefetch from memory */
         for (long n = 16; n < 32; n++)
             for (long x = 0; x < 2 * D; x += 64) _mm_prefetch((const char *)(k + (t0 + n) * ks) + x, _MM_HINT_T0);
