@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# attention_kernel.c under AddressSanitizer: builds it with -fsanitize=address and runs N (default
+# 300) random shapes through attention_kernel.attend (causal, transformers' strided layout) and
+# attend_rows (rows with keys of their own, views with an offset), 1-3 threads, each against torch's
+# SDPA. Needs a CPU with AMX (docs/hardware.md, "The AMX attention kernel") and gcc's libasan.
+#   scripts/asan-attention-kernel.sh [N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" PYTHONPATH="core${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-.venv/bin/python}" - "${1:-300}" <<'PY'
+import ctypes, random, subprocess, sys, tempfile
+
+import torch
+
+from parallelcomp import attention_kernel as ak
+
+so = tempfile.mkdtemp() + "/attention_kernel_asan.so"
+flags = [f for f in ak.FLAGS if f != "-O3"] + ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+subprocess.run(["gcc", *flags, "-o", so, str(ak.SOURCE), "-lm"], check=True)
+lib = ctypes.CDLL(so)
+assert lib.pc_amx_init() == 0, "Linux refused the AMX tile state"
+lib.pc_amx_attention.restype = ctypes.c_int
+lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12
+                                 + [ctypes.c_int, ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
+lib.pc_amx_workspace.restype = ctypes.c_long
+lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4
+ak._library = lambda: (lib, "")
+sdpa = torch.nn.functional.scaled_dot_product_attention
+rng = random.Random(0)
+for case in range(int(sys.argv[1])):
+    d = rng.choice([32, 64, 128])
+    dv = 64 if d == 32 else rng.choice([64, 128])
+    h_kv, g = rng.choice([1, 2, 3]), rng.choice([1, 2, 3, 7])
+    torch.set_num_threads(rng.choice([1, 2, 3]))
+    if rng.random() < 0.5:  # phase 1: causal, (B, T, H, D) memory seen as (B, H, T, D)
+        b, t = rng.choice([1, 2, 3]), rng.randint(1, 700)
+        q, k, v = (torch.randn(b, t, n, w).to(torch.bfloat16).transpose(1, 2)
+                   for n, w in ((h_kv * g, d), (h_kv, d), (h_kv, dv)))
+        out, _ = ak.attend(q, k, v, causal=True)
+        ref = sdpa(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    else:  # phase 2: each row over keys of its own, views that start 5 keys into their storage
+        b, m = rng.randint(1, 12), rng.randint(1, 70)
+        q = torch.randn(b, h_kv * g, m, d).to(torch.bfloat16)
+        rows = [(torch.randn(1, h_kv, t + 5, d).to(torch.bfloat16)[:, :, 5:], torch.randn(1, h_kv, t, dv).to(torch.bfloat16))
+                for t in (rng.randint(1, 2200) for _ in range(b))]
+        out, _ = ak.attend_rows(q, rows)
+        ref = torch.cat([sdpa(q[i : i + 1].float(), k.float(), v.float(), enable_gqa=True) for i, (k, v) in enumerate(rows)])
+    error = (out.float() - ref).abs().max().item()
+    assert error < 0.05, (case, error)
+print(f"{case + 1} shapes, no AddressSanitizer report, max error under 0.05")
+PY
