@@ -123,7 +123,7 @@ print("read nothing past the keys")
 
 
 @needs_amx
-def test_packing_reads_no_key_past_the_last_one(tmp_path):
+def test_packing_reads_no_key_past_the_last_one():
     """Keys whose storage ends right before a page the process may not read: packing must stop at the
     last key, also in the key groups that only pad the count to a whole block (it once read 16 rows
     there, which crashed a test run whenever a chunk's keys ended at the end of a mapping). In a
