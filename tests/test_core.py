@@ -29,7 +29,7 @@ def ids_of(tokenizer, s: str) -> list[int]:
 
 
 def two_phase_nll(model, parts, chunks: list[Chunk], kernel: str) -> torch.Tensor:
-    """Phase 1 then phase 2 on `kernel` (attention.KERNELS): each chunk's fp32 NLL of every question token."""
+    """Phase 1 then phase 2 on `kernel` (ParallelComp.attention_kernel): each chunk's fp32 NLL of every question token."""
     prefix = encode_prefix(model, parts.prefix_ids, kernel)
     encoded = encode_chunks(model, parts.prefix_ids, chunks, kernel)
     return question_nll(model, prefix, encoded, parts.question_ids, slice(0, len(parts.question_ids)),

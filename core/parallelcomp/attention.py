@@ -47,7 +47,6 @@ Handler = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 Observer = Callable[[int, int, torch.Tensor], None]  # (row, layer, probabilities)
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 Masks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a row's visible keys, hidden keys, additive mask
-KERNELS = ("sdpa", "matmul", "amx")  # how an sdpa model's phases 1 and 2 attend (ParallelCompConfig.attention_kernel)
 SPLIT_KEYS = 2048  # fewest keys per range of a split one-token attention (docs/decode.md)
 CAUSAL_ROWS = 192  # packed query rows (G per position) per block of `_causal_matmul` (docs/hardware.md)
 
@@ -110,7 +109,7 @@ def chunk_attention(model, prefix: list[LayerKV], contexts: list[list[list[Layer
     `prefix` (batch-1 KV) and the segments are read in place. The forward must get no cache and a
     4D (1, 1, q, q) causal mask, which transformers passes through as it is. `observe(row, layer,
     probs)` receives each row's fp32 attention probabilities, (H_kv, G, q, P + L_i + q). `kernel`
-    (one of KERNELS): "matmul" forms the scores with one matmul in the model's dtype, "amx"
+    (ParallelComp.attention_kernel): "matmul" forms the scores with one matmul in the model's dtype, "amx"
     attends over each row's chunk on attention_kernel.py's tiles; "sdpa" is torch's fused kernel.
     `kept`: filled with each layer's KV of the first `keep` question tokens, (B, H_kv, keep, D).
     """

@@ -44,16 +44,23 @@ def unavailable_reason() -> str:
     return _library()[1]
 
 
+def takes_heads(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: int) -> bool:
+    """Whether the kernel computes heads of these sizes in this dtype on this device, available or
+    not: bf16 on CPU, head_dim a multiple of 32 and value_dim of 64, each at most 256."""
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and head_dim % 32 == 0
+            and value_dim % 64 == 0 and head_dim <= 256 and value_dim <= 256)
+
+
 def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether `attend` computes these (B, H, M, D), (B, H_kv, T, D), (B, H_kv, T, Dv) tensors (or
-    `attend_rows` the query with such keys and values per row, B = 1): bf16 on CPU, rows contiguous
-    in the last dimension, H a multiple of H_kv, D a multiple of 32 and Dv of 64 (each at most
-    256), and an available kernel."""
-    d, dv = key.shape[-1], value.shape[-1]
-    return (all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 and t.dim() == 4
-                for t in (query, key, value))
-            and query.shape[1] % key.shape[1] == 0 and query.shape[-1] == d and d % 32 == 0 and dv % 64 == 0
-            and d <= 256 and dv <= 256 and key.shape[2] > 0 and available())
+    `attend_rows` the query with such keys and values per row, B = 1): heads `takes_heads` admits,
+    one device and dtype, rows contiguous in the last dimension, H a multiple of H_kv, and an
+    available kernel."""
+    return (takes_heads(key.device, key.dtype, key.shape[-1], value.shape[-1])
+            and all(t.device == key.device and t.dtype == key.dtype and t.stride(-1) == 1 and t.dim() == 4
+                    for t in (query, key, value))
+            and query.shape[1] % key.shape[1] == 0 and query.shape[-1] == key.shape[-1] and key.shape[2] > 0
+            and available())
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,

@@ -627,7 +627,7 @@ def _attention_kernel(model, choice: str) -> str:
     if backend != "sdpa" or choice == "fused":
         return backend
     _, _, head_dim = kvops.layout(model)
-    amx = model.device.type == "cpu" and model.dtype == torch.bfloat16 and head_dim % 64 == 0 and head_dim <= 256
+    amx = attention_kernel.takes_heads(model.device, model.dtype, head_dim, head_dim)
     if choice == "amx" and not (amx and attention_kernel.available()):
         why = attention_kernel.unavailable_reason() if amx else (
             f"it takes bf16 models on CPU with a head size that is a multiple of 64 up to 256, not a "

@@ -110,7 +110,7 @@ def measure_attention(shape: tuple[int, int, int, int, int] = _ATTENTION_PROBE, 
     kernels = {"fused": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                  enable_gqa=True),
                "matmul": lambda: _causal_matmul(q, k, v, None)}
-    if attention_kernel.takes(q, k, v) and d % 64 == 0:
+    if attention_kernel.takes(q, k, v):
         kernels["amx"] = lambda: attention_kernel.attend(q, k, v, causal=True)
     best = dict.fromkeys(kernels, math.inf)
     for attend in kernels.values():

@@ -85,7 +85,7 @@ def question_rows(budget_tokens: int, question_tokens: int) -> int:
 
 @torch.inference_mode()
 def encode_prefix(model, prefix_ids: list[int], kernel: str = "sdpa") -> list[kvops.LayerKV]:
-    """The prompt prefix's KV, batch 1, on the attention `kernel` of phase 1 (attention.KERNELS)."""
+    """The prompt prefix's KV, batch 1, on the attention `kernel` of phase 1 (ParallelComp.attention_kernel)."""
     device = model.device
     if not prefix_ids:
         return _empty_kv(model)
@@ -136,7 +136,7 @@ def question_nll(
     before averaging). Row i runs the question behind [prefix ‖ chunk i], both read in place
     (`attention.chunk_attention`); only the question tokens before the last scored one (or up to
     the last one `observe` needs) go through the model. `observe(row, layer, probs)` receives the
-    question's attention (e.g. for KV compression). `kernel`: the attention kernel (attention.KERNELS).
+    question's attention (e.g. for KV compression). `kernel`: the attention kernel (ParallelComp.attention_kernel).
 
     `head`: how many leading question tokens are the question-independent head (`Head`; the first
     scored token must follow it, and no `observe`). If the rows carry their `head` (all of them),
