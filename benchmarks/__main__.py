@@ -70,6 +70,8 @@ def main(argv=None) -> None:
                     help="prefill_batch_tokens values, one row each (default: the config's default)")
     sc.add_argument("--attention-kernels", nargs="+", default=["auto"], choices=["auto", "fused", "matmul", "amx"],
                     help="attention_kernel values, one row each (fused and matmul: side by side)")
+    sc.add_argument("--layer-kernels", nargs="+", default=["auto"], choices=["auto", "torch"],
+                    help="layer_kernel values, one row each (auto and torch: side by side)")
     sc.add_argument("--out", default=str(DEFAULT_OUT / "prefill-scaling"))
     rs = sub.add_parser("ray-scaling", help="encode and question times with 1 and 2 Ray workers vs one process")
     rs.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536])
@@ -138,7 +140,8 @@ def main(argv=None) -> None:
     elif opts.command == "prefill-scaling":
         from .prefill_scaling import run as run_scaling
 
-        print(run_scaling(opts.lengths, opts.stores, opts.batch_tokens, Path(opts.out), opts.attention_kernels))
+        print(run_scaling(opts.lengths, opts.stores, opts.batch_tokens, Path(opts.out), opts.attention_kernels,
+                          opts.layer_kernels))
     elif opts.command == "memory":
         from .memory_estimate import run as run_memory
 

@@ -1,8 +1,9 @@
 """`python -m benchmarks prefill-scaling`: a cold prefill at growing context lengths, next to its
 FLOP bound, and the peak RSS with each tier of the chunk store.
 
-Per length, store, `--batch-tokens` value (`prefill_batch_tokens`) and `--attention-kernels`
-value (`attention_kernel`; side by side when given both): one fresh process (so its
+Per length, store, `--batch-tokens` value (`prefill_batch_tokens`), `--attention-kernels`
+value (`attention_kernel`) and `--layer-kernels` value (`layer_kernel`; side by side when given
+several): one fresh process (so its
 peak RSS is its own) loads the embedded model in the machine's default dtype, measures the GEMM
 rate (`main_job.GEMM`), builds the repeat-query haystack of that length and answers its first
 question with the settings `make ask` uses. The
@@ -44,7 +45,7 @@ def worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="pc-scaling-") as store:
         tier = {"kv_store_bytes": 0, "kv_store_dir": store} if spec["store"] == "disk" else {}
         config = ParallelCompConfig(**CONFIG, **tier, prefill_batch_tokens=spec["batch_tokens"],
-                                    attention_kernel=spec["kernel"])
+                                    attention_kernel=spec["kernel"], layer_kernel=spec["layers"])
         pc = ParallelComp.from_pretrained(spec["model_dir"], config)
         loaded_mb = _status_kib("VmRSS") / 1024
         gflops = measure_gflops(pc.model.dtype, GEMM, seconds=1.0)
@@ -59,7 +60,8 @@ def worker(spec: dict) -> dict:
     weights = sum(p.numel() * p.element_size() for p in pc.model.parameters())
     return {
         "length": spec["length"], "store": spec["store"], "batch_tokens": spec["batch_tokens"],
-        "kernel": spec["kernel"], "attention_kernel": s.attention_kernel,
+        "kernel": spec["kernel"], "attention_kernel": s.attention_kernel, "layers": spec["layers"],
+        "layer_kernel": s.layer_kernel,
         "tokens_in": s.tokens_in, "n_chunks": s.n_chunks,
         "dtype": s.dtype, "threads": s.threads, "gemm_gflops": round(gflops, 1), "flops": flops,
         "prefill_seconds": round(s.prefill_seconds, 2), "bound_seconds": round(flops / (gflops * 1e9), 2),
@@ -72,8 +74,8 @@ def worker(spec: dict) -> dict:
 
 
 def run(lengths: list[int], stores: list[str], batch_tokens: list[int] | None, out: Path,
-        kernels: list[str] = ("auto",)) -> Path:
-    """Measure every (length, store, prefill_batch_tokens, attention_kernel); rows of other cells
+        kernels: list[str] = ("auto",), layers: list[str] = ("auto",)) -> Path:
+    """Measure every (length, store, prefill_batch_tokens, attention_kernel, layer_kernel); rows of other cells
     already in `out` are kept if they were measured in the same dtype (one file never mixes dtypes)."""
     from parallelcomp import ParallelCompConfig
     from parallelcomp.default_model import embedded_model_dir
@@ -82,8 +84,9 @@ def run(lengths: list[int], stores: list[str], batch_tokens: list[int] | None, o
     batch_tokens = batch_tokens or [ParallelCompConfig().prefill_batch_tokens]
     previous = out / "results.json"
     rows = json.loads(previous.read_text())["rows"] if previous.exists() else []
-    for length, store, batch, kernel in itertools.product(lengths, stores, batch_tokens, kernels):
-        spec = {"model_dir": model_dir, "length": length, "store": store, "batch_tokens": batch, "kernel": kernel}
+    for length, store, batch, kernel, layer in itertools.product(lengths, stores, batch_tokens, kernels, layers):
+        spec = {"model_dir": model_dir, "length": length, "store": store, "batch_tokens": batch, "kernel": kernel,
+                "layers": layer}
         row = spawn("prefill_scaling", spec)
         rows = sorted([r for r in rows if _cell(r) != _cell(row) and r["dtype"] == row["dtype"]] + [row], key=_cell)
         out.mkdir(parents=True, exist_ok=True)
@@ -93,19 +96,20 @@ def run(lengths: list[int], stores: list[str], batch_tokens: list[int] | None, o
     return out / "results.md"
 
 
-def _cell(row: dict) -> tuple[int, str, int, str]:
-    """A row's settings; rows written before the kernel choice ran torch's fused kernel."""
-    return row["length"], row["store"], row["batch_tokens"], row.get("kernel", "fused")
+def _cell(row: dict) -> tuple[int, str, int, str, str]:
+    """A row's settings; rows written before a kernel choice existed ran torch's fused attention
+    and torch's layers."""
+    return row["length"], row["store"], row["batch_tokens"], row.get("kernel", "fused"), row.get("layers", "torch")
 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| context | store tier | batch tokens | attention | chunks | prefill s | TFLOP | GEMM GFLOP/s | bound s | prefill ÷ bound | tokens/s | "
+    lines = ["| context | store tier | batch tokens | attention | layers | chunks | prefill s | TFLOP | GEMM GFLOP/s | bound s | prefill ÷ bound | tokens/s | "
              "weights MB | RSS loaded MB | peak RSS MB | peak − loaded MB | correct | 2nd question prefill s | load 1-min |",
-             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+             "|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         lines.append(
-            f"| {r['tokens_in']:,} | {r['store']} | {r['batch_tokens']:,} | {r.get('attention_kernel', 'sdpa')} | {r['n_chunks']} | {r['prefill_seconds']} | {r['flops'] / 1e12:.2f} | "
+            f"| {r['tokens_in']:,} | {r['store']} | {r['batch_tokens']:,} | {r.get('attention_kernel', 'sdpa')} | {r.get('layer_kernel', 'torch')} | {r['n_chunks']} | {r['prefill_seconds']} | {r['flops'] / 1e12:.2f} | "
             f"{r['gemm_gflops']} | {r['bound_seconds']} | {r['prefill_seconds'] * r['gemm_gflops'] * 1e9 / r['flops']:.2f}× | "
             f"{r['tokens_per_second']:,} | {r['weights_mb']:,} | {r['loaded_rss_mb']:,} | {r['peak_rss_mb']:,} | "
             f"{r['peak_rss_mb'] - r['loaded_rss_mb']:,} | {'yes' if r['correct'] else 'no'} | "

@@ -316,13 +316,16 @@ def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatc
     monkeypatch.setattr(ParallelComp, "from_pretrained",
                         classmethod(lambda cls, path, config: cls(tiny_model("llama", len(tokenizer)), tokenizer, config)))
     rows = [prefill_scaling.worker({"model_dir": "tiny", "length": 600, "store": s, "batch_tokens": 256,
-                                    "kernel": kernel}) for s, kernel in (("memory", "auto"), ("disk", "matmul"))]
+                                    "kernel": kernel, "layers": layers})
+            for s, kernel, layers in (("memory", "auto", "auto"), ("disk", "matmul", "torch"))]
     memory, disk = rows
     assert (memory["attention_kernel"], disk["attention_kernel"]) == ("sdpa", "matmul")  # auto: fp32 → fused
+    assert memory["layer_kernel"] == disk["layer_kernel"] == "torch"  # auto: fp32 → torch's modules
     assert memory["n_chunks"] == disk["n_chunks"] > 1 and memory["flops"] == disk["flops"] > 0
     assert disk["store_bytes"] == 0 < memory["store_bytes"]
     assert memory["reused_chunks"] == disk["reused_chunks"] == memory["n_chunks"]  # the 2nd question is phase 2 only
     assert memory["bound_seconds"] == round(memory["flops"] / (memory["gemm_gflops"] * 1e9), 2)
     cfg = tiny_model("llama", len(tokenizer)).config.to_dict()
     assert memory["flops"] > prefill_flops(cfg, 0, 0, [128] * (memory["n_chunks"] - 1))  # every chunk counted
-    assert "| memory | 256 | sdpa |" in prefill_scaling.table(rows) and "| disk | 256 | matmul |" in prefill_scaling.table(rows)
+    assert "| memory | 256 | sdpa | torch |" in prefill_scaling.table(rows)
+    assert "| disk | 256 | matmul | torch |" in prefill_scaling.table(rows)

@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import platform
-import subprocess
 import threading
 from pathlib import Path
 
 import torch
 
-from . import hardware, native
+from . import native
 
 SOURCE = Path(__file__).with_name("attention_kernel.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
          "-fPIC", "-shared")
 CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 
-_log = logging.getLogger(__name__)
 _scratch = threading.local()  # each thread's packed-KV workspace (two rows' worth), grown to the largest call
 
 
@@ -106,14 +102,9 @@ def _workspace(nbytes: int) -> int:
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """The loaded library, or None and why not."""
-    missing = CPU_FLAGS - hardware.cpu_flags()
-    if platform.machine() not in ("x86_64", "AMD64") or missing:
-        return None, f"the CPU ({platform.machine()}) lacks {', '.join(sorted(missing)) or 'x86-64'}"
-    try:
-        lib = ctypes.CDLL(str(native.build(SOURCE, FLAGS)))
-    except (OSError, subprocess.SubprocessError) as exc:  # no compiler, a failed build, a cache we cannot load from
-        _log.warning("AMX attention kernel unavailable: %s", exc)
-        return None, str(exc)
+    lib, why = native.load(SOURCE, FLAGS, CPU_FLAGS, "AMX attention kernel")
+    if lib is None:
+        return None, why
     if lib.pc_amx_init() != 0:
         return None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     lib.pc_amx_attention.restype = ctypes.c_int

@@ -154,6 +154,12 @@ class ParallelCompConfig(BaseModel):
     (hardware.matmul_attention, measured once per machine): on AVX-512 BF16 without AMX the fused
     CPU kernel runs at its fp32 rate and the matmuls at about twice that; fused elsewhere. Chunk
     KV is stored under the kernel that made it (docs/hardware.md)."""
+    layer_kernel: Literal["auto", "torch"] = "auto"
+    """How a bf16 model's RMSNorms and SwiGLU gate run on CPU: "auto" runs layer_kernel.py's C
+    kernels (one pass over memory each instead of eager torch's five to six; compiled on first use)
+    on an x86-64 CPU with AVX-512 BF16 where they build, for modules whose forward is
+    transformers' Llama formula; "torch" keeps the modules' own forward. They agree to a bf16
+    rounding; chunk KV is stored under the choice (docs/hardware.md)."""
     decode_kernel: Literal["auto", "torch"] = "auto"
     """How an sdpa model's one-token decode steps attend on CPU: "auto" runs the C kernel of
     decode_kernel.py (fp32 arithmetic, the KV streamed once by all threads; compiled on first use

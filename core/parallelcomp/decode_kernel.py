@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import platform
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from . import hardware, native
+from . import native
 
 SOURCE = Path(__file__).with_name("decode_kernel.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 NAME = "c-avx2"  # RunStats.decode_kernel when these kernels run
 _GROUPS, _HEAD_DIM = 16, 256  # MAX_G, MAX_D in the C source
 
-_log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -254,13 +250,9 @@ def _plain_norm(norm, final, dtype: torch.dtype) -> bool:
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """The loaded library, or None and why not."""
-    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= hardware.cpu_flags():
-        return None, f"the CPU ({platform.machine()}) lacks AVX2 and FMA"
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError) as exc:  # no compiler, a failed build, a cache we cannot load from
-        _log.warning("decode kernels unavailable, decoding with torch's kernels: %s", exc)
-        return None, str(exc)
+    lib, why = native.load(SOURCE, FLAGS, frozenset({"avx2", "fma"}), "decode kernels (decoding with torch's)")
+    if lib is None:
+        return None, why
     lib.pc_decode_attention.restype = lib.pc_linear.restype = lib.pc_decode_step.restype = ctypes.c_int
     lib.pc_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_long] * 13
     lib.pc_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_long] * 4
@@ -268,6 +260,3 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
                                    + [ctypes.c_int] + [ctypes.c_long] * 6 + [ctypes.c_double] * 2 + [ctypes.c_long])
     return lib, ""
 
-
-def _build() -> Path:
-    return native.build(SOURCE, FLAGS)

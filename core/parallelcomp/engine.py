@@ -34,7 +34,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from . import attention_kernel, calibration, compression, decode_kernel, grammar, guard, hardware, lexical
+from . import attention_kernel, calibration, compression, decode_kernel, grammar, guard, hardware, layer_kernel, lexical
 from . import kv as kvops
 from .attention import attention_modules
 from .chunking import Chunk, check_text, make_chunks, validate_documents
@@ -134,6 +134,8 @@ class ParallelComp:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.attention_kernel = _attention_kernel(model, self.config.attention_kernel)
         self.decode_kernel = _decode_kernel(model, self.config.decode_kernel)
+        self._fused_layers = layer_kernel.modules(model) if self.config.layer_kernel == "auto" else []
+        self.layer_kernel = layer_kernel.NAME if self._fused_layers else "torch"
         self._lock = guard.run_lock(model)  # one run at a time per model, shared by its engines
         memory = self.config.kv_store_bytes
         self.store = ChunkStore(guard.total_bytes(model.device) // 3 if memory is None else memory,
@@ -193,11 +195,16 @@ class ParallelComp:
 
     # ------------------------------------------------------------------ public calls
 
+    def layers(self):
+        """A block in which the model's RMSNorms and SwiGLU gates run on this engine's layer kernel
+        (ParallelCompConfig.layer_kernel); its modules' own forwards again after it."""
+        return layer_kernel.fused(self._fused_layers)
+
     def _model_identity(self) -> tuple[dict, str]:
         """What every chunk's KV depends on besides its tokens (store.model_identity) and its
         digest; computed once, on the first call that has documents."""
         if self._identity is None:
-            identity = model_identity(self.model, self.attention_kernel)
+            identity = model_identity(self.model, self.attention_kernel, self.layer_kernel)
             self._identity = (identity, identity_digest(identity))
         return self._identity
 
@@ -218,7 +225,7 @@ class ParallelComp:
         documents = validate_documents(documents, None)
         progress = GenerationSettings.of(progress=progress).progress
         parts = self.prompt_parts(_PLACEHOLDER_QUESTION, with_documents=True)
-        with self._lock:
+        with self._lock, self.layers():
             start = time.perf_counter()
             corpus = self._chunk(documents, parts.prefix_ids)
             report = ReuseStats()
@@ -281,7 +288,7 @@ class ParallelComp:
         if len(parts.question_ids) < 2:
             raise InputError("target must be at least two tokens long to be scored")
         corpus = self._corpus(parts, documents, context, corpus, required=True)
-        with self._lock:
+        with self._lock, self.layers():
             ctx = self._prefill(parts, corpus, reserve=0, progress=progress)
             cache = kvops.to_cache(kvops.concat(ctx.kv_parts))
             ids = torch.tensor([parts.question_ids], device=self.model.device)
@@ -301,7 +308,7 @@ class ParallelComp:
         return grammar.schema_grammar(s.json_schema) if s.json_schema is not None else None
 
     def _answer(self, result, parts, corpus, max_new_tokens, stops, sampling, progress, constraint) -> Iterator[str]:
-        with self._lock, ExitStack() as scope:  # unwound on close(), break or drop (see _Result)
+        with self._lock, self.layers(), ExitStack() as scope:  # unwound on close(), break or drop (see _Result)
             if guard.cancelled():  # cancelled while queued for the lock: do no work
                 return
             calibrator = calibration.Calibrator.for_run(self.config, self.num_layers, len(parts.question_ids))
@@ -596,6 +603,7 @@ class ParallelComp:
             store_bytes=scored.store_bytes,
             dtype=str(self.model.dtype).removeprefix("torch."),
             attention_kernel=self.attention_kernel,
+            layer_kernel=self.layer_kernel,
             decode_kernel=self.decode_kernel,
             threads=torch.get_num_threads(),
         )

@@ -1,4 +1,5 @@
-"""Builds the C kernels (decode_kernel.c, attention_kernel.c) with the system's C compiler.
+"""Builds and loads the C kernels (decode_kernel.c, attention_kernel.c, layer_kernel.c) with the
+system's C compiler.
 
 Each source is compiled once per source, compiler and flags into the user cache, and the shared
 library is loaded into the process, so it is never trusted blindly: its SHA-256 is written next
@@ -9,11 +10,32 @@ half-written file.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
+
+_log = logging.getLogger(__name__)
+
+
+def load(source: Path, flags: tuple[str, ...], cpu_flags: frozenset[str], what: str) -> tuple[ctypes.CDLL | None, str]:
+    """The library of `source` (`build`), loaded, or None and why not: a CPU that is not x86-64 or
+    lacks one of `cpu_flags` (hardware.cpu_flags), no compiler, a failed build. A failed build is
+    logged as a warning that `what` (the kernels) is unavailable."""
+    from .hardware import cpu_flags as flags_here
+
+    missing = cpu_flags - flags_here()
+    if platform.machine() not in ("x86_64", "AMD64") or missing:
+        return None, f"the CPU ({platform.machine()}) lacks {', '.join(sorted(missing)) or 'x86-64'}"
+    try:
+        return ctypes.CDLL(str(build(source, flags))), ""
+    except (OSError, subprocess.SubprocessError) as exc:  # no compiler, a failed build, a cache we cannot load from
+        _log.warning("%s unavailable: %s", what, exc)
+        return None, str(exc)
 
 
 def build(source: Path, flags: tuple[str, ...]) -> Path:

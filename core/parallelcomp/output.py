@@ -139,6 +139,9 @@ class RunStats(SpreadStats, ReuseStats):
     attention_kernel: str = ""
     """How phases 1 and 2 attended: "sdpa" (torch's fused kernel), "matmul", "amx", or the model's own
     backend ("eager", "flash_attention_2"); ParallelCompConfig.attention_kernel."""
+    layer_kernel: str = ""
+    """How the model's RMSNorms and SwiGLU gates ran: "c-avx512" (layer_kernel.py) or "torch";
+    ParallelCompConfig.layer_kernel."""
     decode_kernel: str = ""
     """How one-token decode steps attended: "c-avx2" (decode_kernel.py) or "torch";
     ParallelCompConfig.decode_kernel."""

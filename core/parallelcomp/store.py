@@ -73,10 +73,11 @@ class Entry:
         return own.nbytes + sum(h.nbytes for h in self.heads.values())
 
 
-def model_identity(model, attention: str) -> dict:
+def model_identity(model, attention: str, layers: str) -> dict:
     """Everything a chunk's KV depends on besides the tokens: config, weights, dtype, device type,
     the attention kernel phase 1 ran (`attention`: the model's backend, or "matmul" or "amx" for
-    ParallelCompConfig.attention_kernel's), transformers major.minor. Weights are fingerprinted by sampling
+    ParallelCompConfig.attention_kernel's), the layer kernel (`layers`: "torch" or
+    layer_kernel.NAME), transformers major.minor. Weights are fingerprinted by sampling
     each tensor at up to 65,536 evenly strided positions (exact for a changed checkpoint in
     practice; hashing every weight would cost seconds per GB)."""
     import transformers
@@ -99,6 +100,7 @@ def model_identity(model, attention: str) -> dict:
         "dtype": str(model.dtype),
         "device": model.device.type,
         "attn_implementation": attention,
+        "layers": layers,
         "transformers": ".".join(transformers.__version__.split(".")[:2]),
     }
 

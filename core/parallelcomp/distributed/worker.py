@@ -57,7 +57,8 @@ class ChunkWorker:
         """Phase 1 of these chunks into this worker's store: (what the store did, bytes held)."""
         self.engine.config = config
         report = ReuseStats()
-        return report, self.engine.fill_store(chunks, keys, prefix_ids, report)
+        with self.engine.layers():
+            return report, self.engine.fill_store(chunks, keys, prefix_ids, report)
 
     def score(self, call: str, config: ParallelCompConfig, parts: PromptParts, chunks: list[Chunk],
               keys: dict[int, str], matches: dict[int, float]) -> Shard:
@@ -66,8 +67,9 @@ class ChunkWorker:
         start = time.perf_counter()
         self.engine.config = config  # the driver's: an engine variant may change it between calls
         report = ReuseStats()
-        prefix = self.engine.prefix_kv(parts.prefix_ids, report)
-        scored = self.engine.score_chunks(parts, chunks, keys, prefix, report, matches)
+        with self.engine.layers():
+            prefix = self.engine.prefix_kv(parts.prefix_ids, report)
+            scored = self.engine.score_chunks(parts, chunks, keys, prefix, report, matches)
         self._kept.setdefault(call, {}).update({chunk.index: kv for chunk, kv in scored.kept})
         while len(self._kept) > _CALLS_KEPT:
             self._kept.popitem(last=False)

@@ -1,0 +1,103 @@
+/* A decoder layer's memory-bound steps, one pass over memory each, for bf16 models on x86-64 CPUs
+ * with AVX-512 BF16 (docs/hardware.md measures them).
+ *
+ * Compiled on first use by layer_kernel.py (native.py) and called through ctypes.
+ *
+ * In eager transformers each of these steps is several whole-tensor passes: RMSNorm converts the
+ * rows to fp32, squares, averages, multiplies, converts back and multiplies by the weight (five
+ * to six passes, two of them over fp32 copies); SwiGLU's gate is a SiLU pass and a product pass.
+ * On a small model such as SmolLM2 (hidden size 576) those passes took as long as the layer's
+ * matrix products. Here each step reads its inputs once and writes its output once.
+ *
+ * The arithmetic is transformers' (LlamaRMSNorm, LlamaMLP), rounding included: intermediate
+ * results are rounded to bf16 where the eager code stores a bf16 tensor, so outputs agree with it
+ * except where a sum's order or exp's last bit moves a rounding (tests/test_layer_kernel.py).
+ *
+ * pc_rms_norm: out[r] = w * bf16(x[r] / sqrt(mean(x[r]^2) + eps)), the mean over n in fp32.
+ * pc_silu_mul: out = bf16(bf16(g / (1 + exp(-g))) * u), elementwise over `count` values.
+ * Threads come from OpenMP (torch's pool size is passed in, as the other kernels do).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+
+#define SPAN 4096  /* values per parallel work item of pc_silu_mul */
+
+static inline __mmask16 tail_mask(long left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+/* fp32 -> bf16, rounded to nearest even as torch rounds (c10::BFloat16). VCVTNEPS2BF16 does so
+ * but flushes subnormal inputs to zero; the rare vector that holds one (|x| < 2^-126) is
+ * rounded in integer arithmetic instead, so subnormals survive as they do in torch. */
+static inline __m256i to_bf16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __mmask16 subnormal = _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7F800000))
+                                & _mm512_test_epi32_mask(bits, _mm512_set1_epi32(0x007FFFFF));
+    if (__builtin_expect(subnormal != 0, 0)) {
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        const __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+        return _mm256_mask_mov_epi16((__m256i)_mm512_cvtneps_pbh(v), subnormal,
+                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    }
+    return (__m256i)_mm512_cvtneps_pbh(v);
+}
+
+static inline __m512 round_bf16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
+}
+
+/* e^x to about 1 ulp of fp32: Cody-Waite reduction by ln 2, Cephes' expf polynomial on
+ * [-ln2/2, ln2/2], and scalef for 2^n. x is first clamped to [-104, 89], outside which e^x is 0
+ * or inf in fp32 (a NaN becomes 89: pc_silu_mul's numerator keeps it NaN). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+void pc_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, long rows, long n, float eps, long threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= 16384)
+    for (long r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * n;
+        uint16_t *o = out + r * n;
+        __m512 sum = _mm512_setzero_ps();
+        for (long i = 0; i < n; i += 16) {
+            const __m512 v = load_bf16(xr + i, tail_mask(n - i));
+            sum = _mm512_fmadd_ps(v, v, sum);
+        }
+        const __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sum) / (float)n + eps));
+        for (long i = 0; i < n; i += 16) {
+            const __mmask16 m = tail_mask(n - i);
+            const __m512 y = round_bf16(_mm512_mul_ps(load_bf16(xr + i, m), scale));
+            _mm256_mask_storeu_epi16(o + i, m, to_bf16(_mm512_mul_ps(y, load_bf16(w + i, m))));
+        }
+    }
+}
+
+void pc_silu_mul(const uint16_t *g, const uint16_t *u, uint16_t *out, long count, long threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (count >= 16384)
+    for (long s = 0; s < count; s += SPAN) {
+        const long end = s + SPAN < count ? s + SPAN : count;
+        for (long i = s; i < end; i += 16) {
+            const __mmask16 m = tail_mask(end - i);
+            const __m512 a = load_bf16(g + i, m);
+            const __m512 silu = round_bf16(_mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(
+                                                                 _mm512_setzero_ps(), a)))));
+            _mm256_mask_storeu_epi16(out + i, m, to_bf16(_mm512_mul_ps(silu, load_bf16(u + i, m))));
+        }
+    }
+}

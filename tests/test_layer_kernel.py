@@ -1,0 +1,226 @@
+"""The layer kernels (layer_kernel.py) against transformers' own modules and float64, which modules
+they take over, and the engine on them against the engine on torch's modules."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from transformers import GemmaConfig, GemmaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from parallelcomp import ParallelComp, ParallelCompConfig, hardware, layer_kernel
+
+from .conftest import FAMILIES, tiny_model
+from .test_core import text
+
+# The kernels need an x86-64 CPU with AVX-512 BF16 and a C compiler; elsewhere the model's own
+# modules run, which the rest of the suite covers. test_the_kernels_build_wherever_they_can never
+# skips, so such a machine cannot skip these silently.
+needs_kernel = pytest.mark.skipif(
+    not layer_kernel.available(),
+    reason="the layer kernels need an x86-64 CPU with AVX-512 BF16 and a C compiler; "
+           f"here: {layer_kernel.unavailable_reason()}")
+
+ULP = 2**-7  # one bf16 unit in the last place, relative
+
+
+def test_the_kernels_build_wherever_they_can():
+    prerequisites = (platform.machine() in ("x86_64", "AMD64") and layer_kernel.CPU_FLAGS <= hardware.cpu_flags()
+                     and shutil.which(os.environ.get("CC", "cc")) is not None)
+    assert layer_kernel.available() == prerequisites, layer_kernel.unavailable_reason()
+
+
+def _differences(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in units of want's bf16 ulp, where they differ."""
+    diff = (got.double() - want.double()).abs()
+    ulp = want.double().abs().clamp_min(2**-126) * ULP
+    return (diff / ulp)[got != want]
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,n", [(4180, 576), (1, 576), (37, 70), (3, 4096), (50, 16), (9, 5)])
+def test_rms_norm_equals_transformers_to_a_rounding(monkeypatch, threads, rows, n):
+    """LlamaRMSNorm in bf16 against the kernel: equal except where the order of the fp32 sum of
+    squares moves a rounding, by one bf16 ulp in at most 1 value in 10,000 (measured: 7 of 2.4
+    million). Both are as close to float64 as each other. Row lengths that are not a multiple of
+    16 exercise the masked tails; one row is decode's case."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(rows + n)
+    norm = LlamaRMSNorm(n, eps=1e-5).to(torch.bfloat16)
+    norm.weight.data = torch.randn(n).to(torch.bfloat16)
+    x = (torch.randn(rows, n) * torch.logspace(-3, 3, rows)[:, None]).to(torch.bfloat16)
+    got, want = layer_kernel.rms_norm(x, norm.weight, 1e-5), norm(x)
+    off = _differences(got, want)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert off.numel() <= max(1, want.numel() // 10_000) and (off <= 1.01).all(), off
+    exact = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.weight.double()
+    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * 1.01 + 1e-30
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("count", [6_420_480, 16_385, 15, 1])
+def test_silu_mul_equals_eager_torch(monkeypatch, threads, count):
+    """silu(gate) * up in bf16, eager torch against the kernel, over values from 1e-3 to 1e3 in
+    size and the edges (±inf, nan, ±0, the largest and smallest bf16): equal except where exp's
+    last fp32 bit moves a rounding, by one ulp in at most 1 value in 100,000 (measured: none)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(count)
+    gate = (torch.randn(count) * torch.logspace(-3, 3, count)).to(torch.bfloat16)
+    up = torch.randn(count).to(torch.bfloat16)
+    edges = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 3.3895e38, -3.3895e38, 1e-38, -88.0, 89.0],
+                         dtype=torch.bfloat16)
+    gate[: min(count, len(edges))] = edges[: min(count, len(edges))]
+    got, want = layer_kernel.silu_mul(gate, up), nn.functional.silu(gate) * up
+    assert got.isnan().equal(want.isnan())
+    got, want = got[~want.isnan()], want[~want.isnan()]
+    off = _differences(got, want)
+    assert off.numel() <= count // 100_000 and (off <= 1.01).all(), off
+
+
+_GUARDED = r"""
+import ctypes, mmap, sys, torch
+sys.path.insert(0, sys.argv[1])
+from parallelcomp import layer_kernel
+page = mmap.PAGESIZE
+
+
+def guarded(n):  # n bf16 values (zero) whose storage ends right before a page the process may not read
+    buf = mmap.mmap(-1, 4 * page + 2 * n)
+    end = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + len(buf) - page
+    end -= end % page
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(end), page, 0) == 0
+    base = end - ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    return buf, torch.frombuffer(buf, dtype=torch.bfloat16, count=n, offset=base - 2 * n)
+
+
+held = []
+for rows, n in ((3, 70), (1, 5), (2, 576), (7, 17)):  # row lengths past whole vectors, one short row
+    bx, x = guarded(rows * n)
+    bw, w = guarded(n)
+    w.fill_(1.0)
+    assert torch.isfinite(layer_kernel.rms_norm(x.view(rows, n), w, 1e-5).float()).all()
+    held += [bx, bw]
+for count in (1, 15, 16, 4097, 16385 + 3):  # one value, a partial vector, past a parallel span
+    bg, g = guarded(count)
+    bu, u = guarded(count)
+    assert torch.isfinite(layer_kernel.silu_mul(g, u).float()).all()
+    held += [bg, bu]
+print("read nothing past the inputs")
+"""
+
+
+@needs_kernel
+def test_the_kernels_read_nothing_past_their_inputs():
+    """Inputs whose storage ends right before a page the process may not read (the AMX kernel once
+    read past its keys; tests/test_attention_kernel.py): the masked tails must stop at the last
+    value. In a subprocess, so that a fault fails this test instead of ending the run."""
+    import subprocess
+    import sys
+
+    core = os.path.dirname(os.path.dirname(layer_kernel.__file__))
+    run = subprocess.run([sys.executable, "-c", _GUARDED, core], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "read nothing past the inputs" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
+def test_the_kernels_take_the_llama_formula_in_each_family_and_nothing_else(tokenizer):
+    """Every RMSNorm (Qwen3's per-head q_norm and k_norm too) and every SwiGLU MLP of the Llama,
+    Mistral, Qwen2 and Qwen3 families is taken; Gemma's RMSNorm (x · (1 + weight)) and its GELU
+    gate are not, nor an MLP whose act_fn is not a SiLU, nor anything of an fp32 model."""
+    if not layer_kernel.available():
+        assert layer_kernel.modules(tiny_model("llama", 512).to(torch.bfloat16)) == []
+        return
+    for family in FAMILIES:
+        model = tiny_model(family, 512).to(torch.bfloat16)
+        norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+        mlps = [m for m in model.modules() if type(m).__name__.endswith("MLP")]
+        taken = [m for m, _ in layer_kernel.modules(model)]
+        assert len(taken) == len(norms) + len(mlps) and {id(m) for m in taken} == {id(m) for m in norms + mlps}
+        assert len(norms) == (4 if family == "qwen3" else 2) * 3 + 1, family
+        assert layer_kernel.modules(tiny_model(family, 512)) == []  # fp32
+    gemma = GemmaForCausalLM(GemmaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    assert layer_kernel.modules(gemma.to(torch.bfloat16)) == []
+    model = tiny_model("llama", 512, hidden_act="gelu").to(torch.bfloat16)
+    assert {type(m) for m, _ in layer_kernel.modules(model)} == {LlamaRMSNorm}
+
+
+@needs_kernel
+def test_a_model_inside_the_block_equals_it_outside_to_a_rounding_and_is_restored(family):
+    """Logits of a bf16 tiny model with its layers on the kernels agree with its own forward to
+    bf16 rounding; after the block (and after an exception in it) no module keeps the kernels'
+    forward, and the model's output is bit for bit what it was."""
+    model = tiny_model(family, 512).to(torch.bfloat16)
+    ids = torch.randint(512, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        before = model(ids).logits
+        found = layer_kernel.modules(model)
+        with layer_kernel.fused(found):
+            assert all("forward" in vars(m) for m, _ in found)
+            inside = model(ids).logits
+        with pytest.raises(KeyError), layer_kernel.fused(found):
+            raise KeyError("out of the block")
+        after = model(ids).logits
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert after.equal(before)
+    assert (inside.float() - before.float()).abs().max() <= 0.05 * before.float().abs().max()
+
+
+@needs_kernel
+def test_a_forward_set_by_someone_else_or_an_enclosing_block_is_kept():
+    """A module whose instance already has a forward (a hook library's, such as accelerate's) keeps
+    it inside the block and after; a nested block leaves the enclosing block's forwards in place."""
+    model = tiny_model("llama", 512).to(torch.bfloat16)
+    found = layer_kernel.modules(model)
+    (theirs, _), (other, _) = found[0], found[1]
+    hooked = theirs.forward = lambda x: x
+    with layer_kernel.fused(found):
+        assert theirs.forward is hooked and "forward" in vars(other)
+        with layer_kernel.fused(found):
+            pass
+        assert "forward" in vars(other)
+    assert theirs.forward is hooked and "forward" not in vars(other)
+
+
+@needs_kernel
+def test_the_engine_on_the_kernels_keeps_what_it_keeps_on_torch(tokenizer, monkeypatch, tmp_path):
+    """A bf16 run with layer_kernel "auto" against "torch": the same kept chunks and scores to
+    bf16 rounding; the kernels ran (both of them, in phase 1, phase 2 and decoding); the stats
+    say which ran; KV made on the kernels is stored under its own identity, so the "torch" engine
+    does not reuse it from the disk tier they share, and a second "auto" engine does."""
+    calls = []
+    for name in ("rms_norm", "silu_mul"):
+        real = getattr(layer_kernel, name)
+        monkeypatch.setattr(layer_kernel, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    model = tiny_model("llama", len(tokenizer)).to(torch.bfloat16)
+    docs = [text(10 + i, n) for i, n in enumerate([30, 12, 25, 33, 18])]
+    outs, ran = {}, {}
+    for choice in ("auto", "torch", "auto again"):
+        calls.clear()
+        config = ParallelCompConfig(keep_chunks=2, chunk_tokens=36, layer_kernel=choice.split()[0],
+                                    decode_kernel="torch", kv_store_dir=str(tmp_path))
+        outs[choice] = ParallelComp(model, tokenizer, config).generate("Where is the copper garden?", documents=docs,
+                                                                       max_new_tokens=4)
+        ran[choice] = {name: calls.count(name) for name in ("rms_norm", "silu_mul")}
+    layers = model.config.num_hidden_layers
+    assert ran["auto"]["rms_norm"] >= 2 * layers + 1 and ran["auto"]["silu_mul"] >= layers
+    assert ran["torch"] == {"rms_norm": 0, "silu_mul": 0}
+    assert outs["auto again"].stats.reused_chunks == len(docs) and outs["torch"].stats.reused_chunks == 0
+    assert outs["auto again"].token_ids == outs["auto"].token_ids
+    assert outs["auto"].stats.layer_kernel == layer_kernel.NAME and outs["torch"].stats.layer_kernel == "torch"
+    assert [c.kept for c in outs["auto"].chunks] == [c.kept for c in outs["torch"].chunks]
+    assert [c.score for c in outs["auto"].chunks] == pytest.approx([c.score for c in outs["torch"].chunks], abs=0.05)
+
+
+def test_an_fp32_model_keeps_its_own_modules(tokenizer):
+    pc = ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, ParallelCompConfig())
+    assert pc.layer_kernel == "torch"
+    out = pc.generate("Where?", documents=[text(1, 20)], max_new_tokens=2)
+    assert out.stats.layer_kernel == "torch"
+    assert not any("forward" in vars(m) for m in pc.model.modules())
