@@ -173,6 +173,22 @@ def test_a_model_inside_the_block_equals_it_outside_to_a_rounding_and_is_restore
 
 
 @needs_kernel
+def test_inputs_the_kernels_do_not_take_go_to_the_modules_own_forward():
+    """fp32 rows, a strided view, or rows whose length is not the weight's: the module's own forward
+    runs (and raises its own error where it would), never the kernel on memory it does not own."""
+    model = tiny_model("llama", 512).to(torch.bfloat16)
+    found = dict((type(m).__name__, (m, f)) for m, f in layer_kernel.modules(model))
+    norm, forward = found["LlamaRMSNorm"]
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert forward(norm, x.float()).equal(type(norm).forward(norm, x.float()))
+        strided = torch.randn(64, 3).to(torch.bfloat16).t()
+        assert forward(norm, strided).equal(type(norm).forward(norm, strided))
+        with pytest.raises(RuntimeError, match="size of tensor"):
+            forward(norm, torch.randn(3, 65).to(torch.bfloat16))
+
+
+@needs_kernel
 def test_a_forward_set_by_someone_else_or_an_enclosing_block_is_kept():
     """A module whose instance already has a forward (a hook library's, such as accelerate's) keeps
     it inside the block and after; a nested block leaves the enclosing block's forwards in place."""

@@ -2,9 +2,9 @@
 (native.py), for bf16 models on x86-64 CPUs with AVX-512 BF16.
 
 Eager transformers runs each of these steps as several passes over whole tensors; on SmolLM2 they
-took as long as the layer's matrix products in phase 1 (docs/hardware.md). `fused(model, modules)`
+took as long as the layer's matrix products in phase 1 (docs/hardware.md). `fused(modules(model))`
 gives the model's matching modules a one-pass forward for the duration of a block, and puts their
-own back after it: the engine holds it around every forward it runs
+own back after it: the engine holds it for each run, and each Ray worker for each call
 (ParallelCompConfig.layer_kernel). A module matches only where its forward is, bytecode for
 bytecode, the formula the kernel computes (`_rms_norm_formula`, `_swiglu_formula`: transformers'
 LlamaRMSNorm and LlamaMLP, which Mistral, Qwen2, Qwen3 and others copy), so a family with another
@@ -72,8 +72,10 @@ def _swiglu_formula(self, x):
 
 
 def _fused_rms_norm(self, hidden_states):
-    if _plain(hidden_states) and self.weight.dtype == torch.bfloat16 and self.weight.is_contiguous():
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    weight = self.weight
+    if (_plain(hidden_states) and weight.dtype == torch.bfloat16 and weight.is_contiguous()
+            and weight.shape == hidden_states.shape[-1:]):
+        return rms_norm(hidden_states, weight, self.variance_epsilon)
     return type(self).forward(self, hidden_states)
 
 
