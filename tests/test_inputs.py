@@ -67,11 +67,18 @@ def test_huge_document_is_refused_before_any_work(pc):
         ({"kv_budget_tokens": 10, "kv_budget_ratio": 0.5}, "not both"),
         ({"pool_kernel": 4}, "odd"),
         ({"bogus": 1}, "bogus"),
+        ({"kv_store_dir": 5}, "kv_store_dir"),
     ],
 )
 def test_invalid_config(values, match):
     with pytest.raises(ConfigError, match=match):
         ParallelCompConfig(**values)
+
+
+def test_the_store_directory_may_be_a_path_object_or_start_at_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ParallelCompConfig(kv_store_dir=tmp_path / "kv").kv_store_dir == str(tmp_path / "kv")
+    assert ParallelCompConfig(kv_store_dir="~/kv").kv_store_dir == str(tmp_path / "kv")
 
 
 def test_chunk_tokens_above_the_model_window(tokenizer):

@@ -220,7 +220,7 @@ def test_the_engine_on_the_kernels_keeps_what_it_keeps_on_torch(tokenizer, monke
     for choice in ("auto", "torch", "auto again"):
         calls.clear()
         config = ParallelCompConfig(keep_chunks=2, chunk_tokens=36, layer_kernel=choice.split()[0],
-                                    decode_kernel="torch", kv_store_dir=str(tmp_path))
+                                    decode_kernel="torch", kv_store_dir=tmp_path)
         outs[choice] = ParallelComp(model, tokenizer, config).generate("Where is the copper garden?", documents=docs,
                                                                        max_new_tokens=4)
         ran[choice] = {name: calls.count(name) for name in ("rms_norm", "silu_mul")}

@@ -7,6 +7,7 @@ official code (method.md §5) unless a comment says otherwise.
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -171,7 +172,8 @@ class ParallelCompConfig(BaseModel):
     """Memory tier of the chunk KV store: an LRU of at most this many bytes. None: a third of the
     memory the KV lives in (the GPU's for a model on CUDA, else the machine's RAM). 0: no memory tier."""
     kv_store_dir: str | None = None
-    """Disk tier: a directory of checksummed safetensors files shared by runs and processes."""
+    """Disk tier: a directory of checksummed safetensors files shared by runs and processes. A
+    path object is taken as its string, and a leading "~" as the home directory."""
     kv_store_disk_bytes: int | None = Field(None, gt=0)
     """Disk tier budget; least recently used files are deleted above it. None: half of what the
     tier could occupy when the engine opens it (the bytes it holds plus the free space of its file
@@ -208,6 +210,11 @@ class ParallelCompConfig(BaseModel):
     of the first kept chunk, so it leads the sink region: the official code's regions are indices
     that start at BOS and the instruction (method.md §4). Off, the prefix is never evicted and
     the real attention sink always survives a sink rule. On in the paper-calibration presets."""
+
+    @field_validator("kv_store_dir", mode="before")
+    @classmethod
+    def _directory(cls, value):
+        return os.path.expanduser(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else value
 
     @field_validator("instruction", "document_separator")
     @classmethod
