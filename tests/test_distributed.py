@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import parallelcomp
-from parallelcomp import ConfigError, DistributedError, ParallelComp, ParallelCompConfig
+from parallelcomp import ConfigError, DistributedError, ParallelComp, ParallelCompConfig, layer_kernel
 from parallelcomp.cli import main
 from parallelcomp.config import PAPER_CALIBRATION_RULES
 
@@ -180,6 +180,33 @@ def test_workers_run_this_checkout_with_the_drivers_model(ray_engines):
     assert {info["package"] for info in infos} == {parallelcomp.__file__}
     assert {info["identity"] for info in infos} == {ours._model_identity()[1]}
     assert {info["threads"] for info in infos} == {1}
+
+
+@pytest.mark.skipif(not layer_kernel.available(), reason="the layer kernels need an x86-64 CPU with AVX-512 "
+                    f"BF16 and a C compiler; here: {layer_kernel.unavailable_reason()}")
+def test_a_bf16_worker_runs_its_calls_on_the_layer_kernels(saved_models, monkeypatch):
+    """A worker (the class a Ray actor wraps, here in this process) holds the layer kernels around
+    `fill` (phase 1) and `score` (phase 2 over its stored chunks), as the driver's engine does around
+    a run, and leaves no module patched after either."""
+    from parallelcomp.distributed.worker import ChunkWorker
+
+    calls = []
+    for name in ("rms_norm", "silu_mul"):
+        real = getattr(layer_kernel, name)
+        monkeypatch.setattr(layer_kernel, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    config = ParallelCompConfig(**BASE)
+    worker = ChunkWorker(str(saved_models("llama")), config, "cpu", "bfloat16", 1)
+    engine = worker.engine
+    parts = engine.prompt_parts(QUESTIONS[0], with_documents=True)
+    corpus = engine._chunk(DOCS, parts.prefix_ids)
+    chunks, keys = list(corpus.chunks), dict(zip((c.index for c in corpus.chunks), corpus.keys))
+    assert engine.layer_kernel == layer_kernel.NAME and not calls
+    _, held = worker.fill(config, parts.prefix_ids, chunks, keys)
+    assert held > 0 and {"rms_norm", "silu_mul"} <= set(calls)
+    calls.clear()
+    shard = worker.score("call", config, parts, chunks, keys, dict.fromkeys(keys, 0.0))
+    assert shard.report.reused_chunks == len(chunks) and {"rms_norm", "silu_mul"} <= set(calls)
+    assert not any("forward" in vars(m) for m in engine.model.modules())
 
 
 def test_workers_lost_one_by_one(local_ray, saved_models, monkeypatch):
