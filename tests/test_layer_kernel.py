@@ -13,7 +13,7 @@ from torch import nn
 from transformers import GemmaConfig, GemmaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from parallelcomp import ParallelComp, ParallelCompConfig, hardware, layer_kernel
+from parallelcomp import ParallelComp, ParallelCompConfig, hardware, layer_kernel, native
 
 from .conftest import FAMILIES, tiny_model
 from .test_core import text
@@ -232,6 +232,23 @@ def test_the_engine_on_the_kernels_keeps_what_it_keeps_on_torch(tokenizer, monke
     assert outs["auto"].stats.layer_kernel == layer_kernel.NAME and outs["torch"].stats.layer_kernel == "torch"
     assert [c.kept for c in outs["auto"].chunks] == [c.kept for c in outs["torch"].chunks]
     assert [c.score for c in outs["auto"].chunks] == pytest.approx([c.score for c in outs["torch"].chunks], abs=0.05)
+
+
+@needs_kernel
+def test_kv_made_by_another_version_of_a_kernel_is_recomputed(tokenizer, monkeypatch, tmp_path):
+    """Stored chunk KV names each C kernel that made it with its source's digest: after the kernel
+    changes (its rounding may), a disk tier written before misses instead of serving old KV."""
+    model = tiny_model("llama", len(tokenizer)).to(torch.bfloat16)
+    docs = [text(10 + i, n) for i, n in enumerate([30, 12, 25])]
+    config = ParallelCompConfig(keep_chunks=1, chunk_tokens=36, kv_store_dir=tmp_path)
+    first = ParallelComp(model, tokenizer, config)
+    assert first._model_identity()[0]["layers"] == f"{layer_kernel.NAME}@{native.source_digest(layer_kernel.SOURCE)}"
+    first.generate("Where?", documents=docs, max_new_tokens=1)
+    assert ParallelComp(model, tokenizer, config).generate("Where?", documents=docs,
+                                                           max_new_tokens=1).stats.reused_chunks == len(docs)
+    monkeypatch.setattr(native, "source_digest", lambda source: "0123456789ab")
+    assert ParallelComp(model, tokenizer, config).generate("Where?", documents=docs,
+                                                           max_new_tokens=1).stats.reused_chunks == 0
 
 
 def test_an_fp32_model_keeps_its_own_modules(tokenizer):

@@ -34,7 +34,18 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from . import attention_kernel, calibration, compression, decode_kernel, grammar, guard, hardware, layer_kernel, lexical
+from . import (
+    attention_kernel,
+    calibration,
+    compression,
+    decode_kernel,
+    grammar,
+    guard,
+    hardware,
+    layer_kernel,
+    lexical,
+    native,
+)
 from . import kv as kvops
 from .attention import attention_modules
 from .chunking import Chunk, check_text, make_chunks, validate_documents
@@ -204,7 +215,12 @@ class ParallelComp:
         """What every chunk's KV depends on besides its tokens (store.model_identity) and its
         digest; computed once, on the first call that has documents."""
         if self._identity is None:
-            identity = model_identity(self.model, self.attention_kernel, self.layer_kernel)
+            attention, layers = self.attention_kernel, self.layer_kernel
+            if attention == "amx":
+                attention += "@" + native.source_digest(attention_kernel.SOURCE)
+            if layers == layer_kernel.NAME:
+                layers += "@" + native.source_digest(layer_kernel.SOURCE)
+            identity = model_identity(self.model, attention, layers)
             self._identity = (identity, identity_digest(identity))
         return self._identity
 

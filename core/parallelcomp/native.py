@@ -69,5 +69,12 @@ def build(source: Path, flags: tuple[str, ...]) -> Path:
     return path
 
 
+def source_digest(source: Path) -> str:
+    """The first 12 hex digits of the SHA-256 of a kernel's source text. Chunk KV made with a C
+    kernel is stored under its name and this digest (engine._model_identity), so KV made by an
+    older version of the kernel, whose rounding may differ, is recomputed, never reused."""
+    return hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -77,7 +77,8 @@ def model_identity(model, attention: str, layers: str) -> dict:
     """Everything a chunk's KV depends on besides the tokens: config, weights, dtype, device type,
     the attention kernel phase 1 ran (`attention`: the model's backend, or "matmul" or "amx" for
     ParallelCompConfig.attention_kernel's), the layer kernel (`layers`: "torch" or
-    layer_kernel.NAME), transformers major.minor. Weights are fingerprinted by sampling
+    layer_kernel.NAME), a C kernel's name followed by "@" and its source's digest
+    (native.source_digest), transformers major.minor. Weights are fingerprinted by sampling
     each tensor at up to 65,536 evenly strided positions (exact for a changed checkpoint in
     practice; hashing every weight would cost seconds per GB)."""
     import transformers
