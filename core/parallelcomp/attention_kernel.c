@@ -57,19 +57,18 @@ static void configure(void) {
     _tile_loadconfig(&c);
 }
 
-/* 2^t for finite t (underflows to 0 below -150): rounding to the nearest integer n, a degree-6
- * polynomial of 2^(t - n) on [-1/2, 1/2], and scalef. */
+/* 2^t for finite t (underflows to 0 below -150): f = t - floor(t) in one VREDUCEPS, a degree-4
+ * polynomial of 2^f on [0, 1) (relative error 2.7e-6, far below the bf16 rounding the
+ * probabilities get; least squares on the relative error, refined to near-minimax), and scalef,
+ * which multiplies by 2^floor(t). */
 static inline __m512 exp2_16(__m512 t) {
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 y = _mm512_set1_ps(1.540353039e-4f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.333355815e-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618129108e-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550410866e-2f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402265070e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931471806e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
+    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 y = _mm512_set1_ps(1.3520609479e-2f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.2037416819e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4142750009e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9300661952e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0000025182e+0f));
+    return _mm512_scalef_ps(y, t);
 }
 
 /* K rows (T, D) → [Tp/16 groups][D/2 pairs][16 keys] of bf16 pairs (the B layout of q·kᵀ). */
@@ -186,12 +185,15 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
                     /* the block's scores, in log2 units: x = s·scale·log2(e). Online softmax with a lazy
                      * maximum: a row's running maximum moves (and its sum and output are rescaled) only
                      * when a score exceeds it by more than LAZY, so p = 2^(x - max) <= 2^LAZY. */
-                    const int full = kb * KB + KB - 1 <= lo_lim;
+                    /* A block every row sees whole (with a positive scale) keeps its raw scores s: the
+                     * maximum of s·scale is scale times the maximum of s, and x - max is one FMA. */
+                    const int full = kb * KB + KB - 1 <= lo_lim && scale > 0;
                     for (long r = 0; r < QB; r++) {
-                        __m512 x[4];
+                        __m512 x[4], top;
                         __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
                         if (full) {
-                            for (int c = 0; c < 4; c++) x[c] = _mm512_mul_ps(_mm512_load_ps(sbuf + r * KB + 16 * c), sc);
+                            for (int c = 0; c < 4; c++) x[c] = _mm512_load_ps(sbuf + r * KB + 16 * c);
+                            top = _mm512_mul_ps(_mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3])), sc);
                         } else {
                             long lim = shift >= 0 && r < rows ? shift + m0 + r : T - 1;  /* last key this row sees */
                             if (lim > T - 1) lim = T - 1;
@@ -202,8 +204,8 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
                                 mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
                                 x[c] = _mm512_mask_mul_ps(ninf, mk[c], _mm512_load_ps(sbuf + r * KB + 16 * c), sc);
                             }
+                            top = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
                         }
-                        const __m512 top = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
                         if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(mx[r] + LAZY), _CMP_GT_OQ)) {
                             const float mnew = _mm512_reduce_max_ps(top);
                             if (mx[r] != -INFINITY) {
@@ -217,8 +219,14 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
                         const __m512 mm = _mm512_set1_ps(mx[r]);
                         __m512 acc = _mm512_load_ps(lsum + 16 * r);
                         for (int c = 0; c < 4; c += 2) {
-                            const __m512 p0 = _mm512_maskz_mov_ps(mk[c], exp2_16(_mm512_sub_ps(x[c], mm)));
-                            const __m512 p1 = _mm512_maskz_mov_ps(mk[c + 1], exp2_16(_mm512_sub_ps(x[c + 1], mm)));
+                            __m512 p0, p1;
+                            if (full) {
+                                p0 = exp2_16(_mm512_fmsub_ps(x[c], sc, mm));
+                                p1 = exp2_16(_mm512_fmsub_ps(x[c + 1], sc, mm));
+                            } else {  /* hidden keys: x = -inf, whose reduction is NaN */
+                                p0 = _mm512_maskz_mov_ps(mk[c], exp2_16(_mm512_sub_ps(x[c], mm)));
+                                p1 = _mm512_maskz_mov_ps(mk[c + 1], exp2_16(_mm512_sub_ps(x[c + 1], mm)));
+                            }
                             acc = _mm512_add_ps(acc, _mm512_add_ps(p0, p1));
                             _mm512_store_si512((__m512i *)(pbuf + r * KB + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
                         }

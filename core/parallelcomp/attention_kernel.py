@@ -22,9 +22,9 @@ import torch
 from . import native
 
 SOURCE = Path(__file__).with_name("attention_kernel.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
-         "-fPIC", "-shared")
-CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+         "-fopenmp", "-fPIC", "-shared")
+CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
 
 _scratch = threading.local()  # each thread's packed-KV workspace (two rows' worth), grown to the largest call
 
