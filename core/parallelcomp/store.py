@@ -15,8 +15,9 @@ the template tokens before the question text, the same for every question).
 Tiers:
 * memory: an LRU bounded in bytes (`ParallelCompConfig.kv_store_bytes`; 0 turns it off);
 * disk (optional, `kv_store_dir`): one immutable safetensors file per chunk at
-  `<dir>/v1/<identity[:16]>/<key[:2]>/<key>.safetensors`, written to a temporary file, fsynced
-  and renamed into place, so readers in other processes never see a partial file. A file is used
+  `<dir>/v1/<identity[:16]>/<key[:2]>/<key>.safetensors`, written to a temporary file and renamed
+  into place, so readers in other processes never see a partial file. It is not fsynced: a cache
+  file that a crash leaves torn fails its checks below and is recomputed. A file is used
   only after its format version, key, identity, token ids, tensor shapes and payload checksum
   (XXH3-128) all check out; anything else is deleted, counted in the run's stats and recomputed.
   A full or read-only directory costs a warning, never an answer.
@@ -230,9 +231,7 @@ class ChunkStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(tmp), metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # no fsync: durability is the checksum's job (docs/store.md, "Disk")
         except (OSError, SafetensorError) as err:  # safetensors reports its writer's I/O errors as its own type
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
