@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.activations import SiLUActivation
 
 from . import native
 
@@ -92,8 +93,10 @@ def _plain(t: torch.Tensor) -> bool:
 
 def modules(model) -> list[tuple[nn.Module, Callable]]:
     """`model`'s modules the kernels can run, each with the forward that runs them: those whose
-    class forward is `_rms_norm_formula` (with a bf16 weight) or `_swiglu_formula` (with
-    nn.Linear projections and a SiLU), on CPU in bf16. Empty where the kernels are unavailable."""
+    class forward is `_rms_norm_formula` or `_swiglu_formula` (with nn.Linear projections and a
+    SiLU), of a bf16 model on CPU. Empty where the kernels are unavailable. A call whose tensors
+    the kernel does not take (another dtype, a strided view, a weight that is not the rows'
+    length) runs the class's forward."""
     if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not available():
         return []
     found = []
@@ -128,13 +131,7 @@ def _same_code(f, g) -> bool:
         b.co_code, b.co_consts, b.co_names, b.co_varnames)
 
 
-def _silu_types() -> tuple[type, ...]:
-    from transformers.activations import SiLUActivation
-
-    return (nn.SiLU, SiLUActivation)
-
-
-_SILU = _silu_types()
+_SILU = (nn.SiLU, SiLUActivation)  # what ACT2FN["silu"] and ["swish"] build
 
 
 @functools.cache
