@@ -155,6 +155,24 @@ def test_a_maximum_that_keeps_rising_and_one_that_comes_first():
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-5)
 
 
+@needs_amx
+@pytest.mark.parametrize("causal", [False, True])
+def test_whole_blocks_and_masked_ones_agree_for_either_sign_of_the_scale(causal):
+    """A block every row sees whole takes the maximum of the raw scores before scaling, which holds
+    only for a positive scale; a negative one must take the other path (taken anyway, the minimum
+    would pass for the maximum and, with scores this far apart, the probabilities overflow fp32).
+    Both signs, causal and not (the causal mask gives whole and partial blocks in one call),
+    equal float64."""
+    torch.manual_seed(2)
+    query = (16 * torch.randn(1, 2, 150, 64)).to(torch.bfloat16)  # scores a few hundred apart (log2 units)
+    key, value = (torch.randn(1, 2, 300, 64).to(torch.bfloat16) for _ in range(2))
+    for scale in (0.5, -0.5):
+        out, lse = attention_kernel.attend(query, key, value, scale, causal=causal)
+        ref, ref_lse = _reference(query, key, value, scale, causal)
+        torch.testing.assert_close(out.double(), ref, atol=2**-7 * ref.abs().max().item(), rtol=0)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
 def _wide_heads(family: str, vocab: int):
     """A tiny model with head size 64, the smallest the kernel takes."""
     return tiny_model(family, vocab, head_dim=64)
