@@ -18,12 +18,12 @@ from parallelcomp.prompts import build_prompt
 from .conftest import tiny_model
 from .test_core import ids_of, text, two_phase_nll
 
-# The kernel needs an x86-64 CPU with AMX and AVX-512 BF16 (Intel Xeon since Sapphire Rapids) and a
+# The kernel needs an x86-64 CPU with AMX and AVX-512 BF16 and DQ (Intel Xeon since Sapphire Rapids) and a
 # C compiler; elsewhere phases 1 and 2 attend on torch's kernels, which the rest of the suite covers.
 # test_the_kernel_builds_wherever_it_can never skips, so such a machine cannot skip these silently.
 needs_amx = pytest.mark.skipif(
     not attention_kernel.available(),
-    reason="the AMX attention kernel needs an x86-64 CPU with AMX and AVX-512 BF16, a C compiler and Linux's "
+    reason="the AMX attention kernel needs an x86-64 CPU with AMX and AVX-512 BF16 and DQ, a C compiler and Linux's "
            f"permission for the tile state; here: {attention_kernel.unavailable_reason()}")
 
 

@@ -26,6 +26,7 @@ from parallelcomp.cli import main
 from parallelcomp.config import PAPER_CALIBRATION_RULES
 
 from .conftest import tiny_model
+from .test_layer_kernel import needs_kernel
 from .test_core import text
 
 ray = pytest.importorskip("ray")
@@ -182,8 +183,7 @@ def test_workers_run_this_checkout_with_the_drivers_model(ray_engines):
     assert {info["threads"] for info in infos} == {1}
 
 
-@pytest.mark.skipif(not layer_kernel.available(), reason="the layer kernels need an x86-64 CPU with AVX-512 "
-                    f"BF16 and a C compiler; here: {layer_kernel.unavailable_reason()}")
+@needs_kernel
 def test_a_bf16_worker_runs_its_calls_on_the_layer_kernels(saved_models, monkeypatch):
     """A worker (the class a Ray actor wraps, here in this process) holds the layer kernels around
     `fill` (phase 1) and `score` (phase 2 over its stored chunks), as the driver's engine does around
