@@ -89,10 +89,10 @@ def measure(pc, length: int, gemm_flops: float, bandwidth: float) -> dict:
     reused_flops = flops(cfg, r, chunks)
     return {
         "length": length, "tokens_in": s.tokens_in, "n_chunks": s.n_chunks,
-        "prefill_seconds": s.prefill_seconds, "cold_ttft_seconds": s.prefill_seconds + s.first_token_seconds,
+        "prefill_seconds": s.prefill_seconds, "cold_ttft_seconds": s.ttft_seconds,
         "cold_flops": cold_flops, "cold_bound_seconds": cold_flops / gemm_flops,
         "exact": again.token_ids == cold.token_ids, "reused_chunks": r.reused_chunks,
-        "ttft_seconds": r.prefill_seconds + r.first_token_seconds,
+        "ttft_seconds": r.ttft_seconds,
         "reused_flops": reused_flops, "reused_bound_seconds": reused_flops / gemm_flops,
         "decode_tok_s": decode_tokens / max(1e-9, r.decode_seconds - r.first_token_seconds),
         "decode_bound_tok_s": bandwidth / (weights + r.kv_bytes), "kv_bytes": r.kv_bytes,

@@ -71,8 +71,16 @@ def test_documents_path_hits_the_store_on_the_second_call_and_questions_do_not_r
     longer = pc.generate("Which of the stones lie under the purple cloud, north of the window?", documents=DOCS,
                          max_new_tokens=30)
     assert longer.stats.reused_chunks == 5  # chunk boundaries never depend on the question
-    streamed = pc.stream(QUESTION, corpus=pc.encode(DOCS), max_new_tokens=8)
+    # the documents were tokenized once: later calls found them in the engine's memo
+    assert (first.stats.reused_documents, again.stats.reused_documents, longer.stats.reused_documents) == (0, 5, 5)
+    assert first.stats.chunk_seconds > 0 and again.stats.chunk_seconds > 0
+    corpus = pc.encode(DOCS)
+    assert corpus.reused_documents == 5 and 0 < corpus.chunk_seconds < corpus.encode_seconds
+    streamed = pc.stream(QUESTION, corpus=corpus, max_new_tokens=8)
     assert "".join(streamed) == first.text and streamed.output.token_ids == first.token_ids
+    s = streamed.output.stats
+    assert (s.chunk_seconds, s.reused_documents) == (0, 0)  # a corpus= call chunks nothing
+    assert s.ttft_seconds == s.prefill_seconds + s.first_token_seconds
 
 
 def test_score_with_a_corpus_equals_score_with_documents(tokenizer):

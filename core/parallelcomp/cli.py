@@ -144,7 +144,7 @@ def _ask(args) -> int:
     steps = f" ({s.kernel_steps} steps whole in one call)" if s.kernel_steps else ""
     print(
         f"Stats: {s.tokens_in} context tokens in {s.n_chunks} chunks of ≤{s.chunk_tokens}, kept {s.n_kept}{reused}; "
-        f"KV {s.kv_bytes / 2**20:.1f} MiB ({s.kv_tokens} tokens); {s.dtype}, {s.attention_kernel} attention, {s.layer_kernel} layer, {s.decode_kernel} decode kernels{steps}, {s.threads} threads; prefill {s.prefill_seconds:.1f} s, "
+        f"KV {s.kv_bytes / 2**20:.1f} MiB ({s.kv_tokens} tokens); {s.dtype}, {s.attention_kernel} attention, {s.layer_kernel} layer, {s.decode_kernel} decode kernels{steps}, {s.threads} threads; chunking {s.chunk_seconds:.1f} s, prefill {s.prefill_seconds:.1f} s, "
         f"first token after {s.first_token_seconds:.1f} s more, decode {s.decode_seconds:.1f} s ({s.new_tokens} tokens); model load {load_seconds:.1f} s; "
         f"peak RSS {peak_rss_mb:.0f} MiB"
     )
@@ -172,7 +172,7 @@ def _chat(args) -> int:
             continue
         _print_sources(out, names)
         s = out.stats
-        print(f"(time to first token {s.prefill_seconds + s.first_token_seconds:.1f} s, {s.reused_chunks} of "
+        print(f"(time to first token {s.ttft_seconds:.1f} s, {s.reused_chunks} of "
               f"{s.n_chunks} chunks reused)\n", flush=True)
 
 

@@ -31,6 +31,10 @@ class Corpus:
     """Chunks whose phase 1 ran during `encode` (the others were already in the store)."""
     bytes_held: int = 0
     """Bytes of this corpus's chunk KV in the store's memory tier right after `encode`."""
+    chunk_seconds: float = 0.0
+    """Seconds the call that made this corpus spent chunking its documents."""
+    reused_documents: int = 0
+    """Documents whose chunking that call found in the engine's memo (chunking.DocumentMemo)."""
 
     @property
     def n_tokens(self) -> int:

@@ -48,7 +48,7 @@ from . import (
 )
 from . import kv as kvops
 from .attention import attention_modules
-from .chunking import Chunk, check_text, make_chunks, validate_documents
+from .chunking import Chunk, DocumentMemo, check_text, validate_documents
 from .compat import forward
 from .config import DTYPE_NAMES, ParallelCompConfig
 from .corpus import Corpus
@@ -62,6 +62,9 @@ from .settings import GenerationSettings
 from .store import ChunkStore, Entry, chunk_key, identity_digest, model_identity
 
 MIN_CHUNK_TOKENS = 16
+MEMO_TOKENS = 1 << 21
+"""Tokens of recently chunked documents an engine remembers (chunking.DocumentMemo): 8 MiB, a
+128K-token corpus 16 times over."""
 _PLACEHOLDER_QUESTION = "?"
 """`encode` builds the prompt prefix with this question: the prefix (template head + instruction)
 does not depend on it, and a question whose prefix differs simply misses the store."""
@@ -154,6 +157,7 @@ class ParallelComp:
         self._identity: tuple[dict, str] | None = None
         self._prefix: tuple[tuple[int, ...], list[kvops.LayerKV]] = ((), [])  # the last prompt prefix and its KV
         self._folded = lexical.FoldedTerms(tokenizer)
+        self._documents = DocumentMemo(MEMO_TOKENS)
 
     @classmethod
     def from_pretrained(
@@ -388,14 +392,16 @@ class ParallelComp:
         if corpus.identity != self._model_identity()[1]:
             raise InputError("this corpus was encoded by an engine with another model, dtype, device or attention "
                              "implementation; encode the documents with this engine")
-        return corpus
+        return replace(corpus, chunk_seconds=0.0, reused_documents=0)  # this call chunked nothing
 
     def _chunk(self, documents: list[str], prefix_ids: list[int]) -> Corpus:
+        start = time.perf_counter()
         budget = self._chunk_budget(len(prefix_ids), documents)
-        chunks = make_chunks(self.tokenizer, documents, budget, self.config.document_separator)
+        chunks, found = self._documents.make_chunks(self.tokenizer, documents, budget, self.config.document_separator)
         digest = self._model_identity()[1]
         keys = tuple(chunk_key(digest, prefix_ids, c.token_ids) for c in chunks)
-        return Corpus(digest, tuple(prefix_ids), tuple(chunks), keys, len(documents), budget)
+        return Corpus(digest, tuple(prefix_ids), tuple(chunks), keys, len(documents), budget,
+                      chunk_seconds=time.perf_counter() - start, reused_documents=found)
 
     # ------------------------------------------------------------------ stages over chunks
 
@@ -544,7 +550,7 @@ class ParallelComp:
                         len(parts.question_ids), reserve, self.store.room)  # window and memory, before any work
         if self.config.compresses:
             compression.observation_rows(self.config, len(parts.question_ids), parts.question_span)
-        report = ReuseStats()
+        report = ReuseStats(reused_documents=corpus.reused_documents)
         prefix = self.prefix_kv(parts.prefix_ids, report)
         bar = tqdm(total=len(corpus.chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
         keys = self._keys(corpus, parts.prefix_ids)
@@ -617,6 +623,7 @@ class ParallelComp:
             **asdict(report),
             **asdict(scored.spread),
             store_bytes=scored.store_bytes,
+            chunk_seconds=corpus.chunk_seconds,
             dtype=str(self.model.dtype).removeprefix("torch."),
             attention_kernel=self.attention_kernel,
             layer_kernel=self.layer_kernel,

@@ -53,6 +53,9 @@ class ReuseStats:
     reused_prefix_tokens: int = 0
     """Prompt-prefix tokens whose KV was kept from the engine's previous call (0: encoded), summed
     over the engines that needed it (a distributed run: the driver and each scoring worker)."""
+    reused_documents: int = 0
+    """Documents whose chunking (tokens and cut points) an earlier call left in the engine's memo
+    (chunking.DocumentMemo): their text was not tokenized again."""
     reused_head_tokens: int = 0
     """Question-head tokens (the suffix before the question text, prefill.Head) whose KV behind a
     chunk came from the memory tier, summed over chunks: phase 2 did not run them."""
@@ -150,12 +153,20 @@ class RunStats(SpreadStats, ReuseStats):
     model on the C kernels); the others ran through the model's modules."""
     threads: int = 0
     """torch intra-op threads the run used."""
+    chunk_seconds: float = 0.0
+    """Splitting documents/context into chunks (tokenizing those not in the engine's memo,
+    `reused_documents`); 0 with corpus=."""
     prefill_seconds: float = 0.0
-    """Chunking, prefill, scoring, eviction and compression of the context."""
+    """Prefill (phase 1 or store hits, phase 2), scoring, eviction and compression of the chunks."""
     first_token_seconds: float = 0.0
-    """The question's forward over the merged KV until the first new token (time to first token =
-    prefill_seconds + first_token_seconds); included in decode_seconds."""
+    """The question's forward over the merged KV until the first new token (`ttft_seconds`);
+    included in decode_seconds."""
     decode_seconds: float = 0.0
+
+    @property
+    def ttft_seconds(self) -> float:
+        """Time to first token: from the call to the first new token, chunking included."""
+        return self.chunk_seconds + self.prefill_seconds + self.first_token_seconds
 
     def to_dict(self) -> dict:
         return asdict(self)
