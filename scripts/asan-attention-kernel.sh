@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # attention_kernel.c under AddressSanitizer: builds it with -fsanitize=address and runs N (default
 # 300) random shapes through attention_kernel.attend (causal, transformers' strided layout) and
-# attend_rows (rows with keys of their own, views with an offset), 1-3 threads, each against torch's
-# SDPA. Needs a CPU with AMX (docs/hardware.md, "The AMX attention kernel") and gcc's libasan.
+# attend_rows (rows with keys of their own, views with an offset, half of them with a tail under its
+# periodic causal mask), 1-3 threads, each against torch's SDPA. Needs a CPU with AMX (docs/hardware.md, "The AMX attention kernel") and gcc's libasan.
 #   scripts/asan-attention-kernel.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ lib = ctypes.CDLL(so)
 assert lib.pc_amx_init() == 0, "Linux refused the AMX tile state"
 lib.pc_amx_attention.restype = ctypes.c_int
 lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12
-                                 + [ctypes.c_int, ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
+                                 + [ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
 lib.pc_amx_workspace.restype = ctypes.c_long
 lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4
 ak._library = lambda: (lib, "")
@@ -43,8 +43,20 @@ for case in range(int(sys.argv[1])):
         q = torch.randn(b, h_kv * g, m, d).to(torch.bfloat16)
         rows = [(torch.randn(1, h_kv, t + 5, d).to(torch.bfloat16)[:, :, 5:], torch.randn(1, h_kv, t, dv).to(torch.bfloat16))
                 for t in (rng.randint(1, 2200) for _ in range(b))]
-        out, _ = ak.attend_rows(q, rows)
-        ref = torch.cat([sdpa(q[i : i + 1].float(), k.float(), v.float(), enable_gqa=True) for i, (k, v) in enumerate(rows)])
+        period = rng.randint(1, m)
+        tails = [tuple(torch.randn(1, h_kv, n, w).to(torch.bfloat16) for w in (d, dv))
+                 for n in (rng.randint(period, period + 150) for _ in range(b))] if rng.random() < 0.5 else None
+        out, _ = ak.attend_rows(q, rows, tails=tails, period=period if tails else 0)
+        ref = []
+        for i, (k, v) in enumerate(rows):
+            mask = None
+            if tails:
+                n = tails[i][0].shape[2]
+                k, v = torch.cat([k, tails[i][0]], dim=2), torch.cat([v, tails[i][1]], dim=2)
+                s = torch.arange(k.shape[2]) - (k.shape[2] - n)  # index in the tail (negative: the chunk)
+                mask = s[None] <= (n - period + torch.arange(m) % period)[:, None]
+            ref.append(sdpa(q[i : i + 1].float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True))
+        ref = torch.cat(ref)
     error = (out.float() - ref).abs().max().item()
     assert error < 0.05, (case, error)
 print(f"{case + 1} shapes, no AddressSanitizer report, max error under 0.05")

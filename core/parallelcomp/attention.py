@@ -364,7 +364,7 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
     fused kernel: no (G·q, T) score matrix in memory), or on the "matmul" kernel one matmul for the
     scores, a softmax and one for the values (eager's arithmetic, as `_causal_matmul`; faster where
     the fused kernel does not use native bf16, docs/hardware.md), or on the "amx" kernel
-    `_attend_on_tiles` (no concatenation); compression needs the probabilities, so with an
+    `_attend_on_tiles` (only the short rest concatenated); compression needs the probabilities, so with an
     observer the scores are formed segment by segment (only they are concatenated) with an fp32
     softmax. query (B, H, q, D) and the question's own key/value (B, H_kv, q, D), post-RoPE;
     attention_mask (1, 1, q, q) bool, causal, the same in every layer of the forward, so `masks`
@@ -385,8 +385,8 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
     if kept is not None:  # views: the caller copies each row's part once
         kept[layer] = key[:, :, :keep], value[:, :, :keep]
     if observe is None and kernel == "amx" and not kwargs.get("sliding_window"):
-        tiled = _attend_on_tiles(prefix[layer], [[segment[layer] for segment in row] for row in contexts], masks,
-                                 query, key, value, attention_mask, scale)
+        tiled = _attend_on_tiles(prefix[layer], [[segment[layer] for segment in row] for row in contexts],
+                                 query, key, value, scale)
         if tiled is not None:
             return tiled, None
     out = query.new_empty(b, q, h, value.shape[-1])
@@ -412,35 +412,29 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
     return out, None
 
 
-def _attend_on_tiles(prefix: LayerKV, contexts: list[list[LayerKV]], masks: dict[tuple[int, int | None, int], Masks],
-                     query, key, value, attention_mask, scale: float) -> torch.Tensor | None:
+def _attend_on_tiles(prefix: LayerKV, contexts: list[list[LayerKV]], query, key, value,
+                     scale: float) -> torch.Tensor | None:
     """Phase 2's attention on the "amx" kernel, for one layer without a sliding window; None where
-    the kernel does not take the tensors. Each row's chunk (its first segment) is attended on the
-    AMX tiles, read where it is stored, all rows in one call (attention_kernel.attend_rows, no
-    mask: the question sees every chunk key); the prefix, any later segments (the question head)
-    and the question's own keys, the same length in every row, are attended by all rows in one
-    call of torch's fused kernel under the question's causal mask. The two parts merge by their
-    log-sum-exps (the split-key softmax of `_split_key_attention`), exact up to rounding; nothing
-    is concatenated but the short part. query (B, H, q, D), key and value (B, H_kv, q, D);
-    returns (B, q, H, Dv)."""
+    the kernel does not take the tensors. All rows in one call (attention_kernel.attend_rows): each
+    row's chunk (its first segment) is read where it is stored, unmasked (the question sees every
+    chunk key), then the short rest (the prefix, any later segments such as the question head, and
+    the question's own keys, the same length in every row, concatenated) as the row's tail under
+    the question's causal mask, in the same softmax. query (B, H, q, D), key and value
+    (B, H_kv, q, D); returns (B, q, H, Dv)."""
     b, h, q, d = query.shape
     h_kv, g = key.shape[1], h // key.shape[1]
-    rows = query.reshape(b, h_kv, g * q, d)  # head h ↔ KV head h // G
+    rows = query.reshape(b, h_kv, g * q, d)  # head h ↔ KV head h // G; row m is question token m mod q
     chunks = [row[0] for row in contexts]
-    if compat.cpu_flash_attention is None or not all(attention_kernel.takes(rows[i : i + 1], *chunks[i])
-                                                     for i in range(b)):
-        return None
-    out_chunk, lse_chunk = attention_kernel.attend_rows(rows, chunks, scale)
     short = [tuple(torch.cat(parts, dim=0) for parts in zip(*(row[j] for row in contexts))) for j in
              range(1, len(contexts[0]))]  # the later segments, (B, H_kv, n, D) each
     keys = torch.cat([prefix[0].expand(b, -1, -1, -1), *(k for k, _ in short), key], dim=-2)
     values = torch.cat([prefix[1].expand(b, -1, -1, -1), *(v for _, v in short), value], dim=-2)
-    additive = _masks(masks, attention_mask, (keys.shape[-2] - q, None, g), query.dtype)[2]
-    out_short, lse_short = compat.cpu_flash_attention(rows, keys, values, attn_mask=additive, scale=scale)[:2]
-    top = torch.maximum(lse_chunk, lse_short)
-    w_chunk, w_short = (lse_chunk - top).exp_().unsqueeze(-1), (lse_short - top).exp_().unsqueeze(-1)
-    mixed = (out_chunk.float() * w_chunk).add_(out_short.float() * w_short).div_(w_chunk + w_short)
-    return mixed.to(query.dtype).reshape(b, h, q, -1).transpose(1, 2)
+    tails = [(keys[i : i + 1], values[i : i + 1]) for i in range(b)]
+    if not all(attention_kernel.takes(rows[i : i + 1], *chunks[i]) for i in range(b)) or \
+            not attention_kernel.takes(rows, keys, values):
+        return None
+    out = attention_kernel.attend_rows(rows, chunks, scale, tails=tails, period=q)[0]
+    return out.reshape(b, h, q, -1).transpose(1, 2)
 
 
 def _masks(masks: dict[tuple[int, int | None, int], Masks], attention_mask: torch.Tensor,

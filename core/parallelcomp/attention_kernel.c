@@ -6,7 +6,9 @@
  * pc_amx_attention: out[b, h, m] = softmax(scale * q[b, h, m] . K_b[h / G]^T) V_b[h / G], for
  * every key or, causal, for keys t <= T_b - M + m (the bottom-right aligned mask of a query block
  * at the end of its keys). Each batch entry reads keys and values of its own length from where
- * they are (phase 2: each row's chunk in the store), so one call serves a whole micro-batch.
+ * they are (phase 2: each row's chunk in the store), so one call serves a whole micro-batch, and
+ * may have a second, short run of keys behind them under a causal mask of its own (phase 2: the
+ * prefix, the question head and the question's own keys), attended in the same online softmax.
  * FlashAttention's loop (Dao et al. 2022, Alg. 1), one block of QB query rows against KB keys at
  * a time: the scores are four 16x16 tile products,
  * the online softmax runs on AVX-512 registers, and the probabilities (rounded to bf16, as torch's
@@ -108,26 +110,33 @@ static void pack_values(const uint16_t *v, long vs, long T, long Dv, long g, uin
     }
 }
 
-/* The bf16 elements of one row's packed keys and values. */
-static long packed_size(long Hkv, long T, long D, long Dv) { return Hkv * ((T + KB - 1) / KB * KB) * (D + Dv); }
+/* Keys rounded up to whole blocks. */
+static long whole(long T) { return (T + KB - 1) / KB * KB; }
+
+/* The bf16 elements of one row's packed keys and values: its keys, then its tail's, each in whole blocks. */
+static long packed_size(long Hkv, long T, long T2, long D, long Dv) { return Hkv * (whole(T) + whole(T2)) * (D + Dv); }
 
 /* out[b, h, m] = softmax(scale · q[b, h, m]·K_b[h / (H/Hkv)]ᵀ) V_b over the keys row m sees: every
  * key, or with `causal` keys t <= T_b - M + m (a block of queries at the end of its keys).
- * Each batch entry b has keys and values of its own, T_b of them, where `kv` row b says:
- * {key address, key head stride, key row stride, value address, value head stride, value row
- * stride, T_b} (strides in elements). bf16 in and out, fp32 accumulation; lse (B, H, M) fp32.
- * Returns 0, 1 on shapes (or causal with T_b < M), 2 on memory. */
+ * Each batch entry b has keys and values of its own, T_b of them, and a tail of T2_b more (0: none)
+ * that row m sees up to key T2_b - period + m % period (rows packed as G·q query rows of q tokens,
+ * period = q, see the tokens before theirs and their own); `kv` row b (ROW longs) says: {key
+ * address, key head stride, key row stride, value address, value head stride, value row stride,
+ * T_b}, then the same 7 of the tail (strides in elements). bf16 in and out, fp32 accumulation;
+ * lse (B, H, M) fp32. Returns 0, or 1 on shapes (causal with T_b < M or with a tail; a tail
+ * shorter than period). */
+#define ROW 14
 int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *lse,
                      long B, long H, long Hkv, long M, long D, long Dv,
                      long qs_b, long qs_h, long qs_m, long os_b, long os_h, long os_m,
-                     int causal, float scale, long threads, void *work) {
+                     int causal, long period, float scale, long threads, void *work) {
     if (D % 32 || D > 256 || Dv % 64 || Dv > 256 || H % Hkv || M < 1 || B < 1) return 1;
     const long P = D / 2, G = H / Hkv, C = Dv / 16;
     long most = 0;  /* the largest row's packed keys and values, in bf16 elements */
     for (long b = 0; b < B; b++) {
-        const long T = kv[7 * b + 6];
-        if (T < 1 || (causal && T < M)) return 1;
-        most = packed_size(Hkv, T, D, Dv) > most ? packed_size(Hkv, T, D, Dv) : most;
+        const long T = kv[ROW * b + 6], T2 = kv[ROW * b + 13];
+        if (T < 1 || (causal && (T < M || T2)) || T2 < 0 || (T2 && (period < 1 || T2 < period))) return 1;
+        most = packed_size(Hkv, T, T2, D, Dv) > most ? packed_size(Hkv, T, T2, D, Dv) : most;
     }
     const long qblocks = (M + QB - 1) / QB, items = H * qblocks;
 #pragma omp parallel num_threads(threads)
@@ -143,15 +152,18 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
          * queries read them; two buffers, so that a thread done with row b packs row b + 1 while
          * the others finish row b (the packing loop's barrier keeps row b + 2 from overwriting it). */
         for (long b = 0; b < B; b++) {
-            const long *e = kv + 7 * b, T = e[6], Tp = (T + KB - 1) / KB * KB, kgroups = Tp / 16;
+            const long *e = kv + ROW * b, T = e[6], Tp = whole(T), T2 = e[13], Ta = Tp + whole(T2), kgroups = Ta / 16;
             const long shift = causal ? T - M : -1;  /* row m sees keys t <= shift + m */
             uint32_t *kp = (uint32_t *)((uint16_t *)work + (b % 2) * most);
-            uint16_t *vp = (uint16_t *)work + (b % 2) * most + Hkv * Tp * D;
+            uint16_t *vp = (uint16_t *)work + (b % 2) * most + Hkv * Ta * D;
 #pragma omp for schedule(static)
-            for (long i = 0; i < Hkv * kgroups; i++) {
-                const long h = i / kgroups, g = i % kgroups;
-                pack_keys((const uint16_t *)e[0] + h * e[1], e[2], T, D, g, kp + h * kgroups * P * 16);
-                if (g % 2 == 0) pack_values((const uint16_t *)e[3] + h * e[4], e[5], T, Dv, g / 2, vp + h * Tp * Dv);
+            for (long i = 0; i < Hkv * kgroups; i++) {  /* the tail's keys from block Tp / KB on */
+                const long h = i / kgroups, g = i % kgroups, tail = g >= Tp / 16, gs = tail ? g - Tp / 16 : g;
+                const long *s = e + (tail ? 7 : 0);
+                uint32_t *kd = kp + h * kgroups * P * 16 + (tail ? Tp / 16 * P * 16 : 0);
+                uint16_t *vd = vp + h * Ta * Dv + (tail ? Tp * Dv : 0);
+                pack_keys((const uint16_t *)s[0] + h * s[1], s[2], s[6], D, gs, kd);
+                if (gs % 2 == 0) pack_values((const uint16_t *)s[3] + h * s[4], s[5], s[6], Dv, gs / 2, vd);
             }
 #pragma omp for schedule(dynamic, 1) nowait
             for (long it = 0; it < items; it++) {
@@ -159,7 +171,7 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
                 const long blk = causal ? qblocks - 1 - it % qblocks : it % qblocks, h = it / qblocks, hk = h / G;
                 const long m0 = blk * QB, rows = M - m0 < QB ? M - m0 : QB;
                 const uint32_t *kh = kp + hk * kgroups * P * 16;
-                const uint16_t *vh = vp + hk * Tp * Dv;
+                const uint16_t *vh = vp + hk * Ta * Dv;
                 for (long r = 0; r < QB; r++) {
                     if (r < rows) memcpy(qbuf + r * D, q + b * qs_b + h * qs_h + (m0 + r) * qs_m, 2 * D);
                     else memset(qbuf + r * D, 0, 2 * D);
@@ -168,7 +180,7 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
                 }
                 memset(obuf, 0, sizeof(float) * QB * Dv);
                 const long last = shift >= 0 ? (shift + m0 + rows - 1 < T - 1 ? shift + m0 + rows - 1 : T - 1) : T - 1;
-                const long blocks = last / KB + 1;
+                const long blocks = T2 ? Ta / KB : last / KB + 1;
                 const long lo_lim = shift >= 0 ? (shift + m0 < T - 1 ? shift + m0 : T - 1) : T - 1;  /* fewest keys a row sees */
                 for (long kb = 0; kb < blocks; kb++) {
                     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
@@ -187,7 +199,7 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
                      * when a score exceeds it by more than LAZY, so p = 2^(x - max) <= 2^LAZY. */
                     /* A block every row sees whole (with a positive scale) keeps its raw scores s: the
                      * maximum of s·scale is scale times the maximum of s, and x - max is one FMA. */
-                    const int full = kb * KB + KB - 1 <= lo_lim && scale > 0;
+                    const int full = kb * KB + KB - 1 <= lo_lim && scale > 0;  /* never in the tail */
                     for (long r = 0; r < QB; r++) {
                         __m512 x[4], top;
                         __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
@@ -197,6 +209,8 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
                         } else {
                             long lim = shift >= 0 && r < rows ? shift + m0 + r : T - 1;  /* last key this row sees */
                             if (lim > T - 1) lim = T - 1;
+                            if (kb * KB >= Tp)  /* the tail: keys Tp + s, s <= T2 - period + m % period */
+                                lim = Tp + T2 - period + (r < rows ? (m0 + r) % period : period - 1);
                             long n = lim - kb * KB + 1;
                             n = n < 0 ? 0 : n > KB ? KB : n;
                             for (int c = 0; c < 4; c++) {
@@ -269,6 +283,9 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
  * two buffers (one for a single row) of the largest row's. */
 long pc_amx_workspace(const long *kv, long B, long Hkv, long D, long Dv) {
     long most = 0;
-    for (long b = 0; b < B; b++) most = packed_size(Hkv, kv[7 * b + 6], D, Dv) > most ? packed_size(Hkv, kv[7 * b + 6], D, Dv) : most;
+    for (long b = 0; b < B; b++) {
+        const long n = packed_size(Hkv, kv[ROW * b + 6], kv[ROW * b + 13], D, Dv);
+        most = n > most ? n : most;
+    }
     return 2 * (B > 1 ? 2 : 1) * most;
 }

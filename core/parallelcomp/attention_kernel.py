@@ -70,24 +70,36 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: f
 
 
 def attend_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]], scale: float | None = None,
-                causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                causal: bool = False, tails: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`attend` with keys and values of its own per batch row: row b of query (B, H, M, D) attends
     over rows[b] = (key (1, H_kv, T_b, D), value (1, H_kv, T_b, Dv)), read where they are (phase 2:
-    each chunk in the store), in one call of the kernel. Call only where `takes` holds for each."""
+    each chunk in the store), in one call of the kernel. Call only where `takes` holds for each.
+
+    `tails[b]`: keys and values (1, H_kv, n_b, ·) that row b attends after rows[b], in the same
+    softmax, with query row m seeing the first n_b - period + (m mod period) + 1 of them (phase 2:
+    G·q packed rows of a q-token question, `period` = q, over [prefix ‖ head ‖ question]). Not with
+    `causal`."""
     b, h, m, d = query.shape
     h_kv, dv = rows[0][0].shape[1], rows[0][1].shape[-1]
     lib = _library()[0]
-    kv = torch.tensor([[k.data_ptr(), k.stride(1), k.stride(2), v.data_ptr(), v.stride(1), v.stride(2), k.shape[2]]
-                       for k, v in rows], dtype=torch.int64)
+    none = (0,) * 7
+    kv = torch.tensor([_segment(k, v) + (_segment(*tails[i]) if tails else none) for i, (k, v) in enumerate(rows)],
+                      dtype=torch.int64)
     out = torch.empty(b, m, h, dv, dtype=torch.bfloat16).transpose(1, 2)
     lse = torch.empty(b, h, m, dtype=torch.float32)
     code = lib.pc_amx_attention(
         query.data_ptr(), kv.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, h_kv, m, d, dv, *query.stride()[:3],
-        *out.stride()[:3], int(causal), d**-0.5 if scale is None else scale, torch.get_num_threads(),
+        *out.stride()[:3], int(causal), period, d**-0.5 if scale is None else scale, torch.get_num_threads(),
         _workspace(lib.pc_amx_workspace(kv.data_ptr(), b, h_kv, d, dv)))
     if code != 0:  # shapes are checked by `takes`
         raise ValueError(f"AMX attention kernel declined {tuple(query.shape)} over {len(rows)} rows (code {code})")
     return out, lse
+
+
+def _segment(key: torch.Tensor, value: torch.Tensor) -> tuple[int, ...]:
+    """A run of keys and values as the kernel reads it: addresses, head and row strides, length."""
+    return key.data_ptr(), key.stride(1), key.stride(2), value.data_ptr(), value.stride(1), value.stride(2), key.shape[2]
 
 
 def _workspace(nbytes: int) -> int:
@@ -109,7 +121,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     lib.pc_amx_attention.restype = ctypes.c_int
     lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12
-                                     + [ctypes.c_int, ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
+                                     + [ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
     lib.pc_amx_workspace.restype = ctypes.c_long
     lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4
     return lib, ""
