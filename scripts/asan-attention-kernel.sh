@@ -23,7 +23,7 @@ lib.pc_amx_attention.restype = ctypes.c_int
 lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12
                                  + [ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
 lib.pc_amx_workspace.restype = ctypes.c_long
-lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4
+lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_long]
 ak._library = lambda: (lib, "")
 sdpa = torch.nn.functional.scaled_dot_product_attention
 rng = random.Random(0)

@@ -84,17 +84,20 @@ def test_kernel_equals_float64_attention(monkeypatch, threads, batch, heads, kv_
 
 @needs_amx
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_with_keys_of_their_own_equal_one_call_per_row(monkeypatch, threads):
+@pytest.mark.parametrize("copies", [1, 3], ids=["rows-shared", "whole-rows-per-thread"])
+def test_rows_with_keys_of_their_own_equal_one_call_per_row(monkeypatch, threads, copies):
     """Phase 2's call: each row of the query attends over its own chunk (2,111, 700 and 64 keys,
     separate tensors in the store's layout, one a view with gaps between heads), bit for bit as one
-    call per row would, and as float64 would to torch's rounding."""
+    call per row would, and as float64 would to torch's rounding. With 9 rows each thread takes
+    whole rows (attention_kernel.c, `by_rows`); with 3 the threads share each row's work."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     torch.manual_seed(2)
-    query = torch.randn(3, 3, 60, 64).to(torch.bfloat16)
+    query = torch.randn(3 * copies, 3, 60, 64).to(torch.bfloat16)
     rows = [(torch.randn(1, 3, n, 64).to(torch.bfloat16), torch.randn(1, 3, n, 64).to(torch.bfloat16))
             for n in (2111, 700)]
     wide = torch.randn(1, 3, 100, 64).to(torch.bfloat16)
     rows.append((wide[:, :, :64], torch.randn(1, 3, 64, 64).to(torch.bfloat16)))
+    rows *= copies
     out, lse = attention_kernel.attend_rows(query, rows, 0.2)
     for b, (key, value) in enumerate(rows):
         one, one_lse = attention_kernel.attend(query[b : b + 1], key, value, 0.2)
@@ -106,7 +109,8 @@ def test_rows_with_keys_of_their_own_equal_one_call_per_row(monkeypatch, threads
 
 @needs_amx
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_with_a_tail_equal_float64_attention_over_chunk_and_tail(monkeypatch, threads):
+@pytest.mark.parametrize("copies", [1, 3], ids=["rows-shared", "whole-rows-per-thread"])
+def test_rows_with_a_tail_equal_float64_attention_over_chunk_and_tail(monkeypatch, threads, copies):
     """Phase 2's call since the question's short keys joined it: each row attends over its chunk,
     then its tail under the question's causal mask for packed rows (G=3 heads of a q=7-token
     question: row m is token m mod 7 and sees the tail's first n - 7 + m mod 7 + 1 keys), in one
@@ -115,15 +119,16 @@ def test_rows_with_a_tail_equal_float64_attention_over_chunk_and_tail(monkeypatc
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     torch.manual_seed(4)
     q, g = 7, 3
-    query = torch.randn(3, 3, g * q, 64).to(torch.bfloat16)
+    query = torch.randn(3 * copies, 3, g * q, 64).to(torch.bfloat16)
     rows, tails = [], []
     for n, extra in ((2111, 40), (700, 7), (64, 100)):
         rows.append(tuple(torch.randn(1, 3, n, 64).to(torch.bfloat16) for _ in range(2)))
         tails.append(tuple(torch.randn(1, 3, extra, 64).to(torch.bfloat16) for _ in range(2)))
     wide = torch.randn(1, 3, 50, 64).to(torch.bfloat16)
     tails[0] = (wide[:, :, :40], tails[0][1])
+    rows, tails = rows * copies, tails * copies
     out, lse = attention_kernel.attend_rows(query, rows, 0.2, tails=tails, period=q)
-    for b in range(3):
+    for b in range(3 * copies):
         key, value = (torch.cat([rows[b][i], tails[b][i]], dim=2).double() for i in (0, 1))
         t = key.shape[2]
         scores = query[b : b + 1].double() @ key.transpose(-1, -2) * 0.2

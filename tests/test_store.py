@@ -373,7 +373,8 @@ def test_bad_corpus_arguments_are_typed_errors(tokenizer):
 
 def test_wrappers_hit_the_store_with_no_api_change(tokenizer):
     """A retriever returning the same documents again: LangChain's LLM and LlamaIndex's
-    synthesizer reuse every chunk's KV without knowing the store exists."""
+    synthesizer reuse every chunk's KV, and the documents' chunking, without knowing the store
+    exists."""
     from llama_index.core.schema import NodeWithScore, TextNode
 
     from pc_integrations.langchain import ParallelCompLLM
@@ -385,8 +386,10 @@ def test_wrappers_hit_the_store_with_no_api_change(tokenizer):
     second = llm.generate([QUESTION], documents=DOCS).generations[0][0]
     assert second.text == first.text
     assert (first.generation_info["stats"]["encoded_chunks"], second.generation_info["stats"]["reused_chunks"]) == (5, 5)
+    assert second.generation_info["stats"]["reused_documents"] == 5
 
     synth = ParallelCompSynthesizer(pc, max_new_tokens=6)
     nodes = [NodeWithScore(node=TextNode(text=d), score=1.0) for d in DOCS]
     response = synth.synthesize(QUESTION, nodes)
     assert response.metadata["parallelcomp"]["stats"]["reused_chunks"] == 5
+    assert response.metadata["parallelcomp"]["stats"]["reused_documents"] == 5

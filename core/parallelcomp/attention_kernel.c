@@ -116,6 +116,180 @@ static long whole(long T) { return (T + KB - 1) / KB * KB; }
 /* The bf16 elements of one row's packed keys and values: its keys, then its tail's, each in whole blocks. */
 static long packed_size(long Hkv, long T, long T2, long D, long Dv) { return Hkv * (whole(T) + whole(T2)) * (D + Dv); }
 
+#define ROW 14
+
+/* A call's shapes and tensors. */
+typedef struct {
+    const uint16_t *q;
+    uint16_t *out;
+    float *lse;
+    long H, Hkv, M, D, Dv, qs_b, qs_h, qs_m, os_b, os_h, os_m, period, qblocks;
+    int causal;
+    float scale;
+} Call;
+
+/* One batch entry: its key counts and where its keys and values are packed. */
+typedef struct {
+    long b, T, T2, Tp, Ta, kgroups, shift;
+    uint32_t *kp;
+    uint16_t *vp;
+} Row;
+
+/* A thread's buffers for one block of query rows. */
+typedef struct {
+    uint16_t qbuf[QB * 256] __attribute__((aligned(64)));
+    uint16_t pbuf[QB * KB] __attribute__((aligned(64)));
+    float sbuf[QB * KB] __attribute__((aligned(64)));
+    float obuf[QB * 256] __attribute__((aligned(64)));
+    float lsum[QB * 16] __attribute__((aligned(64)));
+    float mx[QB];
+} Scratch;
+
+static Row row_at(const Call *c, const long *kv, long b, uint16_t *at) {
+    const long *e = kv + ROW * b, T = e[6], Tp = whole(T), T2 = e[13], Ta = Tp + whole(T2);
+    /* causal: row m sees keys t <= shift + m */
+    const Row r = {b, T, T2, Tp, Ta, Ta / 16, c->causal ? T - c->M : -1, (uint32_t *)at, at + c->Hkv * Ta * c->D};
+    return r;
+}
+
+/* Packs key group i of the row's heads (and, for even groups, the 32 values from there): the
+ * tail's keys from block Tp / KB on. */
+static void pack_group(const Call *c, const Row *w, const long *kv, long i) {
+    const long P = c->D / 2, h = i / w->kgroups, g = i % w->kgroups, tail = g >= w->Tp / 16, gs = tail ? g - w->Tp / 16 : g;
+    const long *s = kv + ROW * w->b + (tail ? 7 : 0);
+    uint32_t *kd = w->kp + h * w->kgroups * P * 16 + (tail ? w->Tp / 16 * P * 16 : 0);
+    uint16_t *vd = w->vp + h * w->Ta * c->Dv + (tail ? w->Tp * c->Dv : 0);
+    pack_keys((const uint16_t *)s[0] + h * s[1], s[2], s[6], c->D, gs, kd);
+    if (gs % 2 == 0) pack_values((const uint16_t *)s[3] + h * s[4], s[5], s[6], c->Dv, gs / 2, vd);
+}
+
+/* Item `it` of a row: one head's block of QB query rows over all the keys they see. */
+static void attend_item(const Call *c, const Row *w, long it, Scratch *z) {
+    const uint16_t *q = c->q;
+    uint16_t *out = c->out;
+    float *lse = c->lse;
+    const long H = c->H, M = c->M, D = c->D, Dv = c->Dv, P = D / 2, G = H / c->Hkv, C = Dv / 16, qblocks = c->qblocks;
+    const long qs_b = c->qs_b, qs_h = c->qs_h, qs_m = c->qs_m, os_b = c->os_b, os_h = c->os_h, os_m = c->os_m;
+    const long b = w->b, T = w->T, T2 = w->T2, Tp = w->Tp, Ta = w->Ta, kgroups = w->kgroups, shift = w->shift;
+    const long period = c->period;
+    const int causal = c->causal;
+    const float scale = c->scale;
+    const uint32_t *kp = w->kp;
+    const uint16_t *vp = w->vp;
+    uint16_t *qbuf = z->qbuf, *pbuf = z->pbuf;
+    float *sbuf = z->sbuf, *obuf = z->obuf, *lsum = z->lsum, *mx = z->mx;
+    const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f), ninf = _mm512_set1_ps(-INFINITY);
+    /* causal: the longest query blocks first, so that the dynamic schedule ends balanced */
+    const long blk = causal ? qblocks - 1 - it % qblocks : it % qblocks, h = it / qblocks, hk = h / G;
+    const long m0 = blk * QB, rows = M - m0 < QB ? M - m0 : QB;
+    const uint32_t *kh = kp + hk * kgroups * P * 16;
+    const uint16_t *vh = vp + hk * Ta * Dv;
+    for (long r = 0; r < QB; r++) {
+        if (r < rows) memcpy(qbuf + r * D, q + b * qs_b + h * qs_h + (m0 + r) * qs_m, 2 * D);
+        else memset(qbuf + r * D, 0, 2 * D);
+        mx[r] = -INFINITY;
+        _mm512_store_ps(lsum + 16 * r, _mm512_setzero_ps());
+    }
+    memset(obuf, 0, sizeof(float) * QB * Dv);
+    const long last = shift >= 0 ? (shift + m0 + rows - 1 < T - 1 ? shift + m0 + rows - 1 : T - 1) : T - 1;
+    const long blocks = T2 ? Ta / KB : last / KB + 1;
+    const long lo_lim = shift >= 0 ? (shift + m0 < T - 1 ? shift + m0 : T - 1) : T - 1;  /* fewest keys a row sees */
+    for (long kb = 0; kb < blocks; kb++) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (long s = 0; s < D / 32; s++) {
+            _tile_loadd(4, qbuf + 32 * s, 2 * D);
+            const uint32_t *kt = kh + (kb * 4 * P + 16 * s) * 16;
+            _tile_loadd(5, kt, 64); _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, kt + P * 16, 64); _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(5, kt + 2 * P * 16, 64); _tile_dpbf16ps(2, 4, 5);
+            _tile_loadd(6, kt + 3 * P * 16, 64); _tile_dpbf16ps(3, 4, 6);
+        }
+        _tile_stored(0, sbuf, 4 * KB); _tile_stored(1, sbuf + 16, 4 * KB);
+        _tile_stored(2, sbuf + 32, 4 * KB); _tile_stored(3, sbuf + 48, 4 * KB);
+        /* the block's scores, in log2 units: x = s·scale·log2(e). Online softmax with a lazy
+         * maximum: a row's running maximum moves (and its sum and output are rescaled) only
+         * when a score exceeds it by more than LAZY, so p = 2^(x - max) <= 2^LAZY. */
+        /* A block every row sees whole (with a positive scale) keeps its raw scores s: the
+         * maximum of s·scale is scale times the maximum of s, and x - max is one FMA. */
+        const int full = kb * KB + KB - 1 <= lo_lim && scale > 0;  /* never in the tail */
+        for (long r = 0; r < QB; r++) {
+            __m512 x[4], top;
+            __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+            if (full) {
+                for (int c = 0; c < 4; c++) x[c] = _mm512_load_ps(sbuf + r * KB + 16 * c);
+                top = _mm512_mul_ps(_mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3])), sc);
+            } else {
+                long lim = shift >= 0 && r < rows ? shift + m0 + r : T - 1;  /* last key this row sees */
+                if (lim > T - 1) lim = T - 1;
+                if (kb * KB >= Tp)  /* the tail: keys Tp + s, s <= T2 - period + m % period */
+                    lim = Tp + T2 - period + (r < rows ? (m0 + r) % period : period - 1);
+                long n = lim - kb * KB + 1;
+                n = n < 0 ? 0 : n > KB ? KB : n;
+                for (int c = 0; c < 4; c++) {
+                    const long left = n - 16 * c;
+                    mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                    x[c] = _mm512_mask_mul_ps(ninf, mk[c], _mm512_load_ps(sbuf + r * KB + 16 * c), sc);
+                }
+                top = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
+            }
+            if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(mx[r] + LAZY), _CMP_GT_OQ)) {
+                const float mnew = _mm512_reduce_max_ps(top);
+                if (mx[r] != -INFINITY) {
+                    const __m512 a = _mm512_set1_ps(exp2f(mx[r] - mnew));
+                    for (long c = 0; c < C; c++)
+                        _mm512_store_ps(obuf + r * Dv + 16 * c, _mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), a));
+                    _mm512_store_ps(lsum + 16 * r, _mm512_mul_ps(_mm512_load_ps(lsum + 16 * r), a));
+                }
+                mx[r] = mnew;
+            }
+            const __m512 mm = _mm512_set1_ps(mx[r]);
+            __m512 acc = _mm512_load_ps(lsum + 16 * r);
+            for (int c = 0; c < 4; c += 2) {
+                __m512 p0, p1;
+                if (full) {
+                    p0 = exp2_16(_mm512_fmsub_ps(x[c], sc, mm));
+                    p1 = exp2_16(_mm512_fmsub_ps(x[c + 1], sc, mm));
+                } else {  /* hidden keys: x = -inf, whose reduction is NaN */
+                    p0 = _mm512_maskz_mov_ps(mk[c], exp2_16(_mm512_sub_ps(x[c], mm)));
+                    p1 = _mm512_maskz_mov_ps(mk[c + 1], exp2_16(_mm512_sub_ps(x[c + 1], mm)));
+                }
+                acc = _mm512_add_ps(acc, _mm512_add_ps(p0, p1));
+                _mm512_store_si512((__m512i *)(pbuf + r * KB + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+            }
+            _mm512_store_ps(lsum + 16 * r, acc);
+        }
+        for (long c0 = 0; c0 < C; c0 += 4) {
+            float *o = obuf + 16 * c0;
+            _tile_loadd(0, o, 4 * Dv); _tile_loadd(1, o + 16, 4 * Dv);
+            _tile_loadd(2, o + 32, 4 * Dv); _tile_loadd(3, o + 48, 4 * Dv);
+            for (long half = 0; half < 2; half++) {
+                _tile_loadd(4, pbuf + 32 * half, 2 * KB);
+                const uint16_t *vt = vh + ((kb * 2 + half) * C + c0) * 512;
+                _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
+                _tile_loadd(6, vt + 512, 64); _tile_dpbf16ps(1, 4, 6);
+                _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5);
+                _tile_loadd(6, vt + 1536, 64); _tile_dpbf16ps(3, 4, 6);
+            }
+            _tile_stored(0, o, 4 * Dv); _tile_stored(1, o + 16, 4 * Dv);
+            _tile_stored(2, o + 32, 4 * Dv); _tile_stored(3, o + 48, 4 * Dv);
+        }
+    }
+    for (long r = 0; r < rows; r++) {
+        const float sum = _mm512_reduce_add_ps(_mm512_load_ps(lsum + 16 * r));
+        const __m512 inv = _mm512_set1_ps(1.0f / sum);
+        uint16_t *dst = out + b * os_b + h * os_h + (m0 + r) * os_m;
+        for (long c = 0; c < C; c++) {
+            const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), inv));
+            _mm256_storeu_si256((__m256i *)(dst + 16 * c), (__m256i)y);
+        }
+        lse[(b * H + h) * M + m0 + r] = (mx[r] + log2f(sum)) * 0.69314718055994531f;
+    }
+}
+
+/* Whole rows per thread (phase 2's many short rows: one thread packs its row while the other
+ * attends, so the packing's memory reads overlap the arithmetic), else each row's items shared. */
+static int by_rows(int causal, long B, long threads) { return !causal && B >= 4 * threads; }
+
 /* out[b, h, m] = softmax(scale · q[b, h, m]·K_b[h / (H/Hkv)]ᵀ) V_b over the keys row m sees: every
  * key, or with `causal` keys t <= T_b - M + m (a block of queries at the end of its keys).
  * Each batch entry b has keys and values of its own, T_b of them, and a tail of T2_b more (0: none)
@@ -125,153 +299,42 @@ static long packed_size(long Hkv, long T, long T2, long D, long Dv) { return Hkv
  * T_b}, then the same 7 of the tail (strides in elements). bf16 in and out, fp32 accumulation;
  * lse (B, H, M) fp32. Returns 0, or 1 on shapes (causal with T_b < M or with a tail; a tail
  * shorter than period). */
-#define ROW 14
 int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *lse,
                      long B, long H, long Hkv, long M, long D, long Dv,
                      long qs_b, long qs_h, long qs_m, long os_b, long os_h, long os_m,
                      int causal, long period, float scale, long threads, void *work) {
     if (D % 32 || D > 256 || Dv % 64 || Dv > 256 || H % Hkv || M < 1 || B < 1) return 1;
-    const long P = D / 2, G = H / Hkv, C = Dv / 16;
     long most = 0;  /* the largest row's packed keys and values, in bf16 elements */
     for (long b = 0; b < B; b++) {
         const long T = kv[ROW * b + 6], T2 = kv[ROW * b + 13];
         if (T < 1 || (causal && (T < M || T2)) || T2 < 0 || (T2 && (period < 1 || T2 < period))) return 1;
         most = packed_size(Hkv, T, T2, D, Dv) > most ? packed_size(Hkv, T, T2, D, Dv) : most;
     }
-    const long qblocks = (M + QB - 1) / QB, items = H * qblocks;
+    const Call c = {q, out, lse, H, Hkv, M, D, Dv, qs_b, qs_h, qs_m, os_b, os_h, os_m, period, (M + QB - 1) / QB, causal, scale};
+    const long items = H * c.qblocks;
 #pragma omp parallel num_threads(threads)
     {
         configure();
-        uint16_t qbuf[QB * 256] __attribute__((aligned(64)));
-        uint16_t pbuf[QB * KB] __attribute__((aligned(64)));
-        float sbuf[QB * KB] __attribute__((aligned(64)));
-        float obuf[QB * 256] __attribute__((aligned(64)));
-        float mx[QB], lsum[QB * 16] __attribute__((aligned(64)));
-        const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f), ninf = _mm512_set1_ps(-INFINITY);
-        /* Row by row, so that a row's packed keys and values stay in the cores' caches while its
-         * queries read them; two buffers, so that a thread done with row b packs row b + 1 while
-         * the others finish row b (the packing loop's barrier keeps row b + 2 from overwriting it). */
-        for (long b = 0; b < B; b++) {
-            const long *e = kv + ROW * b, T = e[6], Tp = whole(T), T2 = e[13], Ta = Tp + whole(T2), kgroups = Ta / 16;
-            const long shift = causal ? T - M : -1;  /* row m sees keys t <= shift + m */
-            uint32_t *kp = (uint32_t *)((uint16_t *)work + (b % 2) * most);
-            uint16_t *vp = (uint16_t *)work + (b % 2) * most + Hkv * Ta * D;
-#pragma omp for schedule(static)
-            for (long i = 0; i < Hkv * kgroups; i++) {  /* the tail's keys from block Tp / KB on */
-                const long h = i / kgroups, g = i % kgroups, tail = g >= Tp / 16, gs = tail ? g - Tp / 16 : g;
-                const long *s = e + (tail ? 7 : 0);
-                uint32_t *kd = kp + h * kgroups * P * 16 + (tail ? Tp / 16 * P * 16 : 0);
-                uint16_t *vd = vp + h * Ta * Dv + (tail ? Tp * Dv : 0);
-                pack_keys((const uint16_t *)s[0] + h * s[1], s[2], s[6], D, gs, kd);
-                if (gs % 2 == 0) pack_values((const uint16_t *)s[3] + h * s[4], s[5], s[6], Dv, gs / 2, vd);
+        Scratch z;
+        if (by_rows(causal, B, threads)) {
+            uint16_t *mine = (uint16_t *)work + omp_get_thread_num() * most;
+#pragma omp for schedule(dynamic, 1)
+            for (long b = 0; b < B; b++) {
+                const Row w = row_at(&c, kv, b, mine);
+                for (long i = 0; i < Hkv * w.kgroups; i++) pack_group(&c, &w, kv, i);
+                for (long it = 0; it < items; it++) attend_item(&c, &w, it, &z);
             }
+        } else {
+            /* Row by row, so that a row's packed keys and values stay in the cores' caches while
+             * its queries read them; two buffers, so that a thread done with row b packs row b + 1
+             * while the others finish row b (the packing loop's barrier keeps row b + 2 from
+             * overwriting it). */
+            for (long b = 0; b < B; b++) {
+                const Row w = row_at(&c, kv, b, (uint16_t *)work + (b % 2) * most);
+#pragma omp for schedule(static)
+                for (long i = 0; i < Hkv * w.kgroups; i++) pack_group(&c, &w, kv, i);
 #pragma omp for schedule(dynamic, 1) nowait
-            for (long it = 0; it < items; it++) {
-                /* causal: the longest query blocks first, so that the dynamic schedule ends balanced */
-                const long blk = causal ? qblocks - 1 - it % qblocks : it % qblocks, h = it / qblocks, hk = h / G;
-                const long m0 = blk * QB, rows = M - m0 < QB ? M - m0 : QB;
-                const uint32_t *kh = kp + hk * kgroups * P * 16;
-                const uint16_t *vh = vp + hk * Ta * Dv;
-                for (long r = 0; r < QB; r++) {
-                    if (r < rows) memcpy(qbuf + r * D, q + b * qs_b + h * qs_h + (m0 + r) * qs_m, 2 * D);
-                    else memset(qbuf + r * D, 0, 2 * D);
-                    mx[r] = -INFINITY;
-                    _mm512_store_ps(lsum + 16 * r, _mm512_setzero_ps());
-                }
-                memset(obuf, 0, sizeof(float) * QB * Dv);
-                const long last = shift >= 0 ? (shift + m0 + rows - 1 < T - 1 ? shift + m0 + rows - 1 : T - 1) : T - 1;
-                const long blocks = T2 ? Ta / KB : last / KB + 1;
-                const long lo_lim = shift >= 0 ? (shift + m0 < T - 1 ? shift + m0 : T - 1) : T - 1;  /* fewest keys a row sees */
-                for (long kb = 0; kb < blocks; kb++) {
-                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                    for (long s = 0; s < D / 32; s++) {
-                        _tile_loadd(4, qbuf + 32 * s, 2 * D);
-                        const uint32_t *kt = kh + (kb * 4 * P + 16 * s) * 16;
-                        _tile_loadd(5, kt, 64); _tile_dpbf16ps(0, 4, 5);
-                        _tile_loadd(6, kt + P * 16, 64); _tile_dpbf16ps(1, 4, 6);
-                        _tile_loadd(5, kt + 2 * P * 16, 64); _tile_dpbf16ps(2, 4, 5);
-                        _tile_loadd(6, kt + 3 * P * 16, 64); _tile_dpbf16ps(3, 4, 6);
-                    }
-                    _tile_stored(0, sbuf, 4 * KB); _tile_stored(1, sbuf + 16, 4 * KB);
-                    _tile_stored(2, sbuf + 32, 4 * KB); _tile_stored(3, sbuf + 48, 4 * KB);
-                    /* the block's scores, in log2 units: x = s·scale·log2(e). Online softmax with a lazy
-                     * maximum: a row's running maximum moves (and its sum and output are rescaled) only
-                     * when a score exceeds it by more than LAZY, so p = 2^(x - max) <= 2^LAZY. */
-                    /* A block every row sees whole (with a positive scale) keeps its raw scores s: the
-                     * maximum of s·scale is scale times the maximum of s, and x - max is one FMA. */
-                    const int full = kb * KB + KB - 1 <= lo_lim && scale > 0;  /* never in the tail */
-                    for (long r = 0; r < QB; r++) {
-                        __m512 x[4], top;
-                        __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
-                        if (full) {
-                            for (int c = 0; c < 4; c++) x[c] = _mm512_load_ps(sbuf + r * KB + 16 * c);
-                            top = _mm512_mul_ps(_mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3])), sc);
-                        } else {
-                            long lim = shift >= 0 && r < rows ? shift + m0 + r : T - 1;  /* last key this row sees */
-                            if (lim > T - 1) lim = T - 1;
-                            if (kb * KB >= Tp)  /* the tail: keys Tp + s, s <= T2 - period + m % period */
-                                lim = Tp + T2 - period + (r < rows ? (m0 + r) % period : period - 1);
-                            long n = lim - kb * KB + 1;
-                            n = n < 0 ? 0 : n > KB ? KB : n;
-                            for (int c = 0; c < 4; c++) {
-                                const long left = n - 16 * c;
-                                mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-                                x[c] = _mm512_mask_mul_ps(ninf, mk[c], _mm512_load_ps(sbuf + r * KB + 16 * c), sc);
-                            }
-                            top = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
-                        }
-                        if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(mx[r] + LAZY), _CMP_GT_OQ)) {
-                            const float mnew = _mm512_reduce_max_ps(top);
-                            if (mx[r] != -INFINITY) {
-                                const __m512 a = _mm512_set1_ps(exp2f(mx[r] - mnew));
-                                for (long c = 0; c < C; c++)
-                                    _mm512_store_ps(obuf + r * Dv + 16 * c, _mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), a));
-                                _mm512_store_ps(lsum + 16 * r, _mm512_mul_ps(_mm512_load_ps(lsum + 16 * r), a));
-                            }
-                            mx[r] = mnew;
-                        }
-                        const __m512 mm = _mm512_set1_ps(mx[r]);
-                        __m512 acc = _mm512_load_ps(lsum + 16 * r);
-                        for (int c = 0; c < 4; c += 2) {
-                            __m512 p0, p1;
-                            if (full) {
-                                p0 = exp2_16(_mm512_fmsub_ps(x[c], sc, mm));
-                                p1 = exp2_16(_mm512_fmsub_ps(x[c + 1], sc, mm));
-                            } else {  /* hidden keys: x = -inf, whose reduction is NaN */
-                                p0 = _mm512_maskz_mov_ps(mk[c], exp2_16(_mm512_sub_ps(x[c], mm)));
-                                p1 = _mm512_maskz_mov_ps(mk[c + 1], exp2_16(_mm512_sub_ps(x[c + 1], mm)));
-                            }
-                            acc = _mm512_add_ps(acc, _mm512_add_ps(p0, p1));
-                            _mm512_store_si512((__m512i *)(pbuf + r * KB + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-                        }
-                        _mm512_store_ps(lsum + 16 * r, acc);
-                    }
-                    for (long c0 = 0; c0 < C; c0 += 4) {
-                        float *o = obuf + 16 * c0;
-                        _tile_loadd(0, o, 4 * Dv); _tile_loadd(1, o + 16, 4 * Dv);
-                        _tile_loadd(2, o + 32, 4 * Dv); _tile_loadd(3, o + 48, 4 * Dv);
-                        for (long half = 0; half < 2; half++) {
-                            _tile_loadd(4, pbuf + 32 * half, 2 * KB);
-                            const uint16_t *vt = vh + ((kb * 2 + half) * C + c0) * 512;
-                            _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
-                            _tile_loadd(6, vt + 512, 64); _tile_dpbf16ps(1, 4, 6);
-                            _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5);
-                            _tile_loadd(6, vt + 1536, 64); _tile_dpbf16ps(3, 4, 6);
-                        }
-                        _tile_stored(0, o, 4 * Dv); _tile_stored(1, o + 16, 4 * Dv);
-                        _tile_stored(2, o + 32, 4 * Dv); _tile_stored(3, o + 48, 4 * Dv);
-                    }
-                }
-                for (long r = 0; r < rows; r++) {
-                    const float sum = _mm512_reduce_add_ps(_mm512_load_ps(lsum + 16 * r));
-                    const __m512 inv = _mm512_set1_ps(1.0f / sum);
-                    uint16_t *dst = out + b * os_b + h * os_h + (m0 + r) * os_m;
-                    for (long c = 0; c < C; c++) {
-                        const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), inv));
-                        _mm256_storeu_si256((__m256i *)(dst + 16 * c), (__m256i)y);
-                    }
-                    lse[(b * H + h) * M + m0 + r] = (mx[r] + log2f(sum)) * 0.69314718055994531f;
-                }
+                for (long it = 0; it < items; it++) attend_item(&c, &w, it, &z);
             }
         }
         _tile_release();
@@ -279,13 +342,14 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
     return 0;
 }
 
-/* The bytes of packed keys and values a pc_amx_attention call over `kv` (B rows) needs at `work`:
- * two buffers (one for a single row) of the largest row's. */
-long pc_amx_workspace(const long *kv, long B, long Hkv, long D, long Dv) {
+/* The bytes of packed keys and values a pc_amx_attention call over `kv` (B rows) on `threads`
+ * threads needs at `work`: a buffer of the largest row's per thread for whole rows per thread,
+ * else two (one for a single row). */
+long pc_amx_workspace(const long *kv, long B, long Hkv, long D, long Dv, int causal, long threads) {
     long most = 0;
     for (long b = 0; b < B; b++) {
         const long n = packed_size(Hkv, kv[ROW * b + 6], kv[ROW * b + 13], D, Dv);
         most = n > most ? n : most;
     }
-    return 2 * (B > 1 ? 2 : 1) * most;
+    return 2 * (by_rows(causal, B, threads) ? threads : B > 1 ? 2 : 1) * most;
 }

@@ -86,12 +86,13 @@ def attend_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor
     none = (0,) * 7
     kv = torch.tensor([_segment(k, v) + (_segment(*tails[i]) if tails else none) for i, (k, v) in enumerate(rows)],
                       dtype=torch.int64)
+    threads = torch.get_num_threads()
     out = torch.empty(b, m, h, dv, dtype=torch.bfloat16).transpose(1, 2)
     lse = torch.empty(b, h, m, dtype=torch.float32)
     code = lib.pc_amx_attention(
         query.data_ptr(), kv.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, h_kv, m, d, dv, *query.stride()[:3],
-        *out.stride()[:3], int(causal), period, d**-0.5 if scale is None else scale, torch.get_num_threads(),
-        _workspace(lib.pc_amx_workspace(kv.data_ptr(), b, h_kv, d, dv)))
+        *out.stride()[:3], int(causal), period, d**-0.5 if scale is None else scale, threads,
+        _workspace(lib.pc_amx_workspace(kv.data_ptr(), b, h_kv, d, dv, int(causal), threads)))
     if code != 0:  # shapes are checked by `takes`
         raise ValueError(f"AMX attention kernel declined {tuple(query.shape)} over {len(rows)} rows (code {code})")
     return out, lse
@@ -123,5 +124,5 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12
                                      + [ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
     lib.pc_amx_workspace.restype = ctypes.c_long
-    lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4
+    lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_long]
     return lib, ""
