@@ -44,15 +44,15 @@ for case in range(int(sys.argv[1])):
         rows = [(torch.randn(1, h_kv, t + 5, d).to(torch.bfloat16)[:, :, 5:], torch.randn(1, h_kv, t, dv).to(torch.bfloat16))
                 for t in (rng.randint(1, 2200) for _ in range(b))]
         period = rng.randint(1, m)
-        tails = [tuple(torch.randn(1, h_kv, n, w).to(torch.bfloat16) for w in (d, dv))
-                 for n in (rng.randint(period, period + 150) for _ in range(b))] if rng.random() < 0.5 else None
+        n = rng.randint(period, period + 150)  # a tail of n keys per row, the keys a view with gaps
+        tails = (torch.randn(b, h_kv, n + 3, d).to(torch.bfloat16)[:, :, 3:], torch.randn(b, h_kv, n, dv).to(torch.bfloat16)) \
+            if rng.random() < 0.5 else None
         out, _ = ak.attend_rows(q, rows, tails=tails, period=period if tails else 0)
         ref = []
         for i, (k, v) in enumerate(rows):
             mask = None
             if tails:
-                n = tails[i][0].shape[2]
-                k, v = torch.cat([k, tails[i][0]], dim=2), torch.cat([v, tails[i][1]], dim=2)
+                k, v = torch.cat([k, tails[0][i : i + 1]], dim=2), torch.cat([v, tails[1][i : i + 1]], dim=2)
                 s = torch.arange(k.shape[2]) - (k.shape[2] - n)  # index in the tail (negative: the chunk)
                 mask = s[None] <= (n - period + torch.arange(m) % period)[:, None]
             ref.append(sdpa(q[i : i + 1].float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True))

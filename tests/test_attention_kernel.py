@@ -110,36 +110,45 @@ def test_rows_with_keys_of_their_own_equal_one_call_per_row(monkeypatch, threads
 @needs_amx
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("copies", [1, 3], ids=["rows-shared", "whole-rows-per-thread"])
-def test_rows_with_a_tail_equal_float64_attention_over_chunk_and_tail(monkeypatch, threads, copies):
+@pytest.mark.parametrize("extra", [7, 40, 100])
+def test_rows_with_a_tail_equal_float64_attention_over_chunk_and_tail(monkeypatch, threads, copies, extra):
     """Phase 2's call since the question's short keys joined it: each row attends over its chunk,
     then its tail under the question's causal mask for packed rows (G=3 heads of a q=7-token
     question: row m is token m mod 7 and sees the tail's first n - 7 + m mod 7 + 1 keys), in one
-    softmax: as float64 would to torch's rounding. Tails of 40 (a 33-key prefix), exactly 7 (the
-    question alone) and 100 keys (past a block); one tail a view with gaps between heads."""
+    softmax: as float64 would to torch's rounding. Tails of exactly 7 keys (the question alone),
+    40 (a 33-key prefix) and 100 (past a block), their keys a view with gaps between rows."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     torch.manual_seed(4)
-    q, g = 7, 3
-    query = torch.randn(3 * copies, 3, g * q, 64).to(torch.bfloat16)
-    rows, tails = [], []
-    for n, extra in ((2111, 40), (700, 7), (64, 100)):
-        rows.append(tuple(torch.randn(1, 3, n, 64).to(torch.bfloat16) for _ in range(2)))
-        tails.append(tuple(torch.randn(1, 3, extra, 64).to(torch.bfloat16) for _ in range(2)))
-    wide = torch.randn(1, 3, 50, 64).to(torch.bfloat16)
-    tails[0] = (wide[:, :, :40], tails[0][1])
-    rows, tails = rows * copies, tails * copies
-    out, lse = attention_kernel.attend_rows(query, rows, 0.2, tails=tails, period=q)
-    for b in range(3 * copies):
-        key, value = (torch.cat([rows[b][i], tails[b][i]], dim=2).double() for i in (0, 1))
+    q, g, b = 7, 3, 3 * copies
+    query = torch.randn(b, 3, g * q, 64).to(torch.bfloat16)
+    rows = [tuple(torch.randn(1, 3, n, 64).to(torch.bfloat16) for _ in range(2)) for n in (2111, 700, 64)] * copies
+    tail = (torch.randn(b, 3, extra + 9, 64).to(torch.bfloat16)[:, :, :extra], torch.randn(b, 3, extra, 64).to(torch.bfloat16))
+    out, lse = attention_kernel.attend_rows(query, rows, 0.2, tails=tail, period=q)
+    for i in range(b):
+        key, value = (torch.cat([rows[i][j], tail[j][i : i + 1]], dim=2).double() for j in (0, 1))
         t = key.shape[2]
-        scores = query[b : b + 1].double() @ key.transpose(-1, -2) * 0.2
+        scores = query[i : i + 1].double() @ key.transpose(-1, -2) * 0.2
         token = torch.arange(g * q) % q
         hidden = torch.arange(t)[None] > (t - q + token)[:, None]  # the chunk's keys are all visible
         scores.masked_fill_(hidden, float("-inf"))
         ref = scores.softmax(-1) @ value
-        torch.testing.assert_close(out[b : b + 1].double(), ref, atol=2**-7 * ref.abs().max().item(), rtol=0)
-        torch.testing.assert_close(lse[b : b + 1].double(), scores.logsumexp(-1), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(out[i : i + 1].double(), ref, atol=2**-7 * ref.abs().max().item(), rtol=0)
+        torch.testing.assert_close(lse[i : i + 1].double(), scores.logsumexp(-1), atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="declined"):  # a tail is not for causal calls
-        attention_kernel.attend_rows(query, rows, 0.2, causal=True, tails=tails, period=q)
+        attention_kernel.attend_rows(query, rows, 0.2, causal=True, tails=tail, period=q)
+
+
+@needs_amx
+def test_takes_rows_checks_every_row():
+    """`attend_rows` is offered phase 2's rows only where every row's key and value suit the
+    kernel; one odd row (another dtype, a strided last dimension, no keys, other heads) refuses."""
+    query = torch.randn(3, 3, 60, 64).to(torch.bfloat16)
+    good = [tuple(torch.randn(1, 3, n, 64).to(torch.bfloat16) for _ in range(2)) for n in (100, 30, 64)]
+    assert attention_kernel.takes_rows(query, good)
+    k, v = good[1]
+    for odd in [(k.float(), v), (k, v.float()), (torch.randn(1, 3, 30, 128).to(torch.bfloat16)[..., ::2], v),
+                (k[:, :, :0], v[:, :, :0]), (k[:, :2], v[:, :2]), (k, v[:, :, :20])]:
+        assert not attention_kernel.takes_rows(query, [good[0], odd, good[2]])
 
 
 _GUARDED = r"""

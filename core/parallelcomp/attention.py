@@ -429,11 +429,9 @@ def _attend_on_tiles(prefix: LayerKV, contexts: list[list[LayerKV]], query, key,
              range(1, len(contexts[0]))]  # the later segments, (B, H_kv, n, D) each
     keys = torch.cat([prefix[0].expand(b, -1, -1, -1), *(k for k, _ in short), key], dim=-2)
     values = torch.cat([prefix[1].expand(b, -1, -1, -1), *(v for _, v in short), value], dim=-2)
-    tails = [(keys[i : i + 1], values[i : i + 1]) for i in range(b)]
-    if not all(attention_kernel.takes(rows[i : i + 1], *chunks[i]) for i in range(b)) or \
-            not attention_kernel.takes(rows, keys, values):
+    if not (attention_kernel.takes_rows(rows, chunks) and attention_kernel.takes(rows, keys, values)):
         return None
-    out = attention_kernel.attend_rows(rows, chunks, scale, tails=tails, period=q)[0]
+    out = attention_kernel.attend_rows(rows, chunks, scale, tails=(keys, values), period=q)[0]
     return out.reshape(b, h, q, -1).transpose(1, 2)
 
 

@@ -59,6 +59,20 @@ def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
             and available())
 
 
+def takes_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """`takes` for `attend_rows`'s query over every row's key and value (B = 1 each), the shapes
+    checked once and each row's layout: one dtype and device, rows contiguous in the last
+    dimension, the same heads and head sizes, at least one key."""
+    key, value = rows[0]
+    if not takes(query, key, value):
+        return False
+    shape = (1, key.shape[1])
+    return all(k.dtype == key.dtype and v.dtype == key.dtype and k.device == key.device and v.device == key.device
+               and k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape[:2] == shape and v.shape[:2] == shape
+               and k.shape[2] > 0 and k.shape[2] == v.shape[2] and k.shape[3] == key.shape[3]
+               and v.shape[3] == value.shape[3] for k, v in rows)
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
            causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale · q·Kᵀ)·V of each query head h over KV head h // (H / H_kv), and the rows'
@@ -70,22 +84,27 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: f
 
 
 def attend_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]], scale: float | None = None,
-                causal: bool = False, tails: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                causal: bool = False, tails: tuple[torch.Tensor, torch.Tensor] | None = None,
                 period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`attend` with keys and values of its own per batch row: row b of query (B, H, M, D) attends
     over rows[b] = (key (1, H_kv, T_b, D), value (1, H_kv, T_b, Dv)), read where they are (phase 2:
     each chunk in the store), in one call of the kernel. Call only where `takes` holds for each.
 
-    `tails[b]`: keys and values (1, H_kv, n_b, ·) that row b attends after rows[b], in the same
-    softmax, with query row m seeing the first n_b - period + (m mod period) + 1 of them (phase 2:
-    G·q packed rows of a q-token question, `period` = q, over [prefix ‖ head ‖ question]). Not with
-    `causal`."""
+    `tails`: keys and values (B, H_kv, n, ·) that row b attends after rows[b] (its batch entry b),
+    in the same softmax, with query row m seeing the first n - period + (m mod period) + 1 of them
+    (phase 2: G·q packed rows of a q-token question, `period` = q, over [prefix ‖ head ‖
+    question]). Not with `causal`; `takes` must hold for them too."""
     b, h, m, d = query.shape
     h_kv, dv = rows[0][0].shape[1], rows[0][1].shape[-1]
     lib = _library()[0]
-    none = (0,) * 7
-    kv = torch.tensor([_segment(k, v) + (_segment(*tails[i]) if tails else none) for i, (k, v) in enumerate(rows)],
-                      dtype=torch.int64)
+    tail = [(0,) * 7] * b
+    if tails is not None:
+        k, v = tails
+        ks, vs = k.stride(0) * k.element_size(), v.stride(0) * v.element_size()
+        tail = [(k.data_ptr() + i * ks, k.stride(1), k.stride(2), v.data_ptr() + i * vs, v.stride(1), v.stride(2),
+                 k.shape[2]) for i in range(b)]
+    kv = torch.tensor([(k.data_ptr(), k.stride(1), k.stride(2), v.data_ptr(), v.stride(1), v.stride(2), k.shape[2])
+                       + tail[i] for i, (k, v) in enumerate(rows)], dtype=torch.int64)
     threads = torch.get_num_threads()
     out = torch.empty(b, m, h, dv, dtype=torch.bfloat16).transpose(1, 2)
     lse = torch.empty(b, h, m, dtype=torch.float32)
@@ -96,11 +115,6 @@ def attend_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor
     if code != 0:  # shapes are checked by `takes`
         raise ValueError(f"AMX attention kernel declined {tuple(query.shape)} over {len(rows)} rows (code {code})")
     return out, lse
-
-
-def _segment(key: torch.Tensor, value: torch.Tensor) -> tuple[int, ...]:
-    """A run of keys and values as the kernel reads it: addresses, head and row strides, length."""
-    return key.data_ptr(), key.stride(1), key.stride(2), value.data_ptr(), value.stride(1), value.stride(2), key.shape[2]
 
 
 def _workspace(nbytes: int) -> int:
