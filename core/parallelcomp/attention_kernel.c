@@ -116,7 +116,7 @@ static long whole(long T) { return (T + KB - 1) / KB * KB; }
 /* The bf16 elements of one row's packed keys and values: its keys, then its tail's, each in whole blocks. */
 static long packed_size(long Hkv, long T, long T2, long D, long Dv) { return Hkv * (whole(T) + whole(T2)) * (D + Dv); }
 
-#define ROW 14
+#define ROW 14  /* longs per batch entry of `kv` (pc_amx_attention): the keys' 7, then the tail's */
 
 /* A call's shapes and tensors. */
 typedef struct {

@@ -12,8 +12,8 @@ instead of ~1 (issue #12, docs/method-fidelity.md). A piece's tokens are exactly
 of the text its span names, `tokenizer(doc[span.start:span.end])`, and everything between two
 spans of a document is whitespace. Pure Python; knows nothing about the model.
 
-Tokenizing is most of the cost: 0.7 s for a 128K-token context on this project's CPU, half the
-time of a question over a reused corpus (docs/store.md). `DocumentMemo` keeps recent documents'
+Tokenizing is most of the cost: 0.7–0.8 s for a 128K-token context on the project's AMX host,
+about as long as the rest of a question over that corpus once its KV is reused (docs/store.md). `DocumentMemo` keeps recent documents'
 pieces, so a call with the same documents again (a retriever, an agent's corpus tool, a chain run
 again: the transparent store path) tokenizes only the documents it has not seen.
 """
