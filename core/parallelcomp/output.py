@@ -54,8 +54,8 @@ class ReuseStats:
     """Prompt-prefix tokens whose KV was kept from the engine's previous call (0: encoded), summed
     over the engines that needed it (a distributed run: the driver and each scoring worker)."""
     reused_documents: int = 0
-    """Documents whose chunking (tokens and cut points) an earlier call left in the engine's memo
-    (chunking.DocumentMemo): their text was not tokenized again."""
+    """Documents whose chunking (tokens and cut points) the engine's memo held (chunking.DocumentMemo:
+    chunked by an earlier call, or earlier in this one): their text was not tokenized again."""
     reused_head_tokens: int = 0
     """Question-head tokens (the suffix before the question text, prefill.Head) whose KV behind a
     chunk came from the memory tier, summed over chunks: phase 2 did not run them."""
