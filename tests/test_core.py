@@ -174,18 +174,23 @@ def test_first_token_seconds_time_the_question_step(make_engine, monkeypatch):
     assert 0.2 <= out.stats.first_token_seconds < out.stats.decode_seconds
 
 
+def record_widths(monkeypatch) -> list[int]:
+    """The tokens per row of each forward prefill.py runs from now on (phase 2's included, which
+    runs the decoder without its head where nll.plain_head finds one)."""
+    import parallelcomp.prefill as prefill
+
+    widths = []
+    for name in ("forward", "last_hidden"):
+        real = getattr(prefill, name)
+        monkeypatch.setattr(prefill, name, lambda m, ids, *a, _real=real, **kw: widths.append(ids.shape[1])
+                            or _real(m, ids, *a, **kw))
+    return widths
+
+
 def test_phase2_runs_the_question_only_before_its_last_scored_token(make_engine, monkeypatch):
     """The last scored token's own logits predict the unscored template tail, so phase 2 stops
     one token earlier (the NLLs equal the one-forward reference: test_two_phase_prefill_equals_single_forward)."""
-    import parallelcomp.prefill as prefill
-
-    real, widths = prefill.forward, []
-
-    def record(model, ids, *args, **kwargs):
-        widths.append(ids.shape[1])
-        return real(model, ids, *args, **kwargs)
-
-    monkeypatch.setattr(prefill, "forward", record)
+    widths = record_widths(monkeypatch)
     out = make_engine("llama", keep_chunks=1).generate("Where is the copper garden?", documents=[text(4, 30)],
                                                        max_new_tokens=1)
     start, end = out.stats.question_scored
@@ -197,8 +202,6 @@ def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer,
     """The question head (the template before the question text) kept from one question's phase 2
     is the head's KV of one forward over prefix + chunk + head, and a second question that reads it
     runs only its own tokens yet gets the one-forward NLL."""
-    import parallelcomp.prefill as prefill
-
     model = tiny_model(family, len(tokenizer))
     name = {"fused": "sdpa", "matmul": "matmul"}[kernel[0]]
     first = build_prompt(tokenizer, "Read.", "What is seven?", True, restate_instruction=True)
@@ -209,8 +212,7 @@ def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer,
     chunks = [Chunk(i, ids_of(tokenizer, text(i, n)), ()) for i, n in enumerate([40, 13, 27])]
     prefix = encode_prefix(model, first.prefix_ids, name)
     encoded = encode_chunks(model, first.prefix_ids, chunks, name)
-    real, widths = prefill.forward, []
-    monkeypatch.setattr(prefill, "forward", lambda m, ids, *a, **kw: widths.append(ids.shape[1]) or real(m, ids, *a, **kw))
+    widths = record_widths(monkeypatch)
     p = len(first.prefix_ids)
     for parts in (first, second):
         scored = parts.scored("question")

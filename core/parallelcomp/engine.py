@@ -6,7 +6,7 @@ flow reads like method.md §0:
     per micro-batch of chunks:
         phase 1: chunk KV (PCW positions)  prefill.encode_chunks     (or a hit in store.py)
     per question batch of chunks:
-        phase 2: question NLL per chunk    prefill.question_nll      (+ KV scores, compression.py)
+        phase 2: question NLL per chunk    prefill.question_nll      (+ nll.py, KV scores: compression.py)
         keep the K lowest-NLL chunks       eviction.TopK             (+ a BM25 prior, lexical.py)
     merge kept KV in document order        kv.concat
     question at p0, then decode            decode.generate_tokens    (+ calibration.py)
@@ -56,6 +56,7 @@ from .decode import Sampling, TextAssembler, generate_tokens
 from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedError
 from .eviction import TopK
 from .output import ChunkReport, GenerationOutput, ReuseStats, RunStats, ScoreOutput, SpreadStats
+from .nll import plain_head
 from .prefill import EncodedChunk, encode_chunks, encode_prefix, micro_batches, question_nll, question_rows
 from .prompts import PromptParts, build_continuation, build_prompt, end_of_turn_ids
 from .settings import GenerationSettings
@@ -430,7 +431,8 @@ class ParallelComp:
         scores: dict[int, float] = {}
         raw_bytes: dict[int, int] = {}  # chunk index → KV bytes before compression
         scored = parts.scored(self.config.score_tokens)
-        rows = question_rows(self.config.prefill_batch_tokens, len(parts.question_ids))
+        rows = question_rows(self.config.prefill_batch_tokens, len(parts.question_ids),
+                             plain_head(self.model) is not None)
         pending: list[EncodedChunk] = []
 
         def phase2(group: list[EncodedChunk]) -> None:

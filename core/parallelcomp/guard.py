@@ -29,6 +29,7 @@ import torch
 
 from . import hardware
 from .errors import InputError, ModelLoadError, ResourceError
+from .nll import SLICE, plain_head
 from .prefill import micro_batches, question_rows
 
 # ---------------------------------------------------------------------- model files
@@ -81,6 +82,8 @@ class ModelShape:
     dtype_bytes: int
     eager: bool
     """Eager attention materialises (rows, heads, T, T) scores; sdpa/flash do not."""
+    sliced_head: bool = False
+    """Phase 2 runs the LM head in vocabulary slices (nll.plain_head), so its logits are nll.SLICE wide."""
 
     @classmethod
     def of(cls, model) -> ModelShape:
@@ -96,6 +99,7 @@ class ModelShape:
             vocab=cfg.vocab_size,
             dtype_bytes=model.dtype.itemsize,
             eager=model.config._attn_implementation == "eager",
+            sliced_head=plain_head(model) is not None,
         )
 
     @property
@@ -111,9 +115,10 @@ class ModelShape:
         scores = rows * self.heads * length * length * (self.dtype_bytes + 4) if self.eager else 0
         return rows * length * per_token * self.dtype_bytes + scores
 
-    def logits_bytes(self, positions: int) -> int:
-        """Logits of `positions` rows in the model dtype, their fp32 copy and log-softmax."""
-        return positions * self.vocab * (self.dtype_bytes + 8)
+    def logits_bytes(self, positions: int, sliced: bool = False) -> int:
+        """Logits of `positions` rows in the model dtype, their fp32 copy and log-softmax; `sliced`:
+        one vocabulary slice of them (nll.token_nll)."""
+        return positions * (min(SLICE, self.vocab) if sliced else self.vocab) * (self.dtype_bytes + 8)
 
 
 @dataclass(frozen=True)
@@ -152,8 +157,9 @@ def estimate(shape: ModelShape, config, prefix: int, chunks: list, question: int
                     + shape.logits_bytes(len(rows)))
     # phase 2 reads chunk KV in place; outside the memory tier, at most two micro-batches of it
     # wait for their question forward (engine.score_chunks), which runs `question_rows` chunks
-    q_rows = min(len(chunks), question_rows(config.prefill_batch_tokens, question))
-    phase2 = 2 * copies + shape.activation_bytes(q_rows, question) + shape.logits_bytes(q_rows * question)
+    q_rows = min(len(chunks), question_rows(config.prefill_batch_tokens, question, shape.sliced_head))
+    phase2 = (2 * copies + shape.activation_bytes(q_rows, question)
+              + shape.logits_bytes(q_rows * question, shape.sliced_head))
     batch = max(batch, phase2)
     growth = (question + new_tokens) * kv
     decode = kept + growth + shape.activation_bytes(1, question) + shape.logits_bytes(question)

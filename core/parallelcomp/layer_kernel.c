@@ -15,6 +15,8 @@
  *
  * pc_rms_norm: out[r] = w * bf16(x[r] / sqrt(mean(x[r]^2) + eps)), the mean over n in fp32.
  * pc_silu_mul: out = bf16(bf16(g / (1 + exp(-g))) * u), elementwise over `count` values.
+ * pc_logsumexp_update: folds one vocabulary slice of bf16 logits into each row's running
+ * log-sum-exp, in fp32 (nll.py: phase 2's NLL without the whole rows × vocabulary logits).
  * Threads come from OpenMP (torch's pool size is passed in, as the other kernels do).
  */
 #include <immintrin.h>
@@ -99,5 +101,42 @@ void pc_silu_mul(const uint16_t *g, const uint16_t *u, uint16_t *out, long count
                                                                  _mm512_setzero_ps(), a)))));
             _mm256_mask_storeu_epi16(out + i, m, to_bf16(_mm512_mul_ps(silu, load_bf16(u + i, m))));
         }
+    }
+}
+
+/* The online softmax normalizer (Milakov & Gimelshein, arXiv 1805.02867) over slices of each row:
+ * on entry (high[r], total[r]) describe the values seen so far as high + log(total) (-inf and 0
+ * before the first slice); row r's `cols` bf16 values at x + r * stride are folded in, in fp32.
+ * Two passes over the slice (its maximum, then the sum of e^(x - max)); the second reads it from
+ * L1. A NaN logit leaves the row NaN from then on, as torch.logsumexp gives NaN. */
+void pc_logsumexp_update(const uint16_t *x, long rows, long cols, long stride, float *high, float *total,
+                         long threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols >= 16384)
+    for (long r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * stride;
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        __mmask16 nan = 0;
+        for (long i = 0; i < cols; i += 16) {
+            const __mmask16 m = tail_mask(cols - i);
+            const __m512 v = load_bf16(xr + i, m);
+            nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
+            top = _mm512_mask_max_ps(top, m, top, v);
+        }
+        const float before = high[r];
+        if (nan || isnan(before)) {
+            high[r] = total[r] = NAN;
+            continue;
+        }
+        const float now = fmaxf(before, _mm512_reduce_max_ps(top));
+        if (now == -INFINITY) continue;  /* nothing but -inf so far: the row stays (-inf, 0) */
+        const __m512 shift = _mm512_set1_ps(now);
+        __m512 sum = _mm512_setzero_ps();
+        for (long i = 0; i < cols; i += 16) {
+            const __mmask16 m = tail_mask(cols - i);
+            sum = _mm512_mask_add_ps(sum, m, sum, exp16(_mm512_sub_ps(load_bf16(xr + i, m), shift)));
+        }
+        const float carried = before == -INFINITY ? 0.0f : total[r] * expf(before - now);
+        total[r] = carried + _mm512_reduce_add_ps(sum);
+        high[r] = now;
     }
 }

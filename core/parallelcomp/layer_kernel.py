@@ -1,5 +1,6 @@
-"""A decoder layer's RMSNorms and SwiGLU gate as C kernels (`layer_kernel.c`), compiled on first use
-(native.py), for bf16 models on x86-64 CPUs with AVX-512 BF16.
+"""A decoder layer's RMSNorms and SwiGLU gate, and phase 2's log-sum-exp, as C kernels
+(`layer_kernel.c`), compiled on first use (native.py), for bf16 models on x86-64 CPUs with
+AVX-512 BF16.
 
 Eager transformers runs each of these steps as several passes over whole tensors; on SmolLM2 they
 took as long as the layer's matrix products in phase 1 (docs/hardware.md). `fused(modules(model))`
@@ -8,7 +9,8 @@ own back after it: the engine holds it for each run, and each Ray worker for eac
 (ParallelCompConfig.layer_kernel). A module matches only where its forward is, bytecode for
 bytecode, the formula the kernel computes (`_rms_norm_formula`, `_swiglu_formula`: transformers'
 LlamaRMSNorm and LlamaMLP, which Mistral, Qwen2, Qwen3 and others copy), so a family with another
-formula (Gemma's 1 + weight, a GELU gate) keeps its own forward.
+formula (Gemma's 1 + weight, a GELU gate) keeps its own forward. `logsumexp_update` is nll.py's
+running log-sum-exp over the LM head's vocabulary slices; it replaces no module.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 
 from . import native
+from .compat import same_code
 
 SOURCE = Path(__file__).with_name("layer_kernel.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared")
@@ -55,6 +58,18 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
     _library()[0].pc_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
     return out
+
+
+def takes_logits(x: torch.Tensor) -> bool:
+    """Whether `logsumexp_update` runs on `x`: rows of bf16 on the CPU, each row contiguous, with the kernels available."""
+    return x.dim() == 2 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.stride(1) == 1 and available()
+
+
+def logsumexp_update(x: torch.Tensor, high: torch.Tensor, total: torch.Tensor) -> None:
+    """Fold the (rows, n) bf16 values `x` (`takes_logits`) into each row's running log-sum-exp,
+    high + log(total) (contiguous fp32, -inf and 0 before the first slice), in fp32, in place."""
+    _library()[0].pc_logsumexp_update(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), high.data_ptr(),
+                                      total.data_ptr(), torch.get_num_threads())
 
 
 # transformers' LlamaRMSNorm.forward, which `rms_norm` computes (no docstring: compared as code).
@@ -102,9 +117,9 @@ def modules(model) -> list[tuple[nn.Module, Callable]]:
     found = []
     for module in model.modules():
         forward = type(module).forward
-        if _same_code(forward, _rms_norm_formula) and getattr(module, "weight", None) is not None:
+        if same_code(forward, _rms_norm_formula) and getattr(module, "weight", None) is not None:
             found.append((module, _fused_rms_norm))
-        elif (_same_code(forward, _swiglu_formula) and type(getattr(module, "act_fn", None)) in _SILU
+        elif (same_code(forward, _swiglu_formula) and type(getattr(module, "act_fn", None)) in _SILU
               and all(type(getattr(module, p, None)) is nn.Linear for p in ("gate_proj", "up_proj", "down_proj"))):
             found.append((module, _fused_swiglu))
     return found
@@ -125,12 +140,6 @@ def fused(found: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
             del module.forward
 
 
-def _same_code(f, g) -> bool:
-    a, b = getattr(f, "__code__", None), g.__code__
-    return a is not None and (a.co_code, a.co_consts, a.co_names, a.co_varnames) == (
-        b.co_code, b.co_consts, b.co_names, b.co_varnames)
-
-
 _SILU = (nn.SiLU, SiLUActivation)  # what ACT2FN["silu"] and ["swish"] build
 
 
@@ -144,4 +153,6 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.pc_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_long]
     lib.pc_silu_mul.restype = None
     lib.pc_silu_mul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
+    lib.pc_logsumexp_update.restype = None
+    lib.pc_logsumexp_update.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_long]
     return lib, ""

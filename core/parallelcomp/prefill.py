@@ -8,8 +8,9 @@
 * phase 2 (`question_nll`, question-dependent): the question runs against each chunk's KV at
   positions P + L_c, …, giving the per-token NLL of Eq. 3. Each row's attention reads the prefix
   and its chunk where they are stored (no padded batch copy), so one forward can score many
-  chunks (`question_rows`). Only the logits of the scored tokens are computed
-  (`logits_to_keep`), never a chunk's full-vocabulary logits (method.md §7 item 12).
+  chunks (`question_rows`). Only the scored tokens' rows meet the LM head, in vocabulary slices
+  where the model's head is a plain one (nll.py), never a chunk's full-vocabulary logits (method.md
+  §7 item 12).
 
 Because phase 1 does not see the question, a corpus's chunk KV is reused across questions
 (store.py, `ParallelComp.encode`). So is the KV of the question suffix's head, the template tokens
@@ -27,7 +28,8 @@ import torch
 from . import kv as kvops
 from .chunking import Chunk
 from .attention import Observer, causal_kernel, chunk_attention
-from .compat import forward
+from .compat import forward, last_hidden
+from .nll import plain_head, token_nll
 
 
 @dataclass
@@ -74,13 +76,16 @@ def micro_batches(chunks: list[Chunk], budget_tokens: int) -> Iterator[list[Chun
         yield batch
 
 
-def question_rows(budget_tokens: int, question_tokens: int) -> int:
-    """Chunks phase 2 scores in one forward: a quarter of the phase-1 token budget in question
-    tokens (each also carries a row of vocabulary logits), at least one. At the default 4096,
-    1024 question tokens. Measured with SmolLM2's weight shapes on this project's 2-core CPU
-    (fp32): 1K-row GEMMs run at 69–128 GFLOP/s, 60-row ones (two chunks of a 30-token question,
-    what a phase-1 micro-batch would give) at 38–76."""
-    return max(1, budget_tokens // 4 // max(question_tokens, 1))
+def question_rows(budget_tokens: int, question_tokens: int, sliced_head: bool) -> int:
+    """Chunks phase 2 scores in one forward, at least one. With the LM head in vocabulary slices
+    (`sliced_head`, nll.py) a question token costs only its activations, as a phase-1 token does:
+    the phase-1 token budget in question tokens (at the default 4096 and a 31-token question, 132
+    chunks, so a 128K corpus in one forward). Otherwise each question token also carries a row of
+    vocabulary logits: a quarter of it. Fewer, larger forwards pay off on a CPU: on SmolLM2's
+    projection shapes in bf16 on the AMX host (ad hoc, best of 5), a layer's GEMMs took 3.26 ms for
+    693 rows and 4.05 ms for 1,365; in fp32 on the AVX2 host, 1K-row GEMMs ran at 69–128 GFLOP/s
+    and 60-row ones at 38–76."""
+    return max(1, budget_tokens // (1 if sliced_head else 4) // max(question_tokens, 1))
 
 
 @torch.inference_mode()
@@ -162,24 +167,37 @@ def question_nll(
     rows = torch.arange(max(first, skip + 1) - 1 - skip, end - 1 - skip, device=device)
     contexts = [[e.kv] if e.head is None else [e.kv, e.head.kv] for e in encoded]
     kept = {} if head and not skip else None  # layer → this forward's head KV, (B, H_kv, head, D) each
-    logits = None
-    if rows.numel() or observe is not None:  # compression observes even when no logits are needed
-        with chunk_attention(model, prefix, contexts, observe, kernel, kept, head):
-            logits = forward(model, question, None, positions, causal, logits_to_keep=rows if rows.numel() else 1)
-        logits = logits if rows.numel() else None
+    targets = torch.tensor(question_ids[max(first, skip + 1) : end], device=device)
     nll = torch.empty(len(encoded), end - first, device=device)
     if first == skip:
         nll[:, 0] = torch.stack([-(e.head or e).last_logprobs[question_ids[first]] for e in encoded])
-    if logits is not None:
-        targets = torch.tensor(question_ids[max(first, skip + 1) : end], device=device)
-        for row in range(len(encoded)):  # one row at a time: no second (n, V) tensor for log-softmax
-            row_logits = logits[row].float()
-            nll[row, end - first - len(targets) :] = (torch.logsumexp(row_logits, dim=-1)
-                                                     - row_logits.gather(-1, targets[:, None])[:, 0])
+    lm_head = plain_head(model)  # or None: the model's own head makes the logits
+    out = None  # the rows' last hidden states, or their logits
+    if rows.numel() or observe is not None:  # compression observes even when no logits are needed
+        with chunk_attention(model, prefix, contexts, observe, kernel, kept, head):
+            if lm_head is not None:
+                out = last_hidden(model, question, positions, causal)[:, rows]
+            else:
+                out = forward(model, question, None, positions, causal, logits_to_keep=rows if rows.numel() else 1)
+    if rows.numel():
+        nll[:, end - first - len(targets) :] = _scored_nll(out, lm_head, targets)
     if kept is not None:  # the last head token's logits are row 0 (it predicts the first scored token)
+        last = lm_head(out[:, 0]) if lm_head is not None else out[:, 0]
         for row, e in enumerate(encoded):
             e.head = Head([(k[row : row + 1].clone(), v[row : row + 1].clone()) for k, v in map(kept.get, sorted(kept))],
-                          torch.log_softmax(logits[row, 0].float(), dim=-1))
+                          torch.log_softmax(last[row].float(), dim=-1))
+    return nll
+
+
+def _scored_nll(out: torch.Tensor, lm_head: torch.nn.Linear | None, targets: torch.Tensor) -> torch.Tensor:
+    """(B, n) fp32 NLL of `targets` (n,) in each of the B rows of `out`: (B, n, D) last hidden
+    states under `lm_head` (its vocabulary in slices, nll.py), or (B, n, V) logits."""
+    if lm_head is not None:
+        return token_nll(out.reshape(-1, out.shape[-1]), lm_head, targets.repeat(len(out))).view(len(out), -1)
+    nll = torch.empty(out.shape[:2], device=out.device)
+    for row, logits in enumerate(out):  # one row at a time: no second (n, V) tensor for log-softmax
+        logits = logits.float()
+        nll[row] = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None])[:, 0]
     return nll
 
 
