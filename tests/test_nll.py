@@ -1,6 +1,7 @@
 """nll.py: phase 2's NLL with the LM head run in vocabulary slices equals the NLL of the whole
 logits, on the C log-sum-exp and on torch's; a model whose head is more than a Linear keeps its
-own logits; and a reused corpus is scored in one phase-2 forward."""
+own logits; and a reused corpus is scored in one phase-2 forward, while chunks the memory tier
+does not hold are scored before the next micro-batch."""
 
 from __future__ import annotations
 
@@ -145,3 +146,19 @@ def test_a_reused_corpus_is_scored_in_one_forward(make_engine, monkeypatch):
     monkeypatch.setattr(prefill, "last_hidden", lambda m, ids, *a, **k: calls.append(ids.shape[0]) or real(m, ids, *a, **k))
     out = pc.generate(question, corpus=corpus, max_new_tokens=1)
     assert calls == [10] and out.stats.reused_chunks == 10
+
+
+def test_chunks_the_memory_tier_does_not_hold_are_scored_before_the_next_micro_batch(make_engine, monkeypatch):
+    """With no memory tier (kv_store_bytes=0) no chunk's KV waits for a later micro-batch: phase 2
+    scores each micro-batch's chunks before the next one is encoded, in as many forwards."""
+    pc = make_engine("llama", chunk_tokens=32, prefill_batch_tokens=96, kv_store_bytes=0)
+    docs = [text(i, 30) for i in range(10)]
+    events = []
+    real_hidden, real_encode = prefill.last_hidden, pc.phase1
+    monkeypatch.setattr(prefill, "last_hidden", lambda m, ids, *a, **k: events.append(("phase 2", ids.shape[0]))
+                        or real_hidden(m, ids, *a, **k))
+    monkeypatch.setattr(pc, "phase1", lambda batch, *a: events.append(("phase 1", len(batch))) or real_encode(batch, *a))
+    out = pc.generate("Which colour is named?", documents=docs, max_new_tokens=1)
+    assert out.stats.n_chunks == 10 and out.stats.reused_chunks == 0
+    phase1 = [n for what, n in events if what == "phase 1"]
+    assert len(phase1) > 1 and events == [e for n in phase1 for e in (("phase 1", n), ("phase 2", n))]

@@ -457,7 +457,7 @@ class ParallelComp:
             while len(pending) >= rows:
                 phase2(pending[:rows])
                 del pending[:rows]
-            if pending and not all(self.store.bytes_of(keys[e.chunk.index]) for e in pending):
+            if pending and not all(self.store.holds(keys[e.chunk.index]) for e in pending):
                 phase2(pending)
                 pending.clear()
         if pending:

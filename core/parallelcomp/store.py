@@ -144,6 +144,10 @@ class ChunkStore:
         """Bytes the memory tier may still fill before it starts evicting."""
         return max(0, self.memory_bytes - self._held)
 
+    def holds(self, key: str) -> bool:
+        """Whether the memory tier holds `key`."""
+        return key in self._lru
+
     def bytes_of(self, key: str) -> int:
         """Bytes the memory tier holds for `key` (0 when it holds nothing)."""
         entry = self._lru.get(key)
