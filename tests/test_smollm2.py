@@ -57,3 +57,21 @@ def test_smollm2_finds_the_gold_document_among_distractors(smol):
     assert len(kept) == 1 and 3 in kept[0].documents
     assert "4721" in out.text
     assert out.stats.evicted_documents and 3 not in out.stats.evicted_documents
+
+
+@pytest.mark.slow
+def test_smollm2_chunk_scores_from_the_head_in_slices_equal_the_whole_logits(smol, monkeypatch):
+    """SmolLM2's real 49,152-token vocabulary in its loaded dtype (bf16 where the CPU has it: the C
+    log-sum-exp): phase 2's NLL with the head in slices (nll.py) equals the NLL of the model's own
+    whole logits over the same decoder outputs (the second call reuses the first's chunk KV)."""
+    from parallelcomp import prefill
+
+    docs = distractors(5, 700, smol.tokenizer)
+    docs.insert(3, GOLD)
+    sliced = smol.generate(QUESTION, documents=docs, max_new_tokens=1)
+    monkeypatch.setattr(prefill, "plain_head", lambda model: None)
+    whole = smol.generate(QUESTION, documents=docs, max_new_tokens=1)
+    assert whole.stats.reused_chunks == whole.stats.n_chunks >= 5
+    torch.testing.assert_close([c.score for c in sliced.chunks], [c.score for c in whole.chunks], atol=2e-5, rtol=1e-5)
+    assert [c.kept for c in sliced.chunks] == [c.kept for c in whole.chunks]
+    assert 3 in next(c for c in sliced.chunks if c.kept).documents
