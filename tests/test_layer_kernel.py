@@ -129,10 +129,17 @@ def test_the_kernels_read_nothing_past_their_inputs():
     assert run.returncode == 0 and "read nothing past the inputs" in run.stdout, (run.returncode, run.stderr[-2000:])
 
 
+def rope_hooks(model) -> list[nn.Module]:
+    """The function modules through which `model`'s attention modules call apply_rotary_pos_emb
+    (the `kernels` package's per-module hooks; none without that package)."""
+    return [f for m in model.modules() for f in vars(m).get("_kernel_funcs", {}).values()]
+
+
 def test_the_kernels_take_the_llama_formula_in_each_family_and_nothing_else(tokenizer):
-    """Every RMSNorm (Qwen3's per-head q_norm and k_norm too) and every SwiGLU MLP of the Llama,
-    Mistral, Qwen2 and Qwen3 families is taken; Gemma's RMSNorm (x · (1 + weight)) and its GELU
-    gate are not, nor an MLP whose act_fn is not a SiLU, nor anything of an fp32 model."""
+    """Every RMSNorm (Qwen3's per-head q_norm and k_norm too), every SwiGLU MLP and every attention's
+    rotary-embedding hook of the Llama, Mistral, Qwen2 and Qwen3 families is taken; Gemma's RMSNorm
+    (x · (1 + weight)) and its GELU gate are not (its rotary embedding, Llama's formula, is), nor
+    an MLP whose act_fn is not a SiLU, nor anything of an fp32 model."""
     if not layer_kernel.available():
         assert layer_kernel.modules(tiny_model("llama", 512).to(torch.bfloat16)) == []
         return
@@ -140,15 +147,64 @@ def test_the_kernels_take_the_llama_formula_in_each_family_and_nothing_else(toke
         model = tiny_model(family, 512).to(torch.bfloat16)
         norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
         mlps = [m for m in model.modules() if type(m).__name__.endswith("MLP")]
+        ropes = rope_hooks(model)
+        assert len(ropes) in (0, model.config.num_hidden_layers)
         taken = [m for m, _ in layer_kernel.modules(model)]
-        assert len(taken) == len(norms) + len(mlps) and {id(m) for m in taken} == {id(m) for m in norms + mlps}
+        assert len(taken) == len(norms) + len(mlps) + len(ropes)
+        assert {id(m) for m in taken} == {id(m) for m in norms + mlps + ropes}
         assert len(norms) == (4 if family == "qwen3" else 2) * 3 + 1, family
         assert layer_kernel.modules(tiny_model(family, 512)) == []  # fp32
     gemma = GemmaForCausalLM(GemmaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16))
-    assert layer_kernel.modules(gemma.to(torch.bfloat16)) == []
+    gemma = gemma.to(torch.bfloat16)
+    assert {id(m) for m, _ in layer_kernel.modules(gemma)} == {id(m) for m in rope_hooks(gemma)}
     model = tiny_model("llama", 512, hidden_act="gelu").to(torch.bfloat16)
-    assert {type(m) for m, _ in layer_kernel.modules(model)} == {LlamaRMSNorm}
+    assert {type(m) for m, _ in layer_kernel.modules(model)} - {type(f) for f in rope_hooks(model)} == {LlamaRMSNorm}
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch,heads,kv_heads,length,dim,cos_batch", [(2, 9, 3, 37, 64, 2), (1, 4, 4, 5, 128, 1),
+                                                                         (3, 2, 1, 16, 32, 1)])
+def test_rope_equals_transformers_bit_for_bit(monkeypatch, threads, batch, heads, kv_heads, length, dim, cos_batch):
+    """transformers' apply_rotary_pos_emb on q and k laid out as the attention lays them out (a
+    transposed view of the projection), with cos and sin of a rotary embedding per row or one row
+    for the batch: the kernel gives the same bf16 values and the same strides."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(dim + length)
+    q = (torch.randn(batch, length, heads * dim, generator=g) * 4).to(torch.bfloat16)
+    k = (torch.randn(batch, length, kv_heads * dim, generator=g) * 4).to(torch.bfloat16)
+    q = q.view(batch, length, heads, dim).transpose(1, 2)
+    k = k.view(batch, length, kv_heads, dim).transpose(1, 2)
+    angles = torch.randint(0, 8192, (cos_batch, length, 1), generator=g) / (10000 ** (torch.arange(dim) % (dim // 2)
+                                                                                        * 2 / dim))
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    got_q, got_k = layer_kernel.rope(q, cos, sin), layer_kernel.rope(k, cos, sin)
+    assert got_q.equal(want_q) and got_k.equal(want_k)
+    assert got_q.stride() == q.stride() and got_k.stride() == k.stride()
+
+
+@needs_kernel
+def test_a_model_with_only_the_rotary_kernel_gives_its_own_logits_bit_for_bit(family):
+    """With head sizes the rotary kernel takes (32), a bf16 model whose attention modules' rotary
+    hooks alone are on the kernel gives exactly its own logits, and the kernel ran in every layer."""
+    model = tiny_model(family, 512, head_dim=32).to(torch.bfloat16)
+    found = [(m, f) for m, f in layer_kernel.modules(model) if m in rope_hooks(model)]
+    if not found:
+        pytest.skip("this transformers routes apply_rotary_pos_emb through no per-module hook (no `kernels` package)")
+    ids = torch.randint(512, (2, 40), generator=torch.Generator().manual_seed(2))
+    calls = []
+    real = layer_kernel.rope
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layer_kernel, "rope", lambda *a: calls.append(a[0].shape) or real(*a))
+        before = model(ids).logits
+        with layer_kernel.fused(found):
+            inside = model(ids).logits
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    assert inside.equal(before)
 
 
 @needs_kernel

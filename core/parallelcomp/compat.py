@@ -62,8 +62,10 @@ def same_code(f, g) -> bool:
         return False
 
     def body(fn, code):
-        doc = fn.__doc__
-        return code.co_code, [c for c in code.co_consts if doc is None or c != doc], code.co_names, code.co_varnames
+        consts = code.co_consts  # the first is the docstring, or None without one (CPython ≤ 3.13)
+        if consts and (consts[0] is None or consts[0] == fn.__doc__):
+            consts = consts[1:]
+        return code.co_code, consts, code.co_names, code.co_varnames
 
     return body(f, a) == body(g, b)
 

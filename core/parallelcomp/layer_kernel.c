@@ -15,6 +15,8 @@
  *
  * pc_rms_norm: out[r] = w * bf16(x[r] / sqrt(mean(x[r]^2) + eps)), the mean over n in fp32.
  * pc_silu_mul: out = bf16(bf16(g / (1 + exp(-g))) * u), elementwise over `count` values.
+ * pc_rope: out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), transformers' rotary embedding
+ * of one (B, H, T, D) tensor, cos and sin (B, T, D) rows shared by the heads.
  * pc_logsumexp_update: folds one vocabulary slice of bf16 logits into each row's running
  * log-sum-exp, in fp32 (nll.py: phase 2's NLL without the whole rows × vocabulary logits).
  * Threads come from OpenMP (torch's pool size is passed in, as the other kernels do).
@@ -138,5 +140,28 @@ void pc_logsumexp_update(const uint16_t *x, long rows, long cols, long stride, f
         const float carried = before == -INFINITY ? 0.0f : total[r] * expf(before - now);
         total[r] = carried + _mm512_reduce_add_ps(sum);
         high[r] = now;
+    }
+}
+
+/* Rows of x and out at b * sb + h * sh + t * st (the same strides: out is empty_like(x)), rows of
+ * cos and sin at b * cb + t * ct (cb = 0 broadcasts one batch row). rotate_half(x) is
+ * (-x[D/2:], x[:D/2]); D is a multiple of 32, so each half is whole vectors. Rounded where the eager
+ * code stores a bf16 tensor: both products, then their sum. */
+void pc_rope(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out, long B, long H, long T,
+             long D, long sb, long sh, long st, long cb, long ct, long threads) {
+    const long half = D / 2, rows = B * T * H;
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * D >= 16384)
+    for (long r = 0; r < rows; r++) {
+        const long b = r / (T * H), t = (r / H) % T, h = r % H;
+        const long at = b * sb + h * sh + t * st, angle = b * cb + t * ct;
+        for (long i = 0; i < D; i += 16) {
+            __m512 rotated = load_bf16(x + at + (i < half ? i + half : i - half), 0xFFFF);
+            if (i < half)
+                rotated = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(rotated), sign));
+            const __m512 a = round_bf16(_mm512_mul_ps(load_bf16(x + at + i, 0xFFFF), load_bf16(cos + angle + i, 0xFFFF)));
+            const __m512 c = round_bf16(_mm512_mul_ps(rotated, load_bf16(sin + angle + i, 0xFFFF)));
+            _mm256_storeu_si256((__m256i *)(out + at + i), to_bf16(_mm512_add_ps(a, c)));
+        }
     }
 }

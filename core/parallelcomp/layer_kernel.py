@@ -9,7 +9,10 @@ own back after it: the engine holds it for each run, and each Ray worker for eac
 (ParallelCompConfig.layer_kernel). A module matches only where its forward is, bytecode for
 bytecode, the formula the kernel computes (`_rms_norm_formula`, `_swiglu_formula`: transformers'
 LlamaRMSNorm and LlamaMLP, which Mistral, Qwen2, Qwen3 and others copy), so a family with another
-formula (Gemma's 1 + weight, a GELU gate) keeps its own forward. `logsumexp_update` is nll.py's
+formula (Gemma's 1 + weight, a GELU gate) keeps its own forward. The rotary embedding
+(`rope`) runs through the function module transformers gives each attention module for
+apply_rotary_pos_emb (the `kernels` package's per-module hook), where it is Llama's formula; with
+no such hook (an older transformers, no `kernels` package) it stays in torch. `logsumexp_update` is nll.py's
 running log-sum-exp over the LM head's vocabulary slices; it replaces no module.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +64,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of (B, H, T, D) bf16 `x` with (B or 1, T, D) `cos` and `sin`
+    (`_rope_takes`), rounded as eager torch rounds; the result has `x`'s strides."""
+    out = torch.empty_like(x)
+    b, h, t, d = x.shape
+    batch_stride = cos.stride(0) if cos.shape[0] == b else 0
+    _library()[0].pc_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), b, h, t, d, *x.stride()[:3],
+                          batch_stride, cos.stride(1), torch.get_num_threads())
+    return out
+
+
 def takes_logits(x: torch.Tensor) -> bool:
     """Whether `logsumexp_update` runs on `x`: rows of bf16 on the CPU, each row contiguous, with the kernels available."""
     return x.dim() == 2 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.stride(1) == 1 and available()
@@ -79,6 +94,22 @@ def _rms_norm_formula(self, hidden_states):
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
     return self.weight * hidden_states.to(input_dtype)
+
+
+# transformers' apply_rotary_pos_emb and the rotate_half it calls by that name, which `rope` computes.
+def _rope_formula(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def rotate_half(x):
+    """Rotates half the hidden dims of the input."""  # transformers' own docstring: it moves the constants
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
 
 
 # transformers' LlamaMLP.forward, whose gate `silu_mul` computes where act_fn is a SiLU.
@@ -102,6 +133,33 @@ def _fused_swiglu(self, x):
     return self.down_proj(self.act_fn(gate) * up)
 
 
+def _fused_rope(self, q, k, cos, sin, unsqueeze_dim=1):
+    if unsqueeze_dim == 1 and _rope_takes(q, cos, sin) and _rope_takes(k, cos, sin):
+        return rope(q, cos, sin), rope(k, cos, sin)
+    return type(self).forward(self, q, k, cos, sin, unsqueeze_dim)
+
+
+def _rope_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """(B, H, T, D) bf16 rows with D a multiple of 32, dense (so empty_like keeps its strides), and
+    (B or 1, T, D) bf16 cos and sin of one layout with contiguous rows, all on the CPU."""
+    return (x.dim() == 4 and x.numel() > 0 and x.shape[-1] % 32 == 0 and x.stride(-1) == 1
+            and x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and cos.device.type == sin.device.type == "cpu" and cos.shape == sin.shape
+            and cos.shape[0] in (1, x.shape[0]) and cos.shape[1:] == x.shape[2:] and cos.stride() == sin.stride()
+            and cos.stride(-1) == 1 and _dense(x))
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether `x` fills its memory with no gaps or overlaps in some order of its dimensions (a
+    transposed view of a contiguous tensor does): then empty_like gives it the same strides."""
+    size = 1
+    for dim in sorted(range(x.dim()), key=lambda i: (x.stride(i), x.shape[i])):
+        if x.shape[dim] != 1 and x.stride(dim) != size:
+            return False
+        size *= x.shape[dim]
+    return True
+
+
 def _plain(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0
 
@@ -109,13 +167,20 @@ def _plain(t: torch.Tensor) -> bool:
 def modules(model) -> list[tuple[nn.Module, Callable]]:
     """`model`'s modules the kernels can run, each with the forward that runs them: those whose
     class forward is `_rms_norm_formula` or `_swiglu_formula` (with nn.Linear projections and a
-    SiLU), of a bf16 model on CPU. Empty where the kernels are unavailable. A call whose tensors
+    SiLU), and the attention modules' own rotary-embedding function modules (the `kernels`
+    package's `_kernel_funcs`, through which transformers routes apply_rotary_pos_emb) where that
+    function is `_rope_formula`, of a bf16 model on CPU. Empty where the kernels are unavailable. A call whose tensors
     the kernel does not take (another dtype, a strided view, a weight that is not the rows'
     length) runs the class's forward."""
     if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not available():
         return []
     found = []
     for module in model.modules():
+        for wrapper in vars(module).get("_kernel_funcs", {}).values():  # kernels' per-module function hooks
+            func = _wrapped_function(wrapper)
+            if same_code(func, _rope_formula) and same_code(getattr(func, "__globals__", {}).get("rotate_half"),
+                                                             rotate_half):
+                found.append((wrapper, _fused_rope))
         forward = type(module).forward
         if same_code(forward, _rms_norm_formula) and getattr(module, "weight", None) is not None:
             found.append((module, _fused_rms_norm))
@@ -132,12 +197,23 @@ def fused(found: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
     library's, or an enclosing block's) keeps it."""
     mine = [(module, forward) for module, forward in found if "forward" not in vars(module)]
     for module, forward in mine:
-        module.forward = functools.partial(forward, module)
+        module.forward = types.MethodType(forward, module)  # a method: `kernels` reads forward.__func__
     try:
         yield
     finally:
         for module, _ in mine:
             del module.forward
+
+
+def _wrapped_function(wrapper):
+    """The function a `kernels` function module (transformers' use_kernel_forward_from_hub on a
+    function, e.g. apply_rotary_pos_emb) calls, from its forward's closure; None if none."""
+    forward = getattr(type(wrapper), "forward", None)
+    code, closure = getattr(forward, "__code__", None), getattr(forward, "__closure__", None)
+    if code is None or not closure:
+        return None
+    cells = dict(zip(code.co_freevars, closure))
+    return cells["func"].cell_contents if "func" in cells else None
 
 
 _SILU = (nn.SiLU, SiLUActivation)  # what ACT2FN["silu"] and ["swish"] build
@@ -153,6 +229,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.pc_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_long]
     lib.pc_silu_mul.restype = None
     lib.pc_silu_mul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
+    lib.pc_rope.restype = None
+    lib.pc_rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 10
     lib.pc_logsumexp_update.restype = None
     lib.pc_logsumexp_update.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_long]
     return lib, ""
