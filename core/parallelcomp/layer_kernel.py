@@ -9,11 +9,11 @@ own back after it: the engine holds it for each run, and each Ray worker for eac
 (ParallelCompConfig.layer_kernel). A module matches only where its forward is, bytecode for
 bytecode, the formula the kernel computes (`_rms_norm_formula`, `_swiglu_formula`: transformers'
 LlamaRMSNorm and LlamaMLP, which Mistral, Qwen2, Qwen3 and others copy), so a family with another
-formula (Gemma's 1 + weight, a GELU gate) keeps its own forward. The rotary embedding
-(`rope`) runs through the function module transformers gives each attention module for
+formula (Gemma's 1 + weight, a GELU gate) keeps its own forward. The rotary embedding (`rope`)
+runs through the function module transformers gives each attention module for
 apply_rotary_pos_emb (the `kernels` package's per-module hook), where it is Llama's formula; with
-no such hook (an older transformers, no `kernels` package) it stays in torch. `logsumexp_update` is nll.py's
-running log-sum-exp over the LM head's vocabulary slices; it replaces no module.
+no such hook (an older transformers, no `kernels` package) it stays in torch. `logsumexp_update`
+is nll.py's running log-sum-exp over the LM head's vocabulary slices; it replaces no module.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def takes_logits(x: torch.Tensor) -> bool:
-    """Whether `logsumexp_update` runs on `x`: rows of bf16 on the CPU, each row contiguous, with the kernels available."""
+    """Whether `logsumexp_update` runs on `x`: bf16 rows on the CPU, each contiguous, and the kernels available."""
     return x.dim() == 2 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.stride(1) == 1 and available()
 
 
@@ -169,9 +169,9 @@ def modules(model) -> list[tuple[nn.Module, Callable]]:
     class forward is `_rms_norm_formula` or `_swiglu_formula` (with nn.Linear projections and a
     SiLU), and the attention modules' own rotary-embedding function modules (the `kernels`
     package's `_kernel_funcs`, through which transformers routes apply_rotary_pos_emb) where that
-    function is `_rope_formula`, of a bf16 model on CPU. Empty where the kernels are unavailable. A call whose tensors
-    the kernel does not take (another dtype, a strided view, a weight that is not the rows'
-    length) runs the class's forward."""
+    function is `_rope_formula`, of a bf16 model on CPU. Empty where the kernels are unavailable.
+    A call whose tensors the kernel does not take (another dtype, a strided view, a weight that is
+    not the rows' length, a head size that is not a multiple of 32) runs the class's forward."""
     if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not available():
         return []
     found = []
