@@ -5,12 +5,22 @@ does not hold are scored before the next micro-batch."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
-from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+)
 
 from parallelcomp import layer_kernel, nll, prefill
+from parallelcomp.compat import same_code
 from parallelcomp.nll import plain_head, token_nll
 
 from .conftest import DEVICE, tiny_model
@@ -110,6 +120,35 @@ def test_plain_head_only_where_the_logits_are_the_heads(family, tokenizer):
             return out
 
     assert plain_head(Scaled(model.config)) is None
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4))
+    assert plain_head(neox) is None  # another decoder attribute (gpt_neox) and head (embed_out)
+
+
+def test_same_code_compares_decorated_functions_down_to_what_they_wrap():
+    """One decorator around different forwards (transformers 5.21 wraps every model's forward in
+    the same one) is not the same code; the same forward under it is, docstring aside."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    @decorate
+    def llama(x):
+        """Llama's."""
+        return x.model(x)
+
+    @decorate
+    def copied(x):
+        return x.model(x)
+
+    @decorate
+    def other(x):
+        return x.gpt_neox(x)
+
+    assert same_code(llama, copied) and not same_code(llama, other)
+    assert not same_code(llama, llama.__wrapped__) and not same_code(llama, None)
 
 
 def test_a_head_that_is_not_plain_scores_through_the_models_logits(make_engine, monkeypatch):

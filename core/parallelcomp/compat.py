@@ -56,18 +56,23 @@ def last_hidden(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: t
 
 def same_code(f, g) -> bool:
     """Whether functions `f` and `g` compile to the same code, their own docstrings aside: how the
-    package recognises a transformers forward whose arithmetic it replaces (layer_kernel, nll)."""
-    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
-    if a is None or b is None:
-        return False
+    package recognises a transformers forward whose arithmetic it replaces (layer_kernel, nll).
+    Decorated functions compare level by level down to the functions they wrap (`__wrapped__`):
+    transformers 5.21 wraps every model's forward in one shared decorator, whose code alone says
+    nothing about the model."""
 
-    def body(fn, code):
-        consts = code.co_consts  # the first is the docstring, or None without one (CPython ≤ 3.13)
-        if consts and (consts[0] is None or consts[0] == fn.__doc__):
-            consts = consts[1:]
+    def body(code):
+        consts = code.co_consts  # the first is the docstring, or None without one (CPython ≤ 3.13);
+        if consts and (consts[0] is None or isinstance(consts[0], str)):  # not __doc__, which
+            consts = consts[1:]  # transformers' auto_docstring rewrites per model
         return code.co_code, consts, code.co_names, code.co_varnames
 
-    return body(f, a) == body(g, b)
+    while f is not None and g is not None:
+        a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+        if a is None or b is None or body(a) != body(b):
+            return False
+        f, g = getattr(f, "__wrapped__", None), getattr(g, "__wrapped__", None)
+    return f is None and g is None
 
 
 # torch's CPU flash attention, which returns the log-sum-exp next to the output (a private aten op
