@@ -327,6 +327,24 @@ def test_disk_budget_deletes_least_recently_used_files(tokenizer, tmp_path, monk
     assert out.stats.store_disk_evicted == 5 - len(kept)  # every deletion is reported
 
 
+@pytest.mark.parametrize("rescan_writes,scans", [(64, 1), (2, 3)])
+def test_the_disk_tier_is_scanned_when_its_total_passes_the_budget_or_every_few_writes(
+        tokenizer, tmp_path, monkeypatch, rescan_writes, scans):
+    """Five files written under a budget they stay below: one scan of the directory (the first
+    write), not one per write; with a rescan every 2 writes (other processes' files), three."""
+    import parallelcomp.store as store_module
+
+    calls = []
+    real = store_module._stored_files
+    monkeypatch.setattr(store_module, "_stored_files", lambda root: calls.append(root) or real(root))
+    monkeypatch.setattr(store_module, "RESCAN_WRITES", rescan_writes)
+    pc = engine(tokenizer, kv_store_dir=str(tmp_path / "s"), kv_store_disk_bytes=10**12)
+    out = pc.generate(QUESTION, documents=DOCS, max_new_tokens=2)
+    assert len(files(tmp_path / "s")) == 5 and out.stats.store_disk_evicted == 0
+    assert len(calls) == scans
+    assert pc.store._disk_held == sum(p.stat().st_size for p in files(tmp_path / "s"))
+
+
 _FILL = """
 import sys, torch
 sys.path[:0] = [{core!r}, {repo!r}]
