@@ -29,7 +29,7 @@ from .test_core import text
 needs_kernel = pytest.mark.skipif(
     not layer_kernel.available() or DEVICE.type != "cpu",
     reason="the C log-sum-exp needs an x86-64 CPU with AVX-512 BF16 and a C compiler, and CPU tensors; "
-           f"here: {layer_kernel.unavailable_reason() or DEVICE.type}")
+           f"here: {layer_kernel.unavailable_reason() or f'the test device is {DEVICE.type}'}")
 
 
 def reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
