@@ -7,7 +7,9 @@ the memory tier). Then a fresh process asks question 1 again with the disk tier 
 (kv_store_bytes=0). Each process runs in its own subprocess so its peak RSS is its own.
 
 Reported per question: prefill s, time to first token (prefill + the question step), decode
-tok/s, chunks reused, store bytes, peak RSS, the answer and whether it holds the needle's value.
+tok/s, seconds spent writing the disk tier (after the last token since the store writes behind),
+the whole call's seconds, chunks reused, store bytes, peak RSS, the answer and whether it holds
+the needle's value.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def worker(spec: dict) -> dict:
     pc = ParallelComp.from_pretrained(spec["model_dir"], config)
     rows = []
     for i in spec["questions"]:
+        start = time.perf_counter()
         out = pc.generate(questions[i], context=context, max_new_tokens=MAX_NEW_TOKENS)
+        call = time.perf_counter() - start
         s = out.stats
         decode_tokens = max(0, s.new_tokens - 1)
         rows.append({
@@ -70,6 +74,7 @@ def worker(spec: dict) -> dict:
             "prefill_seconds": round(s.prefill_seconds, 2),
             "ttft_seconds": round(s.ttft_seconds, 2),
             "decode_tok_s": round(decode_tokens / max(1e-9, s.decode_seconds - s.first_token_seconds), 2),
+            "write_seconds": round(s.store_write_seconds, 2), "call_seconds": round(call, 2),
             "reused_chunks": s.reused_chunks, "reused_head_tokens": s.reused_head_tokens,
             "disk_hits": s.store_disk_hits, "n_chunks": s.n_chunks,
             "tokens_in": s.tokens_in, "store_bytes": s.store_bytes, "kv_bytes": s.kv_bytes, "dtype": s.dtype,
@@ -135,8 +140,8 @@ def spawn(module: str, spec: dict) -> dict:
 
 def table(results: dict) -> str:
     lines = ["| context | run | question | chunks reused | chunking s (documents memoized) | prefill s | FLOP bound s | prefill ÷ bound | TTFT s | "
-             "cold ÷ this TTFT | decode tok/s | store MB (memory) | peak RSS MB | correct | answer |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "cold ÷ this TTFT | decode tok/s | disk writes s | call s | store MB (memory) | peak RSS MB | correct | answer |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for length, entry in results["lengths"].items():
         cold = entry["same_process"][0]["ttft_seconds"]
         runs = [("same process", r) for r in entry["same_process"]] + \
@@ -145,14 +150,14 @@ def table(results: dict) -> str:
             lines.append(
                 f"| {int(length):,} | {name} | {r['question']} | {r['reused_chunks']}/{r['n_chunks']} | "
                 f"{_chunking(r)} | {r['prefill_seconds']} | {_bound(r, entry)} | {_ratio(r, entry)} | {r['ttft_seconds']} | {cold / r['ttft_seconds']:.1f}× | {r['decode_tok_s']} | "
-                f"{r['store_bytes'] / 1e6:,.0f} | {r['peak_rss_mb']:,} | {'yes' if r['correct'] else 'no'} | "
+                f"{r.get('write_seconds', '–')} | {r.get('call_seconds', '–')} | {r['store_bytes'] / 1e6:,.0f} | {r['peak_rss_mb']:,} | {'yes' if r['correct'] else 'no'} | "
                 f"{r['answer'][:60]!r} |")
         first = entry["same_process"][0]
         bound = first["flops"] / (entry["gemm_gflops"] * 1e9)
         lines.append(f"| | cold prefill {first['flops'] / 1e12:.2f} TFLOP ÷ {entry['gemm_gflops']:.1f} GFLOP/s GEMM = "
                      f"bound {bound:.1f} s; measured {first['prefill_seconds']} s = {first['prefill_seconds'] / bound:.2f}× "
                      f"the bound; disk tier {entry['disk_bytes'] / 1e6:,.0f} MB; load 1-min {entry['load_before']:.1f}"
-                     f"→{entry['load_after']:.1f} | | | | | | | | | | | | | |")
+                     f"→{entry['load_after']:.1f} | | | | | | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

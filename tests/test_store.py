@@ -345,6 +345,48 @@ def test_the_disk_tier_is_scanned_when_its_total_passes_the_budget_or_every_few_
     assert pc.store._disk_held == sum(p.stat().st_size for p in files(tmp_path / "s"))
 
 
+@pytest.mark.parametrize("memory", ["held", "none", "two chunks"])
+def test_the_disk_tier_is_written_after_the_last_token_unless_the_memory_tier_cannot_hold_a_chunk(
+        tokenizer, tmp_path, memory):
+    """Held chunks reach the disk only once the answer is complete (none when the first token
+    arrives, all five after the last), and their writing is timed; a chunk the memory tier does
+    not hold (no memory tier) or drops (a budget of two chunks) is written before it goes."""
+    probe = engine(tokenizer)
+    ref = probe.generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    one_chunk = max(probe.store.bytes_of(k) for k in probe.encode(DOCS).keys)
+    budget = {"held": {}, "none": {"kv_store_bytes": 0}, "two chunks": {"kv_store_bytes": int(2.5 * one_chunk)}}
+    pc = engine(tokenizer, model=probe.model, kv_store_dir=str(tmp_path), **budget[memory])
+    stream = pc.stream(QUESTION, documents=DOCS, max_new_tokens=8)
+    first = next(iter(stream))
+    on_disk = {"held": 0, "none": 5, "two chunks": 5 - len(pc.store._lru)}[memory]
+    assert len(files(tmp_path)) == on_disk and (memory != "two chunks" or 0 < on_disk < 5)
+    text = first + "".join(stream)
+    assert text == ref.text and len(files(tmp_path)) == 5
+    assert stream.output.stats.store_write_seconds > 0 and stream.output.stats.store_write_errors == 0
+    fresh = engine(tokenizer, model=probe.model, kv_store_dir=str(tmp_path), kv_store_bytes=0)
+    outputs_equal(fresh.generate(QUESTION, documents=DOCS, max_new_tokens=8), ref)
+
+
+def test_chunks_a_closed_stream_left_unwritten_go_to_disk_with_the_next_call_encode_or_clear(tokenizer, tmp_path):
+    pc = engine(tokenizer, kv_store_dir=str(tmp_path / "a"))
+    stream = pc.stream(QUESTION, documents=DOCS, max_new_tokens=8)
+    next(iter(stream))
+    stream.close()
+    assert files(tmp_path / "a") == []
+    out = pc.generate(QUESTION, documents=DOCS[:2], max_new_tokens=2)  # every chunk a memory hit
+    assert out.stats.encoded_chunks == 0 and len(files(tmp_path / "a")) == 5 and out.stats.store_write_seconds > 0
+
+    pc = engine(tokenizer, model=pc.model, kv_store_dir=str(tmp_path / "b"))
+    assert pc.encode(DOCS).encoded_chunks == 5 and len(files(tmp_path / "b")) == 5
+
+    pc = engine(tokenizer, model=pc.model, kv_store_dir=str(tmp_path / "c"))
+    stream = pc.stream(QUESTION, documents=DOCS, max_new_tokens=8)
+    next(iter(stream))
+    stream.close()
+    pc.store.clear()
+    assert len(files(tmp_path / "c")) == 5
+
+
 _FILL = """
 import sys, torch
 sys.path[:0] = [{core!r}, {repo!r}]

@@ -254,6 +254,7 @@ class ParallelComp:
             keys = dict(zip((c.index for c in corpus.chunks), corpus.keys))
             held = self.fill_store(list(corpus.chunks), keys, parts.prefix_ids, report, bar)
             bar.close()
+            self.store.flush(report)  # a corpus is on disk (where there is a disk tier) when encode returns
             return replace(corpus, encode_seconds=time.perf_counter() - start, bytes_held=held,
                            encoded_chunks=report.encoded_chunks)
 
@@ -318,6 +319,7 @@ class ParallelComp:
                 logits = forward(self.model, ids, cache, positions, logits_to_keep=ids.shape[1])
             logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
             nlls = -logprobs.gather(-1, ids[0, 1:, None])[:, 0]
+            self._write_behind(ctx.stats)
         return ScoreOutput(float(nlls.mean()), len(nlls), nlls.tolist(), ctx.reports, ctx.stats)
 
     # ------------------------------------------------------------------ stages
@@ -367,7 +369,16 @@ class ParallelComp:
             ctx.stats.kernel_steps = whole.steps if whole else 0
             ctx.stats.finish_reason = "length" if len(assembler.ids) == max_new_tokens and not assembler.stopped else "stop"
             ctx.stats.decode_seconds = time.perf_counter() - start
+            self._write_behind(ctx.stats)
             result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
+
+    def _write_behind(self, stats: RunStats) -> None:
+        """Write the chunks this call encoded to the disk tier now that its output is complete (the
+        tier is written behind, store.py and docs/store.md), and count that in `stats`. A stream
+        closed before its end leaves them to the next call's flush."""
+        writes = ReuseStats()
+        self.store.flush(writes)
+        stats.add(writes)
 
     def prompt_parts(self, question: str, with_documents: bool, history=(), tools=None) -> PromptParts:
         """The token spans (prefix, question suffix) this engine builds for a question (prompts.py)."""

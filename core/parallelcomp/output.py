@@ -64,6 +64,9 @@ class ReuseStats:
     store_rejected: dict[str, int] = field(default_factory=dict)
     """Disk-tier files found damaged, foreign or stale, by reason: deleted and recomputed."""
     store_write_errors: int = 0
+    store_write_seconds: float = 0.0
+    """Time spent writing chunk KV files to the disk tier. The tier is written behind (store.py):
+    mostly after the last token, so it counts in neither `prefill_seconds` nor `decode_seconds`."""
     store_evicted: int = 0
     """Entries the memory tier dropped during this call to stay within kv_store_bytes."""
     store_disk_evicted: int = 0

@@ -17,7 +17,10 @@ Tiers:
 * disk (optional, `kv_store_dir`): one immutable safetensors file per chunk at
   `<dir>/v1/<identity[:16]>/<key[:2]>/<key>.safetensors`, written to a temporary file and renamed
   into place, so readers in other processes never see a partial file. It is not fsynced: a cache
-  file that a crash leaves torn fails its checks below and is recomputed. A file is used
+  file that a crash leaves torn fails its checks below and is recomputed. It is written behind:
+  an entry the memory tier holds goes to disk at `flush` (the engine calls it after a call's
+  last token, so writing never delays an answer) or when the memory tier drops it, whichever
+  comes first; an entry the memory tier cannot hold is written at once. A file is used
   only after its format version, key, identity, token ids, tensor shapes and payload checksum
   (XXH3-128) all check out; anything else is deleted, counted in the run's stats and recomputed.
   A full or read-only directory costs a warning, never an answer.
@@ -31,6 +34,7 @@ import json
 import os
 import shutil
 import struct
+import time
 import uuid
 import warnings
 from collections import OrderedDict
@@ -138,6 +142,7 @@ class ChunkStore:
         self._disk_held: int | None = None  # the directory's bytes: its last scan plus this store's writes since
         self._writes_since_scan = 0
         self._lru: OrderedDict[str, Entry] = OrderedDict()
+        self._unwritten: dict[str, tuple[dict, list[int], list[int]]] = {}  # held in memory, not yet on disk
         self._held = 0
         self._warned = False
 
@@ -182,9 +187,21 @@ class ChunkStore:
 
     def put(self, key: str, entry: Entry, identity: dict, prefix_ids: list[int], chunk_ids: list[int],
             report: ReuseStats) -> None:
+        """Keep a newly encoded entry: in the memory tier, and on disk at the next `flush` (or when
+        the memory tier drops it); at once when the memory tier does not hold it."""
         self._remember(key, entry, report)
-        if self.disk_dir is not None and not self._path(key, identity).exists():
+        if self.disk_dir is None or self._path(key, identity).exists():
+            return
+        if key in self._lru:
+            self._unwritten[key] = (identity, prefix_ids, chunk_ids)
+        else:
             self._save(key, entry, identity, prefix_ids, chunk_ids, report)
+
+    def flush(self, report: ReuseStats) -> None:
+        """Write every entry the memory tier holds but the disk tier does not yet (oldest first)."""
+        while self._unwritten:
+            key = next(iter(self._unwritten))
+            self._save(key, self._lru[key], *self._unwritten.pop(key), report)
 
     def head(self, key: str, head_ids: list[int]) -> Head | None:
         """The question head `head_ids` behind the chunk `key`, when the memory tier holds both."""
@@ -206,7 +223,8 @@ class ChunkStore:
         self._shrink(report)
 
     def clear(self) -> None:
-        """Empty the memory tier (the disk tier is left as it is)."""
+        """Empty the memory tier, first writing what the disk tier still lacks (`flush`)."""
+        self.flush(ReuseStats())
         self._lru.clear()
         self._held = 0
 
@@ -222,7 +240,9 @@ class ChunkStore:
     def _shrink(self, report: ReuseStats) -> None:
         """Drop least recently used entries until the memory tier is within its budget."""
         while self._held > self.memory_bytes:
-            _, dropped = self._lru.popitem(last=False)
+            key, dropped = self._lru.popitem(last=False)
+            if key in self._unwritten:
+                self._save(key, dropped, *self._unwritten.pop(key), report)
             self._held -= dropped.nbytes
             report.store_evicted += 1
 
@@ -234,6 +254,7 @@ class ChunkStore:
     def _save(self, key, entry: Entry, identity, prefix_ids, chunk_ids, report: ReuseStats) -> None:
         from safetensors.torch import save_file
 
+        start = time.perf_counter()
         tensors = _tensors(entry, prefix_ids, chunk_ids)
         meta = {"format": FORMAT, "key": key, "identity": json.dumps(identity, sort_keys=True),
                 "seconds": repr(entry.seconds), "xxh3_128": _payload_checksum(tensors)}
@@ -248,6 +269,7 @@ class ChunkStore:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             report.store_write_errors += 1
+            report.store_write_seconds += time.perf_counter() - start
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"KV store: cannot write to {self.disk_dir} ({err}); answers go on without the "
@@ -255,6 +277,7 @@ class ChunkStore:
             return
         if self.disk_bytes is not None:
             report.store_disk_evicted += self._trim_disk(written)
+        report.store_write_seconds += time.perf_counter() - start
 
     def _load(self, key, identity, prefix_ids, chunk_ids, report: ReuseStats, shape, device: torch.device
               ) -> Entry | None:

@@ -58,7 +58,9 @@ class ChunkWorker:
         self.engine.config = config
         report = ReuseStats()
         with self.engine.layers():
-            return report, self.engine.fill_store(chunks, keys, prefix_ids, report)
+            held = self.engine.fill_store(chunks, keys, prefix_ids, report)
+        self.engine.store.flush(report)
+        return report, held
 
     def score(self, call: str, config: ParallelCompConfig, parts: PromptParts, chunks: list[Chunk],
               keys: dict[int, str], matches: dict[int, float]) -> Shard:
@@ -70,6 +72,7 @@ class ChunkWorker:
         with self.engine.layers():
             prefix = self.engine.prefix_kv(parts.prefix_ids, report)
             scored = self.engine.score_chunks(parts, chunks, keys, prefix, report, matches)
+        self.engine.store.flush(report)  # before the answer, unlike one process (docs/distributed.md)
         self._kept.setdefault(call, {}).update({chunk.index: kv for chunk, kv in scored.kept})
         while len(self._kept) > _CALLS_KEPT:
             self._kept.popitem(last=False)
