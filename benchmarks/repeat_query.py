@@ -2,7 +2,7 @@
 
 Per context length: one haystack of the RULER essays with five needles (different keys, at
 10/30/50/70/90% depth) and five questions, one per needle. In one process: question 1 cold (every
-chunk's phase 1 runs; the disk tier is filled on the way), then questions 2-5 (every chunk from
+chunk's phase 1 runs; the disk tier is filled after its last token), then questions 2-5 (every chunk from
 the memory tier). Then a fresh process asks question 1 again with the disk tier only
 (kv_store_bytes=0). Each process runs in its own subprocess so its peak RSS is its own.
 
