@@ -175,6 +175,26 @@ def test_a_corpus_stays_on_its_workers_and_only_kept_kv_moves(ray_engines):
     assert ours.store.bytes_held == 0  # the driver holds no chunk KV
 
 
+def test_workers_write_their_disk_tier_after_the_last_token(local_ray, saved_models, tmp_path):
+    """As in one process (test_store.py): no chunk file exists when the first token arrives, every
+    chunk's file after the last one, written by the workers and timed in the run's stats; a
+    single-process engine then reads them all from disk and answers the same."""
+    config = ParallelCompConfig(**BASE, kv_store_dir=str(tmp_path))
+    path = saved_models("llama")
+    files = lambda: sorted(tmp_path.glob("v1/*/*/*.safetensors"))
+    with RayParallelComp.from_pretrained(path, config, num_workers=2, dtype="float32", threads=1) as ours:
+        stream = ours.stream(QUESTIONS[0], documents=DOCS, max_new_tokens=8)
+        first = next(iter(stream))
+        assert files() == []
+        text = first + "".join(stream)
+        s = stream.output.stats
+        assert len(files()) == s.n_chunks == s.encoded_chunks and len(s.worker_chunks) == 2
+        assert s.store_write_seconds > 0 and s.store_write_errors == 0
+    fresh = ParallelComp.from_pretrained(path, config.replace(kv_store_bytes=0), dtype="float32", threads=1)
+    out = fresh.generate(QUESTIONS[0], documents=DOCS, max_new_tokens=8)
+    assert out.text == text and out.stats.store_disk_hits == out.stats.n_chunks
+
+
 def test_workers_run_this_checkout_with_the_drivers_model(ray_engines):
     ours, _ = ray_engines("llama")
     infos = ray.get([ours.worker_handle(name).describe.remote() for name in ours.workers])

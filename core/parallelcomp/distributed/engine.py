@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -225,6 +226,18 @@ class RayParallelComp(ParallelComp):
         raw_bytes = {i: n for _, shard in shards for i, n in shard.raw_bytes.items()}
         kept_kv = [(by_index[i], transfer.unpack(pulled[i], self.model.dtype, self.model.device)) for i in kept]
         return Scored(scores, raw_bytes, kept_kv, sum(latest.values()), spread)
+
+    def _write_behind(self, stats) -> None:
+        """Every worker writes the chunks it encoded to its disk tier, now that the answer is
+        complete (engine._write_behind); what they did counts in `stats`. A worker that does not
+        answer costs a warning here, not the finished answer."""
+        calls = {handle.flush.remote(): (name, []) for name, handle in self._workers.items()}
+        try:
+            for _, report in self._gather(calls, stats):
+                if not isinstance(report, _Lost):
+                    stats.add(report)
+        except DistributedError as err:
+            warnings.warn(f"KV store: {err}; the workers' disk tiers may lack this call's chunks", stacklevel=2)
 
     def _take(self, call: str, owners: dict[int, str], indices: list[int], pulled: dict[int, list],
               spread: SpreadStats) -> set[str]:

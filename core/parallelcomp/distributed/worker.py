@@ -72,7 +72,6 @@ class ChunkWorker:
         with self.engine.layers():
             prefix = self.engine.prefix_kv(parts.prefix_ids, report)
             scored = self.engine.score_chunks(parts, chunks, keys, prefix, report, matches)
-        self.engine.store.flush(report)  # before the answer, unlike one process (docs/distributed.md)
         self._kept.setdefault(call, {}).update({chunk.index: kv for chunk, kv in scored.kept})
         while len(self._kept) > _CALLS_KEPT:
             self._kept.popitem(last=False)
@@ -81,6 +80,13 @@ class ChunkWorker:
     def take(self, call: str, indices: list[int]) -> dict[int, list[np.ndarray]]:
         """The kept KV of these chunks (numpy, zero-copy through the object store)."""
         return {i: transfer.pack(self._kept[call][i]) for i in indices}
+
+    def flush(self) -> ReuseStats:
+        """Write the chunks this worker encoded to its disk tier (the driver asks after the
+        answer's last token: the store writes behind, store.py)."""
+        report = ReuseStats()
+        self.engine.store.flush(report)
+        return report
 
     def release(self, call: str) -> None:
         """Drop the call's candidates."""
