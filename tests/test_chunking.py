@@ -7,6 +7,7 @@ import pytest
 
 from parallelcomp import InputError
 from parallelcomp.chunking import DocumentMemo, make_chunks
+from parallelcomp.output import ReuseStats
 
 
 def ids_of(tokenizer, s):
@@ -107,6 +108,12 @@ def test_split_pieces_pack_with_following_documents(tokenizer):
     assert any(len(c.spans) == 2 for c in chunks)
 
 
+def chunked(memo: DocumentMemo, tokenizer, docs: list[str], budget: int, separator: str) -> tuple[list, int]:
+    """The memo's chunks and how many of `docs` it did not tokenize again."""
+    report = ReuseStats()
+    return memo.make_chunks(tokenizer, docs, budget, separator, report), report.reused_documents
+
+
 def test_the_document_memo_chunks_as_make_chunks_and_tokenizes_each_document_once(tokenizer, monkeypatch):
     long = " ".join(f"Sentence {i} is about the river." for i in range(30))
     docs = ["First document about rivers.", long, "Third: clouds."]
@@ -114,14 +121,14 @@ def test_the_document_memo_chunks_as_make_chunks_and_tokenizes_each_document_onc
     calls = []
     real = type(tokenizer).__call__
     monkeypatch.setattr(type(tokenizer), "__call__", lambda self, text, **kw: calls.append(text) or real(self, text, **kw))
-    assert memo.make_chunks(tokenizer, docs, 40, "\n\n") == (make_chunks(tokenizer, docs, 40, "\n\n"), 0)
+    assert chunked(memo, tokenizer, docs, 40, "\n\n") == (make_chunks(tokenizer, docs, 40, "\n\n"), 0)
     # the same documents in another order, with a new one: spans name their place in this call
     again = [docs[2], "A new fourth document.", docs[0], docs[1]]
     expected = make_chunks(tokenizer, again, 40, "\n\n")
     calls.clear()
-    assert memo.make_chunks(tokenizer, again, 40, "\n\n") == (expected, 3)
+    assert chunked(memo, tokenizer, again, 40, "\n\n") == (expected, 3)
     assert [t for t in calls if t.strip()] == ["A new fourth document."]  # and the separator
-    assert memo.make_chunks(tokenizer, docs, 41, "\n\n") == (make_chunks(tokenizer, docs, 41, "\n\n"), 0)  # budget is in the key
+    assert chunked(memo, tokenizer, docs, 41, "\n\n") == (make_chunks(tokenizer, docs, 41, "\n\n"), 0)  # budget is in the key
 
 
 def test_the_document_memo_forgets_least_recently_used_documents_beyond_its_tokens(tokenizer):
@@ -129,10 +136,10 @@ def test_the_document_memo_forgets_least_recently_used_documents_beyond_its_toke
     size = len(ids_of(tokenizer, docs[0]))
     assert all(len(ids_of(tokenizer, d)) == size for d in docs)
     memo = DocumentMemo(max_tokens=2 * size)
-    memo.make_chunks(tokenizer, docs[:2], 64, "")
-    assert memo.make_chunks(tokenizer, docs[:1], 64, "")[1] == 1  # docs[0] is now the most recently used
-    assert memo.make_chunks(tokenizer, docs[2:3], 64, "")[1] == 0  # in, docs[1] out
-    assert [memo.make_chunks(tokenizer, [d], 64, "")[1] for d in (docs[0], docs[2], docs[1])] == [1, 1, 0]
+    chunked(memo, tokenizer, docs[:2], 64, "")
+    assert chunked(memo, tokenizer, docs[:1], 64, "")[1] == 1  # docs[0] is now the most recently used
+    assert chunked(memo, tokenizer, docs[2:3], 64, "")[1] == 0  # in, docs[1] out
+    assert [chunked(memo, tokenizer, [d], 64, "")[1] for d in (docs[0], docs[2], docs[1])] == [1, 1, 0]
     too_long = " ".join(docs)
-    memo.make_chunks(tokenizer, [too_long], 64, "")
-    assert memo.make_chunks(tokenizer, [too_long], 64, "")[1] == 0  # longer than the memo: never kept
+    chunked(memo, tokenizer, [too_long], 64, "")
+    assert chunked(memo, tokenizer, [too_long], 64, "")[1] == 0  # longer than the memo: never kept

@@ -169,7 +169,13 @@ def test_the_lru_evicts_least_recently_used_chunks_within_its_budget(tokenizer):
 
 
 def files(root: Path) -> list[Path]:
+    """The chunk KV files of a disk tier."""
     return sorted(root.glob("v1/*/*/*.safetensors"))
+
+
+def document_files(root: Path) -> list[Path]:
+    """The documents' chunking files of a disk tier."""
+    return sorted(root.glob("documents/*/*/*.safetensors"))
 
 
 def test_disk_tier_serves_a_fresh_engine_and_misses_for_another_model_dtype_template_chunk_size_or_kernel(tokenizer, tmp_path):
@@ -292,7 +298,7 @@ def test_a_full_disk_or_unwritable_directory_warns_and_still_answers(tokenizer, 
         out = engine(tokenizer, model=model, kv_store_dir=str(blocker / "store")).generate(
             QUESTION, documents=DOCS, max_new_tokens=8)
     outputs_equal(out, ref)
-    assert out.stats.store_write_errors == 5
+    assert out.stats.store_write_errors == 10  # five chunks, five documents' chunking
 
     def disk_full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")  # what a write cut short leaves behind
@@ -303,7 +309,7 @@ def test_a_full_disk_or_unwritable_directory_warns_and_still_answers(tokenizer, 
         out = engine(tokenizer, model=model, kv_store_dir=str(tmp_path / "store")).generate(
             QUESTION, documents=DOCS, max_new_tokens=8)
     outputs_equal(out, ref)
-    assert out.stats.store_write_errors == 5 and files(tmp_path / "store") == []
+    assert out.stats.store_write_errors == 10 and files(tmp_path / "store") == []
     assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []  # no partial file left
 
 
@@ -322,16 +328,18 @@ def test_disk_budget_deletes_least_recently_used_files(tokenizer, tmp_path, monk
     assert pc.store.disk_bytes == 3 * size
     out = pc.generate(QUESTION, documents=DOCS, max_new_tokens=8)
     outputs_equal(out, ref)
-    kept = files(tmp_path / "s")
-    assert sum(p.stat().st_size for p in kept) <= 3 * size and 1 <= len(kept) < 5
+    kept, documents = files(tmp_path / "s"), document_files(tmp_path / "s")
+    assert sum(p.stat().st_size for p in kept + documents) <= 3 * size and 1 <= len(kept) < 5
+    assert len(documents) == 5  # written after the chunks, so the newest: deleted last
     assert out.stats.store_disk_evicted == 5 - len(kept)  # every deletion is reported
 
 
-@pytest.mark.parametrize("rescan_writes,scans", [(64, 1), (2, 3)])
+@pytest.mark.parametrize("rescan_writes,scans", [(64, 1), (2, 5)])
 def test_the_disk_tier_is_scanned_when_its_total_passes_the_budget_or_every_few_writes(
         tokenizer, tmp_path, monkeypatch, rescan_writes, scans):
-    """Five files written under a budget they stay below: one scan of the directory (the first
-    write), not one per write; with a rescan every 2 writes (other processes' files), three."""
+    """Ten files (five chunks, five documents' chunking) written under a budget they stay below:
+    one scan of the directory (the first write), not one per write; with a rescan every 2 writes
+    (other processes' files), five."""
     import parallelcomp.store as store_module
 
     calls = []
@@ -342,7 +350,7 @@ def test_the_disk_tier_is_scanned_when_its_total_passes_the_budget_or_every_few_
     out = pc.generate(QUESTION, documents=DOCS, max_new_tokens=2)
     assert len(files(tmp_path / "s")) == 5 and out.stats.store_disk_evicted == 0
     assert len(calls) == scans
-    assert pc.store._disk_held == sum(p.stat().st_size for p in files(tmp_path / "s"))
+    assert pc.store._disk_held == sum(p.stat().st_size for p in files(tmp_path / "s") + document_files(tmp_path / "s"))
 
 
 @pytest.mark.parametrize("memory", ["held", "none", "two chunks"])
@@ -453,3 +461,91 @@ def test_wrappers_hit_the_store_with_no_api_change(tokenizer):
     response = synth.synthesize(QUESTION, nodes)
     assert response.metadata["parallelcomp"]["stats"]["reused_chunks"] == 5
     assert response.metadata["parallelcomp"]["stats"]["reused_documents"] == 5
+
+
+def _tokenized_documents(monkeypatch, tokenizer, docs: list[str]) -> list[str]:
+    """From now on, the texts of `docs` (or of their pieces) that the tokenizer is called on."""
+    calls: list[str] = []
+    real = type(tokenizer).__call__
+
+    def call(self, text, **kwargs):
+        if isinstance(text, str) and len(text) > 20 and any(text in d for d in docs):
+            calls.append(text)
+        return real(self, text, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", call)
+    return calls
+
+
+def test_a_fresh_engine_reads_the_documents_chunking_from_the_disk_tier_and_tokenizes_none(
+        tokenizer, tmp_path, monkeypatch):
+    docs = DOCS + [text(200, 120)]  # the last one is cut into pieces
+    model = tiny_model("llama", len(tokenizer))
+    ref = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=docs, max_new_tokens=8)
+    assert ref.stats.split_documents == [5] and len(document_files(tmp_path)) == 6
+    assert (ref.stats.reused_documents, ref.stats.store_disk_documents) == (0, 0)
+    tokenized = _tokenized_documents(monkeypatch, tokenizer, docs)
+    out = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=docs, max_new_tokens=8)
+    outputs_equal(out, ref)
+    assert [c.spans for c in out.chunks] == [c.spans for c in ref.chunks]
+    assert (out.stats.reused_documents, out.stats.store_disk_documents, out.stats.store_rejected) == (6, 6, {})
+    assert tokenized == []
+    engine(tokenizer, model=model).generate(QUESTION, documents=docs, max_new_tokens=1)  # no disk tier
+    assert len(tokenized) > 6  # each document, and the long one's pieces again
+
+
+def test_documents_chunking_is_keyed_by_tokenizer_and_chunk_budget(tokenizer, tmp_path):
+    import copy
+
+    from parallelcomp.output import ReuseStats
+    from parallelcomp.store import tokenizer_identity
+
+    model = tiny_model("llama", len(tokenizer))
+    engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS, max_new_tokens=1)
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["copper-garden"])
+    ids = tokenizer_identity(tokenizer), tokenizer_identity(other)
+    assert ids[0] != ids[1] and tokenizer_identity(copy.deepcopy(tokenizer)) == ids[0]
+    pc = engine(tokenizer, model=model, kv_store_dir=str(tmp_path))
+    report = ReuseStats()
+    budget = pc.encode(DOCS).chunk_tokens
+    assert pc.store.pieces(ids[0], DOCS[0], budget, report) is not None
+    assert pc.store.pieces(ids[1], DOCS[0], budget, report) is None
+    assert pc.store.pieces(ids[0], DOCS[0], budget + 1, report) is None and report.store_rejected == {}
+    out = engine(tokenizer, model=model, kv_store_dir=str(tmp_path), chunk_tokens=72).generate(
+        QUESTION, documents=DOCS, max_new_tokens=1)
+    assert out.stats.store_disk_documents == 0
+
+
+def _forge_span(path: Path) -> None:
+    """The file rewritten with its first piece's span running past its text, and a valid checksum."""
+    from parallelcomp.store import _payload_checksum
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["pieces"][0, 2] = 10**6
+    save_file(tensors, str(path), metadata={**meta, "xxh3_128": _payload_checksum(tensors)})
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "unreadable"),
+    (lambda p: _flip(p, 0.95), "checksum"),  # bits flipped in the token ids
+    (lambda p: _rewrite(p, format="pc-doc-pieces/0"), "format"),
+    (lambda p: _rewrite(p, budget="41"), "identity"),
+    (_forge_span, "shape"),
+])
+def test_a_damaged_or_forged_documents_file_is_dropped_tokenized_again_and_reported(
+        tokenizer, tmp_path, monkeypatch, damage, reason):
+    model = tiny_model("llama", len(tokenizer))
+    ref = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    victim = document_files(tmp_path)[0]
+    damage(victim)
+    tokenized = _tokenized_documents(monkeypatch, tokenizer, DOCS)
+    out = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    outputs_equal(out, ref)
+    assert out.stats.store_rejected == {reason: 1} and len(tokenized) == 1
+    assert (out.stats.store_disk_documents, out.stats.store_disk_hits) == (4, 5)
+    assert victim.exists()  # written again from the new tokenization
+    again = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS,
+                                                                                 max_new_tokens=8)
+    assert again.stats.store_rejected == {} and again.stats.store_disk_documents == 5

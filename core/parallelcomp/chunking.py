@@ -15,7 +15,8 @@ spans of a document is whitespace. Pure Python; knows nothing about the model.
 Tokenizing is most of the cost: 0.7–0.8 s for a 128K-token context on the project's AMX host,
 about as long as the rest of a question over that corpus once its KV is reused (docs/store.md). `DocumentMemo` keeps recent documents'
 pieces, so a call with the same documents again (a retriever, an agent's corpus tool, a chain run
-again: the transparent store path) tokenizes only the documents it has not seen.
+again: the transparent store path) tokenizes only the documents it has not seen; with a disk
+tier it keeps them there too (store.py, `ChunkStore.pieces`), for the next process.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from .errors import InputError
-from .output import DocumentSpan
+from .output import DocumentSpan, ReuseStats
 
 
 @dataclass(frozen=True)
@@ -52,31 +53,68 @@ class DocumentMemo:
     """Recently chunked documents' pieces by their text and the chunk budget, least recently used
     first out once they hold more than `max_tokens` tokens (a longer document is not kept).
     Token ids are kept as 4-byte arrays. Pieces depend on the tokenizer too: one memo per engine.
-    Thread-safe: calls chunk their documents before they queue for the engine's lock."""
+    Thread-safe: calls chunk their documents before they queue for the engine's lock.
 
-    def __init__(self, max_tokens: int):
+    With a `disk` (the engine's store.ChunkStore when it has a disk tier), a document this memo
+    does not hold is looked up there before it is tokenized, and the documents it tokenized are
+    written there at `flush`, so a fresh process over a stored corpus tokenizes nothing either."""
+
+    def __init__(self, max_tokens: int, disk=None):
         self.max_tokens = max_tokens
+        self._disk = disk
+        self._tokenizer_id: str | None = None  # store.tokenizer_identity, on the first disk lookup
         self._docs: OrderedDict[tuple[bytes, int], list[tuple[array, DocumentSpan]]] = OrderedDict()
+        self._unwritten: dict[tuple[bytes, int], tuple[str, str, list[tuple[array, DocumentSpan]]]] = {}
         self._tokens = 0
         self._lock = threading.Lock()
 
-    def make_chunks(self, tokenizer, documents: list[str], budget: int, separator: str) -> tuple[list[Chunk], int]:
-        """`make_chunks`, and how many of `documents` were found here (not tokenized again)."""
-        pieces, found = [], 0
+    def make_chunks(self, tokenizer, documents: list[str], budget: int, separator: str,
+                    report: ReuseStats) -> list[Chunk]:
+        """`make_chunks`; the documents found here or on disk (not tokenized again) are counted
+        in `report.reused_documents`, those read from disk also in `report.store_disk_documents`."""
+        pieces = []
+        tokenizer_id = self._tokenizer(tokenizer) if self._disk is not None and tokenizer.is_fast else None
         for i, doc in enumerate(documents):
             key = (hashlib.sha256(doc.encode()).digest(), budget)
             with self._lock:
                 kept = self._docs.get(key)
                 if kept is not None:
                     self._docs.move_to_end(key)
+            if kept is None and tokenizer_id is not None:
+                kept = self._disk.pieces(tokenizer_id, doc, budget, report)
+                if kept is not None:
+                    report.store_disk_documents += 1
+                    self._keep(key, kept)
             if kept is None:
                 mine = _pieces(tokenizer, i, doc, budget)
-                self._keep(key, [(array("i", p.token_ids), p.span) for p in mine])
+                kept = [(array("i", p.token_ids), p.span) for p in mine]
+                self._keep(key, kept)
+                if tokenizer_id is not None:
+                    with self._lock:
+                        self._unwritten[key] = (tokenizer_id, doc, kept)
             else:
-                found += 1
+                report.reused_documents += 1
                 mine = [_Piece(ids.tolist(), replace(span, document=i)) for ids, span in kept]
             pieces += mine
-        return _pack(tokenizer, pieces, budget, separator), found
+        return _pack(tokenizer, pieces, budget, separator)
+
+    def flush(self, report: ReuseStats) -> None:
+        """Write the documents tokenized since the last flush to the disk tier (under the engine's
+        lock, with the chunks: engine._write_behind)."""
+        while True:
+            with self._lock:
+                if not self._unwritten:
+                    return
+                key = next(iter(self._unwritten))
+                tokenizer_id, doc, kept = self._unwritten.pop(key)
+            self._disk.keep_pieces(tokenizer_id, doc, key[1], kept, report)
+
+    def _tokenizer(self, tokenizer) -> str:
+        if self._tokenizer_id is None:
+            from .store import tokenizer_identity
+
+            self._tokenizer_id = tokenizer_identity(tokenizer)
+        return self._tokenizer_id
 
     def _keep(self, key: tuple[bytes, int], pieces: list[tuple[array, DocumentSpan]]) -> None:
         tokens = sum(len(ids) for ids, _ in pieces)

@@ -9,9 +9,10 @@ in the run's stats, so an answer never depends on what the store happens to hold
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .chunking import Chunk
+from .output import ReuseStats
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,18 @@ class Corpus:
     """Bytes of this corpus's chunk KV in the store's memory tier right after `encode`."""
     chunk_seconds: float = 0.0
     """Seconds the call that made this corpus spent chunking its documents."""
-    reused_documents: int = 0
-    """Documents whose chunking that call found in the engine's memo (chunking.DocumentMemo)."""
+    chunking: ReuseStats = field(default_factory=ReuseStats)
+    """What chunking the documents found (chunking.DocumentMemo): documents not tokenized again,
+    those read from the disk tier, disk files rejected."""
 
     @property
     def n_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def reused_documents(self) -> int:
+        """Documents whose chunking the call that made this corpus did not compute again."""
+        return self.chunking.reused_documents
 
     @property
     def reused_chunks(self) -> int:

@@ -158,7 +158,7 @@ class ParallelComp:
         self._identity: tuple[dict, str] | None = None
         self._prefix: tuple[tuple[int, ...], list[kvops.LayerKV]] = ((), [])  # the last prompt prefix and its KV
         self._folded = lexical.FoldedTerms(tokenizer)
-        self._documents = DocumentMemo(MEMO_TOKENS)
+        self._documents = DocumentMemo(MEMO_TOKENS, self.store if self.store.disk_dir is not None else None)
 
     @classmethod
     def from_pretrained(
@@ -255,6 +255,7 @@ class ParallelComp:
             held = self.fill_store(list(corpus.chunks), keys, parts.prefix_ids, report, bar)
             bar.close()
             self.store.flush(report)  # a corpus is on disk (where there is a disk tier) when encode returns
+            self._documents.flush(report)
             return replace(corpus, encode_seconds=time.perf_counter() - start, bytes_held=held,
                            encoded_chunks=report.encoded_chunks)
 
@@ -373,11 +374,12 @@ class ParallelComp:
             result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
     def _write_behind(self, stats: RunStats) -> None:
-        """Write the chunks this call encoded to the disk tier now that its output is complete (the
-        tier is written behind, store.py and docs/store.md), and count that in `stats`. A stream
-        closed before its end leaves them to the next call's flush."""
+        """Write the chunks this call encoded, and the documents it tokenized, to the disk tier now
+        that its output is complete (the tier is written behind, store.py and docs/store.md), and
+        count that in `stats`. A stream closed before its end leaves them to the next call's flush."""
         writes = ReuseStats()
         self.store.flush(writes)
+        self._documents.flush(writes)  # after the chunks: the newest files, the last the disk budget deletes
         stats.add(writes)
 
     def prompt_parts(self, question: str, with_documents: bool, history=(), tools=None) -> PromptParts:
@@ -404,16 +406,17 @@ class ParallelComp:
         if corpus.identity != self._model_identity()[1]:
             raise InputError("this corpus was encoded by an engine with another model, dtype, device or attention "
                              "implementation; encode the documents with this engine")
-        return replace(corpus, chunk_seconds=0.0, reused_documents=0)  # this call chunked nothing
+        return replace(corpus, chunk_seconds=0.0, chunking=ReuseStats())  # this call chunked nothing
 
     def _chunk(self, documents: list[str], prefix_ids: list[int]) -> Corpus:
         start = time.perf_counter()
         budget = self._chunk_budget(len(prefix_ids), documents)
-        chunks, found = self._documents.make_chunks(self.tokenizer, documents, budget, self.config.document_separator)
+        found = ReuseStats()
+        chunks = self._documents.make_chunks(self.tokenizer, documents, budget, self.config.document_separator, found)
         digest = self._model_identity()[1]
         keys = tuple(chunk_key(digest, prefix_ids, c.token_ids) for c in chunks)
         return Corpus(digest, tuple(prefix_ids), tuple(chunks), keys, len(documents), budget,
-                      chunk_seconds=time.perf_counter() - start, reused_documents=found)
+                      chunk_seconds=time.perf_counter() - start, chunking=found)
 
     # ------------------------------------------------------------------ stages over chunks
 
@@ -563,7 +566,8 @@ class ParallelComp:
                         len(parts.question_ids), reserve, self.store.room)  # window and memory, before any work
         if self.config.compresses:
             compression.observation_rows(self.config, len(parts.question_ids), parts.question_span)
-        report = ReuseStats(reused_documents=corpus.reused_documents)
+        report = ReuseStats()
+        report.add(corpus.chunking)
         prefix = self.prefix_kv(parts.prefix_ids, report)
         bar = tqdm(total=len(corpus.chunks), desc="prefill", unit="chunk", disable=not progress, file=sys.stderr)
         keys = self._keys(corpus, parts.prefix_ids)

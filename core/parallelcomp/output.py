@@ -55,17 +55,22 @@ class ReuseStats:
     over the engines that needed it (a distributed run: the driver and each scoring worker)."""
     reused_documents: int = 0
     """Documents whose chunking (tokens and cut points) the engine's memo held (chunking.DocumentMemo:
-    chunked by an earlier call, or earlier in this one): their text was not tokenized again."""
+    chunked by an earlier call, or earlier in this one) or read from the disk tier: their text was
+    not tokenized again."""
+    store_disk_documents: int = 0
+    """Of the reused documents, those whose chunking was read from the disk tier (an earlier process's)."""
     reused_head_tokens: int = 0
     """Question-head tokens (the suffix before the question text, prefill.Head) whose KV behind a
     chunk came from the memory tier, summed over chunks: phase 2 did not run them."""
     store_disk_hits: int = 0
     """Of the reused chunks, those read from the disk tier."""
     store_rejected: dict[str, int] = field(default_factory=dict)
-    """Disk-tier files found damaged, foreign or stale, by reason: deleted and recomputed."""
+    """Disk-tier files (chunk KV or documents' chunking) found damaged, foreign or stale, by
+    reason: deleted and recomputed."""
     store_write_errors: int = 0
+    """Disk-tier files (chunk KV or documents' chunking) that could not be written."""
     store_write_seconds: float = 0.0
-    """Time spent writing chunk KV files to the disk tier. The tier is written behind (store.py):
+    """Time spent writing chunk KV and documents' chunking to the disk tier. The tier is written behind (store.py):
     mostly after the last token, so it counts in neither `prefill_seconds` nor `decode_seconds`."""
     store_evicted: int = 0
     """Entries the memory tier dropped during this call to stay within kv_store_bytes."""

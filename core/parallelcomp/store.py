@@ -37,6 +37,7 @@ import struct
 import time
 import uuid
 import warnings
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +47,21 @@ import xxhash
 from safetensors import SafetensorError
 
 from . import kv as kvops
-from .output import ReuseStats
+from .output import DocumentSpan, ReuseStats
 from .prefill import Head
+
+Piece = tuple[array, DocumentSpan]
+"""A piece of a document as chunking.DocumentMemo keeps it: its token ids (4-byte) and its span."""
 
 KEY_VERSION = "pc-chunk-kv/1"
 """What a key and a model identity cover (chunk_key, model_identity); a new version would orphan
 every stored file, where a new FORMAT has each one rejected, deleted and recomputed on its next hit."""
 FORMAT = "pc-chunk-kv/2"
 """The file layout, checked on load: /2 checksums the payload with XXH3-128 (/1: SHA-256)."""
+
+PIECES_FORMAT = "pc-doc-pieces/1"
+"""What a document's pieces file holds, and what its key and identity cover (pieces_key): a new
+version, e.g. for a change to how chunking.py cuts documents, makes every stored file miss."""
 
 
 RESCAN_WRITES = 64
@@ -118,6 +126,27 @@ def model_identity(model, attention: str, layers: str) -> dict:
 
 def identity_digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """SHA-256 of everything a document's pieces depend on besides its text and the budget: the
+    fast tokenizer's full serialization (vocabulary, merges, normalizer, pre-tokenizer) and its
+    class. Pieces do not depend on the model, so they are shared by every model with this tokenizer."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    return h.hexdigest()
+
+
+def pieces_identity(tokenizer_id: str) -> dict:
+    return {"format": PIECES_FORMAT, "tokenizer": tokenizer_id}
+
+
+def pieces_key(tokenizer_id: str, text: str, budget: int) -> str:
+    h = hashlib.sha256(PIECES_FORMAT.encode())
+    h.update(bytes.fromhex(tokenizer_id))
+    h.update(struct.pack("<Q", budget))
+    h.update(text.encode())
+    return h.hexdigest()
 
 
 def chunk_key(identity_hex: str, prefix_ids: list[int], chunk_ids: list[int]) -> str:
@@ -252,13 +281,64 @@ class ChunkStore:
         return self.disk_dir / "v1" / identity_digest(identity)[:16] / key[:2] / f"{key}.safetensors"
 
     def _save(self, key, entry: Entry, identity, prefix_ids, chunk_ids, report: ReuseStats) -> None:
+        meta = {"identity": json.dumps(identity, sort_keys=True), "seconds": repr(entry.seconds)}
+        self._write(self._path(key, identity), key, _tensors(entry, prefix_ids, chunk_ids), meta, FORMAT, report)
+
+    def _load(self, key, identity, prefix_ids, chunk_ids, report: ReuseStats, shape, device: torch.device
+              ) -> Entry | None:
+        if self.disk_dir is None:
+            return None
+        read = self._read(self._path(key, identity),
+                          lambda meta, tensors: _check(meta, tensors, key, identity, prefix_ids, chunk_ids, shape),
+                          report)
+        if read is None:
+            return None
+        meta, tensors = read
+        kv = [(tensors[f"k.{i}"].to(device), tensors[f"v.{i}"].to(device)) for i in range(shape[0])]
+        return Entry(kv, tensors["last_logprobs"].to(device), float(meta["seconds"]))
+
+    # ------------------------------------------------------------------ documents' chunking on disk
+
+    def pieces(self, tokenizer_id: str, text: str, budget: int, report: ReuseStats) -> list[Piece] | None:
+        """The pieces (token ids, span) `text` was cut into at `budget` tokens by a tokenizer with
+        this identity (tokenizer_identity), read from the disk tier and verified; None when it
+        holds none. Safe outside the engine's lock: it changes no state of this store."""
+        if self.disk_dir is None:
+            return None
+        key, identity = pieces_key(tokenizer_id, text, budget), pieces_identity(tokenizer_id)
+        read = self._read(self._pieces_path(key, identity),
+                          lambda meta, tensors: _check_pieces(meta, tensors, key, identity, len(text), budget), report)
+        if read is None:
+            return None
+        ids, table = read[1]["ids"], read[1]["pieces"].tolist()
+        ends = torch.tensor([n for n, *_ in table]).cumsum(0).tolist()
+        return [(array("i", ids[end - n : end].tolist()), DocumentSpan(0, start, stop, bool(complete)))
+                for (n, start, stop, complete), end in zip(table, ends)]
+
+    def keep_pieces(self, tokenizer_id: str, text: str, budget: int, pieces: list[Piece], report: ReuseStats) -> None:
+        """Write `text`'s pieces at `budget` to the disk tier (call under the engine's lock)."""
+        if self.disk_dir is None:
+            return
+        key, identity = pieces_key(tokenizer_id, text, budget), pieces_identity(tokenizer_id)
+        tensors = {"ids": torch.tensor([t for ids, _ in pieces for t in ids], dtype=torch.int32),
+                   "pieces": torch.tensor([(len(ids), s.start, s.end, int(s.complete)) for ids, s in pieces],
+                                          dtype=torch.int64)}
+        meta = {"identity": json.dumps(identity, sort_keys=True), "budget": str(budget)}
+        self._write(self._pieces_path(key, identity), key, tensors, meta, PIECES_FORMAT, report)
+
+    def _pieces_path(self, key: str, identity: dict) -> Path:
+        return self.disk_dir / "documents" / identity_digest(identity)[:16] / key[:2] / f"{key}.safetensors"
+
+    # ------------------------------------------------------------------ files
+
+    def _write(self, path: Path, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], form: str,
+               report: ReuseStats) -> None:
+        """Write one file atomically (a temporary file renamed into place) with its checksum; a
+        failed write costs a warning (once per store) and a count in `report`, never the answer."""
         from safetensors.torch import save_file
 
         start = time.perf_counter()
-        tensors = _tensors(entry, prefix_ids, chunk_ids)
-        meta = {"format": FORMAT, "key": key, "identity": json.dumps(identity, sort_keys=True),
-                "seconds": repr(entry.seconds), "xxh3_128": _payload_checksum(tensors)}
-        path = self._path(key, identity)
+        meta = {"format": form, "key": key, **meta, "xxh3_128": _payload_checksum(tensors)}
         tmp = path.with_name(f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,20 +353,19 @@ class ChunkStore:
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"KV store: cannot write to {self.disk_dir} ({err}); answers go on without the "
-                              "disk tier", stacklevel=2)
+                              "disk tier", stacklevel=3)
             return
         if self.disk_bytes is not None:
             report.store_disk_evicted += self._trim_disk(written)
         report.store_write_seconds += time.perf_counter() - start
 
-    def _load(self, key, identity, prefix_ids, chunk_ids, report: ReuseStats, shape, device: torch.device
-              ) -> Entry | None:
-        if self.disk_dir is None:
-            return None
-        path = self._path(key, identity)
+    @staticmethod
+    def _read(path: Path, check, report: ReuseStats) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """A file's metadata and tensors once `check(meta, tensors)` finds no reason against them;
+        None when there is no file, or when there is a reason: the file is then deleted and the
+        reason counted in `report.store_rejected`."""
         if not path.exists():
             return None
-        reason = None
         try:
             from safetensors import safe_open
 
@@ -296,7 +375,7 @@ class ChunkStore:
         except Exception:  # noqa: BLE001 - safetensors raises its own error types for damaged files
             reason = "unreadable"
         else:
-            reason = _check(meta, tensors, key, identity, prefix_ids, chunk_ids, shape)
+            reason = check(meta, tensors)
         if reason is not None:
             report.store_rejected[reason] = report.store_rejected.get(reason, 0) + 1
             with contextlib.suppress(OSError):
@@ -304,9 +383,7 @@ class ChunkStore:
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # recency for the disk budget (atime is often off)
-        layers = shape[0]
-        kv = [(tensors[f"k.{i}"].to(device), tensors[f"v.{i}"].to(device)) for i in range(layers)]
-        return Entry(kv, tensors["last_logprobs"].to(device), float(meta["seconds"]))
+        return meta, tensors
 
     def _trim_disk(self, written: int) -> int:
         """After writing `written` bytes: above the disk budget, delete least recently used files down
@@ -333,9 +410,9 @@ class ChunkStore:
 
 
 def _stored_files(root: Path) -> list[tuple[float, int, Path]]:
-    """(mtime, bytes, path) of every entry file of a disk tier."""
+    """(mtime, bytes, path) of every file of a disk tier: chunk entries and documents' pieces."""
     files = []
-    for path in (root / "v1").glob("*/*/*.safetensors"):
+    for path in (*(root / "v1").glob("*/*/*.safetensors"), *(root / "documents").glob("*/*/*.safetensors")):
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -393,4 +470,31 @@ def _check(meta, tensors, key, identity, prefix_ids, chunk_ids, shape) -> str | 
         return "shape"
     if meta.get("xxh3_128") != _payload_checksum(tensors):
         return "checksum"
+    return None
+
+
+def _check_pieces(meta, tensors, key, identity, length: int, budget: int) -> str | None:
+    """None when the file holds pieces of this text (`length` characters) at `budget`, else the
+    reason. The checksum comes before the table's checks (a small file: cheap), so "shape" names
+    a file written with a valid checksum over pieces that cannot be this text's."""
+    if meta.get("format") != PIECES_FORMAT:
+        return "format"
+    if meta.get("key") != key:
+        return "key"
+    if meta.get("identity") != json.dumps(identity, sort_keys=True) or meta.get("budget") != str(budget):
+        return "identity"
+    if set(tensors) != {"ids", "pieces"}:
+        return "tensors"
+    if meta.get("xxh3_128") != _payload_checksum(tensors):
+        return "checksum"
+    ids, table = tensors["ids"], tensors["pieces"]
+    if ids.dim() != 1 or table.dim() != 2 or table.shape[1:] != (4,) or not len(table):
+        return "shape"
+    end = 0
+    for n, start, stop, complete in table.tolist():
+        if not (0 < n <= budget and end <= start < stop <= length and complete in (0, 1)):
+            return "shape"
+        end = stop
+    if int(table[:, 0].sum()) != len(ids) or (len(table) > 1 and bool(table[:, 3].any())):
+        return "shape"
     return None

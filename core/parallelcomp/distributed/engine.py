@@ -230,7 +230,9 @@ class RayParallelComp(ParallelComp):
     def _write_behind(self, stats) -> None:
         """Every worker writes the chunks it encoded to its disk tier, now that the answer is
         complete (engine._write_behind); what they did counts in `stats`. A worker that does not
-        answer costs a warning here, not the finished answer."""
+        answer costs a warning here, not the finished answer. The driver writes the documents it
+        tokenized (its own store holds no chunk)."""
+        super()._write_behind(stats)
         calls = {handle.flush.remote(): (name, []) for name, handle in self._workers.items()}
         try:
             for _, report in self._gather(calls, stats):
