@@ -73,6 +73,7 @@ def test_ask_with_a_kv_store_reuses_every_chunk_in_a_later_run(tmp_path, model_d
     second = json.loads(capsys.readouterr().out)
     n = first["stats"]["n_chunks"]
     assert (first["stats"]["encoded_chunks"], second["stats"]["reused_chunks"], second["stats"]["store_disk_hits"]) == (n, n, n)
+    assert (first["stats"]["store_disk_documents"], second["stats"]["store_disk_documents"]) == (0, 3)  # not tokenized again
     assert second["answer"] == first["answer"] and second["sources"] == first["sources"]
 
 
