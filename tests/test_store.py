@@ -549,3 +549,28 @@ def test_a_damaged_or_forged_documents_file_is_dropped_tokenized_again_and_repor
     again = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS,
                                                                                  max_new_tokens=8)
     assert again.stats.store_rejected == {} and again.stats.store_disk_documents == 5
+
+
+def test_a_tokenizer_that_cannot_be_serialized_keeps_its_chunk_kv_but_not_its_documents_on_disk(
+        tokenizer, tmp_path):
+    """A custom Python pre-tokenizer (here one that changes nothing) makes `to_str()` raise: no
+    identity for the tokenizer, so no documents' files, a warning, and the same answer."""
+    import copy
+
+    from tokenizers import pre_tokenizers
+    from tokenizers.pre_tokenizers import PreTokenizer
+
+    class Unchanged:
+        def pre_tokenize(self, pretok):
+            pass
+
+    custom = copy.deepcopy(tokenizer)
+    backend = custom.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence([PreTokenizer.custom(Unchanged()), backend.pre_tokenizer])
+    model = tiny_model("llama", len(tokenizer))
+    ref = engine(tokenizer, model=model).generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    with pytest.warns(UserWarning, match="cannot be serialized"):
+        out = engine(custom, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS,
+                                                                              max_new_tokens=8)
+    outputs_equal(out, ref)
+    assert len(files(tmp_path)) == 5 and document_files(tmp_path) == []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import warnings
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -109,12 +110,20 @@ class DocumentMemo:
                 tokenizer_id, doc, kept = self._unwritten.pop(key)
             self._disk.keep_pieces(tokenizer_id, doc, key[1], kept, report)
 
-    def _tokenizer(self, tokenizer) -> str:
+    def _tokenizer(self, tokenizer) -> str | None:
+        """store.tokenizer_identity, computed once; None (with a warning, once) for a tokenizer
+        that cannot be serialized, such as one with a custom Python pre-tokenizer: its documents
+        are then chunked in every process, and its chunk KV is still stored."""
         if self._tokenizer_id is None:
             from .store import tokenizer_identity
 
-            self._tokenizer_id = tokenizer_identity(tokenizer)
-        return self._tokenizer_id
+            try:
+                self._tokenizer_id = tokenizer_identity(tokenizer)
+            except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for custom components
+                self._tokenizer_id = ""
+                warnings.warn(f"KV store: documents' chunking is not kept on disk, since the tokenizer cannot be "
+                              f"serialized to identify it ({err})", stacklevel=4)
+        return self._tokenizer_id or None
 
     def _keep(self, key: tuple[bytes, int], pieces: list[tuple[array, DocumentSpan]]) -> None:
         tokens = sum(len(ids) for ids, _ in pieces)
