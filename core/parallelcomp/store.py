@@ -310,10 +310,11 @@ class ChunkStore:
                           lambda meta, tensors: _check_pieces(meta, tensors, key, identity, len(text), budget), report)
         if read is None:
             return None
-        ids, table = read[1]["ids"], read[1]["pieces"].tolist()
-        ends = torch.tensor([n for n, *_ in table]).cumsum(0).tolist()
-        return [(array("i", ids[end - n : end].tolist()), DocumentSpan(0, start, stop, bool(complete)))
-                for (n, start, stop, complete), end in zip(table, ends)]
+        ids, pieces, at = read[1]["ids"].tolist(), [], 0
+        for n, start, stop, complete in read[1]["pieces"].tolist():
+            pieces.append((array("i", ids[at : at + n]), DocumentSpan(0, start, stop, bool(complete))))
+            at += n
+        return pieces
 
     def keep_pieces(self, tokenizer_id: str, text: str, budget: int, pieces: list[Piece], report: ReuseStats) -> None:
         """Write `text`'s pieces at `budget` to the disk tier (call under the engine's lock)."""
