@@ -51,13 +51,14 @@ typedef struct {
 /* Asks Linux for the AMX tile state (XTILEDATA) for this process: 0 when granted. */
 int pc_amx_init(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) ? 1 : 0; }
 
-static void configure(void) {
-    TileConfig c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int i = 0; i < 8; i++) { c.rows[i] = 16; c.colsb[i] = 64; }
-    _tile_loadconfig(&c);
-}
+/* Eight tiles of 16 rows of 64 bytes, as a constant rather than a local: GCC 12's _tile_loadconfig
+ * declares its operand as an 8-byte memory input, so the compiler may drop stores to bytes 8-63
+ * of a local configuration as dead. It did here once a new local took part of that stack slot, and
+ * LDTILECFG then faulted on rows of 0. A constant is never stored to, so nothing can be dropped. */
+static const TileConfig TILES __attribute__((aligned(64))) = {
+    .palette = 1, .colsb = {64, 64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
+
+static void configure(void) { _tile_loadconfig(&TILES); }
 
 /* 2^t for finite t (underflows to 0 below -150): f = t - floor(t) in one VREDUCEPS, a degree-4
  * polynomial of 2^f on [0, 1) (relative error 2.7e-6, far below the bf16 rounding the
