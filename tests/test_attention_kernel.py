@@ -138,6 +138,44 @@ def test_rows_with_a_tail_equal_float64_attention_over_chunk_and_tail(monkeypatc
         attention_kernel.attend_rows(query, rows, 0.2, causal=True, tails=tail, period=q)
 
 
+@pytest.mark.parametrize("tokens", [1, 63, 64, 65, 2111])
+@pytest.mark.parametrize("dims", [(64, 64), (128, 64), (32, 128)])
+def test_untile_inverts_tile(tokens, dims):
+    """`tile` only moves a chunk's keys and values into the tiles' layout (padded to whole blocks of
+    64 keys with zeros) and `untile` gives them back, bit for bit, whatever the head sizes; the
+    layout is the kernel's own packing (the next test)."""
+    torch.manual_seed(tokens)
+    key, value = torch.randn(1, 3, tokens, dims[0]).to(torch.bfloat16), torch.randn(1, 3, tokens, dims[1]).to(torch.bfloat16)
+    tiled = attention_kernel.tile(key, value)
+    assert [t.shape for t in tiled] == [(1, 3, -(-tokens // 64) * 64, d) for d in dims]
+    assert all(t.is_contiguous() for t in tiled)
+    assert sorted(tiled[0].flatten().tolist()) == sorted(key.flatten().tolist() + [0.0] * (tiled[0].numel() - key.numel()))
+    back = attention_kernel.untile(*tiled, tokens)
+    assert torch.equal(back[0], key) and torch.equal(back[1], value)
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("copies", [1, 3], ids=["rows-shared", "whole-rows-per-thread"])
+@pytest.mark.parametrize("extra", [0, 7, 100])
+def test_tiled_rows_equal_rows_packed_in_the_call(monkeypatch, threads, copies, extra):
+    """Phase 2 over chunks the store keeps `tile`d: the kernel reads them as they are (and requests
+    each head's from memory while it attends the one before), bit for bit what it computes from
+    the same chunks in the store's own layout, with or without a tail, in whole rows per thread or
+    shared, for chunks of 2,111, 700 and 64 keys."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(5)
+    q, b = 7, 3 * copies
+    query = torch.randn(b, 3, 3 * q, 64).to(torch.bfloat16)
+    rows = [tuple(torch.randn(1, 3, n, 64).to(torch.bfloat16) for _ in range(2)) for n in (2111, 700, 64)] * copies
+    tail = tuple(torch.randn(b, 3, extra, 64).to(torch.bfloat16) for _ in range(2)) if extra else None
+    expected = attention_kernel.attend_rows(query, rows, 0.2, tails=tail, period=q if extra else 0)
+    tiled = [attention_kernel.tile(k, v) for k, v in rows]
+    got = attention_kernel.attend_rows(query, tiled, 0.2, tails=tail, period=q if extra else 0,
+                                       tokens=[k.shape[2] for k, _ in rows])
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 @needs_amx
 def test_takes_rows_checks_every_row():
     """`attend_rows` is offered phase 2's rows only where every row's key and value suit the

@@ -129,15 +129,26 @@ typedef struct {
     float scale;
 } Call;
 
-/* One batch entry: its key counts and where its keys and values are packed. */
+/* One batch entry: its key counts and where its keys and values are packed, per KV head: its own
+ * keys at kc + h·kch and vc + h·vch (packed here, or already packed: `tiled`), its tail's at
+ * kt + h·whole(T2)·D/2 and vt + h·whole(T2)·Dv (packed here). */
 typedef struct {
-    long b, T, T2, Tp, Ta, kgroups, shift;
-    uint32_t *kp;
-    uint16_t *vp;
+    long b, T, T2, Tp, Ta, kgroups, shift, kch, vch;
+    uint32_t *kc, *kt;
+    uint16_t *vc, *vt;
 } Row;
+
+/* The packed keys and values of the KV head a thread attends next, requested from memory a few
+ * cache lines at a time between the vector work of the head before, so that the reads overlap
+ * the arithmetic (phase 2 over tiled chunks reads each chunk's KV from memory once per question). */
+typedef struct {
+    const char *k, *v;
+    long kbytes, vbytes, next, quota;  /* bytes from k and v, the next offset, lines per call */
+} Prefetch;
 
 /* A thread's buffers for one block of query rows. */
 typedef struct {
+    Prefetch pf;
     uint16_t qbuf[QB * 256] __attribute__((aligned(64)));
     uint16_t pbuf[QB * KB] __attribute__((aligned(64)));
     float sbuf[QB * KB] __attribute__((aligned(64)));
@@ -146,10 +157,23 @@ typedef struct {
     float mx[QB];
 } Scratch;
 
-static Row row_at(const Call *c, const long *kv, long b, uint16_t *at) {
-    const long *e = kv + ROW * b, T = e[6], Tp = whole(T), T2 = e[13], Ta = Tp + whole(T2);
-    /* causal: row m sees keys t <= shift + m */
-    const Row r = {b, T, T2, Tp, Ta, Ta / 16, c->causal ? T - c->M : -1, (uint32_t *)at, at + c->Hkv * Ta * c->D};
+/* Batch entry b, packed at `at` (its tail only where `tiled`: its own keys are packed already). */
+static Row row_at(const Call *c, const long *kv, long b, uint16_t *at, int tiled) {
+    const long *e = kv + ROW * b, T = e[6], Tp = whole(T), T2 = e[13], Ta = Tp + whole(T2), Hkv = c->Hkv;
+    Row r = {b, T, T2, Tp, Ta, Ta / 16, c->causal ? T - c->M : -1, Tp * c->D / 2, Tp * c->Dv, 0, 0, 0, 0};
+    if (tiled) {
+        r.kc = (uint32_t *)e[0];
+        r.kch = e[1] / 2;
+        r.vc = (uint16_t *)e[3];
+        r.vch = e[4];
+    } else {
+        r.kc = (uint32_t *)at;
+        at += Hkv * Tp * c->D;
+        r.vc = at;
+        at += Hkv * Tp * c->Dv;
+    }
+    r.kt = (uint32_t *)at;
+    r.vt = at + Hkv * whole(T2) * c->D;
     return r;
 }
 
@@ -158,10 +182,30 @@ static Row row_at(const Call *c, const long *kv, long b, uint16_t *at) {
 static void pack_group(const Call *c, const Row *w, const long *kv, long i) {
     const long P = c->D / 2, h = i / w->kgroups, g = i % w->kgroups, tail = g >= w->Tp / 16, gs = tail ? g - w->Tp / 16 : g;
     const long *s = kv + ROW * w->b + (tail ? 7 : 0);
-    uint32_t *kd = w->kp + h * w->kgroups * P * 16 + (tail ? w->Tp / 16 * P * 16 : 0);
-    uint16_t *vd = w->vp + h * w->Ta * c->Dv + (tail ? w->Tp * c->Dv : 0);
+    uint32_t *kd = tail ? w->kt + h * whole(w->T2) * P : w->kc + h * w->kch;
+    uint16_t *vd = tail ? w->vt + h * whole(w->T2) * c->Dv : w->vc + h * w->vch;
     pack_keys((const uint16_t *)s[0] + h * s[1], s[2], s[6], c->D, gs, kd);
     if (gs % 2 == 0) pack_values((const uint16_t *)s[3] + h * s[4], s[5], s[6], c->Dv, gs / 2, vd);
+}
+
+/* Requests the next few lines of z->pf's head (prefetch_head) into the caches. */
+static inline void prefetch_lines(Prefetch *p) {
+    for (long n = 0; n < p->quota && p->next < p->kbytes; n++, p->next += 64) {
+        _mm_prefetch(p->k + p->next, _MM_HINT_T0);
+        if (p->next < p->vbytes) _mm_prefetch(p->v + p->next, _MM_HINT_T0);
+    }
+}
+
+/* Aims p at the packed keys and values of KV head hk of row w (none: w NULL), to be requested
+ * over `calls` calls of prefetch_lines. */
+static void prefetch_head(const Call *c, const Row *w, long hk, long calls, Prefetch *p) {
+    p->kbytes = p->vbytes = p->next = 0;
+    if (w == NULL) return;
+    p->k = (const char *)(w->kc + hk * w->kch);
+    p->v = (const char *)(w->vc + hk * w->vch);
+    p->kbytes = 2 * w->Tp * c->D;
+    p->vbytes = 2 * w->Tp * c->Dv;
+    p->quota = (p->kbytes / 64 + calls - 1) / calls;
 }
 
 /* Item `it` of a row: one head's block of QB query rows over all the keys they see. */
@@ -171,20 +215,18 @@ static void attend_item(const Call *c, const Row *w, long it, Scratch *z) {
     float *lse = c->lse;
     const long H = c->H, M = c->M, D = c->D, Dv = c->Dv, P = D / 2, G = H / c->Hkv, C = Dv / 16, qblocks = c->qblocks;
     const long qs_b = c->qs_b, qs_h = c->qs_h, qs_m = c->qs_m, os_b = c->os_b, os_h = c->os_h, os_m = c->os_m;
-    const long b = w->b, T = w->T, T2 = w->T2, Tp = w->Tp, Ta = w->Ta, kgroups = w->kgroups, shift = w->shift;
+    const long b = w->b, T = w->T, T2 = w->T2, Tp = w->Tp, Ta = w->Ta, shift = w->shift;
     const long period = c->period;
     const int causal = c->causal;
     const float scale = c->scale;
-    const uint32_t *kp = w->kp;
-    const uint16_t *vp = w->vp;
     uint16_t *qbuf = z->qbuf, *pbuf = z->pbuf;
     float *sbuf = z->sbuf, *obuf = z->obuf, *lsum = z->lsum, *mx = z->mx;
     const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f), ninf = _mm512_set1_ps(-INFINITY);
     /* causal: the longest query blocks first, so that the dynamic schedule ends balanced */
     const long blk = causal ? qblocks - 1 - it % qblocks : it % qblocks, h = it / qblocks, hk = h / G;
     const long m0 = blk * QB, rows = M - m0 < QB ? M - m0 : QB;
-    const uint32_t *kh = kp + hk * kgroups * P * 16;
-    const uint16_t *vh = vp + hk * Ta * Dv;
+    const uint32_t *kc = w->kc + hk * w->kch, *kt2 = w->kt + hk * whole(T2) * P;
+    const uint16_t *vc = w->vc + hk * w->vch, *vt2 = w->vt + hk * whole(T2) * Dv;
     for (long r = 0; r < QB; r++) {
         if (r < rows) memcpy(qbuf + r * D, q + b * qs_b + h * qs_h + (m0 + r) * qs_m, 2 * D);
         else memset(qbuf + r * D, 0, 2 * D);
@@ -196,10 +238,14 @@ static void attend_item(const Call *c, const Row *w, long it, Scratch *z) {
     const long blocks = T2 ? Ta / KB : last / KB + 1;
     const long lo_lim = shift >= 0 ? (shift + m0 < T - 1 ? shift + m0 : T - 1) : T - 1;  /* fewest keys a row sees */
     for (long kb = 0; kb < blocks; kb++) {
+        /* the row's own keys, then its tail's */
+        const long kk = kb < Tp / KB ? kb : kb - Tp / KB;
+        const uint32_t *kh = kb < Tp / KB ? kc : kt2;
+        const uint16_t *vh = kb < Tp / KB ? vc : vt2;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (long s = 0; s < D / 32; s++) {
             _tile_loadd(4, qbuf + 32 * s, 2 * D);
-            const uint32_t *kt = kh + (kb * 4 * P + 16 * s) * 16;
+            const uint32_t *kt = kh + (kk * 4 * P + 16 * s) * 16;
             _tile_loadd(5, kt, 64); _tile_dpbf16ps(0, 4, 5);
             _tile_loadd(6, kt + P * 16, 64); _tile_dpbf16ps(1, 4, 6);
             _tile_loadd(5, kt + 2 * P * 16, 64); _tile_dpbf16ps(2, 4, 5);
@@ -214,6 +260,7 @@ static void attend_item(const Call *c, const Row *w, long it, Scratch *z) {
          * maximum of s·scale is scale times the maximum of s, and x - max is one FMA. */
         const int full = kb * KB + KB - 1 <= lo_lim && scale > 0;  /* never in the tail */
         for (long r = 0; r < QB; r++) {
+            prefetch_lines(&z->pf);  /* QB calls per block, between the vector work */
             __m512 x[4], top;
             __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
             if (full) {
@@ -265,7 +312,7 @@ static void attend_item(const Call *c, const Row *w, long it, Scratch *z) {
             _tile_loadd(2, o + 32, 4 * Dv); _tile_loadd(3, o + 48, 4 * Dv);
             for (long half = 0; half < 2; half++) {
                 _tile_loadd(4, pbuf + 32 * half, 2 * KB);
-                const uint16_t *vt = vh + ((kb * 2 + half) * C + c0) * 512;
+                const uint16_t *vt = vh + ((kk * 2 + half) * C + c0) * 512;
                 _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
                 _tile_loadd(6, vt + 512, 64); _tile_dpbf16ps(1, 4, 6);
                 _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5);
@@ -291,39 +338,60 @@ static void attend_item(const Call *c, const Row *w, long it, Scratch *z) {
  * attends, so the packing's memory reads overlap the arithmetic), else each row's items shared. */
 static int by_rows(int causal, long B, long threads) { return !causal && B >= 4 * threads; }
 
+/* The bf16 elements a row needs packed here: its keys and values and its tail's, or with `tiled`
+ * its tail's alone. */
+static long own_size(const long *kv, long b, long Hkv, long D, long Dv, int tiled) {
+    const long T = kv[ROW * b + 6], T2 = kv[ROW * b + 13];
+    return packed_size(Hkv, tiled ? 0 : T, T2, D, Dv);
+}
+
 /* out[b, h, m] = softmax(scale · q[b, h, m]·K_b[h / (H/Hkv)]ᵀ) V_b over the keys row m sees: every
  * key, or with `causal` keys t <= T_b - M + m (a block of queries at the end of its keys).
  * Each batch entry b has keys and values of its own, T_b of them, and a tail of T2_b more (0: none)
  * that row m sees up to key T2_b - period + m % period (rows packed as G·q query rows of q tokens,
  * period = q, see the tokens before theirs and their own); `kv` row b (ROW longs) says: {key
  * address, key head stride, key row stride, value address, value head stride, value row stride,
- * T_b}, then the same 7 of the tail (strides in elements). bf16 in and out, fp32 accumulation;
- * lse (B, H, M) fp32. Returns 0, or 1 on shapes (causal with T_b < M or with a tail; a tail
- * shorter than period). */
+ * T_b}, then the same 7 of the tail (strides in elements). With `tiled` (not causal) each entry's
+ * own keys and values are already in the tiles' layout (attention_kernel.py's `tile`: whole(T_b)
+ * rows per head, zero past T_b, at the given head strides; the row strides are not read), so only
+ * the tails are packed here, and each KV head's are requested from memory while the head before is
+ * attended. bf16 in and out, fp32 accumulation; lse (B, H, M) fp32. Returns 0, or 1 on shapes
+ * (causal with T_b < M, with a tail or tiled; a tail shorter than period). */
 int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *lse,
                      long B, long H, long Hkv, long M, long D, long Dv,
                      long qs_b, long qs_h, long qs_m, long os_b, long os_h, long os_m,
-                     int causal, long period, float scale, long threads, void *work) {
-    if (D % 32 || D > 256 || Dv % 64 || Dv > 256 || H % Hkv || M < 1 || B < 1) return 1;
-    long most = 0;  /* the largest row's packed keys and values, in bf16 elements */
+                     int causal, long period, float scale, int tiled, long threads, void *work) {
+    if (D % 32 || D > 256 || Dv % 64 || Dv > 256 || H % Hkv || M < 1 || B < 1 || (causal && tiled)) return 1;
+    long most = 0;  /* the largest row's keys and values packed here, in bf16 elements */
     for (long b = 0; b < B; b++) {
         const long T = kv[ROW * b + 6], T2 = kv[ROW * b + 13];
         if (T < 1 || (causal && (T < M || T2)) || T2 < 0 || (T2 && (period < 1 || T2 < period))) return 1;
-        most = packed_size(Hkv, T, T2, D, Dv) > most ? packed_size(Hkv, T, T2, D, Dv) : most;
+        most = own_size(kv, b, Hkv, D, Dv, tiled) > most ? own_size(kv, b, Hkv, D, Dv, tiled) : most;
     }
     const Call c = {q, out, lse, H, Hkv, M, D, Dv, qs_b, qs_h, qs_m, os_b, os_h, os_m, period, (M + QB - 1) / QB, causal, scale};
-    const long items = H * c.qblocks;
+    const long items = H * c.qblocks, per_head = items / Hkv;
 #pragma omp parallel num_threads(threads)
     {
         configure();
         Scratch z;
+        z.pf.kbytes = z.pf.vbytes = z.pf.next = 0;
         if (by_rows(causal, B, threads)) {
-            uint16_t *mine = (uint16_t *)work + omp_get_thread_num() * most;
-#pragma omp for schedule(dynamic, 1)
-            for (long b = 0; b < B; b++) {
-                const Row w = row_at(&c, kv, b, mine);
-                for (long i = 0; i < Hkv * w.kgroups; i++) pack_group(&c, &w, kv, i);
-                for (long it = 0; it < items; it++) attend_item(&c, &w, it, &z);
+            /* rows t, t + n, ... of the n threads, one KV head after another (with `tiled`, the next
+             * head's keys and values, this row's or the thread's next row's first, come in meanwhile) */
+            const long t = omp_get_thread_num(), n = omp_get_num_threads();
+            uint16_t *mine = (uint16_t *)work + t * most;
+            for (long b = t; b < B; b += n) {
+                const Row w = row_at(&c, kv, b, mine, tiled);
+                for (long i = 0; i < Hkv * w.kgroups; i++)
+                    if (!tiled || i % w.kgroups >= w.Tp / 16) pack_group(&c, &w, kv, i);
+                for (long hk = 0; hk < Hkv; hk++) {
+                    if (tiled) {
+                        const Row next = b + n < B ? row_at(&c, kv, b + n, mine, tiled) : w;
+                        prefetch_head(&c, hk + 1 < Hkv ? &w : b + n < B ? &next : NULL, (hk + 1) % Hkv,
+                                      per_head * (w.Ta / KB) * QB, &z.pf);
+                    }
+                    for (long it = hk * per_head; it < (hk + 1) * per_head; it++) attend_item(&c, &w, it, &z);
+                }
             }
         } else {
             /* Row by row, so that a row's packed keys and values stay in the cores' caches while
@@ -331,9 +399,10 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
              * while the others finish row b (the packing loop's barrier keeps row b + 2 from
              * overwriting it). */
             for (long b = 0; b < B; b++) {
-                const Row w = row_at(&c, kv, b, (uint16_t *)work + (b % 2) * most);
+                const Row w = row_at(&c, kv, b, (uint16_t *)work + (b % 2) * most, tiled);
 #pragma omp for schedule(static)
-                for (long i = 0; i < Hkv * w.kgroups; i++) pack_group(&c, &w, kv, i);
+                for (long i = 0; i < Hkv * w.kgroups; i++)
+                    if (!tiled || i % w.kgroups >= w.Tp / 16) pack_group(&c, &w, kv, i);
 #pragma omp for schedule(dynamic, 1) nowait
                 for (long it = 0; it < items; it++) attend_item(&c, &w, it, &z);
             }
@@ -343,14 +412,11 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
     return 0;
 }
 
-/* The bytes of packed keys and values a pc_amx_attention call over `kv` (B rows) on `threads`
- * threads needs at `work`: a buffer of the largest row's per thread for whole rows per thread,
- * else two (one for a single row). */
-long pc_amx_workspace(const long *kv, long B, long Hkv, long D, long Dv, int causal, long threads) {
+/* The bytes of packed keys and values a pc_amx_attention call over `kv` (B rows, `tiled` or not) on
+ * `threads` threads needs at `work`: a buffer of the largest row's per thread for whole rows per
+ * thread, else two (one for a single row). */
+long pc_amx_workspace(const long *kv, long B, long Hkv, long D, long Dv, int causal, int tiled, long threads) {
     long most = 0;
-    for (long b = 0; b < B; b++) {
-        const long n = packed_size(Hkv, kv[ROW * b + 6], kv[ROW * b + 13], D, Dv);
-        most = n > most ? n : most;
-    }
+    for (long b = 0; b < B; b++) most = own_size(kv, b, Hkv, D, Dv, tiled) > most ? own_size(kv, b, Hkv, D, Dv, tiled) : most;
     return 2 * (by_rows(causal, B, threads) ? threads : B > 1 ? 2 : 1) * most;
 }

@@ -85,7 +85,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: f
 
 def attend_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]], scale: float | None = None,
                 causal: bool = False, tails: tuple[torch.Tensor, torch.Tensor] | None = None,
-                period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                period: int = 0, tokens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`attend` with keys and values of its own per batch row: row b of query (B, H, M, D) attends
     over rows[b] = (key (1, H_kv, T_b, D), value (1, H_kv, T_b, Dv)), read where they are (phase 2:
     each chunk in the store), in one call of the kernel. Call only where `takes` holds for each.
@@ -93,7 +93,11 @@ def attend_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor
     `tails`: keys and values (B, H_kv, n, ·) that row b attends after rows[b] (its batch entry b),
     in the same softmax, with query row m seeing the first n - period + (m mod period) + 1 of them
     (phase 2: G·q packed rows of a q-token question, `period` = q, over [prefix ‖ head ‖
-    question]). Not with `causal`; `takes` must hold for them too."""
+    question]). Not with `causal`; `takes` must hold for them too.
+
+    `tokens`: the rows are `tile`d, row b holding tokens[b] keys (not with `causal`). The kernel
+    then reads them as they are, and requests each KV head's from memory while it attends the
+    one before."""
     b, h, m, d = query.shape
     h_kv, dv = rows[0][0].shape[1], rows[0][1].shape[-1]
     lib = _library()[0]
@@ -103,18 +107,43 @@ def attend_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor
         ks, vs = k.stride(0) * k.element_size(), v.stride(0) * v.element_size()
         tail = [(k.data_ptr() + i * ks, k.stride(1), k.stride(2), v.data_ptr() + i * vs, v.stride(1), v.stride(2),
                  k.shape[2]) for i in range(b)]
-    kv = torch.tensor([(k.data_ptr(), k.stride(1), k.stride(2), v.data_ptr(), v.stride(1), v.stride(2), k.shape[2])
+    counts = [k.shape[2] for k, _ in rows] if tokens is None else tokens
+    kv = torch.tensor([(k.data_ptr(), k.stride(1), k.stride(2), v.data_ptr(), v.stride(1), v.stride(2), counts[i])
                        + tail[i] for i, (k, v) in enumerate(rows)], dtype=torch.int64)
     threads = torch.get_num_threads()
     out = torch.empty(b, m, h, dv, dtype=torch.bfloat16).transpose(1, 2)
     lse = torch.empty(b, h, m, dtype=torch.float32)
     code = lib.pc_amx_attention(
         query.data_ptr(), kv.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, h_kv, m, d, dv, *query.stride()[:3],
-        *out.stride()[:3], int(causal), period, d**-0.5 if scale is None else scale, threads,
-        _workspace(lib.pc_amx_workspace(kv.data_ptr(), b, h_kv, d, dv, int(causal), threads)))
+        *out.stride()[:3], int(causal), period, d**-0.5 if scale is None else scale, int(tokens is not None), threads,
+        _workspace(lib.pc_amx_workspace(kv.data_ptr(), b, h_kv, d, dv, int(causal), int(tokens is not None), threads)))
     if code != 0:  # shapes are checked by `takes`
         raise ValueError(f"AMX attention kernel declined {tuple(query.shape)} over {len(rows)} rows (code {code})")
     return out, lse
+
+
+def tile(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's keys and values (1, H_kv, T, D) and (1, H_kv, T, Dv) in the layout the kernel's
+    tiles load (`attend_rows` with `tokens`): per KV head, T rounded up to whole blocks of 64 keys
+    (zeros past T), the keys as 16 keys × D/2 pairs of dimensions per group of 16 keys (q·kᵀ's
+    operand), the values as 16 pairs of keys × 16 columns × the pair per 32 keys and 16 columns
+    (p·v's). Returned with the same (1, H_kv, T rounded up, D or Dv) shapes, contiguous; `untile`
+    inverts it."""
+    _, h, t, d = key.shape
+    dv, padded = value.shape[-1], -(-t // 64) * 64
+    key, value = (torch.nn.functional.pad(x, (0, 0, 0, padded - t)) for x in (key, value))
+    keys = key.reshape(h, padded // 16, 16, d // 2, 2).permute(0, 1, 3, 2, 4)
+    values = value.reshape(h, padded // 32, 16, 2, dv // 16, 16).permute(0, 1, 4, 2, 5, 3)
+    return keys.reshape(1, h, padded, d), values.reshape(1, h, padded, dv)
+
+
+def untile(key: torch.Tensor, value: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (1, H_kv, tokens, ·) keys and values that `tile` made `key` and `value` from."""
+    _, h, padded, d = key.shape
+    dv = value.shape[-1]
+    keys = key.reshape(h, padded // 16, d // 2, 16, 2).permute(0, 1, 3, 2, 4).reshape(1, h, padded, d)
+    values = value.reshape(h, padded // 32, dv // 16, 16, 16, 2).permute(0, 1, 3, 5, 2, 4).reshape(1, h, padded, dv)
+    return keys[:, :, :tokens], values[:, :, :tokens]
 
 
 def _workspace(nbytes: int) -> int:
@@ -135,8 +164,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if lib.pc_amx_init() != 0:
         return None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     lib.pc_amx_attention.restype = ctypes.c_int
-    lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12
-                                     + [ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
+    lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12 + [ctypes.c_int, ctypes.c_long,
+                                     ctypes.c_float, ctypes.c_int, ctypes.c_long, ctypes.c_void_p])
     lib.pc_amx_workspace.restype = ctypes.c_long
-    lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_long]
+    lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_long]
     return lib, ""
