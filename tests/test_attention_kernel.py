@@ -10,9 +10,14 @@ import shutil
 import pytest
 import torch
 
+from safetensors import safe_open
+
 from parallelcomp import ParallelComp, ParallelCompConfig, attention_kernel, hardware
+from parallelcomp import engine as engine_module
+from parallelcomp import kv as kvops
 from parallelcomp.chunking import Chunk
 from parallelcomp.errors import ConfigError
+from parallelcomp.prefill import encode_chunks, encode_prefix, question_nll
 from parallelcomp.prompts import build_prompt
 
 from .conftest import tiny_model
@@ -138,18 +143,32 @@ def test_rows_with_a_tail_equal_float64_attention_over_chunk_and_tail(monkeypatc
         attention_kernel.attend_rows(query, rows, 0.2, causal=True, tails=tail, period=q)
 
 
+def _tiled_reference(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiles' layout from its definition, in torch: keys padded to whole blocks of 64, then per
+    16 keys their D/2 pairs of dimensions × 16 keys; values per 32 keys and 16 columns, 16 pairs of
+    keys × 16 columns × the pair."""
+    _, h, t, d = key.shape
+    dv, padded = value.shape[-1], -(-t // 64) * 64
+    key, value = (torch.nn.functional.pad(x, (0, 0, 0, padded - t)) for x in (key, value))
+    keys = key.reshape(h, padded // 16, 16, d // 2, 2).permute(0, 1, 3, 2, 4)
+    values = value.reshape(h, padded // 32, 16, 2, dv // 16, 16).permute(0, 1, 4, 2, 5, 3)
+    return keys.reshape(1, h, padded, d), values.reshape(1, h, padded, dv)
+
+
+@needs_amx
 @pytest.mark.parametrize("tokens", [1, 63, 64, 65, 2111])
 @pytest.mark.parametrize("dims", [(64, 64), (128, 64), (32, 128)])
-def test_untile_inverts_tile(tokens, dims):
-    """`tile` only moves a chunk's keys and values into the tiles' layout (padded to whole blocks of
-    64 keys with zeros) and `untile` gives them back, bit for bit, whatever the head sizes; the
-    layout is the kernel's own packing (the next test)."""
+def test_tile_is_the_layout_it_documents_and_untile_inverts_it(tokens, dims):
+    """`tile` (the kernel's own packing, in C) equals the layout written out in torch, zeros past
+    the last key included, for keys and values that are views with gaps between heads; `untile`
+    gives them back bit for bit."""
     torch.manual_seed(tokens)
-    key, value = torch.randn(1, 3, tokens, dims[0]).to(torch.bfloat16), torch.randn(1, 3, tokens, dims[1]).to(torch.bfloat16)
+    key = torch.randn(1, 5, tokens + 3, dims[0]).to(torch.bfloat16)[:, 1:4, 3:]
+    value = torch.randn(1, 3, tokens, dims[1]).to(torch.bfloat16)
     tiled = attention_kernel.tile(key, value)
-    assert [t.shape for t in tiled] == [(1, 3, -(-tokens // 64) * 64, d) for d in dims]
-    assert all(t.is_contiguous() for t in tiled)
-    assert sorted(tiled[0].flatten().tolist()) == sorted(key.flatten().tolist() + [0.0] * (tiled[0].numel() - key.numel()))
+    reference = _tiled_reference(key, value)
+    assert torch.equal(tiled[0], reference[0]) and torch.equal(tiled[1], reference[1])
+    assert tiled[0].shape[2] == attention_kernel.tiled_tokens(tokens) and all(t.is_contiguous() for t in tiled)
     back = attention_kernel.untile(*tiled, tokens)
     assert torch.equal(back[0], key) and torch.equal(back[1], value)
 
@@ -305,6 +324,60 @@ def test_engine_on_tiles_keeps_the_chunks_the_fused_kernel_keeps(tokenizer):
     assert outs["auto"].stats.attention_kernel == "amx" and outs["fused"].stats.attention_kernel == "sdpa"
     assert [c.kept for c in outs["auto"].chunks] == [c.kept for c in outs["fused"].chunks]
     assert [c.score for c in outs["auto"].chunks] == pytest.approx([c.score for c in outs["fused"].chunks], abs=0.05)
+
+
+@needs_amx
+def test_chunks_kept_tiled_answer_as_chunks_kept_in_the_models_layout(tokenizer, monkeypatch, tmp_path):
+    """On the AMX kernel the store keeps each chunk `Tiled` and phase 2 reads it as it is
+    (engine._keeps_tiles; docs/store.md): the answer, every chunk's score and the kept set equal,
+    bit for bit, those of an engine that keeps the model's layout, cold and reused; so do a fresh
+    engine's, which reads the tiled chunks back from the disk tier (files of whole blocks of 64
+    keys, under an identity that names the layout). Compression, which phase 2 runs in torch,
+    keeps the model's layout."""
+    model = _wide_heads("llama", len(tokenizer)).to(torch.bfloat16)
+    docs = [text(10 + i, n) for i, n in enumerate([30, 12, 25, 33, 18])]
+    question, config = "Where is the copper garden?", dict(keep_chunks=2, chunk_tokens=36)
+    tiled = ParallelComp(model, tokenizer, ParallelCompConfig(**config, kv_store_dir=str(tmp_path)))
+    first = tiled.generate(question, documents=docs, max_new_tokens=4)
+    again = tiled.generate(question, documents=docs, max_new_tokens=4)
+    assert tiled.tiles and again.stats.reused_chunks == len(docs)
+    assert all(isinstance(layer, kvops.Tiled) for entry in tiled.store._lru.values() for layer in entry.kv)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "_keeps_tiles", lambda *args: False)
+        rows = ParallelComp(model, tokenizer, ParallelCompConfig(**config))
+        plain = [rows.generate(question, documents=docs, max_new_tokens=4) for _ in range(2)]
+    assert not rows.tiles
+    assert not any(isinstance(layer, kvops.Tiled) for entry in rows.store._lru.values() for layer in entry.kv)
+    fresh = ParallelComp(model, tokenizer, ParallelCompConfig(**config, kv_store_dir=str(tmp_path)))
+    from_disk = fresh.generate(question, documents=docs, max_new_tokens=4)
+    assert from_disk.stats.store_disk_hits == len(docs)
+    for out in (again, *plain, from_disk):
+        assert out.token_ids == first.token_ids
+        assert [(c.score, c.kept) for c in out.chunks] == [(c.score, c.kept) for c in first.chunks]
+    files = sorted((tmp_path / "v1").rglob("*.safetensors"))
+    assert len(files) == len(docs)
+    for f in files:
+        with safe_open(str(f), "pt") as stored:
+            assert '"kv_layout": "amx-tiles"' in stored.metadata()["identity"]
+            assert stored.get_slice("k.0").get_shape()[2] % 64 == 0
+    assert not ParallelComp(model, tokenizer, ParallelCompConfig(**config, kv_budget_ratio=0.5)).tiles
+
+
+@needs_amx
+def test_phase_2_outside_the_kernel_reads_a_tiled_chunk_untiled(tokenizer):
+    """A tiled chunk that reaches phase 2's torch path (another kernel, or a call the AMX kernel
+    declines) is untiled there: the same NLL as from the chunk kept in the model's layout."""
+    model = _wide_heads("llama", len(tokenizer)).to(torch.bfloat16)
+    parts = build_prompt(tokenizer, "Read.", "What is seven?", True)
+    chunks = [Chunk(i, ids_of(tokenizer, text(i, n)), ()) for i, n in enumerate([100, 70])]
+    prefix = encode_prefix(model, parts.prefix_ids, "sdpa")
+    nll = {}
+    for tiles in (False, True):
+        encoded = encode_chunks(model, parts.prefix_ids, chunks, "sdpa", tiles)
+        assert all(isinstance(layer, kvops.Tiled) == tiles for e in encoded for layer in e.kv)
+        nll[tiles] = question_nll(model, prefix, encoded, parts.question_ids, slice(0, len(parts.question_ids)),
+                                  kernel="sdpa")
+    assert torch.equal(nll[True], nll[False])
 
 
 def test_amx_is_refused_where_it_cannot_run_and_auto_passes_it_by(tokenizer, monkeypatch):

@@ -41,11 +41,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import attention_kernel, compat, decode_kernel
 from .errors import ModelNotSupportedError
+from .kv import LayerKV, Tiled, plain
 
 NAME = "parallelcomp"
 Handler = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 Observer = Callable[[int, int, torch.Tensor], None]  # (row, layer, probabilities)
-LayerKV = tuple[torch.Tensor, torch.Tensor]
 Masks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a row's visible keys, hidden keys, additive mask
 SPLIT_KEYS = 2048  # fewest keys per range of a split one-token attention (docs/decode.md)
 CAUSAL_ROWS = 192  # packed query rows (G per position) per block of `_causal_matmul` (docs/hardware.md)
@@ -392,8 +392,9 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
     out = query.new_empty(b, q, h, value.shape[-1])
     scaled = query * scale if observe is None and kernel == "matmul" else None
     for i in range(b):
-        keys = (prefix_k[0], *(segment[layer][0][0] for segment in contexts[i]), key[i])  # each (H_kv, n, D)
-        values = (prefix_v[0], *(segment[layer][1][0] for segment in contexts[i]), value[i])
+        segments = [plain(segment[layer]) for segment in contexts[i]]  # a Tiled chunk untiled: a copy
+        keys = (prefix_k[0], *(k[0] for k, _ in segments), key[i])  # each (H_kv, n, D)
+        values = (prefix_v[0], *(v[0] for _, v in segments), value[i])
         rows = (query if scaled is None else scaled)[i].reshape(h_kv, g * q, d)  # head h ↔ KV head h // G
         shape = (sum(k.shape[-2] for k in keys[:-1]), kwargs.get("sliding_window"), g)
         visible, hidden, additive = _masks(masks, attention_mask, shape, query.dtype)
@@ -420,18 +421,22 @@ def _attend_on_tiles(prefix: LayerKV, contexts: list[list[LayerKV]], query, key,
     chunk key), then the short rest (the prefix, any later segments such as the question head, and
     the question's own keys, the same length in every row, concatenated) as the row's tail under
     the question's causal mask, in the same softmax. query (B, H, q, D), key and value
-    (B, H_kv, q, D); returns (B, q, H, Dv)."""
+    (B, H_kv, q, D); returns (B, q, H, Dv). The chunks are all `Tiled` (read as they are) or all not."""
     b, h, q, d = query.shape
     h_kv, g = key.shape[1], h // key.shape[1]
     rows = query.reshape(b, h_kv, g * q, d)  # head h ↔ KV head h // G; row m is question token m mod q
-    chunks = [row[0] for row in contexts]
+    tiles = all(isinstance(row[0], Tiled) for row in contexts)
+    if not tiles and any(isinstance(row[0], Tiled) for row in contexts):
+        return None
+    chunks = [(row[0][0], row[0][1]) for row in contexts]
     short = [tuple(torch.cat(parts, dim=0) for parts in zip(*(row[j] for row in contexts))) for j in
              range(1, len(contexts[0]))]  # the later segments, (B, H_kv, n, D) each
     keys = torch.cat([prefix[0].expand(b, -1, -1, -1), *(k for k, _ in short), key], dim=-2)
     values = torch.cat([prefix[1].expand(b, -1, -1, -1), *(v for _, v in short), value], dim=-2)
     if not (attention_kernel.takes_rows(rows, chunks) and attention_kernel.takes(rows, keys, values)):
         return None
-    out = attention_kernel.attend_rows(rows, chunks, scale, tails=(keys, values), period=q)[0]
+    tokens = [row[0].tokens for row in contexts] if tiles else None
+    out = attention_kernel.attend_rows(rows, chunks, scale, tails=(keys, values), period=q, tokens=tokens)[0]
     return out.reshape(b, h, q, -1).transpose(1, 2)
 
 

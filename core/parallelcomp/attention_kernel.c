@@ -111,6 +111,30 @@ static void pack_values(const uint16_t *v, long vs, long T, long Dv, long g, uin
     }
 }
 
+/* r[i][j] → r[j][i] for a 16 x 16 block of 32-bit elements, in four rounds of shuffles. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
 /* Keys rounded up to whole blocks. */
 static long whole(long T) { return (T + KB - 1) / KB * KB; }
 
@@ -419,4 +443,51 @@ long pc_amx_workspace(const long *kv, long B, long Hkv, long D, long Dv, int cau
     long most = 0;
     for (long b = 0; b < B; b++) most = own_size(kv, b, Hkv, D, Dv, tiled) > most ? own_size(kv, b, Hkv, D, Dv, tiled) : most;
     return 2 * (by_rows(causal, B, threads) ? threads : B > 1 ? 2 : 1) * most;
+}
+
+/* attention_kernel.py's `tile`: one row's keys (Hkv heads at head stride kh, row stride ks) and
+ * values into dk (Hkv, whole(T), D) and dv (Hkv, whole(T), Dv) in the layout pack_group writes,
+ * zeros past T: what pc_amx_attention reads with `tiled`. */
+void pc_amx_tile(const uint16_t *k, long kh, long ks, const uint16_t *v, long vh, long vs, long T, long Hkv,
+                 long D, long Dv, uint16_t *dk, uint16_t *dv, long threads) {
+    const long Tp = whole(T), groups = Tp / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < Hkv * groups; i++) {
+        const long h = i / groups, g = i % groups;
+        pack_keys(k + h * kh, ks, T, D, g, (uint32_t *)(dk + h * Tp * D));
+        if (g % 2 == 0) pack_values(v + h * vh, vs, T, Dv, g / 2, dv + h * Tp * Dv);
+    }
+}
+
+/* The inverse of pc_amx_tile: the first T keys and values of each head into k and v, contiguous
+ * (Hkv, T, D) and (Hkv, T, Dv). */
+void pc_amx_untile(const uint16_t *dk, const uint16_t *dv, long T, long Hkv, long D, long Dv, uint16_t *k,
+                   uint16_t *v, long threads) {
+    const long Tp = whole(T), groups = Tp / 16, P = D / 2, C = Dv / 16;
+    short idx[32];
+    for (int j = 0; j < 16; j++) { idx[j] = 2 * j; idx[16 + j] = 2 * j + 1; }
+    const __m512i odd_even = _mm512_loadu_si512(idx);  /* a pair-interleaved row → its two keys' columns */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < Hkv * groups; i++) {
+        const long h = i / groups, g = i % groups, t0 = g * 16, live = T - t0 >= 16 ? 16 : T - t0;
+        if (live <= 0) continue;
+        const uint32_t *src = (const uint32_t *)(dk + h * Tp * D) + g * P * 16;
+        uint32_t *dst = (uint32_t *)(k + (h * T + t0) * D);
+        for (long c = 0; c < P; c += 16) {
+            __m512i r[16];
+            for (long p = 0; p < 16; p++) r[p] = _mm512_loadu_si512(src + (c + p) * 16);  /* a file's tensors: any alignment */
+            transpose16(r);  /* r[n]: key t0 + n's pairs c..c + 15 */
+            for (long n = 0; n < live; n++) _mm512_storeu_si512(dst + n * P + c, r[n]);
+        }
+        if (g % 2) continue;
+        for (long p = 0; p < 16; p++)
+            for (long c = 0; c < C; c++) {
+                const long t = g * 16 + 2 * p;
+                const __m512i pairs = _mm512_permutexvar_epi16(
+                    odd_even, _mm512_loadu_si512(dv + h * Tp * Dv + ((g / 2 * C + c) * 16 + p) * 32));
+                if (t < T) _mm256_storeu_si256((__m256i *)(v + (h * T + t) * Dv + 16 * c), _mm512_castsi512_si256(pairs));
+                if (t + 1 < T)
+                    _mm256_storeu_si256((__m256i *)(v + (h * T + t + 1) * Dv + 16 * c), _mm512_extracti64x4_epi64(pairs, 1));
+            }
+    }
 }

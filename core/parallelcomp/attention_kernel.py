@@ -123,27 +123,34 @@ def attend_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor
 
 
 def tile(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk's keys and values (1, H_kv, T, D) and (1, H_kv, T, Dv) in the layout the kernel's
-    tiles load (`attend_rows` with `tokens`): per KV head, T rounded up to whole blocks of 64 keys
-    (zeros past T), the keys as 16 keys × D/2 pairs of dimensions per group of 16 keys (q·kᵀ's
-    operand), the values as 16 pairs of keys × 16 columns × the pair per 32 keys and 16 columns
-    (p·v's). Returned with the same (1, H_kv, T rounded up, D or Dv) shapes, contiguous; `untile`
-    inverts it."""
+    """One chunk's keys and values (1, H_kv, T, D) and (1, H_kv, T, Dv), bf16, in the layout the
+    kernel's tiles load (`attend_rows` with `tokens`; the kernel's own packing, pc_amx_tile): per
+    KV head, T rounded up to whole blocks of 64 keys (`tiled_tokens`, zeros past T); the keys as
+    16 keys × D/2 pairs of dimensions per group of 16 keys (q·kᵀ's operand), the values as 16
+    pairs of keys × 16 columns × the pair, per 32 keys and 16 columns (p·v's). Returned as new
+    contiguous (1, H_kv, T rounded up, D or Dv) tensors; `untile` inverts it. Call only where
+    `available()`."""
     _, h, t, d = key.shape
-    dv, padded = value.shape[-1], -(-t // 64) * 64
-    key, value = (torch.nn.functional.pad(x, (0, 0, 0, padded - t)) for x in (key, value))
-    keys = key.reshape(h, padded // 16, 16, d // 2, 2).permute(0, 1, 3, 2, 4)
-    values = value.reshape(h, padded // 32, 16, 2, dv // 16, 16).permute(0, 1, 4, 2, 5, 3)
-    return keys.reshape(1, h, padded, d), values.reshape(1, h, padded, dv)
+    dv, padded = value.shape[-1], tiled_tokens(t)
+    keys, values = key.new_empty(1, h, padded, d), value.new_empty(1, h, padded, dv)
+    _library()[0].pc_amx_tile(key.data_ptr(), key.stride(1), key.stride(2), value.data_ptr(), value.stride(1),
+                              value.stride(2), t, h, d, dv, keys.data_ptr(), values.data_ptr(), torch.get_num_threads())
+    return keys, values
+
+
+def tiled_tokens(tokens: int) -> int:
+    """The rows per head `tile` keeps for `tokens` keys: whole blocks of 64."""
+    return -(-tokens // 64) * 64
 
 
 def untile(key: torch.Tensor, value: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (1, H_kv, tokens, ·) keys and values that `tile` made `key` and `value` from."""
-    _, h, padded, d = key.shape
+    """The (1, H_kv, tokens, ·) keys and values, contiguous, that `tile` made `key` and `value` from."""
+    _, h, _, d = key.shape
     dv = value.shape[-1]
-    keys = key.reshape(h, padded // 16, d // 2, 16, 2).permute(0, 1, 3, 2, 4).reshape(1, h, padded, d)
-    values = value.reshape(h, padded // 32, dv // 16, 16, 16, 2).permute(0, 1, 3, 5, 2, 4).reshape(1, h, padded, dv)
-    return keys[:, :, :tokens], values[:, :, :tokens]
+    keys, values = key.new_empty(1, h, tokens, d), value.new_empty(1, h, tokens, dv)
+    _library()[0].pc_amx_untile(key.data_ptr(), value.data_ptr(), tokens, h, d, dv, keys.data_ptr(), values.data_ptr(),
+                                torch.get_num_threads())
+    return keys, values
 
 
 def _workspace(nbytes: int) -> int:
@@ -166,6 +173,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.pc_amx_attention.restype = ctypes.c_int
     lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12 + [ctypes.c_int, ctypes.c_long,
                                      ctypes.c_float, ctypes.c_int, ctypes.c_long, ctypes.c_void_p])
+    lib.pc_amx_tile.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long] * 6
+                                + [ctypes.c_void_p] * 2 + [ctypes.c_long])
+    lib.pc_amx_untile.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_long]
     lib.pc_amx_workspace.restype = ctypes.c_long
     lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_long]
     return lib, ""

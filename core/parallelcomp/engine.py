@@ -148,6 +148,7 @@ class ParallelComp:
         calibration.layer_plan(self.config.calibration_rules, self.num_layers)  # rules must fit the depth
         self.eos_ids = _eos_ids(model, tokenizer)
         self.attention_kernel = _attention_kernel(model, self.config.attention_kernel)
+        self.tiles = _keeps_tiles(model, self.attention_kernel, self.config)
         self.decode_kernel = _decode_kernel(model, self.config.decode_kernel)
         self._fused_layers = layer_kernel.modules(model) if self.config.layer_kernel == "auto" else []
         self.layer_kernel = layer_kernel.NAME if self._fused_layers else "torch"
@@ -225,7 +226,7 @@ class ParallelComp:
                 attention += "@" + native.source_digest(attention_kernel.SOURCE)
             if layers == layer_kernel.NAME:
                 layers += "@" + native.source_digest(layer_kernel.SOURCE)
-            identity = model_identity(self.model, attention, layers)
+            identity = model_identity(self.model, attention, layers, self.tiles)
             self._identity = (identity, identity_digest(identity))
         return self._identity
 
@@ -476,7 +477,8 @@ class ParallelComp:
                 pending.clear()
         if pending:
             phase2(pending)
-        return Scored(scores, raw_bytes, [(e.chunk, e.kv) for e in top.kept()], self.store.bytes_held)
+        kept = [(e.chunk, [kvops.plain(layer) for layer in e.kv]) for e in top.kept()]
+        return Scored(scores, raw_bytes, kept, self.store.bytes_held)
 
     def question_nll(self, parts: PromptParts, scored: slice, group: list[EncodedChunk], keys: dict[int, str],
                      prefix: list[kvops.LayerKV], report: ReuseStats) -> torch.Tensor:
@@ -526,7 +528,7 @@ class ParallelComp:
         missing = [c for c in batch if first[keys[c.index]] == c.index and c.index not in entries]
         if missing:
             start = time.perf_counter()
-            encoded = encode_chunks(self.model, prefix_ids, missing, self.attention_kernel)
+            encoded = encode_chunks(self.model, prefix_ids, missing, self.attention_kernel, self.tiles)
             share = (time.perf_counter() - start) / sum(len(c.token_ids) for c in missing)
             for enc in encoded:
                 entry = Entry(enc.kv, enc.last_logprobs, share * enc.length)
@@ -688,6 +690,15 @@ def _attention_kernel(model, choice: str) -> str:
         return backend
     attention_modules(model)  # ModelNotSupportedError for layers the matmul kernel cannot reach
     return "matmul"
+
+
+def _keeps_tiles(model, kernel: str, config: ParallelCompConfig) -> bool:
+    """Whether chunks are kept `Tiled` (kv.py; docs/store.md, "Chunks kept in the kernel's layout"):
+    where phase 2 attends on the AMX kernel in every layer, that is without compression (which
+    observes phase 2's probabilities in torch) and without a sliding window (which the kernel
+    does not take). Elsewhere phase 2 would have to untile every chunk it reads."""
+    return (kernel == "amx" and not config.compresses
+            and all(getattr(m, "sliding_window", None) is None for m in attention_modules(model)))
 
 
 def _decode_kernel(model, choice: str) -> str:

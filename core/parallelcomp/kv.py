@@ -1,7 +1,9 @@
 """The only module that touches KV tensors: build caches, slice, select and merge them.
 
 A layer's KV is a `(keys, values)` pair of shape (B, H_kv, T, D), never expanded to the query
-heads (GQA-native, unlike the official code's post-`repeat_kv` cache, method.md §7 item 13).
+heads (GQA-native, unlike the official code's post-`repeat_kv` cache, method.md §7 item 13). A
+chunk the AMX kernel reads in phase 2 may be kept `Tiled` instead (docs/store.md, "Chunks kept in
+the kernel's layout"); `plain` gives its pairs back.
 
 Two cache kinds: `to_cache` (a plain DynamicCache, for prefill and scoring, where each forward
 appends once) and `decode_cache` (preallocated layers for token-by-token decoding, docs/decode.md).
@@ -9,11 +11,34 @@ appends once) and `decode_cache` (preallocated layers for token-by-token decodin
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from . import attention_kernel
+
 LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+class Tiled(NamedTuple):
+    """One layer of a chunk's KV (batch 1) in the layout the AMX kernel's tiles load
+    (attention_kernel.tile): `tokens` keys and values, rounded up to whole blocks of 64 with zeros."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    tokens: int
+
+
+def tiled(key: torch.Tensor, value: torch.Tensor) -> Tiled:
+    """A batch-1 layer's keys and values (1, H_kv, T, ·) as `Tiled` (a copy)."""
+    return Tiled(*attention_kernel.tile(key, value), key.shape[-2])
+
+
+def plain(layer: LayerKV | Tiled) -> LayerKV:
+    """A layer's (keys, values) in the model's layout: a `Tiled` one untiled (a copy), else as it is."""
+    return attention_kernel.untile(*layer) if isinstance(layer, Tiled) else layer
 
 
 def to_cache(kv: list[LayerKV]) -> DynamicCache:
@@ -99,16 +124,16 @@ def expand_batch(kv: list[LayerKV], batch: int) -> list[LayerKV]:
     return [(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous()) for k, v in kv]
 
 
-def split_rows(cache: DynamicCache, spans: list[tuple[int, int]]) -> list[list[LayerKV]]:
-    """Row i's tokens [start_i, end_i) of a batch cache, as owned batch-1 copies. The cache is
-    emptied layer by layer as it is copied, so the batch and its copies overlap by one layer, not
-    the whole KV (phase 1's peak memory)."""
+def split_rows(cache: DynamicCache, spans: list[tuple[int, int]], tiles: bool = False) -> list[list[LayerKV]]:
+    """Row i's tokens [start_i, end_i) of a batch cache, as owned batch-1 copies (`tiles`: `Tiled`
+    ones). The cache is emptied layer by layer as it is copied, so the batch and its copies
+    overlap by one layer, not the whole KV (phase 1's peak memory)."""
     rows: list[list[LayerKV]] = [[] for _ in spans]
     while cache.layers:
         layer = cache.layers.pop(0)
         for row, (start, end) in enumerate(spans):
-            rows[row].append((layer.keys[row : row + 1, :, start:end].clone(),
-                              layer.values[row : row + 1, :, start:end].clone()))
+            key, value = layer.keys[row : row + 1, :, start:end], layer.values[row : row + 1, :, start:end]
+            rows[row].append(tiled(key, value) if tiles else (key.clone(), value.clone()))
     return rows
 
 
@@ -138,8 +163,10 @@ def layout(model) -> tuple[int, int, int]:
 
 
 def n_tokens(kv: list[LayerKV]) -> int:
+    if kv and isinstance(kv[0], Tiled):
+        return kv[0].tokens
     return kv[0][0].shape[-2] if kv else 0
 
 
 def n_bytes(kv: list[LayerKV]) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+    return sum(layer[0].numel() * layer[0].element_size() + layer[1].numel() * layer[1].element_size() for layer in kv)

@@ -102,7 +102,8 @@ def encode_prefix(model, prefix_ids: list[int], kernel: str = "sdpa") -> list[kv
 
 
 @torch.inference_mode()
-def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk], kernel: str = "sdpa") -> list[EncodedChunk]:
+def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk], kernel: str = "sdpa",
+                  tiles: bool = False) -> list[EncodedChunk]:
     """Phase 1 for one micro-batch: rows [prefix ‖ chunk_i ‖ padding], causal, no mask.
 
     The prefix (a few dozen tokens) is re-run in every row instead of read from its cache: with
@@ -110,7 +111,8 @@ def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk], kernel: str
     on CPU is about 2× faster and far leaner than the explicit-mask path a prefix cache forces
     (measured on SmolLM2, 8K tokens: 17 s vs 32 s). Right padding needs no mask either: a real
     token never attends to a later position. Only the chunk's own KV is kept. `kernel`: the
-    attention kernel (`attention.causal_kernel`, ParallelCompConfig.attention_kernel).
+    attention kernel (`attention.causal_kernel`, ParallelCompConfig.attention_kernel). `tiles`: keep
+    each chunk's KV `Tiled` (kvops.split_rows) for the AMX kernel's phase 2.
     """
     device, p = model.device, len(prefix_ids)
     lengths = torch.tensor([len(c.token_ids) for c in chunks], device=device)
@@ -122,7 +124,7 @@ def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk], kernel: str
     with causal_kernel(model, kernel):
         logits = forward(model, ids, cache, positions, logits_to_keep=(p + lengths - 1)[:, None])
     logprobs = torch.log_softmax(logits[:, 0].float(), dim=-1)
-    rows = kvops.split_rows(cache, [(p, p + len(c.token_ids)) for c in chunks])
+    rows = kvops.split_rows(cache, [(p, p + len(c.token_ids)) for c in chunks], tiles)
     return [EncodedChunk(c, kv, logprobs[row]) for row, (c, kv) in enumerate(zip(chunks, rows))]
 
 

@@ -46,6 +46,7 @@ import torch
 import xxhash
 from safetensors import SafetensorError
 
+from . import attention_kernel
 from . import kv as kvops
 from .output import DocumentSpan, ReuseStats
 from .prefill import Head
@@ -91,14 +92,19 @@ class Entry:
         return own.nbytes + sum(h.nbytes for h in self.heads.values())
 
 
-def model_identity(model, attention: str, layers: str) -> dict:
+TILES = "amx-tiles"  # model_identity's "kv_layout" where chunks are kept kv.Tiled
+
+
+def model_identity(model, attention: str, layers: str, tiles: bool = False) -> dict:
     """Everything a chunk's KV depends on besides the tokens: config, weights, dtype, device type,
     the attention kernel phase 1 ran (`attention`: the model's backend, or "matmul" or "amx" for
     ParallelCompConfig.attention_kernel's), the layer kernel (`layers`: "torch" or
     layer_kernel.NAME), a C kernel's name followed by "@" and its source's digest
     (native.source_digest), transformers major.minor. Weights are fingerprinted by sampling
     each tensor at up to 65,536 evenly strided positions (exact for a changed checkpoint in
-    practice; hashing every weight would cost seconds per GB)."""
+    practice; hashing every weight would cost seconds per GB). `tiles`: chunks are kept `Tiled`
+    (engine._keeps_tiles), which the identity says as "kv_layout" so that no engine reads another
+    layout's files."""
     import transformers
 
     digest = hashlib.blake2b(digest_size=16)
@@ -121,7 +127,7 @@ def model_identity(model, attention: str, layers: str) -> dict:
         "attn_implementation": attention,
         "layers": layers,
         "transformers": ".".join(transformers.__version__.split(".")[:2]),
-    }
+    } | ({"kv_layout": TILES} if tiles else {})
 
 
 def identity_digest(identity: dict) -> str:
@@ -295,6 +301,8 @@ class ChunkStore:
             return None
         meta, tensors = read
         kv = [(tensors[f"k.{i}"].to(device), tensors[f"v.{i}"].to(device)) for i in range(shape[0])]
+        if identity.get("kv_layout") == TILES:  # on whole cache lines, as the kernel's tile rows read best
+            kv = [kvops.Tiled(_on_cache_lines(k), _on_cache_lines(v), len(chunk_ids)) for k, v in kv]
         return Entry(kv, tensors["last_logprobs"].to(device), float(meta["seconds"]))
 
     # ------------------------------------------------------------------ documents' chunking on disk
@@ -432,12 +440,19 @@ def _default_disk_budget(root: Path) -> int:
 
 def _tensors(entry: Entry, prefix_ids, chunk_ids) -> dict[str, torch.Tensor]:
     out = {}
-    for i, (k, v) in enumerate(entry.kv):
-        out[f"k.{i}"], out[f"v.{i}"] = k.contiguous(), v.contiguous()
+    for i, layer in enumerate(entry.kv):
+        out[f"k.{i}"], out[f"v.{i}"] = layer[0].contiguous(), layer[1].contiguous()
     out["last_logprobs"] = entry.last_logprobs.contiguous()
     out["prefix_ids"] = torch.tensor(prefix_ids, dtype=torch.int32)
     out["chunk_ids"] = torch.tensor(chunk_ids, dtype=torch.int32)
     return out
+
+
+def _on_cache_lines(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy of it that starts on a 64-byte boundary: safetensors hands out tensors at any
+    4-byte offset, and the kernel attends 1.2× slower over tiled chunks read across cache lines
+    (docs/store.md, "Chunks kept in the kernel's layout")."""
+    return t if t.data_ptr() % 64 == 0 else torch.empty_like(t).copy_(t)
 
 
 def _payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -466,7 +481,8 @@ def _check(meta, tensors, key, identity, prefix_ids, chunk_ids, shape) -> str | 
         return "tensors"
     if tensors["prefix_ids"].tolist() != list(prefix_ids) or tensors["chunk_ids"].tolist() != list(chunk_ids):
         return "ids"
-    want = (1, heads, len(chunk_ids), dim)
+    tokens = len(chunk_ids)
+    want = (1, heads, attention_kernel.tiled_tokens(tokens) if identity.get("kv_layout") == TILES else tokens, dim)
     if any(tuple(tensors[f"{kv}.{i}"].shape) != want for kv in "kv" for i in range(layers)):
         return "shape"
     if meta.get("xxh3_128") != _payload_checksum(tensors):
