@@ -301,8 +301,8 @@ class ChunkStore:
             return None
         meta, tensors = read
         kv = [(tensors[f"k.{i}"].to(device), tensors[f"v.{i}"].to(device)) for i in range(shape[0])]
-        if identity.get("kv_layout") == TILES:  # on whole cache lines, as the kernel's tile rows read best
-            kv = [kvops.Tiled(_on_cache_lines(k), _on_cache_lines(v), len(chunk_ids)) for k, v in kv]
+        if identity.get("kv_layout") == TILES:
+            kv = [kvops.Tiled(k, v, len(chunk_ids)) for k, v in kv]
         return Entry(kv, tensors["last_logprobs"].to(device), float(meta["seconds"]))
 
     # ------------------------------------------------------------------ documents' chunking on disk
@@ -446,13 +446,6 @@ def _tensors(entry: Entry, prefix_ids, chunk_ids) -> dict[str, torch.Tensor]:
     out["prefix_ids"] = torch.tensor(prefix_ids, dtype=torch.int32)
     out["chunk_ids"] = torch.tensor(chunk_ids, dtype=torch.int32)
     return out
-
-
-def _on_cache_lines(t: torch.Tensor) -> torch.Tensor:
-    """`t`, or a copy of it that starts on a 64-byte boundary: safetensors hands out tensors at any
-    4-byte offset, and the kernel attends 1.2× slower over tiled chunks read across cache lines
-    (docs/store.md, "Chunks kept in the kernel's layout")."""
-    return t if t.data_ptr() % 64 == 0 else torch.empty_like(t).copy_(t)
 
 
 def _payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
