@@ -22,10 +22,13 @@ import torch
 
 import parallelcomp
 from parallelcomp import ConfigError, DistributedError, ParallelComp, ParallelCompConfig, layer_kernel
+from parallelcomp import engine as engine_module
+from parallelcomp import kv as kvops
 from parallelcomp.cli import main
 from parallelcomp.config import PAPER_CALIBRATION_RULES
 
 from .conftest import tiny_model
+from .test_attention_kernel import needs_amx
 from .test_layer_kernel import needs_kernel
 from .test_core import text
 
@@ -227,6 +230,41 @@ def test_a_bf16_worker_runs_its_calls_on_the_layer_kernels(saved_models, monkeyp
     shard = worker.score("call", config, parts, chunks, keys, dict.fromkeys(keys, 0.0))
     assert shard.report.reused_chunks == len(chunks) and {"rms_norm", "silu_mul"} <= set(calls)
     assert not any("forward" in vars(m) for m in engine.model.modules())
+
+
+@needs_amx
+def test_a_worker_on_the_amx_kernel_keeps_tiles_and_sends_kept_chunks_untiled(tmp_path, tokenizer, monkeypatch):
+    """A worker whose phase 2 runs on the AMX kernel keeps its chunks tiled, as a single-process
+    engine does (docs/store.md, "Chunks kept in the kernel's layout"), and sends the driver its
+    kept chunks in the model's layout: the same arrays, bit for bit, as a worker that keeps that
+    layout, with the same scores."""
+    from parallelcomp.distributed.worker import ChunkWorker
+
+    path = tmp_path / "wide-llama"
+    tiny_model("llama", len(tokenizer), head_dim=64).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config = ParallelCompConfig(**BASE)
+    sent, scores = {}, {}
+    for tiles in (True, False):
+        with monkeypatch.context() as patch:
+            if not tiles:
+                patch.setattr(engine_module, "_keeps_tiles", lambda *args: False)
+            worker = ChunkWorker(str(path), config, "cpu", "bfloat16", 1)
+        engine = worker.engine
+        parts = engine.prompt_parts(QUESTIONS[0], with_documents=True)
+        corpus = engine._chunk(DOCS, parts.prefix_ids)
+        chunks, keys = list(corpus.chunks), dict(zip((c.index for c in corpus.chunks), corpus.keys))
+        worker.fill(config, parts.prefix_ids, chunks, keys)
+        assert engine.tiles == tiles
+        assert all(isinstance(layer, kvops.Tiled) == tiles for entry in engine.store._lru.values() for layer in entry.kv)
+        shard = worker.score("call", config, parts, chunks, keys, dict.fromkeys(keys, 0.0))
+        scores[tiles] = shard.scores
+        sent[tiles] = worker.take("call", sorted(worker._kept["call"]))
+    assert scores[True] == scores[False] and sent[True] and sent[True].keys() == sent[False].keys()
+    tokens = {c.index: len(c.token_ids) for c in chunks}
+    for i, arrays in sent[True].items():
+        assert arrays[0].shape[-2] == tokens[i]  # the chunk's own tokens, not whole blocks of 64
+        assert len(arrays) == len(sent[False][i]) and all((a == b).all() for a, b in zip(arrays, sent[False][i]))
 
 
 def test_workers_lost_one_by_one(local_ray, saved_models, monkeypatch):
