@@ -16,7 +16,10 @@
  *
  * Two things make it faster than torch's fused CPU kernel here (docs/hardware.md):
  * - keys and values are packed once per row into the tiles' pair-interleaved ("VNNI") layout,
- *   which every query block of the head then loads row by row;
+ *   which every query block of the head then loads row by row. Phase 2's chunks may come packed
+ *   already (`tiled`: pc_amx_tile made them, and the store keeps them so, docs/store.md); the
+ *   kernel then packs only the short run behind them and requests each KV head's chunk from
+ *   memory while it attends the head before, so those reads overlap the arithmetic;
  * - a row's running maximum moves only when a score exceeds it by more than LAZY (in log2 units),
  *   so the common block needs no horizontal maximum, no rescaling of the output and no scalar
  *   exp; the probabilities are then at most 2^LAZY before normalisation, which fp32 and bf16

@@ -4,7 +4,9 @@ On a CPU with AMX tiles (Intel Xeon since Sapphire Rapids) a bf16 GEMM runs at 2
 here, but torch's fused CPU attention at about 0.5: with a head size of 64 its small products
 leave the tiles idle while the softmax runs. This kernel packs each head's keys and values once
 into the tiles' layout and keeps the softmax's maximum lazily (the C source says how), which
-measures about twice torch's rate on phase 1's causal attention (docs/hardware.md).
+measures about twice torch's rate on phase 1's causal attention (docs/hardware.md). `tile` makes
+that layout ahead of time, in C with the kernel's own packing: the store keeps the chunks phase 2
+reads in it (docs/store.md, "Chunks kept in the kernel's layout").
 `attention.py` runs it when `ParallelCompConfig.attention_kernel` resolves to "amx": phase 1,
 the prompt prefix, and phase 2's attention over each chunk's keys. It takes bf16 tensors on CPU
 with head sizes that are multiples of 32 (keys) and 64 (values), up to 256.
