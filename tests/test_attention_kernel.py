@@ -364,6 +364,25 @@ def test_chunks_kept_tiled_answer_as_chunks_kept_in_the_models_layout(tokenizer,
 
 
 @needs_amx
+def test_tiled_chunks_under_compression_set_later_answer_as_an_engine_built_with_it(tokenizer):
+    """An engine that keeps tiles and is then given compression (as a Ray worker takes the driver's
+    settings per call) runs phase 2 on torch over its tiled chunks, untiled, and compresses them:
+    the same answer and scores as an engine built with compression, which keeps the model's layout."""
+    model = _wide_heads("llama", len(tokenizer)).to(torch.bfloat16)
+    docs = [text(10 + i, n) for i, n in enumerate([30, 12, 25, 33, 18])]
+    question, config = "Where is the copper garden?", dict(keep_chunks=2, chunk_tokens=36)
+    later = ParallelComp(model, tokenizer, ParallelCompConfig(**config))
+    later.generate(question, documents=docs, max_new_tokens=4)
+    later.config = ParallelCompConfig(**config, kv_budget_ratio=0.5)
+    out = later.generate(question, documents=docs, max_new_tokens=4)
+    built = ParallelComp(model, tokenizer, ParallelCompConfig(**config, kv_budget_ratio=0.5))
+    expected = built.generate(question, documents=docs, max_new_tokens=4)
+    assert later.tiles and not built.tiles and out.stats.reused_chunks == len(docs)
+    assert out.token_ids == expected.token_ids and out.stats.kv_bytes == expected.stats.kv_bytes
+    assert [(c.score, c.kept) for c in out.chunks] == [(c.score, c.kept) for c in expected.chunks]
+
+
+@needs_amx
 def test_phase_2_outside_the_kernel_reads_a_tiled_chunk_untiled(tokenizer):
     """A tiled chunk that reaches phase 2's torch path (another kernel, or a call the AMX kernel
     declines) is untiled there: the same NLL as from the chunk kept in the model's layout."""

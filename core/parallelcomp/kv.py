@@ -138,9 +138,11 @@ def split_rows(cache: DynamicCache, spans: list[tuple[int, int]], tiles: bool = 
 
 
 def gather_tokens(kv: list[LayerKV], indices: list[torch.Tensor]) -> list[LayerKV]:
-    """Keep per layer and per KV head the token indices `indices[l]` of shape (1, H_kv, n)."""
+    """Keep per layer and per KV head the token indices `indices[l]` of shape (1, H_kv, n) (of a
+    `Tiled` layer: of its tokens, untiled)."""
     out = []
-    for (k, v), idx in zip(kv, indices):
+    for layer, idx in zip(kv, indices):
+        k, v = plain(layer)
         index = idx.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
         out.append((k.gather(2, index), v.gather(2, index)))
     return out
