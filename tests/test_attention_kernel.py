@@ -353,6 +353,8 @@ def test_chunks_kept_tiled_answer_as_chunks_kept_in_the_models_layout(tokenizer,
     assert from_disk.stats.store_disk_hits == len(docs)
     for out in (again, *plain, from_disk):
         assert out.token_ids == first.token_ids
+        assert (out.stats.kv_bytes, out.stats.kv_bytes_uncompressed) == (first.stats.kv_bytes,
+                                                                          first.stats.kv_bytes_uncompressed)
         assert [(c.score, c.kept) for c in out.chunks] == [(c.score, c.kept) for c in first.chunks]
     files = sorted((tmp_path / "v1").rglob("*.safetensors"))
     assert len(files) == len(docs)

@@ -459,7 +459,7 @@ class ParallelComp:
             else:
                 nll = question_nll(self.model, prefix, group, parts.question_ids, scored, comp.observe,
                                    self.attention_kernel)
-            raw_bytes.update({e.chunk.index: kvops.n_bytes(e.kv) for e in group})
+            raw_bytes.update({e.chunk.index: kvops.token_bytes(e.kv) for e in group})
             for enc, chunk_nll in zip(comp.apply(group) if comp else group, nll.mean(dim=1).tolist()):
                 scores[enc.chunk.index] = chunk_nll
                 top.offer(lexical.rank(chunk_nll, matches[enc.chunk.index], self.config.lexical_weight),

@@ -171,4 +171,11 @@ def n_tokens(kv: list[LayerKV]) -> int:
 
 
 def n_bytes(kv: list[LayerKV]) -> int:
+    """The bytes the tensors hold (a `Tiled` layer's padding to whole blocks included)."""
     return sum(layer[0].numel() * layer[0].element_size() + layer[1].numel() * layer[1].element_size() for layer in kv)
+
+
+def token_bytes(kv: list[LayerKV]) -> int:
+    """The bytes of the tokens' KV in the model's layout: `n_bytes` without a `Tiled` layer's padding."""
+    return sum(n_tokens([layer]) * (layer[0].shape[1] * layer[0].shape[3] + layer[1].shape[1] * layer[1].shape[3])
+               * layer[0].element_size() for layer in kv)
