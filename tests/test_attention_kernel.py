@@ -90,14 +90,17 @@ def test_kernel_equals_float64_attention(monkeypatch, threads, batch, heads, kv_
 @needs_amx
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("copies", [1, 3], ids=["rows-shared", "whole-rows-per-thread"])
-def test_rows_with_keys_of_their_own_equal_one_call_per_row(monkeypatch, threads, copies):
+@pytest.mark.parametrize("heads,queries", [(3, 60), (9, 17), (9, 60)], ids=["4-blocks", "6-blocks", "12-blocks"])
+def test_rows_with_keys_of_their_own_equal_one_call_per_row(monkeypatch, threads, copies, heads, queries):
     """Phase 2's call: each row of the query attends over its own chunk (2,111, 700 and 64 keys,
     separate tensors in the store's layout, one a view with gaps between heads), bit for bit as one
     call per row would, and as float64 would to torch's rounding. With 9 rows each thread takes
-    whole rows (attention_kernel.c, `by_rows`); with 3 the threads share each row's work."""
+    whole rows (attention_kernel.c, `by_rows`), and a KV head's query blocks share each key block
+    four at a time (4, 6 or 12 blocks of 16 query rows per KV head: one group, a whole group and a
+    part, three groups); with 3 the threads share each row's work, one query block at a time."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     torch.manual_seed(2)
-    query = torch.randn(3 * copies, 3, 60, 64).to(torch.bfloat16)
+    query = torch.randn(3 * copies, heads, queries, 64).to(torch.bfloat16)
     rows = [(torch.randn(1, 3, n, 64).to(torch.bfloat16), torch.randn(1, 3, n, 64).to(torch.bfloat16))
             for n in (2111, 700)]
     wide = torch.randn(1, 3, 100, 64).to(torch.bfloat16)

@@ -19,7 +19,9 @@
  *   which every query block of the head then loads row by row. Phase 2's chunks may come packed
  *   already (`tiled`: pc_amx_tile made them, and the store keeps them so, docs/store.md); the
  *   kernel then packs only the short run behind them and requests each KV head's chunk from
- *   memory while it attends the head before, so those reads overlap the arithmetic;
+ *   memory while it attends the head before, so those reads overlap the arithmetic; and where a
+ *   thread takes whole rows (phase 2) it attends up to NQ query blocks of the head against each
+ *   key block in turn, so a key block read from memory serves them all from the core's cache;
  * - a row's running maximum moves only when a score exceeds it by more than LAZY (in log2 units),
  *   so the common block needs no horizontal maximum, no rescaling of the output and no scalar
  *   exp; the probabilities are then at most 2^LAZY before normalisation, which fp32 and bf16
@@ -173,15 +175,23 @@ typedef struct {
     long kbytes, vbytes, next, quota;  /* bytes from k and v, the next offset, lines per call */
 } Prefetch;
 
-/* A thread's buffers for one block of query rows. */
+#define NQ 4  /* query blocks of one KV head that share each key block while it is in the core's cache */
+
+/* One block of query rows: its queries and running softmax. */
 typedef struct {
-    Prefetch pf;
     uint16_t qbuf[QB * 256] __attribute__((aligned(64)));
-    uint16_t pbuf[QB * KB] __attribute__((aligned(64)));
-    float sbuf[QB * KB] __attribute__((aligned(64)));
     float obuf[QB * 256] __attribute__((aligned(64)));
     float lsum[QB * 16] __attribute__((aligned(64)));
     float mx[QB];
+    long h, m0, rows, blocks, lo_lim;
+} Block;
+
+/* A thread's buffers for NQ blocks of query rows. */
+typedef struct {
+    Prefetch pf;
+    uint16_t pbuf[QB * KB] __attribute__((aligned(64)));
+    float sbuf[QB * KB] __attribute__((aligned(64)));
+    Block blk[NQ];
 } Scratch;
 
 /* Batch entry b, packed at `at` (its tail only where `tiled`: its own keys are packed already). */
@@ -235,129 +245,145 @@ static void prefetch_head(const Call *c, const Row *w, long hk, long calls, Pref
     p->quota = (p->kbytes / 64 + calls - 1) / calls;
 }
 
-/* Item `it` of a row: one head's block of QB query rows over all the keys they see. */
-static void attend_item(const Call *c, const Row *w, long it, Scratch *z) {
-    const uint16_t *q = c->q;
-    uint16_t *out = c->out;
-    float *lse = c->lse;
-    const long H = c->H, M = c->M, D = c->D, Dv = c->Dv, P = D / 2, G = H / c->Hkv, C = Dv / 16, qblocks = c->qblocks;
-    const long qs_b = c->qs_b, qs_h = c->qs_h, qs_m = c->qs_m, os_b = c->os_b, os_h = c->os_h, os_m = c->os_m;
-    const long b = w->b, T = w->T, T2 = w->T2, Tp = w->Tp, Ta = w->Ta, shift = w->shift;
-    const long period = c->period;
-    const int causal = c->causal;
+/* Query block `s` of a row over key block kb (kk-th of the keys at kh and values at vh): the
+ * block's scores on the tiles, its online softmax on vector registers, its output on the tiles. */
+static inline void attend_block(const Call *c, const Row *w, Block *s, long kb, long kk, const uint32_t *kh,
+                                const uint16_t *vh, Scratch *z) {
+    const long D = c->D, Dv = c->Dv, P = D / 2, C = Dv / 16, period = c->period;
+    const long T = w->T, T2 = w->T2, Tp = w->Tp, shift = w->shift, m0 = s->m0, rows = s->rows;
     const float scale = c->scale;
-    uint16_t *qbuf = z->qbuf, *pbuf = z->pbuf;
-    float *sbuf = z->sbuf, *obuf = z->obuf, *lsum = z->lsum, *mx = z->mx;
+    const uint16_t *qbuf = s->qbuf;
+    float *obuf = s->obuf, *lsum = s->lsum, *mx = s->mx, *sbuf = z->sbuf;
+    uint16_t *pbuf = z->pbuf;
     const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f), ninf = _mm512_set1_ps(-INFINITY);
-    /* causal: the longest query blocks first, so that the dynamic schedule ends balanced */
-    const long blk = causal ? qblocks - 1 - it % qblocks : it % qblocks, h = it / qblocks, hk = h / G;
-    const long m0 = blk * QB, rows = M - m0 < QB ? M - m0 : QB;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (long d = 0; d < D / 32; d++) {
+        _tile_loadd(4, qbuf + 32 * d, 2 * D);
+        const uint32_t *kt = kh + (kk * 4 * P + 16 * d) * 16;
+        _tile_loadd(5, kt, 64); _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, kt + P * 16, 64); _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, kt + 2 * P * 16, 64); _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(6, kt + 3 * P * 16, 64); _tile_dpbf16ps(3, 4, 6);
+    }
+    _tile_stored(0, sbuf, 4 * KB); _tile_stored(1, sbuf + 16, 4 * KB);
+    _tile_stored(2, sbuf + 32, 4 * KB); _tile_stored(3, sbuf + 48, 4 * KB);
+    /* the block's scores, in log2 units: x = s·scale·log2(e). Online softmax with a lazy
+     * maximum: a row's running maximum moves (and its sum and output are rescaled) only
+     * when a score exceeds it by more than LAZY, so p = 2^(x - max) <= 2^LAZY. */
+    /* A block every row sees whole (with a positive scale) keeps its raw scores s: the
+     * maximum of s·scale is scale times the maximum of s, and x - max is one FMA. */
+    const int full = kb * KB + KB - 1 <= s->lo_lim && scale > 0;  /* never in the tail */
+    for (long r = 0; r < QB; r++) {
+        prefetch_lines(&z->pf);  /* QB calls per block, between the vector work */
+        __m512 x[4], top;
+        __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+        if (full) {
+            for (int c = 0; c < 4; c++) x[c] = _mm512_load_ps(sbuf + r * KB + 16 * c);
+            top = _mm512_mul_ps(_mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3])), sc);
+        } else {
+            long lim = shift >= 0 && r < rows ? shift + m0 + r : T - 1;  /* last key this row sees */
+            if (lim > T - 1) lim = T - 1;
+            if (kb * KB >= Tp)  /* the tail: keys Tp + s, s <= T2 - period + m % period */
+                lim = Tp + T2 - period + (r < rows ? (m0 + r) % period : period - 1);
+            long n = lim - kb * KB + 1;
+            n = n < 0 ? 0 : n > KB ? KB : n;
+            for (int c = 0; c < 4; c++) {
+                const long left = n - 16 * c;
+                mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                x[c] = _mm512_mask_mul_ps(ninf, mk[c], _mm512_load_ps(sbuf + r * KB + 16 * c), sc);
+            }
+            top = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
+        }
+        if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(mx[r] + LAZY), _CMP_GT_OQ)) {
+            const float mnew = _mm512_reduce_max_ps(top);
+            if (mx[r] != -INFINITY) {
+                const __m512 a = _mm512_set1_ps(exp2f(mx[r] - mnew));
+                for (long c = 0; c < C; c++)
+                    _mm512_store_ps(obuf + r * Dv + 16 * c, _mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), a));
+                _mm512_store_ps(lsum + 16 * r, _mm512_mul_ps(_mm512_load_ps(lsum + 16 * r), a));
+            }
+            mx[r] = mnew;
+        }
+        const __m512 mm = _mm512_set1_ps(mx[r]);
+        __m512 acc = _mm512_load_ps(lsum + 16 * r);
+        for (int c = 0; c < 4; c += 2) {
+            __m512 p0, p1;
+            if (full) {
+                p0 = exp2_16(_mm512_fmsub_ps(x[c], sc, mm));
+                p1 = exp2_16(_mm512_fmsub_ps(x[c + 1], sc, mm));
+            } else {  /* hidden keys: x = -inf, whose reduction is NaN */
+                p0 = _mm512_maskz_mov_ps(mk[c], exp2_16(_mm512_sub_ps(x[c], mm)));
+                p1 = _mm512_maskz_mov_ps(mk[c + 1], exp2_16(_mm512_sub_ps(x[c + 1], mm)));
+            }
+            acc = _mm512_add_ps(acc, _mm512_add_ps(p0, p1));
+            _mm512_store_si512((__m512i *)(pbuf + r * KB + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+        }
+        _mm512_store_ps(lsum + 16 * r, acc);
+    }
+    for (long c0 = 0; c0 < C; c0 += 4) {
+        float *o = obuf + 16 * c0;
+        _tile_loadd(0, o, 4 * Dv); _tile_loadd(1, o + 16, 4 * Dv);
+        _tile_loadd(2, o + 32, 4 * Dv); _tile_loadd(3, o + 48, 4 * Dv);
+        for (long half = 0; half < 2; half++) {
+            _tile_loadd(4, pbuf + 32 * half, 2 * KB);
+            const uint16_t *vt = vh + ((kk * 2 + half) * C + c0) * 512;
+            _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, vt + 512, 64); _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5);
+            _tile_loadd(6, vt + 1536, 64); _tile_dpbf16ps(3, 4, 6);
+        }
+        _tile_stored(0, o, 4 * Dv); _tile_stored(1, o + 16, 4 * Dv);
+        _tile_stored(2, o + 32, 4 * Dv); _tile_stored(3, o + 48, 4 * Dv);
+    }
+}
+
+/* Items it0 ... it0 + group - 1 of a row (group <= NQ, one KV head): a head's block of QB query
+ * rows each, over all the keys they see. Each key block is loaded once for the group's query
+ * blocks, which then read it from the core's cache; each block's arithmetic is the same, in the
+ * same order, as on its own. */
+static void attend_items(const Call *c, const Row *w, long it0, long group, Scratch *z) {
+    const long H = c->H, M = c->M, D = c->D, Dv = c->Dv, P = D / 2, G = H / c->Hkv, C = Dv / 16, qblocks = c->qblocks;
+    const long T = w->T, T2 = w->T2, Tp = w->Tp, Ta = w->Ta, shift = w->shift, hk = it0 / qblocks / G;
     const uint32_t *kc = w->kc + hk * w->kch, *kt2 = w->kt + hk * whole(T2) * P;
     const uint16_t *vc = w->vc + hk * w->vch, *vt2 = w->vt + hk * whole(T2) * Dv;
-    for (long r = 0; r < QB; r++) {
-        if (r < rows) memcpy(qbuf + r * D, q + b * qs_b + h * qs_h + (m0 + r) * qs_m, 2 * D);
-        else memset(qbuf + r * D, 0, 2 * D);
-        mx[r] = -INFINITY;
-        _mm512_store_ps(lsum + 16 * r, _mm512_setzero_ps());
+    long blocks = 0;  /* key blocks, the most any of the group sees */
+    for (long j = 0; j < group; j++) {
+        Block *s = &z->blk[j];
+        const long it = it0 + j;
+        /* causal: the longest query blocks first, so that the dynamic schedule ends balanced */
+        s->m0 = (c->causal ? qblocks - 1 - it % qblocks : it % qblocks) * QB;
+        s->h = it / qblocks;
+        s->rows = M - s->m0 < QB ? M - s->m0 : QB;
+        for (long r = 0; r < QB; r++) {
+            if (r < s->rows) memcpy(s->qbuf + r * D, c->q + w->b * c->qs_b + s->h * c->qs_h + (s->m0 + r) * c->qs_m, 2 * D);
+            else memset(s->qbuf + r * D, 0, 2 * D);
+            s->mx[r] = -INFINITY;
+            _mm512_store_ps(s->lsum + 16 * r, _mm512_setzero_ps());
+        }
+        memset(s->obuf, 0, sizeof(float) * QB * Dv);
+        const long last = shift >= 0 && shift + s->m0 + s->rows - 1 < T - 1 ? shift + s->m0 + s->rows - 1 : T - 1;
+        s->blocks = T2 ? Ta / KB : last / KB + 1;
+        s->lo_lim = shift >= 0 && shift + s->m0 < T - 1 ? shift + s->m0 : T - 1;  /* fewest keys a row sees */
+        blocks = s->blocks > blocks ? s->blocks : blocks;
     }
-    memset(obuf, 0, sizeof(float) * QB * Dv);
-    const long last = shift >= 0 ? (shift + m0 + rows - 1 < T - 1 ? shift + m0 + rows - 1 : T - 1) : T - 1;
-    const long blocks = T2 ? Ta / KB : last / KB + 1;
-    const long lo_lim = shift >= 0 ? (shift + m0 < T - 1 ? shift + m0 : T - 1) : T - 1;  /* fewest keys a row sees */
     for (long kb = 0; kb < blocks; kb++) {
         /* the row's own keys, then its tail's */
-        const long kk = kb < Tp / KB ? kb : kb - Tp / KB;
-        const uint32_t *kh = kb < Tp / KB ? kc : kt2;
-        const uint16_t *vh = kb < Tp / KB ? vc : vt2;
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (long s = 0; s < D / 32; s++) {
-            _tile_loadd(4, qbuf + 32 * s, 2 * D);
-            const uint32_t *kt = kh + (kk * 4 * P + 16 * s) * 16;
-            _tile_loadd(5, kt, 64); _tile_dpbf16ps(0, 4, 5);
-            _tile_loadd(6, kt + P * 16, 64); _tile_dpbf16ps(1, 4, 6);
-            _tile_loadd(5, kt + 2 * P * 16, 64); _tile_dpbf16ps(2, 4, 5);
-            _tile_loadd(6, kt + 3 * P * 16, 64); _tile_dpbf16ps(3, 4, 6);
-        }
-        _tile_stored(0, sbuf, 4 * KB); _tile_stored(1, sbuf + 16, 4 * KB);
-        _tile_stored(2, sbuf + 32, 4 * KB); _tile_stored(3, sbuf + 48, 4 * KB);
-        /* the block's scores, in log2 units: x = s·scale·log2(e). Online softmax with a lazy
-         * maximum: a row's running maximum moves (and its sum and output are rescaled) only
-         * when a score exceeds it by more than LAZY, so p = 2^(x - max) <= 2^LAZY. */
-        /* A block every row sees whole (with a positive scale) keeps its raw scores s: the
-         * maximum of s·scale is scale times the maximum of s, and x - max is one FMA. */
-        const int full = kb * KB + KB - 1 <= lo_lim && scale > 0;  /* never in the tail */
-        for (long r = 0; r < QB; r++) {
-            prefetch_lines(&z->pf);  /* QB calls per block, between the vector work */
-            __m512 x[4], top;
-            __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
-            if (full) {
-                for (int c = 0; c < 4; c++) x[c] = _mm512_load_ps(sbuf + r * KB + 16 * c);
-                top = _mm512_mul_ps(_mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3])), sc);
-            } else {
-                long lim = shift >= 0 && r < rows ? shift + m0 + r : T - 1;  /* last key this row sees */
-                if (lim > T - 1) lim = T - 1;
-                if (kb * KB >= Tp)  /* the tail: keys Tp + s, s <= T2 - period + m % period */
-                    lim = Tp + T2 - period + (r < rows ? (m0 + r) % period : period - 1);
-                long n = lim - kb * KB + 1;
-                n = n < 0 ? 0 : n > KB ? KB : n;
-                for (int c = 0; c < 4; c++) {
-                    const long left = n - 16 * c;
-                    mk[c] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-                    x[c] = _mm512_mask_mul_ps(ninf, mk[c], _mm512_load_ps(sbuf + r * KB + 16 * c), sc);
-                }
-                top = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
-            }
-            if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(mx[r] + LAZY), _CMP_GT_OQ)) {
-                const float mnew = _mm512_reduce_max_ps(top);
-                if (mx[r] != -INFINITY) {
-                    const __m512 a = _mm512_set1_ps(exp2f(mx[r] - mnew));
-                    for (long c = 0; c < C; c++)
-                        _mm512_store_ps(obuf + r * Dv + 16 * c, _mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), a));
-                    _mm512_store_ps(lsum + 16 * r, _mm512_mul_ps(_mm512_load_ps(lsum + 16 * r), a));
-                }
-                mx[r] = mnew;
-            }
-            const __m512 mm = _mm512_set1_ps(mx[r]);
-            __m512 acc = _mm512_load_ps(lsum + 16 * r);
-            for (int c = 0; c < 4; c += 2) {
-                __m512 p0, p1;
-                if (full) {
-                    p0 = exp2_16(_mm512_fmsub_ps(x[c], sc, mm));
-                    p1 = exp2_16(_mm512_fmsub_ps(x[c + 1], sc, mm));
-                } else {  /* hidden keys: x = -inf, whose reduction is NaN */
-                    p0 = _mm512_maskz_mov_ps(mk[c], exp2_16(_mm512_sub_ps(x[c], mm)));
-                    p1 = _mm512_maskz_mov_ps(mk[c + 1], exp2_16(_mm512_sub_ps(x[c + 1], mm)));
-                }
-                acc = _mm512_add_ps(acc, _mm512_add_ps(p0, p1));
-                _mm512_store_si512((__m512i *)(pbuf + r * KB + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-            }
-            _mm512_store_ps(lsum + 16 * r, acc);
-        }
-        for (long c0 = 0; c0 < C; c0 += 4) {
-            float *o = obuf + 16 * c0;
-            _tile_loadd(0, o, 4 * Dv); _tile_loadd(1, o + 16, 4 * Dv);
-            _tile_loadd(2, o + 32, 4 * Dv); _tile_loadd(3, o + 48, 4 * Dv);
-            for (long half = 0; half < 2; half++) {
-                _tile_loadd(4, pbuf + 32 * half, 2 * KB);
-                const uint16_t *vt = vh + ((kk * 2 + half) * C + c0) * 512;
-                _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
-                _tile_loadd(6, vt + 512, 64); _tile_dpbf16ps(1, 4, 6);
-                _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5);
-                _tile_loadd(6, vt + 1536, 64); _tile_dpbf16ps(3, 4, 6);
-            }
-            _tile_stored(0, o, 4 * Dv); _tile_stored(1, o + 16, 4 * Dv);
-            _tile_stored(2, o + 32, 4 * Dv); _tile_stored(3, o + 48, 4 * Dv);
-        }
+        const long own = kb < Tp / KB, kk = own ? kb : kb - Tp / KB;
+        for (long j = 0; j < group; j++)
+            if (kb < z->blk[j].blocks) attend_block(c, w, &z->blk[j], kb, kk, own ? kc : kt2, own ? vc : vt2, z);
     }
-    for (long r = 0; r < rows; r++) {
-        const float sum = _mm512_reduce_add_ps(_mm512_load_ps(lsum + 16 * r));
-        const __m512 inv = _mm512_set1_ps(1.0f / sum);
-        uint16_t *dst = out + b * os_b + h * os_h + (m0 + r) * os_m;
-        for (long c = 0; c < C; c++) {
-            const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(obuf + r * Dv + 16 * c), inv));
-            _mm256_storeu_si256((__m256i *)(dst + 16 * c), (__m256i)y);
+    for (long j = 0; j < group; j++) {
+        const Block *s = &z->blk[j];
+        for (long r = 0; r < s->rows; r++) {
+            const float sum = _mm512_reduce_add_ps(_mm512_load_ps(s->lsum + 16 * r));
+            const __m512 inv = _mm512_set1_ps(1.0f / sum);
+            uint16_t *dst = c->out + w->b * c->os_b + s->h * c->os_h + (s->m0 + r) * c->os_m;
+            for (long k = 0; k < C; k++) {
+                const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(s->obuf + r * Dv + 16 * k), inv));
+                _mm256_storeu_si256((__m256i *)(dst + 16 * k), (__m256i)y);
+            }
+            c->lse[(w->b * H + s->h) * M + s->m0 + r] = (s->mx[r] + log2f(sum)) * 0.69314718055994531f;
         }
-        lse[(b * H + h) * M + m0 + r] = (mx[r] + log2f(sum)) * 0.69314718055994531f;
     }
 }
 
@@ -417,7 +443,8 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
                         prefetch_head(&c, hk + 1 < Hkv ? &w : b + n < B ? &next : NULL, (hk + 1) % Hkv,
                                       per_head * (w.Ta / KB) * QB, &z.pf);
                     }
-                    for (long it = hk * per_head; it < (hk + 1) * per_head; it++) attend_item(&c, &w, it, &z);
+                    for (long it = hk * per_head; it < (hk + 1) * per_head; it += NQ)
+                        attend_items(&c, &w, it, (hk + 1) * per_head - it < NQ ? (hk + 1) * per_head - it : NQ, &z);
                 }
             }
         } else {
@@ -431,7 +458,7 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
                 for (long i = 0; i < Hkv * w.kgroups; i++)
                     if (!tiled || i % w.kgroups >= w.Tp / 16) pack_group(&c, &w, kv, i);
 #pragma omp for schedule(dynamic, 1) nowait
-                for (long it = 0; it < items; it++) attend_item(&c, &w, it, &z);
+                for (long it = 0; it < items; it++) attend_items(&c, &w, it, 1, &z);
             }
         }
         _tile_release();
