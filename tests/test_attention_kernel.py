@@ -1,5 +1,6 @@
 """The AMX attention kernel (attention_kernel.py) against float64 attention, phase 1 and phase 2
-on it against the fp32 model, and how `attention_kernel` is chosen or refused."""
+on it against the fp32 model, the question step on it, and how `attention_kernel` is chosen or
+refused."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from safetensors import safe_open
 
-from parallelcomp import ParallelComp, ParallelCompConfig, attention_kernel, hardware
+from parallelcomp import ParallelComp, ParallelCompConfig, attention, attention_kernel, decode, hardware
 from parallelcomp import engine as engine_module
 from parallelcomp import kv as kvops
 from parallelcomp.chunking import Chunk
@@ -402,6 +403,103 @@ def test_phase_2_outside_the_kernel_reads_a_tiled_chunk_untiled(tokenizer):
         nll[tiles] = question_nll(model, prefix, encoded, parts.question_ids, slice(0, len(parts.question_ids)),
                                   kernel="sdpa")
     assert torch.equal(nll[True], nll[False])
+
+
+def _question_step(heads=9, kv_heads=3, q=28, context=300, dtype=torch.bfloat16):
+    """The question step's attention call: q tokens after `context` cached ones over a preallocated
+    cache's views (gaps between heads), and the bool mask transformers builds for it, which hides
+    from each question token only the later ones."""
+    torch.manual_seed(6)
+    t = context + q
+    query = torch.randn(1, heads, q, 64).to(dtype)
+    key, value = (torch.randn(1, kv_heads, t + 20, 64).to(dtype)[:, :, :t] for _ in range(2))
+    mask = torch.ones(q, t, dtype=torch.bool).tril(t - q)[None, None]
+    return query, key, value, mask
+
+
+@needs_amx
+@pytest.mark.parametrize("heads,kv_heads,q", [(9, 3, 28), (14, 2, 5), (4, 4, 17)])
+def test_the_question_step_on_tiles_is_as_close_to_float64_as_torchs_kernel(monkeypatch, heads, kv_heads, q):
+    """With `amx` (the engine attends on "amx") the question step's causal attention over the merged
+    KV runs on the kernel, GQA or not: no farther from float64 than the path it replaces
+    (packed_queries, torch's fused kernel) plus a bf16 rounding of the output."""
+    query, key, value, mask = _question_step(heads, kv_heads, q)
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    calls = []
+    real = attention_kernel.attend
+    monkeypatch.setattr(attention_kernel, "attend", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    out, _ = attention._through(None, "sdpa", module, query, key, value, mask, amx=True, scaling=0.2, dropout=0.0)
+    assert calls == [{"causal": True}]
+    ref, _ = _reference(query, key, value, 0.2, causal=True)
+    if heads != kv_heads:
+        torch_out, _ = attention.packed_queries(module, query, key, value, mask, scaling=0.2)
+    else:
+        torch_out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                                     scale=0.2).transpose(1, 2)
+    error, torch_error = ((o.transpose(1, 2).double() - ref).abs().max().item() for o in (out, torch_out))
+    assert out.shape == (1, q, heads, 64) and out.is_contiguous()
+    assert error <= torch_error + 2**-8 * ref.abs().max().item(), (error, torch_error)
+
+
+@needs_amx
+def test_the_question_step_leaves_the_tiles_for_any_other_mask():
+    """The kernel's causal mask is the only one it computes: a mask that also hides a context key,
+    one aligned to the first key, an additive or per-head mask, one query token, soft-capping,
+    dropout or fp32 tensors keep torch's path."""
+    query, key, value, mask = _question_step()
+    q, t = mask.shape[-2:]
+    assert attention._causal_step(query, key, value, mask, {})
+    holed = mask.clone()
+    holed[..., 5] = False  # calibration evicts by slicing the keys, not by masking, but a caller might
+    additive = torch.zeros(mask.shape, dtype=query.dtype).masked_fill(~mask, float("-inf"))
+    refused = [(query, key, value, holed, {}), (query, key, value, torch.ones(q, t, dtype=torch.bool).tril()[None, None], {}),
+               (query, key, value, additive, {}), (query, key, value, mask.expand(1, 9, q, t), {}),
+               (query, key, value, None, {}), (query[:, :, -1:], key, value, mask[..., -1:, :], {}),
+               (query, key, value, mask, {"softcap": 30.0}), (query, key, value, mask, {"dropout": 0.1}),
+               (query.float(), key.float(), value.float(), mask, {})]
+    for args in refused:
+        assert not attention._causal_step(*args)
+
+
+@needs_amx
+def test_an_engine_on_tiles_runs_its_question_step_on_them(tokenizer, monkeypatch):
+    """An engine that attends on "amx" runs the question step's attention on the kernel in every
+    layer, and nowhere else in decoding; its logits are those of torch's path (the same engine with
+    the step refused) to a few bf16 roundings through the model, and so are its tokens."""
+    model = _wide_heads("llama", len(tokenizer)).to(torch.bfloat16)
+    pc = ParallelComp(model, tokenizer, ParallelCompConfig(keep_chunks=2, chunk_tokens=36))
+    docs = [text(20 + i, n) for i, n in enumerate([30, 12, 25])]
+    question = "Where is the copper garden?"
+    forward, attend = decode.forward, attention_kernel.attend
+    runs = {}
+    for tiles in (True, False):
+        steps, calls = [], []  # each decoding forward's last logits; the kernel's calls in each
+
+        def spy_forward(model, ids, *args, **kwargs):
+            calls.append(0)
+            steps.append(forward(model, ids, *args, **kwargs))
+            return steps[-1]
+
+        def spy_attend(*args, **kwargs):
+            if calls:  # phases 1 and 2 attend on the kernel before decoding starts
+                calls[-1] += 1
+            return attend(*args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(decode, "forward", spy_forward)
+            m.setattr(attention_kernel, "attend", spy_attend)
+            if not tiles:
+                m.setattr(attention, "_causal_step", lambda *args: False)
+            out = pc.generate(question, documents=docs, max_new_tokens=6)
+        runs[tiles] = out, steps, calls
+    (amx, amx_steps, amx_calls), (fused, fused_steps, fused_calls) = runs[True], runs[False]
+    layers = model.config.num_hidden_layers
+    assert amx_calls[0] == layers and fused_calls[0] == 0 and not any(amx_calls[1:] + fused_calls[1:])
+    logits, difference = fused_steps[0].float(), (amx_steps[0].float() - fused_steps[0].float()).abs()
+    ulp = 2.0 ** (logits.abs().max().log2().floor().item() - 7)  # bf16's spacing at the largest logit
+    assert difference.max() <= 4 * ulp and difference.mean() <= ulp  # measured: 2.75 and 0.5 ulp
+    assert amx.token_ids == fused.token_ids and len(amx.token_ids) == 6
 
 
 def test_amx_is_refused_where_it_cannot_run_and_auto_passes_it_by(tokenizer, monkeypatch):

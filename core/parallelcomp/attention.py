@@ -10,7 +10,8 @@ Two scopes, each a `with` block undone in `finally`:
   flash attention). Used by attention-bias calibration at the question step, and with no handler
   by `packed_decode`: on sdpa models, a one-token step with no mask runs `packed_one_query`
   (on CPU, optionally the C kernel of decode_kernel.py), and a GQA layer's masked multi-token
-  step (the question step) `packed_queries`, neither copying the KV heads.
+  step (the question step) `packed_queries`, neither copying the KV heads, or where the engine
+  attends on the AMX kernel and the mask hides only the question's own future, that kernel.
 * `chunk_attention(model, prefix, contexts, observe)` — phase 2 (prefill.question_nll): the same
   registration, but the attention itself is `_attend_chunks`: batch row i's question
   attends to [prefix ‖ chunk i (‖ its question head) ‖ its own earlier tokens], reading the prefix
@@ -88,14 +89,16 @@ _BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 @contextmanager
-def attention_function(model, handler: Handler, kernel: bool = False) -> Iterator[None]:
+def attention_function(model, handler: Handler, kernel: bool = False, amx: bool = False) -> Iterator[None]:
     """Run the model's attention through "parallelcomp" (and `handler`) inside the block;
-    `kernel`: one-token steps may run the C kernel (packed_one_query)."""
+    `kernel`: one-token steps may run the C kernel (packed_one_query); `amx`: a causal
+    multi-token step may run on the AMX kernel (`_causal_step`)."""
     previous = model.config._attn_implementation or "eager"
     if previous not in _BACKENDS and previous != NAME:
         msg = f"attention calibration supports the {_BACKENDS} backends, not {previous!r}; load the model with sdpa"
         raise ModelNotSupportedError(msg)
-    with _scope(model, attention_modules(model), lambda module: partial(_through, handler, previous, kernel=kernel)):
+    with _scope(model, attention_modules(model),
+                lambda module: partial(_through, handler, previous, kernel=kernel, amx=amx)):
         yield
 
 
@@ -171,10 +174,11 @@ def _scope(model, modules: list[torch.nn.Module], attend_for: Callable[[torch.nn
 
 
 @contextmanager
-def packed_decode(model, kernel: bool = False) -> Iterator[None]:
+def packed_decode(model, kernel: bool = False, amx: bool = False) -> Iterator[None]:
     """Inside the block, one-token steps of an sdpa model run `packed_one_query`; with `kernel`,
     on the C kernel (decode_kernel.py) wherever it takes the step's tensors. The question step's
-    masked GQA attention runs `packed_queries`.
+    masked GQA attention runs `packed_queries`, or with `amx` on the AMX kernel where its mask
+    hides only each question token's future (`_causal_step`).
 
     A no-op for other backends (eager keeps its own numerics; flash attention is unverified here),
     inside an `attention_function` scope (calibration), whose dispatch already packs, and for
@@ -184,7 +188,7 @@ def packed_decode(model, kernel: bool = False) -> Iterator[None]:
     if model.config._attn_implementation == "sdpa":
         try:
             attention_modules(model)
-            scope = attention_function(model, None, kernel)
+            scope = attention_function(model, None, kernel, amx)
         except ModelNotSupportedError:
             pass
     with scope:
@@ -249,6 +253,21 @@ def _packs_queries(query, key, attention_mask, kwargs) -> bool:
     shared by the heads, plain softmax attention."""
     return (query.shape[2] > 1 and query.shape[1] != key.shape[1] and attention_mask is not None
             and attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and _plain_softmax(kwargs))
+
+
+def _causal_step(query, key, value, attention_mask, kwargs) -> bool:
+    """Whether the AMX kernel's causal attention (attention_kernel.attend, row m of q sees keys
+    t <= T - q + m) computes this call exactly: several query tokens after the cached ones (the
+    question step over the merged KV), a bool mask that hides from each of them only the later
+    question tokens, plain softmax attention, no dropout, tensors the kernel takes. Its output
+    differs from torch's fused kernel's by rounding, as phases 1 and 2 on it do."""
+    q, t = query.shape[2], key.shape[2]
+    if (q < 2 or t < q or attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+            or attention_mask.shape[1:] != (1, q, t) or kwargs.get("dropout") or not _plain_softmax(kwargs)
+            or not attention_kernel.takes(query, key, value)):
+        return False
+    causal = torch.ones(q, t, dtype=torch.bool, device=attention_mask.device).tril(t - q)
+    return torch.equal(attention_mask, causal.expand_as(attention_mask))
 
 
 def _key_splits(key: torch.Tensor) -> int:
@@ -332,13 +351,17 @@ def _dispatch(module, query, key, value, attention_mask, **kwargs):
 
 
 def _through(handler: Handler | None, previous: str, module, query, key, value, attention_mask, *,
-             kernel: bool = False, **kwargs):
-    """Route 2: the optional handler, then the previous backend (`kernel`: see packed_one_query)."""
+             kernel: bool = False, amx: bool = False, **kwargs):
+    """Route 2: the optional handler, then the previous backend (`kernel`: see packed_one_query;
+    `amx`: see `_causal_step`)."""
     if handler is not None:
         key, value, attention_mask = handler(module, query, key, value, attention_mask)
     if previous == "sdpa":
         if query.shape[2] == 1 and attention_mask is None and not _SDPA_SPECIAL.intersection(kwargs):
             return packed_one_query(module, query, key, value, kernel=kernel, **kwargs)
+        if amx and _causal_step(query, key, value, attention_mask, kwargs):
+            out, _ = attention_kernel.attend(query, key, value, kwargs.get("scaling"), causal=True)
+            return out.transpose(1, 2), None
         if _packs_queries(query, key, attention_mask, kwargs):
             return packed_queries(module, query, key, value, attention_mask, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

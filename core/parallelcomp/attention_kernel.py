@@ -8,7 +8,8 @@ measures about twice torch's rate on phase 1's causal attention (docs/hardware.m
 that layout ahead of time, in C with the kernel's own packing: the store keeps the chunks phase 2
 reads in it (docs/store.md, "Chunks kept in the kernel's layout").
 `attention.py` runs it when `ParallelCompConfig.attention_kernel` resolves to "amx": phase 1,
-the prompt prefix, and phase 2's attention over each chunk's keys. It takes bf16 tensors on CPU
+the prompt prefix, phase 2's attention over each chunk's keys, and the question step's over the
+merged KV. It takes bf16 tensors on CPU
 with head sizes that are multiples of 32 (keys) and 64 (values), up to 256.
 """
 
