@@ -202,13 +202,15 @@ def test_tiled_rows_equal_rows_packed_in_the_call(monkeypatch, threads, copies, 
 @needs_amx
 def test_takes_rows_checks_every_row():
     """`attend_rows` is offered phase 2's rows only where every row's key and value suit the
-    kernel; one odd row (another dtype, a strided last dimension, no keys, other heads) refuses."""
+    kernel; one odd row (another dtype, a strided last dimension, no keys, other heads, keys and
+    values of different lengths, no batch dimension, another value size) refuses."""
     query = torch.randn(3, 3, 60, 64).to(torch.bfloat16)
     good = [tuple(torch.randn(1, 3, n, 64).to(torch.bfloat16) for _ in range(2)) for n in (100, 30, 64)]
     assert attention_kernel.takes_rows(query, good)
     k, v = good[1]
     for odd in [(k.float(), v), (k, v.float()), (torch.randn(1, 3, 30, 128).to(torch.bfloat16)[..., ::2], v),
-                (k[:, :, :0], v[:, :, :0]), (k[:, :2], v[:, :2]), (k, v[:, :, :20])]:
+                (k[:, :, :0], v[:, :, :0]), (k[:, :2], v[:, :2]), (k, v[:, :, :20]), (k[0], v[0]),
+                (k, torch.randn(1, 3, 30, 128).to(torch.bfloat16))]:
         assert not attention_kernel.takes_rows(query, [good[0], odd, good[2]])
 
 

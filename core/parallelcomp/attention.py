@@ -460,7 +460,8 @@ def _attend_on_tiles(prefix: LayerKV, contexts: list[list[LayerKV]], query, key,
         return None
     tokens = [row[0].tokens for row in contexts] if tiles else None
     out = attention_kernel.attend_rows(rows, chunks, scale, tails=(keys, values), period=q, tokens=tokens)[0]
-    return out.reshape(b, h, q, -1).transpose(1, 2)
+    # stored (B, G·q, H_kv, Dv): one copy into transformers' contiguous (B, q, H, Dv), head h = h_kv·G + g
+    return out.transpose(1, 2).unflatten(1, (g, q)).permute(0, 2, 3, 1, 4).reshape(b, q, h, -1)
 
 
 def _masks(masks: dict[tuple[int, int | None, int], Masks], attention_mask: torch.Tensor,

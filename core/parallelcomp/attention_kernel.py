@@ -69,11 +69,16 @@ def takes_rows(query: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]
     key, value = rows[0]
     if not takes(query, key, value):
         return False
-    shape = (1, key.shape[1])
-    return all(k.dtype == key.dtype and v.dtype == key.dtype and k.device == key.device and v.device == key.device
-               and k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape[:2] == shape and v.shape[:2] == shape
-               and k.shape[2] > 0 and k.shape[2] == v.shape[2] and k.shape[3] == key.shape[3]
-               and v.shape[3] == value.shape[3] for k, v in rows)
+    dtype, device = key.dtype, key.device
+    shape, values = (1, key.shape[1], key.shape[3]), (1, value.shape[1], value.shape[3])
+    for k, v in rows:  # a plain loop over locals: phase 2 checks 65 rows in each of 30 layers at 128K
+        if k.dim() != 4 or v.dim() != 4:
+            return False
+        (kb, kh, kt, kd), (vb, vh, vt, vd) = k.shape, v.shape
+        if (k.dtype != dtype or v.dtype != dtype or k.device != device or v.device != device or k.stride(-1) != 1
+                or v.stride(-1) != 1 or (kb, kh, kd) != shape or (vb, vh, vd) != values or not 0 < kt == vt):
+            return False
+    return True
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
