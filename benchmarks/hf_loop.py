@@ -4,6 +4,7 @@ virtual environment, so this module imports only torch and the standard library)
 from __future__ import annotations
 
 import contextlib
+import inspect
 import resource
 import time
 
@@ -49,6 +50,13 @@ def kv_bytes(model, kv_tokens: int) -> int:
     return 2 * cfg.num_hidden_layers * heads * head_dim * kv_tokens * size
 
 
+def _cache_kwarg(model) -> str:
+    """The forward's cache keyword: `cache` since transformers 5.24, `past_key_values` before (the
+    kvpress environment may run an older transformers); parallelcomp.compat, which this module may
+    not import, detects it the same way, from the signature."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_ids: set[int],
                     prefill_context=None) -> dict:
@@ -61,7 +69,7 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_ids: s
     with prefill_context or contextlib.nullcontext():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - start
-    cache = out.past_key_values
+    cache = out["cache"] if "cache" in out else out.past_key_values
     kv_tokens = cache.get_seq_length()
     position = len(input_ids)
     tokens: list[int] = []
@@ -71,8 +79,8 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_ids: s
         tokens.append(int(token))
         if len(tokens) == max_new_tokens:
             break
-        out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True,
-                    position_ids=torch.tensor([[position]], device=model.device))
+        out = model(input_ids=token.view(1, 1), use_cache=True, position_ids=torch.tensor([[position]], device=model.device),
+                    **{_cache_kwarg(model): cache})
         position += 1
         token = out.logits[0, -1].argmax()
     return {"token_ids": tokens, "prefill_seconds": prefill,
