@@ -2,7 +2,8 @@
 # attention_kernel.c under AddressSanitizer: builds it with -fsanitize=address and runs N (default
 # 300) random shapes through attention_kernel.attend (causal, transformers' strided layout) and
 # attend_rows (rows with keys of their own, views with an offset, half of them with a tail under its
-# periodic causal mask), 1-3 threads, each against torch's SDPA. Needs a CPU with AMX (docs/hardware.md, "The AMX attention kernel") and gcc's libasan.
+# periodic causal mask), 1-3 threads, each against torch's SDPA; and, since 2026-12-05, a quarter of
+# the cases through attention_kernel.linear (1-256 rows, with and without a bias) against float64. Needs a CPU with AMX (docs/hardware.md, "The AMX attention kernel") and gcc's libasan.
 #   scripts/asan-attention-kernel.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +18,8 @@ from parallelcomp import attention_kernel as ak
 so = tempfile.mkdtemp() + "/attention_kernel_asan.so"
 flags = [f for f in ak.FLAGS if f != "-O3"] + ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
 subprocess.run(["gcc", *flags, "-o", so, str(ak.SOURCE), "-lm"], check=True)
-lib = ctypes.CDLL(so)
+lib = ak._declare(ctypes.CDLL(so))
 assert lib.pc_amx_init() == 0, "Linux refused the AMX tile state"
-lib.pc_amx_attention.restype = ctypes.c_int
-lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12
-                                 + [ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_long, ctypes.c_void_p])
-lib.pc_amx_workspace.restype = ctypes.c_long
-lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_long]
 ak._library = lambda: (lib, "")
 sdpa = torch.nn.functional.scaled_dot_product_attention
 rng = random.Random(0)
@@ -32,6 +28,14 @@ for case in range(int(sys.argv[1])):
     dv = 64 if d == 32 else rng.choice([64, 128])
     h_kv, g = rng.choice([1, 2, 3]), rng.choice([1, 2, 3, 7])
     torch.set_num_threads(rng.choice([1, 2, 3]))
+    if rng.random() < 0.25:  # a linear of few rows: x a view that starts one row into its storage
+        m, k, n = rng.randint(1, ak.LINEAR_ROWS), 32 * rng.randint(1, 48), 16 * rng.randint(1, 64)
+        x, w = torch.randn(m + 1, k).to(torch.bfloat16)[1:], (torch.randn(n, k) / k**0.5).to(torch.bfloat16)
+        bias = torch.randn(n).to(torch.bfloat16) if rng.random() < 0.5 else None
+        assert ak.takes_linear(x, w, bias)
+        out, ref = ak.linear(x, w, bias), x.double() @ w.double().T + (0 if bias is None else bias.double())
+        assert (out.double() - ref).abs().max().item() < 0.05, (case, m, k, n)
+        continue
     if rng.random() < 0.5:  # phase 1: causal, (B, T, H, D) memory seen as (B, H, T, D)
         b, t = rng.choice([1, 2, 3]), rng.randint(1, 700)
         q, k, v = (torch.randn(b, t, n, w).to(torch.bfloat16).transpose(1, 2)

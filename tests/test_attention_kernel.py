@@ -4,6 +4,7 @@ refused."""
 
 from __future__ import annotations
 
+import collections
 import os
 import platform
 import shutil
@@ -502,6 +503,105 @@ def test_an_engine_on_tiles_runs_its_question_step_on_them(tokenizer, monkeypatc
     ulp = 2.0 ** (logits.abs().max().log2().floor().item() - 7)  # bf16's spacing at the largest logit
     assert difference.max() <= 4 * ulp and difference.mean() <= ulp  # measured: 2.75 and 0.5 ulp
     assert amx.token_ids == fused.token_ids and len(amx.token_ids) == 6
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 15, 17, 28, 100, 128])
+@pytest.mark.parametrize("out_features,in_features", [(16, 32), (48, 64), (80, 96), (192, 576)])
+def test_linear_is_as_close_to_float64_as_one_bf16_rounding(threads, rows, out_features, in_features):
+    """The AMX linear of few rows (x as a strided 3-D view, with and without a bias) against the
+    float64 product: each output is the fp32 sum (bias included) rounded once to bf16, so it is
+    within one bf16 spacing of the exact value plus the fp32 sum's own error, the bound torch's bf16
+    GEMM meets without a bias. Rows past a 16-row block, odd numbers of 32-column blocks, 1-3 threads."""
+    torch.manual_seed(rows * out_features + threads)
+    x = torch.randn(2, rows, 2 * in_features, dtype=torch.bfloat16)[:, :, ::2][1:]  # (1, rows, K), strided
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) / in_features ** 0.5
+    bias = torch.randn(out_features, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b in (None, bias):
+            assert attention_kernel.takes_linear(x, weight, b)
+            ours = attention_kernel.linear(x, weight, b)
+            exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+            spacing = 2.0 ** (exact.abs().clamp(min=2.0 ** -126).log2().floor() - 7)  # bf16's at each value
+            slack = in_features * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T + 1)
+            assert ours.shape == (1, rows, out_features) and ours.dtype == torch.bfloat16
+            assert ((ours.double() - exact).abs() <= spacing + slack).all()
+            if b is None:  # torch's rounds once too (with a bias, for one row, it rounds the product first)
+                torch_error = (torch.nn.functional.linear(x, weight).double() - exact).abs()
+                assert (torch_error <= spacing + slack).all()
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_amx
+def test_linear_leaves_to_torch_what_it_does_not_take():
+    """fp32, a K that is not a multiple of 32 or an N not of 16, more rows than LINEAR_ROWS, a
+    transposed weight, an fp32 bias, and a product autograd must record: `takes_linear` refuses,
+    and the modules' forward then is F.linear's, bit for bit."""
+    weight, x = torch.randn(64, 64, dtype=torch.bfloat16), torch.randn(5, 64, dtype=torch.bfloat16)
+    assert attention_kernel.takes_linear(x, weight, None)
+    refused = [
+        (x.float(), weight.float(), None),
+        (x[:, :48], weight[:, :48].contiguous(), None),
+        (x, weight[:24].contiguous(), None),
+        (torch.randn(attention_kernel.LINEAR_ROWS + 1, 64, dtype=torch.bfloat16), weight, None),
+        (x, weight.T, None),
+        (x, weight, torch.zeros(64)),
+        (x.clone().requires_grad_(), weight, None),
+    ]
+    module = torch.nn.Linear(64, 64, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    for inputs, w, bias in refused:
+        assert not attention_kernel.takes_linear(inputs, w, bias)
+        module.weight.data, module.bias = w, None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        if w.shape[1] == inputs.shape[-1] and w.dtype == inputs.dtype and (bias is None or bias.dtype == w.dtype):
+            ours = attention_kernel._linear_forward(module, inputs)
+            assert torch.equal(ours, torch.nn.functional.linear(inputs, w, module.bias))
+
+
+@needs_amx
+def test_an_engine_on_tiles_runs_its_few_row_linears_on_them(tokenizer, monkeypatch):
+    """An engine on "amx" runs the model's linear layers on the kernel during a run wherever they
+    have few rows (the prompt prefix, phase 2 over three chunks, the question step), hands the modules their own
+    forward back after it, and answers as the same engine on torch's GEMMs does: the same tokens,
+    its first logits within a few bf16 roundings through the model."""
+    model = _wide_heads("llama", len(tokenizer)).to(torch.bfloat16)
+    docs = [text(20 + i, n) for i, n in enumerate([30, 12, 25])]
+    question = "Where is the copper garden?"
+    forward, linear = decode.forward, attention_kernel.linear
+    runs = {}
+    for tiles in (True, False):
+        steps, rows, widths = [], [], []
+
+        def spy_forward(model, ids, *args, **kwargs):
+            widths.append(ids.shape[1])
+            steps.append(forward(model, ids, *args, **kwargs))
+            return steps[-1]
+
+        def spy_linear(x, *args):
+            rows.append(x.numel() // x.shape[-1])
+            return linear(x, *args)
+
+        with monkeypatch.context() as m:
+            m.setattr(decode, "forward", spy_forward)
+            m.setattr(attention_kernel, "linear", spy_linear)
+            if not tiles:
+                m.setattr(attention_kernel, "linear_modules", lambda model: [])
+            pc = ParallelComp(model, tokenizer, ParallelCompConfig(keep_chunks=2, chunk_tokens=36))
+            out = pc.generate(question, documents=docs, max_new_tokens=6)
+        runs[tiles] = out, steps, rows
+        assert not any("forward" in vars(module) for module in model.modules())
+    (amx, amx_steps, amx_rows), (torchs, torch_steps, torch_rows) = runs[True], runs[False]
+    counts, layers = collections.Counter(amx_rows), model.config.num_hidden_layers
+    assert not torch_rows and counts[widths[0]] >= 7 * layers  # the question step's projections, every layer
+    assert sum(n == 7 * layers for n in counts.values()) >= 3  # and the prefix's and phase 2's
+    assert max(counts) <= attention_kernel.LINEAR_ROWS  # phase 1's micro-batch (219 rows) keeps torch's
+    logits, difference = torch_steps[0].float(), (amx_steps[0].float() - torch_steps[0].float()).abs()
+    ulp = 2.0 ** (logits.abs().max().log2().floor().item() - 7)
+    assert difference.max() <= 4 * ulp
+    assert amx.token_ids == torchs.token_ids and len(amx.token_ids) == 6
 
 
 def test_amx_is_refused_where_it_cannot_run_and_auto_passes_it_by(tokenizer, monkeypatch):

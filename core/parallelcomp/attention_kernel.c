@@ -521,3 +521,72 @@ void pc_amx_untile(const uint16_t *dk, const uint16_t *dv, long T, long Hkv, lon
             }
     }
 }
+
+/* y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias (N)), bf16 in and out, fp32 sums rounded once: a linear
+ * layer for few rows (the question step's 28, phase 2 over a few chunks). For few rows a GEMM is
+ * bound by reading its weight; torch's bf16 GEMM (oneDNN) first reorders the weight into the tiles'
+ * layout, a second pass over it on every call. Here the weight's rows are the tiles' A operand as
+ * they lie (16 output columns × 32 of K per tile), and x, the small operand, is what gets packed:
+ * xᵀ in pairs of K per 16 rows ([M/16][K/2][16] pairs, the B layout, in `packed`), once per call.
+ * Each thread takes blocks of 32 output columns; a block's two weight tiles meet two 16-row blocks
+ * of x at a time, four accumulators, and the 16 × 16 fp32 results (output columns × rows) are
+ * transposed into y's rows. K a multiple of 32 and N of 16 (attention_kernel.takes_linear). */
+void pc_amx_linear(const uint16_t *x, long M, long K, const uint16_t *w, long N, const uint16_t *bias, uint16_t *y,
+                   uint32_t *packed, long threads) {
+    const long mb = (M + 15) / 16, P = K / 2, nb = (N + 31) / 32;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (long b = 0; b < mb; b++)  /* xᵀ in pairs: 16 rows × 16 pairs per transpose, zeros past M */
+            for (long p = 0; p < P; p += 16) {
+                __m512i r[16];
+                for (long i = 0; i < 16; i++)
+                    r[i] = b * 16 + i < M ? _mm512_loadu_si512((const uint32_t *)(x + (b * 16 + i) * K) + p)
+                                          : _mm512_setzero_si512();
+                transpose16(r);
+                for (long i = 0; i < 16; i++) _mm512_store_si512((__m512i *)(packed + (b * P + p + i) * 16), r[i]);
+            }
+        configure();
+        float sums[4][256] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (long j = 0; j < nb; j++) {
+            const long n = j * 32;
+            const int two_n = n + 32 <= N;
+            for (long b = 0; b < mb; b += 2) {
+                const int two_m = b + 1 < mb;
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (long k = 0; k < K; k += 32) {  /* tile (i, j) accumulates weight tile i · x tile j */
+                    _tile_loadd(4, w + n * K + k, K * 2);
+                    _tile_loadd(6, packed + (b * P + k / 2) * 16, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (two_m) {
+                        _tile_loadd(7, packed + ((b + 1) * P + k / 2) * 16, 64);
+                        _tile_dpbf16ps(1, 4, 7);
+                    }
+                    if (two_n) {
+                        _tile_loadd(5, w + (n + 16) * K + k, K * 2);
+                        _tile_dpbf16ps(2, 5, 6);
+                        if (two_m) _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, sums[0], 64);
+                if (two_m) _tile_stored(1, sums[1], 64);
+                if (two_n) _tile_stored(2, sums[2], 64);
+                if (two_n && two_m) _tile_stored(3, sums[3], 64);
+                for (int t = 0; t < 4; t++) {
+                    const long col = n + (t >> 1) * 16, row = (b + (t & 1)) * 16;
+                    if (((t >> 1) && !two_n) || ((t & 1) && !two_m)) continue;
+                    __m512i r[16];
+                    for (int i = 0; i < 16; i++) r[i] = _mm512_load_si512((const __m512i *)(sums[t] + i * 16));
+                    transpose16(r);  /* r[i]: the 16 columns col.. of row row + i */
+                    const __m512 add = bias ? _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(bias + col)))
+                                            : _mm512_setzero_ps();
+                    for (long i = 0; i < 16 && row + i < M; i++)
+                        _mm256_storeu_si256((__m256i *)(y + (row + i) * N + col),
+                                            (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(r[i]), add)));
+                }
+            }
+        }
+        _tile_release();
+    }
+}

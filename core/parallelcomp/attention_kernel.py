@@ -11,6 +11,11 @@ reads in it (docs/store.md, "Chunks kept in the kernel's layout").
 the prompt prefix, phase 2's attention over each chunk's keys, and the question step's over the
 merged KV. It takes bf16 tensors on CPU
 with head sizes that are multiples of 32 (keys) and 64 (values), up to 256.
+
+The same library holds `linear`, a bf16 linear layer for at most LINEAR_ROWS rows on the tiles,
+which reads the weight as it lies where torch's GEMM reorders it first; where the engine attends
+on "amx", the model's nn.Linear modules run it for the duration of each run (`linear_modules`),
+so the question step's 28-row projections read each weight once (docs/hardware.md, "Few rows").
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import native
 
@@ -28,6 +35,13 @@ SOURCE = Path(__file__).with_name("attention_kernel.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
          "-fopenmp", "-fPIC", "-shared")
 CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
+
+LINEAR_ROWS = 128
+"""The most rows `linear` takes. Against torch's bf16 GEMM on SmolLM2's seven projection shapes
+(30 layers' weights, AMX host, ad hoc): 1.75x faster at 28 rows, 1.7x at 64, 1.4x at 128, 1.3x at
+256, even at 512. Above 128 rows it would still be faster, but there a 135M model's greedy output
+changed with the rounding (docs/hardware.md, "Few rows"), for a gain only prompts and phase 2 over
+8-15 chunks would see."""
 
 _scratch = threading.local()  # each thread's packed-KV workspace (two rows' worth), grown to the largest call
 
@@ -161,6 +175,51 @@ def untile(key: torch.Tensor, value: torch.Tensor, tokens: int) -> tuple[torch.T
     return keys, values
 
 
+def takes_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `linear` computes F.linear(x, weight, bias): bf16 on CPU, a contiguous (N, K) weight
+    with K a multiple of 32 and N of 16, x of 1 to LINEAR_ROWS rows of K, a contiguous (N,) bias or
+    none, nothing that autograd should record, and an available kernel."""
+    if weight.dim() != 2 or x.dim() == 0:
+        return False
+    n, k = weight.shape
+    return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
+            and weight.is_contiguous() and k % 32 == 0 and n % 16 == 0 and x.shape[-1] == k
+            and 0 < x.numel() <= LINEAR_ROWS * k
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu" and bias.is_contiguous()
+                                  and bias.shape == (n,)))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and available())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) on the tiles (pc_amx_linear): fp32 sums, each rounded once to bf16.
+    Call only where `takes_linear` holds."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    out = x.new_empty(*x.shape[:-1], n)
+    _library()[0].pc_amx_linear(rows.data_ptr(), m, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
+                                out.data_ptr(), _workspace(-(-m // 16) * 16 * k * 2), torch.get_num_threads())
+    return out
+
+
+def linear_modules(model) -> list[tuple[nn.Module, Callable]]:
+    """`model`'s nn.Linear modules (the class itself, not a subclass: quantized and LoRA layers keep
+    their own), each with `_linear_forward`, for layer_kernel.fused; empty where the kernel is
+    unavailable or the model is not bf16 on CPU. A call `takes_linear` refuses runs F.linear."""
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not available():
+        return []
+    return [(module, _linear_forward) for module in model.modules() if type(module) is nn.Linear]
+
+
+def _linear_forward(self, x):
+    if takes_linear(x, self.weight, self.bias):
+        return linear(x, self.weight, self.bias)
+    return nn.functional.linear(x, self.weight, self.bias)
+
+
 def _workspace(nbytes: int) -> int:
     """The address of this thread's workspace of at least `nbytes`, 64-byte aligned."""
     held = getattr(_scratch, "buffer", None)
@@ -178,12 +237,21 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, why
     if lib.pc_amx_init() != 0:
         return None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+    return _declare(lib), ""
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with its functions' argument and result types declared (also for a build of the same
+    source under AddressSanitizer, scripts/asan-attention-kernel.sh)."""
     lib.pc_amx_attention.restype = ctypes.c_int
     lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12 + [ctypes.c_int, ctypes.c_long,
                                      ctypes.c_float, ctypes.c_int, ctypes.c_long, ctypes.c_void_p])
     lib.pc_amx_tile.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long] * 6
                                 + [ctypes.c_void_p] * 2 + [ctypes.c_long])
     lib.pc_amx_untile.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_long]
+    lib.pc_amx_linear.restype = None
+    lib.pc_amx_linear.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long]
+                                  + [ctypes.c_void_p] * 3 + [ctypes.c_long])
     lib.pc_amx_workspace.restype = ctypes.c_long
     lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    return lib, ""
+    return lib

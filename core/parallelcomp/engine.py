@@ -152,6 +152,8 @@ class ParallelComp:
         self.decode_kernel = _decode_kernel(model, self.config.decode_kernel)
         self._fused_layers = layer_kernel.modules(model) if self.config.layer_kernel == "auto" else []
         self.layer_kernel = layer_kernel.NAME if self._fused_layers else "torch"
+        if self.attention_kernel == "amx":  # the AMX library's linear for few rows (attention_kernel.linear)
+            self._fused_layers += attention_kernel.linear_modules(model)
         self._lock = guard.run_lock(model)  # one run at a time per model, shared by its engines
         memory = self.config.kv_store_bytes
         self.store = ChunkStore(guard.total_bytes(model.device) // 3 if memory is None else memory,
@@ -214,7 +216,8 @@ class ParallelComp:
 
     def layers(self):
         """A block in which the model's RMSNorms and SwiGLU gates run on this engine's layer kernel
-        (ParallelCompConfig.layer_kernel); its modules' own forwards again after it."""
+        (ParallelCompConfig.layer_kernel), and on "amx" its linear layers of few rows on the tiles
+        (attention_kernel.linear_modules); its modules' own forwards again after it."""
         return layer_kernel.fused(self._fused_layers)
 
     def _model_identity(self) -> tuple[dict, str]:
