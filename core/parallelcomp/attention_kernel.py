@@ -36,12 +36,13 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
          "-fopenmp", "-fPIC", "-shared")
 CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
 
-LINEAR_ROWS = 128
-"""The most rows `linear` takes. Against torch's bf16 GEMM on SmolLM2's seven projection shapes
-(30 layers' weights, AMX host, ad hoc): 1.75x faster at 28 rows, 1.7x at 64, 1.4x at 128, 1.3x at
-256, even at 512. Above 128 rows it would still be faster, but there a 135M model's greedy output
-changed with the rounding (docs/hardware.md, "Few rows"), for a gain only prompts and phase 2 over
-8-15 chunks would see."""
+LINEAR_ROWS = 32
+"""The most rows the engine gives `linear` (which itself takes any number). Against torch's bf16
+GEMM on SmolLM2's seven projection shapes (30 layers' weights, AMX host, ad hoc) it is 1.75x faster
+at 28 rows, 1.4x at 128 and 1.3x at 256; up to 32 rows its outputs were torch's bit for bit, above
+32 a few in ten thousand differ by one bf16 unit (oneDNN changes its blocking there), and that was
+enough to flip a greedy answer (docs/hardware.md, "Few rows"). The question step's 20-30 rows are
+what it is for."""
 
 _scratch = threading.local()  # each thread's packed-KV workspace (two rows' worth), grown to the largest call
 

@@ -154,8 +154,8 @@ class ParallelCompConfig(BaseModel):
     GEMMs beat fp32 and where the matmul attention measures faster than the fused kernel
     (hardware.matmul_attention, measured once per machine): on AVX-512 BF16 without AMX the fused
     CPU kernel runs at its fp32 rate and the matmuls at about twice that; fused elsewhere. On
-    "amx" the model's linear layers of at most 128 rows (the question step, phase 2 over a few
-    chunks) also run on the tiles, reading each weight once (attention_kernel.linear). Chunk
+    "amx" the model's linear layers of at most 32 rows (the question step) also run on the tiles,
+    reading each weight once, torch's results bit for bit (attention_kernel.linear). Chunk
     KV is stored under the kernel that made it (docs/hardware.md)."""
     layer_kernel: Literal["auto", "torch"] = "auto"
     """How a bf16 model's RMSNorms and SwiGLU gate run on CPU: "auto" runs layer_kernel.py's C
