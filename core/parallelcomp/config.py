@@ -155,8 +155,8 @@ class ParallelCompConfig(BaseModel):
     (hardware.matmul_attention, measured once per machine): on AVX-512 BF16 without AMX the fused
     CPU kernel runs at its fp32 rate and the matmuls at about twice that; fused elsewhere. On
     "amx" the model's linear layers of at most 32 rows (the question step) also run on the tiles,
-    reading each weight once, torch's results bit for bit (attention_kernel.linear). Chunk
-    KV is stored under the kernel that made it (docs/hardware.md)."""
+    reading each weight once (attention_kernel.linear; on SmolLM2's shapes, torch's results bit
+    for bit). Chunk KV is stored under the kernel that made it (docs/hardware.md)."""
     layer_kernel: Literal["auto", "torch"] = "auto"
     """How a bf16 model's RMSNorms and SwiGLU gate run on CPU: "auto" runs layer_kernel.py's C
     kernels (one pass over memory each instead of eager torch's five to six; compiled on first use)
