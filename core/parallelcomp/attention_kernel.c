@@ -523,7 +523,7 @@ void pc_amx_untile(const uint16_t *dk, const uint16_t *dv, long T, long Hkv, lon
 }
 
 /* y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias (N)), bf16 in and out, fp32 sums rounded once: a linear
- * layer for few rows (the question step's 28, phase 2 over a few chunks). For few rows a GEMM is
+ * layer for few rows (the question step's 20-30). For few rows a GEMM is
  * bound by reading its weight; torch's bf16 GEMM (oneDNN) first reorders the weight into the tiles'
  * layout, a second pass over it on every call. Here the weight's rows are the tiles' A operand as
  * they lie (16 output columns × 32 of K per tile), and x, the small operand, is what gets packed:

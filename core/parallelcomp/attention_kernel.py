@@ -12,10 +12,11 @@ the prompt prefix, phase 2's attention over each chunk's keys, and the question 
 merged KV. It takes bf16 tensors on CPU
 with head sizes that are multiples of 32 (keys) and 64 (values), up to 256.
 
-The same library holds `linear`, a bf16 linear layer for at most LINEAR_ROWS rows on the tiles,
-which reads the weight as it lies where torch's GEMM reorders it first; where the engine attends
-on "amx", the model's nn.Linear modules run it for the duration of each run (`linear_modules`),
-so the question step's 28-row projections read each weight once (docs/hardware.md, "Few rows").
+The same library holds `linear`, a bf16 linear layer on the tiles for few rows, which reads the
+weight as it lies where torch's GEMM reorders it first; where the engine attends on "amx", the
+model's nn.Linear modules run it during each run for calls of at most LINEAR_ROWS rows
+(`linear_modules`), so the question step's projections read each weight once (docs/hardware.md,
+"Few rows").
 """
 
 from __future__ import annotations
