@@ -158,11 +158,9 @@ class DecodeStep:
         self.eps, self.scale = decoder.norm.variance_epsilon, attn.scaling
         windows = [getattr(m.self_attn, "sliding_window", getattr(cfg, "sliding_window", None)) for m in decoder.layers]
         self.window = min((w for w in windows if w), default=None)  # per layer (qwen2/3) or global (mistral)
-        self._table = torch.zeros(len(layers), len(_FIELDS), dtype=torch.int64)
-        for i, layer in enumerate(layers):
-            for j, name in enumerate(_FIELDS[:-1]):
-                value = layer.get(name)
-                self._table[i, j] = value if isinstance(value, int) else 0 if value is None else value.data_ptr()
+        self._table = torch.tensor(  # one row per layer; its last column, "held", is set at each step
+            [[v if isinstance(v, int) else 0 if v is None else v.data_ptr() for v in map(layer.get, _FIELDS[:-1])] + [0]
+             for layer in layers], dtype=torch.int64).reshape(len(layers), len(_FIELDS))
 
     @classmethod
     def for_model(cls, model, cache) -> "DecodeStep | None":
@@ -173,15 +171,15 @@ class DecodeStep:
         that attend with sdpa (`RunStats.decode_kernel` "c-avx2")."""
         from .kv import PreallocatedLayer
 
-        cfg = model.config.get_text_config()
+        cfg, dtype = model.config.get_text_config(), model.dtype  # model.dtype scans the parameters: read it once
         if (model.config.model_type not in _FAMILIES or getattr(cfg, "hidden_act", None) != "silu"
-                or model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16)
+                or model.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16)
                 or not available() or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())):
             return None
         decoder = getattr(model, "model", None)
         if (decoder is None or type(getattr(model, "lm_head", None)) is not torch.nn.Linear
-                or model.lm_head.bias is not None or model.lm_head.weight.dtype != model.dtype
-                or not takes_weight(model.lm_head.weight) or not _plain_norm(decoder.norm, decoder.norm, model.dtype)
+                or model.lm_head.bias is not None or model.lm_head.weight.dtype != dtype
+                or not takes_weight(model.lm_head.weight) or not _plain_norm(decoder.norm, decoder.norm, dtype)
                 or len(cache.layers) != len(decoder.layers)):
             return None
         layers = []
@@ -193,10 +191,10 @@ class DecodeStep:
                      "q_norm": getattr(attn, "q_norm", None), "k_norm": getattr(attn, "k_norm", None)}
             if (not isinstance(cached, PreallocatedLayer) or cached._keys.shape[0] != 1
                     or not (cached._keys.is_contiguous() and cached._values.is_contiguous())
-                    or cached._keys.dtype != model.dtype or cached._keys.shape != cached._values.shape
-                    or any(type(m) is not torch.nn.Linear or m.weight.dtype != model.dtype
+                    or cached._keys.dtype != dtype or cached._keys.shape != cached._values.shape
+                    or any(type(m) is not torch.nn.Linear or m.weight.dtype != dtype
                            or not m.weight.is_contiguous() or not takes_weight(m.weight) for m in linears.values())
-                    or any(n is not None and not _plain_norm(n, decoder.norm, model.dtype) for n in norms.values())):
+                    or any(n is not None and not _plain_norm(n, decoder.norm, dtype) for n in norms.values())):
                 return None
             layer = {name: m.weight for name, m in linears.items()}
             layer.update({f"{name}.bias": m.bias.float().contiguous() for name, m in linears.items() if m.bias is not None})
@@ -205,7 +203,7 @@ class DecodeStep:
             layers.append(layer)
         step = cls(model, cache, layers)
         hidden, heads, kv_heads, head_dim, _, _ = step.shape
-        cos, _ = step.rotary(torch.zeros(1, 1, hidden, dtype=model.dtype), torch.zeros(1, 1, dtype=torch.long))
+        cos, _ = step.rotary(torch.zeros(1, 1, hidden, dtype=dtype), torch.zeros(1, 1, dtype=torch.long))
         if (heads % kv_heads or not takes(heads // kv_heads, head_dim) or hidden % 8 or cos.shape[-1] != head_dim
                 or cache.layers[0]._keys.shape[1:] != (kv_heads, cache.layers[0]._keys.shape[2], head_dim)):
             return None  # a partial rotary embedding, or heads the kernels do not take
