@@ -509,7 +509,7 @@ def test_an_engine_on_tiles_runs_its_question_step_on_them(tokenizer, monkeypatc
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows", [1, 15, 17, 28, 100, 128])
 @pytest.mark.parametrize("out_features,in_features", [(16, 32), (48, 64), (80, 96), (192, 576)])
-def test_linear_is_as_close_to_float64_as_one_bf16_rounding(threads, rows, out_features, in_features):
+def test_linear_is_as_close_to_float64_as_one_bf16_rounding(monkeypatch, threads, rows, out_features, in_features):
     """The AMX linear of few rows (x as a strided 3-D view, with and without a bias) against the
     float64 product: each output is the fp32 sum (bias included) rounded once to bf16, so it is
     within one bf16 spacing of the exact value plus the fp32 sum's own error, the bound torch's bf16
@@ -518,22 +518,18 @@ def test_linear_is_as_close_to_float64_as_one_bf16_rounding(threads, rows, out_f
     x = torch.randn(2, rows, 2 * in_features, dtype=torch.bfloat16)[:, :, ::2][1:]  # (1, rows, K), strided
     weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) / in_features ** 0.5
     bias = torch.randn(out_features, dtype=torch.bfloat16)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for b in (None, bias):
-            assert attention_kernel.takes_linear(x, weight, b) == (rows <= attention_kernel.LINEAR_ROWS)
-            ours = attention_kernel.linear(x, weight, b)  # the kernel takes any rows; the engine up to LINEAR_ROWS
-            exact = x.double() @ weight.double().T + (0 if b is None else b.double())
-            spacing = 2.0 ** (exact.abs().clamp(min=2.0 ** -126).log2().floor() - 7)  # bf16's at each value
-            slack = in_features * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T + 1)
-            assert ours.shape == (1, rows, out_features) and ours.dtype == torch.bfloat16
-            assert ((ours.double() - exact).abs() <= spacing + slack).all()
-            if b is None:  # torch's rounds once too (with a bias, for one row, it rounds the product first)
-                torch_error = (torch.nn.functional.linear(x, weight).double() - exact).abs()
-                assert (torch_error <= spacing + slack).all()
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for b in (None, bias):
+        assert attention_kernel.takes_linear(x, weight, b) == (rows <= attention_kernel.LINEAR_ROWS)
+        ours = attention_kernel.linear(x, weight, b)  # the kernel takes any rows; the engine up to LINEAR_ROWS
+        exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+        spacing = 2.0 ** (exact.abs().clamp(min=2.0 ** -126).log2().floor() - 7)  # bf16's at each value
+        slack = in_features * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T + 1)
+        assert ours.shape == (1, rows, out_features) and ours.dtype == torch.bfloat16
+        assert ((ours.double() - exact).abs() <= spacing + slack).all()
+        if b is None:  # torch's rounds once too (with a bias, for one row, it rounds the product first)
+            torch_error = (torch.nn.functional.linear(x, weight).double() - exact).abs()
+            assert (torch_error <= spacing + slack).all()
 
 
 @needs_amx
