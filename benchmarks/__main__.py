@@ -62,6 +62,9 @@ def main(argv=None) -> None:
     job.add_argument("--out", default=str(DEFAULT_OUT / "main-job"))
     rq = sub.add_parser("repeat-query", help="cold question, then 4 more and a fresh process over one corpus")
     rq.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536, 131072])
+    rq.add_argument("--repeats", type=int, default=1, choices=range(1, 21), metavar="N",
+                    help="processes that ask the cold and the 2nd question (the first also asks 3-5); "
+                         "the table gives each one's ratio and their median")
     rq.add_argument("--out", default=str(DEFAULT_OUT / "repeat-query"))
     sc = sub.add_parser("prefill-scaling", help="cold prefill per context length against its FLOP bound; peak RSS per store tier")
     sc.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384, 32768, 65536, 131072])
@@ -157,7 +160,7 @@ def main(argv=None) -> None:
     elif opts.command == "repeat-query":
         from .repeat_query import run as run_repeat_query
 
-        print(run_repeat_query(opts.lengths, Path(opts.out)))
+        print(run_repeat_query(opts.lengths, Path(opts.out), opts.repeats))
     else:
         out = Path(opts.out)
         report.write(out, json.loads((out / "results.json").read_text()))

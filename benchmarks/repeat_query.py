@@ -21,6 +21,7 @@ import os
 import random
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,8 +100,10 @@ def flops(cfg: dict, s, chunks: list[int]) -> float:
     return question_flops(cfg, s.prefix_tokens + s.question_scored[0] * heads, tokens, chunks, logits)
 
 
-def run(lengths: list[int], out: Path) -> Path:
-    """Measure each of `lengths`; rows of other lengths already in `out` are kept."""
+def run(lengths: list[int], out: Path, repeats: int = 1) -> Path:
+    """Measure each of `lengths`; rows of other lengths already in `out` are kept. `repeats` > 1
+    runs the cold and the 2nd question again in that many more fresh processes (each over a store of
+    its own), so that the 2nd question's ratio to the cold one is seen across the host's spread."""
     from parallelcomp.default_model import embedded_model_dir
 
     model_dir = str(embedded_model_dir(progress=False))
@@ -118,8 +121,13 @@ def run(lengths: list[int], out: Path) -> Path:
             fresh = spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store, "questions": [0],
                             "config": {"kv_store_bytes": 0}})
             both = spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store, "questions": [0]})
+        again = []
+        for _ in range(repeats - 1):
+            with tempfile.TemporaryDirectory(prefix="pc-store-") as store:
+                again.append(spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store,
+                                                    "questions": [0, 1]})["rows"])
         results["lengths"][str(length)] = {"same_process": warm["rows"], "fresh_process_disk": fresh["rows"],
-                                           "fresh_process_both": both["rows"],
+                                           "fresh_process_both": both["rows"], "repeats": again,
                                            "disk_bytes": warm["disk_bytes"], "load_before": load,
                                            "gemm_gflops": gflops,
                                            "load_after": os.getloadavg()[0]}
@@ -163,7 +171,22 @@ def table(results: dict) -> str:
                      f"bound {bound:.1f} s; measured {first['prefill_seconds']} s = {first['prefill_seconds'] / bound:.2f}× "
                      f"the bound; disk tier {entry['disk_bytes'] / 1e6:,.0f} MB; load 1-min {entry['load_before']:.1f}"
                      f"→{entry['load_after']:.1f} | | | | | | | | | | | | | | | |")
+        if entry.get("repeats"):
+            pairs = second_question_ratios(entry)
+            median = statistics.median(ratio for _, _, ratio in pairs)
+            lines.append(f"| | 2nd question against cold in {len(pairs)} processes: cold TTFT "
+                         f"{' / '.join(f'{c}' for c, _, _ in pairs)} s, 2nd "
+                         f"{' / '.join(f'{q}' for _, q, _ in pairs)} s, ratios "
+                         f"{' / '.join(f'{r:.1f}×' for _, _, r in pairs)} (median {median:.1f}×) | | | | | | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
+
+
+def second_question_ratios(entry: dict) -> list[tuple[float, float, float]]:
+    """(cold TTFT, 2nd question's TTFT, their ratio) of each process that asked both: the first
+    (`same_process`) and each of `repeats`."""
+    runs = [entry["same_process"], *entry.get("repeats", [])]
+    return [(rows[0]["ttft_seconds"], rows[1]["ttft_seconds"], rows[0]["ttft_seconds"] / rows[1]["ttft_seconds"])
+            for rows in runs]
 
 
 def _chunking(row: dict) -> str:

@@ -329,3 +329,24 @@ def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatc
     assert memory["flops"] > prefill_flops(cfg, 0, 0, [128] * (memory["n_chunks"] - 1))  # every chunk counted
     assert "| memory | 256 | sdpa | torch |" in prefill_scaling.table(rows)
     assert "| disk | 256 | matmul | torch |" in prefill_scaling.table(rows)
+
+
+def test_repeat_query_table_gives_each_processs_second_question_ratio_and_their_median():
+    from benchmarks.repeat_query import second_question_ratios, table
+
+    def row(question, ttft, reused):
+        return {"question": question, "reused_chunks": reused, "n_chunks": 2, "chunk_seconds": 0.1,
+                "reused_documents": bool(reused), "prefill_seconds": ttft - 0.05, "flops": 2e12, "ttft_seconds": ttft,
+                "decode_tok_s": 50.0, "write_seconds": 0.0, "call_seconds": ttft + 1, "store_bytes": 10**8,
+                "peak_rss_mb": 1000, "correct": True, "answer": "7431290"}
+
+    entry = {"same_process": [row(1, 30.0, 0), row(2, 0.6, 2), row(3, 0.7, 2)],
+             "fresh_process_disk": [row(1, 3.0, 2)], "fresh_process_both": [row(1, 1.2, 2)],
+             "repeats": [[row(1, 36.0, 0), row(2, 0.64, 2)], [row(1, 29.0, 0), row(2, 0.58, 2)]],
+             "disk_bytes": 10**8, "load_before": 1.0, "load_after": 1.2, "gemm_gflops": 2500.0}
+    assert second_question_ratios(entry) == [(30.0, 0.6, 30.0 / 0.6), (36.0, 0.64, 36.0 / 0.64), (29.0, 0.58, 29.0 / 0.58)]
+    text = table({"lengths": {"131072": entry}})
+    assert ("2nd question against cold in 3 processes: cold TTFT 30.0 / 36.0 / 29.0 s, 2nd 0.6 / 0.64 / 0.58 s, "
+            "ratios 50.0× / 56.2× / 50.0× (median 50.0×)") in text
+    del entry["repeats"]  # results written before --repeats: no summary line
+    assert "processes" not in table({"lengths": {"131072": entry}})
