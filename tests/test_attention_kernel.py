@@ -8,6 +8,7 @@ import collections
 import os
 import platform
 import shutil
+import threading
 
 import pytest
 import torch
@@ -555,6 +556,70 @@ def test_linear_leaves_to_torch_what_it_does_not_take():
         if w.shape[1] == inputs.shape[-1] and w.dtype == inputs.dtype and (bias is None or bias.dtype == w.dtype):
             ours = attention_kernel._linear_forward(module, inputs)
             assert torch.equal(ours, torch.nn.functional.linear(inputs, w, module.bias))
+
+
+@needs_amx
+def test_wider_linear_takes_more_rows_up_to_its_bytes_on_its_own_thread():
+    """Outside `wider_linear` a call of more than LINEAR_ROWS rows goes to torch; inside it the
+    kernel takes it while x is at most WIDER_BYTES (910 rows of 576) and computes it within one bf16
+    rounding of float64 (test_linear_is_as_close_to_float64_as_one_bf16_rounding's bound); the block
+    is undone on leaving, nested too, and another thread never sees it."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 576, dtype=torch.bfloat16) / 24
+    rows = attention_kernel.WIDER_BYTES // (2 * 576)
+    small, large = torch.randn(rows, 576, dtype=torch.bfloat16), torch.randn(rows + 1, 576, dtype=torch.bfloat16)
+    seen = []
+    assert rows > attention_kernel.LINEAR_ROWS and not attention_kernel.takes_linear(small, weight, None)
+    with attention_kernel.wider_linear():
+        with attention_kernel.wider_linear():
+            assert attention_kernel.takes_linear(small, weight, None)
+        assert attention_kernel.takes_linear(small, weight, None)
+        assert not attention_kernel.takes_linear(large, weight, None)
+        other = threading.Thread(target=lambda: seen.append(attention_kernel.takes_linear(small, weight, None)))
+        other.start()
+        other.join()
+    assert seen == [False] and not attention_kernel.takes_linear(small, weight, None)
+    ours, exact = attention_kernel.linear(small, weight), small.double() @ weight.double().T
+    spacing = 2.0 ** (exact.abs().clamp(min=2.0 ** -126).log2().floor() - 7)
+    slack = 576 * 2.0 ** -24 * (small.double().abs() @ weight.double().abs().T + 1)
+    assert ((ours.double() - exact).abs() <= spacing + slack).all()
+
+
+@needs_amx
+def test_phase_2_runs_its_wider_linears_on_the_tiles_and_nothing_else_does(tokenizer, monkeypatch):
+    """With more chunks than fit LINEAR_ROWS (6 chunks x 9 question tokens), phase 2's projections
+    run on the kernel; the prompt prefix (42 rows) and phase 1 (a micro-batch of hundreds) keep
+    torch's GEMM, whose KV the answer reads. The chunk scores stay within a few bf16 roundings of
+    the engine's on torch's GEMMs, and so does the ranking."""
+    model = _wide_heads("llama", len(tokenizer)).to(torch.bfloat16)
+    docs = [text(40 + i, 28) for i in range(6)]
+    question = "Where is the copper garden?"
+    linear = attention_kernel.linear
+    runs = {}
+    for tiles in (True, False):
+        rows = []
+
+        def spy_linear(x, *args):
+            rows.append(x.numel() // x.shape[-1])
+            return linear(x, *args)
+
+        with monkeypatch.context() as m:
+            m.setattr(attention_kernel, "linear", spy_linear)
+            if not tiles:
+                m.setattr(attention_kernel, "linear_modules", lambda model: [])
+            pc = ParallelComp(model, tokenizer, ParallelCompConfig(keep_chunks=2, chunk_tokens=36))
+            runs[tiles] = pc.generate(question, documents=docs, max_new_tokens=4), collections.Counter(rows)
+    (amx, counts), (torchs, torch_counts) = runs[True], runs[False]
+    layers, n_chunks = model.config.num_hidden_layers, len(amx.chunks)
+    phase_2 = [n for n, times in counts.items() if n > attention_kernel.LINEAR_ROWS]
+    assert not torch_counts and n_chunks >= 6 and phase_2 and all(n % n_chunks == 0 for n in phase_2)
+    assert all(counts[n] == 7 * layers for n in phase_2)  # every projection of every layer, once
+    assert max(phase_2) * model.config.hidden_size * 2 <= attention_kernel.WIDER_BYTES
+    # here the scores came out equal; with wider inputs (SmolLM2's 576 at 33-767 rows) a few
+    # projections' last bits differ from torch's, and the scores by rounding
+    scores = torch.tensor([c.score for c in amx.chunks]), torch.tensor([c.score for c in torchs.chunks])
+    assert torch.allclose(*scores, rtol=0, atol=2.0**-6)
+    assert [c.kept for c in amx.chunks] == [c.kept for c in torchs.chunks]
 
 
 @needs_amx

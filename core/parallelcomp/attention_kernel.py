@@ -15,8 +15,8 @@ with head sizes that are multiples of 32 (keys) and 64 (values), up to 256.
 The same library holds `linear`, a bf16 linear layer on the tiles for few rows, which reads the
 weight as it lies where torch's GEMM reorders it first; where the engine attends on "amx", the
 model's nn.Linear modules run it during each run for calls of at most LINEAR_ROWS rows
-(`linear_modules`), so the question step's projections read each weight once (docs/hardware.md,
-"Few rows").
+(`linear_modules`), so the question step's projections read each weight once, and in phase 2
+(`wider_linear`) for calls whose x is at most WIDER_BYTES (docs/hardware.md, "Few rows").
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,7 +46,17 @@ at 28 rows, 1.4x at 128 and 1.3x at 256; up to 32 rows its outputs were torch's 
 enough to flip a greedy answer (docs/hardware.md, "Few rows"). The question step's 20-30 rows are
 what it is for."""
 
+WIDER_BYTES = 1 << 20
+"""Inside `wider_linear` (phase 2), `linear` also takes calls of more rows whose x is at most this
+many bytes: x is packed once and then read from the core's L2 (2 MB on every CPU with AMX) by each
+32-column block of the weight. Phase 2 of a reused question, in the model (ad hoc, AMX host,
+2026-12-05): at 32K, 16 chunks x 17 question tokens = 272 rows, the prefill took a median 166-170
+ms against 189-190 ms on torch's GEMM; at 128K (1,105 rows) within the noise either way. Alone, the
+kernel is 0.35-0.8x torch's above about 1,100 rows of 576 (x past the L2), which phase 1's
+4,180-row calls are (docs/hardware.md, "Few rows")."""
+
 _scratch = threading.local()  # each thread's packed-KV workspace (two rows' worth), grown to the largest call
+_wider = threading.local()  # .depth: `wider_linear` blocks this thread is in
 
 
 def available() -> bool:
@@ -179,14 +190,16 @@ def untile(key: torch.Tensor, value: torch.Tensor, tokens: int) -> tuple[torch.T
 
 def takes_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `linear` computes F.linear(x, weight, bias): bf16 on CPU, a contiguous (N, K) weight
-    with K a multiple of 32 and N of 16, x of 1 to LINEAR_ROWS rows of K, a contiguous (N,) bias or
-    none, nothing that autograd should record, and an available kernel."""
+    with K a multiple of 32 and N of 16, x of 1 to LINEAR_ROWS rows of K (inside `wider_linear`, or
+    of at most WIDER_BYTES), a contiguous (N,) bias or none, nothing that autograd should record,
+    and an available kernel."""
     if weight.dim() != 2 or x.dim() == 0:
         return False
     n, k = weight.shape
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
             and weight.is_contiguous() and k % 32 == 0 and n % 16 == 0 and x.shape[-1] == k
-            and 0 < x.numel() <= LINEAR_ROWS * k
+            and 0 < x.numel() and (x.numel() <= LINEAR_ROWS * k
+                                   or (getattr(_wider, "depth", 0) > 0 and x.numel() * 2 <= WIDER_BYTES))
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu" and bias.is_contiguous()
                                   and bias.shape == (n,)))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -205,6 +218,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _library()[0].pc_amx_linear(rows.data_ptr(), m, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
                                 out.data_ptr(), _workspace(-(-m // 16) * 16 * k * 2), torch.get_num_threads())
     return out
+
+
+@contextmanager
+def wider_linear() -> Iterator[None]:
+    """Inside the block, on this thread, `takes_linear` also takes calls of more than LINEAR_ROWS
+    rows whose x is at most WIDER_BYTES: phase 2's projections (prefill.question_nll). Their outputs
+    then differ from torch's in a few last bits at 33-767 rows (oneDNN blocks those differently; at
+    768-1,922 rows they were the same bits; on the AMX host, 2 threads), which moves chunk scores by
+    rounding. Phase 2's outputs
+    only rank the chunks; the prompt prefix, phase 1 and the question step, whose KV the answer
+    reads, keep LINEAR_ROWS, where the bits are torch's."""
+    _wider.depth = getattr(_wider, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _wider.depth -= 1
 
 
 def linear_modules(model) -> list[tuple[nn.Module, Callable]]:

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 
+from . import attention_kernel
 from . import kv as kvops
 from .chunking import Chunk
 from .attention import Observer, causal_kernel, chunk_attention
@@ -176,7 +177,7 @@ def question_nll(
     lm_head = plain_head(model)  # or None: the model's own head makes the logits
     out = None  # the rows' last hidden states, or their logits
     if rows.numel() or observe is not None:  # compression observes even when no logits are needed
-        with chunk_attention(model, prefix, contexts, observe, kernel, kept, head):
+        with chunk_attention(model, prefix, contexts, observe, kernel, kept, head), attention_kernel.wider_linear():
             if lm_head is not None:
                 out = last_hidden(model, question, positions, causal)[:, rows]
             else:
