@@ -49,11 +49,11 @@ what it is for."""
 WIDER_BYTES = 1 << 20
 """Inside `wider_linear` (phase 2), `linear` also takes calls of more rows whose x is at most this
 many bytes: x is packed once and then read from the core's L2 (2 MB on every CPU with AMX) by each
-32-column block of the weight. Phase 2 of a reused question, in the model (ad hoc, AMX host,
-2026-12-05): at 32K, 16 chunks x 17 question tokens = 272 rows, the prefill took a median 166-170
-ms against 189-190 ms on torch's GEMM; at 128K (1,105 rows) within the noise either way. Alone, the
-kernel is 0.35-0.8x torch's above about 1,100 rows of 576 (x past the L2), which phase 1's
-4,180-row calls are (docs/hardware.md, "Few rows")."""
+32-column block of the weight. A reused question's phase 2 in the model (ad hoc, the AMX host,
+2026-12-05, with and without alternating): at 16K (8 chunks x 17 question tokens = 136 rows) a
+median 106 against 123 ms, at 32K (272 rows) 167 against 183 ms; at 128K (1,105 rows, 1.27 MB)
+nothing changes. Alone, the kernel is 0.35-0.8x torch's above about 1,100 rows of 576 (x past
+the L2), as phase 1's 4,180-row calls are (docs/hardware.md, "Few rows")."""
 
 _scratch = threading.local()  # each thread's packed-KV workspace (two rows' worth), grown to the largest call
 _wider = threading.local()  # .depth: `wider_linear` blocks this thread is in
@@ -198,8 +198,8 @@ def takes_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     n, k = weight.shape
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
             and weight.is_contiguous() and k % 32 == 0 and n % 16 == 0 and x.shape[-1] == k
-            and 0 < x.numel() and (x.numel() <= LINEAR_ROWS * k
-                                   or (getattr(_wider, "depth", 0) > 0 and x.numel() * 2 <= WIDER_BYTES))
+            and 0 < x.numel() and (x.numel() <= LINEAR_ROWS * k or (getattr(_wider, "depth", 0) > 0
+                                                                     and x.numel() * 2 <= WIDER_BYTES))  # bf16
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu" and bias.is_contiguous()
                                   and bias.shape == (n,)))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -225,10 +225,9 @@ def wider_linear() -> Iterator[None]:
     """Inside the block, on this thread, `takes_linear` also takes calls of more than LINEAR_ROWS
     rows whose x is at most WIDER_BYTES: phase 2's projections (prefill.question_nll). Their outputs
     then differ from torch's in a few last bits at 33-767 rows (oneDNN blocks those differently; at
-    768-1,922 rows they were the same bits; on the AMX host, 2 threads), which moves chunk scores by
-    rounding. Phase 2's outputs
-    only rank the chunks; the prompt prefix, phase 1 and the question step, whose KV the answer
-    reads, keep LINEAR_ROWS, where the bits are torch's."""
+    768-1,922 rows the bits were the same; the AMX host, 2 threads), which moves chunk scores by
+    rounding. Phase 2's outputs only rank the chunks; the prompt prefix, phase 1 and the question
+    step, whose KV the answer reads, keep LINEAR_ROWS, where the bits are torch's."""
     _wider.depth = getattr(_wider, "depth", 0) + 1
     try:
         yield
