@@ -226,8 +226,9 @@ def wider_linear() -> Iterator[None]:
     rows whose x is at most WIDER_BYTES: phase 2's projections (prefill.question_nll). Their outputs
     then differ from torch's in a few last bits at 33-767 rows (oneDNN blocks those differently; at
     768-1,922 rows the bits were the same; the AMX host, 2 threads), which moves chunk scores by
-    rounding. Phase 2's outputs only rank the chunks; the prompt prefix, phase 1 and the question
-    step, whose KV the answer reads, keep LINEAR_ROWS, where the bits are torch's."""
+    rounding. Phase 2's outputs rank the chunks and, with compression, pick which of a kept chunk's
+    KV entries stay; the KV itself is phase 1's. The prompt prefix, phase 1 and the question step,
+    whose KV the answer reads, keep LINEAR_ROWS, where the bits are torch's."""
     _wider.depth = getattr(_wider, "depth", 0) + 1
     try:
         yield
