@@ -177,6 +177,12 @@ def test_tile_is_the_layout_it_documents_and_untile_inverts_it(tokens, dims):
     assert tiled[0].shape[2] == attention_kernel.tiled_tokens(tokens) and all(t.is_contiguous() for t in tiled)
     back = attention_kernel.untile(*tiled, tokens)
     assert torch.equal(back[0], key) and torch.equal(back[1], value)
+    # into a span of longer buffers (the decode cache's): only the span is written
+    spans = [torch.full((1, 3, tokens + 9, d), 7.0, dtype=torch.bfloat16) for d in dims]
+    attention_kernel.untile(*tiled, tokens, out=(spans[0][:, :, 4 : 4 + tokens], spans[1][:, :, 4 : 4 + tokens]))
+    for span, original in zip(spans, (key, value)):
+        assert torch.equal(span[:, :, 4 : 4 + tokens], original)
+        assert (span[:, :, :4] == 7).all() and (span[:, :, 4 + tokens :] == 7).all()
 
 
 @needs_amx

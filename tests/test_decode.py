@@ -16,7 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from parallelcomp import CalibrationRule
-from parallelcomp import attention
+from parallelcomp import attention, attention_kernel
 from parallelcomp import decode, decode_kernel, hardware
 from parallelcomp import kv as kvops
 from parallelcomp.config import PAPER_CALIBRATION_RULES
@@ -41,7 +41,7 @@ SETTINGS = {
 
 def _old_path(monkeypatch):
     """The decode path before docs/decode.md: DynamicCache, transformers' sdpa for every step."""
-    monkeypatch.setattr(kvops, "decode_cache", lambda parts, extra_tokens: kvops.to_cache(kvops.concat(parts)))
+    monkeypatch.setattr(kvops, "decode_cache", lambda parts, extra_tokens, buffer=None: kvops.to_cache(kvops.concat(parts)))
     monkeypatch.setattr(decode, "packed_decode", lambda model, kernel=False, amx=False: nullcontext())
     monkeypatch.setattr(decode, "one_row_linears", lambda model: nullcontext())  # torch's products too
     monkeypatch.setattr(attention, "packed_one_query",
@@ -226,6 +226,35 @@ def test_queries_are_packed_only_where_packing_is_equal():
     assert not attention._packs_queries(query, key, mask.expand(1, 4, 3, 10), {})  # a per-head mask
     assert not attention._packs_queries(query, key, mask, {"softcap": 30.0})
     assert not attention._packs_queries(query, key, mask, {"s_aux": torch.zeros(4)})
+
+
+@pytest.mark.skipif(not attention_kernel.available(), reason="tiled chunks need the AMX kernel")
+def test_decode_cache_untiles_kept_chunks_in_place_and_reuses_its_buffer():
+    """A `Tiled` chunk lands in the decode cache as its plain KV would (bit for bit), and an
+    engine's DecodeBuffer serves a smaller merged KV from the same memory, a larger one from a new
+    buffer, each holding exactly its parts."""
+    torch.manual_seed(0)
+    prefix = tuple(torch.randn(2, 1, 3, 5, 64).to(torch.bfloat16).unbind(0))
+    chunks = [tuple(torch.randn(2, 1, 3, n, 64).to(torch.bfloat16).unbind(0)) for n in (70, 130)]
+    layers = 2
+    plain_parts = [[prefix] * layers] + [[c] * layers for c in chunks]
+    tiled_parts = [[prefix] * layers] + [[kvops.tiled(*c)] * layers for c in chunks]
+    buffer = kvops.DecodeBuffer()
+    for parts in (plain_parts, tiled_parts, plain_parts[:2]):
+        expected = kvops.decode_cache(plain_parts[: len(parts)], extra_tokens=4)
+        held = buffer.nbytes
+        cache = kvops.decode_cache(parts, extra_tokens=4, buffer=buffer)
+        assert buffer.nbytes == max(held, sum(kvops.n_bytes([(l._keys, l._values)]) for l in cache.layers))
+        for ours, theirs in zip(cache.layers, expected.layers):
+            assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+            assert ours._keys.shape == theirs._keys.shape and ours._values.shape == theirs._values.shape
+    first = kvops.decode_cache(tiled_parts, extra_tokens=4, buffer=buffer).layers[0].keys.data_ptr()
+    again = kvops.decode_cache(plain_parts[:2], extra_tokens=4, buffer=buffer).layers[0].keys.data_ptr()
+    assert first == again  # the smaller merged KV reused the buffer's memory
+    before = buffer.nbytes
+    bigger = [[prefix] * layers] + [[c] * layers for c in chunks * 2]
+    kvops.decode_cache(bigger, extra_tokens=4, buffer=buffer)
+    assert buffer.nbytes > before  # grown, not overrun
 
 
 def test_preallocated_layer_writes_in_place_and_compacts_on_set_layer():

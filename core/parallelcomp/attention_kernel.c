@@ -489,10 +489,11 @@ void pc_amx_tile(const uint16_t *k, long kh, long ks, const uint16_t *v, long vh
     }
 }
 
-/* The inverse of pc_amx_tile: the first T keys and values of each head into k and v, contiguous
- * (Hkv, T, D) and (Hkv, T, Dv). */
+/* The inverse of pc_amx_tile: the first T keys and values of each head into k and v, (Hkv, T, D)
+ * and (Hkv, T, Dv) with rows contiguous and heads kh and vh elements apart (T·D and T·Dv: the
+ * whole tensors contiguous; more: a span of a longer buffer, such as the decode cache's). */
 void pc_amx_untile(const uint16_t *dk, const uint16_t *dv, long T, long Hkv, long D, long Dv, uint16_t *k,
-                   uint16_t *v, long threads) {
+                   uint16_t *v, long kh, long vh, long threads) {
     const long Tp = whole(T), groups = Tp / 16, P = D / 2, C = Dv / 16;
     short idx[32];
     for (int j = 0; j < 16; j++) { idx[j] = 2 * j; idx[16 + j] = 2 * j + 1; }
@@ -502,7 +503,7 @@ void pc_amx_untile(const uint16_t *dk, const uint16_t *dv, long T, long Hkv, lon
         const long h = i / groups, g = i % groups, t0 = g * 16, live = T - t0 >= 16 ? 16 : T - t0;
         if (live <= 0) continue;
         const uint32_t *src = (const uint32_t *)(dk + h * Tp * D) + g * P * 16;
-        uint32_t *dst = (uint32_t *)(k + (h * T + t0) * D);
+        uint32_t *dst = (uint32_t *)(k + h * kh + t0 * D);
         for (long c = 0; c < P; c += 16) {
             __m512i r[16];
             for (long p = 0; p < 16; p++) r[p] = _mm512_loadu_si512(src + (c + p) * 16);  /* a file's tensors: any alignment */
@@ -515,9 +516,9 @@ void pc_amx_untile(const uint16_t *dk, const uint16_t *dv, long T, long Hkv, lon
                 const long t = g * 16 + 2 * p;
                 const __m512i pairs = _mm512_permutexvar_epi16(
                     odd_even, _mm512_loadu_si512(dv + h * Tp * Dv + ((g / 2 * C + c) * 16 + p) * 32));
-                if (t < T) _mm256_storeu_si256((__m256i *)(v + (h * T + t) * Dv + 16 * c), _mm512_castsi512_si256(pairs));
+                if (t < T) _mm256_storeu_si256((__m256i *)(v + h * vh + t * Dv + 16 * c), _mm512_castsi512_si256(pairs));
                 if (t + 1 < T)
-                    _mm256_storeu_si256((__m256i *)(v + (h * T + t + 1) * Dv + 16 * c), _mm512_extracti64x4_epi64(pairs, 1));
+                    _mm256_storeu_si256((__m256i *)(v + h * vh + (t + 1) * Dv + 16 * c), _mm512_extracti64x4_epi64(pairs, 1));
             }
     }
 }

@@ -178,13 +178,19 @@ def tiled_tokens(tokens: int) -> int:
     return -(-tokens // 64) * 64
 
 
-def untile(key: torch.Tensor, value: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (1, H_kv, tokens, ·) keys and values, contiguous, that `tile` made `key` and `value` from."""
+def untile(key: torch.Tensor, value: torch.Tensor, tokens: int,
+           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (1, H_kv, tokens, ·) keys and values that `tile` made `key` and `value` from: new
+    contiguous tensors, or written into `out`, two (1, H_kv, tokens, ·) tensors of their dtype
+    whose rows are contiguous (any head stride: a span of the decode cache's buffers, kv.decode_cache)."""
     _, h, _, d = key.shape
     dv = value.shape[-1]
-    keys, values = key.new_empty(1, h, tokens, d), value.new_empty(1, h, tokens, dv)
+    keys, values = out if out is not None else (key.new_empty(1, h, tokens, d), value.new_empty(1, h, tokens, dv))
+    if keys.shape != (1, h, tokens, d) or values.shape != (1, h, tokens, dv) or keys.stride(2) != d or keys.stride(3) != 1 \
+            or values.stride(2) != dv or values.stride(3) != 1 or keys.dtype != key.dtype or values.dtype != value.dtype:
+        raise ValueError(f"untile: `out` must be (1, {h}, {tokens}, ·) tensors of {key.dtype} with contiguous rows")
     _library()[0].pc_amx_untile(key.data_ptr(), value.data_ptr(), tokens, h, d, dv, keys.data_ptr(), values.data_ptr(),
-                                torch.get_num_threads())
+                                keys.stride(1), values.stride(1), torch.get_num_threads())
     return keys, values
 
 
@@ -279,7 +285,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                      ctypes.c_float, ctypes.c_int, ctypes.c_long, ctypes.c_void_p])
     lib.pc_amx_tile.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long] * 6
                                 + [ctypes.c_void_p] * 2 + [ctypes.c_long])
-    lib.pc_amx_untile.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_long]
+    lib.pc_amx_untile.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
     lib.pc_amx_linear.restype = None
     lib.pc_amx_linear.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long]
                                   + [ctypes.c_void_p] * 3 + [ctypes.c_long])

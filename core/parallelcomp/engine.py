@@ -160,6 +160,7 @@ class ParallelComp:
                                 self.config.kv_store_dir, self.config.kv_store_disk_bytes)
         self._identity: tuple[dict, str] | None = None
         self._prefix: tuple[tuple[int, ...], list[kvops.LayerKV]] = ((), [])  # the last prompt prefix and its KV
+        self._decode_buffer = kvops.DecodeBuffer()  # the decode cache's memory, reused by every run
         self._folded = lexical.FoldedTerms(tokenizer)
         self._documents = DocumentMemo(MEMO_TOKENS, self.store if self.store.disk_dir is not None else None)
 
@@ -345,7 +346,7 @@ class ParallelComp:
             assembler = TextAssembler(self.tokenizer, stops)
             mask = (grammar.GrammarProcessor(self.tokenizer, constraint, self._vocab_size(), self.eos_ids,
                                              len(parts.question_ids)) if constraint else None)
-            cache = kvops.decode_cache(ctx.kv_parts, extra_tokens=len(parts.question_ids) + max_new_tokens)
+            cache = kvops.decode_cache(ctx.kv_parts, len(parts.question_ids) + max_new_tokens, self._decode_buffer)
             kernel, amx = self.decode_kernel == decode_kernel.NAME, self.attention_kernel == "amx"
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens, kernel, amx)
                     if calibrator else None)  # attention calibration at the question step (§4)
@@ -480,7 +481,7 @@ class ParallelComp:
                 pending.clear()
         if pending:
             phase2(pending)
-        kept = [(e.chunk, [kvops.plain(layer) for layer in e.kv]) for e in top.kept()]
+        kept = [(e.chunk, e.kv) for e in top.kept()]  # a `Tiled` one is untiled where it is merged (kv.py)
         return Scored(scores, raw_bytes, kept, self.store.bytes_held)
 
     def question_nll(self, parts: PromptParts, scored: slice, group: list[EncodedChunk], keys: dict[int, str],
@@ -640,7 +641,7 @@ class ParallelComp:
             evicted_documents=sorted(set(range(corpus.n_documents)) - kept_docs),
             p0=p0,
             kv_tokens=sum(kvops.n_tokens(part) for part in kv_parts),
-            kv_bytes=sum(kvops.n_bytes(part) for part in kv_parts),
+            kv_bytes=sum(kvops.token_bytes(part) for part in kv_parts),
             exceeds_window=exceeds,
             **asdict(report),
             **asdict(scored.spread),

@@ -43,7 +43,7 @@ class Shard:
 class ChunkWorker:
     def __init__(self, model: str, config: ParallelCompConfig, device: str, dtype: str, threads: int):
         self.engine = ParallelComp.from_pretrained(model, config, device=device, dtype=dtype, threads=threads)
-        self._kept: OrderedDict[str, dict[int, list[kvops.LayerKV]]] = OrderedDict()
+        self._kept: OrderedDict[str, dict[int, list[kvops.LayerKV | kvops.Tiled]]] = OrderedDict()
 
     def describe(self) -> dict:
         """What the driver checks before it trusts this worker's KV (same model identity)."""
@@ -78,8 +78,8 @@ class ChunkWorker:
         return Shard(scored.scores, scored.raw_bytes, report, scored.store_bytes, time.perf_counter() - start)
 
     def take(self, call: str, indices: list[int]) -> dict[int, list[np.ndarray]]:
-        """The kept KV of these chunks (numpy, zero-copy through the object store)."""
-        return {i: transfer.pack(self._kept[call][i]) for i in indices}
+        """The kept KV of these chunks (numpy, zero-copy through the object store), untiled."""
+        return {i: transfer.pack([kvops.plain(layer) for layer in self._kept[call][i]]) for i in indices}
 
     def flush(self) -> ReuseStats:
         """Write the chunks this worker encoded to its disk tier (the driver asks after the
