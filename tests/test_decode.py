@@ -41,7 +41,7 @@ SETTINGS = {
 
 def _old_path(monkeypatch):
     """The decode path before docs/decode.md: DynamicCache, transformers' sdpa for every step."""
-    monkeypatch.setattr(kvops, "decode_cache", lambda parts, extra_tokens, buffer=None: kvops.to_cache(kvops.concat(parts)))
+    monkeypatch.setattr(kvops, "decode_cache", lambda parts, extra_tokens: kvops.to_cache(kvops.concat(parts)))
     monkeypatch.setattr(decode, "packed_decode", lambda model, kernel=False, amx=False: nullcontext())
     monkeypatch.setattr(decode, "one_row_linears", lambda model: nullcontext())  # torch's products too
     monkeypatch.setattr(attention, "packed_one_query",
@@ -229,32 +229,20 @@ def test_queries_are_packed_only_where_packing_is_equal():
 
 
 @pytest.mark.skipif(not attention_kernel.available(), reason="tiled chunks need the AMX kernel")
-def test_decode_cache_untiles_kept_chunks_in_place_and_reuses_its_buffer():
-    """A `Tiled` chunk lands in the decode cache as its plain KV would (bit for bit), and an
-    engine's DecodeBuffer serves a smaller merged KV from the same memory, a larger one from a new
-    buffer, each holding exactly its parts."""
+def test_decode_cache_untiles_kept_chunks_straight_into_place():
+    """A kept chunk the store holds `Tiled` lands in the decode cache as its plain KV would, bit for
+    bit, at the same place, with the same room after it; `concat` (the score path) untiles it too."""
     torch.manual_seed(0)
     prefix = tuple(torch.randn(2, 1, 3, 5, 64).to(torch.bfloat16).unbind(0))
     chunks = [tuple(torch.randn(2, 1, 3, n, 64).to(torch.bfloat16).unbind(0)) for n in (70, 130)]
-    layers = 2
-    plain_parts = [[prefix] * layers] + [[c] * layers for c in chunks]
-    tiled_parts = [[prefix] * layers] + [[kvops.tiled(*c)] * layers for c in chunks]
-    buffer = kvops.DecodeBuffer()
-    for parts in (plain_parts, tiled_parts, plain_parts[:2]):
-        expected = kvops.decode_cache(plain_parts[: len(parts)], extra_tokens=4)
-        held = buffer.nbytes
-        cache = kvops.decode_cache(parts, extra_tokens=4, buffer=buffer)
-        assert buffer.nbytes == max(held, sum(kvops.n_bytes([(l._keys, l._values)]) for l in cache.layers))
-        for ours, theirs in zip(cache.layers, expected.layers):
-            assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
-            assert ours._keys.shape == theirs._keys.shape and ours._values.shape == theirs._values.shape
-    first = kvops.decode_cache(tiled_parts, extra_tokens=4, buffer=buffer).layers[0].keys.data_ptr()
-    again = kvops.decode_cache(plain_parts[:2], extra_tokens=4, buffer=buffer).layers[0].keys.data_ptr()
-    assert first == again  # the smaller merged KV reused the buffer's memory
-    before = buffer.nbytes
-    bigger = [[prefix] * layers] + [[c] * layers for c in chunks * 2]
-    kvops.decode_cache(bigger, extra_tokens=4, buffer=buffer)
-    assert buffer.nbytes > before  # grown, not overrun
+    plain_parts = [[prefix] * 2] + [[c] * 2 for c in chunks]
+    tiled_parts = [[prefix] * 2] + [[kvops.tiled(*chunks[0])] * 2, [chunks[1]] * 2]  # one of each
+    expected, cache = (kvops.decode_cache(parts, extra_tokens=4) for parts in (plain_parts, tiled_parts))
+    for ours, theirs in zip(cache.layers, expected.layers):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        assert ours._keys.shape == theirs._keys.shape == (1, 3, 5 + 70 + 130 + 4, 64)
+    for (k, v), (k2, v2) in zip(kvops.concat(tiled_parts), kvops.concat(plain_parts)):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
 
 
 def test_preallocated_layer_writes_in_place_and_compacts_on_set_layer():

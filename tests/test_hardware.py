@@ -283,15 +283,27 @@ def test_the_configured_allocator_reuses_freed_blocks_without_faulting_them_in_a
     assert not changed and faults > 0.8 * PAGES_200MB
 
 
-def test_every_run_ends_by_releasing_the_freed_heap(monkeypatch, make_engine):
+def test_a_run_releases_the_freed_heap_unless_it_left_the_memory_tier_as_it_was(monkeypatch, make_engine):
+    """Every run ends by giving the freed heap back, except a question that encoded nothing and
+    left the memory tier's contents as they were: its transients are the next question's."""
     released = []
     monkeypatch.setattr(hardware, "release_free_heap", lambda: released.append(1))
     pc = make_engine("llama")
     docs = ["Paris is the capital of France. " * 8, "Berlin is the capital of Germany. " * 8]
     corpus = pc.encode(docs)
     assert len(released) == 1
-    pc.generate("What is the capital of France?", corpus=corpus, max_new_tokens=3)
+    out = pc.generate("What is the capital of France?", corpus=corpus, max_new_tokens=3)
+    assert out.stats.encoded_chunks == 0 and out.stats.reused_head_tokens == 0  # its question heads were stored
     pc.score("Paris is the capital.", documents=docs)
     assert len(released) == 3
-    list(pc.stream("And of Germany?", documents=docs, max_new_tokens=3))
-    assert len(released) == 4
+    held = pc.store.bytes_held
+    out = pc.generate("And of Germany?", documents=docs, max_new_tokens=3)
+    assert out.stats.encoded_chunks == 0 and out.stats.reused_head_tokens > 0 and pc.store.bytes_held == held
+    list(pc.stream("And of Italy?", documents=docs, max_new_tokens=3))
+    assert len(released) == 3  # two questions over the tier as it was: no release
+    pc.generate("And of Spain?", documents=docs + ["Madrid is the capital of Spain. " * 8], max_new_tokens=3)
+    assert len(released) == 4  # a new chunk encoded and stored
+    small = make_engine("llama", kv_store_bytes=1)  # nothing fits the memory tier: every question encodes
+    small.generate("What is the capital of France?", documents=docs, max_new_tokens=3)
+    small.generate("What is the capital of France?", documents=docs, max_new_tokens=3)
+    assert len(released) == 6

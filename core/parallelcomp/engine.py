@@ -160,7 +160,6 @@ class ParallelComp:
                                 self.config.kv_store_dir, self.config.kv_store_disk_bytes)
         self._identity: tuple[dict, str] | None = None
         self._prefix: tuple[tuple[int, ...], list[kvops.LayerKV]] = ((), [])  # the last prompt prefix and its KV
-        self._decode_buffer = kvops.DecodeBuffer()  # the decode cache's memory, reused by every run
         self._folded = lexical.FoldedTerms(tokenizer)
         self._documents = DocumentMemo(MEMO_TOKENS, self.store if self.store.disk_dir is not None else None)
 
@@ -341,12 +340,13 @@ class ParallelComp:
             if guard.cancelled():  # cancelled while queued for the lock: do no work
                 return
             calibrator = calibration.Calibrator.for_run(self.config, self.num_layers, len(parts.question_ids))
+            held = self.store.bytes_held
             ctx = self._prefill(parts, corpus, reserve=max_new_tokens, progress=progress)
             start = time.perf_counter()
             assembler = TextAssembler(self.tokenizer, stops)
             mask = (grammar.GrammarProcessor(self.tokenizer, constraint, self._vocab_size(), self.eos_ids,
                                              len(parts.question_ids)) if constraint else None)
-            cache = kvops.decode_cache(ctx.kv_parts, len(parts.question_ids) + max_new_tokens, self._decode_buffer)
+            cache = kvops.decode_cache(ctx.kv_parts, extra_tokens=len(parts.question_ids) + max_new_tokens)
             kernel, amx = self.decode_kernel == decode_kernel.NAME, self.attention_kernel == "amx"
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens, kernel, amx)
                     if calibrator else None)  # attention calibration at the question step (§4)
@@ -376,6 +376,8 @@ class ParallelComp:
             ctx.stats.finish_reason = "length" if len(assembler.ids) == max_new_tokens and not assembler.stopped else "stop"
             ctx.stats.decode_seconds = time.perf_counter() - start
             self._write_behind(ctx.stats)
+            if not ctx.stats.encoded_chunks and not ctx.stats.store_evicted and self.store.bytes_held == held:
+                self._lock.keep_heap()  # a question over the memory tier as it was: its freed pages serve the next
             result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
     def _write_behind(self, stats: RunStats) -> None:

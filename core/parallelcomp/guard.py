@@ -244,6 +244,7 @@ class RunLock:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._release = True  # give the freed heap back at the end of the run (keep_heap: not)
 
     def __enter__(self) -> RunLock:
         if self._owner == threading.get_ident():
@@ -254,11 +255,19 @@ class RunLock:
             raise InputError(msg)
         self._lock.acquire()
         self._owner = threading.get_ident()
+        self._release = True
         return self
+
+    def keep_heap(self) -> None:
+        """Skip the release at the end of this run: a question that left the chunk store's memory
+        tier as it found it freed only its own transients, which the next question allocates again;
+        kept, they are not faulted in afresh (docs/store.md, "Memory between runs")."""
+        self._release = False
 
     def __exit__(self, *exc) -> None:
         try:
-            hardware.release_free_heap()  # the run's freed tensors and evicted chunks, back to the OS
+            if self._release:
+                hardware.release_free_heap()  # the run's freed tensors and evicted chunks, back to the OS
         finally:
             self._owner = None
             self._lock.release()

@@ -11,7 +11,6 @@ appends once) and `decode_cache` (preallocated layers for token-by-token decodin
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -86,69 +85,28 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
 
 
-class DecodeBuffer:
-    """The memory `decode_cache` lays its layers out in, kept by an engine from run to run.
-
-    A merged KV is large (the default preset's three window-sized chunks: 366 MiB on SmolLM2 over
-    a 64K corpus) and allocating it afresh for every question cost more than writing it: the engine gives the
-    freed heap back to the OS after each run (hardware.release_free_heap), so each question faulted
-    its pages in again, at up to 20 µs a page on this VM (docs/decode.md, "One buffer for every
-    run"). One buffer, grown to the largest merged KV asked for and then reused, faults nothing.
-    Runs of one engine never overlap (its run lock), so one buffer serves them all."""
-
-    def __init__(self) -> None:
-        self._flat: torch.Tensor | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self._flat is None else self._flat.numel() * self._flat.element_size()
-
-    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A flat tensor of `numel` elements of `dtype` on `device`: the held one's first elements,
-        or a new, larger one (the old one is freed first)."""
-        held = self._flat
-        if held is None or held.dtype != dtype or held.device != device or held.numel() < numel:
-            self._flat = None
-            self._flat = torch.empty(numel, dtype=dtype, device=device)
-        return self._flat[:numel]
-
-
-def decode_cache(parts: list[list[LayerKV | Tiled]], extra_tokens: int, buffer: DecodeBuffer | None = None) -> Cache:
+def decode_cache(parts: list[list[LayerKV | Tiled]], extra_tokens: int) -> Cache:
     """The merged KV for decoding: `parts` (the prefix, then each kept chunk) written once, back to
-    back, into buffers with room for `extra_tokens` more per layer (question + answer): new ones,
-    or spans of `buffer`. A `Tiled` layer is untiled straight into its place."""
-    shapes = []  # per layer: (keys' buffer shape, values' buffer shape, tokens held)
+    back, into buffers with room for `extra_tokens` more per layer (question + answer). A `Tiled`
+    layer is untiled straight into its place (no copy in the model's layout first)."""
+    layers = []
     for layer_idx in range(len(parts[0])):
         pieces = [part[layer_idx] for part in parts]
         held = sum(n_tokens([piece]) for piece in pieces)
         k, v = pieces[0]
-        shapes.append(((*k.shape[:2], held + extra_tokens, k.shape[-1]), (*v.shape[:2], held + extra_tokens, v.shape[-1]),
-                       held))
-    first = parts[0][0][0]
-    flat = None
-    if buffer is not None:
-        flat = buffer.take(sum(math.prod(ks) + math.prod(vs) for ks, vs, _ in shapes), first.dtype, first.device)
-    layers, offset = [], 0
-    for layer_idx, (key_shape, value_shape, held) in enumerate(shapes):
-        buffers = []
-        for shape in (key_shape, value_shape):
-            if flat is None:
-                buffers.append(first.new_empty(shape))
-            else:
-                buffers.append(flat[offset : offset + math.prod(shape)].view(shape))
-                offset += math.prod(shape)
+        keys = k.new_empty(*k.shape[:2], held + extra_tokens, k.shape[-1])
+        values = v.new_empty(*v.shape[:2], held + extra_tokens, v.shape[-1])
         at = 0
-        for part in parts:
-            piece = part[layer_idx]
+        for piece in pieces:
             n = n_tokens([piece])
-            spans = (buffers[0][:, :, at : at + n], buffers[1][:, :, at : at + n])
+            span = (keys[:, :, at : at + n], values[:, :, at : at + n])
             if isinstance(piece, Tiled):
-                attention_kernel.untile(piece.key, piece.value, n, out=spans)
+                attention_kernel.untile(piece.key, piece.value, n, out=span)
             else:
-                spans[0].copy_(piece[0])
-                spans[1].copy_(piece[1])
+                span[0].copy_(piece[0])
+                span[1].copy_(piece[1])
             at += n
-        layers.append(PreallocatedLayer(*buffers, held))
+        layers.append(PreallocatedLayer(keys, values, held))
     return Cache(layers=layers)
 
 
