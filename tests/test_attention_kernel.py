@@ -186,6 +186,23 @@ def test_tile_is_the_layout_it_documents_and_untile_inverts_it(tokens, dims):
 
 
 @needs_amx
+def test_decode_cache_untiles_kept_chunks_straight_into_place():
+    """A kept chunk the store holds `Tiled` lands in the decode cache as its plain KV would, bit for
+    bit, at the same place, with the same room after it; `concat` (the score path) untiles it too."""
+    torch.manual_seed(0)
+    prefix = tuple(torch.randn(2, 1, 3, 5, 64).to(torch.bfloat16).unbind(0))
+    chunks = [tuple(torch.randn(2, 1, 3, n, 64).to(torch.bfloat16).unbind(0)) for n in (70, 130)]
+    plain_parts = [[prefix] * 2] + [[c] * 2 for c in chunks]
+    tiled_parts = [[prefix] * 2] + [[kvops.tiled(*chunks[0])] * 2, [chunks[1]] * 2]  # one of each
+    expected, cache = (kvops.decode_cache(parts, extra_tokens=4) for parts in (plain_parts, tiled_parts))
+    for ours, theirs in zip(cache.layers, expected.layers):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        assert ours._keys.shape == theirs._keys.shape == (1, 3, 5 + 70 + 130 + 4, 64)
+    for (k, v), (k2, v2) in zip(kvops.concat(tiled_parts), kvops.concat(plain_parts)):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@needs_amx
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("copies", [1, 3], ids=["rows-shared", "whole-rows-per-thread"])
 @pytest.mark.parametrize("extra", [0, 7, 100])

@@ -16,7 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from parallelcomp import CalibrationRule
-from parallelcomp import attention, attention_kernel
+from parallelcomp import attention
 from parallelcomp import decode, decode_kernel, hardware
 from parallelcomp import kv as kvops
 from parallelcomp.config import PAPER_CALIBRATION_RULES
@@ -226,23 +226,6 @@ def test_queries_are_packed_only_where_packing_is_equal():
     assert not attention._packs_queries(query, key, mask.expand(1, 4, 3, 10), {})  # a per-head mask
     assert not attention._packs_queries(query, key, mask, {"softcap": 30.0})
     assert not attention._packs_queries(query, key, mask, {"s_aux": torch.zeros(4)})
-
-
-@pytest.mark.skipif(not attention_kernel.available(), reason="tiled chunks need the AMX kernel")
-def test_decode_cache_untiles_kept_chunks_straight_into_place():
-    """A kept chunk the store holds `Tiled` lands in the decode cache as its plain KV would, bit for
-    bit, at the same place, with the same room after it; `concat` (the score path) untiles it too."""
-    torch.manual_seed(0)
-    prefix = tuple(torch.randn(2, 1, 3, 5, 64).to(torch.bfloat16).unbind(0))
-    chunks = [tuple(torch.randn(2, 1, 3, n, 64).to(torch.bfloat16).unbind(0)) for n in (70, 130)]
-    plain_parts = [[prefix] * 2] + [[c] * 2 for c in chunks]
-    tiled_parts = [[prefix] * 2] + [[kvops.tiled(*chunks[0])] * 2, [chunks[1]] * 2]  # one of each
-    expected, cache = (kvops.decode_cache(parts, extra_tokens=4) for parts in (plain_parts, tiled_parts))
-    for ours, theirs in zip(cache.layers, expected.layers):
-        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
-        assert ours._keys.shape == theirs._keys.shape == (1, 3, 5 + 70 + 130 + 4, 64)
-    for (k, v), (k2, v2) in zip(kvops.concat(tiled_parts), kvops.concat(plain_parts)):
-        assert torch.equal(k, k2) and torch.equal(v, v2)
 
 
 def test_preallocated_layer_writes_in_place_and_compacts_on_set_layer():
