@@ -18,6 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from . import report  # noqa: E402
 from .ray_scaling import SETUPS  # noqa: E402
 from .tasks import TASKS  # noqa: E402
+from parallelcomp.config import PRESETS  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -65,6 +66,8 @@ def main(argv=None) -> None:
     rq.add_argument("--repeats", type=int, default=1, choices=range(1, 21), metavar="N",
                     help="processes that ask the cold and the 2nd question (the first also asks 3-5); "
                          "the table gives each one's ratio and their median")
+    rq.add_argument("--preset", default="retrieval", choices=sorted(PRESETS),
+                    help="the engine's preset (default: retrieval, what `make ask` runs)")
     rq.add_argument("--out", default=str(DEFAULT_OUT / "repeat-query"))
     sc = sub.add_parser("prefill-scaling", help="cold prefill per context length against its FLOP bound; peak RSS per store tier")
     sc.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384, 32768, 65536, 131072])
@@ -160,7 +163,7 @@ def main(argv=None) -> None:
     elif opts.command == "repeat-query":
         from .repeat_query import run as run_repeat_query
 
-        print(run_repeat_query(opts.lengths, Path(opts.out), opts.repeats))
+        print(run_repeat_query(opts.lengths, Path(opts.out), opts.repeats, opts.preset))
     else:
         out = Path(opts.out)
         report.write(out, json.loads((out / "results.json").read_text()))

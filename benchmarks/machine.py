@@ -40,11 +40,11 @@ def describe(dtype: str) -> dict:
 
 def per_length_results(out, dtype: str, config: dict) -> dict:
     """`out/results.json` to add rows to (rows of lengths not measured again are kept), or a new
-    one when there is none or it holds another dtype's rows (one file never mixes dtypes); its
-    machine record is this machine's."""
+    one when there is none or it holds another dtype's or config's rows (one file never mixes
+    them); its machine record is this machine's."""
     previous = Path(out) / "results.json"
     results = json.loads(previous.read_text()) if previous.exists() else {}
-    if results.get("machine", {}).get("dtype") != dtype:
+    if results.get("machine", {}).get("dtype") != dtype or results.get("config") != config:
         results = {"config": config, "lengths": {}}
     results["machine"] = describe(dtype)
     return results

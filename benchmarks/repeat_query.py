@@ -63,7 +63,8 @@ def worker(spec: dict) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     context, questions, values = haystack(tokenizer, spec["length"])
-    config = ParallelCompConfig(**CONFIG, kv_store_dir=spec["store"], **spec.get("config", {}))
+    preset = PRESETS[spec.get("preset", "retrieval")]
+    config = ParallelCompConfig(**preset, kv_store_dir=spec["store"], **spec.get("config", {}))
     pc = ParallelComp.from_pretrained(spec["model_dir"], config)
     rows = []
     for i in spec["questions"]:
@@ -100,10 +101,12 @@ def flops(cfg: dict, s, chunks: list[int]) -> float:
     return question_flops(cfg, s.prefix_tokens + s.question_scored[0] * heads, tokens, chunks, logits)
 
 
-def run(lengths: list[int], out: Path, repeats: int = 1) -> Path:
-    """Measure each of `lengths`; rows of other lengths already in `out` are kept. `repeats` > 1
-    runs the cold and the 2nd question again in that many more fresh processes (each over a store of
-    its own), so that the 2nd question's ratio to the cold one is seen across the host's spread."""
+def run(lengths: list[int], out: Path, repeats: int = 1, preset: str = "retrieval") -> Path:
+    """Measure each of `lengths`; rows of other lengths already in `out` are kept (if they were
+    measured with the same preset). `repeats` > 1 runs the cold and the 2nd question again in that
+    many more fresh processes (each over a store of its own), so that the 2nd question's ratio to
+    the cold one is seen across the host's spread. `preset`: the engine's (`ParallelCompConfig.preset`);
+    `retrieval` is what `make ask` runs, the paper's default K = 3 keeps three times the KV."""
     from parallelcomp.default_model import embedded_model_dir
 
     model_dir = str(embedded_model_dir(progress=False))
@@ -112,20 +115,21 @@ def run(lengths: list[int], out: Path, repeats: int = 1) -> Path:
     from parallelcomp.hardware import default_dtype, measure_gflops
 
     dtype = default_dtype(torch.device("cpu"))
-    results = machine.per_length_results(out, str(dtype), CONFIG)
+    results = machine.per_length_results(out, str(dtype), PRESETS[preset])
     for length in lengths:
         with tempfile.TemporaryDirectory(prefix="pc-store-") as store:
             load = os.getloadavg()[0]
             gflops = measure_gflops(dtype, GEMM, seconds=1.0)
-            warm = spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store, "questions": [0, 1, 2, 3, 4]})
-            fresh = spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store, "questions": [0],
+            warm = spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store,
+                                          "questions": [0, 1, 2, 3, 4], "preset": preset})
+            fresh = spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store, "questions": [0], "preset": preset,
                             "config": {"kv_store_bytes": 0}})
-            both = spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store, "questions": [0]})
+            both = spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store, "questions": [0], "preset": preset})
         again = []
         for _ in range(repeats - 1):
             with tempfile.TemporaryDirectory(prefix="pc-store-") as store:
                 again.append(spawn("repeat_query", {"model_dir": model_dir, "length": length, "store": store,
-                                                    "questions": [0, 1]})["rows"])
+                                                    "questions": [0, 1], "preset": preset})["rows"])
         results["lengths"][str(length)] = {"same_process": warm["rows"], "fresh_process_disk": fresh["rows"],
                                            "fresh_process_both": both["rows"], "repeats": again,
                                            "disk_bytes": warm["disk_bytes"], "load_before": load,
