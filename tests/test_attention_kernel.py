@@ -531,7 +531,7 @@ def test_an_engine_on_tiles_runs_its_question_step_on_them(tokenizer, monkeypatc
 
 @needs_amx
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows", [1, 15, 17, 28, 100, 128, 910])  # 910: phase 2's wider_linear
+@pytest.mark.parametrize("rows", [1, 15, 17, 28, 64, 65, 100, 128, 1105])  # 65 on: the weight packed
 @pytest.mark.parametrize("out_features,in_features", [(16, 32), (48, 64), (80, 96), (192, 576)])
 def test_linear_is_as_close_to_float64_as_one_bf16_rounding(monkeypatch, threads, rows, out_features, in_features):
     """The AMX linear of few rows (x as a strided 3-D view, with and without a bias) against the
@@ -554,6 +554,25 @@ def test_linear_is_as_close_to_float64_as_one_bf16_rounding(monkeypatch, threads
         if b is None:  # torch's rounds once too (with a bias, for one row, it rounds the product first)
             torch_error = (torch.nn.functional.linear(x, weight).double() - exact).abs()
             assert (torch_error <= spacing + slack).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("out_features,in_features", [(16, 32), (48, 64), (80, 96), (576, 1536)])
+def test_linear_gives_the_same_bits_whichever_operand_it_packs(monkeypatch, threads, out_features, in_features):
+    """Up to 64 rows the kernel packs x and reads the weight as it lies; above, it packs the weight
+    and rounds each block of outputs while the next block's products run. Both add K's 32-element
+    blocks into fp32 in the same order, so a call of 65-209 rows (whole and partial 32-row blocks,
+    with and without a bias) gives the bits of the same rows sent 40 at a time."""
+    torch.manual_seed(out_features + threads)
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) / in_features ** 0.5
+    bias = torch.randn(out_features, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for rows in (65, 96, 200, 209):
+        x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+        for b in (None, bias):
+            pieces = torch.cat([attention_kernel.linear(x[i:i + 40], weight, b) for i in range(0, rows, 40)])
+            assert torch.equal(attention_kernel.linear(x, weight, b), pieces)
 
 
 @needs_amx
@@ -582,14 +601,14 @@ def test_linear_leaves_to_torch_what_it_does_not_take():
 
 
 @needs_amx
-def test_wider_linear_takes_more_rows_up_to_its_bytes_on_its_own_thread():
+def test_wider_linear_takes_more_rows_up_to_its_bound_on_its_own_thread():
     """Outside `wider_linear` a call of more than LINEAR_ROWS rows goes to torch; inside it the
-    kernel takes it while x is at most WIDER_BYTES (910 rows of 576; its accuracy there:
+    kernel takes up to WIDER_ROWS rows (its accuracy there:
     test_linear_is_as_close_to_float64_as_one_bf16_rounding); the block is undone on leaving, nested
     too, and another thread never sees it."""
     torch.manual_seed(0)
     weight = torch.randn(64, 576, dtype=torch.bfloat16) / 24
-    rows = attention_kernel.WIDER_BYTES // (2 * 576)
+    rows = attention_kernel.WIDER_ROWS
     small, large = torch.randn(rows, 576, dtype=torch.bfloat16), torch.randn(rows + 1, 576, dtype=torch.bfloat16)
     seen = []
     assert rows > attention_kernel.LINEAR_ROWS and not attention_kernel.takes_linear(small, weight, None)
@@ -633,7 +652,7 @@ def test_phase_2_runs_its_wider_linears_on_the_tiles_and_nothing_else_does(token
     phase_2 = [n for n, times in counts.items() if n > attention_kernel.LINEAR_ROWS]
     assert not torch_counts and n_chunks >= 6 and phase_2 and all(n % n_chunks == 0 for n in phase_2)
     assert all(counts[n] == 7 * layers for n in phase_2)  # every projection of every layer, once
-    assert max(phase_2) * model.config.hidden_size * 2 <= attention_kernel.WIDER_BYTES
+    assert max(phase_2) <= attention_kernel.WIDER_ROWS
     # here the scores came out equal; with wider inputs (SmolLM2's 576 at 33-767 rows) a few
     # projections' last bits differ from torch's, and the scores by rounding
     scores = torch.tensor([c.score for c in amx.chunks]), torch.tensor([c.score for c in torchs.chunks])

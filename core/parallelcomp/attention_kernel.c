@@ -523,17 +523,23 @@ void pc_amx_untile(const uint16_t *dk, const uint16_t *dv, long T, long Hkv, lon
     }
 }
 
-/* y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias (N)), bf16 in and out, fp32 sums rounded once: a linear
- * layer for few rows (the question step's 20-30). For few rows a GEMM is
- * bound by reading its weight; torch's bf16 GEMM (oneDNN) first reorders the weight into the tiles'
- * layout, a second pass over it on every call. Here the weight's rows are the tiles' A operand as
- * they lie (16 output columns × 32 of K per tile), and x, the small operand, is what gets packed:
- * xᵀ in pairs of K per 16 rows ([M/16][K/2][16] pairs, the B layout, in `packed`), once per call.
- * Each thread takes blocks of 32 output columns; a block's two weight tiles meet two 16-row blocks
- * of x at a time, four accumulators, and the 16 × 16 fp32 results (output columns × rows) are
- * transposed into y's rows. K a multiple of 32 and N of 16 (attention_kernel.takes_linear). */
-void pc_amx_linear(const uint16_t *x, long M, long K, const uint16_t *w, long N, const uint16_t *bias, uint16_t *y,
-                   uint32_t *packed, long threads) {
+/* y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias (N)), bf16 in and out, fp32 sums rounded once, on the
+ * tiles: two layouts, chosen by the rows (pc_amx_linear). Both add the 32-element blocks of K into
+ * one fp32 tile in order, so their outputs are the same bits (tests/test_attention_kernel.py).
+ * K a multiple of 32 and N of 16 (attention_kernel.takes_linear). */
+
+#define X_ROWS 64  /* up to this many rows x is packed (linear_few); above, the weight (linear_many) */
+#define ROW_BLOCK 64  /* linear_many: rows of x that every column block of a thread meets in turn */
+
+/* Few rows (the question step's 20-30): a GEMM is bound by reading its weight, and torch's bf16
+ * GEMM (oneDNN) first reorders the weight into the tiles' layout, a second pass over it on every
+ * call. Here the weight's rows are the tiles' A operand as they lie (16 output columns × 32 of K
+ * per tile), and x, the small operand, is what gets packed: xᵀ in pairs of K per 16 rows
+ * ([M/16][K/2][16] pairs, the B layout, in `packed`), once per call. Each thread takes blocks of
+ * 32 output columns; a block's two weight tiles meet two 16-row blocks of x at a time, four
+ * accumulators, and the 16 × 16 fp32 results (output columns × rows) are transposed into y's rows. */
+static void linear_few(const uint16_t *x, long M, long K, const uint16_t *w, long N, const uint16_t *bias, uint16_t *y,
+                       uint32_t *packed, long threads) {
     const long mb = (M + 15) / 16, P = K / 2, nb = (N + 31) / 32;
 #pragma omp parallel num_threads(threads)
     {
@@ -590,4 +596,110 @@ void pc_amx_linear(const uint16_t *x, long M, long K, const uint16_t *w, long N,
         }
         _tile_release();
     }
+}
+
+/* A finished 32 × 32 block of y in fp32 (`s`: four tiles, tile t the rows (t & 1)·16.. and the
+ * columns (t >> 1)·16.. of the block at row, col), to be rounded into y a few rows at a time. */
+typedef struct {
+    long row, col;
+    int two_n;  /* whether the block's second 16 columns exist */
+    const float *s;
+} Block32;
+
+/* Rows e0..e1 (of 64: tile e / 16, its row e % 16) of `b`, plus the bias, rounded into y. */
+static inline void store_rows(const Block32 *b, int e0, int e1, long M, long N, const uint16_t *bias, uint16_t *y) {
+    for (int e = e0; e < e1; e++) {
+        const int t = e >> 4, i = e & 15;
+        const long row = b->row + (t & 1) * 16 + i, col = b->col + (t >> 1) * 16;
+        if (((t >> 1) && !b->two_n) || row >= M) continue;
+        const __m512 add = bias ? _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(bias + col)))
+                                : _mm512_setzero_ps();
+        _mm256_storeu_si256((__m256i *)(y + row * N + col),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(b->s + t * 256 + i * 16), add)));
+    }
+}
+
+/* Many rows (phase 2's hundreds to thousands): x is the A operand as it lies (16 rows × 32 of K
+ * per tile), and the weight is packed once per call into the B layout (pairs of K × 16 columns:
+ * [N/16][K/2][16] pairs in `packed`), so the accumulators hold y's rows and columns as they are,
+ * and rounding a block into y needs no transpose. Each thread packs and then owns its share of
+ * 32-column blocks; ROW_BLOCK rows of x (in L2) meet each of them in turn, two 16-row tiles × two
+ * 16-column tiles at a time. A block's 64 rows are rounded into y during the next block's tile
+ * products, a few per step of K: rounded right after its tiles are stored, the loads wait for those
+ * stores and the tiles idle (alone, 30 layers of SmolLM2's shapes at 1,105 rows: 111 against 153
+ * ms; docs/hardware.md, "Few rows"). A last partial pair of 16-row blocks is read from a
+ * zero-padded copy (`tail`, per thread, behind the packed weight). */
+static void linear_many(const uint16_t *x, long M, long K, const uint16_t *w, long N, const uint16_t *bias,
+                        uint16_t *y, uint32_t *packed, long threads) {
+    const long P = K / 2, nb = N / 16, pairs = (nb + 1) / 2, whole = M / 32 * 32, steps = K / 32;
+    const int per = (int)((64 + steps - 1) / steps);  /* rows of the previous block rounded per step */
+#pragma omp parallel num_threads(threads)
+    {
+        const long T = omp_get_num_threads(), th = omp_get_thread_num();
+        const long j0 = pairs * th / T, j1 = pairs * (th + 1) / T;  /* this thread's 32-column blocks */
+        uint16_t *tail = (uint16_t *)(packed + nb * P * 16) + th * 32 * K;
+        for (long c = 2 * j0; c < 2 * j1 && c < nb; c++)  /* 16 columns × 16 pairs per transpose */
+            for (long p = 0; p < P; p += 16) {
+                __m512i r[16];
+                for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const uint32_t *)(w + (c * 16 + i) * K) + p);
+                transpose16(r);
+                for (int i = 0; i < 16; i++) _mm512_store_si512((__m512i *)(packed + (c * P + p + i) * 16), r[i]);
+            }
+        if (whole < M && j0 < j1) {
+            memcpy(tail, x + whole * K, (M - whole) * K * 2);
+            memset(tail + (M - whole) * K, 0, (32 - (M - whole)) * K * 2);
+        }
+        configure();
+        float sums[2][1024] __attribute__((aligned(64)));
+        Block32 done = {0, 0, 0, NULL};
+        int pending = 0, next = 0;
+        for (long r0 = 0; r0 < M; r0 += ROW_BLOCK)
+            for (long j = j0; j < j1; j++) {
+                const long c = 2 * j;
+                const int two_n = c + 1 < nb;
+                for (long r = r0; r < M && r < r0 + ROW_BLOCK; r += 32) {
+                    const uint16_t *a = r < whole ? x + r * K : tail;
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    for (long k = 0, step = 0; k < K; k += 32, step++) {  /* tile (i, j): x tile i · weight tile j */
+                        _tile_loadd(4, a + k, K * 2);
+                        _tile_loadd(5, a + 16 * K + k, K * 2);
+                        _tile_loadd(6, packed + (c * P + k / 2) * 16, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 5, 6);
+                        if (two_n) {
+                            _tile_loadd(7, packed + ((c + 1) * P + k / 2) * 16, 64);
+                            _tile_dpbf16ps(2, 4, 7);
+                            _tile_dpbf16ps(3, 5, 7);
+                        }
+                        if (pending && step * per < 64)
+                            store_rows(&done, step * per, step * per + per < 64 ? step * per + per : 64, M, N, bias, y);
+                    }
+                    float *s = sums[next];
+                    _tile_stored(0, s, 64);
+                    _tile_stored(1, s + 256, 64);
+                    if (two_n) {
+                        _tile_stored(2, s + 512, 64);
+                        _tile_stored(3, s + 768, 64);
+                    }
+                    done = (Block32){r, c * 16, two_n, s};
+                    pending = 1;
+                    next ^= 1;
+                }
+            }
+        if (pending) store_rows(&done, 0, 64, M, N, bias, y);
+        _tile_release();
+    }
+}
+
+/* Bytes of `packed` that pc_amx_linear needs for M rows on `threads` threads. */
+long pc_amx_linear_workspace(long M, long K, long N, long threads) {
+    return M <= X_ROWS ? (M + 15) / 16 * 16 * K * 2 : N * K * 2 + threads * 32 * K * 2;
+}
+
+/* The linear layer: linear_few up to X_ROWS rows, where reading the weight once as it lies wins
+ * (alone, 30 layers of SmolLM2's shapes: 12.9 against 15.6 ms at 28 rows), linear_many above it,
+ * where packing the weight pays for itself (61 against 93 ms at 550 rows, 111 against 185 at 1,105). */
+void pc_amx_linear(const uint16_t *x, long M, long K, const uint16_t *w, long N, const uint16_t *bias, uint16_t *y,
+                   uint32_t *packed, long threads) {
+    (M <= X_ROWS ? linear_few : linear_many)(x, M, K, w, N, bias, y, packed, threads);
 }

@@ -12,11 +12,12 @@ the prompt prefix, phase 2's attention over each chunk's keys, and the question 
 merged KV. It takes bf16 tensors on CPU
 with head sizes that are multiples of 32 (keys) and 64 (values), up to 256.
 
-The same library holds `linear`, a bf16 linear layer on the tiles for few rows, which reads the
-weight as it lies where torch's GEMM reorders it first; where the engine attends on "amx", the
+The same library holds `linear`, a bf16 linear layer on the tiles: for few rows it reads the
+weight as it lies where torch's GEMM reorders it first, for more it packs the weight and rounds
+each block of outputs while the next one is computed; where the engine attends on "amx", the
 model's nn.Linear modules run it during each run for calls of at most LINEAR_ROWS rows
 (`linear_modules`), so the question step's projections read each weight once, and in phase 2
-(`wider_linear`) for calls whose x is at most WIDER_BYTES (docs/hardware.md, "Few rows").
+(`wider_linear`) for calls of at most WIDER_ROWS rows (docs/hardware.md, "Few rows").
 """
 
 from __future__ import annotations
@@ -46,14 +47,13 @@ at 28 rows, 1.4x at 128 and 1.3x at 256; up to 32 rows its outputs were torch's 
 enough to flip a greedy answer (docs/hardware.md, "Few rows"). The question step's 20-30 rows are
 what it is for."""
 
-WIDER_BYTES = 1 << 20
-"""Inside `wider_linear` (phase 2), `linear` also takes calls of more rows whose x is at most this
-many bytes: x is packed once and then read from the core's L2 (2 MB on every CPU with AMX) by each
-32-column block of the weight. A reused question's phase 2 in the model (ad hoc, the AMX host,
-2026-12-05, with and without alternating): at 16K (8 chunks x 17 question tokens = 136 rows) a
-median 106 against 123 ms, at 32K (272 rows) 167 against 183 ms; at 128K (1,105 rows, 1.27 MB)
-nothing changes. Alone, the kernel is 0.35-0.8x torch's above about 1,100 rows of 576 (x past
-the L2), as phase 1's 4,180-row calls are (docs/hardware.md, "Few rows")."""
+WIDER_ROWS = 3072
+"""Inside `wider_linear` (phase 2), `linear` also takes calls of up to this many rows. Above 64 rows
+the kernel packs the weight once per call and rounds each block of outputs into y while the next
+block's tile products run. Alone (30 layers of SmolLM2's seven projection shapes, the AMX host,
+2 threads, 2026-12-05) it took 29 against torch's 42 ms at 136 rows, 61 against 100 at 550, 111
+against 163 at 1,105 and 305 against 350 at 3,000, but 415 against 388 at 4,180, where oneDNN's
+blocking for large GEMMs wins (docs/hardware.md, "Few rows")."""
 
 _scratch = threading.local()  # each thread's packed-KV workspace (two rows' worth), grown to the largest call
 _wider = threading.local()  # .depth: `wider_linear` blocks this thread is in
@@ -196,16 +196,15 @@ def untile(key: torch.Tensor, value: torch.Tensor, tokens: int,
 
 def takes_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `linear` computes F.linear(x, weight, bias): bf16 on CPU, a contiguous (N, K) weight
-    with K a multiple of 32 and N of 16, x of 1 to LINEAR_ROWS rows of K (inside `wider_linear`, or
-    of at most WIDER_BYTES), a contiguous (N,) bias or none, nothing that autograd should record,
+    with K a multiple of 32 and N of 16, x of 1 to LINEAR_ROWS rows of K (inside `wider_linear`, to
+    WIDER_ROWS), a contiguous (N,) bias or none, nothing that autograd should record,
     and an available kernel."""
     if weight.dim() != 2 or x.dim() == 0:
         return False
     n, k = weight.shape
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
             and weight.is_contiguous() and k % 32 == 0 and n % 16 == 0 and x.shape[-1] == k
-            and 0 < x.numel() and (x.numel() <= LINEAR_ROWS * k or (getattr(_wider, "depth", 0) > 0
-                                                                     and x.numel() * 2 <= WIDER_BYTES))  # bf16
+            and 0 < x.numel() and x.numel() <= (WIDER_ROWS if getattr(_wider, "depth", 0) > 0 else LINEAR_ROWS) * k
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu" and bias.is_contiguous()
                                   and bias.shape == (n,)))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -221,17 +220,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         rows = rows.contiguous()
     m = rows.shape[0]
     out = x.new_empty(*x.shape[:-1], n)
-    _library()[0].pc_amx_linear(rows.data_ptr(), m, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
-                                out.data_ptr(), _workspace(-(-m // 16) * 16 * k * 2), torch.get_num_threads())
+    lib, threads = _library()[0], torch.get_num_threads()
+    lib.pc_amx_linear(rows.data_ptr(), m, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
+                      out.data_ptr(), _workspace(lib.pc_amx_linear_workspace(m, k, n, threads)), threads)
     return out
 
 
 @contextmanager
 def wider_linear() -> Iterator[None]:
     """Inside the block, on this thread, `takes_linear` also takes calls of more than LINEAR_ROWS
-    rows whose x is at most WIDER_BYTES: phase 2's projections (prefill.question_nll). Their outputs
-    then differ from torch's in a few last bits at 33-767 rows (oneDNN blocks those differently; at
-    768-1,922 rows the bits were the same; the AMX host, 2 threads), which moves chunk scores by
+    rows, up to WIDER_ROWS: phase 2's projections (prefill.question_nll). Their outputs then
+    differ from torch's in a few last bits at 33-767 and 1,923-3,064 rows (oneDNN blocks those
+    differently; at 768-1,922 rows the bits were the same; the AMX host, 2 threads), which moves chunk scores by
     rounding. Phase 2's outputs rank the chunks and, with compression, pick which of a kept chunk's
     KV entries stay; the KV itself is phase 1's. The prompt prefix, phase 1 and the question step,
     whose KV the answer reads, keep LINEAR_ROWS, where the bits are torch's."""
@@ -289,6 +289,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pc_amx_linear.restype = None
     lib.pc_amx_linear.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long]
                                   + [ctypes.c_void_p] * 3 + [ctypes.c_long])
+    lib.pc_amx_linear_workspace.restype = ctypes.c_long
+    lib.pc_amx_linear_workspace.argtypes = [ctypes.c_long] * 4
     lib.pc_amx_workspace.restype = ctypes.c_long
     lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_long]
     return lib
