@@ -42,7 +42,8 @@ CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl"
 LINEAR_ROWS = 32
 """The most rows the engine gives `linear` (which itself takes any number). Against torch's bf16
 GEMM on SmolLM2's seven projection shapes (30 layers' weights, AMX host, ad hoc) it is 1.75x faster
-at 28 rows, 1.4x at 128 and 1.3x at 256; up to 32 rows its outputs were torch's bit for bit, above
+at 28 rows, 1.4x at 128 and 1.3x at 256 (before calls above 64 rows packed the weight: 1.45x at
+136 rows since); up to 32 rows its outputs were torch's bit for bit, above
 32 a few in ten thousand differ by one bf16 unit (oneDNN changes its blocking there), and that was
 enough to flip a greedy answer (docs/hardware.md, "Few rows"). The question step's 20-30 rows are
 what it is for."""
