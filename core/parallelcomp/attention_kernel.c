@@ -631,7 +631,7 @@ static inline void store_rows(const Block32 *b, int e0, int e1, long M, long N, 
  * zero-padded copy (`tail`, per thread, behind the packed weight). */
 static void linear_many(const uint16_t *x, long M, long K, const uint16_t *w, long N, const uint16_t *bias,
                         uint16_t *y, uint32_t *packed, long threads) {
-    const long P = K / 2, nb = N / 16, pairs = (nb + 1) / 2, whole = M / 32 * 32, steps = K / 32;
+    const long P = K / 2, nb = N / 16, pairs = (nb + 1) / 2, paired = M / 32 * 32, steps = K / 32;
     const int per = (int)((64 + steps - 1) / steps);  /* rows of the previous block rounded per step */
 #pragma omp parallel num_threads(threads)
     {
@@ -645,9 +645,9 @@ static void linear_many(const uint16_t *x, long M, long K, const uint16_t *w, lo
                 transpose16(r);
                 for (int i = 0; i < 16; i++) _mm512_store_si512((__m512i *)(packed + (c * P + p + i) * 16), r[i]);
             }
-        if (whole < M && j0 < j1) {
-            memcpy(tail, x + whole * K, (M - whole) * K * 2);
-            memset(tail + (M - whole) * K, 0, (32 - (M - whole)) * K * 2);
+        if (paired < M && j0 < j1) {
+            memcpy(tail, x + paired * K, (M - paired) * K * 2);
+            memset(tail + (M - paired) * K, 0, (32 - (M - paired)) * K * 2);
         }
         configure();
         float sums[2][1024] __attribute__((aligned(64)));
@@ -658,7 +658,7 @@ static void linear_many(const uint16_t *x, long M, long K, const uint16_t *w, lo
                 const long c = 2 * j;
                 const int two_n = c + 1 < nb;
                 for (long r = r0; r < M && r < r0 + ROW_BLOCK; r += 32) {
-                    const uint16_t *a = r < whole ? x + r * K : tail;
+                    const uint16_t *a = r < paired ? x + r * K : tail;
                     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                     for (long k = 0, step = 0; k < K; k += 32, step++) {  /* tile (i, j): x tile i · weight tile j */
                         _tile_loadd(4, a + k, K * 2);
