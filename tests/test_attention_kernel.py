@@ -560,19 +560,33 @@ def test_linear_is_as_close_to_float64_as_one_bf16_rounding(monkeypatch, threads
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("out_features,in_features", [(16, 32), (48, 64), (80, 96), (576, 1536)])
 def test_linear_gives_the_same_bits_whichever_operand_it_packs(monkeypatch, threads, out_features, in_features):
-    """Up to 64 rows the kernel packs x and reads the weight as it lies; above, it packs the weight
-    and rounds each block of outputs while the next block's products run. Both add K's 32-element
-    blocks into fp32 in the same order, so a call of 65-209 rows (whole and partial 32-row blocks,
-    with and without a bias) gives the bits of the same rows sent 40 at a time."""
+    """Up to 64 rows the kernel packs x and reads the weight as it lies; with more rows and a small
+    weight (`packs_weight`) it packs the weight and rounds each block of outputs while the next
+    block's products run. Both add K's 32-element blocks into fp32 in the same order, so a call of
+    65-300 rows (whole and partial 32-row blocks, with and without a bias) gives the bits of the same
+    rows sent 40 at a time, whichever layout it took."""
     torch.manual_seed(out_features + threads)
     weight = torch.randn(out_features, in_features, dtype=torch.bfloat16) / in_features ** 0.5
     bias = torch.randn(out_features, dtype=torch.bfloat16)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    for rows in (65, 96, 200, 209):
+    packed = []
+    for rows in (65, 96, 209, 300):
+        packed.append(attention_kernel.packs_weight(rows, out_features, in_features))
         x = torch.randn(rows, in_features, dtype=torch.bfloat16)
         for b in (None, bias):
             pieces = torch.cat([attention_kernel.linear(x[i:i + 40], weight, b) for i in range(0, rows, 40)])
             assert torch.equal(attention_kernel.linear(x, weight, b), pieces)
+    assert any(packed) and not attention_kernel.packs_weight(40, out_features, in_features)
+
+
+def test_linear_packs_the_weight_only_where_that_pays():
+    """Above 64 rows, a weight of at most PACKED_WEIGHT_BYTES, once the rows cover n·k / 4,096
+    (SmolLM2's 576 × 576 from 81 rows, its MLP's 1,536 × 576 from 216); never a larger weight."""
+    assert not attention_kernel.packs_weight(64, 16, 32) and attention_kernel.packs_weight(65, 16, 32)
+    assert not attention_kernel.packs_weight(80, 576, 576) and attention_kernel.packs_weight(81, 576, 576)
+    assert not attention_kernel.packs_weight(215, 1536, 576) and attention_kernel.packs_weight(216, 1536, 576)
+    assert attention_kernel.PACKED_WEIGHT_BYTES < 4864 * 896 * 2  # Qwen2.5-0.5B's MLP
+    assert not attention_kernel.packs_weight(3072, 4864, 896)
 
 
 @needs_amx
@@ -601,22 +615,25 @@ def test_linear_leaves_to_torch_what_it_does_not_take():
 
 
 @needs_amx
-def test_wider_linear_takes_more_rows_up_to_its_bound_on_its_own_thread():
+def test_wider_linear_takes_more_rows_up_to_its_bounds_on_its_own_thread():
     """Outside `wider_linear` a call of more than LINEAR_ROWS rows goes to torch; inside it the
-    kernel takes up to WIDER_ROWS rows (its accuracy there:
-    test_linear_is_as_close_to_float64_as_one_bf16_rounding); the block is undone on leaving, nested
-    too, and another thread never sees it."""
+    kernel takes it while x is at most WIDER_BYTES, or with a weight of at most PACKED_WEIGHT_BYTES
+    up to WIDER_ROWS rows (its accuracy there: test_linear_is_as_close_to_float64_as_one_bf16_rounding);
+    the block is undone on leaving, nested too, and another thread never sees it."""
     torch.manual_seed(0)
     weight = torch.randn(64, 576, dtype=torch.bfloat16) / 24
-    rows = attention_kernel.WIDER_ROWS
+    big = torch.zeros((attention_kernel.PACKED_WEIGHT_BYTES // (2 * 576 * 16) + 1) * 16, 576, dtype=torch.bfloat16)
+    rows, fit = attention_kernel.WIDER_ROWS, attention_kernel.WIDER_BYTES // (2 * 576)
     small, large = torch.randn(rows, 576, dtype=torch.bfloat16), torch.randn(rows + 1, 576, dtype=torch.bfloat16)
     seen = []
-    assert rows > attention_kernel.LINEAR_ROWS and not attention_kernel.takes_linear(small, weight, None)
+    assert rows > fit > attention_kernel.LINEAR_ROWS and not attention_kernel.takes_linear(small, weight, None)
     with attention_kernel.wider_linear():
         with attention_kernel.wider_linear():
             assert attention_kernel.takes_linear(small, weight, None)
         assert attention_kernel.takes_linear(small, weight, None)
         assert not attention_kernel.takes_linear(large, weight, None)
+        assert attention_kernel.takes_linear(small[:fit], big, None)
+        assert not attention_kernel.takes_linear(small[:fit + 1], big, None)
         other = threading.Thread(target=lambda: seen.append(attention_kernel.takes_linear(small, weight, None)))
         other.start()
         other.join()
@@ -652,7 +669,7 @@ def test_phase_2_runs_its_wider_linears_on_the_tiles_and_nothing_else_does(token
     phase_2 = [n for n, times in counts.items() if n > attention_kernel.LINEAR_ROWS]
     assert not torch_counts and n_chunks >= 6 and phase_2 and all(n % n_chunks == 0 for n in phase_2)
     assert all(counts[n] == 7 * layers for n in phase_2)  # every projection of every layer, once
-    assert max(phase_2) <= attention_kernel.WIDER_ROWS
+    assert max(phase_2) <= attention_kernel.WIDER_ROWS and max(phase_2) * model.config.hidden_size * 2 <= attention_kernel.WIDER_BYTES
     # here the scores came out equal; with wider inputs (SmolLM2's 576 at 33-767 rows) a few
     # projections' last bits differ from torch's, and the scores by rounding
     scores = torch.tensor([c.score for c in amx.chunks]), torch.tensor([c.score for c in torchs.chunks])

@@ -524,11 +524,10 @@ void pc_amx_untile(const uint16_t *dk, const uint16_t *dv, long T, long Hkv, lon
 }
 
 /* y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias (N)), bf16 in and out, fp32 sums rounded once, on the
- * tiles: two layouts, chosen by the rows (pc_amx_linear). Both add the 32-element blocks of K into
- * one fp32 tile in order, so their outputs are the same bits (tests/test_attention_kernel.py).
- * K a multiple of 32 and N of 16 (attention_kernel.takes_linear). */
+ * tiles: two layouts, which the caller chooses (pc_amx_linear; attention_kernel.packs_weight). Both
+ * add the 32-element blocks of K into one fp32 tile in order, so their outputs are the same bits
+ * (tests/test_attention_kernel.py). K a multiple of 32 and N of 16 (attention_kernel.takes_linear). */
 
-#define X_ROWS 64  /* up to this many rows x is packed (linear_few); above, the weight (linear_many) */
 #define ROW_BLOCK 64  /* linear_many: rows of x that every column block of a thread meets in turn */
 
 /* Few rows (the question step's 20-30): a GEMM is bound by reading its weight, and torch's bf16
@@ -692,14 +691,12 @@ static void linear_many(const uint16_t *x, long M, long K, const uint16_t *w, lo
 }
 
 /* Bytes of `packed` that pc_amx_linear needs for M rows on `threads` threads. */
-long pc_amx_linear_workspace(long M, long K, long N, long threads) {
-    return M <= X_ROWS ? (M + 15) / 16 * 16 * K * 2 : N * K * 2 + threads * 32 * K * 2;
+long pc_amx_linear_workspace(long M, long K, long N, long threads, int pack_weight) {
+    return pack_weight ? N * K * 2 + threads * 32 * K * 2 : (M + 15) / 16 * 16 * K * 2;
 }
 
-/* The linear layer: linear_few up to X_ROWS rows, where reading the weight once as it lies wins
- * (alone, 30 layers of SmolLM2's shapes: 12.9 against 15.6 ms at 28 rows), linear_many above it,
- * where packing the weight pays for itself (61 against 93 ms at 550 rows, 111 against 185 at 1,105). */
+/* The linear layer: linear_many where `pack_weight`, else linear_few. */
 void pc_amx_linear(const uint16_t *x, long M, long K, const uint16_t *w, long N, const uint16_t *bias, uint16_t *y,
-                   uint32_t *packed, long threads) {
-    (M <= X_ROWS ? linear_few : linear_many)(x, M, K, w, N, bias, y, packed, threads);
+                   uint32_t *packed, long threads, int pack_weight) {
+    (pack_weight ? linear_many : linear_few)(x, M, K, w, N, bias, y, packed, threads);
 }

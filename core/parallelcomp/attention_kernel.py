@@ -17,7 +17,7 @@ weight as it lies where torch's GEMM reorders it first, for more it packs the we
 each block of outputs while the next one is computed; where the engine attends on "amx", the
 model's nn.Linear modules run it during each run for calls of at most LINEAR_ROWS rows
 (`linear_modules`), so the question step's projections read each weight once, and in phase 2
-(`wider_linear`) for calls of at most WIDER_ROWS rows (docs/hardware.md, "Few rows").
+(`wider_linear`) for calls of more rows (WIDER_BYTES, WIDER_ROWS; docs/hardware.md, "Few rows").
 """
 
 from __future__ import annotations
@@ -42,19 +42,30 @@ CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl"
 LINEAR_ROWS = 32
 """The most rows the engine gives `linear` (which itself takes any number). Against torch's bf16
 GEMM on SmolLM2's seven projection shapes (30 layers' weights, AMX host, ad hoc) it is 1.75x faster
-at 28 rows, 1.4x at 128 and 1.3x at 256 (before calls above 64 rows packed the weight: 1.45x at
-136 rows since); up to 32 rows its outputs were torch's bit for bit, above
+at 28 rows, 1.4x at 128 and 1.3x at 256 (measured before calls of more rows could pack the
+weight, `packs_weight`); up to 32 rows its outputs were torch's bit for bit, above
 32 a few in ten thousand differ by one bf16 unit (oneDNN changes its blocking there), and that was
 enough to flip a greedy answer (docs/hardware.md, "Few rows"). The question step's 20-30 rows are
 what it is for."""
 
+WIDER_BYTES = 1 << 20
+"""Inside `wider_linear` (phase 2), `linear` also takes calls of more rows whose x is at most this
+many bytes, whatever the weight: packed once, x stays in the core's L2 (2 MB on every CPU with
+AMX) while each 32-column block of the weight passes over it (docs/hardware.md, "Few rows")."""
+
 WIDER_ROWS = 3072
-"""Inside `wider_linear` (phase 2), `linear` also takes calls of up to this many rows. Above 64 rows
-the kernel packs the weight once per call and rounds each block of outputs into y while the next
-block's tile products run. Alone (30 layers of SmolLM2's seven projection shapes, the AMX host,
-2 threads, 2026-12-05) it took 29 against torch's 42 ms at 136 rows, 61 against 100 at 550, 111
-against 163 at 1,105 and 305 against 350 at 3,000, but 415 against 388 at 4,180, where oneDNN's
-blocking for large GEMMs wins (docs/hardware.md, "Few rows")."""
+"""... and calls of up to this many rows whose weight is at most PACKED_WEIGHT_BYTES, which it packs
+(`packs_weight`). Alone (30 layers of SmolLM2's seven projection shapes, the AMX host, 2 threads,
+2026-12-05) that took 61 against torch's 100 ms at 550 rows, 111 against 163 at 1,105 and 305
+against 350 at 3,000, but 415 against 388 at 4,180, where oneDNN's blocking for large GEMMs wins."""
+
+PACKED_WEIGHT_BYTES = 2 << 20
+"""The largest weight `linear` packs: each thread's share of it then stays in its core's L2 while
+64-row blocks of x pass over it. Larger ones came out slower packed than as they lie up to 550 rows
+(Qwen2.5-0.5B's 8.3 MB up projection: 2.93 against 2.44 ms at 550 rows) and at 1,105 rows mostly
+slower than torch's (Qwen2.5-1.5B's 4.5 MB q: 2.71 against 2.49 ms; the 0.5B up projection 5.26
+against 4.73, but its down projection 5.40 against 9.29), so they keep WIDER_BYTES
+(docs/hardware.md, "Few rows")."""
 
 _scratch = threading.local()  # each thread's packed-KV workspace (two rows' worth), grown to the largest call
 _wider = threading.local()  # .depth: `wider_linear` blocks this thread is in
@@ -197,15 +208,17 @@ def untile(key: torch.Tensor, value: torch.Tensor, tokens: int,
 
 def takes_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `linear` computes F.linear(x, weight, bias): bf16 on CPU, a contiguous (N, K) weight
-    with K a multiple of 32 and N of 16, x of 1 to LINEAR_ROWS rows of K (inside `wider_linear`, to
-    WIDER_ROWS), a contiguous (N,) bias or none, nothing that autograd should record,
+    with K a multiple of 32 and N of 16, x of 1 to LINEAR_ROWS rows of K (inside `wider_linear`, of
+    at most WIDER_BYTES, or with a weight of at most PACKED_WEIGHT_BYTES up to WIDER_ROWS), a
+    contiguous (N,) bias or none, nothing that autograd should record,
     and an available kernel."""
     if weight.dim() != 2 or x.dim() == 0:
         return False
     n, k = weight.shape
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
             and weight.is_contiguous() and k % 32 == 0 and n % 16 == 0 and x.shape[-1] == k
-            and 0 < x.numel() and x.numel() <= (WIDER_ROWS if getattr(_wider, "depth", 0) > 0 else LINEAR_ROWS) * k
+            and 0 < x.numel() and (x.numel() <= LINEAR_ROWS * k or (getattr(_wider, "depth", 0) > 0 and (
+                x.numel() * 2 <= WIDER_BYTES or (n * k * 2 <= PACKED_WEIGHT_BYTES and x.numel() <= WIDER_ROWS * k))))
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu" and bias.is_contiguous()
                                   and bias.shape == (n,)))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -221,16 +234,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         rows = rows.contiguous()
     m = rows.shape[0]
     out = x.new_empty(*x.shape[:-1], n)
-    lib, threads = _library()[0], torch.get_num_threads()
+    lib, threads, packed = _library()[0], torch.get_num_threads(), packs_weight(m, n, k)
     lib.pc_amx_linear(rows.data_ptr(), m, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
-                      out.data_ptr(), _workspace(lib.pc_amx_linear_workspace(m, k, n, threads)), threads)
+                      out.data_ptr(), _workspace(lib.pc_amx_linear_workspace(m, k, n, threads, packed)), threads, packed)
     return out
+
+
+def packs_weight(rows: int, n: int, k: int) -> bool:
+    """Whether `linear` of `rows` rows through an (n, k) weight packs the weight (the kernel's
+    linear_many) rather than x (linear_few): above 64 rows, for a weight of at most
+    PACKED_WEIGHT_BYTES, once the rows pay for reading and writing it (rows · 4,096 ≥ n · k: 81 rows
+    for SmolLM2's 576 × 576, 216 for its MLP). Both give the same bits."""
+    return rows > 64 and n * k * 2 <= PACKED_WEIGHT_BYTES and rows * 4096 >= n * k
 
 
 @contextmanager
 def wider_linear() -> Iterator[None]:
     """Inside the block, on this thread, `takes_linear` also takes calls of more than LINEAR_ROWS
-    rows, up to WIDER_ROWS: phase 2's projections (prefill.question_nll). Their outputs then
+    rows (WIDER_BYTES, WIDER_ROWS): phase 2's projections (prefill.question_nll). Their outputs then
     differ from torch's in a few last bits at 33-767 and 1,923-3,064 rows (oneDNN blocks those
     differently; at 768-1,922 rows the bits were the same; the AMX host, 2 threads), which moves chunk scores by
     rounding. Phase 2's outputs rank the chunks and, with compression, pick which of a kept chunk's
@@ -289,9 +310,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pc_amx_untile.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
     lib.pc_amx_linear.restype = None
     lib.pc_amx_linear.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long]
-                                  + [ctypes.c_void_p] * 3 + [ctypes.c_long])
+                                  + [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_int])
     lib.pc_amx_linear_workspace.restype = ctypes.c_long
-    lib.pc_amx_linear_workspace.argtypes = [ctypes.c_long] * 4
+    lib.pc_amx_linear_workspace.argtypes = [ctypes.c_long] * 4 + [ctypes.c_int]
     lib.pc_amx_workspace.restype = ctypes.c_long
     lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_long]
     return lib

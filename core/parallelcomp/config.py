@@ -156,8 +156,8 @@ class ParallelCompConfig(BaseModel):
     CPU kernel runs at its fp32 rate and the matmuls at about twice that; fused elsewhere. On
     "amx" the model's linear layers of at most 32 rows (the question step) also run on the tiles,
     reading each weight once (attention_kernel.linear; on SmolLM2's shapes, torch's results bit
-    for bit), and in phase 2, which only scores the chunks, calls of up to 3,072 rows
-    (attention_kernel.wider_linear). Chunk KV is stored under the kernel that made it
+    for bit), and in phase 2, which only scores the chunks, calls of up to 1 MB of x, and up to
+    3,072 rows through a weight of at most 2 MB (attention_kernel.wider_linear). Chunk KV is stored under the kernel that made it
     (docs/hardware.md)."""
     layer_kernel: Literal["auto", "torch"] = "auto"
     """How a bf16 model's RMSNorms and SwiGLU gate run on CPU: "auto" runs layer_kernel.py's C
