@@ -530,6 +530,19 @@ void pc_amx_untile(const uint16_t *dk, const uint16_t *dv, long T, long Hkv, lon
 
 #define ROW_BLOCK 64  /* linear_many: rows of x that every column block of a thread meets in turn */
 
+/* 16 rows of K bf16 (`live` of them real, zeros for the rest) into the tiles' pair layout, 16
+ * pairs of K at a time by transposing: dst[p][i] = the pair (src[i][2p], src[i][2p + 1]), for
+ * p < K / 2. linear_few packs x so (the B operand), linear_many the weight. */
+static inline void pack_pairs(const uint16_t *src, long K, long live, uint32_t *dst) {
+    for (long p = 0; p < K / 2; p += 16) {
+        __m512i r[16];
+        for (long i = 0; i < 16; i++)
+            r[i] = i < live ? _mm512_loadu_si512((const uint32_t *)(src + i * K) + p) : _mm512_setzero_si512();
+        transpose16(r);
+        for (long i = 0; i < 16; i++) _mm512_store_si512((__m512i *)(dst + (p + i) * 16), r[i]);
+    }
+}
+
 /* Few rows (the question step's 20-30): a GEMM is bound by reading its weight, and torch's bf16
  * GEMM (oneDNN) first reorders the weight into the tiles' layout, a second pass over it on every
  * call. Here the weight's rows are the tiles' A operand as they lie (16 output columns × 32 of K
@@ -543,15 +556,7 @@ static void linear_few(const uint16_t *x, long M, long K, const uint16_t *w, lon
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (long b = 0; b < mb; b++)  /* xᵀ in pairs: 16 rows × 16 pairs per transpose, zeros past M */
-            for (long p = 0; p < P; p += 16) {
-                __m512i r[16];
-                for (long i = 0; i < 16; i++)
-                    r[i] = b * 16 + i < M ? _mm512_loadu_si512((const uint32_t *)(x + (b * 16 + i) * K) + p)
-                                          : _mm512_setzero_si512();
-                transpose16(r);
-                for (long i = 0; i < 16; i++) _mm512_store_si512((__m512i *)(packed + (b * P + p + i) * 16), r[i]);
-            }
+        for (long b = 0; b < mb; b++) pack_pairs(x + b * 16 * K, K, M - b * 16, packed + b * P * 16);  /* xᵀ */
         configure();
         float sums[4][256] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
@@ -637,13 +642,7 @@ static void linear_many(const uint16_t *x, long M, long K, const uint16_t *w, lo
         const long T = omp_get_num_threads(), th = omp_get_thread_num();
         const long j0 = pairs * th / T, j1 = pairs * (th + 1) / T;  /* this thread's 32-column blocks */
         uint16_t *tail = (uint16_t *)(packed + nb * P * 16) + th * 32 * K;
-        for (long c = 2 * j0; c < 2 * j1 && c < nb; c++)  /* 16 columns × 16 pairs per transpose */
-            for (long p = 0; p < P; p += 16) {
-                __m512i r[16];
-                for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const uint32_t *)(w + (c * 16 + i) * K) + p);
-                transpose16(r);
-                for (int i = 0; i < 16; i++) _mm512_store_si512((__m512i *)(packed + (c * P + p + i) * 16), r[i]);
-            }
+        for (long c = 2 * j0; c < 2 * j1 && c < nb; c++) pack_pairs(w + c * 16 * K, K, 16, packed + c * P * 16);
         if (paired < M && j0 < j1) {
             memcpy(tail, x + paired * K, (M - paired) * K * 2);
             memset(tail + (M - paired) * K, 0, (32 - (M - paired)) * K * 2);
