@@ -11,10 +11,11 @@
  *
  * The arithmetic is transformers' (LlamaRMSNorm, LlamaMLP), rounding included: intermediate
  * results are rounded to bf16 where the eager code stores a bf16 tensor, so outputs agree with it
- * except where a sum's order or exp's last bit moves a rounding (tests/test_layer_kernel.py).
+ * except where a sum's order moves a rounding (tests/test_layer_kernel.py).
  *
  * pc_rms_norm: out[r] = w * bf16(x[r] / sqrt(mean(x[r]^2) + eps)), the mean over n in fp32.
- * pc_silu_mul: out = bf16(bf16(g / (1 + exp(-g))) * u), elementwise over `count` values.
+ * pc_silu_mul: out = bf16(silu(g) * u), elementwise over `count` values, where silu(g) is torch's
+ * own bf16 SiLU of g, read from a table of all 65,536 of them (layer_kernel._silu_table).
  * pc_rope: out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), transformers' rotary embedding
  * of one (B, H, T, D) tensor, cos and sin (B, T, D) rows shared by the heads.
  * pc_logsumexp_update: folds one vocabulary slice of bf16 logits into each row's running
@@ -56,7 +57,7 @@ static inline __m512 round_bf16(__m512 v) {
 
 /* e^x to about 1 ulp of fp32: Cody-Waite reduction by ln 2, Cephes' expf polynomial on
  * [-ln2/2, ln2/2], and scalef for 2^n. x is first clamped to [-104, 89], outside which e^x is 0
- * or inf in fp32 (a NaN becomes 89: pc_silu_mul's numerator keeps it NaN). */
+ * or inf in fp32 (a NaN becomes 89; pc_logsumexp_update never passes one). */
 static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -92,15 +93,19 @@ void pc_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, long rows,
     }
 }
 
-void pc_silu_mul(const uint16_t *g, const uint16_t *u, uint16_t *out, long count, long threads) {
+/* A bf16 SiLU depends only on its input's 16 bits, so it is looked up: `table` holds, for each
+ * bit pattern, the fp32 bits of torch's bf16 result. One gather of 16 values replaces an exp and a
+ * division per value (the division alone took as long as the memory traffic), and the result is
+ * eager torch's by construction, whatever exp that torch build uses. */
+void pc_silu_mul(const uint16_t *g, const uint16_t *u, uint16_t *out, long count, const int32_t *table,
+                 long threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (count >= 16384)
     for (long s = 0; s < count; s += SPAN) {
         const long end = s + SPAN < count ? s + SPAN : count;
         for (long i = s; i < end; i += 16) {
             const __mmask16 m = tail_mask(end - i);
-            const __m512 a = load_bf16(g + i, m);
-            const __m512 silu = round_bf16(_mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(
-                                                                 _mm512_setzero_ps(), a)))));
+            const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, g + i));
+            const __m512 silu = _mm512_castsi512_ps(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, bits, table, 4));
             _mm256_mask_storeu_epi16(out + i, m, to_bf16(_mm512_mul_ps(silu, load_bf16(u + i, m))));
         }
     }

@@ -58,10 +58,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of two contiguous bf16 tensors of one shape, rounded as eager torch rounds."""
+    """silu(gate) * up of two contiguous bf16 tensors of one shape, rounded as eager torch rounds
+    (silu(gate) looked up in `_silu_table`)."""
     out = torch.empty_like(gate)
-    _library()[0].pc_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
+    _library()[0].pc_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), _silu_table().data_ptr(),
+                              torch.get_num_threads())
     return out
+
+
+@functools.cache
+def _silu_table() -> torch.Tensor:
+    """torch's SiLU of every bf16 value, indexed by the value's 16 bits (0x0000 … 0xFFFF), as the
+    fp32 bit patterns (int32) of the bf16 results: pc_silu_mul's lookup table (256 KB). Made by
+    this process's torch, so the kernel's SiLU is eager torch's bit for bit."""
+    patterns = torch.cat([torch.arange(0, 2**15), torch.arange(-(2**15), 0)]).to(torch.int16)
+    with torch.no_grad():
+        return nn.functional.silu(patterns.view(torch.bfloat16)).float().view(torch.int32).contiguous()
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -228,7 +240,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.pc_rms_norm.restype = None
     lib.pc_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_long]
     lib.pc_silu_mul.restype = None
-    lib.pc_silu_mul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2
+    lib.pc_silu_mul.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
     lib.pc_rope.restype = None
     lib.pc_rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 10
     lib.pc_logsumexp_update.restype = None
