@@ -91,6 +91,37 @@ def test_kernel_equals_float64_attention(monkeypatch, threads, batch, heads, kv_
 
 
 @needs_amx
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("heads,kv_heads,rows,keys,head_dim,value_dim", [
+    (3, 3, 300, 300, 64, 64),     # 19 query blocks a head, so one is left unpaired
+    (2, 2, 77, 130, 128, 128),    # fewer queries than keys; a partial last query block
+    (1, 1, 40, 40, 64, 256),      # the widest values: eight pairs of value tiles per block pair
+    (9, 3, 300, 300, 64, 64),     # SmolLM2's heads: pairs across the query heads of a KV head
+])
+def test_causal_query_blocks_in_pairs_keep_each_blocks_bits(monkeypatch, threads, heads, kv_heads, rows, keys,
+                                                            head_dim, value_dim):
+    """Phase 1 attends two query blocks at a time, each key and value tile loaded once for both
+    (pair_scores, pair_values); each block's sums are the same, in the same order, as alone. So a
+    causal call over all rows equals, bit for bit, one call per block of 16 query rows over the keys
+    that block sees, output and log-sum-exps (checked to fail when the pairs add the value tiles in
+    another order). With one query head per KV head such a call is a single block, attended alone;
+    with three, the blocks of its heads pair with each other instead."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(rows)
+    query = torch.randn(1, rows, heads, head_dim).to(torch.bfloat16).transpose(1, 2)
+    key = torch.randn(1, keys, kv_heads, head_dim).to(torch.bfloat16).transpose(1, 2)
+    value = torch.randn(1, keys, kv_heads, value_dim).to(torch.bfloat16).transpose(1, 2)
+    scale = 1.5 / head_dim**0.5
+    out, lse = attention_kernel.attend(query, key, value, scale, causal=True)
+    for m0 in range(0, rows, 16):
+        m1, seen = min(m0 + 16, rows), keys - rows + min(m0 + 16, rows)
+        alone, alone_lse = attention_kernel.attend(query[:, :, m0:m1], key[:, :, :seen], value[:, :, :seen], scale,
+                                                   causal=True)
+        assert torch.equal(out[:, :, m0:m1], alone), m0
+        assert torch.equal(lse[:, :, m0:m1], alone_lse), m0
+
+
+@needs_amx
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("copies", [1, 3], ids=["rows-shared", "whole-rows-per-thread"])
 @pytest.mark.parametrize("heads,queries", [(3, 60), (9, 17), (9, 60)], ids=["4-blocks", "6-blocks", "12-blocks"])

@@ -10,7 +10,7 @@
  * may have a second, short run of keys behind them under a causal mask of its own (phase 2: the
  * prefix, the question head and the question's own keys), attended in the same online softmax.
  * FlashAttention's loop (Dao et al. 2022, Alg. 1), one block of QB query rows against KB keys at
- * a time: the scores are four 16x16 tile products,
+ * a time (in phase 1 two blocks side by side): the scores are four 16x16 tile products,
  * the online softmax runs on AVX-512 registers, and the probabilities (rounded to bf16, as torch's
  * fused kernel does) times the values are four more tile products accumulated into the output.
  *
@@ -189,8 +189,8 @@ typedef struct {
 /* A thread's buffers for NQ blocks of query rows. */
 typedef struct {
     Prefetch pf;
-    uint16_t pbuf[QB * KB] __attribute__((aligned(64)));
-    float sbuf[QB * KB] __attribute__((aligned(64)));
+    uint16_t pbuf[2][QB * KB] __attribute__((aligned(64)));
+    float sbuf[2][QB * KB] __attribute__((aligned(64)));
     Block blk[NQ];
 } Scratch;
 
@@ -245,20 +245,13 @@ static void prefetch_head(const Call *c, const Row *w, long hk, long calls, Pref
     p->quota = (p->kbytes / 64 + calls - 1) / calls;
 }
 
-/* Query block `s` of a row over key block kb (kk-th of the keys at kh and values at vh): the
- * block's scores on the tiles, its online softmax on vector registers, its output on the tiles. */
-static inline void attend_block(const Call *c, const Row *w, Block *s, long kb, long kk, const uint32_t *kh,
-                                const uint16_t *vh, Scratch *z) {
-    const long D = c->D, Dv = c->Dv, P = D / 2, C = Dv / 16, period = c->period;
-    const long T = w->T, T2 = w->T2, Tp = w->Tp, shift = w->shift, m0 = s->m0, rows = s->rows;
-    const float scale = c->scale;
-    const uint16_t *qbuf = s->qbuf;
-    float *obuf = s->obuf, *lsum = s->lsum, *mx = s->mx, *sbuf = z->sbuf;
-    uint16_t *pbuf = z->pbuf;
-    const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f), ninf = _mm512_set1_ps(-INFINITY);
+/* The scores of query block `s` against key block kk (keys at kh): four 16 x 16 tiles, each summed
+ * over the head dimension 32 at a time, stored to sbuf (QB rows of KB). */
+static inline void block_scores(const Call *c, const Block *s, long kk, const uint32_t *kh, float *sbuf) {
+    const long D = c->D, P = D / 2;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (long d = 0; d < D / 32; d++) {
-        _tile_loadd(4, qbuf + 32 * d, 2 * D);
+        _tile_loadd(4, s->qbuf + 32 * d, 2 * D);
         const uint32_t *kt = kh + (kk * 4 * P + 16 * d) * 16;
         _tile_loadd(5, kt, 64); _tile_dpbf16ps(0, 4, 5);
         _tile_loadd(6, kt + P * 16, 64); _tile_dpbf16ps(1, 4, 6);
@@ -267,6 +260,40 @@ static inline void attend_block(const Call *c, const Row *w, Block *s, long kb, 
     }
     _tile_stored(0, sbuf, 4 * KB); _tile_stored(1, sbuf + 16, 4 * KB);
     _tile_stored(2, sbuf + 32, 4 * KB); _tile_stored(3, sbuf + 48, 4 * KB);
+}
+
+/* The scores of two query blocks against key block kk, as block_scores computes each (the same
+ * sums in the same order), two key tiles at a time: each key tile is loaded once for both blocks. */
+static inline void pair_scores(const Call *c, const Block *s0, const Block *s1, long kk, const uint32_t *kh,
+                               float *sbuf0, float *sbuf1) {
+    const long D = c->D, P = D / 2;
+    for (long t = 0; t < 4; t += 2) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (long d = 0; d < D / 32; d++) {
+            const uint32_t *kt = kh + (kk * 4 * P + t * P + 16 * d) * 16;
+            _tile_loadd(4, s0->qbuf + 32 * d, 2 * D);
+            _tile_loadd(6, kt, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(5, s1->qbuf + 32 * d, 2 * D);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_loadd(7, kt + P * 16, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, sbuf0 + 16 * t, 4 * KB); _tile_stored(2, sbuf0 + 16 * t + 16, 4 * KB);
+        _tile_stored(1, sbuf1 + 16 * t, 4 * KB); _tile_stored(3, sbuf1 + 16 * t + 16, 4 * KB);
+    }
+}
+
+/* Query block `s`'s online softmax over key block kb's scores (sbuf): its running maxima, sums and
+ * (rescaled) output, and the block's probabilities in bf16 (pbuf). */
+static inline void block_softmax(const Call *c, const Row *w, Block *s, long kb, const float *sbuf, uint16_t *pbuf,
+                                 Prefetch *pf) {
+    const long Dv = c->Dv, C = Dv / 16, period = c->period;
+    const long T = w->T, T2 = w->T2, Tp = w->Tp, shift = w->shift, m0 = s->m0, rows = s->rows;
+    const float scale = c->scale;
+    float *obuf = s->obuf, *lsum = s->lsum, *mx = s->mx;
+    const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f), ninf = _mm512_set1_ps(-INFINITY);
     /* the block's scores, in log2 units: x = s·scale·log2(e). Online softmax with a lazy
      * maximum: a row's running maximum moves (and its sum and output are rescaled) only
      * when a score exceeds it by more than LAZY, so p = 2^(x - max) <= 2^LAZY. */
@@ -274,7 +301,7 @@ static inline void attend_block(const Call *c, const Row *w, Block *s, long kb, 
      * maximum of s·scale is scale times the maximum of s, and x - max is one FMA. */
     const int full = kb * KB + KB - 1 <= s->lo_lim && scale > 0;  /* never in the tail */
     for (long r = 0; r < QB; r++) {
-        prefetch_lines(&z->pf);  /* QB calls per block, between the vector work */
+        prefetch_lines(pf);  /* QB calls per block, between the vector work */
         __m512 x[4], top;
         __mmask16 mk[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
         if (full) {
@@ -320,6 +347,12 @@ static inline void attend_block(const Call *c, const Row *w, Block *s, long kb, 
         }
         _mm512_store_ps(lsum + 16 * r, acc);
     }
+}
+
+/* Query block `s`'s output plus its probabilities (pbuf) times key block kk's values (vh). */
+static inline void block_values(const Call *c, Block *s, long kk, const uint16_t *vh, const uint16_t *pbuf) {
+    const long Dv = c->Dv, C = Dv / 16;
+    float *obuf = s->obuf;
     for (long c0 = 0; c0 < C; c0 += 4) {
         float *o = obuf + 16 * c0;
         _tile_loadd(0, o, 4 * Dv); _tile_loadd(1, o + 16, 4 * Dv);
@@ -337,10 +370,39 @@ static inline void attend_block(const Call *c, const Row *w, Block *s, long kb, 
     }
 }
 
+/* block_values for two query blocks, two column tiles at a time: each value tile is loaded once
+ * for both (each output tile gets the same products in the same order). */
+static inline void pair_values(const Call *c, Block *s0, Block *s1, long kk, const uint16_t *vh,
+                               const uint16_t *pbuf0, const uint16_t *pbuf1) {
+    const long Dv = c->Dv, C = Dv / 16;
+    for (long c0 = 0; c0 < C; c0 += 2) {
+        float *o0 = s0->obuf + 16 * c0, *o1 = s1->obuf + 16 * c0;
+        _tile_loadd(0, o0, 4 * Dv); _tile_loadd(1, o1, 4 * Dv);
+        _tile_loadd(2, o0 + 16, 4 * Dv); _tile_loadd(3, o1 + 16, 4 * Dv);
+        for (long half = 0; half < 2; half++) {
+            const uint16_t *vt = vh + ((kk * 2 + half) * C + c0) * 512;
+            _tile_loadd(4, pbuf0 + 32 * half, 2 * KB);
+            _tile_loadd(6, vt, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(5, pbuf1 + 32 * half, 2 * KB);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_loadd(7, vt + 512, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, o0, 4 * Dv); _tile_stored(1, o1, 4 * Dv);
+        _tile_stored(2, o0 + 16, 4 * Dv); _tile_stored(3, o1 + 16, 4 * Dv);
+    }
+}
+
 /* Items it0 ... it0 + group - 1 of a row (group <= NQ, one KV head): a head's block of QB query
  * rows each, over all the keys they see. Each key block is loaded once for the group's query
  * blocks, which then read it from the core's cache; each block's arithmetic is the same, in the
- * same order, as on its own. */
+ * same order, as on its own. Causal calls (phase 1) attend two blocks at a time where both see the
+ * key block, in a 2 x 2 tile blocking (pair_scores, pair_values: each key and value tile loaded
+ * once for both): a phase-1 call took 74.6-80.0 against 81.4-83.0 ms (docs/hardware.md). Phase 2
+ * reads its chunks from memory, and there the pairs were slower (228.6 against 216.7 ms in a probe), so
+ * it attends block by block. */
 static void attend_items(const Call *c, const Row *w, long it0, long group, Scratch *z) {
     const long H = c->H, M = c->M, D = c->D, Dv = c->Dv, P = D / 2, G = H / c->Hkv, C = Dv / 16, qblocks = c->qblocks;
     const long T = w->T, T2 = w->T2, Tp = w->Tp, Ta = w->Ta, shift = w->shift, hk = it0 / qblocks / G;
@@ -369,8 +431,24 @@ static void attend_items(const Call *c, const Row *w, long it0, long group, Scra
     for (long kb = 0; kb < blocks; kb++) {
         /* the row's own keys, then its tail's */
         const long own = kb < Tp / KB, kk = own ? kb : kb - Tp / KB;
-        for (long j = 0; j < group; j++)
-            if (kb < z->blk[j].blocks) attend_block(c, w, &z->blk[j], kb, kk, own ? kc : kt2, own ? vc : vt2, z);
+        const uint32_t *kh = own ? kc : kt2;
+        const uint16_t *vh = own ? vc : vt2;
+        for (long j = 0; j < group; j++) {
+            Block *s = &z->blk[j];
+            if (kb >= s->blocks) continue;
+            if (c->causal && j + 1 < group && kb < z->blk[j + 1].blocks) {  /* two blocks share the key and value tiles */
+                Block *t = s + 1;
+                pair_scores(c, s, t, kk, kh, z->sbuf[0], z->sbuf[1]);
+                block_softmax(c, w, s, kb, z->sbuf[0], z->pbuf[0], &z->pf);
+                block_softmax(c, w, t, kb, z->sbuf[1], z->pbuf[1], &z->pf);
+                pair_values(c, s, t, kk, vh, z->pbuf[0], z->pbuf[1]);
+                j++;
+            } else {
+                block_scores(c, s, kk, kh, z->sbuf[0]);
+                block_softmax(c, w, s, kb, z->sbuf[0], z->pbuf[0], &z->pf);
+                block_values(c, s, kk, vh, z->pbuf[0]);
+            }
+        }
     }
     for (long j = 0; j < group; j++) {
         const Block *s = &z->blk[j];
@@ -457,8 +535,12 @@ int pc_amx_attention(const uint16_t *q, const long *kv, uint16_t *out, float *ls
 #pragma omp for schedule(static)
                 for (long i = 0; i < Hkv * w.kgroups; i++)
                     if (!tiled || i % w.kgroups >= w.Tp / 16) pack_group(&c, &w, kv, i);
+                const long pairs = (per_head + 1) / 2;  /* two items of one KV head at a time (attend_items) */
 #pragma omp for schedule(dynamic, 1) nowait
-                for (long it = 0; it < items; it++) attend_items(&c, &w, it, 1, &z);
+                for (long p = 0; p < Hkv * pairs; p++) {
+                    const long hk = p / pairs, it = hk * per_head + 2 * (p % pairs), end = (hk + 1) * per_head;
+                    attend_items(&c, &w, it, end - it < 2 ? end - it : 2, &z);
+                }
             }
         }
         _tile_release();
