@@ -123,11 +123,6 @@ def set_layer(cache: Cache, layer_idx: int, keys: torch.Tensor, values: torch.Te
         layer.keys, layer.values = keys, values
 
 
-def expand_batch(kv: list[LayerKV], batch: int) -> list[LayerKV]:
-    """Copy a batch-1 KV (the shared prefix) to `batch` rows that later forwards can append to."""
-    return [(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous()) for k, v in kv]
-
-
 def split_rows(cache: DynamicCache, spans: list[tuple[int, int]], tiles: bool = False) -> list[list[LayerKV]]:
     """Row i's tokens [start_i, end_i) of a batch cache, as owned batch-1 copies (`tiles`: `Tiled`
     ones). The cache is emptied layer by layer as it is copied, so the batch and its copies
