@@ -56,6 +56,18 @@ def test_ask_reports_bad_input_as_an_error_line(tmp_path, capsys):
     assert "no such file or directory" in capsys.readouterr().err
 
 
+def test_ask_says_when_the_answer_stopped_at_max_new_tokens(tmp_path, model_dir, capsys):
+    args = ["ask", "--model", str(model_dir), "--chunk-tokens", "16", "--max-new-tokens", "3",
+            "Where does the river run?", *_docs(tmp_path)]
+    assert main(args[:1] + ["--json"] + args[1:]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["stats"]["finish_reason"], report["stats"]["new_tokens"]) == ("length", 3)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[cut at --max-new-tokens 3: raise it for a longer answer]" in out
+    assert out.index(report["answer"]) < out.index("[cut at") < out.index("Kept documents")
+
+
 def _docs(tmp_path):
     for name, body in [("a.txt", "The river runs north past the copper garden."),
                        ("b.txt", "Seven stones lie under the purple cloud."),

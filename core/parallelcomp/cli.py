@@ -110,6 +110,8 @@ def _answer(pc, args, question: str, **source):
         if not getattr(args, "json", False):
             print(delta if started else f"Answer: {delta}", end="", flush=True)
             started = True
+    if stream.output.stats.finish_reason == "length" and not getattr(args, "json", False):
+        print(f"\n[cut at --max-new-tokens {args.max_new_tokens}: raise it for a longer answer]", end="", flush=True)
     return stream.output
 
 
