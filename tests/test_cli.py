@@ -51,9 +51,13 @@ def test_ask_lexical_fold_case_reaches_the_match(tmp_path, model_dir, capsys):
     assert lexical["--lexical-fold-case"][1] == 1.0 > lexical["--no-lexical-fold-case"][1]
 
 
-def test_ask_reports_bad_input_as_an_error_line(tmp_path, capsys):
+def test_ask_reports_bad_input_as_an_error_line(tmp_path, model_dir, capsys):
     assert main(["ask", "Q?", str(tmp_path / "missing.txt")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    assert main(["ask", "--model", str(model_dir), "--device", "gpu", "Q?", *_docs(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: device 'gpu' is not a torch device name")
+    assert main(["ask", "--model", str(model_dir), "--chunk-tokens", "5", "Q?", *_docs(tmp_path)]) == 2
+    assert "chunk_tokens: Input should be greater than or equal to 16 (got 5)" in capsys.readouterr().err
 
 
 def test_ask_says_when_the_answer_stopped_at_max_new_tokens(tmp_path, model_dir, capsys):

@@ -63,6 +63,7 @@ def test_huge_document_is_refused_before_any_work(pc):
     [
         ({"keep_chunks": 0}, "keep_chunks"),
         ({"chunk_tokens": -5}, "chunk_tokens"),
+        ({"chunk_tokens": 5}, "chunk_tokens: Input should be greater than or equal to 16"),
         ({"prefill_batch_tokens": 0}, "prefill_batch_tokens"),
         ({"kv_budget_tokens": 10, "kv_budget_ratio": 0.5}, "not both"),
         ({"pool_kernel": 4}, "odd"),
@@ -87,6 +88,27 @@ def test_chunk_tokens_above_the_model_window(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     with pytest.raises(ConfigError, match="exceeds the model's trained window of 1024"):
         ParallelComp(model, tokenizer, ParallelCompConfig(chunk_tokens=4096))
+
+
+def test_a_device_torch_cannot_use_is_a_config_error_before_loading(model_dir, monkeypatch):
+    import torch
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_load)
+    with pytest.raises(ConfigError, match="'gpu' is not a torch device name"):
+        ParallelComp.from_pretrained(model_dir, device="gpu")
+    with pytest.raises(ConfigError, match="device must be a string"):
+        ParallelComp.from_pretrained(model_dir, device=0)
+    with pytest.raises(ConfigError, match="'meta' is not supported"):
+        ParallelComp.from_pretrained(model_dir, device="meta")
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'cuda:999' does not exist: torch sees"):
+            ParallelComp.from_pretrained(model_dir, device="cuda:999")
+    else:
+        with pytest.raises(ConfigError, match="'cuda' is not available: torch .*device='cpu'"):
+            ParallelComp.from_pretrained(model_dir, device="cuda")
 
 
 @pytest.mark.parametrize("config", [{"keep_chunks": 1}, "retrieval", 3])

@@ -18,6 +18,8 @@ from .errors import ConfigError
 Region = Literal["sink", "recent", "middle", "all"]
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """Compute dtypes a model can be loaded in (`ParallelComp.from_pretrained(dtype=...)`, CLI --dtype)."""
+MIN_CHUNK_TOKENS = 16
+"""Fewest context tokens a chunk may hold, set (`chunk_tokens`) or derived from the window."""
 
 DEFAULT_INSTRUCTION = (
     "Answer the question using only the documents below. Be brief and do not add explanations."
@@ -86,10 +88,10 @@ class ParallelCompConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # --- chunking (method.md §1.2; we pack by tokens, never split mid-word) ---
-    chunk_tokens: int | None = Field(None, gt=0)
-    """Most context tokens per chunk. None: the model's trained window minus the prompt prefix
-    and `reserve_tokens`. Never depends on the question, so a corpus chunks the same way for
-    every question and its chunk KV can be reused (store.py)."""
+    chunk_tokens: int | None = Field(None, ge=MIN_CHUNK_TOKENS)
+    """Most context tokens per chunk, at least MIN_CHUNK_TOKENS. None: the model's trained window
+    minus the prompt prefix and `reserve_tokens`. Never depends on the question, so a corpus
+    chunks the same way for every question and its chunk KV can be reused (store.py)."""
     reserve_tokens: int | None = Field(None, gt=0)
     """Window tokens left free after the longest chunk for the question and the answer when
     `chunk_tokens` is None. None: min(512, window / 8). A question plus `max_new_tokens` beyond it

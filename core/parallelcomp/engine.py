@@ -50,7 +50,7 @@ from . import kv as kvops
 from .attention import attention_modules
 from .chunking import Chunk, DocumentMemo, check_text, validate_documents
 from .compat import forward
-from .config import DTYPE_NAMES, ParallelCompConfig
+from .config import DTYPE_NAMES, MIN_CHUNK_TOKENS, ParallelCompConfig
 from .corpus import Corpus
 from .decode import Sampling, TextAssembler, generate_tokens
 from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedError
@@ -62,7 +62,6 @@ from .prompts import PromptParts, build_continuation, build_prompt, end_of_turn_
 from .settings import GenerationSettings
 from .store import ChunkStore, Entry, chunk_key, identity_digest, model_identity
 
-MIN_CHUNK_TOKENS = 16
 MEMO_TOKENS = 1 << 21
 """Tokens of recently chunked documents an engine remembers (chunking.DocumentMemo): 8 MiB, a
 128K-token corpus 16 times over."""
@@ -183,7 +182,7 @@ class ParallelComp:
 
         config = _check_config(config)
         path = _resolve_model(model)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = _check_device(device)
         hardware.configure_threads(_check_threads(threads))
         hardware.configure_allocator()
         dtype = _check_dtype(dtype) or hardware.default_dtype(device)
@@ -752,6 +751,32 @@ def _check_dtype(dtype) -> torch.dtype | None:
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]
     raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or None to choose per machine), got {dtype!r}")
+
+
+def _check_device(device) -> torch.device:
+    """None (CUDA when torch sees a GPU, else the CPU), or a device this torch build can run on."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"device must be a string such as 'cpu' or 'cuda:0', a torch.device or None, got {device!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device {device!r} is not a torch device name (such as 'cpu', 'cuda' or 'cuda:1'): {err}") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available"):
+        raise ConfigError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    if not backend.is_available():
+        no_cuda = device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None
+        why = "was built without CUDA" if no_cuda else f"sees no {device.type} device"
+        raise ConfigError(f"device {str(device)!r} is not available: torch {torch.__version__} {why}; use device='cpu' "
+                          "(CLI: --device cpu) or leave it unset to pick one")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"device {str(device)!r} does not exist: torch sees {count} {device.type} device(s)")
+    return device
 
 
 def _check_config(config) -> ParallelCompConfig:

@@ -27,7 +27,7 @@ import parallelcomp
 from .. import hardware, lexical
 from ..chunking import Chunk
 from ..config import ParallelCompConfig
-from ..engine import ParallelComp, Scored, _check_dtype, _check_threads, _resolve_model
+from ..engine import ParallelComp, Scored, _check_config, _check_device, _check_dtype, _check_threads, _resolve_model
 from ..errors import ConfigError, DistributedError
 from ..eviction import TopK
 from ..kv import LayerKV
@@ -96,9 +96,9 @@ class RayParallelComp(ParallelComp):
         timeout_s = _check_timeout(timeout_s)
         _check_threads(threads)
         ray = _ray()
-        config = config or ParallelCompConfig()
+        config = _check_config(config)
         path = _resolve_model(model)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = _check_device(device)
         dtype = _check_dtype(dtype) or hardware.default_dtype(device)
         if not ray.is_initialized():
             ray.init(address=address, runtime_env=_runtime_env(), log_to_driver=False,
