@@ -276,7 +276,7 @@ def route(
         context, question = prompt.rsplit(CONTEXT_MARKER, 1)
         return done(question.strip(), [SourceDocument(context)] if context.strip() else None, "marker")
     alone = parts(prompt, False)
-    if not prompt.strip() or fits_window(engine.window, len(alone.prefix_ids), len(alone.question_ids), max_new_tokens):
+    if fits_window(engine.window, len(alone.prefix_ids), len(alone.question_ids), max_new_tokens):
         return done(prompt, None, "question")
     limit = _question_budget(engine, parts("?", True), max_new_tokens)
     overhead = len(parts("?", True).question_ids)

@@ -344,8 +344,12 @@ def test_bad_input(index, engine, make_engine):
             asyncio.run(s.asynthesize("", nodes))
     with pytest.raises(InputError, match="unsupported response_kwargs"):
         synth.synthesize(QUESTION, nodes, colour="red")
-    with pytest.raises(TypeError, match="never falls back"):
+    with pytest.raises(ConfigError, match="never falls back"):
         ParallelCompSynthesizer(None)
+    with pytest.raises(ConfigError, match="set these on the ParallelCompLLM"):
+        ParallelCompSynthesizer(ParallelCompLLM(synth._pc_llm._engine), max_new_tokens=4)
+    with pytest.raises(ConfigError, match="engine must be a parallelcomp.ParallelComp, got str"):
+        ParallelCompLLM("model")
 
     # an error raised inside the run (in the worker thread) reaches the async consumer; no hang
     small = make_engine(keep_chunks=2, chunk_tokens=40, max_input_chars=100)

@@ -156,3 +156,14 @@ def test_llama_index_errors_reach_the_user_not_empty_response(engine):
     with pytest.raises(CallError, match="tokens") as raised:
         synth.synthesize(QUESTION, _nodes())
     assert isinstance(raised.value.__cause__, InputError)
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n"])
+def test_an_empty_prompt_is_an_input_error_in_both_frameworks(engine, prompt):
+    with pytest.raises(InputError, match="question is empty"):
+        ParallelCompLLM(engine=engine, max_new_tokens=N).invoke(prompt)
+    with pytest.raises(CallError, match="question is empty") as raised:
+        LlamaIndexLLM(engine, max_new_tokens=N).complete(prompt)
+    assert isinstance(raised.value.__cause__, InputError)
+    with pytest.raises(InputError, match="question is empty"):
+        engine.prompt_parts(prompt, with_documents=False)

@@ -60,6 +60,8 @@ def build_prompt(
     otherwise `grammar.tools_prompt` describes them in a system message, or, without a chat
     template, at the start of the prompt.
     """
+    if not question.strip():
+        raise InputError("question is empty")
     if not with_documents:
         instruction = ""
     body = f"{instruction}\n\n{_SLOT}" if instruction else _SLOT

@@ -49,7 +49,9 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.prompts import PromptTemplate
 
-from parallelcomp import InputError, ParallelComp, ParallelCompConfig, ParallelCompError, StructuredOutputError
+from parallelcomp import (
+    ConfigError, InputError, ParallelComp, ParallelCompConfig, ParallelCompError, StructuredOutputError
+)
 from parallelcomp.grammar import format_tool_call
 from parallelcomp.settings import GenerationSettings, Integer, Number
 from pc_integrations.common import (
@@ -111,7 +113,7 @@ class ParallelCompLLM(FunctionCallingLLM):
     def __init__(self, engine: ParallelComp, **kwargs: Any) -> None:
         if not isinstance(engine, ParallelComp):
             msg = f"engine must be a parallelcomp.ParallelComp, got {type(engine).__name__}"
-            raise TypeError(msg)
+            raise ConfigError(msg)
         if "max_tokens" in kwargs:  # LangChain/OpenAI's name
             kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
         super().__init__(**kwargs)

@@ -90,10 +90,10 @@ class ParallelCompSynthesizer(BaseSynthesizer):
                 f"ParallelCompSynthesizer needs a ParallelCompLLM or a ParallelComp engine, got "
                 f"{type(llm).__name__}; it never falls back to Settings.llm"
             )
-            raise TypeError(msg)
+            raise ConfigError(msg)
         elif llm_kwargs:
             msg = f"{sorted(llm_kwargs)}: set these on the ParallelCompLLM, or pass an engine instead"
-            raise TypeError(msg)
+            raise ConfigError(msg)
         super().__init__(
             llm=llm, callback_manager=callback_manager, streaming=streaming, empty_response=empty_response
         )
