@@ -114,6 +114,72 @@ def test_tool_grammars_accept_exactly_text_then_calls(tokenizer, marker):
     assert accepts("required", call) and not accepts("required", f"Sure.\n{call}")
 
 
+class Person(BaseModel):
+    name: str = Field(max_length=6)
+
+
+class Team(BaseModel):
+    lead: Person
+    size: int = Field(ge=1, le=9)
+
+
+TEAM = {"type": "function", "function": {"name": "make_team", "description": "Make a team.",
+                                         "parameters": Team.model_json_schema()}}
+
+
+def test_nested_tool_parameters_keep_their_references(tokenizer, engine):
+    """pydantic writes a nested model as {"$ref": "#/$defs/Person"}; inside the call grammar the
+    parameters sit under a call schema, so their references are rebased there."""
+    assert "$defs" in TEAM["function"]["parameters"]
+    grammar = tool_grammar([LOOKUP, TEAM], "required", tokenizer)
+    ids = tokenizer('<tool_call>\n{"name": "make_team", "arguments": {"lead": {"name": "Ada"}, "size": 3}}\n</tool_call>',
+                    add_special_tokens=False)["input_ids"]
+    matcher = llguidance().LLMatcher(ll_tokenizer(tokenizer, len(tokenizer), {tokenizer.eos_token_id}), grammar)
+    assert all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+    out = engine.generate("Make a team.", tools=[TEAM], tool_choice="make_team", max_new_tokens=64, temperature=1.0,
+                          seed=0)
+    _, calls, invalid = parse_tool_calls(out.text)
+    assert invalid == [] and Team.model_validate(calls[0]["arguments"])
+
+
+@pytest.mark.parametrize(
+    ("choice", "match"),
+    [
+        (["lookup"], "tool_choice must be a string, True, None or a dict"),
+        (1, "tool_choice must be a string, True, None or a dict"),
+        ({"type": "function", "function": "lookup"}, "names no tool"),
+        ({"type": "function"}, "names no tool"),
+        ({}, "names no tool"),
+    ],
+)
+def test_malformed_tool_choice_is_an_input_error(engine, choice, match):
+    with pytest.raises(InputError, match=match):
+        engine.generate("q", tools=[LOOKUP], tool_choice=choice)
+
+
+def test_tool_choice_spellings_of_other_providers(engine):
+    from parallelcomp.settings import GenerationSettings
+
+    for choice, expected in [({"type": "any"}, "required"), ({"type": "tool", "name": "lookup"}, "lookup"),
+                             ({"type": "function", "function": {"name": "lookup"}}, "lookup"), ({"type": "auto"}, "auto")]:
+        assert GenerationSettings.of(tools=[LOOKUP], tool_choice=choice).tool_choice == expected
+
+
+def test_unusable_tool_definitions_are_refused_when_bound(engine):
+    from pc_integrations.langchain import ChatParallelComp
+
+    def tool(parameters):
+        return {"type": "function", "function": {"name": "f", "parameters": parameters}}
+
+    look_behind = tool({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}})
+    with pytest.raises(InputError, match="the tools' parameters cannot be turned into a grammar"):
+        ChatParallelComp(engine=engine).bind_tools([look_behind], tool_choice="any")
+    with pytest.raises(InputError, match="the tools' parameters cannot be turned into a grammar"):
+        engine.generate("q", tools=[tool({"type": "bogus"})])
+    with pytest.raises(InputError, match="tool 'f' is not JSON-serializable"):
+        engine.generate("q", tools=[tool({"type": "object", "default": object()})])
+
+
 def test_token_limit_before_the_grammar_completes_is_an_error(engine):
     with pytest.raises(StructuredOutputError, match="raise max_new_tokens"):
         engine.generate("Report the reading.", json_schema=SCHEMA, max_new_tokens=3)

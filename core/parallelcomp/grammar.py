@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from .errors import ConfigError, StructuredOutputError
+from .errors import ConfigError, InputError, StructuredOutputError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 CHOICES = ("auto", "none", "required")
@@ -67,14 +67,14 @@ def llguidance():
 # ---------------------------------------------------------------------- grammars
 
 
-def schema_grammar(schema: Mapping[str, Any]) -> str:
-    """The llguidance grammar of one JSON value matching `schema`; ValueError if unsupported."""
+def schema_grammar(schema: Mapping[str, Any], what: str = "json_schema") -> str:
+    """The llguidance grammar of one JSON value matching `schema`; InputError if unsupported."""
     llg = llguidance()
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(dict(schema), overrides=_JSON_STYLE)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"json_schema is not a JSON schema: {err}") from None
-    _check(llg, grammar, "json_schema")
+        raise InputError(f"{what} is not a JSON schema: {err}") from None
+    _check(llg, grammar, what)
     return grammar
 
 
@@ -82,7 +82,7 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer) -> 
     """The llguidance grammar of the output allowed by `choice` over `tools` (module docstring).
     `tools` are OpenAI-style {"type": "function", "function": {...}} dicts."""
     named = [t for t in tools if t["function"]["name"] == choice] if choice not in CHOICES else list(tools)
-    body = {"anyOf": [_call_schema(t["function"]) for t in named], "x-guidance": _JSON_STYLE}
+    body = {**calls_schema(named), "x-guidance": _JSON_STYLE}
     open_, close = (_marker(tokenizer, m) for m in (OPEN, CLOSE))
     # free text never contains the marker's stem: SmolLM2 told "none" after a call in its history
     # wrote `<tool_call id=...>` blocks, which excluding the exact marker let through
@@ -108,16 +108,37 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer) -> 
     return grammar
 
 
-def _call_schema(function: Mapping[str, Any]) -> dict[str, Any]:
-    params = dict(function.get("parameters") or {"type": "object", "properties": {}})
-    if params.get("type") == "object" and "additionalProperties" not in params:
-        params["additionalProperties"] = False  # no invented keys
+def calls_schema(tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The JSON schema of one call of any of `tools`: {"name": <const>, "arguments": <parameters>}."""
+    return {"anyOf": [_call_schema(t["function"], f"/anyOf/{i}/properties/arguments") for i, t in enumerate(tools)]}
+
+
+def _call_schema(function: Mapping[str, Any], at: str) -> dict[str, Any]:
+    """One tool's call schema, its parameters placed at JSON pointer `at` of the whole schema: the
+    parameters' own references ("#/$defs/Person", as pydantic writes nested models) are rebased
+    there, or they would point at a root that has no $defs."""
+    params = _for_call(function.get("parameters") or {"type": "object", "properties": {}}, at)
     return {
         "type": "object",
         "properties": {"name": {"const": function["name"]}, "arguments": params},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
+
+
+def _for_call(node: Any, at: str) -> Any:
+    """A copy of schema `node` whose local references ("#..." JSON pointers) start at pointer `at`,
+    and whose objects, nested ones too, take no keys they do not declare unless they say so (a
+    small model given the chance invents keys until the token limit)."""
+    if isinstance(node, list):
+        return [_for_call(v, at) for v in node]
+    if not isinstance(node, Mapping):
+        return node
+    out = {k: "#" + at + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _for_call(v, at)
+           for k, v in node.items()}
+    if out.get("type") == "object" and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def _marker(tokenizer, text: str) -> str:
@@ -129,7 +150,7 @@ def _marker(tokenizer, text: str) -> str:
 def _check(llg, grammar: str, what: str) -> None:
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise ValueError(f"{what} cannot be turned into a grammar: {messages[0]}")
+        raise InputError(f"{what} cannot be turned into a grammar: {messages[0]}")
 
 
 # ---------------------------------------------------------------------- decoding
@@ -218,17 +239,37 @@ def check_tools(tools: Any) -> tuple[dict[str, Any], ...]:
             raise ValueError(f"tool {i} must be {{'type': 'function', 'function': {{'name': str, ...}}}}, got {tool!r:.80}")
         if not isinstance(function.get("parameters", {}), Mapping):
             raise ValueError(f"tool {function['name']!r}: parameters must be a JSON schema object")
-    return tuple({"type": "function", "function": dict(t["function"])} for t in tools)
+        try:
+            json.dumps(tool)  # the prompt describes the tools as JSON
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"tool {function['name']!r} is not JSON-serializable: {err}") from None
+    tools = tuple({"type": "function", "function": dict(t["function"])} for t in tools)
+    if tools:  # an unsupported parameters schema fails here, not at the first call
+        schema_grammar(calls_schema(tools), "the tools' parameters")
+    return tools
 
 
 def check_tool_choice(choice: Any, tools: Sequence[Mapping[str, Any]]) -> str:
-    """"auto", "none", "required" or a tool name, from any of the spellings LangChain, OpenAI and
-    LlamaIndex use: None/"auto", "none", "any"/"required"/True, a name, {"type": "function",
-    "function": {"name": ...}} or {"name": ...}; ValueError for anything else."""
-    if isinstance(choice, Mapping):
-        choice = (choice.get("function") or choice).get("name")
-    choice = {None: "auto", True: "required", "any": "required"}.get(choice, choice)
+    """"auto", "none", "required" or a tool name, from any of the spellings LangChain, OpenAI,
+    Anthropic and LlamaIndex use: None/"auto", "none", "any"/"required"/True, a name,
+    {"type": "function", "function": {"name": ...}}, {"type": "tool", "name": ...}, {"name": ...}
+    or {"type": "auto" | "any" | "none" | "required"}; ValueError for anything else."""
     names = [t["function"]["name"] for t in tools]
+    given = choice
+    if isinstance(choice, Mapping):
+        function = choice.get("function", choice)
+        if isinstance(function, Mapping) and "name" in function:
+            choice = function["name"]
+        elif "function" not in choice and choice.get("type") in ("auto", "any", "none", "required"):
+            choice = choice["type"]
+        else:
+            choice = None
+        if not isinstance(choice, str):
+            raise ValueError(f"tool_choice {given!r:.80} names no tool; use {{'type': 'function', 'function': "
+                             f"{{'name': ...}}}} with one of the tools {names}, or auto, none, any/required")
+    if not (choice is None or isinstance(choice, (str, bool))):
+        raise ValueError(f"tool_choice must be a string, True, None or a dict, got {given!r:.80}")
+    choice = {None: "auto", True: "required", "any": "required"}.get(choice, choice)
     if choice in CHOICES and (choice in ("auto", "none") or names):
         return choice
     if isinstance(choice, str) and choice in names:
@@ -251,8 +292,13 @@ def tools_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
 
 
 def format_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
-    """One call as the model writes it (for calls in a chat history)."""
-    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': dict(arguments)})}\n{CLOSE}"
+    """One call as the model writes it (for calls in a chat history); InputError if its
+    arguments are not JSON."""
+    try:
+        call = json.dumps({"name": name, "arguments": dict(arguments)})
+    except (TypeError, ValueError) as err:
+        raise InputError(f"the arguments of the tool call {name!r} in the history are not JSON-serializable: {err}") from None
+    return f"{OPEN}\n{call}\n{CLOSE}"
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
