@@ -48,7 +48,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from parallelcomp import GenerationOutput, InputError, ParallelComp, ParallelCompError, TextStream
 from parallelcomp.grammar import OPEN, holdback, parse_tool_calls
 from parallelcomp.guard import cancel_scope, fits_window
-from parallelcomp.prompts import PromptParts, has_chat_template
+from parallelcomp.prompts import PromptParts, check_history, has_chat_template
 from parallelcomp.settings import GenerationSettings
 
 CONTEXT_MARKER = "<<<QUESTION>>>"
@@ -105,24 +105,6 @@ def check_timeout(timeout: Any) -> None:
 
 
 # ---------------------------------------------------------------------- chat
-
-ROLES = ("system", "user", "assistant", "tool")
-"""Chat roles of `history`, as Hugging Face chat templates name them."""
-
-
-def check_history(history: Any) -> list[dict[str, str]]:
-    """Chat messages before the question's turn: {"role": one of ROLES, "content": str} each."""
-    if history is None:
-        return []
-    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
-        raise InputError(f"history must be a list of {{'role', 'content'}} messages, got {type(history).__name__}")
-    out = []
-    for i, m in enumerate(history):
-        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise InputError(f"history message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
 
 def chat_call(engine: ParallelComp, turns: list[tuple[str, str]]) -> tuple[str, dict[str, Any]]:
     """(prompt, extra call kwargs) of a chat given as (role, text) turns, roles from ROLES.

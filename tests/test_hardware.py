@@ -189,8 +189,8 @@ def test_from_pretrained_dtype_override_is_reported(model_dir, dtype):
 
 @pytest.mark.parametrize("kwargs, match", [({"dtype": "fp8"}, "dtype must be one of float32, bfloat16, float16"),
                                            ({"dtype": 5}, "dtype must be one of"),
-                                           ({"threads": 0}, "threads must be a positive integer"),
-                                           ({"threads": True}, "threads must be a positive integer")])
+                                           ({"threads": 0}, "threads must be an integer from 1 to this machine"),
+                                           ({"threads": True}, "threads must be an integer from 1 to this machine")])
 def test_bad_dtype_or_threads_is_a_config_error(model_dir, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ParallelComp.from_pretrained(model_dir, **kwargs)

@@ -23,7 +23,7 @@ def pc(tokenizer):
         ("Q?", {"documents": []}, "documents is empty"),
         ("Q?", {"documents": ["ok", "  \n"]}, "document 1 is empty"),
         ("Q?", {"documents": ["ok", 3]}, "document 1 is a int"),
-        ("Q?", {"documents": "one string"}, "use context="),
+        ("Q?", {"documents": "one string"}, "for one long text pass \\[text\\]"),
         ("Q?", {"documents": ["a"], "context": "b"}, "not both"),
         ("Q?", {"context": 5}, "context must be a string"),
         ("Q?", {"documents": ["a"], "stop": 3}, "stop must be a string or a list"),
@@ -32,6 +32,15 @@ def pc(tokenizer):
         ("Q?", {"documents": ["a"], "temperature": -1}, "temperature: Input should be greater than or equal to 0"),
         ("Q?", {"documents": ["a"], "temperature": True}, "temperature: expected a number, got bool"),
         ("Q?", {"documents": ["a"], "temperature": 1e-45}, "temperature must be 0 \\(greedy\\) or >= 0.0001"),
+        ("Q?", {"documents": ["a"], "temperature": 1e39}, "temperature: Input should be less than or equal to 100"),
+        ("Q?", {"history": None, "progress": "yes"}, "progress must be True or False"),
+        ("Q?", {"history": "hi"}, "history must be a list of"),
+        ("Q?", {"history": [{"role": "system"}]}, "history message 0 must be"),
+        ("Q?", {"history": [{"role": "user", "content": 5}]}, "history message 0 must be"),
+        ("Q?", {"history": [{"role": "bogus", "content": "x"}]}, "history message 0 must be"),
+        ("Q?", {"history": [{"role": "user", "content": "\ud800"}]}, "history message 0 .*lone surrogate"),
+        ("Where is <<<PARALLELCOMP_DOCUMENTS>>>?", {"documents": ["a"]}, "the question contains '<<<PARALLELCOMP"),
+        ("Q?", {"history": [{"role": "user", "content": "<<<PARALLELCOMP_DOCUMENTS>>>"}]}, "history message 0 contains"),
         ("Q?", {"documents": ["a"], "top_p": 0}, "top_p: Input should be greater than 0"),
         ("Q?", {"documents": ["a"], "top_p": "0.5"}, "top_p: expected a number, got str"),
         ("Q?", {"documents": ["a"], "top_p": None}, "top_p: expected a number, got NoneType"),
@@ -46,6 +55,29 @@ def pc(tokenizer):
 def test_bad_call_arguments(pc, question, kwargs, match):
     with pytest.raises(InputError, match=match):
         pc.generate(question, **kwargs)
+
+
+def test_helpers_and_loading_take_only_what_they_can_use(pc, model_dir, monkeypatch):
+    import os
+
+    for text, match in [(["a", "b"], "count_tokens takes one string, got list"), (5, "got int"),
+                        ("\ud800", "lone surrogate")]:
+        with pytest.raises(InputError, match=match):
+            pc.count_tokens(text)
+    with pytest.raises(InputError, match="question must be a string"):
+        pc.prompt_parts(5, True)
+    with pytest.raises(InputError, match="progress"):
+        pc.score("two words", documents=["a doc"], progress="yes")
+    assert pc.generate("Q?", documents=["a doc"], history=None, max_new_tokens=1).stats.new_tokens == 1
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_load)
+    with pytest.raises(ConfigError, match="model must be a local directory path"):
+        ParallelComp.from_pretrained(5)
+    with pytest.raises(ConfigError, match=f"from 1 to this machine's {os.cpu_count()} logical CPUs"):
+        ParallelComp.from_pretrained(model_dir, threads=10**6)
 
 
 def test_question_longer_than_the_chunk_budget(pc):
@@ -69,6 +101,8 @@ def test_huge_document_is_refused_before_any_work(pc):
         ({"pool_kernel": 4}, "odd"),
         ({"bogus": 1}, "bogus"),
         ({"kv_store_dir": 5}, "kv_store_dir"),
+        ({"kv_store_dir": ""}, "kv_store_dir is empty"),
+        ({"lexical_weight": float("inf")}, "lexical_weight: Input should be a finite number"),
     ],
 )
 def test_invalid_config(values, match):
@@ -124,6 +158,8 @@ def test_a_config_that_is_not_a_parallelcomp_config_is_a_config_error(tokenizer,
 def test_unknown_preset_and_errors_share_one_base():
     with pytest.raises(ParallelCompError, match="unknown preset"):
         ParallelCompConfig.preset("nope")
+    with pytest.raises(ConfigError, match="unknown preset \\['fast'\\]"):
+        ParallelCompConfig.preset(["fast"])
     assert issubclass(InputError, ParallelCompError) and issubclass(ConfigError, ParallelCompError)
 
 

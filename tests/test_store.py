@@ -166,6 +166,9 @@ def test_the_lru_evicts_least_recently_used_chunks_within_its_budget(tokenizer):
     again = pc.generate(QUESTION, documents=DOCS, max_new_tokens=4)
     assert again.stats.reused_chunks < 5
     outputs_equal(again, out)
+    small = engine(tokenizer, model=probe.model, kv_store_bytes=int(2.5 * one_chunk))
+    corpus = small.encode(DOCS)  # encode reports what its own filling evicted
+    assert corpus.encoded_chunks == 5 and 0 < corpus.store_evicted == 5 - len(small.store._lru)
 
 
 def files(root: Path) -> list[Path]:

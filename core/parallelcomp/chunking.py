@@ -236,7 +236,8 @@ def validate_documents(documents, context, required: bool = True) -> list[str]:
     if documents is None:
         raise InputError("no documents: pass documents=[...] (one string per document) or context='...'")
     if isinstance(documents, str):
-        raise InputError("documents must be a list of strings; for one long text use context='...'")
+        raise InputError("documents must be a list of strings: for one long text pass [text] (generate, stream "
+                         "and score also take context='...')")
     if not isinstance(documents, (list, tuple)):  # a dict's keys or a set's order are no corpus
         raise InputError(f"documents must be a list or tuple of strings, got {type(documents).__name__}")
     if not documents:

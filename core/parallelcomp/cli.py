@@ -157,9 +157,10 @@ def _chat(args) -> int:
     names, documents = read_documents(args.paths)
     pc, _ = _load(args)
     corpus = pc.encode(documents, progress=True)
+    evicted = f", {corpus.store_evicted} evicted from memory by the KV budget" if corpus.store_evicted else ""
     print(f"Encoded {corpus.n_tokens} tokens of {len(names)} documents in {len(corpus.chunks)} chunks "
-          f"({corpus.encode_seconds:.1f} s, {corpus.reused_chunks} chunks reused). Ask away; an empty line or "
-          "end of input quits.", file=sys.stderr)
+          f"({corpus.encode_seconds:.1f} s, {corpus.reused_chunks} chunks reused{evicted}). Ask away; an empty line "
+          "or end of input quits.", file=sys.stderr)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:

@@ -123,7 +123,7 @@ class ParallelCompConfig(BaseModel):
     tokens ("\n\nQuestion:", end of turn, "assistant") carry no relevance and counting them
     cut the gold chunk's lead by ~40% on SmolLM2 needle cases (docs/method-fidelity.md §1)."""
 
-    lexical_weight: float = Field(0.0, ge=0)
+    lexical_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
     """λ in nats: rank chunks by NLL − λ · (the question's BM25 match with the chunk ÷ the corpus's
     best match), computed over the model's token ids (lexical.py). 0: the question's NLL alone, as
     the paper. With SmolLM2-135M on SQuAD/HotpotQA distractors the NLL alone misses the gold chunk
@@ -220,7 +220,11 @@ class ParallelCompConfig(BaseModel):
     @field_validator("kv_store_dir", mode="before")
     @classmethod
     def _directory(cls, value):
-        return os.path.expanduser(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else value
+        if not isinstance(value, (str, os.PathLike)):
+            return value
+        if not os.fspath(value).strip():  # Path("") is the working directory
+            raise ValueError("kv_store_dir is empty; pass a directory for the disk tier, or None for none")
+        return os.path.expanduser(os.fspath(value))
 
     @field_validator("instruction", "document_separator")
     @classmethod
@@ -261,7 +265,7 @@ class ParallelCompConfig(BaseModel):
     @classmethod
     def preset(cls, name: str, **overrides) -> ParallelCompConfig:
         """A named preset (see `PRESETS`), optionally with overrides."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 

@@ -32,6 +32,10 @@ class Corpus:
     """Chunks whose phase 1 ran during `encode` (the others were already in the store)."""
     bytes_held: int = 0
     """Bytes of this corpus's chunk KV in the store's memory tier right after `encode`."""
+    store_evicted: int = 0
+    """Chunks the memory tier dropped during `encode` to stay within `kv_store_bytes` (this
+    corpus's or others'); a question encodes those of this corpus again unless the disk tier
+    holds them, and reports it."""
     chunk_seconds: float = 0.0
     """Seconds the call that made this corpus spent chunking its documents."""
     chunking: ReuseStats = field(default_factory=ReuseStats)

@@ -209,6 +209,10 @@ class ParallelComp:
         return str(getattr(self.model, "name_or_path", "") or type(self.model).__name__)
 
     def count_tokens(self, text: str) -> int:
+        """Tokens of `text` alone (no template, no special tokens)."""
+        if not isinstance(text, str):
+            raise InputError(f"count_tokens takes one string, got {type(text).__name__}")
+        check_text(text, "the text")
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ------------------------------------------------------------------ public calls
@@ -260,7 +264,7 @@ class ParallelComp:
             self.store.flush(report)  # a corpus is on disk (where there is a disk tier) when encode returns
             self._documents.flush(report)
             return replace(corpus, encode_seconds=time.perf_counter() - start, bytes_held=held,
-                           encoded_chunks=report.encoded_chunks)
+                           encoded_chunks=report.encoded_chunks, store_evicted=report.store_evicted)
 
     def generate(self, question: str, documents=None, context=None, *, corpus: Corpus | None = None,
                  **settings) -> GenerationOutput:
@@ -310,6 +314,7 @@ class ParallelComp:
         it behind this call's prefix (BOS only, no template), else encoded again.
         """
         _check_question(target, what="target")
+        progress = GenerationSettings.of(progress=progress).progress
         parts = build_continuation(self.tokenizer, target)
         if len(parts.question_ids) < 2:
             raise InputError("target must be at least two tokens long to be scored")
@@ -390,6 +395,7 @@ class ParallelComp:
 
     def prompt_parts(self, question: str, with_documents: bool, history=(), tools=None) -> PromptParts:
         """The token spans (prefix, question suffix) this engine builds for a question (prompts.py)."""
+        _check_question(question)
         return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
                             with_documents, history, restate_instruction=self.config.restate_instruction,
                             tools=tools)
@@ -664,6 +670,8 @@ def _resolve_model(model) -> str:
         from .default_model import embedded_model_dir
 
         return str(embedded_model_dir())
+    if not isinstance(model, (str, os.PathLike)):
+        raise ConfigError(f"model must be a local directory path (str or os.PathLike) or None, got {type(model).__name__}")
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
@@ -789,9 +797,13 @@ def _check_config(config) -> ParallelCompConfig:
 
 
 def _check_threads(threads) -> int | None:
-    if threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+    """None, or from 1 to this machine's logical CPUs: torch starts every thread asked for
+    (a million of them hung a test process while loading)."""
+    cpus = os.cpu_count() or 1
+    if threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= cpus):
         return threads
-    raise ConfigError(f"threads must be a positive integer (or None for the available cores), got {threads!r}")
+    raise ConfigError(f"threads must be an integer from 1 to this machine's {cpus} logical CPUs "
+                      f"(or None for the available cores), got {threads!r}")
 
 
 def _check_question(question, what: str = "question") -> None:

@@ -11,8 +11,9 @@ the engine and both framework integrations; knows nothing about the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from .chunking import check_text
 from .errors import InputError
 from .grammar import tools_prompt
 
@@ -36,6 +37,26 @@ class PromptParts:
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+ROLES = ("system", "user", "assistant", "tool")
+"""Chat roles of `history`, as Hugging Face chat templates name them."""
+
+
+def check_history(history: Any) -> list[dict[str, str]]:
+    """Chat messages before the question's turn: {"role": one of ROLES, "content": str} each
+    (None: none); InputError otherwise."""
+    if history is None:
+        return []
+    if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
+        raise InputError(f"history must be a list of {{'role', 'content'}} messages, got {type(history).__name__}")
+    out = []
+    for i, m in enumerate(history):
+        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise InputError(f"history message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r:.120}")
+        check_text(m["content"], f"history message {i}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 def build_prompt(
@@ -62,6 +83,12 @@ def build_prompt(
     """
     if not question.strip():
         raise InputError("question is empty")
+    history = check_history(history)
+    texts = [("question", question), ("instruction", instruction), *((f"history message {i}", m["content"])
+                                                                  for i, m in enumerate(history))]
+    for what, text in texts:
+        if _SLOT in text:
+            raise InputError(f"the {what} contains {_SLOT!r}, which marks where the documents go; remove it")
     if not with_documents:
         instruction = ""
     body = f"{instruction}\n\n{_SLOT}" if instruction else _SLOT

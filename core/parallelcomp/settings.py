@@ -54,8 +54,8 @@ class GenerationSettings(BaseModel):
     (`guard.check_run`), so the decode cache stays bounded."""
     stop: tuple[str, ...] = ()
     """Strings that end the answer; never part of the returned text."""
-    temperature: Number = Field(0.0, ge=0.0)
-    """0 = greedy; otherwise at least 1e-4."""
+    temperature: Number = Field(0.0, ge=0.0, le=100.0)
+    """0 = greedy; otherwise from 1e-4 to 100."""
     top_p: Number = Field(1.0, gt=0.0, le=1.0)
     top_k: Integer = Field(0, ge=0)
     """0 = off."""

@@ -43,9 +43,10 @@ from pydantic import ConfigDict, model_validator
 
 from parallelcomp import InputError
 from parallelcomp.grammar import format_tool_call
+from parallelcomp.prompts import ROLES
 from parallelcomp.settings import GenerationSettings
 
-from ..common import ROLES, ToolCallText, aiter_in_thread, chat_call, flatten_chat
+from ..common import ToolCallText, aiter_in_thread, chat_call, flatten_chat
 from .llms import ParallelCompLLM, usage_from_info
 
 _ROLES = {"human": "User", "ai": "Assistant", "tool": "Tool", "function": "Tool", "chat": "User"}
@@ -221,6 +222,8 @@ def messages_to_prompt(messages: list[BaseMessage]) -> str:
 
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool", "function": "tool"}
+_MEDIA = ("image", "image_url", "audio", "input_audio", "video", "file", "document")
+"""Content block types (LangChain's standard blocks and OpenAI's) that hold no text."""
 
 
 def _turns(messages: Any) -> list[tuple[str, str]]:
@@ -231,6 +234,11 @@ def _turns(messages: Any) -> list[tuple[str, str]]:
         role = _ROLES.get(getattr(m, "type", None)) or (m.role if isinstance(m, ChatMessage) else None)
         if role not in ROLES:
             raise InputError(f"message {i} ({type(m).__name__}) has no chat role among {ROLES}")
+        media = [b.get("type") for b in m.content if isinstance(b, dict) and b.get("type") in _MEDIA] \
+            if isinstance(m.content, list) else []
+        if media:
+            raise InputError(f"message {i} holds {', '.join(map(repr, media))} content: this engine reads text only; "
+                             "pass the text")
         turns.append((role, _text(m)))
     role = turns[-1][0]
     if role not in ("user", "tool"):
