@@ -16,6 +16,7 @@ from langchain_core.language_models.fake_chat_models import FakeMessagesListChat
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables import RunnableLambda
 
 from pydantic import ValidationError
 
@@ -285,8 +286,11 @@ async def _drain(aiterator) -> list:
 def test_constructor_settings_are_typed_and_aliased(engine):
     llm = ParallelCompLLM(engine=engine, max_tokens=7, timeout=30, streaming=True)
     assert llm.max_new_tokens == 7 and llm._get_ls_params()["ls_max_tokens"] == 7
-    for bad in ({"max_new_tokens": "5"}, {"max_new_tokens": None}, {"temperature": True}, {"colour": "red"}):
-        with pytest.raises(ValidationError):
+    for bad, match in [({"max_new_tokens": "5"}, "expected an integer"), ({"max_new_tokens": None}, "max_new_tokens"),
+                       ({"temperature": True}, "expected a number, got bool"), ({"colour": "red"}, "colour"),
+                       ({"timeout": True}, "expected a number, got bool"), ({"timeout": 0}, "greater than 0"),
+                       ({"max_tokens": 5, "max_new_tokens": 7}, "not both")]:
+        with pytest.raises(ValidationError, match=match):
             ParallelCompLLM(engine=engine, **bad)
     with pytest.raises(ValidationError, match="max_retries"):
         ChatParallelComp(engine=engine, max_retries=2)
@@ -365,6 +369,14 @@ def test_chat_prompt_rule_and_bad_messages(engine):
     with pytest.raises(InputError, match="last message is a AIMessage"):
         chat.invoke([HumanMessage("Hi"), AIMessage("Hello")], {"callbacks": [recorder]})
     assert len(recorder.errors) == 1
+    # content that is not text is refused, not dropped (the model would answer about an unseen image)
+    for block in ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                  {"type": "image", "base64": "AAAA", "mime_type": "image/png"}, {"type": "file", "file_id": "f1"}):
+        with pytest.raises(InputError, match=f"message 0 holds '{block['type']}' content: this engine reads text only"):
+            chat.invoke([HumanMessage(content=[{"type": "text", "text": "What is in this image?"}, block])])
+    when = AIMessage("", tool_calls=[{"name": "ask_corpus", "args": {"day": object()}, "id": "1"}])
+    with pytest.raises(InputError, match="arguments of the tool call 'ask_corpus' in the history are not JSON"):
+        chat.invoke([HumanMessage("Hi"), when, ToolMessage("It was 1874.", tool_call_id="1")])
 
 
 # ---------------------------------------------------------------------- chains and the tool
@@ -428,6 +440,8 @@ def test_chain_errors_surface_through_callbacks(llm):
     with pytest.raises(RuntimeError, match="index offline"):
         asyncio.run(asyncio.wait_for(chain.ainvoke({"input": QUESTION}), 30))
 
+    with pytest.raises(InputError, match="must be a dict with a 'context' key holding the documents"):
+        create_parallelcomp_retrieval_chain(RunnableLambda(lambda q: None), llm).invoke({"input": QUESTION})
     recorder = Recorder()
     with pytest.raises(InputError, match="corpus is empty"):
         create_parallelcomp_retrieval_chain(Empty(), llm).invoke({"input": QUESTION}, {"callbacks": [recorder]})

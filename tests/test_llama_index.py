@@ -432,7 +432,36 @@ def test_bad_input_is_typed(index, engine):
         ParallelCompLLM(engine, max_new_tokens="5")
     with pytest.raises(ValidationError, match="colour"):
         ParallelCompLLM(engine, colour="red")
+    with pytest.raises(ValidationError, match="expected a number, got bool"):
+        ParallelCompLLM(engine, timeout=True)
     assert ParallelCompLLM(engine, max_tokens=3).max_new_tokens == 3
+    with pytest.raises(ConfigError, match="instruction must be a prompt template"):
+        synth.update_prompts({"instruction": "Answer briefly."})
+
+
+def test_chat_history_tool_calls_in_every_shape_and_no_media(engine):
+    from llama_index.core.base.llms.types import ImageBlock, TextBlock, ToolCallBlock
+
+    llm = ParallelCompLLM(engine, max_new_tokens=6)
+
+    def chat(call_message: ChatMessage) -> str:
+        messages = [ChatMessage(role="user", content="Add 2 and 3."), call_message,
+                    ChatMessage(role="tool", content="5", additional_kwargs={"tool_call_id": "c1"})]
+        return llm.chat(messages).message.content
+
+    ours = chat(ChatMessage(role="assistant", content="",
+                            additional_kwargs={"tool_calls": [{"id": "c1", "name": "add", "arguments": {"a": 2, "b": 3}}]}))
+    openai = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    assert chat(ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [openai]})) == ours
+    block = ToolCallBlock(tool_call_id="c1", tool_name="add", tool_kwargs={"a": 2, "b": 3})
+    assert chat(ChatMessage(role="assistant", blocks=[block])) == ours
+    for bad in ({"id": "c1"}, {"function": {"name": "add", "arguments": "not json"}}, "add(2, 3)"):
+        with pytest.raises(CallError, match="message 1: a tool call must be"):
+            chat(ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [bad]}))
+    image = ChatMessage(role="user", blocks=[TextBlock(text="What is in this image?"),
+                                             ImageBlock(url="https://example.com/cat.png")])
+    with pytest.raises(CallError, match="message 0 holds ImageBlock: this engine reads text only"):
+        llm.chat([image])
 
 
 def _engine_free(engine) -> bool:

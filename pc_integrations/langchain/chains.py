@@ -178,7 +178,7 @@ class _Answer:
         yield _attribution(docs, capture.info)
 
     def _prepare(self, inputs: Any) -> tuple[dict, Any]:
-        if not isinstance(inputs, dict) or self.variable not in inputs:
+        if not isinstance(inputs, dict) or inputs.get(self.variable) is None:  # a retriever that returned None
             msg = f"the chain input must be a dict with a {self.variable!r} key holding the documents"
             raise InputError(msg)
         values = {k: v for k, v in inputs.items() if k in self.prompt.input_variables}

@@ -23,7 +23,7 @@ from langchain_core.caches import BaseCache
 from langchain_core.language_models import BaseLLM
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
-from pydantic import ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from parallelcomp import ParallelComp, ParallelCompConfig
 from parallelcomp.settings import GenerationSettings, Integer, Number
@@ -67,7 +67,7 @@ class ParallelCompLLM(BaseLLM):
     """Default stop strings, added to those given per call; never part of the output."""
     progress: bool = False
     """Show a tqdm bar over the chunks being prefilled (stderr)."""
-    timeout: PositiveFloat | None = None
+    timeout: Number | None = Field(None, gt=0)
     """Seconds a call may take, checked at every decoded token (`common.GenerationTimeout`)."""
     streaming: bool = False
     """`invoke`/`generate` report every token to `on_llm_new_token` (`stream` always does)."""
@@ -84,6 +84,13 @@ class ParallelCompLLM(BaseLLM):
         """The instance's defaults for every per-call setting (`common.call_settings`)."""
         names = [*GenerationSettings.default_names(), "timeout"]
         return {name: getattr(self, name) for name in names}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_token_limit(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_tokens" in data and "max_new_tokens" in data:
+            raise ValueError("pass max_new_tokens or its alias max_tokens, not both")
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -30,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Union
+import json
+from typing import TYPE_CHECKING, Any, Iterator, List, Mapping, Optional, Sequence, Union
 
 from llama_index.core.base.llms.types import (
+    AudioBlock,
     ChatMessage,
     ChatResponse,
     ChatResponseAsyncGen,
@@ -40,8 +42,12 @@ from llama_index.core.base.llms.types import (
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
+    DocumentBlock,
+    ImageBlock,
     LLMMetadata,
     MessageRole,
+    ToolCallBlock,
+    VideoBlock,
 )
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
@@ -102,7 +108,7 @@ class ParallelCompLLM(FunctionCallingLLM):
     repetition_penalty: Number = Field(default=1.0, description="> 1 discourages repeats; 1 = off.")
     stop: Optional[list[str]] = Field(default=None, description="String stop sequences.")
     progress: bool = Field(default=False, description="Show a prefill progress bar on stderr.")
-    timeout: Optional[float] = Field(default=None, description="Seconds a call may take (checked per token).")
+    timeout: Optional[Number] = Field(default=None, gt=0, description="Seconds a call may take (checked per token).")
     instruction: Optional[str] = Field(
         default=None, description="Instruction before the documents; None: the engine config's."
     )
@@ -313,10 +319,32 @@ def _turns(messages: Any) -> list[tuple[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, ChatMessage):
             raise InputError(f"message {i} is a {type(m).__name__}, expected a ChatMessage")
-        calls = [format_tool_call(c["name"], c["arguments"]) for c in m.additional_kwargs.get("tool_calls", [])]
+        media = [type(b).__name__ for b in m.blocks if isinstance(b, (ImageBlock, AudioBlock, VideoBlock, DocumentBlock))]
+        if media:
+            raise InputError(f"message {i} holds {', '.join(media)}: this engine reads text only; pass the text")
+        calls = [_call_text(i, c) for c in m.additional_kwargs.get("tool_calls") or []]
+        calls += [_call_text(i, {"name": b.tool_name, "arguments": b.tool_kwargs})
+                  for b in m.blocks if isinstance(b, ToolCallBlock)]
         text = "\n".join(p for p in [m.content or "", *calls] if p)
         turns.append((_ROLES[MessageRole(m.role).value], text))
     return turns
+
+
+def _call_text(i: int, call: Any) -> str:
+    """A tool call of message i's history as the model writes it: ours ({"name", "arguments"}),
+    OpenAI's ({"function": {"name", "arguments": JSON text}}) or a ToolCallBlock's."""
+    function = call.get("function", call) if isinstance(call, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
+    arguments = function.get("arguments", {}) if isinstance(function, Mapping) else None
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except ValueError:
+            arguments = None
+    if not isinstance(name, str) or not isinstance(arguments, Mapping):
+        raise InputError(f"message {i}: a tool call must be {{'name': str, 'arguments': dict or JSON text}} "
+                         f"(or OpenAI's {{'function': {{...}}}}), got {call!r:.120}")
+    return format_tool_call(name, arguments)
 
 
 def _as_chat(responses: Iterator[CompletionResponse], split: Optional[ToolCallText]) -> Iterator[ChatResponse]:

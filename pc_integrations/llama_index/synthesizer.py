@@ -125,6 +125,9 @@ class ParallelCompSynthesizer(BaseSynthesizer):
         return {"instruction": self._instruction, "query_template": self._query_template}
 
     def _update_prompts(self, prompts: PromptDictType) -> None:
+        for name in ("instruction", "query_template"):
+            if name in prompts and not isinstance(prompts[name], BasePromptTemplate):
+                raise ConfigError(f"{name} must be a prompt template (PromptTemplate(...)), got {type(prompts[name]).__name__}")
         if "instruction" in prompts:
             self._instruction = prompts["instruction"]
         if "query_template" in prompts:
