@@ -102,6 +102,11 @@ def test_huge_document_is_refused_before_any_work(pc):
         ({"bogus": 1}, "bogus"),
         ({"kv_store_dir": 5}, "kv_store_dir"),
         ({"kv_store_dir": ""}, "kv_store_dir is empty"),
+        ({"keep_chunks": "3"}, "keep_chunks: Input should be a valid integer"),
+        ({"keep_chunks": True}, "keep_chunks: Input should be a valid integer"),
+        ({"use_chat_template": "no"}, "use_chat_template: Input should be a valid boolean"),
+        ({"memory_budget_bytes": True}, "memory_budget_bytes: Input should be a valid integer"),
+        ({"kv_budget_ratio": "0.5"}, "kv_budget_ratio: Input should be a valid number"),
         ({"lexical_weight": float("inf")}, "lexical_weight: Input should be a finite number"),
     ],
 )

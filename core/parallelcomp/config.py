@@ -88,30 +88,30 @@ class ParallelCompConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # --- chunking (method.md §1.2; we pack by tokens, never split mid-word) ---
-    chunk_tokens: int | None = Field(None, ge=MIN_CHUNK_TOKENS)
+    chunk_tokens: int | None = Field(None, ge=MIN_CHUNK_TOKENS, strict=True)
     """Most context tokens per chunk, at least MIN_CHUNK_TOKENS. None: the model's trained window
     minus the prompt prefix and `reserve_tokens`. Never depends on the question, so a corpus
     chunks the same way for every question and its chunk KV can be reused (store.py)."""
-    reserve_tokens: int | None = Field(None, gt=0)
+    reserve_tokens: int | None = Field(None, gt=0, strict=True)
     """Window tokens left free after the longest chunk for the question and the answer when
     `chunk_tokens` is None. None: min(512, window / 8). A question plus `max_new_tokens` beyond it
     runs at positions past the trained window, reported in `RunStats.exceeds_window` with a
     warning."""
-    keep_chunks: int = Field(3, ge=1)
+    keep_chunks: int = Field(3, ge=1, strict=True)
     """K, chunks kept after question-NLL scoring (paper default 3; 1 for retrieval tasks)."""
     document_separator: str = "\n\n"
     """Placed between documents packed into one chunk."""
-    max_input_chars: int = Field(4_000_000, gt=0)
+    max_input_chars: int = Field(4_000_000, gt=0, strict=True)
     """Refuse larger inputs (about 1M tokens) with an error instead of running for hours."""
-    memory_budget_bytes: int | None = Field(None, gt=0)
+    memory_budget_bytes: int | None = Field(None, gt=0, strict=True)
     """Refuse a run whose estimated peak memory (guard.py: KV, micro-batch activations, decode
     cache) exceeds this. None: the memory free when the call starts (psutil; CUDA: free device memory)."""
 
     # --- prompt ---
     instruction: str = DEFAULT_INSTRUCTION
-    use_chat_template: bool = True
+    use_chat_template: bool = Field(True, strict=True)
     """Wrap prefix/chunk/question in the tokenizer's chat template when it has one."""
-    restate_instruction: bool = False
+    restate_instruction: bool = Field(False, strict=True)
     """Repeat the instruction after the documents, before the question, as long-context QA
     templates do (LongBench's question template). Off: on the SmolLM2 needle cases it did not
     change which chunk ranked first (docs/method-fidelity.md §6)."""
@@ -123,20 +123,20 @@ class ParallelCompConfig(BaseModel):
     tokens ("\n\nQuestion:", end of turn, "assistant") carry no relevance and counting them
     cut the gold chunk's lead by ~40% on SmolLM2 needle cases (docs/method-fidelity.md §1)."""
 
-    lexical_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
+    lexical_weight: float = Field(0.0, ge=0, allow_inf_nan=False, strict=True)
     """λ in nats: rank chunks by NLL − λ · (the question's BM25 match with the chunk ÷ the corpus's
     best match), computed over the model's token ids (lexical.py). 0: the question's NLL alone, as
     the paper. With SmolLM2-135M on SQuAD/HotpotQA distractors the NLL alone misses the gold chunk
     far more often than BM25 does; held-out numbers and the default's choice: docs/lexical-prior.md."""
 
-    lexical_fold_case: bool = False
+    lexical_fold_case: bool = Field(False, strict=True)
     """Match the case-folded text: the terms are the token ids of the question's and each chunk's
     text after `str.casefold`. A BPE vocabulary splits one word differently by case (SmolLM2:
     " Confederation" is one token, " confederation" two), so with the ids as they are a question
     and a chunk can share a word and no term. Only read when `lexical_weight` > 0."""
 
     # --- prefill execution ---
-    prefill_batch_tokens: int = Field(4096, gt=0)
+    prefill_batch_tokens: int = Field(4096, gt=0, strict=True)
     """Micro-batch budget: chunks prefilled together pad to at most this many tokens (a longer
     chunk runs alone). On CPU a cold prefill is no faster at 8192 than at 2048, while peak memory
     grows with it (128K tokens, disk tier only: 1,614, 2,072 and 2,421–3,068 MiB at 2048, 4096
@@ -174,30 +174,30 @@ class ParallelCompConfig(BaseModel):
     torch's SDPA split into key ranges. The tokens agree to rounding (docs/decode.md)."""
 
     # --- chunk KV store (store.py, docs/store.md) ---
-    kv_store_bytes: int | None = Field(None, ge=0)
+    kv_store_bytes: int | None = Field(None, ge=0, strict=True)
     """Memory tier of the chunk KV store: an LRU of at most this many bytes. None: a third of the
     memory the KV lives in (the GPU's for a model on CUDA, else the machine's RAM). 0: no memory tier."""
     kv_store_dir: str | None = None
     """Disk tier: a directory of checksummed safetensors files shared by runs and processes. A
     path object is taken as its string, and a leading "~" as the home directory."""
-    kv_store_disk_bytes: int | None = Field(None, gt=0)
+    kv_store_disk_bytes: int | None = Field(None, gt=0, strict=True)
     """Disk tier budget; least recently used files are deleted above it. None: half of what the
     tier could occupy when the engine opens it (the bytes it holds plus the free space of its file
     system), so a store never fills the disk (docs/store.md)."""
 
     # --- per-chunk KV eviction, SnapKV-style (method.md §3) ---
-    kv_budget_tokens: int | None = Field(None, gt=0)
+    kv_budget_tokens: int | None = Field(None, gt=0, strict=True)
     """Context tokens kept per chunk, per layer and KV head. None: no compression."""
-    kv_budget_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    kv_budget_ratio: float | None = Field(None, gt=0.0, le=1.0, strict=True)
     """Alternative to `kv_budget_tokens`: keep this fraction of each chunk."""
     snap_observation: Literal["question", "last"] = "question"
     """Which question-step rows score a chunk's tokens: "question", the question text's own tokens
     (Eq. 6 sums over the query), or "last", the last `snap_window` tokens (official code), which
     with a chat template are mostly template tokens ('?', '<|im_end|>', 'assistant', ...). The
     question's rows kept a needle in more layers and heads (docs/method-fidelity.md §3)."""
-    snap_window: int = Field(8, gt=0)
+    snap_window: int = Field(8, gt=0, strict=True)
     """w: with snap_observation="last", the last w question tokens score the context (code: 8)."""
-    pool_kernel: int = Field(7, gt=0)
+    pool_kernel: int = Field(7, gt=0, strict=True)
     """Smoothing kernel over token scores (code: 7, must be odd)."""
     pooling: Literal["max", "avg"] = "max"
     gqa_reduce: Literal["mean", "max"] = "mean"
@@ -207,11 +207,11 @@ class ParallelCompConfig(BaseModel):
     calibration_rules: tuple[CalibrationRule, ...] = ()
     calibration_reference: Literal["per_chunk", "global"] = "per_chunk"
     """Regions measured inside each chunk (paper text) or over the merged sequence (official code)."""
-    calibration_region_tokens: int = Field(100, gt=0)
+    calibration_region_tokens: int = Field(100, gt=0, strict=True)
     """N: width of the sink and recent regions (paper App. C: 100)."""
-    calibration_query_rows: int = Field(1, gt=0)
+    calibration_query_rows: int = Field(1, gt=0, strict=True)
     """r: last question rows whose attention is averaged (code default 1)."""
-    calibrate_prefix: bool = False
+    calibrate_prefix: bool = Field(False, strict=True)
     """Make the shared prefix (BOS, system prompt, instruction) an eviction candidate, at the head
     of the first kept chunk, so it leads the sink region: the official code's regions are indices
     that start at BOS and the instruction (method.md §4). Off, the prefix is never evicted and

@@ -118,6 +118,8 @@ def _call_schema(function: Mapping[str, Any], at: str) -> dict[str, Any]:
     parameters' own references ("#/$defs/Person", as pydantic writes nested models) are rebased
     there, or they would point at a root that has no $defs."""
     params = _for_call(function.get("parameters") or {"type": "object", "properties": {}}, at)
+    if params.get("type") == "object" and "additionalProperties" not in params:
+        params["additionalProperties"] = False  # no invented arguments
     return {
         "type": "object",
         "properties": {"name": {"const": function["name"]}, "arguments": params},
@@ -128,15 +130,16 @@ def _call_schema(function: Mapping[str, Any], at: str) -> dict[str, Any]:
 
 def _for_call(node: Any, at: str) -> Any:
     """A copy of schema `node` whose local references ("#..." JSON pointers) start at pointer `at`,
-    and whose objects, nested ones too, take no keys they do not declare unless they say so (a
-    small model given the chance invents keys until the token limit)."""
+    and whose objects with declared properties, nested ones too, take no other keys unless they
+    say so (a small model given the chance invents keys until the token limit); an object that
+    declares none is a free-form mapping."""
     if isinstance(node, list):
         return [_for_call(v, at) for v in node]
     if not isinstance(node, Mapping):
         return node
     out = {k: "#" + at + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _for_call(v, at)
            for k, v in node.items()}
-    if out.get("type") == "object" and "additionalProperties" not in out:
+    if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
 
