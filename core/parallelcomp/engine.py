@@ -671,7 +671,8 @@ def _resolve_model(model) -> str:
 
         return str(embedded_model_dir())
     if not isinstance(model, (str, os.PathLike)):
-        raise ConfigError(f"model must be a local directory path (str or os.PathLike) or None, got {type(model).__name__}")
+        raise ConfigError(f"model must be a local directory path (str or os.PathLike) or None, "
+                          f"got {type(model).__name__}")
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
@@ -770,7 +771,8 @@ def _check_device(device) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError as err:
-        raise ConfigError(f"device {device!r} is not a torch device name (such as 'cpu', 'cuda' or 'cuda:1'): {err}") from None
+        msg = f"device {device!r} is not a torch device name (such as 'cpu', 'cuda' or 'cuda:1'): {err}"
+        raise ConfigError(msg) from None
     if device.type == "cpu":
         return device
     backend = getattr(torch, device.type, None)

@@ -300,7 +300,8 @@ def format_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
     try:
         call = json.dumps({"name": name, "arguments": dict(arguments)})
     except (TypeError, ValueError) as err:
-        raise InputError(f"the arguments of the tool call {name!r} in the history are not JSON-serializable: {err}") from None
+        msg = f"the arguments of the tool call {name!r} in the history are not JSON-serializable: {err}"
+        raise InputError(msg) from None
     return f"{OPEN}\n{call}\n{CLOSE}"
 
 

@@ -312,6 +312,10 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
           "model": "assistant", "tool": "tool", "function": "tool"}
 
 
+_MEDIA = (ImageBlock, AudioBlock, VideoBlock, DocumentBlock)
+"""Content blocks that hold no text."""
+
+
 def _turns(messages: Any) -> list[tuple[str, str]]:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InputError(f"messages must be a list of ChatMessage, got {type(messages).__name__}")
@@ -319,7 +323,7 @@ def _turns(messages: Any) -> list[tuple[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, ChatMessage):
             raise InputError(f"message {i} is a {type(m).__name__}, expected a ChatMessage")
-        media = [type(b).__name__ for b in m.blocks if isinstance(b, (ImageBlock, AudioBlock, VideoBlock, DocumentBlock))]
+        media = [type(b).__name__ for b in m.blocks if isinstance(b, _MEDIA)]
         if media:
             raise InputError(f"message {i} holds {', '.join(media)}: this engine reads text only; pass the text")
         calls = [_call_text(i, c) for c in m.additional_kwargs.get("tool_calls") or []]

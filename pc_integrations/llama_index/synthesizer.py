@@ -127,7 +127,8 @@ class ParallelCompSynthesizer(BaseSynthesizer):
     def _update_prompts(self, prompts: PromptDictType) -> None:
         for name in ("instruction", "query_template"):
             if name in prompts and not isinstance(prompts[name], BasePromptTemplate):
-                raise ConfigError(f"{name} must be a prompt template (PromptTemplate(...)), got {type(prompts[name]).__name__}")
+                msg = f"{name} must be a prompt template (PromptTemplate(...)), got {type(prompts[name]).__name__}"
+                raise ConfigError(msg)
         if "instruction" in prompts:
             self._instruction = prompts["instruction"]
         if "query_template" in prompts:
