@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 
 from parallelcomp.cli import main
@@ -70,6 +71,17 @@ def test_ask_says_when_the_answer_stopped_at_max_new_tokens(tmp_path, model_dir,
     out = capsys.readouterr().out
     assert "[cut at --max-new-tokens 3: raise it for a longer answer]" in out
     assert out.index(report["answer"]) < out.index("[cut at") < out.index("Kept documents")
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path, model_dir):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        f"{sys.executable} -m parallelcomp.cli ask --model {model_dir} --chunk-tokens 16 --max-new-tokens 64 "
+        f"--threads 1 'Where does the river run?' {' '.join(_docs(tmp_path))} | head -c 3",
+        shell=True, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.stdout == "Ans" and "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr
 
 
 def _docs(tmp_path):

@@ -12,6 +12,7 @@ as the workers do.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -204,6 +205,8 @@ def test_workers_run_this_checkout_with_the_drivers_model(ray_engines):
     assert {info["package"] for info in infos} == {parallelcomp.__file__}
     assert {info["identity"] for info in infos} == {ours._model_identity()[1]}
     assert {info["threads"] for info in infos} == {1}
+    with pytest.raises(DistributedError, match=re.escape(f"no worker 'worker-9' in use; the workers are {ours.workers}")):
+        ours.worker_handle("worker-9")
 
 
 @needs_kernel
@@ -323,7 +326,8 @@ def test_ray_missing_is_a_typed_error_naming_the_extra(monkeypatch, model_dir):
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_workers=0), dict(num_workers=1.5), dict(worker_threads=0),
-                                    dict(timeout_s=0), dict(threads=-1)])
+                                    dict(timeout_s=0), dict(timeout_s=float("inf")), dict(timeout_s=1e300),
+                                    dict(threads=-1)])
 def test_bad_settings_are_config_errors(kwargs, model_dir):
     with pytest.raises(ConfigError):
         RayParallelComp.from_pretrained(model_dir, **kwargs)

@@ -168,7 +168,7 @@ def test_the_lru_evicts_least_recently_used_chunks_within_its_budget(tokenizer):
     outputs_equal(again, out)
     small = engine(tokenizer, model=probe.model, kv_store_bytes=int(2.5 * one_chunk))
     corpus = small.encode(DOCS)  # encode reports what its own filling evicted
-    assert corpus.encoded_chunks == 5 and 0 < corpus.store_evicted == 5 - len(small.store._lru)
+    assert corpus.encoded_chunks == 5 and 0 < corpus.encoding.store_evicted == 5 - len(small.store._lru)
 
 
 def files(root: Path) -> list[Path]:
@@ -335,6 +335,39 @@ def test_disk_budget_deletes_least_recently_used_files(tokenizer, tmp_path, monk
     assert sum(p.stat().st_size for p in kept + documents) <= 3 * size and 1 <= len(kept) < 5
     assert len(documents) == 5  # written after the chunks, so the newest: deleted last
     assert out.stats.store_disk_evicted == 5 - len(kept)  # every deletion is reported
+
+
+def test_files_the_disk_tier_cannot_delete_or_read_leave_the_answer_alone(tokenizer, tmp_path, monkeypatch):
+    """Another user's files (unlink refused) stay and count; a directory where a file belongs is
+    no file: that chunk is recomputed and the write warns; encode reports the disk budget's
+    deletions."""
+    probe = engine(tokenizer, kv_store_dir=str(tmp_path / "probe"))
+    ref = probe.generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    size = max(p.stat().st_size for p in files(tmp_path / "probe"))
+    small = engine(tokenizer, model=probe.model, kv_store_dir=str(tmp_path / "enc"), kv_store_bytes=0,
+                   kv_store_disk_bytes=2 * size)
+    assert small.encode(DOCS).encoding.store_disk_evicted > 0
+    real = Path.unlink
+
+    def refused(path, missing_ok=False):
+        if path.suffix == ".safetensors":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    pc = engine(tokenizer, model=probe.model, kv_store_dir=str(tmp_path / "s"), kv_store_disk_bytes=2 * size)
+    out = pc.generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    outputs_equal(out, ref)
+    assert out.stats.store_disk_evicted == 0 and len(files(tmp_path / "s")) == 5  # none could be deleted
+    monkeypatch.undo()
+    first = files(tmp_path / "probe")[0]
+    first.unlink()
+    first.mkdir()  # a directory in the file's place
+    with pytest.warns(UserWarning, match="cannot write"):
+        again = engine(tokenizer, model=probe.model, kv_store_dir=str(tmp_path / "probe")).generate(
+            QUESTION, documents=DOCS, max_new_tokens=8)
+    outputs_equal(again, ref)
+    assert again.stats.encoded_chunks == 1 and again.stats.store_write_errors == 1
 
 
 @pytest.mark.parametrize("rescan_writes,scans", [(64, 1), (2, 5)])

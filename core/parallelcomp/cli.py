@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParallelCompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): no traceback (Python docs, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,7 +160,8 @@ def _chat(args) -> int:
     names, documents = read_documents(args.paths)
     pc, _ = _load(args)
     corpus = pc.encode(documents, progress=True)
-    evicted = f", {corpus.store_evicted} evicted from memory by the KV budget" if corpus.store_evicted else ""
+    dropped = corpus.encoding.store_evicted + corpus.encoding.store_disk_evicted
+    evicted = f", {dropped} dropped again by the KV store's budgets" if dropped else ""
     print(f"Encoded {corpus.n_tokens} tokens of {len(names)} documents in {len(corpus.chunks)} chunks "
           f"({corpus.encode_seconds:.1f} s, {corpus.reused_chunks} chunks reused{evicted}). Ask away; an empty line "
           "or end of input quits.", file=sys.stderr)
@@ -226,7 +230,11 @@ def _walk(root: Path) -> list[Path]:
     out = []
     for path in sorted(root.rglob("*")):
         if path.is_symlink():
-            target = path.resolve()
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError) as err:  # a dangling link, a loop (RuntimeError before 3.13)
+                print(f"skipping {path}: {err}", file=sys.stderr)
+                continue
             if not target.is_relative_to(base):
                 print(f"skipping {path}: symlink to {target}, outside {root}", file=sys.stderr)
                 continue

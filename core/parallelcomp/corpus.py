@@ -32,10 +32,11 @@ class Corpus:
     """Chunks whose phase 1 ran during `encode` (the others were already in the store)."""
     bytes_held: int = 0
     """Bytes of this corpus's chunk KV in the store's memory tier right after `encode`."""
-    store_evicted: int = 0
-    """Chunks the memory tier dropped during `encode` to stay within `kv_store_bytes` (this
-    corpus's or others'); a question encodes those of this corpus again unless the disk tier
-    holds them, and reports it."""
+    encoding: ReuseStats = field(default_factory=ReuseStats)
+    """What the chunk store did during `encode`: entries it dropped from memory to stay within
+    `kv_store_bytes` (`store_evicted`) and from disk within `kv_store_disk_bytes`
+    (`store_disk_evicted`), files it rejected, writes that failed. A question encodes this
+    corpus's dropped chunks again, and reports it."""
     chunk_seconds: float = 0.0
     """Seconds the call that made this corpus spent chunking its documents."""
     chunking: ReuseStats = field(default_factory=ReuseStats)

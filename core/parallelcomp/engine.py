@@ -264,7 +264,7 @@ class ParallelComp:
             self.store.flush(report)  # a corpus is on disk (where there is a disk tier) when encode returns
             self._documents.flush(report)
             return replace(corpus, encode_seconds=time.perf_counter() - start, bytes_held=held,
-                           encoded_chunks=report.encoded_chunks, store_evicted=report.store_evicted)
+                           encoded_chunks=report.encoded_chunks, encoding=report)
 
     def generate(self, question: str, documents=None, context=None, *, corpus: Corpus | None = None,
                  **settings) -> GenerationOutput:

@@ -225,7 +225,7 @@ class ChunkStore:
         """Keep a newly encoded entry: in the memory tier, and on disk at the next `flush` (or when
         the memory tier drops it); at once when the memory tier does not hold it."""
         self._remember(key, entry, report)
-        if self.disk_dir is None or self._path(key, identity).exists():
+        if self.disk_dir is None or os.path.isfile(self._path(key, identity)):
             return
         if key in self._lru:
             self._unwritten[key] = (identity, prefix_ids, chunk_ids)
@@ -372,8 +372,9 @@ class ChunkStore:
     def _read(path: Path, check, report: ReuseStats) -> tuple[dict, dict[str, torch.Tensor]] | None:
         """A file's metadata and tensors once `check(meta, tensors)` finds no reason against them;
         None when there is no file, or when there is a reason: the file is then deleted and the
-        reason counted in `report.store_rejected`."""
-        if not path.exists():
+        reason counted in `report.store_rejected`. A path that cannot be looked at (a directory
+        without permission) is no file: the run recomputes, and a write there warns."""
+        if not os.path.isfile(path):  # unlike Path.exists, False on EACCES rather than raising
             return None
         try:
             from safetensors import safe_open
@@ -411,7 +412,10 @@ class ChunkStore:
             for _, size, path in sorted(files):
                 if total <= 0.9 * self.disk_bytes:
                     break
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:  # another user's file, a read-only directory: it stays, and counts
+                    continue
                 total -= size
                 deleted += 1
         self._disk_held = total
@@ -424,7 +428,7 @@ def _stored_files(root: Path) -> list[tuple[float, int, Path]]:
     for path in (*(root / "v1").glob("*/*/*.safetensors"), *(root / "documents").glob("*/*/*.safetensors")):
         try:
             st = path.stat()
-        except FileNotFoundError:
+        except OSError:  # deleted meanwhile, or not ours to look at
             continue
         files.append((st.st_mtime, st.st_size, path))
     return files
@@ -433,7 +437,7 @@ def _stored_files(root: Path) -> list[tuple[float, int, Path]]:
 def _default_disk_budget(root: Path) -> int:
     """Half of what a disk tier could occupy: the bytes it holds plus the free space of its file
     system (of the nearest existing parent while the directory does not exist yet)."""
-    existing = next(p for p in (root, *root.parents) if p.exists())
+    existing = next(p for p in (root, *root.parents) if os.path.exists(p))
     held = sum(size for _, size, _ in _stored_files(root))
     return max(1, (held + shutil.disk_usage(existing).free) // 2)
 

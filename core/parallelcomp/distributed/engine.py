@@ -37,6 +37,8 @@ from . import placement, transfer
 from .worker import ChunkWorker, Shard
 
 DEFAULT_TIMEOUT_S = 1800.0
+MAX_TIMEOUT_S = 7 * 24 * 3600
+"""A week: Ray's waits take the timeout as a C integer of milliseconds (inf overflowed it)."""
 
 
 class _Lost:
@@ -130,6 +132,8 @@ class RayParallelComp(ParallelComp):
 
     def worker_handle(self, name: str):
         """The Ray actor handle of a worker (for monitoring, or to stop it in a test)."""
+        if name not in self._workers:
+            raise DistributedError(f"no worker {name!r} in use; the workers are {self.workers}")
         return self._workers[name]
 
     def close(self) -> None:
@@ -325,9 +329,9 @@ def _check_resources(ray, num_workers: int, worker_threads: int, gpus: bool) -> 
 
 
 def _check_timeout(timeout_s) -> float:
-    if isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s > 0:
+    if isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and 0 < timeout_s <= MAX_TIMEOUT_S:
         return float(timeout_s)
-    raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    raise ConfigError(f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:,}, got {timeout_s!r}")
 
 
 def _runtime_env() -> dict:
