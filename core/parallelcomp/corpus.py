@@ -28,8 +28,6 @@ class Corpus:
     chunk_tokens: int
     """The chunk budget the documents were packed with."""
     encode_seconds: float = 0.0
-    encoded_chunks: int = 0
-    """Chunks whose phase 1 ran during `encode` (the others were already in the store)."""
     bytes_held: int = 0
     """Bytes of this corpus's chunk KV in the store's memory tier right after `encode`."""
     encoding: ReuseStats = field(default_factory=ReuseStats)
@@ -51,6 +49,11 @@ class Corpus:
     def reused_documents(self) -> int:
         """Documents whose chunking the call that made this corpus did not compute again."""
         return self.chunking.reused_documents
+
+    @property
+    def encoded_chunks(self) -> int:
+        """Chunks whose phase 1 ran during `encode` (the others were already in the store)."""
+        return self.encoding.encoded_chunks
 
     @property
     def reused_chunks(self) -> int:

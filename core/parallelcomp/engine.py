@@ -264,7 +264,7 @@ class ParallelComp:
             self.store.flush(report)  # a corpus is on disk (where there is a disk tier) when encode returns
             self._documents.flush(report)
             return replace(corpus, encode_seconds=time.perf_counter() - start, bytes_held=held,
-                           encoded_chunks=report.encoded_chunks, encoding=report)
+                           encoding=report)
 
     def generate(self, question: str, documents=None, context=None, *, corpus: Corpus | None = None,
                  **settings) -> GenerationOutput:
@@ -290,7 +290,6 @@ class ParallelComp:
         alone (a plain chat turn; `out.chunks` is empty). An empty `documents` list is an error.
         `history`: chat messages ({"role", "content"}) before the question's turn (prompts.py).
         """
-        _check_question(question)
         s = GenerationSettings.of(**settings)
         sampling = Sampling(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty)
         parts = self.prompt_parts(question, corpus is not None or documents is not None or context is not None, history,
@@ -394,7 +393,8 @@ class ParallelComp:
         stats.add(writes)
 
     def prompt_parts(self, question: str, with_documents: bool, history=(), tools=None) -> PromptParts:
-        """The token spans (prefix, question suffix) this engine builds for a question (prompts.py)."""
+        """The token spans (prefix, question suffix) this engine builds for a question (prompts.py);
+        InputError for a question that is not usable text."""
         _check_question(question)
         return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
                             with_documents, history, restate_instruction=self.config.restate_instruction,

@@ -246,10 +246,14 @@ def check_tools(tools: Any) -> tuple[dict[str, Any], ...]:
             json.dumps(tool)  # the prompt describes the tools as JSON
         except (TypeError, ValueError) as err:
             raise ValueError(f"tool {function['name']!r} is not JSON-serializable: {err}") from None
-    tools = tuple({"type": "function", "function": dict(t["function"])} for t in tools)
-    if tools:  # an unsupported parameters schema fails here, not at the first call
+    return tuple({"type": "function", "function": dict(t["function"])} for t in tools)
+
+
+def check_tool_schemas(tools: Sequence[Mapping[str, Any]]) -> None:
+    """InputError unless the tools' parameters compile into a call grammar (so an unsupported
+    schema fails when the tools are given, not at the first call)."""
+    if tools:
         schema_grammar(calls_schema(tools), "the tools' parameters")
-    return tools
 
 
 def check_tool_choice(choice: Any, tools: Sequence[Mapping[str, Any]]) -> str:

@@ -97,7 +97,11 @@ class GenerationSettings(BaseModel):
     @field_validator("tools", mode="before")
     @classmethod
     def _tools(cls, value: Any) -> tuple[dict[str, Any], ...] | None:
-        return None if value is None else grammar.check_tools(value)
+        if value is None:
+            return None
+        tools = grammar.check_tools(value)
+        grammar.check_tool_schemas(tools)  # once per call; `_tool_choice` reads only the names
+        return tools
 
     @field_validator("json_schema", mode="before")
     @classmethod
