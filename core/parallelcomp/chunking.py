@@ -8,22 +8,33 @@ Whitespace never sits at a chunk edge: each document, and each piece of a split 
 stripped, and the whitespace gap at a cut belongs to neither piece. A chunk's question NLL
 (Eq. 3) therefore does not depend on where blank lines fall: the question suffix begins with
 its own blank line, and a chunk ending in one made the first question token cost ~11 nats
-instead of ~1 (issue #12, docs/method-fidelity.md). A piece's tokens are exactly the tokenization
-of the text its span names, `tokenizer(doc[span.start:span.end])`, and everything between two
-spans of a document is whitespace. Pure Python; knows nothing about the model.
+instead of ~1 (issue #12, docs/method-fidelity.md). A piece's tokens are exactly the
+tokenization of the text its span names, `text_ids(tokenizer, doc[span.start:span.end])`, and
+everything between two spans of a document is whitespace. Pure Python; knows nothing about the
+model.
+
+Documents are data, never prompt structure: their text is tokenized with special tokens split
+(`text_ids`), so a retrieved page that contains "<|im_end|>" or "<|im_start|>system"
+reads as those characters, not as the control tokens that end a turn or open a new one (a
+document could otherwise inject chat turns or an end of text into every question's prompt). The
+question and history are the caller's own message and are tokenized as the chat template renders
+them, as transformers does (prompts.py).
 
 Tokenizing is most of the cost: 0.7–0.8 s for a 128K-token context on the project's AMX host,
-about as long as the rest of a question over that corpus once its KV is reused (docs/store.md). `DocumentMemo` keeps recent documents'
-pieces, so a call with the same documents again (a retriever, an agent's corpus tool, a chain run
-again: the transparent store path) tokenizes only the documents it has not seen; with a disk
-tier it keeps them there too (store.py, `ChunkStore.pieces`), for the next process.
+about as long as the rest of a question over that corpus once its KV is reused (docs/store.md).
+`DocumentMemo` keeps recent documents' pieces, so a call with the same documents again (a
+retriever, an agent's corpus tool, a chain run again: the transparent store path) tokenizes only
+the documents it has not seen; with a disk tier it keeps them there too (store.py,
+`ChunkStore.pieces`), for the next process.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 import warnings
+import weakref
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -140,7 +151,7 @@ class DocumentMemo:
 
 def _pack(tokenizer, pieces: list[_Piece], budget: int, separator: str) -> list[Chunk]:
     """Consecutive pieces joined by `separator` into chunks of at most `budget` tokens."""
-    sep_ids = list(tokenizer(separator, add_special_tokens=False)["input_ids"]) if separator else []
+    sep_ids = text_ids(tokenizer, separator) if separator else []
     chunks: list[Chunk] = []
     ids: list[int] = []
     spans: list[DocumentSpan] = []
@@ -160,7 +171,7 @@ def _pieces(tokenizer, doc_index: int, text: str, budget: int) -> list[_Piece]:
     if not tokenizer.is_fast:
         raise InputError("splitting documents needs a fast (Rust) tokenizer with offset mappings")
     lo, hi = _strip(text, 0, len(text))
-    enc = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
+    enc = data_tokenizer(tokenizer)(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if len(ids) <= budget:
         return [_Piece(list(ids), DocumentSpan(doc_index, lo, hi, complete=True))]
@@ -171,7 +182,7 @@ def _pieces(tokenizer, doc_index: int, text: str, budget: int) -> list[_Piece]:
         while True:  # re-tokenizing a stripped piece can add a token at its edges: cut earlier then
             end = limit if limit == len(ids) else _cut(text, offsets, start, limit)
             a, b = _strip(text, offsets[start][0], offsets[end][0] if end < len(ids) else hi)
-            piece_ids = list(tokenizer(text[a:b], add_special_tokens=False)["input_ids"])
+            piece_ids = text_ids(tokenizer, text[a:b])
             if len(piece_ids) <= budget:
                 break
             if limit == start + 1:
@@ -182,6 +193,37 @@ def _pieces(tokenizer, doc_index: int, text: str, budget: int) -> list[_Piece]:
             pieces.append(_Piece(piece_ids, DocumentSpan(doc_index, a, b, complete=False)))
         start = end
     return pieces
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of document text, special-token spellings included as plain characters."""
+    return list(data_tokenizer(tokenizer)(text, add_special_tokens=False)["input_ids"])
+
+
+_DATA_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DATA_LOCK = threading.Lock()
+_UNCOPYABLE = object()
+
+
+def data_tokenizer(tokenizer):
+    """A copy of `tokenizer` that splits special tokens (reads "<|im_end|>" as text), made once per
+    tokenizer. A copy, not the call argument `split_special_tokens=True`: transformers applies that
+    by setting a flag on the shared Rust tokenizer, so a prompt tokenized meanwhile in another
+    thread lost its own control tokens (seen as different answers from concurrent calls).
+    A tokenizer that cannot be copied (a custom Python component) is used as it is, with a warning."""
+    with _DATA_LOCK:
+        data = _DATA_TOKENIZERS.get(tokenizer)
+        if data is None:
+            try:
+                data = copy.deepcopy(tokenizer)
+                data.split_special_tokens = True
+            except Exception as err:  # noqa: BLE001 - tokenizers cannot pickle custom Python components
+                msg = (f"the tokenizer cannot be copied ({err}), so control tokens spelled in documents (e.g. "
+                       f"{tokenizer.eos_token!r}) are read as control tokens, not as text")
+                warnings.warn(msg, stacklevel=2)
+                data = _UNCOPYABLE
+            _DATA_TOKENIZERS[tokenizer] = data
+        return tokenizer if data is _UNCOPYABLE else data
 
 
 def _strip(text: str, start: int, end: int) -> tuple[int, int]:

@@ -60,9 +60,10 @@ every stored file, where a new FORMAT has each one rejected, deleted and recompu
 FORMAT = "pc-chunk-kv/2"
 """The file layout, checked on load: /2 checksums the payload with XXH3-128 (/1: SHA-256)."""
 
-PIECES_FORMAT = "pc-doc-pieces/1"
+PIECES_FORMAT = "pc-doc-pieces/2"
 """What a document's pieces file holds, and what its key and identity cover (pieces_key): a new
-version, e.g. for a change to how chunking.py cuts documents, makes every stored file miss."""
+version, e.g. for a change to how chunking.py cuts documents, makes every stored file miss.
+/2: document text tokenized with special-token spellings as plain text (chunking.text_ids)."""
 
 
 RESCAN_WRITES = 64
