@@ -17,7 +17,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig, StructuredOutputError
-from parallelcomp.grammar import OPEN, ll_tokenizer, llguidance, parse_tool_calls, tool_grammar, tools_prompt
+from parallelcomp.grammar import (OPEN, ll_tokenizer, llguidance, parse_tool_calls, schema_grammar, tool_grammar,
+                                  tools_prompt)
 from pc_integrations.common import CallError, ToolCallText
 
 from .conftest import tiny_model
@@ -265,6 +266,28 @@ def test_langchain_structured_output_every_seed(engine, method):
     assert raw["parsing_error"] is None and raw["raw"].usage_metadata
 
 
+def test_langchain_json_schema_takes_no_undeclared_keys_unless_strict_is_false(tokenizer, engine):
+    """OpenAI's strict structured outputs: declared objects are closed, nested ones too."""
+    from pc_integrations.langchain import ChatParallelComp
+
+    chat = ChatParallelComp(engine=engine)
+    n_vocab, eos = len(tokenizer), {tokenizer.eos_token_id}
+
+    def accepts(strict, text):
+        schema = chat.with_structured_output(Team, method="json_schema", strict=strict).first.kwargs["json_schema"]
+        matcher = llguidance().LLMatcher(ll_tokenizer(tokenizer, n_vocab, eos), schema_grammar(schema))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+    valid, extra = '{"lead": {"name": "Ada"}, "size": 3}', '{"lead": {"name": "Ada", "age": 3}, "size": 3}'
+    for strict in (None, True):
+        assert accepts(strict, valid) and not accepts(strict, extra)
+        assert not accepts(strict, '{"lead": {"name": "Ada"}, "size": 3, "x": 1}')
+    assert accepts(False, valid) and accepts(False, extra)
+    with pytest.raises(InputError, match="strict must be"):
+        chat.with_structured_output(Team, method="json_schema", strict="yes")
+
+
 def test_langchain_bad_tool_input_is_typed(engine):
     from pc_integrations.langchain import ChatParallelComp
 
@@ -380,7 +403,7 @@ def test_llama_index_function_agent_calls_a_query_engine_tool(smol_engine):
 def test_free_text_cut_inside_a_character_by_the_token_limit_is_not_an_error(tokenizer, choice):
     """A byte-fallback token (the first byte of "é") ends the output: the free text is complete up to
     it; a JSON object cut the same way is still incomplete."""
-    from parallelcomp.grammar import GrammarProcessor, schema_grammar
+    from parallelcomp.grammar import GrammarProcessor
 
     text = tokenizer("Hello there", add_special_tokens=False)["input_ids"]
     first_byte = tokenizer.convert_tokens_to_ids("Ã")  # byte 0xC3, the first byte of "é" in byte-level BPE

@@ -128,6 +128,13 @@ def _call_schema(function: Mapping[str, Any], at: str) -> dict[str, Any]:
     }
 
 
+def closed_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """`schema` with every object that declares properties closed to undeclared keys unless it
+    says otherwise: what OpenAI's strict structured outputs require of a schema, and what keeps a
+    small model from inventing keys until the token limit."""
+    return _for_call(schema, "")
+
+
 def _for_call(node: Any, at: str) -> Any:
     """A copy of schema `node` whose local references ("#..." JSON pointers) start at pointer `at`,
     and whose objects with declared properties, nested ones too, take no other keys unless they

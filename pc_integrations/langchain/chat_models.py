@@ -42,7 +42,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, model_validator
 
 from parallelcomp import InputError
-from parallelcomp.grammar import format_tool_call
+from parallelcomp.grammar import closed_schema, format_tool_call
 from parallelcomp.prompts import ROLES
 from parallelcomp.settings import GenerationSettings
 
@@ -194,7 +194,9 @@ class ChatParallelComp(BaseChatModel):
         method: "function_calling" (the schema as a tool the model must call; the model sees its
         description), "json_schema" (the answer is the JSON value itself, under the schema's
         grammar) or "json_mode" (any JSON object). Output always parses: every method decodes
-        under a grammar, so `strict` is accepted and always in effect. `include_raw=True` gives
+        under a grammar. As in OpenAI's strict mode, objects that declare properties take no other
+        keys unless the schema allows them (tool arguments always; "json_schema" unless
+        `strict=False`, which keeps the schema as written). `include_raw=True` gives
         {"raw", "parsed", "parsing_error"}. A schema the grammar cannot express raises `InputError`.
         """
         if method == "function_calling":
@@ -203,8 +205,12 @@ class ChatParallelComp(BaseChatModel):
             raise InputError(f"method must be function_calling, json_schema or json_mode, got {method!r}")
         if kwargs:
             raise InputError(f"unexpected keyword argument(s) {sorted(kwargs)}")
+        if strict not in (None, True, False):
+            raise InputError(f"strict must be True, False or None, got {strict!r}")
         pydantic_schema = isinstance(schema, type) and is_basemodel_subclass(schema)
         json_schema = convert_to_json_schema(schema) if method == "json_schema" else {"type": "object"}
+        if method == "json_schema" and strict is not False:
+            json_schema = closed_schema(json_schema)
         GenerationSettings.of(json_schema=json_schema)  # an unsupported schema raises InputError now
         llm = self.bind(json_schema=json_schema,
                         ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
