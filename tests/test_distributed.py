@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -331,6 +332,36 @@ def test_ray_missing_is_a_typed_error_naming_the_extra(monkeypatch, model_dir):
 def test_bad_settings_are_config_errors(kwargs, model_dir):
     with pytest.raises(ConfigError):
         RayParallelComp.from_pretrained(model_dir, **kwargs)
+
+
+def test_an_address_where_no_cluster_answers_is_a_config_error_at_once(model_dir, monkeypatch):
+    """Ray retries such an address for minutes; we give up after one refused connection."""
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            with pytest.raises(ConfigError, match="no Ray cluster answers at"):
+                RayParallelComp.from_pretrained(model_dir, address=address)
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        with pytest.raises(ConfigError, match="RAY_ADDRESS"):
+            RayParallelComp.from_pretrained(model_dir)
+    for address in (5, "head", "head:port", "head:0", ":6379"):
+        with pytest.raises(ConfigError, match="address must be"):
+            RayParallelComp.from_pretrained(model_dir, address=address)
+
+
+def test_ray_refusing_to_join_is_a_config_error(model_dir, monkeypatch):
+    """Ray's own refusal (here its message for "auto" with no cluster on the machine, raised by a
+    stand-in: this suite's cluster is running) comes back typed, with Ray's reason."""
+    import ray
+
+    def refuse(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConfigError, match="could not join the Ray cluster at address='auto': Could not find any"):
+        RayParallelComp.from_pretrained(model_dir, address="auto")
 
 
 def test_cli_rejects_a_bad_worker_count(model_dir, tmp_path, capsys):

@@ -13,6 +13,7 @@ DistributedError. With no worker left, calls fail with a DistributedError.
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 import warnings
@@ -39,6 +40,9 @@ from .worker import ChunkWorker, Shard
 DEFAULT_TIMEOUT_S = 1800.0
 MAX_TIMEOUT_S = 7 * 24 * 3600
 """A week: Ray's waits take the timeout as a C integer of milliseconds (inf overflowed it)."""
+CONNECT_TIMEOUT_S = 10.0
+"""How long a cluster address may take to accept a TCP connection before from_pretrained gives up;
+Ray itself retries an address where nothing listens for minutes (over 5 here, with no error)."""
 
 
 class _Lost:
@@ -97,14 +101,18 @@ class RayParallelComp(ParallelComp):
             raise ConfigError(f"worker_threads must be a positive integer, got {worker_threads!r}")
         timeout_s = _check_timeout(timeout_s)
         _check_threads(threads)
+        _check_address(address if address is not None else os.environ.get("RAY_ADDRESS"))
         ray = _ray()
         config = _check_config(config)
         path = _resolve_model(model)
         device = _check_device(device)
         dtype = _check_dtype(dtype) or hardware.default_dtype(device)
         if not ray.is_initialized():
-            ray.init(address=address, runtime_env=_runtime_env(), log_to_driver=False,
-                     **({} if address else {"include_dashboard": False}))
+            try:
+                ray.init(address=address, runtime_env=_runtime_env(), log_to_driver=False,
+                         **({} if address else {"include_dashboard": False}))
+            except (ConnectionError, ValueError) as err:  # no cluster at "auto"; Ray Client not installed
+                raise ConfigError(f"could not join the Ray cluster at address={address!r}: {err}") from err
         _check_resources(ray, num_workers, worker_threads, device.type == "cuda")
         worker_config = config
         if config.kv_store_bytes is None:
@@ -332,6 +340,25 @@ def _check_timeout(timeout_s) -> float:
     if isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and 0 < timeout_s <= MAX_TIMEOUT_S:
         return float(timeout_s)
     raise ConfigError(f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:,}, got {timeout_s!r}")
+
+
+def _check_address(address) -> None:
+    """A ConfigError unless `address` is None, "auto", "local", or a host:port (optionally
+    ray://host:port) that accepts a TCP connection within CONNECT_TIMEOUT_S."""
+    if address is None or address in ("auto", "local"):
+        return
+    usage = "address must be None (a local cluster), 'auto', 'host:port' or 'ray://host:port'"
+    if not isinstance(address, str):
+        raise ConfigError(f"{usage}, got {type(address).__name__}")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{usage}, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        msg = (f"no Ray cluster answers at {address!r} ({err.strerror or err}); start one there (`ray start "
+               "--head`), fix the address (or RAY_ADDRESS), or pass address=None for a local cluster")
+        raise ConfigError(msg) from None
 
 
 def _runtime_env() -> dict:
