@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 _log = logging.getLogger(__name__)
@@ -54,11 +55,12 @@ def build(source: Path, flags: tuple[str, ...]) -> Path:
     if path.is_file() and digest.is_file() and digest.read_text().strip() == _sha256(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tag = f"{os.getpid()}.{threading.get_ident()}"  # two threads of one process build at once too
+    tmp = path.with_name(f".{path.name}.{tag}.tmp")
     try:
         subprocess.run([compiler, *flags, "-o", str(tmp), str(source), "-lm"], capture_output=True, text=True,
                        timeout=120, check=True)
-        tmp_digest = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
+        tmp_digest = digest.with_name(f".{digest.name}.{tag}.tmp")
         tmp_digest.write_text(_sha256(tmp))
         os.replace(tmp, path)
         os.replace(tmp_digest, digest)
