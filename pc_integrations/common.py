@@ -363,6 +363,14 @@ def attribution(output: GenerationOutput, sources: list[SourceDocument]) -> list
     return records
 
 
+def token_usage(stats: Mapping[str, Any]) -> dict[str, int]:
+    """OpenAI-named token counts of a run's stats (`RunStats.to_dict()`): prompt tokens (prefix,
+    every chunk and the question, before eviction) and completion tokens."""
+    prompt = stats.get("prefix_tokens", 0) + stats.get("tokens_in", 0) + stats.get("question_tokens", 0)
+    completion = stats.get("new_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def generation_info(output: GenerationOutput, sources: list[SourceDocument] | None) -> dict[str, Any]:
     """What every wrapper reports next to the text: sources, chunk reports and run statistics."""
     info: dict[str, Any] = {"stats": output.stats.to_dict(), "finish_reason": output.stats.finish_reason}

@@ -129,25 +129,64 @@ def test_cancelling_eight_async_callers_stops_the_engine_at_its_next_token(token
                 first.set()
 
         tasks = [asyncio.create_task(consume()) for _ in range(8)]
-        await first.wait()  # one caller decodes, seven wait for the model
-        at_cancel = forwards[0]
-        for task in tasks:
-            task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        assert all(isinstance(r, asyncio.CancelledError) for r in results)
-        return at_cancel
+        return await _cancel_all(tasks, forwards, first.is_set)  # once one caller decodes, seven wait
 
     try:
         at_cancel = asyncio.run(main())
-        for thread in [t for t in threading.enumerate() if t.name == "parallelcomp-worker"]:
-            thread.join(BOUND)
-            assert not thread.is_alive(), "a worker is still running after cancellation"
+        _join_workers()
         # at most the forward in flight finishes; the seven queued callers never start
         assert forwards[0] - at_cancel <= 1
     finally:
         hook.remove()
     assert not engine._lock.locked()
     assert bounded(lambda: engine.generate(QUESTION, documents=DOCS, max_new_tokens=6)).text == expected
+
+
+def test_cancelling_llama_index_acomplete_and_achat_stops_the_engine(tokenizer):
+    """They ran in `asyncio.to_thread`, which a cancelled task cannot stop: each decoded on to
+    max_new_tokens for nobody while queued calls waited."""
+    from llama_index.core.llms import ChatMessage
+
+    from pc_integrations.llama_index import ParallelCompLLM
+
+    engine = ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, ParallelCompConfig(keep_chunks=1))
+    llm = ParallelCompLLM(engine, max_new_tokens=500)
+    forwards = [0]
+    hook = engine.model.register_forward_pre_hook(lambda module, args: forwards.__setitem__(0, forwards[0] + 1))
+    calls = [lambda: llm.acomplete(QUESTION, documents=DOCS),
+             lambda: llm.achat([ChatMessage(role="user", content=QUESTION)], documents=DOCS)]
+
+    async def main(call) -> int:
+        tasks = [asyncio.create_task(call()) for _ in range(4)]
+        return await _cancel_all(tasks, forwards, lambda: forwards[0] >= 5)  # one decodes, three wait
+
+    try:
+        for call in calls:
+            at_cancel = asyncio.run(main(call))
+            _join_workers()
+            assert forwards[0] - at_cancel <= 1
+    finally:
+        hook.remove()
+    assert not engine._lock.locked()
+
+
+async def _cancel_all(tasks, forwards: list[int], started) -> int:
+    """Once `started()`, cancel every task and check each ended cancelled; the model forwards
+    counted at that moment."""
+    while not started():
+        await asyncio.sleep(0.01)
+    at_cancel = forwards[0]
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    return at_cancel
+
+
+def _join_workers() -> None:
+    for thread in [t for t in threading.enumerate() if t.name == "parallelcomp-worker"]:
+        thread.join(BOUND)
+        assert not thread.is_alive(), "a worker is still running after cancellation"
 
 
 # ---------------------------------------------------------------------- model files

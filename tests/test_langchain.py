@@ -286,6 +286,11 @@ async def _drain(aiterator) -> list:
 def test_constructor_settings_are_typed_and_aliased(engine):
     llm = ParallelCompLLM(engine=engine, max_tokens=7, timeout=30, streaming=True)
     assert llm.max_new_tokens == 7 and llm._get_ls_params()["ls_max_tokens"] == 7
+    chat = ChatParallelComp(llm=llm.model_copy(update={"stop": ["END"]}))
+    traced = {"ls_max_tokens": 7, "ls_temperature": 0.0, "ls_stop": ["END"], "ls_model_type": "chat"}
+    assert traced.items() <= chat._get_ls_params().items()
+    bound = {"ls_max_tokens": 3, "ls_temperature": 0.7, "ls_stop": ["Q:"], "ls_model_type": "chat"}
+    assert bound.items() <= chat._get_ls_params(stop=["Q:"], max_tokens=3, temperature=0.7).items()  # as bound
     for bad, match in [({"max_new_tokens": "5"}, "expected an integer"), ({"max_new_tokens": None}, "max_new_tokens"),
                        ({"temperature": True}, "expected a number, got bool"), ({"colour": "red"}, "colour"),
                        ({"timeout": True}, "expected a number, got bool"), ({"timeout": 0}, "greater than 0"),

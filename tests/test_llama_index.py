@@ -257,11 +257,14 @@ def test_llm_complete_stream_and_async(engine):
 
     done = llm.complete(prompt)
     assert done.text == out.text
-    assert done.raw.chunks == out.chunks
+    assert done.raw["output"].chunks == out.chunks
+    assert done.raw["usage"] == {"prompt_tokens": out.stats.prefix_tokens + out.stats.tokens_in
+                                 + out.stats.question_tokens, "completion_tokens": out.stats.new_tokens,
+                                 "total_tokens": done.raw["usage"]["prompt_tokens"] + out.stats.new_tokens}
     assert done.additional_kwargs["stats"]["n_chunks"] == out.stats.n_chunks > 1
     streamed = list(llm.stream_complete(prompt))
     assert "".join(r.delta for r in streamed) == out.text and streamed[-1].text == out.text
-    assert streamed[-1].raw.chunks == out.chunks
+    assert streamed[-1].raw["output"].chunks == out.chunks
 
     async def run():
         a = await llm.acomplete(prompt)
@@ -305,6 +308,53 @@ def test_settings_llm_and_as_query_engine(index, make_engine):
     qe = index.as_query_engine(llm=llm, response_synthesizer=synth, similarity_top_k=len(FACTS))
     response = qe.query(QUESTION)
     check_attribution(response, retrieve(index), reference(engine, retrieve(index), max_new_tokens=8))
+
+
+def test_token_counting_handler_counts_what_the_engine_ran(index, engine):
+    """LlamaIndex's stock TokenCountingHandler reads `raw["usage"]`; a `raw` that dict() cannot
+    take made every call raise TypeError, which the compact synthesizer then swallowed into
+    "Empty Response"."""
+    from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+
+    counter = TokenCountingHandler(tokenizer=lambda s: engine.tokenizer(s, add_special_tokens=False)["input_ids"])
+    llm = ParallelCompLLM(engine, max_new_tokens=8, callback_manager=CallbackManager([counter]))
+    for call in (lambda: llm.complete(QUESTION), lambda: llm.chat([ChatMessage(role="user", content=QUESTION)]),
+                 lambda: list(llm.stream_complete(QUESTION))[-1]):
+        counter.reset_counts()
+        usage = call().raw["usage"]
+        assert (counter.prompt_llm_token_count, counter.completion_llm_token_count) == (
+            usage["prompt_tokens"], usage["completion_tokens"])
+        assert usage["completion_tokens"] > 0
+    counter.reset_counts()
+    previous = Settings._callback_manager
+    Settings.callback_manager = CallbackManager([counter])  # where query engines look for handlers
+    try:
+        response = index.as_query_engine(llm=llm, similarity_top_k=2).query(QUESTION)  # compact, the default
+    finally:
+        Settings._callback_manager = previous
+    assert response.response != "Empty Response" and response.response
+    assert counter.completion_llm_token_count > 0
+
+
+def test_llama_index_sends_chats_and_its_system_prompt_as_chat_turns(engine):
+    """A chat model to LlamaIndex: `predict` with a chat prompt (chat engines, synthesizers) and
+    `system_prompt` reach the engine as turns of the chat template. As a completion model, the
+    chat came as one "user: ...\nassistant: ..." text inside a single user turn, and
+    `system_prompt` as text before the prompt, which the routing rule could evict."""
+    from llama_index.core.prompts import ChatPromptTemplate
+
+    system = "Answer in one word."
+    turns = [("user", "Where is the regatta?"), ("assistant", "In Velmora."), ("user", "{question}")]
+    template = ChatPromptTemplate.from_messages([("system", system), *turns])
+    history = [{"role": "system", "content": system}, *({"role": r, "content": t} for r, t in turns[:2])]
+    expected = engine.generate(QUESTION, history=history, max_new_tokens=8).text
+    llm = ParallelCompLLM(engine, max_new_tokens=8)
+    assert llm.metadata.is_chat_model
+    assert llm.predict(template, question=QUESTION) == expected
+    assert "".join(llm.stream(template, question=QUESTION)) == expected
+    prompted = ParallelCompLLM(engine, max_new_tokens=8, system_prompt=system)
+    expected = engine.generate(QUESTION, history=history[:1], max_new_tokens=8).text
+    assert prompted.predict(PromptTemplate("{question}"), question=QUESTION) == expected
 
 
 def test_prompts_are_exposed_and_used(index, engine, tokenizer):
@@ -435,6 +485,8 @@ def test_bad_input_is_typed(index, engine):
     with pytest.raises(ValidationError, match="expected a number, got bool"):
         ParallelCompLLM(engine, timeout=True)
     assert ParallelCompLLM(engine, max_tokens=3).max_new_tokens == 3
+    with pytest.raises(ConfigError, match="not both"):  # max_tokens silently won before
+        ParallelCompLLM(engine, max_tokens=5, max_new_tokens=30)
     with pytest.raises(ConfigError, match="instruction must be a prompt template"):
         synth.update_prompts({"instruction": "Answer briefly."})
 

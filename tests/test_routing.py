@@ -12,7 +12,7 @@ import torch
 from langchain_classic.chains.combine_documents import create_stuff_documents_chain
 from langchain_core.documents import Document
 from langchain_core.prompts import ChatPromptTemplate
-from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT, DEFAULT_TREE_SUMMARIZE_PROMPT
+from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT, CHAT_TREE_SUMMARIZE_PROMPT
 from llama_index.core.response_synthesizers import get_response_synthesizer
 from llama_index.core.schema import NodeWithScore, TextNode
 
@@ -144,9 +144,11 @@ def test_llama_index_synthesizers_with_our_llm(engine, mode):
     response = synth.synthesize(QUESTION, _nodes())
     assert response.response and response.response != "Empty Response"
     if mode != "refine":  # one packed call over everything (our context_window), split at "Query:"
-        template = DEFAULT_TEXT_QA_PROMPT if mode == "compact" else DEFAULT_TREE_SUMMARIZE_PROMPT
-        context = template.format(context_str=CORPUS, query_str=QUESTION).rsplit("Query:", 1)[0]
-        assert response.response == engine.generate(QUESTION, context=context, max_new_tokens=N).text
+        template = CHAT_TEXT_QA_PROMPT if mode == "compact" else CHAT_TREE_SUMMARIZE_PROMPT  # a chat model's
+        system, user = template.format_messages(context_str=CORPUS, query_str=QUESTION)
+        history = [{"role": "system", "content": system.content}]
+        out = engine.generate(QUESTION, context=user.content.rsplit("Query:", 1)[0], history=history, max_new_tokens=N)
+        assert response.response == out.text
 
 
 def test_llama_index_errors_reach_the_user_not_empty_response(engine):

@@ -23,7 +23,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from llama_index.core import Settings, SummaryIndex
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-from llama_index.core.instrumentation.events.llm import LLMCompletionEndEvent
+from llama_index.core.instrumentation.events.llm import LLMChatEndEvent
 from llama_index.core.schema import TextNode
 
 from parallelcomp import ParallelComp, ParallelCompConfig
@@ -94,16 +94,16 @@ def test_langchain_create_stuff_documents_chain(engine, texts):
     assert answer.strip() and "Kerrow" in answer
 
 
-class LastCompletion(BaseEventHandler):
+class LastChat(BaseEventHandler):
     events: list = []
 
     def handle(self, event, **kwargs):
-        if isinstance(event, LLMCompletionEndEvent):
+        if isinstance(event, LLMChatEndEvent):  # ParallelCompLLM is a chat model to LlamaIndex
             self.events.append(event)
 
 
 def test_llama_index_query_engine_with_settings_llm(engine, texts):
-    handler = LastCompletion(events=[])
+    handler = LastChat(events=[])
     dispatcher = get_dispatcher()
     dispatcher.add_event_handler(handler)
     previous = Settings._llm
@@ -118,5 +118,5 @@ def test_llama_index_query_engine_with_settings_llm(engine, texts):
     event = handler.events[0]
     info = event.response.additional_kwargs
     assert info["split"]["rule"] == "label" and info["stats"]["tokens_in"] > 19_000
-    assert gold_kept(info["chunks"], event.prompt.index(FACT))
+    assert gold_kept(info["chunks"], event.messages[-1].content.index(FACT))
     assert response.response and response.response != "Empty Response" and "Kerrow" in response.response

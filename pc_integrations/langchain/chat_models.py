@@ -85,12 +85,8 @@ class ChatParallelComp(BaseChatModel):
         return self.llm._identifying_params
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params.update(ls_provider="parallelcomp", ls_model_name=kwargs.get("model") or self.llm.model_name)
-        params.update(ls_temperature=self.llm.temperature, ls_max_tokens=self.llm.max_new_tokens)
-        if self.llm.stop:
-            params["ls_stop"] = self.llm.stop
-        return params
+        """The LLM's tracing parameters (this call's and bound settings first), as a chat model."""
+        return {**self.llm._get_ls_params(stop=stop, **kwargs), "ls_model_type": "chat"}
 
     def get_token_ids(self, text: str) -> list[int]:
         return self.llm.get_token_ids(text)

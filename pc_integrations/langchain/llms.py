@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field, model_validator
 from parallelcomp import ParallelComp, ParallelCompConfig
 from parallelcomp.settings import GenerationSettings, Integer, Number
 
-from ..common import Run, aiter_in_thread
+from ..common import Run, aiter_in_thread, token_usage
 
 _DEFAULTS = {name: f.default for name, f in GenerationSettings.model_fields.items()}
 
@@ -127,9 +127,10 @@ class ParallelCompLLM(BaseLLM):
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
+        params = super()._get_ls_params(stop=stop or self.stop, **kwargs)
         params["ls_provider"] = "parallelcomp"
-        params["ls_model_name"] = self.model_name
+        if not isinstance(kwargs.get("model"), str):  # a per-call model name is LangChain's to report
+            params["ls_model_name"] = self.model_name
         params["ls_max_tokens"] = kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens))
         return params
 
@@ -217,11 +218,8 @@ def _join(chunks: list[GenerationChunk]) -> Generation:
 
 
 def usage_from_info(info: dict[str, Any] | None) -> dict[str, int]:
-    """Prompt tokens (prefix + all chunks + question, before eviction) and completion tokens."""
-    stats = (info or {}).get("stats", {})
-    prompt = stats.get("prefix_tokens", 0) + stats.get("tokens_in", 0) + stats.get("question_tokens", 0)
-    completion = stats.get("new_tokens", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    """`common.token_usage` of a generation's info."""
+    return token_usage((info or {}).get("stats", {}))
 
 
 def _usage(infos: list[dict[str, Any] | None]) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 `Settings.llm = ParallelCompLLM(engine)` and `index.as_query_engine(llm=...)` work as with any
 LlamaIndex LLM, with LlamaIndex's own prompts and response modes (compact, refine,
-tree_summarize, ...): every prompt goes through the shared routing rule
+tree_summarize, ...). It is a chat model to LlamaIndex, so prompts arrive as messages (`chat`),
+rendered by the tokenizer's chat template; the text to answer goes through the shared routing rule
 (`pc_integrations.common.route`), so a stuffed "context ... Query: ... Answer:" prompt far
 longer than the model's window is split into its question and a corpus that the engine chunks,
 scores and evicts. `metadata.context_window` is the prompt length always accepted, so
@@ -31,7 +32,7 @@ import asyncio
 import contextlib
 import copy
 import json
-from typing import TYPE_CHECKING, Any, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
 
 from llama_index.core.base.llms.types import (
     AudioBlock,
@@ -70,6 +71,7 @@ from pc_integrations.common import (
     aiter_in_thread,
     call_settings,
     chat_call,
+    token_usage,
 )
 
 if TYPE_CHECKING:
@@ -121,6 +123,8 @@ class ParallelCompLLM(FunctionCallingLLM):
             msg = f"engine must be a parallelcomp.ParallelComp, got {type(engine).__name__}"
             raise ConfigError(msg)
         if "max_tokens" in kwargs:  # LangChain/OpenAI's name
+            if "max_new_tokens" in kwargs:
+                raise ConfigError("pass max_tokens or max_new_tokens (the same setting), not both")
             kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
         super().__init__(**kwargs)
         self._engine = engine
@@ -162,7 +166,9 @@ class ParallelCompLLM(FunctionCallingLLM):
         return LLMMetadata(
             context_window=self.context_window,
             num_output=self.max_new_tokens,
-            is_chat_model=False,  # the engine applies the tokenizer's chat template itself
+            # LlamaIndex then sends chats, chat prompts and `system_prompt` as messages (`chat`),
+            # which the engine renders with the tokenizer's chat template (or flattens without one)
+            is_chat_model=True,
             is_function_calling_model=True,
             model_name=self._engine.model_name,
         )
@@ -191,7 +197,12 @@ class ParallelCompLLM(FunctionCallingLLM):
 
     @staticmethod
     def _final(text: str, run: Run, delta: Optional[str] = None) -> CompletionResponse:
-        return CompletionResponse(text=text, delta=delta, raw=run.output, additional_kwargs=run.info())
+        """`raw` is a dict, as LlamaIndex's own LLMs give (its TokenCountingHandler reads
+        raw["usage"] and fails on anything dict() cannot take): the run's `GenerationOutput`
+        under "output", token counts under "usage"."""
+        info = run.info()
+        raw = {"output": run.output, "usage": token_usage(info["stats"])}
+        return CompletionResponse(text=text, delta=delta, raw=raw, additional_kwargs=info)
 
     def _complete(self, prompt: Any, kwargs: dict) -> CompletionResponse:
         responses = self._responses(self._start(prompt, kwargs))
@@ -221,13 +232,13 @@ class ParallelCompLLM(FunctionCallingLLM):
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await asyncio.to_thread(self._complete, prompt, kwargs)
+        return await _last(lambda: self._responses(self._start(prompt, kwargs)))
 
     @llm_completion_callback()
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        run = self._start(prompt, kwargs)
+        run = await asyncio.to_thread(self._start, prompt, kwargs)  # chunking new documents takes a while
 
         async def gen() -> CompletionResponseAsyncGen:
             async for response in aiter_in_thread(lambda: self._responses(run)):
@@ -253,7 +264,7 @@ class ParallelCompLLM(FunctionCallingLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await asyncio.to_thread(self.chat, messages, **kwargs)
+        return await _last(lambda: self._chat_responses(messages, kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -295,6 +306,15 @@ class ParallelCompLLM(FunctionCallingLLM):
             msg = f"the model answered without a tool call ({response.message.content!r:.80}); pass tool_required=True"
             raise StructuredOutputError(msg)
         return [ToolSelection(tool_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls]
+
+
+async def _last(responses: Callable[[], Iterator[Any]]) -> Any:
+    """The last of `responses()`, run in a worker thread (`aiter_in_thread`): cancelling the
+    awaiting task stops the engine at its next token, which `asyncio.to_thread` could not."""
+    last = None
+    async for last in aiter_in_thread(responses):
+        pass
+    return last
 
 
 @contextlib.contextmanager

@@ -199,7 +199,7 @@ class ParallelCompSynthesizer(BaseSynthesizer):
                 responses = self._pc_llm.stream_complete(question, **kwargs)
                 response.response_gen = self._deltas(responses, response, nodes, sources, additional_source_nodes)
             else:
-                output = self._pc_llm.complete(question, **kwargs).raw
+                output = self._pc_llm.complete(question, **kwargs).raw["output"]
                 response = Response(output.text)
                 self._attribute(response, output, nodes, sources, additional_source_nodes)
             event.on_end(payload={EventPayload.RESPONSE: response})
@@ -227,7 +227,7 @@ class ParallelCompSynthesizer(BaseSynthesizer):
                 responses = await self._pc_llm.astream_complete(question, **kwargs)
                 response.response_gen = self._adeltas(responses, response, nodes, sources, additional_source_nodes)
             else:
-                output = (await self._pc_llm.acomplete(question, **kwargs)).raw
+                output = (await self._pc_llm.acomplete(question, **kwargs)).raw["output"]
                 response = Response(output.text)
                 self._attribute(response, output, nodes, sources, additional_source_nodes)
             event.on_end(payload={EventPayload.RESPONSE: response})
@@ -257,7 +257,7 @@ class ParallelCompSynthesizer(BaseSynthesizer):
                 if last.delta:
                     yield last.delta
         if response() is not None:
-            self._attribute(response(), last.raw, nodes, sources, extra)
+            self._attribute(response(), last.raw["output"], nodes, sources, extra)
 
     async def _adeltas(self, responses, response, nodes, sources, extra) -> AsyncGenerator[str, None]:
         last, response = None, weakref.ref(response)
@@ -266,7 +266,7 @@ class ParallelCompSynthesizer(BaseSynthesizer):
                 if last.delta:
                     yield last.delta
         if response() is not None:
-            self._attribute(response(), last.raw, nodes, sources, extra)
+            self._attribute(response(), last.raw["output"], nodes, sources, extra)
 
     def _attribute(self, response, output: GenerationOutput, nodes, sources, extra) -> None:
         """Fill `response.source_nodes` and `response.metadata` (in place: a streaming response
