@@ -9,12 +9,13 @@ import gc
 import json
 import os
 import threading
+import types
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parallelcomp import InputError, ModelLoadError, ParallelComp, ParallelCompConfig
+from parallelcomp import InputError, ModelLoadError, ParallelComp, ParallelCompConfig, guard
 from parallelcomp.cli import read_documents
 from parallelcomp.decode import TextAssembler
 from pc_integrations.common import aiter_in_thread
@@ -110,6 +111,58 @@ def test_engines_on_one_model_share_its_lock_and_each_matches_its_solo_output(to
         futures = [pool.submit(run, engines[i % 3]) for i in range(6)]
         results = bounded(lambda: [f.result() for f in futures])
     assert results == [solo[i % 3] for i in range(6)]
+
+
+def test_an_engine_built_while_another_streams_on_its_model_chooses_as_on_an_idle_model(tokenizer):
+    """A paused stream keeps the model inside the run's attention scope; an engine built then
+    read that backend ("parallelcomp") and chose other kernels, and another store identity."""
+    model = tiny_model("llama", len(tokenizer))
+    first = ParallelComp(model, tokenizer, ParallelCompConfig(keep_chunks=1))
+    idle = ParallelComp(model, tokenizer, ParallelCompConfig(keep_chunks=1))
+    stream = first.stream(QUESTION, documents=DOCS, max_new_tokens=20)
+    next(iter(stream))  # the run is open, between two tokens
+    during = ParallelComp(model, tokenizer, ParallelCompConfig(keep_chunks=1))
+    stream.close()
+    chosen = ("attention_kernel", "decode_kernel", "layer_kernel", "tiles")
+    assert [getattr(during, k) for k in chosen] == [getattr(idle, k) for k in chosen]
+    assert during._model_identity() == idle._model_identity()
+    corpus = idle.encode(DOCS)
+    assert during.generate(QUESTION, corpus=corpus, max_new_tokens=6).text == \
+        idle.generate(QUESTION, documents=DOCS, max_new_tokens=6).text
+
+
+def test_a_thread_given_a_finished_threads_ident_waits_for_the_model(tokenizer, monkeypatch):
+    """A stream opened in a thread that then ended (the stream handed on) still holds the model;
+    a later thread the OS gives the same ident must wait for it, not be told its own stream is open."""
+    engine = ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, ParallelCompConfig(keep_chunks=1))
+    expected = engine.generate(QUESTION, documents=DOCS, max_new_tokens=4).text
+    opened = {}
+
+    def open_stream():
+        opened["stream"] = engine.stream(QUESTION, documents=DOCS, max_new_tokens=20)
+        next(iter(opened["stream"]))
+
+    first = threading.Thread(target=open_stream)
+    first.start()
+    first.join(BOUND)
+    reused = types.SimpleNamespace(**vars(threading))
+    reused.get_ident = lambda: first.ident  # every thread gets the finished one's ident, as the OS may give it
+    monkeypatch.setattr(guard, "threading", reused)
+    result = {}
+
+    def call():
+        try:
+            result["text"] = engine.generate(QUESTION, documents=DOCS, max_new_tokens=4).text
+        except Exception as err:  # noqa: BLE001 - reported below
+            result["error"] = err
+
+    second = threading.Thread(target=call)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and not result  # waiting for the model
+    opened["stream"].close()
+    second.join(BOUND)
+    assert result == {"text": expected}
 
 
 # ---------------------------------------------------------------------- cancellation

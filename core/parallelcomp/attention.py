@@ -54,6 +54,15 @@ CAUSAL_ROWS = 192  # packed query rows (G per position) per block of `_causal_ma
 _lock = threading.Lock()
 _users = 0  # scopes currently relying on the registered name (registered while > 0)
 _attends: dict[int, Callable] = {}  # id(self_attn) → its attention while a scope is active
+_outside: dict[int, str] = {}  # id(model) → its backend before the scope, while a scope is active
+
+
+def backend(model) -> str:
+    """The model's attention backend as loaded ("sdpa", "eager", ...), also while a run on it is
+    inside a scope here (its `_attn_implementation` then reads "parallelcomp"): an engine built on
+    a model whose stream is open must choose its kernels as one built while the model is idle."""
+    with _lock:
+        return _outside.get(id(model)) or str(model.config._attn_implementation)
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -157,6 +166,7 @@ def _scope(model, modules: list[torch.nn.Module], attend_for: Callable[[torch.nn
         _users += 1
         for m in modules:
             _attends[id(m)] = attend_for(m)
+        _outside[id(model)] = previous
     try:
         model.set_attn_implementation(NAME)
         yield
@@ -167,6 +177,7 @@ def _scope(model, modules: list[torch.nn.Module], attend_for: Callable[[torch.nn
             with _lock:
                 for m in modules:
                     _attends.pop(id(m), None)
+                _outside.pop(id(model), None)
                 _users -= 1
                 if _users == 0:  # leave transformers' registries as we found them
                     AttentionInterface._global_mapping.pop(NAME, None)

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import (
+    attention,
     attention_kernel,
     calibration,
     compression,
@@ -227,12 +228,12 @@ class ParallelComp:
         """What every chunk's KV depends on besides its tokens (store.model_identity) and its
         digest; computed once, on the first call that has documents."""
         if self._identity is None:
-            attention, layers = self.attention_kernel, self.layer_kernel
-            if attention == "amx":
-                attention += "@" + native.source_digest(attention_kernel.SOURCE)
+            attend, layers = self.attention_kernel, self.layer_kernel
+            if attend == "amx":
+                attend += "@" + native.source_digest(attention_kernel.SOURCE)
             if layers == layer_kernel.NAME:
                 layers += "@" + native.source_digest(layer_kernel.SOURCE)
-            identity = model_identity(self.model, attention, layers, self.tiles)
+            identity = model_identity(self.model, attend, layers, self.tiles)
             self._identity = (identity, identity_digest(identity))
         return self._identity
 
@@ -687,7 +688,7 @@ def _attention_kernel(model, choice: str) -> str:
     "matmul" or "amx" for an sdpa model, else the model's own backend, which both phases then use.
     "auto" takes the AMX kernel wherever it runs (a bf16 model on a CPU with AMX, head sizes it
     takes); asked for explicitly where it cannot run, ConfigError says why."""
-    backend = str(model.config._attn_implementation)
+    backend = attention.backend(model)
     if backend != "sdpa" or choice == "fused":
         return backend
     _, _, head_dim = kvops.layout(model)
@@ -719,7 +720,7 @@ def _decode_kernel(model, choice: str) -> str:
     """What one-token decode steps run on (ParallelCompConfig.decode_kernel): the C kernels where
     an sdpa model on CPU, whose attention layers attention.packed_decode reaches, has a dtype and
     heads they take and they build; else "torch"."""
-    if (choice != "auto" or model.device.type != "cpu" or model.config._attn_implementation != "sdpa"
+    if (choice != "auto" or model.device.type != "cpu" or attention.backend(model) != "sdpa"
             or model.dtype not in (torch.float32, torch.bfloat16)):
         return "torch"
     try:

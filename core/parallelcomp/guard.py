@@ -27,7 +27,7 @@ from typing import Iterator
 import psutil
 import torch
 
-from . import hardware
+from . import attention, hardware
 from .errors import InputError, ModelLoadError, ResourceError
 from .nll import SLICE, plain_head
 from .prefill import micro_batches, question_rows
@@ -98,7 +98,7 @@ class ModelShape:
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
             vocab=cfg.vocab_size,
             dtype_bytes=model.dtype.itemsize,
-            eager=model.config._attn_implementation == "eager",
+            eager=attention.backend(model) == "eager",
             sliced_head=plain_head(model) is not None,
         )
 
@@ -239,22 +239,24 @@ def _size(n: int) -> str:
 
 class RunLock:
     """A plain lock (releasable from another thread, e.g. by a stream's finalizer) that raises
-    instead of blocking forever when the thread holding it asks again."""
+    instead of blocking forever when the thread holding it asks again. The holder is the thread
+    object, not its ident: the OS reuses a finished thread's ident, and a new thread given it was
+    refused while the finished thread's stream, handed on, was still open."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._owner: int | None = None
+        self._owner: threading.Thread | None = None
         self._release = True  # give the freed heap back at the end of the run (keep_heap: not)
 
     def __enter__(self) -> RunLock:
-        if self._owner == threading.get_ident():
+        if self._owner is threading.current_thread():
             msg = (
                 "a stream on this model is still open in this thread; iterate it to the end or call "
                 "its close() before starting another call on the same model"
             )
             raise InputError(msg)
         self._lock.acquire()
-        self._owner = threading.get_ident()
+        self._owner = threading.current_thread()
         self._release = True
         return self
 
