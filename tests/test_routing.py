@@ -58,6 +58,9 @@ def test_corpus_is_several_windows(engine):
     [
         (f"Context:\n{CORPUS}\n\nQuestion: {QUESTION}\nAnswer:", "label", f"Context:\n{CORPUS}\n\n", QUESTION),
         (f"{CORPUS}\nQuery: {QUESTION}", "label", f"{CORPUS}\n", QUESTION),
+        # LlamaIndex's chat refine prompt: the question keeps the earlier answer, not the cue
+        (f"New Context: {CORPUS}\nQuery: {QUESTION}\nOriginal Answer: Velmora.\nNew Answer: ", "label",
+         f"New Context: {CORPUS}\n", f"{QUESTION}\nOriginal Answer: Velmora."),
         (f"{CORPUS}\n\n{QUESTION}", "paragraph", CORPUS, QUESTION),
         (f"{LINES}\n{QUESTION}\nAssistant:", "line", LINES, QUESTION),
         (f"{ONE_LINE} {QUESTION}", "sentence", f"{ONE_LINE} ", QUESTION),
