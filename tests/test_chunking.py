@@ -191,3 +191,13 @@ def test_chunking_documents_leaves_the_shared_tokenizer_parsing_control_tokens(t
             worker.join()
         sys.setswitchinterval(switch)
     assert all(ids == expected for ids in seen)
+
+
+def test_tokens_added_to_the_tokenizer_later_reach_document_tokenization(tokenizer):
+    import copy
+
+    mine = copy.deepcopy(tokenizer)  # the fixture's tokenizer is shared
+    text = "The Velmoraregatta starts at dawn."
+    before = text_ids(mine, text)
+    mine.add_tokens(["Velmoraregatta"])
+    assert text_ids(mine, text) == ids_of(mine, text) != before

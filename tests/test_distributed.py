@@ -336,15 +336,20 @@ def test_bad_settings_are_config_errors(kwargs, model_dir):
 
 def test_an_address_where_no_cluster_answers_is_a_config_error_at_once(model_dir, monkeypatch):
     """Ray retries such an address for minutes; we give up after one refused connection."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # this process may have joined this suite's cluster
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init reached"))
     with socket.socket() as s:  # a port nothing listens on: bound, never listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
             with pytest.raises(ConfigError, match="no Ray cluster answers at"):
                 RayParallelComp.from_pretrained(model_dir, address=address)
-        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
-        with pytest.raises(ConfigError, match="RAY_ADDRESS"):
-            RayParallelComp.from_pretrained(model_dir)
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # Ray reads it for None and "auto"
+        for address in (None, "auto"):
+            with pytest.raises(ConfigError, match="RAY_ADDRESS"):
+                RayParallelComp.from_pretrained(model_dir, address=address)
     for address in (5, "head", "head:port", "head:0", ":6379"):
         with pytest.raises(ConfigError, match="address must be"):
             RayParallelComp.from_pretrained(model_dir, address=address)

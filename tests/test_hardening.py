@@ -122,10 +122,10 @@ def test_an_engine_built_while_another_streams_on_its_model_chooses_as_on_an_idl
     stream = first.stream(QUESTION, documents=DOCS, max_new_tokens=20)
     next(iter(stream))  # the run is open, between two tokens
     during = ParallelComp(model, tokenizer, ParallelCompConfig(keep_chunks=1))
+    assert during._model_identity() == idle._model_identity()  # computed while the run is open
     stream.close()
     chosen = ("attention_kernel", "decode_kernel", "layer_kernel", "tiles")
     assert [getattr(during, k) for k in chosen] == [getattr(idle, k) for k in chosen]
-    assert during._model_identity() == idle._model_identity()
     corpus = idle.encode(DOCS)
     assert during.generate(QUESTION, corpus=corpus, max_new_tokens=6).text == \
         idle.generate(QUESTION, documents=DOCS, max_new_tokens=6).text
@@ -145,8 +145,10 @@ def test_a_thread_given_a_finished_threads_ident_waits_for_the_model(tokenizer, 
     first = threading.Thread(target=open_stream)
     first.start()
     first.join(BOUND)
+    # Every thread gets the finished one's ident, as the OS may give it. The lock now tells threads
+    # apart by their Thread objects and no longer asks for idents; the old one failed here.
     reused = types.SimpleNamespace(**vars(threading))
-    reused.get_ident = lambda: first.ident  # every thread gets the finished one's ident, as the OS may give it
+    reused.get_ident = lambda: first.ident
     monkeypatch.setattr(guard, "threading", reused)
     result = {}
 

@@ -17,8 +17,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig, StructuredOutputError
-from parallelcomp.grammar import (OPEN, ll_tokenizer, llguidance, parse_tool_calls, schema_grammar, tool_grammar,
-                                  tools_prompt)
+from parallelcomp.grammar import (OPEN, closed_schema, ll_tokenizer, llguidance, parse_tool_calls, schema_grammar,
+                                  tool_grammar, tools_prompt)
 from pc_integrations.common import CallError, ToolCallText
 
 from .conftest import tiny_model
@@ -284,6 +284,9 @@ def test_langchain_json_schema_takes_no_undeclared_keys_unless_strict_is_false(t
         assert accepts(strict, valid) and not accepts(strict, extra)
         assert not accepts(strict, '{"lead": {"name": "Ada"}, "size": 3, "x": 1}')
     assert accepts(False, valid) and accepts(False, extra)
+    both = {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                      {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    assert closed_schema(both) == both  # closing each part would forbid the other's key
     with pytest.raises(InputError, match="strict must be"):
         chat.with_structured_output(Team, method="json_schema", strict="yes")
 

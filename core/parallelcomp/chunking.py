@@ -210,10 +210,12 @@ def data_tokenizer(tokenizer):
     tokenizer. A copy, not the call argument `split_special_tokens=True`: transformers applies that
     by setting a flag on the shared Rust tokenizer, so a prompt tokenized meanwhile in another
     thread lost its own control tokens (seen as different answers from concurrent calls).
-    A tokenizer that cannot be copied (a custom Python component) is used as it is, with a warning."""
+    A tokenizer that cannot be copied (a custom Python component) is used as it is, with a warning.
+    Tokens added to `tokenizer` later (`add_tokens`, `add_special_tokens`) make a new copy."""
+    added = (len(tokenizer), tuple((t.content, t.special) for t in tokenizer.added_tokens_decoder.values()))
     with _DATA_LOCK:
-        data = _DATA_TOKENIZERS.get(tokenizer)
-        if data is None:
+        seen, data = _DATA_TOKENIZERS.get(tokenizer, (None, None))
+        if seen != added:
             try:
                 data = copy.deepcopy(tokenizer)
                 data.split_special_tokens = True
@@ -222,7 +224,7 @@ def data_tokenizer(tokenizer):
                        f"{tokenizer.eos_token!r}) are read as control tokens, not as text")
                 warnings.warn(msg, stacklevel=2)
                 data = _UNCOPYABLE
-            _DATA_TOKENIZERS[tokenizer] = data
+            _DATA_TOKENIZERS[tokenizer] = (added, data)
         return tokenizer if data is _UNCOPYABLE else data
 
 

@@ -135,20 +135,26 @@ def closed_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
     return _for_call(schema, "")
 
 
-def _for_call(node: Any, at: str) -> Any:
+def _for_call(node: Any, at: str, close: bool = True) -> Any:
     """A copy of schema `node` whose local references ("#..." JSON pointers) start at pointer `at`,
     and whose objects with declared properties, nested ones too, take no other keys unless they
     say so (a small model given the chance invents keys until the token limit); an object that
-    declares none is a free-form mapping."""
+    declares none is a free-form mapping. The parts of an `allOf`, and an object combined with
+    others (allOf/anyOf/oneOf) or with patternProperties, stay open: each part declares only some
+    of the keys, so closing one would forbid the others'."""
     if isinstance(node, list):
-        return [_for_call(v, at) for v in node]
+        return [_for_call(v, at, close) for v in node]
     if not isinstance(node, Mapping):
         return node
-    out = {k: "#" + at + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _for_call(v, at)
-           for k, v in node.items()}
-    if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out:
+    out = {k: "#" + at + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#")
+           else _for_call(v, at, k != "allOf") for k, v in node.items()}
+    if (close and out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
+            and not _OPEN_WITH & out.keys()):
         out["additionalProperties"] = False
     return out
+
+
+_OPEN_WITH = {"allOf", "anyOf", "oneOf", "patternProperties"}
 
 
 def _marker(tokenizer, text: str) -> str:

@@ -57,10 +57,10 @@ def build(source: Path, flags: tuple[str, ...]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}.{threading.get_ident()}"  # two threads of one process build at once too
     tmp = path.with_name(f".{path.name}.{tag}.tmp")
+    tmp_digest = digest.with_name(f".{digest.name}.{tag}.tmp")
     try:
         subprocess.run([compiler, *flags, "-o", str(tmp), str(source), "-lm"], capture_output=True, text=True,
                        timeout=120, check=True)
-        tmp_digest = digest.with_name(f".{digest.name}.{tag}.tmp")
         tmp_digest.write_text(_sha256(tmp))
         os.replace(tmp, path)
         os.replace(tmp_digest, digest)
@@ -68,6 +68,7 @@ def build(source: Path, flags: tuple[str, ...]) -> Path:
         raise OSError(f"{compiler} failed: {exc.stderr.strip()[-500:]}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+        tmp_digest.unlink(missing_ok=True)
     return path
 
 

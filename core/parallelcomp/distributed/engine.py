@@ -101,13 +101,15 @@ class RayParallelComp(ParallelComp):
             raise ConfigError(f"worker_threads must be a positive integer, got {worker_threads!r}")
         timeout_s = _check_timeout(timeout_s)
         _check_threads(threads)
-        _check_address(address if address is not None else os.environ.get("RAY_ADDRESS"))
+        _check_address(address, connect=False)
         ray = _ray()
         config = _check_config(config)
         path = _resolve_model(model)
         device = _check_device(device)
         dtype = _check_dtype(dtype) or hardware.default_dtype(device)
-        if not ray.is_initialized():
+        if not ray.is_initialized():  # else Ray ignores the address: this process joined a cluster already
+            joining = (os.environ.get("RAY_ADDRESS") or address) if address in (None, "auto") else address
+            _check_address(joining, connect=True)  # Ray takes RAY_ADDRESS in place of None and "auto"
             try:
                 ray.init(address=address, runtime_env=_runtime_env(), log_to_driver=False,
                          **({} if address else {"include_dashboard": False}))
@@ -342,17 +344,20 @@ def _check_timeout(timeout_s) -> float:
     raise ConfigError(f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:,}, got {timeout_s!r}")
 
 
-def _check_address(address) -> None:
+def _check_address(address, connect: bool) -> None:
     """A ConfigError unless `address` is None, "auto", "local", or a host:port (optionally
-    ray://host:port) that accepts a TCP connection within CONNECT_TIMEOUT_S."""
+    scheme://host:port, as Ray Client's ray://); with `connect`, one that accepts a TCP connection
+    within CONNECT_TIMEOUT_S."""
     if address is None or address in ("auto", "local"):
         return
     usage = "address must be None (a local cluster), 'auto', 'host:port' or 'ray://host:port'"
     if not isinstance(address, str):
         raise ConfigError(f"{usage}, got {type(address).__name__}")
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{usage}, got {address!r}")
+    if not connect:
+        return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as err:
