@@ -89,9 +89,11 @@ class RayParallelComp(ParallelComp):
 
         model, config, device, dtype, threads: as `ParallelComp.from_pretrained` (threads: the
         driver's). The model path must exist on every node that runs a worker.
-        address: a Ray cluster ("auto", "ray://head:10001", …); None with no Ray running in this
-        process starts a local one. Each worker reserves `worker_threads` CPUs and runs that many
-        torch threads, plus one GPU when the device is CUDA.
+        address: a Ray cluster ("auto", "head:6379"; Ray Client's "ray://head:10001" is passed on
+        untested); None with no Ray running in this process starts a local one (Ray reads
+        RAY_ADDRESS for None and "auto"). An address where nothing answers within
+        CONNECT_TIMEOUT_S is a ConfigError. Each worker reserves `worker_threads` CPUs and runs
+        that many torch threads, plus one GPU when the device is CUDA.
         timeout_s: the longest any one worker call may take before the run fails (loading included).
         config.kv_store_bytes None: a third of this machine's RAM, shared among the workers.
         """
