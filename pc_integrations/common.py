@@ -210,7 +210,8 @@ def _metadata(i: int, metadata: Any) -> dict[str, Any]:
 
 _LABEL = re.compile(r"(?im)^[ \t>*#-]*(?:(?:question|query|q|user|human|input|task)[ \t]*:[ \t]*)+")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=\S)")
-_ANSWER_CUE = re.compile(r"(?is)\n[ \t]*(answer|refined answer|new answer|response|output|assistant|ai|a)[ \t]*:[ \t]*$")
+_ANSWER_CUE = re.compile(
+    r"(?is)\n[ \t]*(answer|refined answer|new answer|response|output|assistant|ai|a)[ \t]*:[ \t]*$")
 
 
 @dataclass(frozen=True)
