@@ -75,7 +75,8 @@ def test_an_abandoned_stream_frees_the_model_without_a_gc_pass(tokenizer, preset
     assert out.text == expected
 
 
-def test_a_second_call_from_the_thread_holding_an_open_stream_is_an_error_not_a_deadlock(tokenizer):
+def test_a_second_call_from_the_thread_holding_an_open_stream_is_an_error_not_a_deadlock(tokenizer, monkeypatch):
+    monkeypatch.setattr(guard, "HANDOFF_S", 0.3)  # how long it waits for another thread to advance the stream
     model = tiny_model("llama", len(tokenizer))
     first = ParallelComp(model, tokenizer)
     other = ParallelComp(model, tokenizer, ParallelCompConfig.preset("paper-compression"))
@@ -85,6 +86,33 @@ def test_a_second_call_from_the_thread_holding_an_open_stream_is_an_error_not_a_
         other.generate(QUESTION, documents=DOCS)  # same thread: before #13 this blocked forever
     stream.close()
     assert other.generate(QUESTION, documents=DOCS, max_new_tokens=3).stats.new_tokens >= 1
+
+
+def test_a_pool_thread_that_ran_an_open_streams_step_waits_for_it_when_another_thread_advances_it(tokenizer):
+    """Starlette's iterate_in_threadpool (FastAPI's StreamingResponse of a sync stream) runs each
+    step of a stream in whichever pool thread is free: a new request can start in the thread that
+    ran the open stream's last step. Before, that request was refused as a self-deadlock."""
+    model = tiny_model("llama", len(tokenizer))
+    first = ParallelComp(model, tokenizer)
+    other = ParallelComp(model, tokenizer, ParallelCompConfig.preset("paper-compression"))
+    solo_first = first.generate(QUESTION, documents=DOCS, max_new_tokens=20).text
+    solo_other = other.generate(QUESTION, documents=DOCS, max_new_tokens=6).text
+    stream = first.stream(QUESTION, documents=DOCS, max_new_tokens=20)
+    deltas = iter(stream)
+    rest: list[str] = []
+
+    def pool_thread():  # runs a step of the open stream, then starts a new request
+        rest.append(next(deltas))
+        finisher = threading.Timer(0.2, lambda: rest.extend(deltas))  # the next steps, in another thread
+        finisher.start()
+        try:
+            return other.generate(QUESTION, documents=DOCS, max_new_tokens=6)
+        finally:
+            finisher.join()
+
+    out = bounded(pool_thread)
+    assert "".join(rest) == stream.output.text == solo_first
+    assert out.text == solo_other
 
 
 # ---------------------------------------------------------------------- engines sharing a model

@@ -364,6 +364,7 @@ class ParallelComp:
                 delta = assembler.add(token_id)
                 if delta:
                     yield delta
+                    self._lock.advanced()  # resumed, maybe in another thread (guard.RunLock)
                 if assembler.stopped:
                     break
                 if guard.cancelled():  # the caller's task was cancelled: stop at this token

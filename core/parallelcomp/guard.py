@@ -4,8 +4,9 @@
 * `check_run`: one call after chunking, before any model work: the question and the answer fit
   the model's window, and the estimated peak memory of the run fits the memory budget;
 * `run_lock(model)`: one lock per model, shared by every engine on it (hooks and the attention
-  switch are per model), which refuses a same-thread re-entry instead of deadlocking, and hands
-  the heap's free pages back to the OS as a run ends;
+  switch are per model), which refuses a same-thread re-entry instead of deadlocking (unless
+  another thread advances the open stream), and hands the heap's free pages back to the OS as a
+  run ends;
 * `cancel_scope` / `cancelled`: a caller's thread can ask the run it drives to stop at its next
   token (the async wrappers' worker thread sets it when the awaiting task is cancelled).
 
@@ -237,28 +238,57 @@ def _size(n: int) -> str:
 # ---------------------------------------------------------------------- one run at a time per model
 
 
+HANDOFF_S = 5.0
+"""How long a thread that holds an open stream waits for another thread to advance that stream
+before its new call is refused as a self-deadlock (RunLock)."""
+
+
 class RunLock:
     """A plain lock (releasable from another thread, e.g. by a stream's finalizer) that raises
-    instead of blocking forever when the thread holding it asks again. The holder is the thread
-    object, not its ident: the OS reuses a finished thread's ident, and a new thread given it was
-    refused while the finished thread's stream, handed on, was still open."""
+    instead of blocking forever when the thread holding it asks again.
+
+    The holder is the thread that last advanced the run's stream (`advanced`), as a thread object,
+    not its ident: the OS reuses a finished thread's ident. A call from the holder waits up to
+    `HANDOFF_S` for the stream to move on to another thread: a server that iterates a sync stream
+    in a thread pool (Starlette's `iterate_in_threadpool`, used by FastAPI's StreamingResponse) runs
+    each step in whichever pool thread is free, so a new request can start in the thread that ran
+    the open stream's last step while the next step runs in another. A stream that does not move on
+    is the caller's own, left unfinished in this thread: that call is refused."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._moved = threading.Condition()  # notified when the holder changes
         self._owner: threading.Thread | None = None
         self._release = True  # give the freed heap back at the end of the run (keep_heap: not)
 
     def __enter__(self) -> RunLock:
-        if self._owner is threading.current_thread():
+        me = threading.current_thread()
+        if self._owner is me and not self._handed_on(me):
             msg = (
-                "a stream on this model is still open in this thread; iterate it to the end or call "
-                "its close() before starting another call on the same model"
+                "a stream on this model is still open in this thread and no other thread advanced it "
+                f"within {HANDOFF_S:g} s; iterate it to the end or call its close() before starting "
+                "another call on the same model"
             )
             raise InputError(msg)
         self._lock.acquire()
-        self._owner = threading.current_thread()
+        self._hold(me)
         self._release = True
         return self
+
+    def _handed_on(self, me: threading.Thread) -> bool:
+        with self._moved:
+            return self._moved.wait_for(lambda: self._owner is not me, timeout=HANDOFF_S)
+
+    def _hold(self, owner: threading.Thread | None) -> None:
+        with self._moved:
+            self._owner = owner
+            self._moved.notify_all()
+
+    def advanced(self) -> None:
+        """The run's stream resumed in the current thread, which now holds the run."""
+        me = threading.current_thread()
+        if self._owner is not me:
+            self._hold(me)
 
     def keep_heap(self) -> None:
         """Skip the release at the end of this run: a question that left the chunk store's memory
@@ -271,7 +301,7 @@ class RunLock:
             if self._release:
                 hardware.release_free_heap()  # the run's freed tensors and evicted chunks, back to the OS
         finally:
-            self._owner = None
+            self._hold(None)
             self._lock.release()
 
     def locked(self) -> bool:
