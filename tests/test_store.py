@@ -473,6 +473,22 @@ def test_bad_corpus_arguments_are_typed_errors(tokenizer):
         pc.generate(QUESTION, corpus=DOCS)
     with pytest.raises(InputError, match="documents is empty"):
         pc.encode([])
+    with pytest.raises(InputError, match="not both"):
+        pc.encode(DOCS, context="one text")
+    # a setting of generate given to encode or score: named, instead of Python's TypeError
+    with pytest.raises(InputError, match=r"encode\(\) has no argument max_new_tokens; .*answer settings go to generate"):
+        pc.encode(DOCS, max_new_tokens=8)
+    with pytest.raises(InputError, match=r"score\(\) has no argument max_new_tokens, temperature; it decodes nothing"):
+        pc.score("two words", corpus=corpus, max_new_tokens=8, temperature=0)
+
+
+def test_a_corpus_encoded_from_one_context_equals_that_context(tokenizer):
+    pc = engine(tokenizer)
+    text = " ".join(DOCS)
+    ref = pc.generate(QUESTION, context=text, max_new_tokens=8)
+    got = pc.generate(QUESTION, corpus=pc.encode(context=text), max_new_tokens=8)
+    outputs_equal(got, ref)
+    assert got.stats.reused_chunks == got.stats.n_chunks > 1
 
 
 def test_wrappers_hit_the_store_with_no_api_change(tokenizer):

@@ -247,11 +247,12 @@ class ParallelComp:
             self._prefix = (ids, encode_prefix(self.model, prefix_ids, self.attention_kernel))
         return self._prefix[1]
 
-    def encode(self, documents, *, progress: bool = False) -> Corpus:
-        """Chunk `documents` and run phase 1 on every chunk once, keeping the KV in the chunk
-        store; `generate/stream/score(..., corpus=corpus)` then run only the question-dependent
-        stages, with output identical to passing the same `documents=`."""
-        documents = validate_documents(documents, None)
+    def encode(self, documents=None, context=None, *, progress: bool = False, **unknown) -> Corpus:
+        """Chunk `documents` (or one long `context` string) and run phase 1 on every chunk once,
+        keeping the KV in the chunk store; `generate/stream/score(..., corpus=corpus)` then run only
+        the question-dependent stages, with output identical to passing the same `documents=`."""
+        _refuse(unknown, "encode", "it takes documents or context, and progress; answer settings go to generate")
+        documents = validate_documents(documents, context)
         progress = GenerationSettings.of(progress=progress).progress
         parts = self.prompt_parts(_PLACEHOLDER_QUESTION, with_documents=True)
         with self._lock, self.layers():
@@ -303,7 +304,7 @@ class ParallelComp:
         return TextStream(deltas, result)
 
     def score(self, target: str, documents=None, context=None, *, corpus: Corpus | None = None,
-              progress: bool = False) -> ScoreOutput:
+              progress: bool = False, **unknown) -> ScoreOutput:
         """Teacher-forced NLL of `target` continuing the kept chunks (plain text, no template).
 
         Chunks are ranked by the NLL of `target` itself (the paper's perplexity setting, §6.3).
@@ -313,6 +314,7 @@ class ParallelComp:
         A `corpus` from `encode` keeps its chunks; their KV is reused only where the store holds
         it behind this call's prefix (BOS only, no template), else encoded again.
         """
+        _refuse(unknown, "score", "it decodes nothing: it takes documents, context or corpus, and progress")
         _check_question(target, what="target")
         progress = GenerationSettings.of(progress=progress).progress
         parts = build_continuation(self.tokenizer, target)
@@ -808,6 +810,12 @@ def _check_threads(threads) -> int | None:
         return threads
     raise ConfigError(f"threads must be an integer from 1 to this machine's {cpus} logical CPUs "
                       f"(or None for the available cores), got {threads!r}")
+
+
+def _refuse(unknown: dict, call: str, takes: str) -> None:
+    """InputError for keyword arguments `call` does not take, instead of Python's TypeError."""
+    if unknown:
+        raise InputError(f"{call}() has no argument {', '.join(sorted(unknown))}; {takes}")
 
 
 def _check_question(question, what: str = "question") -> None:
