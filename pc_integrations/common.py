@@ -16,7 +16,10 @@ Routing (`route`), in this order; `generation_info(...)["split"]` reports which 
    the question budget (a quarter of the window left after the prompt prefix and
    max_new_tokens, and at most `chunk_tokens`):
    "label"     - the text after the last line-initial `Question:`, `Query:`, `Q:`, `User:`,
-                 `Human:`, `Input:` or `Task:` label (or run of them: `Human: Question:`);
+                 `Human:`, `Input:` or `Task:` label (or run of them: `Human: Question:`),
+                 except a label inside the block below;
+   "block"     - the text around the longest span between two equal delimiter lines (`-----`),
+                 which is the corpus, when text follows the closing line (refine prompts);
    "paragraph" - the last paragraph (text after the last blank line);
    "line"      - the last non-empty line;
    "sentence"  - the last sentence (text after the last `.`, `!` or `?` followed by a space);
@@ -209,6 +212,7 @@ def _metadata(i: int, metadata: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------- routing
 
 _LABEL = re.compile(r"(?im)^[ \t>*#-]*(?:(?:question|query|q|user|human|input|task)[ \t]*:[ \t]*)+")
+_DELIMITER = re.compile(r"(?m)^[ \t]*([-=_*~#])\1{2,}[ \t]*$")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=\S)")
 _ANSWER_CUE = re.compile(
     r"(?is)\n[ \t]*(answer|refined answer|new answer|response|output|assistant|ai|a)[ \t]*:[ \t]*$")
@@ -263,8 +267,8 @@ def route(
         return done(prompt, None, "question")
     limit = _question_budget(engine, parts("?", True), max_new_tokens)
     overhead = len(parts("?", True).question_ids)
-    for rule, end, start in _question_starts(engine, prompt, limit - overhead):
-        question, context = _strip_cue(prompt[start:]).strip(), prompt[:end]
+    for rule, context, question in _splits(engine, prompt, limit - overhead):
+        question = _strip_cue(question).strip()
         if question and context.strip() and len(parts(question, True).question_ids) <= limit:
             return done(question, [SourceDocument(context)], rule)
     raise InputError(f"no question of at most {limit} tokens could be found at the end of the prompt")
@@ -291,26 +295,42 @@ def _question_budget(engine: ParallelComp, parts: PromptParts, reserve: int) -> 
     return min(limit, engine.config.chunk_tokens) if engine.config.chunk_tokens else limit
 
 
-def _question_starts(engine: ParallelComp, prompt: str, tail_tokens: int) -> Iterator[tuple[str, int, int]]:
-    """Candidate splits (rule, end of the corpus, start of the question), in rule order."""
-    labels = list(_LABEL.finditer(prompt))
+def _splits(engine: ParallelComp, prompt: str, tail_tokens: int) -> Iterator[tuple[str, str, str]]:
+    """Candidate splits (rule, corpus, question), in rule order."""
+    block = _block(prompt)
+    labels = [m for m in _LABEL.finditer(prompt) if not (block and block[1] <= m.start() < block[2])]
     if labels:
-        yield "label", labels[-1].start(), labels[-1].end()
+        yield "label", prompt[: labels[-1].start()], prompt[labels[-1].end():]
+    if block:
+        before, inner, after = prompt[: block[0]], prompt[block[1]: block[2]], prompt[block[3]:]
+        if after.strip():
+            yield "block", inner, f"{before.strip()}\n{after.strip()}".strip()
     body = _strip_cue(prompt)
-    paragraph = body.rfind("\n\n")
-    if paragraph > 0:
-        yield "paragraph", paragraph, paragraph
-    line = body.rfind("\n")
-    if line > 0:
-        yield "line", line, line
+    for rule, cut in (("paragraph", body.rfind("\n\n")), ("line", body.rfind("\n"))):
+        if cut > 0:
+            yield rule, prompt[:cut], prompt[cut:]
     sentences = list(_SENTENCE_END.finditer(body))
     if sentences:
-        yield "sentence", sentences[-1].end(), sentences[-1].end()
+        yield "sentence", prompt[: sentences[-1].end()], prompt[sentences[-1].end():]
     encoded = engine.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     offsets = encoded["offset_mapping"]
     n = max(1, tail_tokens - 2)
     if len(offsets) > n:
-        yield "tail", offsets[-n][0], offsets[-n][0]
+        yield "tail", prompt[: offsets[-n][0]], prompt[offsets[-n][0]:]
+
+
+def _block(prompt: str) -> tuple[int, int, int, int] | None:
+    """(start of the opening delimiter line, start of the text, end of the text, end of the closing
+    line) of the longest text between two equal delimiter lines (`-----`, `=====`, ...), as the
+    templates of refine steps put their context: LlamaIndex's text refine prompt and LangChain's
+    refine summarize chain ask with the query and the existing answer above the block and the
+    instruction below it."""
+    lines = list(_DELIMITER.finditer(prompt))
+    pairs = [(a, b) for a, b in zip(lines, lines[1:]) if a.group().strip() == b.group().strip()]
+    if not pairs:
+        return None
+    a, b = max(pairs, key=lambda p: p[1].start() - p[0].end())
+    return a.start(), a.end(), b.start(), b.end()
 
 
 def _strip_cue(text: str) -> str:

@@ -10,9 +10,11 @@ import asyncio
 import pytest
 import torch
 from langchain_classic.chains.combine_documents import create_stuff_documents_chain
+from langchain_classic.chains.summarize.refine_prompts import REFINE_PROMPT
 from langchain_core.documents import Document
 from langchain_core.prompts import ChatPromptTemplate
 from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT, CHAT_TREE_SUMMARIZE_PROMPT
+from llama_index.core.prompts.default_prompts import DEFAULT_REFINE_PROMPT_TMPL
 from llama_index.core.response_synthesizers import get_response_synthesizer
 from llama_index.core.schema import NodeWithScore, TextNode
 
@@ -33,6 +35,19 @@ FACTS = [
 ]
 CORPUS = "\n\n".join(" ".join(FACTS[i % 4] for _ in range(8)) for i in range(40))  # ~5× the window
 LINES, ONE_LINE = CORPUS.replace("\n\n", "\n"), CORPUS.replace("\n\n", " ")
+FAQ = "\nQuestion: Who paints it?\nThe keeper's family."
+REFINE = DEFAULT_REFINE_PROMPT_TMPL.replace("{query_str}", QUESTION).replace(
+    "{existing_answer}", "In 1900.").replace("{context_msg}", "{}")
+REFINE_QUESTION = (
+    f"The original query is as follows: {QUESTION}\nWe have provided an existing answer: In 1900.\n"
+    "We have the opportunity to refine the existing answer (only if needed) with some more context below.\n"
+    "Given the new context, refine the original answer to better answer the query. "
+    "If the context isn't useful, return the original answer.")
+LC_REFINE = REFINE_PROMPT.template
+LC_REFINE_QUESTION = (
+    "Your job is to produce a final summary.\nWe have provided an existing summary up to a certain point: Velmora.\n"
+    "We have the opportunity to refine the existing summary (only if needed) with some more context below.\n"
+    "Given the new context, refine the original summary.\nIf the context isn't useful, return the original summary.")
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +76,11 @@ def test_corpus_is_several_windows(engine):
         # LlamaIndex's chat refine prompt: the question keeps the earlier answer, not the cue
         (f"New Context: {CORPUS}\nQuery: {QUESTION}\nOriginal Answer: Velmora.\nNew Answer: ", "label",
          f"New Context: {CORPUS}\n", f"{QUESTION}\nOriginal Answer: Velmora."),
+        # text refine prompts (LlamaIndex's, LangChain's refine summarize chain): the query and the
+        # earlier answer sit above the delimited context, the instruction below it; a "Question:"
+        # line inside the context is part of it
+        (REFINE.format(CORPUS + FAQ), "block", f"\n{CORPUS}{FAQ}\n", REFINE_QUESTION),
+        (LC_REFINE.format(existing_answer="Velmora.", text=CORPUS), "block", f"\n{CORPUS}\n", LC_REFINE_QUESTION),
         (f"{CORPUS}\n\n{QUESTION}", "paragraph", CORPUS, QUESTION),
         (f"{LINES}\n{QUESTION}\nAssistant:", "line", LINES, QUESTION),
         (f"{ONE_LINE} {QUESTION}", "sentence", f"{ONE_LINE} ", QUESTION),
