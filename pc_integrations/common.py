@@ -60,7 +60,7 @@ question (rule 2 of `route`)."""
 
 SETTING_ALIASES = {"max_tokens": "max_new_tokens"}
 """LangChain/OpenAI-style names accepted for `GenerationSettings` fields."""
-CALL_KEYS = ("documents", "timeout", "history")
+CALL_KEYS = ("documents", "timeout", "history", "role")
 """Per-call keyword arguments the wrappers take besides `GenerationSettings` fields."""
 
 
@@ -97,6 +97,7 @@ def call_settings(defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tup
         merged["stop"] = list(dict.fromkeys([*stops[0], *stops[1]]))
     settings = GenerationSettings.of(**merged)
     options = {k: kwargs.get(k, defaults.get(k)) for k in CALL_KEYS}
+    options["role"] = options["role"] or "user"
     check_timeout(options["timeout"])
     options["history"] = check_history(options["history"])
     return settings.model_dump(), options
@@ -112,30 +113,29 @@ def check_timeout(timeout: Any) -> None:
 def chat_call(engine: ParallelComp, turns: list[tuple[str, str]]) -> tuple[str, dict[str, Any]]:
     """(prompt, extra call kwargs) of a chat given as (role, text) turns, roles from ROLES.
 
-    The last turn (a user or tool turn) is the one to answer. With the tokenizer's chat template
-    (and `use_chat_template`), its text is the question and the earlier turns are the `history`,
-    rendered by the template. Without one, the chat is flattened into one question: system
-    texts, then the earlier turns as "User: ...", "Assistant: ...", "Tool: ...", then the last
-    turn, joined by blank lines. Documents are chunked either way; the routing rule applies to
-    the question.
+    The model answers after the last turn, whatever its role: a user question, a tool result an
+    agent goes on from, or an assistant or system message (LangGraph asks for a structured
+    response after the agent's last answer). With the tokenizer's chat template (and
+    `use_chat_template`), the last turn's text is the question, rendered with its role, and the
+    earlier turns are the `history`, so the prompt is the template's own rendering of the chat.
+    Without one, the chat is flattened into one question: system texts, then the other turns as
+    "User: ...", "Assistant: ...", "Tool: ...", the last one bare if it is a user turn, joined by
+    blank lines. Documents are chunked either way; the routing rule applies to the question.
     """
     if not turns:
         raise InputError("no messages: pass at least one user message")
     role, text = turns[-1]
-    if role not in ("user", "tool"):
-        raise InputError(f"the last message is a {role} message; end the list with the user (or tool) turn to answer")
     if engine.config.use_chat_template and has_chat_template(engine.tokenizer):
-        question = f"Tool: {text}" if role == "tool" else text
-        return question, {"history": [{"role": r, "content": t} for r, t in turns[:-1]]}
+        return text, {"history": [{"role": r, "content": t} for r, t in turns[:-1]], "role": role}
     return flatten_chat(turns), {}
 
 
 def flatten_chat(turns: list[tuple[str, str]]) -> str:
     """A chat as one question string, for models without a chat template (`chat_call`)."""
-    system = [t for r, t in turns if r == "system"]
+    system = [t for r, t in turns[:-1] if r == "system"]
     earlier = [f"{r.title()}: {t}" for r, t in turns[:-1] if r != "system"]
     role, text = turns[-1]
-    last = f"Tool: {text}" if role == "tool" else text
+    last = text if role == "user" else f"{role.title()}: {text}"
     return "\n\n".join(p for p in [*system, *earlier, last] if p.strip())
 
 
@@ -237,14 +237,15 @@ def route(
     max_new_tokens: int = 256,
     history: list | None = None,
     tools: Iterable[Mapping] | None = None,
+    role: str = "user",
 ) -> Route:
     """The one routing rule for every wrapper call (module docstring). `history`: the chat
     messages before the prompt's turn, and `tools` (their description): both sit in the prompt
-    prefix."""
+    prefix. `role`: the chat role of the prompt's turn (`chat_call`)."""
     if not isinstance(prompt, str):
         raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
-    history, moved = _fit_history(engine, history or [], tools, max_new_tokens)
-    parts = functools.partial(engine.prompt_parts, history=history, tools=tools)
+    history, moved = _fit_history(engine, history or [], tools, max_new_tokens, role)
+    parts = functools.partial(engine.prompt_parts, history=history, tools=tools, role=role)
 
     def done(question: str, sources: list[SourceDocument] | None, rule: str) -> Route:
         sources = [*(sources or []), *moved] or None
@@ -274,14 +275,14 @@ def route(
     raise InputError(f"no question of at most {limit} tokens could be found at the end of the prompt")
 
 
-def _fit_history(engine: ParallelComp, history: list[dict[str, str]], tools, max_new_tokens: int
+def _fit_history(engine: ParallelComp, history: list[dict[str, str]], tools, max_new_tokens: int, role: str
                  ) -> tuple[list[dict[str, str]], list[SourceDocument]]:
     """(history left in the prefix, moved messages as documents): the longest messages move to
     the corpus while the prefix and `max_new_tokens` take more than half the window."""
     kept = dict(enumerate(history))
     moved = []
     while kept:
-        prefix = engine.prompt_parts("?", True, history=list(kept.values()), tools=tools).prefix_ids
+        prefix = engine.prompt_parts("?", True, history=list(kept.values()), tools=tools, role=role).prefix_ids
         if len(prefix) + max_new_tokens <= engine.window // 2:
             break
         i = max(kept, key=lambda j: len(kept[j]["content"]))
@@ -346,12 +347,12 @@ class Run:
     def __init__(self, engine: ParallelComp, prompt: Any, kwargs: Mapping[str, Any], defaults: Mapping[str, Any]):
         settings, options = call_settings(defaults, kwargs)
         self.route = route(engine, prompt, options["documents"], settings["max_new_tokens"], options["history"],
-                           settings["tools"])
+                           settings["tools"], options["role"])
         texts = None if self.route.sources is None else [s.text for s in self.route.sources]
         self.timeout = options["timeout"]
         self.started = time.monotonic()
         self.stream: TextStream = engine.stream(self.route.question, documents=texts, history=self.route.history,
-                                                **settings)
+                                                role=options["role"], **settings)
 
     def deltas(self) -> Iterator[str]:
         try:

@@ -18,9 +18,11 @@ from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableLambda
 
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ValidationError
 
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig
+from parallelcomp.grammar import parse_tool_calls
 from parallelcomp.prompts import build_prompt
 from pc_integrations.common import CONTEXT_MARKER, GenerationTimeout
 from pc_integrations.langchain import (
@@ -371,8 +373,8 @@ def test_chat_prompt_rule_and_bad_messages(engine):
     ).text
     chat = ChatParallelComp(engine=engine, max_new_tokens=N)
     recorder = Recorder()
-    with pytest.raises(InputError, match="last message is a AIMessage"):
-        chat.invoke([HumanMessage("Hi"), AIMessage("Hello")], {"callbacks": [recorder]})
+    with pytest.raises(InputError, match="question is empty"):
+        chat.invoke([HumanMessage("Hi"), AIMessage("Hello"), HumanMessage(" ")], {"callbacks": [recorder]})
     assert len(recorder.errors) == 1
     # content that is not text is refused, not dropped (the model would answer about an unseen image)
     for block in ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
@@ -382,6 +384,101 @@ def test_chat_prompt_rule_and_bad_messages(engine):
     when = AIMessage("", tool_calls=[{"name": "ask_corpus", "args": {"day": object()}, "id": "1"}])
     with pytest.raises(InputError, match="arguments of the tool call 'ask_corpus' in the history are not JSON"):
         chat.invoke([HumanMessage("Hi"), when, ToolMessage("It was 1874.", tool_call_id="1")])
+
+
+# Qwen2.5-Instruct's handling of tools and tool turns (its tokenizer_config.json), without its
+# default system message: parallel tool results are grouped into one user turn.
+QWEN_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- endif %}{{- '\\n\\n# Tools\\n<tools>' }}{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}"
+    "{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def shout(word: str) -> str:
+    """Upper-case a word."""
+    return word.upper()
+
+
+CALLS = [{"name": "add", "args": {"a": 1, "b": 2}, "id": "c1"}, {"name": "shout", "args": {"word": "hi"}, "id": "c2"}]
+LAST_TURNS = {  # LangChain messages, and the same chat as Hugging Face messages
+    "tool results": (
+        [SystemMessage("Be brief."), HumanMessage("Add 1+2 and shout hi."), AIMessage("", tool_calls=CALLS),
+         ToolMessage("3", tool_call_id="c1"), ToolMessage("HI", tool_call_id="c2")],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1+2 and shout hi."},
+         {"role": "assistant", "content": "", "tool_calls": [
+             {"type": "function", "function": {"name": c["name"], "arguments": c["args"]}} for c in CALLS]},
+         {"role": "tool", "content": "3"}, {"role": "tool", "content": "HI"}]),
+    "assistant": ([HumanMessage("Capital of France?"), AIMessage("Paris.")],
+                  [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]),
+    "system": ([HumanMessage("Hi"), SystemMessage("Answer in French.")],
+               [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Answer in French."}]),
+}
+
+
+@pytest.mark.parametrize("last", LAST_TURNS)
+def test_a_chat_ending_in_any_role_is_the_templates_own_rendering(tokenizer, monkeypatch, last):
+    """An agent's chat ends in tool results (LangGraph's ToolNode), or in the agent's answer
+    (create_react_agent's response_format asks for a structured response after it). The prompt is
+    the chat template's own rendering of the whole chat, the last turn with its own role. Before, a
+    last tool result became a user turn "Tool: ...", and a last assistant or system message was
+    refused."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = QWEN_TEMPLATE
+    engine = ParallelComp(tiny_model("qwen2", len(tok)), tok, ParallelCompConfig())
+    calls = []
+    stream = engine.stream
+    monkeypatch.setattr(engine, "stream", lambda q, *a, **kw: calls.append((q, a, kw)) or stream(q, *a, **kw))
+    messages, hf = LAST_TURNS[last]
+    tools = [convert_to_openai_tool(t) for t in (add, shout)]
+    answer = ChatParallelComp(engine=engine, max_tokens=N).bind_tools(tools, tool_choice="none").invoke(messages)
+    (question, args, kw), = calls
+    assert args == () and kw["documents"] is None
+    parts = engine.prompt_parts(question, False, kw["history"], kw["tools"], kw["role"])
+    rendered = tok.apply_chat_template(hf, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert parts.prefix_ids + parts.question_ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert answer.content == engine.generate(question, history=kw["history"], role=kw["role"], tools=tools,
+                                             tool_choice="none", max_new_tokens=N).text
+
+
+def test_structured_output_after_the_agents_answer(engine):
+    """create_react_agent(..., response_format=...) runs with_structured_output on the whole chat,
+    which ends in the agent's last answer."""
+    from pydantic import BaseModel
+
+    class Verdict(BaseModel):
+        correct: bool
+
+    chat = ChatParallelComp(engine=engine, max_tokens=40)
+    messages = [HumanMessage("Is Paris the capital of France?"), AIMessage("Yes.")]
+    got = chat.with_structured_output(Verdict).invoke(messages)
+    direct = engine.generate("Yes.", history=[{"role": "user", "content": "Is Paris the capital of France?"}],
+                             role="assistant", tools=[convert_to_openai_tool(Verdict)], tool_choice="Verdict",
+                             max_new_tokens=40)
+    assert got == Verdict(**parse_tool_calls(direct.text)[1][0]["arguments"])
 
 
 # ---------------------------------------------------------------------- chains and the tool

@@ -281,8 +281,12 @@ def test_llm_complete_stream_and_async(engine):
     chat = llm.chat(messages).message.content  # the history through the tokenizer's chat template
     history = [{"role": "system", "content": "Be brief."}]
     assert chat == engine.generate("Say hello.", history=history, max_new_tokens=12).text
-    with pytest.raises(CallError, match="last message is a assistant message"):
-        llm.chat([ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello")])
+    # a chat that ends in an assistant (or tool) message is answered after it, rendered with its role
+    ended = llm.chat([ChatMessage(role="user", content="Hi"), ChatMessage(role="assistant", content="Hello")])
+    assert ended.message.content == engine.generate("Hello", history=[{"role": "user", "content": "Hi"}],
+                                                    role="assistant", max_new_tokens=12).text
+    with pytest.raises(CallError, match="role must be one of"):
+        llm.complete("Hi", role="bot")
 
     async def run_chat():
         a = await llm.achat(messages)

@@ -285,17 +285,18 @@ class ParallelComp:
         return stream.output
 
     def stream(self, question: str, documents=None, context=None, *, corpus: Corpus | None = None, history=(),
-               **settings) -> TextStream:
+               role: str = "user", **settings) -> TextStream:
         """Like `generate`, but yields text deltas as they are decoded.
 
         With neither `documents`, `context` nor `corpus`, the question is answered from the model
         alone (a plain chat turn; `out.chunks` is empty). An empty `documents` list is an error.
-        `history`: chat messages ({"role", "content"}) before the question's turn (prompts.py).
+        `history`: chat messages ({"role", "content"}) before the question's turn (prompts.py);
+        `role`: that turn's chat role ("tool" for an agent's tool result to go on from).
         """
         s = GenerationSettings.of(**settings)
         sampling = Sampling(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty)
         parts = self.prompt_parts(question, corpus is not None or documents is not None or context is not None, history,
-                                  s.tools)
+                                  s.tools, role)
         corpus = self._corpus(parts, documents, context, corpus, required=False)
         result = _Result()
         constraint = self._grammar(s)
@@ -396,13 +397,14 @@ class ParallelComp:
         self._documents.flush(writes)  # after the chunks: the newest files, the last the disk budget deletes
         stats.add(writes)
 
-    def prompt_parts(self, question: str, with_documents: bool, history=(), tools=None) -> PromptParts:
+    def prompt_parts(self, question: str, with_documents: bool, history=(), tools=None, role: str = "user"
+                     ) -> PromptParts:
         """The token spans (prefix, question suffix) this engine builds for a question (prompts.py);
         InputError for a question that is not usable text."""
         _check_question(question)
         return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
                             with_documents, history, restate_instruction=self.config.restate_instruction,
-                            tools=tools)
+                            tools=tools, role=role)
 
     def _vocab_size(self) -> int:
         """Width of the model's logits (may exceed the tokenizer's vocabulary, as in Qwen2.5)."""

@@ -68,6 +68,7 @@ def build_prompt(
     history: Sequence[Mapping[str, str]] = (),
     restate_instruction: bool = False,
     tools: Sequence[Mapping] | None = None,
+    role: str = "user",
 ) -> PromptParts:
     """Token ids of the shared prefix and of the question suffix.
 
@@ -79,10 +80,14 @@ def build_prompt(
     as long-context QA templates do (LongBench's "Now, answer the question based on ...").
     `tools` (OpenAI-style dicts) go to a chat template that declares them (`tools=`, Qwen2.5);
     otherwise `grammar.tools_prompt` describes them in a system message, or, without a chat
-    template, at the start of the prompt.
+    template, at the start of the prompt. `role`: the chat role of the question's turn; an agent's
+    chat that ends in a tool result (or an assistant or system message) is answered after that
+    turn, rendered with its own role.
     """
     if not question.strip():
         raise InputError("question is empty")
+    if role not in ROLES:
+        raise InputError(f"role must be one of {ROLES}, got {role!r:.60}")
     history = check_history(history)
     texts = [("question", question), ("instruction", instruction), *((f"history message {i}", m["content"])
                                                                   for i, m in enumerate(history))]
@@ -103,7 +108,7 @@ def build_prompt(
     restated = f"{instruction}\n\n" if restate_instruction and instruction else ""
     tail = f"\n\n{restated}Question: {question}" if with_documents else question
     if use_chat_template and has_chat_template(tokenizer):
-        messages = [*history, {"role": "user", "content": body + tail}]
+        messages = [*history, {"role": role, "content": body + tail}]
         text = tokenizer.apply_chat_template(messages, tools=template_tools, tokenize=False, add_generation_prompt=True)
         if text.count(_SLOT) != 1 or tail not in text:
             msg = "the tokenizer's chat template rewrites the message content; pass use_chat_template=False"
@@ -111,8 +116,9 @@ def build_prompt(
         head, rest = text.split(_SLOT)
         question_ids, span = _encode_marking(tokenizer, rest, rest.index(tail) + len(tail) - len(question), question)
         return PromptParts(_encode(tokenizer, head), question_ids, span)
-    if history:
-        raise InputError("a chat history needs the tokenizer's chat template (use_chat_template=True)")
+    if history or role != "user":
+        raise InputError("a chat history or a turn role other than user needs the tokenizer's chat template "
+                         "(use_chat_template=True)")
     head, _ = body.split(_SLOT)
     prefix = tokenizer(head, add_special_tokens=True)["input_ids"] if head or _adds_bos(tokenizer) else []
     suffix = tail + "\nAnswer:" if with_documents else tail

@@ -2,10 +2,11 @@
 
 A message list goes through `pc_integrations.common.chat_call`: with the tokenizer's chat
 template, system messages and earlier turns are rendered by `tokenizer.apply_chat_template` (they
-sit in the prompt prefix every chunk sees) and the last message's text is the question; without a
-template, the list is flattened into one question (`messages_to_prompt`). The last message must
-be a user or tool message. An assistant message's tool calls are rendered in the model's tool-call
-format (`<tool_call>` blocks, parallelcomp/grammar.py).
+sit in the prompt prefix every chunk sees) and the last message's text is the question, rendered
+with its own role (a tool result, or LangGraph's final assistant message before a structured
+response); without a template, the list is flattened into one question (`messages_to_prompt`).
+An assistant message's tool calls are rendered in the model's tool-call format (`<tool_call>`
+blocks, parallelcomp/grammar.py).
 
 Documents go in as kwargs (`chat.invoke(messages, documents=[...])`) and are chunked exactly as in
 `ParallelCompLLM`; the routing rule applies to the question. `generation_info` (sources, chunks,
@@ -223,7 +224,10 @@ def messages_to_prompt(messages: list[BaseMessage]) -> str:
     return flatten_chat(_turns(messages))
 
 
-_ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool", "function": "tool"}
+_ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool", "function": "tool",
+          "developer": "system"}
+"""Message types, and ChatMessage roles outside ROLES, as chat-template roles ("developer": OpenAI's
+name for the system role of reasoning models)."""
 _MEDIA = ("image", "image_url", "audio", "input_audio", "video", "file", "document")
 """Content block types (LangChain's standard blocks and OpenAI's) that hold no text."""
 
@@ -233,7 +237,7 @@ def _turns(messages: Any) -> list[tuple[str, str]]:
         raise InputError("no messages: pass at least one user message")
     turns = []
     for i, m in enumerate(messages):
-        role = _ROLES.get(getattr(m, "type", None)) or (m.role if isinstance(m, ChatMessage) else None)
+        role = _ROLES.get(getattr(m, "type", None)) or (_ROLES.get(m.role, m.role) if isinstance(m, ChatMessage) else None)
         if role not in ROLES:
             raise InputError(f"message {i} ({type(m).__name__}) has no chat role among {ROLES}")
         media = [b.get("type") for b in m.content if isinstance(b, dict) and b.get("type") in _MEDIA] \
@@ -242,10 +246,6 @@ def _turns(messages: Any) -> list[tuple[str, str]]:
             raise InputError(f"message {i} holds {', '.join(map(repr, media))} content: this engine reads text only; "
                              "pass the text")
         turns.append((role, _text(m)))
-    role = turns[-1][0]
-    if role not in ("user", "tool"):
-        last = type(messages[-1]).__name__
-        raise InputError(f"the last message is a {last}; end the list with the user (or tool) turn to answer")
     return turns
 
 
