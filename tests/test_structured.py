@@ -102,8 +102,9 @@ def test_tool_grammars_accept_exactly_text_then_calls(tokenizer, marker):
         tok.add_tokens([OPEN, "</tool_call>"])
     call = '<tool_call>\n{"name": "lookup", "arguments": {"section": 3}}\n</tool_call>'
 
-    def accepts(choice: str, text: str) -> bool:
-        matcher = llguidance().LLMatcher(ll_tokenizer(tok, len(tok), {tok.eos_token_id}), tool_grammar([LOOKUP], choice, tok))
+    def accepts(choice: str, text: str, parallel: bool = True) -> bool:
+        grammar = tool_grammar([LOOKUP], choice, tok, parallel)
+        matcher = llguidance().LLMatcher(ll_tokenizer(tok, len(tok), {tok.eos_token_id}), grammar)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
 
@@ -113,6 +114,9 @@ def test_tool_grammars_accept_exactly_text_then_calls(tokenizer, marker):
     assert accepts("auto", f"Let me look.\n{call}") and accepts("auto", f"{call}\n{call}")
     assert not accepts("auto", f"{call} and more text") and not accepts("none", call)
     assert accepts("required", call) and not accepts("required", f"Sure.\n{call}")
+    # parallel_tool_calls=False: at most one call
+    assert accepts("auto", f"Let me look.\n{call}", parallel=False) and accepts("auto", "Fine.", parallel=False)
+    assert not accepts("auto", f"{call}\n{call}", parallel=False)
 
 
 class Person(BaseModel):
@@ -302,6 +306,34 @@ def test_langchain_bad_tool_input_is_typed(engine):
     with pytest.raises(InputError, match="json_schema"):
         chat.with_structured_output({"title": "X", "type": "object", "properties": {"a": {"type": "no-such-type"}}},
                                     method="json_schema")
+    with pytest.raises(InputError, match="parallel_tool_calls must be True or False"):
+        chat.bind_tools([LOOKUP], parallel_tool_calls="no")
+    with pytest.raises(InputError, match="strict must be True, False or None"):
+        chat.bind_tools([LOOKUP], strict="yes")
+
+
+def test_parallel_tool_calls_reach_the_grammar_from_both_frameworks(engine, monkeypatch):
+    """LangChain's `bind_tools(parallel_tool_calls=False, strict=True)` (agent code passes both)
+    and LlamaIndex's `allow_parallel_tool_calls` set how many calls "auto" may write. Before,
+    LangChain refused both at the first call, and LlamaIndex ignored its flag."""
+    from llama_index.core.tools import FunctionTool
+
+    from pc_integrations.langchain import ChatParallelComp
+    from pc_integrations.llama_index import ParallelCompLLM
+
+    import parallelcomp.grammar as grammar
+
+    seen = []
+    tool_grammar = grammar.tool_grammar
+    monkeypatch.setattr(grammar, "tool_grammar", lambda *a: seen.append(a[3]) or tool_grammar(*a))
+    chat = ChatParallelComp(engine=engine, max_tokens=4)
+    chat.bind_tools([LOOKUP], parallel_tool_calls=False, strict=True).invoke("Which section?")
+    chat.bind_tools([LOOKUP], strict=False).invoke("Which section?")
+    llm = ParallelCompLLM(engine, max_new_tokens=4)
+    tool = FunctionTool.from_defaults(fn=lambda section: section, name="lookup", description="Look up a section.")
+    llm.chat_with_tools([tool], "Which section?")  # LlamaIndex's default: one call at most
+    llm.chat_with_tools([tool], "Which section?", allow_parallel_tool_calls=True)
+    assert seen == [False, True, False, True]
 
 
 def test_langchain_agent_calls_a_tool(engine):

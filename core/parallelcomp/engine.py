@@ -276,8 +276,8 @@ class ParallelComp:
         Keyword arguments are `GenerationSettings` (settings.py): max_new_tokens=256, stop=None
         (str or list of str), temperature=0.0 (greedy), top_p=1.0, top_k=0, seed=None,
         repetition_penalty=1.0, progress=False (a tqdm bar on stderr), json_schema=None (a
-        grammar makes the answer JSON matching it), tools=None and tool_choice="auto" (tool calls
-        in `<tool_call>` blocks; grammar.py).
+        grammar makes the answer JSON matching it), tools=None, tool_choice="auto" and
+        parallel_tool_calls=True (tool calls in `<tool_call>` blocks; grammar.py).
         """
         stream = self.stream(question, documents, context, corpus=corpus, **settings)
         for _ in stream:
@@ -339,7 +339,7 @@ class ParallelComp:
     def _grammar(self, s: GenerationSettings) -> str | None:
         """The llguidance grammar of the call's constrained output, or None (grammar.py)."""
         if s.tools:
-            return grammar.tool_grammar(s.tools, s.tool_choice, self.tokenizer)
+            return grammar.tool_grammar(s.tools, s.tool_choice, self.tokenizer, s.parallel_tool_calls)
         return grammar.schema_grammar(s.json_schema) if s.json_schema is not None else None
 
     def _answer(self, result, parts, corpus, max_new_tokens, stops, sampling, progress, constraint) -> Iterator[str]:

@@ -19,6 +19,7 @@ referenced by id, since llguidance treats every added token as special.
 
 Grammars per `tool_choice`:
     "auto"      free text without the marker (nor its stem `<tool_call`), then zero or more calls
+                (zero or one with `parallel_tool_calls=False`)
     "required"  exactly one call, of any of the tools, and nothing else
     a tool name exactly one call of that tool
     "none"      free text without the marker's stem: no call (the tools are still described in the
@@ -78,9 +79,10 @@ def schema_grammar(schema: Mapping[str, Any], what: str = "json_schema") -> str:
     return grammar
 
 
-def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer) -> str:
+def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer, parallel: bool = True) -> str:
     """The llguidance grammar of the output allowed by `choice` over `tools` (module docstring).
-    `tools` are OpenAI-style {"type": "function", "function": {...}} dicts."""
+    `tools` are OpenAI-style {"type": "function", "function": {...}} dicts; `parallel`: "auto"
+    may write more than one call."""
     named = [t for t in tools if t["function"]["name"] == choice] if choice not in CHOICES else list(tools)
     body = {**calls_schema(named), "x-guidance": _JSON_STYLE}
     open_, close = (_marker(tokenizer, m) for m in (OPEN, CLOSE))
@@ -99,7 +101,8 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer) -> 
         # the first call ends at the marker: a lazy lexeme (llguidance's StructTag idiom). A
         # special-token marker is never text, so there the text simply stops before it.
         lead = f"lead: TEXT? {open_}" if open_.startswith("<[") else f"lead[lazy]: FREE {open_}"
-        rules = ['start: TEXT | lead rest ("\\n" call)*', lead, f"FREE: {free}", "TEXT: FREE & /(?s:.)+/", *rules]
+        more = ' ("\\n" call)*' if parallel else ""
+        rules = [f"start: TEXT | lead rest{more}", lead, f"FREE: {free}", "TEXT: FREE & /(?s:.)+/", *rules]
     else:
         rules = ["start: call", *rules]
     llg = llguidance()

@@ -12,7 +12,16 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from . import grammar
 from .errors import InputError
@@ -77,6 +86,10 @@ class GenerationSettings(BaseModel):
     tool name (one call of it); also accepted as None, "any", True or {"type": "function",
     "function": {"name": ...}}. Every mode is grammar-constrained ("none": text without a call;
     grammar.py); stop strings do not apply."""
+    parallel_tool_calls: bool = True
+    """With `tools` and tool_choice "auto": False allows at most one call (OpenAI's
+    `parallel_tool_calls=False`, LlamaIndex's `allow_parallel_tool_calls=False`). The forced
+    choices always write exactly one."""
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -130,11 +143,11 @@ class GenerationSettings(BaseModel):
             raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {value!r}")
         return value
 
-    @field_validator("progress", mode="before")
+    @field_validator("progress", "parallel_tool_calls", mode="before")
     @classmethod
-    def _strict_bool(cls, value: Any) -> bool:
+    def _strict_bool(cls, value: Any, info: ValidationInfo) -> bool:
         if not isinstance(value, bool):
-            raise ValueError(f"progress must be True or False, got {value!r}")
+            raise ValueError(f"{info.field_name} must be True or False, got {value!r}")
         return value
 
     @classmethod
@@ -155,7 +168,7 @@ class GenerationSettings(BaseModel):
         return tuple(n for n in cls.model_fields if n not in CALL_ONLY)
 
 
-CALL_ONLY = ("json_schema", "tools", "tool_choice")
+CALL_ONLY = ("json_schema", "tools", "tool_choice", "parallel_tool_calls")
 """Settings that belong to one call (or a bound runnable: `bind_tools`, `with_structured_output`),
 never to a wrapper instance."""
 

@@ -164,17 +164,23 @@ class ChatParallelComp(BaseChatModel):
         tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
         *,
         tool_choice: str | bool | dict | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[Any, AIMessage]:
         """Bind tools (anything `convert_to_openai_tool` takes) for every call of the result.
 
         `tool_choice`: None/"auto" (text and/or calls), "none", "any"/"required"/True (one call),
         a tool name or {"type": "function", "function": {"name": ...}} (one call of that tool).
-        Every mode decodes under a grammar (parallelcomp/grammar.py). An unknown
-        name or a malformed tool raises `InputError` here, not at the first call.
+        `parallel_tool_calls=False`: at most one call in "auto". Every mode decodes under a
+        grammar (parallelcomp/grammar.py), and tool arguments always match their schema with no
+        undeclared keys, as in OpenAI's strict mode, so `strict` changes nothing. An unknown name
+        or a malformed tool raises `InputError` here, not at the first call.
         """
+        if strict not in (None, True, False):
+            raise InputError(f"strict must be True, False or None, got {strict!r}")
         formatted = [convert_to_openai_tool(t) for t in tools]
-        GenerationSettings.of(tools=formatted, tool_choice=tool_choice)  # InputError now
+        parallel = {k: v for k, v in kwargs.items() if k == "parallel_tool_calls"}
+        GenerationSettings.of(tools=formatted, tool_choice=tool_choice, **parallel)  # InputError now
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(

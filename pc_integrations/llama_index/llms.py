@@ -294,14 +294,16 @@ class ParallelCompLLM(FunctionCallingLLM):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """The `chat` arguments of a call with `tools`: "required" when `tool_required`, unless a
-        `tool_choice` (a tool name, "auto", "none", ...) is given."""
+        `tool_choice` (a tool name, "auto", "none", ...) is given; at most one call unless
+        `allow_parallel_tool_calls` (the grammar's `parallel_tool_calls`)."""
         messages = list(chat_history or [])
         if user_msg is not None:
             messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str)
                             else user_msg)
         choice = tool_choice if tool_choice is not None else ("required" if tool_required else "auto")
         openai_tools = [t.metadata.to_openai_tool() for t in tools]
-        return {"messages": messages, "tools": openai_tools or None, "tool_choice": choice, **kwargs}
+        return {"messages": messages, "tools": openai_tools or None, "tool_choice": choice,
+                "parallel_tool_calls": allow_parallel_tool_calls, **kwargs}
 
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
