@@ -436,7 +436,10 @@ async def aiter_in_thread(make_iterator: Callable[[], Iterator[Any]]) -> AsyncIt
         else:
             put(done, None)
 
-    threading.Thread(target=work, daemon=True, name="parallelcomp-worker").start()
+    # not a daemon: the interpreter exits after the run stops at its next token, not inside a
+    # torch call of a thread it is tearing down (that aborted the process: "terminate called
+    # without an active exception", when a server shut down with an async stream open)
+    threading.Thread(target=work, name="parallelcomp-worker").start()
     try:
         while True:
             item, err = await queue.get()

@@ -115,6 +115,37 @@ def test_a_pool_thread_that_ran_an_open_streams_step_waits_for_it_when_another_t
     assert out.text == solo_other
 
 
+@pytest.mark.parametrize("where", ["same thread", "other thread"])
+def test_a_stream_dropped_in_a_reference_cycle_frees_the_model_for_the_next_call(tokenizer, where):
+    """Starlette's StreamingResponse drops a sync stream inside a reference cycle when the client
+    disconnects (a CancelledError's traceback holds the frame that holds the stream). Only the
+    garbage collector finalizes it; before, the next call waited for a collection that an idle
+    server may not run for minutes (or, in the thread that ran the stream, was refused)."""
+    model = tiny_model("llama", len(tokenizer))
+    engine = ParallelComp(model, tokenizer)
+    expected = engine.generate(QUESTION, documents=DOCS, max_new_tokens=6).text
+    gc.disable()
+    try:
+        def abandon():
+            stream = engine.stream(QUESTION, documents=DOCS, max_new_tokens=40)
+            next(iter(stream))
+            cycle = {"stream": stream}
+            cycle["self"] = cycle  # unreachable once this frame returns, but not freed by refcounts
+
+        def call():
+            return engine.generate(QUESTION, documents=DOCS, max_new_tokens=6)
+
+        if where == "same thread":
+            out = bounded(lambda: (abandon(), call())[1], seconds=30)
+        else:
+            bounded(abandon)
+            assert engine._lock.locked()
+            out = bounded(call, seconds=30)
+    finally:
+        gc.enable()
+    assert out.text == expected
+
+
 # ---------------------------------------------------------------------- engines sharing a model
 
 
