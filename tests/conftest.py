@@ -49,6 +49,25 @@ FAMILIES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16, use_sliding_window=False)),
 }
 
+# Mistral-7B-Instruct-v0.1's chat template (Llama-2's and Gemma-2's are alike): user and
+# assistant turns must alternate, and a system or tool turn raises.
+STRICT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+
+def with_template(tokenizer, template: str):
+    """A copy of `tokenizer` with another chat template."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    return tok
+
 
 @pytest.fixture(scope="session")
 def smol_dir():

@@ -300,3 +300,20 @@ def test_the_estimate_counts_what_the_kv_store_may_keep(tokenizer):
     assert guard.estimate(shape, config, 10, chunks, 5, 8, store_room=10**12).stored == all_kv
     capped = guard.estimate(shape, config, 10, chunks, 5, 8, store_room=all_kv // 3)
     assert capped.stored == all_kv // 3 and capped.peak == base.peak + all_kv // 3
+
+
+@pytest.mark.parametrize("history, role, roles", [
+    ([{"role": "system", "content": "Be brief."}], "user", "system, user"),
+    ([{"role": "user", "content": "Add 1+2."}, {"role": "assistant", "content": "3"}], "tool", "user, assistant, tool"),
+    ([{"role": "user", "content": "Hi."}], "user", "user, user"),
+])
+def test_a_chat_the_template_refuses_is_an_input_error_naming_its_roles(tokenizer, history, role, roles):
+    """Mistral-v0.1, Llama-2 and Gemma-2 templates raise on a system or tool turn, or on turns that
+    do not alternate; that was a raw jinja2 TemplateError."""
+    from .conftest import STRICT_TEMPLATE, tiny_model, with_template
+
+    tok = with_template(tokenizer, STRICT_TEMPLATE)
+    engine = ParallelComp(tiny_model("mistral", len(tok)), tok, ParallelCompConfig())
+    match = rf"chat template refuses this chat \(roles: {roles}\): Conversation roles must alternate"
+    with pytest.raises(InputError, match=match):
+        engine.generate("What now?", history=history, role=role, max_new_tokens=2)

@@ -353,6 +353,25 @@ def test_chat_model_renders_history_with_the_chat_template(engine, tokenizer):
     assert asyncio.run(chat.ainvoke(messages, documents=DOCS)).content == message.content
 
 
+def test_a_call_whose_arguments_did_not_parse_is_sent_back_as_the_model_wrote_it():
+    """Text decoded without a tool grammar can hold a call whose JSON does not parse: it comes
+    back in `invalid_tool_calls`, and an agent sends that message back in its history. It was
+    rendered as an empty assistant turn; now it is the model's own text, and another provider's
+    invalid call keeps its name."""
+    from langchain_core.outputs import GenerationChunk
+
+    from pc_integrations.langchain.chat_models import _chat_chunk, _result
+
+    written = '<tool_call>\n{"name": "add", "arguments": {"a": 1,}}\n</tool_call>'
+    rest, calls, invalid = parse_tool_calls(written)
+    message = _result([_chat_chunk(GenerationChunk(text=rest, generation_info={}), calls, invalid)]).generations[0].message
+    assert message.tool_calls == [] and len(message.invalid_tool_calls) == 1
+    assert messages_to_prompt([message, HumanMessage("Go on.")]) == f"Assistant: {written}\n\nGo on."
+    foreign = AIMessage("", invalid_tool_calls=[{"name": "add", "args": '{"a": 1,', "id": "1", "error": None}])
+    assert messages_to_prompt([foreign, HumanMessage("Go on.")]) == (
+        'Assistant: <tool_call>\n{"name": "add", "arguments": {"a": 1,}\n</tool_call>\n\nGo on.')
+
+
 def test_chat_prompt_rule_and_bad_messages(engine):
     history = [
         SystemMessage("Be brief."),

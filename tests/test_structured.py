@@ -21,7 +21,7 @@ from parallelcomp.grammar import (OPEN, closed_schema, ll_tokenizer, llguidance,
                                   tool_grammar, tools_prompt)
 from pc_integrations.common import CallError, ToolCallText
 
-from .conftest import tiny_model
+from .conftest import STRICT_TEMPLATE, tiny_model, with_template
 
 SEEDS = range(8)
 
@@ -90,6 +90,19 @@ def test_auto_and_none_modes(engine):
         free = engine.generate("Hello", tools=[LOOKUP], tool_choice="none", max_new_tokens=12, temperature=1.0,
                                seed=seed)
         assert OPEN not in free.text and free.stats.new_tokens >= 1
+
+
+def test_tools_under_a_template_without_a_system_role(tokenizer):
+    """A template that refuses system messages (Mistral-v0.1, Gemma-2) gets the tool description
+    at the start of the user turn; it was put in a system message, which the template refused."""
+    tok = with_template(tokenizer, STRICT_TEMPLATE)
+    engine = ParallelComp(tiny_model("mistral", len(tok)), tok, ParallelCompConfig())
+    parts = engine.prompt_parts("Which section?", False, tools=[LOOKUP])
+    expected = tok.apply_chat_template([{"role": "user", "content": f"{tools_prompt([LOOKUP])}\n\nWhich section?"}],
+                                       tokenize=False, add_generation_prompt=True)
+    assert tok.decode(parts.prefix_ids + parts.question_ids) == expected  # the prefix is encoded on its own
+    out = engine.generate("Which section?", tools=[LOOKUP], tool_choice="lookup", max_new_tokens=32)
+    assert [c["name"] for c in parse_tool_calls(out.text)[1]] == ["lookup"]
 
 
 @pytest.mark.parametrize("marker", ["text", "added token"])

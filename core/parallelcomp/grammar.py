@@ -325,6 +325,14 @@ def format_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
     return f"{OPEN}\n{call}\n{CLOSE}"
 
 
+def format_invalid_tool_call(name: str | None, text: str | None) -> str:
+    """A call whose arguments did not parse, as the model wrote it (for calls in a chat history):
+    ours keep the whole block's text and no name (`parse_tool_calls`); another provider's keep the
+    name and the raw argument text."""
+    body = (text or "") if name is None else f'{{"name": {json.dumps(name)}, "arguments": {text or "{}"}}}'
+    return f"{OPEN}\n{body}\n{CLOSE}"
+
+
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """(text outside the blocks, valid calls, invalid calls) of an output. A valid call is
     {"id": "call_<hex>", "name", "arguments": dict}; an invalid one (possible only in text decoded

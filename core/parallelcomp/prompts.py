@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from jinja2 import TemplateError
+
 from .chunking import check_text
 from .errors import InputError
 from .grammar import tools_prompt
@@ -101,15 +103,17 @@ def build_prompt(
     if tools and use_chat_template and has_chat_template(tokenizer):
         if "tools" in tokenizer.chat_template:
             template_tools = [dict(t) for t in tools]
-        else:
+        elif _takes_system(tokenizer):
             history = _with_system(history, tools_prompt(tools))
+        else:  # Gemma-2 and Llama-2 style templates refuse a system message
+            body = f"{tools_prompt(tools)}\n\n{body}"
     elif tools:
         body = f"{tools_prompt(tools)}\n\n{body}"
     restated = f"{instruction}\n\n" if restate_instruction and instruction else ""
     tail = f"\n\n{restated}Question: {question}" if with_documents else question
     if use_chat_template and has_chat_template(tokenizer):
         messages = [*history, {"role": role, "content": body + tail}]
-        text = tokenizer.apply_chat_template(messages, tools=template_tools, tokenize=False, add_generation_prompt=True)
+        text = _render(tokenizer, messages, template_tools)
         if text.count(_SLOT) != 1 or tail not in text:
             msg = "the tokenizer's chat template rewrites the message content; pass use_chat_template=False"
             raise InputError(msg)
@@ -124,6 +128,30 @@ def build_prompt(
     suffix = tail + "\nAnswer:" if with_documents else tail
     question_ids, span = _encode_marking(tokenizer, suffix, len(tail) - len(question), question)
     return PromptParts(list(prefix), question_ids, span)
+
+
+def _render(tokenizer, messages: list[Mapping[str, str]], tools: list[dict] | None) -> str:
+    """The chat template's text for `messages`; InputError naming the roles when the template
+    refuses them (many insist on alternating user/assistant turns, or have no system or tool role)."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    except TemplateError as err:
+        roles = ", ".join(m["role"] for m in messages)
+        msg = (f"the tokenizer's chat template refuses this chat (roles: {roles}): {err}. Send turns this "
+               "model's template accepts (for example, merge a system message into the first user message, "
+               "or alternate user and assistant turns), or set ParallelCompConfig(use_chat_template=False): "
+               "the chat wrappers then flatten the chat into one prompt")
+        raise InputError(msg) from None
+
+
+def _takes_system(tokenizer) -> bool:
+    """Whether the chat template renders a system message before a user turn."""
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                      tokenize=False)
+    except TemplateError:
+        return False
+    return True
 
 
 def _with_system(history: Sequence[Mapping[str, str]], text: str) -> list[Mapping[str, str]]:

@@ -43,7 +43,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, model_validator
 
 from parallelcomp import InputError
-from parallelcomp.grammar import closed_schema, format_tool_call
+from parallelcomp.grammar import closed_schema, format_invalid_tool_call, format_tool_call
 from parallelcomp.prompts import ROLES
 from parallelcomp.settings import GenerationSettings
 
@@ -256,11 +256,13 @@ def _turns(messages: Any) -> list[tuple[str, str]]:
 
 
 def _text(message: BaseMessage) -> str:
-    """A message's text; an assistant message's tool calls follow it as `<tool_call>` blocks."""
-    if isinstance(message, AIMessage) and message.tool_calls:
-        calls = [format_tool_call(c["name"], c["args"]) for c in message.tool_calls]
-        return "\n".join(p for p in [message.text, *calls] if p)
-    return message.text
+    """A message's text; an assistant message's tool calls follow it as `<tool_call>` blocks, the
+    ones whose arguments did not parse as the model wrote them."""
+    if not isinstance(message, AIMessage):
+        return message.text
+    calls = [format_tool_call(c["name"], c["args"]) for c in message.tool_calls]
+    calls += [format_invalid_tool_call(c.get("name"), c.get("args")) for c in message.invalid_tool_calls]
+    return "\n".join(p for p in [message.text, *calls] if p)
 
 
 def _chat_chunk(chunk: GenerationChunk, calls: Sequence[dict] = (), invalid: Sequence[dict] = ()
