@@ -105,6 +105,31 @@ def test_tools_under_a_template_without_a_system_role(tokenizer):
     assert [c["name"] for c in parse_tool_calls(out.text)[1]] == ["lookup"]
 
 
+def test_a_json_answer_beside_tools(engine, tokenizer):
+    """json_schema= with tools (OpenAI's response_format beside tools): the output is the JSON
+    value or calls, never free text; "none" gives the value. Before, the pair was refused."""
+    for seed in SEEDS:
+        out = engine.generate("Report the reading.", tools=[LOOKUP], json_schema=SCHEMA, max_new_tokens=64,
+                              temperature=1.0, seed=seed)
+        content, calls, invalid = parse_tool_calls(out.text)
+        assert invalid == []
+        if calls:
+            assert content.strip() == "" and all(c["name"] == "lookup" for c in calls)
+        else:
+            Reading.model_validate_json(out.text)
+        Reading.model_validate_json(engine.generate("Report the reading.", tools=[LOOKUP], json_schema=SCHEMA,
+                                                    tool_choice="none", max_new_tokens=64, temperature=1.0,
+                                                    seed=seed).text)
+    llg = llguidance()
+    grammar = tool_grammar([LOOKUP], "auto", tokenizer, True, {"type": "object", "properties": {"ok": {"type": "boolean"}}})
+    call = '<tool_call>\n{"name": "lookup", "arguments": {"section": 3}}\n</tool_call>'
+    for text, accepted in [('{"ok": true}', True), (call, True), (f"{call}\n{call}", True),
+                           ("Hello", False), (f'{{"ok": true}}{call}', False), (f"Let me look.{call}", False)]:
+        matcher = llg.LLMatcher(ll_tokenizer(tokenizer, len(tokenizer), {tokenizer.eos_token_id}), grammar)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert (all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()) == accepted, text
+
+
 @pytest.mark.parametrize("marker", ["text", "added token"])
 def test_tool_grammars_accept_exactly_text_then_calls(tokenizer, marker):
     """The grammars themselves, string by string: free text may precede calls in "auto" (its
@@ -214,8 +239,6 @@ def test_bad_schema_and_tool_choice_are_typed_errors(engine):
         engine.generate("q", tool_choice="required")  # forcing a call with no tools
     with pytest.raises(InputError, match="tool 0 must be"):
         engine.generate("q", tools=[{"name": "x"}])
-    with pytest.raises(InputError, match="not both"):
-        engine.generate("q", tools=[LOOKUP], json_schema=SCHEMA)
 
 
 def test_added_marker_tokens_are_referenced_by_id(tokenizer):
@@ -347,6 +370,44 @@ def test_parallel_tool_calls_reach_the_grammar_from_both_frameworks(engine, monk
     llm.chat_with_tools([tool], "Which section?")  # LlamaIndex's default: one call at most
     llm.chat_with_tools([tool], "Which section?", allow_parallel_tool_calls=True)
     assert seen == [False, True, False, True]
+
+
+def test_langchain_response_format_and_provider_strategy(engine):
+    """OpenAI's `response_format` (ChatOpenAI users bind it; `create_agent(response_format=
+    ProviderStrategy(X))` binds it beside the agent's tools) decodes as `json_schema=`, closed
+    unless strict is False. Before, the first call refused the keyword."""
+    from langchain.agents import create_agent
+    from langchain.agents.structured_output import ProviderStrategy
+    from langchain_core.utils.function_calling import convert_to_json_schema
+
+    from pc_integrations.langchain import ChatParallelComp
+    from pc_integrations.langchain.chat_models import response_format_schema
+
+    chat = ChatParallelComp(engine=engine, max_tokens=64)
+    open_schema = {k: v for k, v in SCHEMA.items() if k != "additionalProperties"}  # open by JSON Schema's default
+    spec = {"name": "Reading", "schema": open_schema}
+    formats = [({"type": "json_schema", "json_schema": spec}, closed_schema(open_schema)),
+               (Reading, closed_schema(convert_to_json_schema(Reading)))]
+    for response_format, schema in formats:
+        got = chat.bind(response_format=response_format).invoke("Report the reading.")
+        assert got.content == engine.generate("Report the reading.", json_schema=schema, max_new_tokens=64).text
+    assert formats[0][1] == SCHEMA != open_schema  # (open, random weights would write keys until the limit)
+    assert response_format_schema({"type": "json_schema", "json_schema": {**spec, "strict": False}}) == open_schema
+    assert response_format_schema({"type": "json_object"}) == {"type": "object"}
+    assert response_format_schema({"type": "text"}) is None
+    for seed in SEEDS[:4]:
+        seeded = ChatParallelComp(engine=engine, max_tokens=64, temperature=1.0, seed=seed)
+        got = seeded.bind_tools([LOOKUP], response_format=formats[0][0]).invoke("Report the reading.")
+        text = engine.generate("Report the reading.", tools=[LOOKUP], json_schema=formats[0][1], max_new_tokens=64,
+                               temperature=1.0, seed=seed).text
+        content, calls, _ = parse_tool_calls(text)
+        assert got.content == content and [c["args"] for c in got.tool_calls] == [c["arguments"] for c in calls]
+    agent = create_agent(chat, tools=[], response_format=ProviderStrategy(Reading))
+    assert isinstance(agent.invoke({"messages": [("user", "Report the reading.")]})["structured_response"], Reading)
+    with pytest.raises(InputError, match="response_format must be"):
+        chat.bind_tools([LOOKUP], response_format="json")
+    with pytest.raises(InputError, match="response_format must be"):
+        chat.bind(response_format={"type": "xml"}).invoke("Report the reading.")
 
 
 def test_langchain_agent_calls_a_tool(engine):

@@ -339,7 +339,7 @@ class ParallelComp:
     def _grammar(self, s: GenerationSettings) -> str | None:
         """The llguidance grammar of the call's constrained output, or None (grammar.py)."""
         if s.tools:
-            return grammar.tool_grammar(s.tools, s.tool_choice, self.tokenizer, s.parallel_tool_calls)
+            return grammar.tool_grammar(s.tools, s.tool_choice, self.tokenizer, s.parallel_tool_calls, s.json_schema)
         return grammar.schema_grammar(s.json_schema) if s.json_schema is not None else None
 
     def _answer(self, result, parts, corpus, max_new_tokens, stops, sampling, progress, constraint) -> Iterator[str]:

@@ -25,6 +25,10 @@ Grammars per `tool_choice`:
     "none"      free text without the marker's stem: no call (the tools are still described in the
                 prompt, and a model that saw calls in the history would otherwise write one)
 
+With `json_schema=` beside the tools (OpenAI's `response_format` with tools, LangChain's
+`ProviderStrategy`), an answer that is not a call is one JSON value of that schema: "auto" writes
+the value or the calls, with no free text, and "none" the value.
+
 Forced modes allow one call: given the chance, SmolLM2-135M repeats a call until the token limit
 runs out. An agent calls again on its next turn.
 
@@ -79,10 +83,13 @@ def schema_grammar(schema: Mapping[str, Any], what: str = "json_schema") -> str:
     return grammar
 
 
-def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer, parallel: bool = True) -> str:
+def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer, parallel: bool = True,
+                 answer: Mapping[str, Any] | None = None) -> str:
     """The llguidance grammar of the output allowed by `choice` over `tools` (module docstring).
     `tools` are OpenAI-style {"type": "function", "function": {...}} dicts; `parallel`: "auto"
-    may write more than one call."""
+    may write more than one call. `answer`: the JSON schema of an answer that is not a call (as
+    OpenAI's `response_format` beside tools): "auto" writes that JSON value or calls, no free
+    text; "none" the value."""
     named = [t for t in tools if t["function"]["name"] == choice] if choice not in CHOICES else list(tools)
     body = {**calls_schema(named), "x-guidance": _JSON_STYLE}
     open_, close = (_marker(tokenizer, m) for m in (OPEN, CLOSE))
@@ -94,14 +101,17 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str, tokenizer, par
         f'rest: "\\n" body "\\n" {close}',
         f"body: %json {json.dumps(body)}",
     ]
-    if choice == "none":
+    more = ' ("\\n" call)*' if parallel else ""
+    if answer is not None and choice in ("none", "auto"):
+        value = f"answer: %json {json.dumps({**answer, 'x-guidance': _JSON_STYLE})}"
+        rules = ["start: answer", value] if choice == "none" else [f"start: answer | call{more}", value, *rules]
+    elif choice == "none":
         rules = ["start: TEXT", f"TEXT: {free} & /(?s:.)+/"]
     elif choice == "auto":  # text, then zero or more calls
         # A greedy text lexeme would run on into a text marker and never end, so the text before
         # the first call ends at the marker: a lazy lexeme (llguidance's StructTag idiom). A
         # special-token marker is never text, so there the text simply stops before it.
         lead = f"lead: TEXT? {open_}" if open_.startswith("<[") else f"lead[lazy]: FREE {open_}"
-        more = ' ("\\n" call)*' if parallel else ""
         rules = [f"start: TEXT | lead rest{more}", lead, f"FREE: {free}", "TEXT: FREE & /(?s:.)+/", *rules]
     else:
         rules = ["start: call", *rules]

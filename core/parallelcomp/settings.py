@@ -76,7 +76,8 @@ class GenerationSettings(BaseModel):
     """A tqdm bar on stderr during prefill."""
     json_schema: dict[str, Any] | None = None
     """The answer is one JSON value matching this schema, guaranteed by a grammar (grammar.py);
-    stop strings do not apply."""
+    stop strings do not apply. With `tools`, an answer that is not a tool call is that JSON value
+    (OpenAI's `response_format` beside tools): "auto" writes the value or calls, "none" the value."""
     tools: tuple[dict[str, Any], ...] | None = None
     """OpenAI-style function tools ({"type": "function", "function": {"name", "description",
     "parameters"}}), described in the prompt; calls come back as `<tool_call>` blocks in the
@@ -132,8 +133,6 @@ class GenerationSettings(BaseModel):
         if isinstance(data, dict) and ("tool_choice" in data or data.get("tools")):
             tools = grammar.check_tools(data.get("tools") or ())
             data = {**data, "tool_choice": grammar.check_tool_choice(data.get("tool_choice"), tools)}
-            if data.get("json_schema") is not None and tools:
-                raise ValueError("pass json_schema= or tools=, not both")
         return data
 
     @field_validator("temperature")

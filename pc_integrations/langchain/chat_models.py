@@ -143,6 +143,11 @@ class ChatParallelComp(BaseChatModel):
         if "history" in kwargs:
             raise InputError("a chat model takes its history from the messages; do not pass history=")
         prompt, extra = chat_call(self.llm.engine, _turns(messages))
+        if "response_format" in kwargs:
+            if kwargs.get("json_schema") is not None:
+                raise InputError("pass response_format= or json_schema=, not both")
+            kwargs = dict(kwargs, json_schema=response_format_schema(kwargs["response_format"]))
+            del kwargs["response_format"]
         chunks = self.llm.iter_chunks(prompt, stop, **kwargs, **extra)
         if not kwargs.get("tools"):
             yield from map(_chat_chunk, chunks)
@@ -180,7 +185,8 @@ class ChatParallelComp(BaseChatModel):
             raise InputError(f"strict must be True, False or None, got {strict!r}")
         formatted = [convert_to_openai_tool(t) for t in tools]
         parallel = {k: v for k, v in kwargs.items() if k == "parallel_tool_calls"}
-        GenerationSettings.of(tools=formatted, tool_choice=tool_choice, **parallel)  # InputError now
+        answer = response_format_schema(kwargs["response_format"]) if "response_format" in kwargs else None
+        GenerationSettings.of(tools=formatted, tool_choice=tool_choice, json_schema=answer, **parallel)  # InputError now
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(
@@ -223,6 +229,26 @@ class ChatParallelComp(BaseChatModel):
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+def response_format_schema(response_format: Any) -> dict[str, Any] | None:
+    """The `json_schema` setting of OpenAI's `response_format` (what LangChain's `ProviderStrategy`
+    binds, and `ChatOpenAI` takes): {"type": "json_schema", "json_schema": {"schema", "strict"}},
+    {"type": "json_object"}, {"type": "text"} or a pydantic class or TypedDict. The schema is
+    closed to undeclared keys unless `strict` is False, as in `with_structured_output`."""
+    if isinstance(response_format, type):
+        return closed_schema(convert_to_json_schema(response_format))
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    spec = response_format.get("json_schema") if kind == "json_schema" else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
+        raise InputError("response_format must be {'type': 'json_schema', 'json_schema': {'name': ..., 'schema': "
+                         "{...}}}, {'type': 'json_object'}, {'type': 'text'} or a pydantic class, "
+                         f"got {response_format!r:.120}")
+    return spec["schema"] if spec.get("strict") is False else closed_schema(spec["schema"])
 
 
 def messages_to_prompt(messages: list[BaseMessage]) -> str:
