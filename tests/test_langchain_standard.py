@@ -27,6 +27,7 @@ import functools
 import os
 
 import pytest
+import torch
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
@@ -48,7 +49,10 @@ def _tiny_engine() -> ParallelComp:
 
 @functools.cache
 def _smol_engine() -> ParallelComp:
-    return ParallelComp.from_pretrained()
+    # float32: greedy bf16 output differs between CPU kernels (AMX vs AVX-512 BF16), and what
+    # these tests assert is what the model writes. In bf16 on an AMD EPYC (AVX-512 BF16, no AMX)
+    # SmolLM2 closed test_json_mode's joke after "setup" alone; float32 writes both keys there.
+    return ParallelComp.from_pretrained(dtype=torch.float32)
 
 
 class _Standard:
