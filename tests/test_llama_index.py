@@ -322,10 +322,20 @@ def test_token_counting_handler_counts_what_the_engine_ran(index, engine):
 
     counter = TokenCountingHandler(tokenizer=lambda s: engine.tokenizer(s, add_special_tokens=False)["input_ids"])
     llm = ParallelCompLLM(engine, max_new_tokens=8, callback_manager=CallbackManager([counter]))
-    for call in (lambda: llm.complete(QUESTION), lambda: llm.chat([ChatMessage(role="user", content=QUESTION)]),
-                 lambda: list(llm.stream_complete(QUESTION))[-1]):
+    chat = [ChatMessage(role="user", content=QUESTION)]
+
+    async def last(stream):
+        async for response in await stream:
+            pass
+        return response
+
+    # astream_chat used to count every call twice: it iterated stream_chat, which reports too
+    for call in (lambda: llm.complete(QUESTION), lambda: llm.chat(chat), lambda: list(llm.stream_complete(QUESTION))[-1],
+                 lambda: list(llm.stream_chat(chat))[-1], lambda: asyncio.run(llm.achat(chat)),
+                 lambda: asyncio.run(last(llm.astream_chat(chat))), lambda: asyncio.run(last(llm.astream_complete(QUESTION)))):
         counter.reset_counts()
         usage = call().raw["usage"]
+        assert len(counter.llm_token_counts) == 1
         assert (counter.prompt_llm_token_count, counter.completion_llm_token_count) == (
             usage["prompt_tokens"], usage["completion_tokens"])
         assert usage["completion_tokens"] > 0
@@ -491,6 +501,11 @@ def test_bad_input_is_typed(index, engine):
     assert ParallelCompLLM(engine, max_tokens=3).max_new_tokens == 3
     with pytest.raises(ConfigError, match="not both"):  # max_tokens silently won before
         ParallelCompLLM(engine, max_tokens=5, max_new_tokens=30)
+    for hook in ("messages_to_prompt", "completion_to_prompt"):  # LlamaIndex's LLM fields, ignored before
+        with pytest.raises(ConfigError, match=f"{hook} would be ignored"):
+            ParallelCompLLM(engine, **{hook: lambda x: x})
+    with pytest.raises(CallError, match="no messages"):  # at the await, as astream_complete, not mid-stream
+        asyncio.run(ParallelCompLLM(engine).astream_chat([]))
     with pytest.raises(ConfigError, match="instruction must be a prompt template"):
         synth.update_prompts({"instruction": "Answer briefly."})
 

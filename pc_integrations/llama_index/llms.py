@@ -127,6 +127,10 @@ class ParallelCompLLM(FunctionCallingLLM):
             if "max_new_tokens" in kwargs:
                 raise ConfigError("pass max_tokens or max_new_tokens (the same setting), not both")
             kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
+        hooks = [h for h in ("messages_to_prompt", "completion_to_prompt") if kwargs.get(h) is not None]
+        if hooks:
+            raise ConfigError(f"{' and '.join(hooks)} would be ignored: prompts are built by the tokenizer's chat "
+                              "template (ParallelCompConfig.use_chat_template); format the text before the call")
         super().__init__(**kwargs)
         self._engine = engine
         call_settings(self.settings(), {})  # one validation for every per-call setting (InputError)
@@ -262,10 +266,14 @@ class ParallelCompLLM(FunctionCallingLLM):
         return self._chat_responses(messages, kwargs)
 
     def _chat_responses(self, messages: Sequence[ChatMessage], kwargs: dict) -> Iterator[ChatResponse]:
+        return self._chat_run(messages, kwargs)()
+
+    def _chat_run(self, messages: Sequence[ChatMessage], kwargs: dict) -> Callable[[], Iterator[ChatResponse]]:
+        """The chat's run, started (its input validated); called, its responses."""
         with _rejected():
             prompt, extra = chat_call(self._engine, _turns(messages))
-        responses = self._responses(self._start(prompt, {**kwargs, **extra}))
-        return _as_chat(responses, ToolCallText() if kwargs.get("tools") else None)
+        run = self._start(prompt, {**kwargs, **extra})
+        return lambda: _as_chat(self._responses(run), ToolCallText() if kwargs.get("tools") else None)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -273,8 +281,10 @@ class ParallelCompLLM(FunctionCallingLLM):
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        responses = await asyncio.to_thread(self._chat_run, messages, kwargs)  # chunking takes a while
+
         async def gen() -> ChatResponseAsyncGen:
-            async for response in aiter_in_thread(lambda: self.stream_chat(messages, **kwargs)):
+            async for response in aiter_in_thread(responses):
                 yield response
 
         return gen()
