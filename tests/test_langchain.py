@@ -372,6 +372,43 @@ def test_a_call_whose_arguments_did_not_parse_is_sent_back_as_the_model_wrote_it
         'Assistant: <tool_call>\n{"name": "add", "arguments": {"a": 1,}\n</tool_call>\n\nGo on.')
 
 
+def test_token_counts_of_messages_are_the_prompts(engine):
+    """`get_num_tokens_from_messages` (what `trim_messages(token_counter=chat)` calls) counts the
+    prompt the engine builds, tools included; the base class counted "Human: ..." lines and
+    ignored tools. `stream=` (LangChain's per-call switch) is accepted; it was refused."""
+    from langchain_core.messages import trim_messages
+
+    chat = ChatParallelComp(engine=engine, max_new_tokens=N)
+    messages = [SystemMessage("Be brief."), HumanMessage("Hi"), AIMessage("Hello."), HumanMessage(QUESTION)]
+    answer = chat.invoke(messages)
+    assert chat.get_num_tokens_from_messages(messages) == answer.usage_metadata["input_tokens"]
+    tools = [convert_to_openai_tool(add)]
+    called = chat.bind_tools(tools, tool_choice="none").invoke(messages)
+    assert chat.get_num_tokens_from_messages(messages, tools=tools) == called.usage_metadata["input_tokens"]
+    assert chat.get_num_tokens_from_messages([]) == 0
+    # trim_messages counts the system message on its own and subtracts it: each count holds the template's turn markup
+    budget = chat.get_num_tokens_from_messages(messages[:1]) + chat.get_num_tokens_from_messages(messages[-1:])
+    assert trim_messages(messages, max_tokens=budget, token_counter=chat, include_system=True) == [
+        messages[0], messages[-1]]
+    assert chat.invoke(messages, stream=True).content == chat.invoke(messages, stream=False).content == answer.content
+
+
+def test_llm_cache_refuses_calls_its_key_cannot_tell_apart(engine):
+    """LangChain's LLM cache key is the prompt and the instance's fields: with a cache, a call with
+    max_tokens=2 (or other documents) returned the answer cached for the first call."""
+    from langchain_core.caches import InMemoryCache
+
+    llm = ParallelCompLLM(engine=engine, max_new_tokens=4, cache=InMemoryCache())
+    first = llm.invoke(QUESTION)
+    assert llm.invoke(QUESTION) == first
+    for call in (lambda: llm.invoke(QUESTION, max_tokens=2), lambda: llm.bind(documents=DOCS).invoke(QUESTION),
+                 lambda: llm.batch([QUESTION], temperature=1.0, seed=3),
+                 lambda: asyncio.run(llm.ainvoke(QUESTION, max_tokens=2))):
+        with pytest.raises(InputError, match=r"cache key leaves out per-call arguments \("):
+            call()
+    assert ParallelCompLLM(engine=engine, max_new_tokens=4).invoke(QUESTION, max_tokens=2)  # no cache: fine
+
+
 def test_chat_prompt_rule_and_bad_messages(engine):
     history = [
         SystemMessage("Be brief."),

@@ -95,6 +95,17 @@ class ChatParallelComp(BaseChatModel):
     def get_num_tokens(self, text: str) -> int:
         return self.llm.get_num_tokens(text)
 
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """Tokens of the prompt these messages (and `tools`) become without documents, as the
+        engine builds it: the chat template's rendering (`trim_messages(token_counter=chat)`).
+        The base class counted "Human: ..." lines and ignored tools."""
+        if not messages:
+            return 0
+        prompt, extra = chat_call(self.llm.engine, _turns(messages))
+        formatted = [convert_to_openai_tool(t) for t in tools] if tools else None
+        parts = self.llm.engine.prompt_parts(prompt, False, tools=formatted, **extra)
+        return len(parts.prefix_ids) + len(parts.question_ids)
+
     # ------------------------------------------------------------------ generation
 
     def _generate(
@@ -142,6 +153,7 @@ class ChatParallelComp(BaseChatModel):
     def _iter_chunks(self, messages: list[BaseMessage], stop: Any, kwargs: dict) -> Iterator[ChatGenerationChunk]:
         if "history" in kwargs:
             raise InputError("a chat model takes its history from the messages; do not pass history=")
+        kwargs = {k: v for k, v in kwargs.items() if k != "stream"}  # LangChain's per-call switch, decided above us
         prompt, extra = chat_call(self.llm.engine, _turns(messages))
         if "response_format" in kwargs:
             if kwargs.get("json_schema") is not None:

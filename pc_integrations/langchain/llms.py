@@ -20,12 +20,13 @@ from typing import Any, AsyncIterator, Iterator
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.caches import BaseCache
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseLLM
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import ConfigDict, Field, model_validator
 
-from parallelcomp import ParallelComp, ParallelCompConfig
+from parallelcomp import InputError, ParallelComp, ParallelCompConfig
 from parallelcomp.settings import GenerationSettings, Integer, Number
 
 from ..common import Run, aiter_in_thread, token_usage
@@ -72,8 +73,10 @@ class ParallelCompLLM(BaseLLM):
     streaming: bool = False
     """`invoke`/`generate` report every token to `on_llm_new_token` (`stream` always does)."""
     cache: BaseCache | bool | None = Field(False, exclude=True)
-    """Off by default: LangChain's LLM cache key leaves out per-call `documents`, so a cached
-    answer could come back for another corpus. Set it only if you never pass documents."""
+    """Off by default. LangChain's LLM cache key holds the prompt and the instance's fields, not
+    per-call arguments (`documents`, `max_tokens`, ...), so with a cache a call that passes any
+    is refused (`InputError`) rather than answered from another call's entry: set them on the
+    instance. (The chat model's cache key holds them.)"""
 
     @model_validator(mode="after")
     def _valid_settings(self) -> ParallelCompLLM:
@@ -142,6 +145,25 @@ class ParallelCompLLM(BaseLLM):
         return self.engine.count_tokens(text)
 
     # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: list[str], stop: list[str] | None = None, callbacks: Any = None, **kwargs: Any
+                 ) -> LLMResult:
+        self._check_cached_call(kwargs)
+        return super().generate(prompts, stop, callbacks, **kwargs)
+
+    async def agenerate(self, prompts: list[str], stop: list[str] | None = None, callbacks: Any = None,
+                        **kwargs: Any) -> LLMResult:
+        self._check_cached_call(kwargs)
+        return await super().agenerate(prompts, stop, callbacks, **kwargs)
+
+    def _check_cached_call(self, kwargs: dict[str, Any]) -> None:
+        """`cache`'s docstring: a call with per-call arguments cannot be looked up correctly."""
+        arguments = sorted(set(kwargs) - {"tags", "metadata", "run_name", "run_id"})
+        cached = isinstance(self.cache, BaseCache) or (self.cache is not False and get_llm_cache() is not None)
+        if arguments and cached:
+            raise InputError(f"LangChain's LLM cache key leaves out per-call arguments ({', '.join(arguments)}), so "
+                             "an answer cached for other settings or documents would come back: set them on the LLM "
+                             "(ParallelCompLLM(max_new_tokens=...)) or pass cache=False")
 
     def _generate(
         self,
