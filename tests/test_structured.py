@@ -408,6 +408,8 @@ def test_langchain_response_format_and_provider_strategy(engine):
         chat.bind_tools([LOOKUP], response_format="json")
     with pytest.raises(InputError, match="response_format must be"):
         chat.bind(response_format={"type": "xml"}).invoke("Report the reading.")
+    with pytest.raises(InputError, match="response_format int is not a pydantic class or TypedDict"):
+        chat.bind_tools([LOOKUP], response_format=int)
 
 
 def test_langchain_agent_calls_a_tool(engine):

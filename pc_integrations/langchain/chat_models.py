@@ -249,7 +249,11 @@ def response_format_schema(response_format: Any) -> dict[str, Any] | None:
     {"type": "json_object"}, {"type": "text"} or a pydantic class or TypedDict. The schema is
     closed to undeclared keys unless `strict` is False, as in `with_structured_output`."""
     if isinstance(response_format, type):
-        return closed_schema(convert_to_json_schema(response_format))
+        try:
+            return closed_schema(convert_to_json_schema(response_format))
+        except (ValueError, TypeError) as err:
+            raise InputError(f"response_format {response_format.__name__} is not a pydantic class or TypedDict: "
+                             f"{err}") from None
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     spec = response_format.get("json_schema") if kind == "json_schema" else None
     if kind == "text":
