@@ -464,6 +464,11 @@ def test_llama_index_function_calling_and_structured_predict(engine):
     response = llm.chat_with_tools([FunctionTool.from_defaults(ping)], user_msg="Is it up?", tool_required=True)
     calls = llm.get_tool_calls_from_response(response)
     assert [(c.tool_name, c.tool_kwargs) for c in calls] == [("ping", {})] and calls[0].tool_id.startswith("call_")
+    text = llm.chat_with_tools([FunctionTool.from_defaults(ping)], user_msg="Is it up?", tool_choice="none")
+    assert llm.get_tool_calls_from_response(text, error_on_no_tool_call=False) == []
+    for error in (ValueError, StructuredOutputError):  # LlamaIndex's LLMs raise ValueError; a RuntimeError before
+        with pytest.raises(error, match="the model answered without a tool call"):
+            llm.get_tool_calls_from_response(text)
     for seed in SEEDS[:3]:
         llm = ParallelCompLLM(engine, max_new_tokens=64, temperature=1.0, seed=seed)
         reading = llm.structured_predict(Reading, PromptTemplate("Report the reading for {place}."), place="the lab")

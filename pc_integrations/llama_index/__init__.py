@@ -11,11 +11,12 @@
     tool = QueryEngineTool.from_defaults(query_engine, name="docs", description="...")  # agents
 """
 
-from pc_integrations.llama_index.llms import REFINE_TEMPLATE, TEXT_QA_TEMPLATE, ParallelCompLLM
+from pc_integrations.llama_index.llms import REFINE_TEMPLATE, TEXT_QA_TEMPLATE, NoToolCallError, ParallelCompLLM
 from pc_integrations.llama_index.synthesizer import ATTRIBUTION_KEYS, ParallelCompSynthesizer
 
 __all__ = [
     "ATTRIBUTION_KEYS",
+    "NoToolCallError",
     "REFINE_TEMPLATE",
     "TEXT_QA_TEMPLATE",
     "ParallelCompLLM",

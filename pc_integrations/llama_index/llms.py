@@ -321,8 +321,12 @@ class ParallelCompLLM(FunctionCallingLLM):
         calls = response.message.additional_kwargs.get("tool_calls", [])
         if not calls and error_on_no_tool_call:
             msg = f"the model answered without a tool call ({response.message.content!r:.80}); pass tool_required=True"
-            raise StructuredOutputError(msg)
+            raise NoToolCallError(msg)
         return [ToolSelection(tool_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"]) for c in calls]
+
+
+class NoToolCallError(StructuredOutputError, ValueError):
+    """`get_tool_calls_from_response` found no call: also a ValueError, as LlamaIndex's own LLMs raise."""
 
 
 async def _last(responses: Callable[[], Iterator[Any]]) -> Any:
