@@ -229,9 +229,9 @@ class ChatParallelComp(BaseChatModel):
         if strict not in (None, True, False):
             raise InputError(f"strict must be True, False or None, got {strict!r}")
         pydantic_schema = isinstance(schema, type) and is_basemodel_subclass(schema)
-        json_schema = convert_to_json_schema(schema) if method == "json_schema" else {"type": "object"}
-        if method == "json_schema" and strict is not False:
-            json_schema = closed_schema(json_schema)
+        json_schema = response_format_schema(  # OpenAI's response_format for the method: one mapping
+            {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema), "strict": strict}}
+            if method == "json_schema" else {"type": "json_object"})
         GenerationSettings.of(json_schema=json_schema)  # an unsupported schema raises InputError now
         llm = self.bind(json_schema=json_schema,
                         ls_structured_output_format={"kwargs": {"method": method}, "schema": schema})
