@@ -445,6 +445,42 @@ def test_langchain_agent_calls_a_tool(engine):
     assert result["messages"][-1].type == "ai"
 
 
+def test_langchain_profile_drives_agent_middleware_and_strategy(engine):
+    """`chat.profile` is what LangChain's agents read: `max_input_tokens` (the trained window)
+    lets `SummarizationMiddleware` take a fractional trigger (before: ValueError, no profile), and
+    the trigger fires once the chat passes that share of the window. `structured_output` is not
+    claimed, so `create_agent(response_format=Schema)` keeps ToolStrategy: the answer is a call of
+    the schema's tool."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import SummarizationMiddleware
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from pc_integrations.langchain import ChatParallelComp
+
+    chat = ChatParallelComp(engine=engine, max_tokens=24)
+    assert chat.profile["max_input_tokens"] == engine.window == 1024
+    assert chat.profile["tool_calling"] and "structured_output" not in chat.profile
+    assert ChatParallelComp(engine=engine, profile={"max_input_tokens": 64}).profile == {"max_input_tokens": 64}
+
+    summarize = SummarizationMiddleware(model=chat, trigger=("fraction", 0.5), keep=("messages", 1),
+                                        token_counter=chat.get_num_tokens_from_messages)
+    agent = create_agent(chat, tools=[], middleware=[summarize])
+    short = [HumanMessage("Which section names the steward?")]
+    assert chat.get_num_tokens_from_messages(short) < 512
+    assert agent.invoke({"messages": short})["messages"][0].content == short[0].content  # not summarized
+    turn = "Section 10 of the licence names the Mozilla Foundation as its steward. " * 8
+    long = [m for _ in range(6) for m in (HumanMessage(turn), AIMessage("Noted."))] + short
+    assert chat.get_num_tokens_from_messages(long) > 512
+    first = agent.invoke({"messages": long})["messages"][0]
+    assert first.content.startswith("Here is a summary of the conversation")
+
+    agent = create_agent(ChatParallelComp(engine=engine, max_tokens=192), tools=[], response_format=Reading)
+    result = agent.invoke({"messages": [("user", "Report the reading.")]})
+    assert isinstance(result["structured_response"], Reading)
+    call = result["messages"][-2].tool_calls
+    assert [c["name"] for c in call] == ["Reading"] and Reading(**call[0]["args"]) == result["structured_response"]
+
+
 # ---------------------------------------------------------------------- LlamaIndex
 
 

@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import tool_call_chunk
@@ -88,6 +89,22 @@ class ChatParallelComp(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         """The LLM's tracing parameters (this call's and bound settings first), as a chat model."""
         return {**self.llm._get_ls_params(stop=stop, **kwargs), "ls_model_type": "chat"}
+
+    def _resolve_model_profile(self) -> ModelProfile:
+        """What LangChain's middleware reads (`chat.profile`). `max_input_tokens` is the model's
+        trained window: the chat it reads whole. A longer chat still runs (its longest messages
+        become chunks, docs/integrations.md), so `SummarizationMiddleware(trigger=("fraction",
+        0.8))` summarizes before any history would be chunked. `structured_output` is left out, so
+        `create_agent(response_format=Schema)` keeps `ToolStrategy` (the schema as a tool): given
+        a weather tool and a schema, SmolLM2 under `ProviderStrategy` (a call or the JSON answer
+        at each step) called the tool again after every result, under `ToolStrategy` it answered
+        with the schema's call at once (docs/integrations.md). `ProviderStrategy(Schema)` works
+        when asked for. Pass `profile=` to override."""
+        return ModelProfile(
+            max_input_tokens=self.llm.engine.window, text_inputs=True, text_outputs=True, image_inputs=False,
+            image_url_inputs=False, pdf_inputs=False, audio_inputs=False, video_inputs=False, image_outputs=False,
+            audio_outputs=False, video_outputs=False, tool_calling=True, tool_choice=True, tool_call_streaming=True,
+            temperature=True)
 
     def get_token_ids(self, text: str) -> list[int]:
         return self.llm.get_token_ids(text)
