@@ -84,8 +84,8 @@ def test_two_phase_prefill_equals_single_forward(family, tokenizer, budget, kern
         sub = [e for e in encoded if e.chunk in batch]
         got.extend(question_nll(model, prefix, sub, parts.question_ids, slice(0, len(parts.question_ids)),
                                 kernel=name))
-    # the prefix, then each micro-batch, in every layer
-    assert len(kernel[1]) == (1 + len(list(micro_batches(chunks, budget)))) * model.config.num_hidden_layers * matmul
+    # the prefix, then each chunk, in every layer
+    assert len(kernel[1]) == (1 + len(chunks)) * model.config.num_hidden_layers * matmul
     p = len(parts.prefix_ids)
     for enc, nll in zip(encoded, got):
         ref_nll = ref_question_nll(model, parts.prefix_ids, enc.chunk.token_ids, parts.question_ids)

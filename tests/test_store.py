@@ -83,6 +83,28 @@ def test_documents_path_hits_the_store_on_the_second_call_and_questions_do_not_r
     assert s.ttft_seconds == s.prefill_seconds + s.first_token_seconds
 
 
+def test_a_chunk_encoded_alone_is_stored_as_a_cold_run_over_all_stores_it(family, tokenizer):
+    """Phase 1 runs each chunk in its own forward, so a chunk's KV depends on the chunk alone: a
+    store filled one document at a time holds, bit for bit, what a cold run over all of them
+    stores (BASE's budget groups two chunks of different lengths per micro-batch). Before, the
+    padded batch's length changed the rounding (bf16 SmolLM2: KV 0.09 apart), so a chunk
+    recomputed after a store miss differed from its cold-run twin, and answers changed with what
+    the store held."""
+    from parallelcomp.kv import plain
+
+    cold = engine(tokenizer, family)
+    ref = cold.encode(DOCS)
+    pc = engine(tokenizer, family, model=cold.model)
+    for doc in reversed(DOCS):
+        pc.encode([doc])
+    assert pc.encode(DOCS).reused_chunks == len(ref.keys) == 5
+    for key in ref.keys:
+        a, b = cold.store._lru[key], pc.store._lru[key]
+        assert torch.equal(a.last_logprobs, b.last_logprobs)
+        for layer_a, layer_b in zip(a.kv, b.kv):
+            assert all(torch.equal(x, y) for x, y in zip(plain(layer_a), plain(layer_b)))
+
+
 def test_score_with_a_corpus_equals_score_with_documents(tokenizer):
     pc = engine(tokenizer)
     target = "The copper garden lies north of the river stone."
@@ -268,6 +290,7 @@ def _as_format_1(path: Path) -> None:
     (lambda p: _flip(p, 0.6), "checksum"),  # bits flipped inside the KV payload
     (lambda p: _rewrite(p, format="pc-chunk-kv/0"), "format"),
     (lambda p: _as_format_1(p), "format"),  # written before the checksum became XXH3-128
+    (lambda p: _rewrite(p, format="pc-chunk-kv/2"), "format"),  # KV from a padded batch of chunks
     (lambda p: _rewrite(p, identity=json.dumps({"model": "another"})), "identity"),
 ])
 def test_a_damaged_foreign_or_old_file_is_dropped_recomputed_and_reported(tokenizer, tmp_path, damage, reason):

@@ -137,13 +137,15 @@ class ParallelCompConfig(BaseModel):
 
     # --- prefill execution ---
     prefill_batch_tokens: int = Field(4096, gt=0, strict=True)
-    """Micro-batch budget: chunks prefilled together pad to at most this many tokens (a longer
-    chunk runs alone). On CPU a cold prefill is no faster at 8192 than at 2048, while peak memory
+    """Micro-batch budget: phase 1 encodes chunks of up to this many tokens (rows × longest chunk;
+    one forward per chunk, prefill.encode_chunks) before phase 2 scores the ones the store does not
+    hold; phase 2 scores `prefill.question_rows` chunks per forward. On CPU a cold prefill is no
+    faster at 8192 than at 2048 (measured with padded batches of chunks), while peak memory
     grows with it (128K tokens, disk tier only: 1,614, 2,072 and 2,421–3,068 MiB at 2048, 4096
     and 8192); a question over reused chunks is slower with fewer chunks per forward (16K: 3.84,
     3.39 and 2.80 s). 4096 is the middle. `python -m benchmarks prefill-scaling --batch-tokens
-    2048 4096 8192`, README "Peak memory against the micro-batch". Raise it on a GPU, where
-    batching buys throughput."""
+    2048 4096 8192`, README "Peak memory against the micro-batch". On a GPU, raising it batches
+    more question rows in phase 2."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     """None: flash_attention_2 on CUDA when installed, else sdpa."""
     attention_kernel: Literal["auto", "fused", "matmul", "amx"] = "auto"

@@ -523,9 +523,10 @@ class ParallelComp:
         return nll
 
     def phase1(self, batch: list[Chunk], keys: dict[int, str], prefix_ids: list[int], report: ReuseStats):
-        """Phase-1 results of one micro-batch: store hits as they are, the misses encoded together
-        (one padded forward) and stored. A chunk whose tokens occur twice in the batch (a repeated
-        document, boilerplate) is encoded once and counted as reused the second time."""
+        """Phase-1 results of one micro-batch: store hits as they are, the misses encoded (one
+        forward each, so a miss gives what any other run stores for it) and stored. A chunk whose
+        tokens occur twice in the batch (a repeated document, boilerplate) is encoded once and
+        counted as reused the second time."""
         identity = self._model_identity()[0]
         shape = kvops.layout(self.model)
         entries, first = {}, {}  # first: store key → index of the batch's first chunk with it

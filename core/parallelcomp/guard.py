@@ -154,10 +154,10 @@ def estimate(shape: ModelShape, config, prefix: int, chunks: list, question: int
     batch = copies = 0
     for rows in micro_batches(chunks, config.prefill_batch_tokens):
         length = prefix + max(len(c.token_ids) for c in rows)
-        # phase 1: the batch cache and the per-chunk copies it becomes, one layer at a time
+        # phase 1, one chunk per forward: the micro-batch's copies, and the forward's cache and activations
         copies = max(copies, length * len(rows) * kv)
-        batch = max(batch, 2 * length * len(rows) * kv + shape.activation_bytes(len(rows), length)
-                    + shape.logits_bytes(len(rows)))
+        batch = max(batch, length * (len(rows) + 1) * kv + shape.activation_bytes(1, length)
+                    + shape.logits_bytes(1))
     # phase 2 reads chunk KV in place; outside the memory tier, at most two micro-batches of it
     # wait for their question forward (engine.score_chunks), which runs `question_rows` chunks
     q_rows = min(len(chunks), question_rows(config.prefill_batch_tokens, question, shape.sliced_head))

@@ -2,9 +2,9 @@
 `prefix + chunk + question` per chunk in one forward:
 
 * the shared prefix's KV is encoded and stored once (`encode_prefix`);
-* phase 1 (`encode_chunks`, question-independent): a micro-batch of chunks, right-padded, each
-  row behind the prefix, so every chunk reuses the positions P, P+1, … (PCW); padded slots are
-  sliced away, so each chunk's KV is stored exactly once, batch 1;
+* phase 1 (`encode_chunks`, question-independent): each chunk in its own forward behind the
+  prefix, so every chunk reuses the positions P, P+1, … (PCW) and its KV, stored once, batch 1,
+  depends on the chunk alone (no neighbour, no padding);
 * phase 2 (`question_nll`, question-dependent): the question runs against each chunk's KV at
   positions P + L_c, …, giving the per-token NLL of Eq. 3. Each row's attention reads the prefix
   and its chunk where they are stored (no padded batch copy), so one forward can score many
@@ -65,7 +65,9 @@ class Head:
 
 
 def micro_batches(chunks: list[Chunk], budget_tokens: int) -> Iterator[list[Chunk]]:
-    """Consecutive chunks grouped so that rows × longest chunk ≤ budget_tokens (at least one)."""
+    """Consecutive chunks grouped so that rows × longest chunk ≤ budget_tokens (at least one): the
+    chunks phase 1 encodes (one forward each) before the KV the store does not hold goes to phase 2
+    (engine.score_chunks), which bounds the KV alive outside the store."""
     batch: list[Chunk] = []
     for chunk in chunks:
         longest = max([len(c.token_ids) for c in batch] + [len(chunk.token_ids)])
@@ -105,28 +107,33 @@ def encode_prefix(model, prefix_ids: list[int], kernel: str = "sdpa") -> list[kv
 @torch.inference_mode()
 def encode_chunks(model, prefix_ids: list[int], chunks: list[Chunk], kernel: str = "sdpa",
                   tiles: bool = False) -> list[EncodedChunk]:
-    """Phase 1 for one micro-batch: rows [prefix ‖ chunk_i ‖ padding], causal, no mask.
+    """Phase 1 for one micro-batch: per chunk one forward of [prefix ‖ chunk], causal, no mask.
 
-    The prefix (a few dozen tokens) is re-run in every row instead of read from its cache: with
+    One forward per chunk, never a padded batch, makes a chunk's KV a function of the model, the
+    prefix and the chunk: a batch's padded length changes how the kernels block a row's
+    reductions (attention over the keys, the softmax), so the same chunk beside a longer one came
+    out rounded otherwise (bf16 SmolLM2: KV up to 0.09 and next-token log-probabilities up to 0.3
+    apart), and a chunk recomputed after a store miss no longer equalled the one a cold run had
+    stored, which changed answers with what the store held. It costs a cold prefill 5–7% on the
+    AVX-512 BF16 host (docs/performance.md, "One chunk per forward").
+
+    The prefix (a few dozen tokens) is re-run with each chunk instead of read from its cache: with
     q_len == kv_len and no mask, sdpa and flash attention take their fused causal kernels, which
     on CPU is about 2× faster and far leaner than the explicit-mask path a prefix cache forces
-    (measured on SmolLM2, 8K tokens: 17 s vs 32 s). Right padding needs no mask either: a real
-    token never attends to a later position. Only the chunk's own KV is kept. `kernel`: the
+    (measured on SmolLM2, 8K tokens: 17 s vs 32 s). Only the chunk's own KV is kept. `kernel`: the
     attention kernel (`attention.causal_kernel`, ParallelCompConfig.attention_kernel). `tiles`: keep
     each chunk's KV `Tiled` (kvops.split_rows) for the AMX kernel's phase 2.
     """
     device, p = model.device, len(prefix_ids)
-    lengths = torch.tensor([len(c.token_ids) for c in chunks], device=device)
-    ids = torch.zeros(len(chunks), p + int(lengths.max()), dtype=torch.long, device=device)
-    for row, c in enumerate(chunks):
-        ids[row, : p + len(c.token_ids)] = torch.tensor(prefix_ids + c.token_ids, device=device)
-    cache = kvops.to_cache([])
-    positions = torch.arange(ids.shape[1], device=device).expand(len(chunks), -1)
-    with causal_kernel(model, kernel):
-        logits = forward(model, ids, cache, positions, logits_to_keep=(p + lengths - 1)[:, None])
-    logprobs = torch.log_softmax(logits[:, 0].float(), dim=-1)
-    rows = kvops.split_rows(cache, [(p, p + len(c.token_ids)) for c in chunks], tiles)
-    return [EncodedChunk(c, kv, logprobs[row]) for row, (c, kv) in enumerate(zip(chunks, rows))]
+    encoded = []
+    for c in chunks:
+        ids = torch.tensor([prefix_ids + c.token_ids], device=device)
+        cache = kvops.to_cache([])
+        with causal_kernel(model, kernel):
+            logits = forward(model, ids, cache, torch.arange(ids.shape[1], device=device)[None], logits_to_keep=1)
+        (kv,) = kvops.split_rows(cache, [(p, ids.shape[1])], tiles)
+        encoded.append(EncodedChunk(c, kv, torch.log_softmax(logits[0, -1].float(), dim=-1)))
+    return encoded
 
 
 @torch.inference_mode()

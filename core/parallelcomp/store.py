@@ -57,8 +57,10 @@ Piece = tuple[array, DocumentSpan]
 KEY_VERSION = "pc-chunk-kv/1"
 """What a key and a model identity cover (chunk_key, model_identity); a new version would orphan
 every stored file, where a new FORMAT has each one rejected, deleted and recomputed on its next hit."""
-FORMAT = "pc-chunk-kv/2"
-"""The file layout, checked on load: /2 checksums the payload with XXH3-128 (/1: SHA-256)."""
+FORMAT = "pc-chunk-kv/3"
+"""The file layout and how its KV was computed, checked on load: /2 checksums the payload with
+XXH3-128 (/1: SHA-256); /3 holds KV encoded one chunk per forward (prefill.encode_chunks), where a
+/2 file may hold KV rounded inside a padded batch."""
 
 PIECES_FORMAT = "pc-doc-pieces/2"
 """What a document's pieces file holds, and what its key and identity cover (pieces_key): a new
