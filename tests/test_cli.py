@@ -68,9 +68,11 @@ def test_ask_says_when_the_answer_stopped_at_max_new_tokens(tmp_path, model_dir,
     report = json.loads(capsys.readouterr().out)
     assert (report["stats"]["finish_reason"], report["stats"]["new_tokens"]) == ("length", 3)
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "[cut at --max-new-tokens 3: raise it for a longer answer]" in out
-    assert out.index(report["answer"]) < out.index("[cut at") < out.index("Kept documents")
+    captured = capsys.readouterr()
+    assert captured.out == report["answer"] + "\n"  # stdout holds the answer alone: `ask ... > answer.txt`
+    err = captured.err
+    assert err.index("[cut at --max-new-tokens 3: raise it for a longer answer]") < err.index("Kept documents") \
+        < err.index("Stats: ")
 
 
 def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path, model_dir):
@@ -80,8 +82,8 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path, model_dir):
     run = subprocess.run(
         f"{sys.executable} -m parallelcomp.cli ask --model {model_dir} --chunk-tokens 16 --max-new-tokens 64 "
         f"--threads 1 'Where does the river run?' {' '.join(_docs(tmp_path))} | head -c 3",
-        shell=True, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert run.stdout == "Ans" and "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr
+        shell=True, capture_output=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert len(run.stdout) == 3 and b"Traceback" not in run.stderr and b"BrokenPipeError" not in run.stderr
 
 
 def _docs(tmp_path):
@@ -106,10 +108,72 @@ def test_ask_with_a_kv_store_reuses_every_chunk_in_a_later_run(tmp_path, model_d
 
 
 def test_chat_encodes_once_and_answers_each_line(tmp_path, model_dir, capsys, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("Where does the river run?\nWhat lies under the cloud?\n\n"))
+    """Questions piped from a file: blank lines between them are skipped, end of input quits, and
+    each answer follows its question on stdout; sources and timings go to stderr."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("Where does the river run?\n\n  \nWhat lies under the cloud?\n"))
     assert main(["chat", "--model", str(model_dir), "--chunk-tokens", "16", "--keep-chunks", "1",
                  "--max-new-tokens", "3", *_docs(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "Encoded" in captured.err and "3 documents" in captured.err
-    assert captured.out.count("Kept documents") == 2
-    assert captured.out.count("3 of 3 chunks reused") == 2
+    lines = captured.out.splitlines()
+    assert [line for line in lines if line.startswith("Question: ")] == \
+        ["Question: Where does the river run?", "Question: What lies under the cloud?"]
+    assert len(lines) == 4 and lines[1] and lines[3]  # an answer after each question
+    assert captured.err.count("Kept documents") == 2
+    assert captured.err.count("3 of 3 chunks reused") == 2
+
+
+def test_read_documents_skips_binary_repeated_and_unreadable_input_with_a_note(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    import pytest
+
+    from parallelcomp import InputError
+    from parallelcomp.cli import read_documents
+
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfThe river runs north.")  # a byte-order mark is no text
+    (tmp_path / "zeros.dat").write_bytes(b"\0" * 200)
+    (tmp_path / "utf16.txt").write_bytes("The river runs north.".encode("utf-16-le"))
+    (tmp_path / "doc.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << >> endobj\n")
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 by the river.".encode("latin-1"))
+    names, texts = read_documents([str(tmp_path), str(tmp_path / "a.txt"), str(tmp_path / ".." / tmp_path.name)])
+    assert (names, texts) == ([str(tmp_path / "a.txt")], ["The river runs north."])
+    err = capsys.readouterr().err
+    for name in ("zeros.dat", "utf16.txt"):
+        assert f"skipping {tmp_path / name}: binary, not text" in err
+    assert f"skipping {tmp_path / 'doc.pdf'}: a PDF, not text; extract its text first" in err
+    assert f"skipping {tmp_path / 'a.txt'}: the same file was read already\n" in err
+    assert f"skipping {tmp_path / '..' / tmp_path.name / 'a.txt'}: the same file was read already as " in err
+    assert f"skipping {tmp_path / 'latin1.txt'}: not UTF-8 text" in err and "iconv" in err
+    with pytest.raises(InputError, match="reading the corpus from stdin is not supported"):
+        read_documents(["-"])
+
+    def locked(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "is_dir", locked)  # a file inside a directory this user may not enter
+    with pytest.raises(InputError, match=r"secret.txt: cannot open \(Permission denied\)"):
+        read_documents([str(tmp_path / "locked" / "secret.txt")])
+    monkeypatch.undo()
+    assert main(["ask", "--model", str(tmp_path), "Q?", str(tmp_path / "a.txt")]) == 2
+    assert "holds no config.json, so it is not a Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_ctrl_c_and_warnings_are_one_line_each(monkeypatch, capsys):
+    import warnings
+
+    import parallelcomp.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def warns(args):
+        warnings.warn("KV store: cannot write /ro: Read-only file system; this run answers without it")
+        return 0
+
+    for run, code, err in [(interrupted, 130, "\ninterrupted\n"),
+                           (warns, 0, "warning: KV store: cannot write /ro: Read-only file system; this run "
+                                      "answers without it\n")]:
+        monkeypatch.setattr(cli, "_ask", run)
+        assert main(["ask", "Q?", "x.txt"]) == code
+        assert capsys.readouterr().err == err

@@ -5,8 +5,9 @@
 (parallelcomp.distributed, docs/distributed.md; needs `pip install "parallelcomp[ray]"`).
 
 Each file is one document; directories are read recursively in sorted order. The answer streams
-to stdout, then the kept documents with their scores and the run statistics; a progress bar
-goes to stderr during prefill.
+to stdout, and only the answer (`ask ... > answer.txt`; `--json` for everything as one object);
+the progress bar, the kept documents with their scores, the run statistics, notes and warnings go
+to stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import resource
 import stat
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import DTYPE_NAMES, PRESETS, ParallelCompConfig
@@ -27,13 +29,23 @@ from .errors import InputError, ParallelCompError
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():  # restores Python's own display when main returns
+            warnings.showwarning = _warning
+            return args.run(args)
     except ParallelCompError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the KV store holds only whole, checksummed files (docs/store.md)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader went away (`| head`): no traceback (Python docs, "Note on SIGPIPE")
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def _warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr (`warning: ...`), not Python's file:line and source."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,25 +117,40 @@ def _load(args):
 
 
 def _answer(pc, args, question: str, **source):
-    """Stream one answer to stdout (unless --json); return the GenerationOutput."""
+    """Stream one answer to stdout (unless --json); return the GenerationOutput. A note that the
+    answer was cut goes to stderr."""
     stream = pc.stream(question, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                        progress=True, **source)
-    started = False
     for delta in stream:  # the prefill bar (stderr) finishes before the first delta
         if not getattr(args, "json", False):
-            print(delta if started else f"Answer: {delta}", end="", flush=True)
-            started = True
-    if stream.output.stats.finish_reason == "length" and not getattr(args, "json", False):
-        print(f"\n[cut at --max-new-tokens {args.max_new_tokens}: raise it for a longer answer]", end="", flush=True)
+            print(delta, end="", flush=True)
+    if not getattr(args, "json", False):
+        print(flush=True)
+        if stream.output.stats.finish_reason == "length":
+            print(f"[cut at --max-new-tokens {args.max_new_tokens}: raise it for a longer answer]", file=sys.stderr)
     return stream.output
 
 
 def _print_sources(out, names: list[str]) -> None:
-    print("\n\nKept documents (question NLL, lower = more relevant):")
+    err = sys.stderr
+    print("\nKept documents (question NLL, lower = more relevant):", file=err)
     for doc, (score, kept) in sorted(out.document_scores().items(), key=lambda item: item[1][0]):
         if kept:
-            print(f"  {score:7.3f}  {names[doc]}")
-    print(f"Evicted: {len(out.stats.evicted_documents)} of {len(names)} documents")
+            print(f"  {score:7.3f}  {names[doc]}", file=err)
+    print(f"Evicted: {len(out.stats.evicted_documents)} of {len(names)} documents", file=err)
+    store = _store_events(out.stats)
+    if store:
+        print(f"KV store: {store}", file=err)
+
+
+def _store_events(s) -> str:
+    """What the chunk store dropped, rejected or failed to write in this run (RunStats), or ""."""
+    events = [f"{n} damaged, foreign or old-format files rejected ({', '.join(f'{k} {v}' for k, v in sorted(s.store_rejected.items()))}) and recomputed"
+              if (n := sum(s.store_rejected.values())) else "",
+              f"{s.store_evicted} chunks evicted from memory" if s.store_evicted else "",
+              f"{s.store_disk_evicted} files evicted from disk by its byte budget" if s.store_disk_evicted else "",
+              f"{s.store_write_errors} files not written" if s.store_write_errors else ""]
+    return "; ".join(e for e in events if e)
 
 
 def _ask(args) -> int:
@@ -143,17 +170,21 @@ def _ask(args) -> int:
         return 0
     _print_sources(out, names)
     s = out.stats
-    reused = f"; reused {s.reused_chunks} chunks from the KV store" if s.reused_chunks else ""
+    reused = f"; reused {_count(s.reused_chunks, 'chunk')} from the KV store" if s.reused_chunks else ""
     if s.workers:
-        reused += f"; {s.workers} Ray workers, {s.transfer_bytes / 2**20:.1f} MiB of kept KV moved"
+        reused += f"; {_count(s.workers, 'Ray worker')}, {s.transfer_bytes / 2**20:.1f} MiB of kept KV moved"
     steps = f" ({s.kernel_steps} steps whole in one call)" if s.kernel_steps else ""
     print(
         f"Stats: {s.tokens_in} context tokens in {s.n_chunks} chunks of ≤{s.chunk_tokens}, kept {s.n_kept}{reused}; "
         f"KV {s.kv_bytes / 2**20:.1f} MiB ({s.kv_tokens} tokens); {s.dtype}, {s.attention_kernel} attention, {s.layer_kernel} layer, {s.decode_kernel} decode kernels{steps}, {s.threads} threads; chunking {s.chunk_seconds:.1f} s, prefill {s.prefill_seconds:.1f} s, "
         f"first token after {s.first_token_seconds:.1f} s more, decode {s.decode_seconds:.1f} s ({s.new_tokens} tokens); model load {load_seconds:.1f} s; "
-        f"peak RSS {peak_rss_mb:.0f} MiB"
+        f"peak RSS {peak_rss_mb:.0f} MiB", file=sys.stderr
     )
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _chat(args) -> int:
@@ -163,15 +194,19 @@ def _chat(args) -> int:
     dropped = corpus.encoding.store_evicted + corpus.encoding.store_disk_evicted
     evicted = f", {dropped} dropped again by the KV store's budgets" if dropped else ""
     print(f"Encoded {corpus.n_tokens} tokens of {len(names)} documents in {len(corpus.chunks)} chunks "
-          f"({corpus.encode_seconds:.1f} s, {corpus.reused_chunks} chunks reused{evicted}). Ask away; an empty line "
-          "or end of input quits.", file=sys.stderr)
+          f"({corpus.encode_seconds:.1f} s, {corpus.reused_chunks} chunks reused{evicted}). Ask away, one question "
+          "per line; end of input (Ctrl-D) quits.", file=sys.stderr)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
-        if not line.strip():
+        if not line:
             return 0
+        if not line.strip():  # blank lines (between questions in a file) are no questions
+            continue
+        if not interactive:  # piped questions: each answer follows its question on stdout
+            print(f"Question: {line.strip()}", flush=True)
         try:
             out = _answer(pc, args, line.strip(), corpus=corpus)
         except InputError as err:  # a bad question ends that question, not the session
@@ -180,7 +215,7 @@ def _chat(args) -> int:
         _print_sources(out, names)
         s = out.stats
         print(f"(time to first token {s.ttft_seconds:.1f} s, {s.reused_chunks} of "
-              f"{s.n_chunks} chunks reused)\n", flush=True)
+              f"{s.n_chunks} chunks reused)\n", file=sys.stderr, flush=True)
 
 
 def read_documents(paths: list[str], max_chars: int | None = None) -> tuple[list[str], list[str]]:
@@ -189,30 +224,50 @@ def read_documents(paths: list[str], max_chars: int | None = None) -> tuple[list
     Only regular files are read. A path named on the command line that is not one (a FIFO, a
     device such as /dev/zero, a /proc or /sys pseudo-file whose size is not known in advance) is
     an error; inside a directory such entries, and symlinks that lead out of the directory, are
-    skipped with a note on stderr. Sizes are checked before reading: a UTF-8 character is at most
-    4 bytes, so more than 4 × `max_chars` bytes in all (default: ParallelCompConfig's
-    max_input_chars) is refused without reading further.
+    skipped with a note on stderr, as are unreadable directories, binary files (a NUL byte, a PDF)
+    and a file already read under another name. Sizes are checked before reading: a UTF-8
+    character is at most 4 bytes, so more than 4 × `max_chars` bytes in all (default:
+    ParallelCompConfig's max_input_chars) is refused without reading further.
     """
     max_bytes = 4 * (max_chars or ParallelCompConfig.model_fields["max_input_chars"].default)
     files: list[tuple[Path, bool]] = []  # (path, named on the command line)
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        try:
+            is_dir, found = path.is_dir(), path.exists() or path.is_symlink()
+        except OSError as err:  # a file inside a directory we may not enter
+            raise InputError(f"{raw}: cannot open ({err.strerror})") from None
+        if is_dir:
             files.extend((p, False) for p in _walk(path))
-        elif path.exists() or path.is_symlink():
+        elif found:
             files.append((path, True))
+        elif raw == "-":
+            raise InputError("-: reading the corpus from stdin is not supported; pass files or directories")
         else:
             raise InputError(f"{raw}: no such file or directory")
-    names, texts, total = [], [], 0
+    names, texts, total, seen = [], [], 0, {}
     for path, named in files:
+        real = path.resolve()
+        if real in seen:
+            also = f" as {seen[real]}" if seen[real] != path else ""
+            print(f"skipping {path}: the same file was read already{also}", file=sys.stderr)
+            continue
+        seen[real] = path
         data = _read_regular(path, max_bytes - total, named)
         if data is None:
             continue
         total += len(data)
+        if data.startswith(b"%PDF-"):
+            print(f"skipping {path}: a PDF, not text; extract its text first (e.g. pdftotext)", file=sys.stderr)
+            continue
+        if b"\0" in data[:8192]:  # what git and grep call binary
+            print(f"skipping {path}: binary, not text", file=sys.stderr)
+            continue
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")  # a leading byte-order mark is no text
         except UnicodeDecodeError as err:
-            print(f"skipping {path}: not readable as UTF-8 text ({err.__class__.__name__})", file=sys.stderr)
+            print(f"skipping {path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it, e.g. "
+                  f"iconv -f latin1 -t utf-8", file=sys.stderr)
             continue
         if text.strip():
             names.append(os.fspath(path))
@@ -228,7 +283,12 @@ def _walk(root: Path) -> list[Path]:
     """Files under `root` in sorted order; symlinks are followed only to files inside `root`."""
     base = root.resolve()
     out = []
-    for path in sorted(root.rglob("*")):
+    for path in [root, *sorted(root.rglob("*"))]:
+        if path.is_dir() and not path.is_symlink() and not os.access(path, os.R_OK | os.X_OK):
+            print(f"skipping {path}: cannot open (Permission denied)", file=sys.stderr)  # rglob skips it silently
+            continue
+        if path == root:
+            continue
         if path.is_symlink():
             try:
                 target = path.resolve(strict=True)

@@ -1,6 +1,6 @@
 """What protects a run before and while it works (docs/hardening.md):
 
-* `check_weight_files`: every `*.safetensors` file of a model directory is complete;
+* `check_weight_files`: a model directory holds a config and every `*.safetensors` file is complete;
 * `check_run`: one call after chunking, before any model work: the question and the answer fit
   the model's window, and the estimated peak memory of the run fits the memory budget;
 * `run_lock(model)`: one lock per model, shared by every engine on it (hooks and the attention
@@ -39,7 +39,11 @@ from .prefill import micro_batches, question_rows
 
 
 def check_weight_files(directory: str) -> None:
-    """ModelLoadError naming the first `*.safetensors` file whose header or length is wrong."""
+    """ModelLoadError for a directory without a model config, or naming the first
+    `*.safetensors` file whose header or length is wrong."""
+    if not (Path(directory) / "config.json").is_file():
+        raise ModelLoadError(f"{directory} holds no config.json, so it is not a Hugging Face model directory; pass "
+                             "the directory with config.json, the tokenizer files and *.safetensors")
     for path in sorted(Path(directory).glob("*.safetensors")):
         problem = _safetensors_problem(path)
         if problem:
