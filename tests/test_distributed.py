@@ -315,6 +315,21 @@ def test_workers_lost_one_by_one(local_ray, saved_models, monkeypatch):
             ours.generate(QUESTIONS[0], corpus=corpus, max_new_tokens=10)
 
 
+def test_an_engine_can_start_right_after_another_closed_on_the_same_cpus(local_ray, model_dir):
+    """close() returns once Ray counts the workers' CPUs free; before, an engine started right
+    after found 0 CPU free and raised (a reader met it running the README's examples)."""
+    free = int(ray.available_resources()["CPU"])
+    threads = min(2, free, os.cpu_count())  # a worker runs at most this machine's CPUs in threads
+    held = dict(num_workers=free // threads, worker_threads=threads)  # every free CPU, or all but one
+    with RayParallelComp.from_pretrained(model_dir, **held) as pc:
+        pc.generate("Where?", documents=["The river runs north."], max_new_tokens=2)
+    again = RayParallelComp.from_pretrained(model_dir, **held)
+    again.close()
+    with pytest.raises(DistributedError, match=r"this engine was closed \(close\(\), or the end of its with block\)"):
+        again.generate("Where?", documents=["The river runs north."], max_new_tokens=2)
+    assert int(ray.available_resources()["CPU"]) == free
+
+
 def test_too_few_free_cpus_is_an_error_not_a_wait(local_ray, model_dir):
     with pytest.raises(DistributedError, match="need 9 CPU but the Ray cluster has"):
         RayParallelComp.from_pretrained(model_dir, num_workers=9)

@@ -43,6 +43,9 @@ MAX_TIMEOUT_S = 7 * 24 * 3600
 CONNECT_TIMEOUT_S = 10.0
 """How long a cluster address may take to accept a TCP connection before from_pretrained gives up;
 Ray itself retries an address where nothing listens for minutes (over 5 here, with no error)."""
+CLOSE_WAIT_S = 10.0
+"""The longest `close` waits for Ray to count the stopped workers' resources free (about a second
+on a local Ray here)."""
 
 
 class _Lost:
@@ -64,12 +67,16 @@ def _ray():
 class RayParallelComp(ParallelComp):
     """A `ParallelComp` whose chunks are encoded and scored on Ray workers (docs/distributed.md)."""
 
-    def __init__(self, model, tokenizer, config: ParallelCompConfig | None, workers: dict, timeout_s: float):
-        """`workers`: name → handle of a `ray.remote(ChunkWorker)` actor that loaded the same model.
-        Use `from_pretrained`, which starts them."""
+    def __init__(self, model, tokenizer, config: ParallelCompConfig | None, workers: dict, timeout_s: float,
+                 per_worker: dict[str, float] | None = None):
+        """`workers`: name → handle of a `ray.remote(ChunkWorker)` actor that loaded the same model;
+        `per_worker`: the Ray resources each one holds ({"CPU": 1}), which `close` waits to see
+        freed. Use `from_pretrained`, which starts them."""
         super().__init__(model, tokenizer, config)
         self.timeout_s = _check_timeout(timeout_s)
         self._workers = dict(workers)
+        self._per_worker = dict(per_worker or {})
+        self._closed = False
         self._check_workers()
 
     @classmethod
@@ -117,7 +124,8 @@ class RayParallelComp(ParallelComp):
                          **({} if address else {"include_dashboard": False}))
             except (ConnectionError, ValueError) as err:  # no cluster at "auto"; Ray Client not installed
                 raise ConfigError(f"could not join the Ray cluster at address={address!r}: {err}") from err
-        _check_resources(ray, num_workers, worker_threads, device.type == "cuda")
+        per_worker = {"CPU": worker_threads, **({"GPU": 1} if device.type == "cuda" else {})}
+        _check_resources(ray, num_workers, per_worker)
         worker_config = config
         if config.kv_store_bytes is None:
             worker_config = config.replace(kv_store_bytes=psutil.virtual_memory().total // 3 // num_workers)
@@ -129,7 +137,7 @@ class RayParallelComp(ParallelComp):
                    for i in range(num_workers)}
         try:  # the driver's replica loads while the workers load theirs
             driver = ParallelComp.from_pretrained(path, config, device, dtype, threads)
-            return cls(driver.model, driver.tokenizer, config, workers, timeout_s)
+            return cls(driver.model, driver.tokenizer, config, workers, timeout_s, per_worker)
         except BaseException:
             for handle in workers.values():
                 ray.kill(handle)
@@ -149,11 +157,23 @@ class RayParallelComp(ParallelComp):
         return self._workers[name]
 
     def close(self) -> None:
-        """Stop every worker (their stores go with them); the engine cannot run afterwards."""
+        """Stop every worker (their stores go with them); the engine cannot run afterwards.
+
+        Returns once Ray counts the workers' CPUs (and GPUs) free again, or after CLOSE_WAIT_S:
+        Ray frees an actor's resources a moment after `ray.kill` returns, and an engine started
+        right after found none free."""
         ray = _ray()
+        freed = {kind: n * len(self._workers) for kind, n in self._per_worker.items()}
+        before = ray.available_resources()
         for handle in self._workers.values():
             ray.kill(handle)
         self._workers.clear()
+        self._closed = True
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while any(ray.available_resources().get(kind, 0) < before.get(kind, 0) + n for kind, n in freed.items()):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
 
     def __enter__(self) -> RayParallelComp:
         return self
@@ -281,6 +301,9 @@ class RayParallelComp(ParallelComp):
         chunks go to the next worker in rendezvous order until every chunk is done."""
         results = []
         while keys:
+            if self._closed:
+                raise DistributedError("this engine was closed (close(), or the end of its with block); make a new "
+                                       "RayParallelComp")
             if not self._workers:
                 raise DistributedError(f"no Ray worker is left (lost: {', '.join(spread.failed_workers)}); "
                                        "make a new RayParallelComp")
@@ -327,10 +350,11 @@ class RayParallelComp(ParallelComp):
             yield calls[ref], result
 
 
-def _check_resources(ray, num_workers: int, worker_threads: int, gpus: bool) -> None:
+def _check_resources(ray, num_workers: int, per_worker: dict[str, float]) -> None:
     """A DistributedError now, rather than workers that wait for resources until timeout_s."""
     free = ray.available_resources()
-    need = {"CPU": num_workers * worker_threads, **({"GPU": num_workers} if gpus else {})}
+    need = {kind: num_workers * n for kind, n in per_worker.items()}
+    worker_threads = per_worker["CPU"]
     short = {kind: n for kind, n in need.items() if free.get(kind, 0) < n}
     if short:
         have = ", ".join(f"{free.get(kind, 0):g} {kind}" for kind in short)
