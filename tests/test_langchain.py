@@ -605,6 +605,14 @@ def test_chain_errors_surface_through_callbacks(llm):
         create_parallelcomp_retrieval_chain(Empty(), llm).invoke({"input": QUESTION}, {"callbacks": [recorder]})
     assert len(recorder.errors) == 1 and recorder.ends == 0  # raised inside the model run
 
+    # the two helpers mirror LangChain's argument orders: (retriever, llm) and (llm, retriever)
+    with pytest.raises(InputError, match=r"create_parallelcomp_retrieval_chain\(retriever, llm\): llm must be"):
+        create_parallelcomp_retrieval_chain(llm, Empty())
+    with pytest.raises(InputError, match=r"create_parallelcomp_tool\(llm, retriever\): llm must be"):
+        create_parallelcomp_tool(Empty(), llm)
+    with pytest.raises(InputError, match=r"takes \{'input': question\} .*got \['question'\]"):
+        create_parallelcomp_retrieval_chain(Empty(), llm).invoke({"question": QUESTION})
+
 
 def test_tool_direct_and_in_an_agent_loop(llm, serial):
     docs = [Document(page_content=t, metadata={"id": i}) for i, t in enumerate(DOCS)]

@@ -88,6 +88,7 @@ def create_parallelcomp_retrieval_chain(
     Streaming yields `{"input", "context"}` first, then `{"answer": delta}` pieces, then
     `{"sources", "kept_context", "evicted_context"}`.
     """
+    _check_llm(llm, retriever, "create_parallelcomp_retrieval_chain(retriever, llm)")
     answer = _Answer(llm, prompt or DEFAULT_PROMPT, "context")
 
     def transform(inputs: Iterator[dict], config: RunnableConfig) -> Iterator[dict]:
@@ -104,7 +105,7 @@ def create_parallelcomp_retrieval_chain(
         async for part in answer.arun(state, config):
             yield AddableDict(answer=part) if isinstance(part, str) else AddableDict(part)
 
-    retrieve = (lambda x: x["input"]) | retriever
+    retrieve = _question | retriever
     chain = RunnablePassthrough.assign(context=retrieve.with_config(run_name="retrieve_documents")) | RunnableGenerator(
         transform, atransform, name="parallelcomp_answer"
     )
@@ -131,6 +132,7 @@ def create_parallelcomp_tool(
     """
     if (retriever is None) == (documents is None):
         raise InputError("pass exactly one of retriever= or documents=")
+    _check_llm(llm, retriever, "create_parallelcomp_tool(llm, retriever)")
     chain = create_parallelcomp_retrieval_chain(retriever or CorpusRetriever(documents=documents), llm, prompt)
     keys = ("sources", "kept_context", "evicted_context")
 
@@ -150,6 +152,21 @@ def create_parallelcomp_tool(
         args_schema=_Question,
         response_format="content_and_artifact",
     )
+
+
+def _check_llm(llm: Any, retriever: Any, call: str) -> None:
+    """InputError unless `llm` is a language model and `retriever` is not (the two helpers take
+    them in the order of the LangChain functions they mirror: `call`)."""
+    if not isinstance(llm, BaseLanguageModel) or isinstance(retriever, BaseLanguageModel):
+        raise InputError(f"{call}: llm must be a LangChain language model (ParallelCompLLM, ChatParallelComp) and "
+                         f"retriever a retriever; got llm={type(llm).__name__}, retriever={type(retriever).__name__}")
+
+
+def _question(inputs: Any) -> str:
+    if not isinstance(inputs, dict) or "input" not in inputs:
+        keys = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
+        raise InputError(f"the retrieval chain takes {{'input': question}} (as create_retrieval_chain), got {keys}")
+    return inputs["input"]
 
 
 # ---------------------------------------------------------------------- the answer step
