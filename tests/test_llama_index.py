@@ -50,7 +50,7 @@ FACTS = [
     ("garden", "Blue poppies in the botanical garden bloom only in cool, shaded beds in June."),
 ]
 # Fields that differ between two equal runs: timings, and what the second run found in the KV store.
-TIMING = ("chunk_seconds", "prefill_seconds", "first_token_seconds", "decode_seconds", "encoded_chunks", "reused_chunks",
+TIMING = ("chunk_seconds", "prefill_seconds", "first_token_seconds", "ttft_seconds", "decode_seconds", "encoded_chunks", "reused_chunks",
           "reused_tokens", "reuse_seconds_saved", "reused_prefix_tokens", "reused_head_tokens", "reused_documents",
           "store_disk_hits", "store_disk_documents", "store_evicted",
           "store_disk_evicted", "store_write_seconds", "store_bytes")

@@ -81,6 +81,9 @@ def test_documents_path_hits_the_store_on_the_second_call_and_questions_do_not_r
     s = streamed.output.stats
     assert (s.chunk_seconds, s.reused_documents) == (0, 0)  # a corpus= call chunks nothing
     assert s.ttft_seconds == s.prefill_seconds + s.first_token_seconds
+    assert s.to_dict()["ttft_seconds"] == s.ttft_seconds  # in --json and the wrappers' stats too
+    assert repr(corpus) == (f"Corpus(5 documents, 5 chunks of <= 40 tokens, {corpus.n_tokens} tokens, 0 encoded and "
+                            f"5 reused in {corpus.encode_seconds:.2f} s, {corpus.bytes_held / 2**20:.1f} MiB held)")
 
 
 def test_a_chunk_encoded_alone_is_stored_as_a_cold_run_over_all_stores_it(family, tokenizer):

@@ -177,7 +177,8 @@ class RunStats(SpreadStats, ReuseStats):
         return self.chunk_seconds + self.prefill_seconds + self.first_token_seconds
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, and `ttft_seconds` (the CLI's --json, the wrappers' stats)."""
+        return {**asdict(self), "ttft_seconds": self.ttft_seconds}
 
 
 @dataclass
