@@ -550,6 +550,17 @@ def test_llama_index_function_agent_calls_a_query_engine_tool(smol_engine):
     assert len(queries) == 1 and queries[0].strip()
     assert result.tool_name == "licences" and result.tool_output.content.strip()
 
+    # the README's way: a tool with return_direct=True ends the run with its answer
+    direct = QueryEngineTool.from_defaults(CorpusQueryEngine(), name="licences", return_direct=True,
+                                           description="Answers questions about software licences.")
+    agent = FunctionAgent(tools=[direct], llm=llm, initial_tool_choice="licences")
+    async def run_to_end():
+        return await agent.run("Who is the steward of the Mozilla licence?")
+
+    response = asyncio.run(run_to_end())
+    assert len(queries) == 2 and str(response) == smol_engine.generate(queries[1], documents=DOCS,
+                                                                       max_new_tokens=24).text
+
 
 @pytest.mark.parametrize("choice", ["none", "auto"])
 def test_free_text_cut_inside_a_character_by_the_token_limit_is_not_an_error(tokenizer, choice):
