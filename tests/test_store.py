@@ -108,6 +108,22 @@ def test_a_chunk_encoded_alone_is_stored_as_a_cold_run_over_all_stores_it(family
             assert all(torch.equal(x, y) for x, y in zip(plain(layer_a), plain(layer_b)))
 
 
+def test_without_packing_documents_hit_the_store_in_any_order_and_company(tokenizer):
+    """Packed (the default), documents that shared a chunk form other chunks in another order, and
+    those miss. With pack_documents=False each document has chunks of its own, so the same
+    documents hit in any order and beside others, and each has its own score."""
+    packed = engine(tokenizer, chunk_tokens=80)
+    assert [len(c.spans) for c in packed.encode(DOCS[:3]).chunks] == [2, 1]
+    assert packed.encode([DOCS[2], DOCS[0], DOCS[1]]).encoded_chunks == 2
+    pc = engine(tokenizer, model=packed.model, chunk_tokens=80, pack_documents=False)
+    first = pc.encode(DOCS[:3])
+    assert [[s.document for s in c.spans] for c in first.chunks] == [[0], [1], [2]]
+    again = pc.encode([DOCS[2], DOCS[0], DOCS[4], DOCS[1]])
+    assert (again.encoded_chunks, again.reused_chunks) == (1, 3)
+    out = pc.generate(QUESTION, documents=[DOCS[1], DOCS[0]], max_new_tokens=4)
+    assert out.stats.reused_chunks == 2 and [c.documents for c in out.chunks] == [(0,), (1,)]
+
+
 def test_score_with_a_corpus_equals_score_with_documents(tokenizer):
     pc = engine(tokenizer)
     target = "The copper garden lies north of the river stone."

@@ -1,7 +1,7 @@
 """Documents → chunks of at most `budget` tokens (method.md §1.2, done by tokens, not characters).
 
-Documents are packed in order, separated by `separator`, and a document that fits is never
-split. A longer document is cut into pieces at the last paragraph break inside the budget, else
+Documents are packed in order, separated by `separator` (unless `pack` is False: then each
+document starts its own chunks), and a document that fits is never split. A longer document is cut into pieces at the last paragraph break inside the budget, else
 the last sentence end, else the last space; only a text with none of these is cut mid-word.
 
 Whitespace never sits at a chunk edge: each document, and each piece of a split document, is
@@ -56,9 +56,9 @@ class _Piece:
     span: DocumentSpan
 
 
-def make_chunks(tokenizer, documents: list[str], budget: int, separator: str) -> list[Chunk]:
+def make_chunks(tokenizer, documents: list[str], budget: int, separator: str, pack: bool = True) -> list[Chunk]:
     return _pack(tokenizer, [p for i, doc in enumerate(documents) for p in _pieces(tokenizer, i, doc, budget)],
-                 budget, separator)
+                 budget, separator, pack)
 
 
 class DocumentMemo:
@@ -81,7 +81,7 @@ class DocumentMemo:
         self._lock = threading.Lock()
 
     def make_chunks(self, tokenizer, documents: list[str], budget: int, separator: str,
-                    report: ReuseStats) -> list[Chunk]:
+                    report: ReuseStats, pack: bool = True) -> list[Chunk]:
         """`make_chunks`; the documents found here or on disk (not tokenized again) are counted
         in `report.reused_documents`, those read from disk also in `report.store_disk_documents`."""
         pieces = []
@@ -108,7 +108,7 @@ class DocumentMemo:
                 report.reused_documents += 1
                 mine = [_Piece(ids.tolist(), replace(span, document=i)) for ids, span in kept]
             pieces += mine
-        return _pack(tokenizer, pieces, budget, separator)
+        return _pack(tokenizer, pieces, budget, separator, pack)
 
     def flush(self, report: ReuseStats) -> None:
         """Write the documents tokenized since the last flush to the disk tier (under the engine's
@@ -149,15 +149,16 @@ class DocumentMemo:
                 self._tokens -= sum(len(ids) for ids, _ in self._docs.popitem(last=False)[1])
 
 
-def _pack(tokenizer, pieces: list[_Piece], budget: int, separator: str) -> list[Chunk]:
-    """Consecutive pieces joined by `separator` into chunks of at most `budget` tokens."""
+def _pack(tokenizer, pieces: list[_Piece], budget: int, separator: str, pack: bool = True) -> list[Chunk]:
+    """Consecutive pieces joined by `separator` into chunks of at most `budget` tokens; `pack`
+    False: pieces of different documents never share a chunk."""
     sep_ids = text_ids(tokenizer, separator) if separator else []
     chunks: list[Chunk] = []
     ids: list[int] = []
     spans: list[DocumentSpan] = []
     for piece in pieces:
         joined = len(ids) + len(sep_ids) + len(piece.token_ids)
-        if ids and joined > budget:
+        if ids and (joined > budget or not pack and piece.span.document != spans[-1].document):
             chunks.append(Chunk(len(chunks), ids, tuple(spans)))
             ids, spans = [], []
         ids = ids + sep_ids + piece.token_ids if ids else list(piece.token_ids)

@@ -101,6 +101,13 @@ class ParallelCompConfig(BaseModel):
     """K, chunks kept after question-NLL scoring (paper default 3; 1 for retrieval tasks)."""
     document_separator: str = "\n\n"
     """Placed between documents packed into one chunk."""
+    pack_documents: bool = Field(True, strict=True)
+    """Pack consecutive documents into one chunk while they fit (the default). False: every
+    document starts its own chunks (a longer one still splits), so a document's chunks, their store
+    keys and their scores do not depend on the other documents or their order: a retriever that
+    returns the same documents in another order or beside others hits the chunk store for all of
+    them, and every document has a score of its own. The cost: more, shorter chunks, so phase 2
+    scores more of them and the K kept chunks hold fewer tokens (docs/store.md, "The key")."""
     max_input_chars: int = Field(4_000_000, gt=0, strict=True)
     """Refuse larger inputs (about 1M tokens) with an error instead of running for hours."""
     memory_budget_bytes: int | None = Field(None, gt=0, strict=True)

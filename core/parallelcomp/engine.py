@@ -430,7 +430,8 @@ class ParallelComp:
         start = time.perf_counter()
         budget = self._chunk_budget(len(prefix_ids), documents)
         found = ReuseStats()
-        chunks = self._documents.make_chunks(self.tokenizer, documents, budget, self.config.document_separator, found)
+        chunks = self._documents.make_chunks(self.tokenizer, documents, budget, self.config.document_separator, found,
+                                             self.config.pack_documents)
         digest = self._model_identity()[1]
         keys = tuple(chunk_key(digest, prefix_ids, c.token_ids) for c in chunks)
         return Corpus(digest, tuple(prefix_ids), tuple(chunks), keys, len(documents), budget,
