@@ -58,7 +58,9 @@ def test_ask_reports_bad_input_as_an_error_line(tmp_path, model_dir, capsys):
     assert main(["ask", "--model", str(model_dir), "--device", "gpu", "Q?", *_docs(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: device 'gpu' is not a torch device name")
     assert main(["ask", "--model", str(model_dir), "--chunk-tokens", "5", "Q?", *_docs(tmp_path)]) == 2
-    assert "chunk_tokens: Input should be greater than or equal to 16 (got 5)" in capsys.readouterr().err
+    assert "--chunk-tokens: Input should be greater than or equal to 16 (got 5)" in capsys.readouterr().err
+    assert main(["ask", "--model", str(model_dir), "--threads", "100000", "Q?", *_docs(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --threads must be an integer from 1 to")
 
 
 def test_ask_says_when_the_answer_stopped_at_max_new_tokens(tmp_path, model_dir, capsys):

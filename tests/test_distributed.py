@@ -388,7 +388,7 @@ def test_cli_rejects_a_bad_worker_count(model_dir, tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text(DOCS[0])
     assert main(["ask", "Where?", str(doc), "--model", str(model_dir), "--workers", "0"]) == 2
-    assert "num_workers must be a positive integer" in capsys.readouterr().err
+    assert "error: --workers must be a positive integer" in capsys.readouterr().err
 
 
 def test_the_wrappers_take_a_ray_engine_unchanged(ray_engines):

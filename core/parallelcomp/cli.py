@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import stat
 import sys
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _warning
             return args.run(args)
     except ParallelCompError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_OPTION_NAME.sub(lambda m: _OPTIONS[m[0]], str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the KV store holds only whole, checksummed files (docs/store.md)
         print("\ninterrupted", file=sys.stderr)
@@ -41,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): no traceback (Python docs, "Note on SIGPIPE")
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+_OPTIONS = {"keep_chunks": "--keep-chunks", "chunk_tokens": "--chunk-tokens", "kv_budget_ratio": "--kv-budget-ratio",
+            "lexical_weight": "--lexical-weight", "kv_store_dir": "--kv-store", "max_new_tokens": "--max-new-tokens",
+            "repetition_penalty": "--repetition-penalty", "num_workers": "--workers", "threads": "--threads"}
+"""The settings behind the CLI's options, named in errors as the options a user typed."""
+_OPTION_NAME = re.compile(r"\b(" + "|".join(_OPTIONS) + r")\b")
 
 
 def _warning(message, category, filename, lineno, file=None, line=None) -> None:
