@@ -179,3 +179,16 @@ def test_ctrl_c_and_warnings_are_one_line_each(monkeypatch, capsys):
         monkeypatch.setattr(cli, "_ask", run)
         assert main(["ask", "Q?", "x.txt"]) == code
         assert capsys.readouterr().err == err
+
+
+def test_chat_reports_what_the_kv_store_rejected_while_encoding(tmp_path, model_dir, capsys, monkeypatch):
+    store = tmp_path / "store"
+    args = ["--model", str(model_dir), "--chunk-tokens", "16", "--max-new-tokens", "2", "--kv-store", str(store)]
+    assert main(["ask", *args, "--json", "Where does the river run?", *_docs(tmp_path)]) == 0
+    victim = sorted(store.rglob("*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["chat", *args, *_docs(tmp_path)]) == 0
+    assert "KV store: 1 damaged, foreign or old-format files rejected (unreadable 1) and recomputed" in \
+        capsys.readouterr().err

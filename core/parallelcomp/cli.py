@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .config import DTYPE_NAMES, PRESETS, ParallelCompConfig
 from .errors import InputError, ParallelCompError
+from .output import ReuseStats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +153,8 @@ def _print_sources(out, names: list[str]) -> None:
 
 
 def _store_events(s) -> str:
-    """What the chunk store dropped, rejected or failed to write in this run (RunStats), or ""."""
+    """What the chunk store dropped, rejected or failed to write in a run (RunStats) or an encode
+    (a Corpus's chunking and encoding), or ""."""
     events = [f"{n} damaged, foreign or old-format files rejected ({', '.join(f'{k} {v}' for k, v in sorted(s.store_rejected.items()))}) and recomputed"
               if (n := sum(s.store_rejected.values())) else "",
               f"{s.store_evicted} chunks evicted from memory" if s.store_evicted else "",
@@ -199,10 +201,13 @@ def _chat(args) -> int:
     names, documents = read_documents(args.paths)
     pc, _ = _load(args)
     corpus = pc.encode(documents, progress=True)
-    dropped = corpus.encoding.store_evicted + corpus.encoding.store_disk_evicted
-    evicted = f", {dropped} dropped again by the KV store's budgets" if dropped else ""
+    found = ReuseStats()  # the store's work for this corpus: its documents' chunking, then its chunks
+    for part in (corpus.chunking, corpus.encoding):
+        found.add(part)
+    store = _store_events(found)
+    store = f"; KV store: {store}" if store else ""
     print(f"Encoded {corpus.n_tokens} tokens of {len(names)} documents in {len(corpus.chunks)} chunks "
-          f"({corpus.encode_seconds:.1f} s, {corpus.reused_chunks} chunks reused{evicted}). Ask away, one question "
+          f"({corpus.encode_seconds:.1f} s, {corpus.reused_chunks} chunks reused{store}). Ask away, one question "
           "per line; end of input (Ctrl-D) quits.", file=sys.stderr)
     interactive = sys.stdin.isatty()
     while True:
