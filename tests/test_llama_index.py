@@ -390,14 +390,24 @@ def test_prompts_are_exposed_and_used(index, engine, tokenizer):
     assert "response_synthesizer:instruction" in query_engine(index, synth).get_prompts()
 
 
-def test_bad_input(index, engine, make_engine):
+def test_bad_input(index, engine, make_engine, monkeypatch):
     nodes = retrieve(index)
     synth = ParallelCompSynthesizer(engine, max_new_tokens=4)
     streaming = ParallelCompSynthesizer(engine, max_new_tokens=4, streaming=True)
-    # no nodes: LlamaIndex's explicit empty response, the model is not run
-    assert synth.synthesize(QUESTION, []).response == "Empty Response"
-    assert "".join(streaming.synthesize(QUESTION, []).response_gen) == "Empty Response"
-    assert asyncio.run(synth.asynthesize(QUESTION, [])).response == "Empty Response"
+    # no nodes: an error saying what to change, not LlamaIndex's silent "Empty Response"
+    for s in (synth, streaming):
+        with pytest.raises(InputError, match="retriever found nothing"):
+            s.synthesize(QUESTION, [])
+        with pytest.raises(InputError, match="retriever found nothing"):
+            asyncio.run(s.asynthesize(QUESTION, []))
+    # ... unless the user chose a fixed answer for it: the model is not run
+    fixed = ParallelCompSynthesizer(engine, max_new_tokens=4, empty_response="Nothing found.")
+    fixed_stream = ParallelCompSynthesizer(engine, max_new_tokens=4, streaming=True, empty_response="Nothing found.")
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "stream", lambda *a, **k: pytest.fail("the model ran"))
+        assert fixed.synthesize(QUESTION, []).response == "Nothing found."
+        assert "".join(fixed_stream.synthesize(QUESTION, []).response_gen) == "Nothing found."
+        assert asyncio.run(fixed.asynthesize(QUESTION, [])).response == "Nothing found."
     blank = NodeWithScore(node=TextNode(text="  ", id_="blank", metadata={"title": "x"}), score=0.5)
     for s in (synth, streaming):
         with pytest.raises(InputError, match="blank"):

@@ -57,6 +57,7 @@ class ParallelCompSynthesizer(BaseSynthesizer):
         streaming: return `StreamingResponse` (sync) / `AsyncStreamingResponse` (async).
         instruction: text placed before the documents; default: the engine config's.
         query_template: a `PromptTemplate` with `{query_str}`, formatted into the question.
+        empty_response: the answer when there are no nodes; unset, no nodes is an `InputError`.
 
     Prompts (`get_prompts()` / `update_prompts()`): `"instruction"` and `"query_template"`.
 
@@ -68,8 +69,10 @@ class ParallelCompSynthesizer(BaseSynthesizer):
     reports and per-node attribution (`common.generation_info`). When streaming, both are filled
     in when the stream ends (chunk scores arrive with the engine's final output).
 
-    Bad input: an empty node list gives LlamaIndex's usual "Empty Response" (nothing is run);
-    an empty query or a node without text raises `parallelcomp.InputError`.
+    Bad input: an empty node list (a retriever that found nothing) raises
+    `parallelcomp.InputError`, as the LangChain chain does, instead of LlamaIndex's silent "Empty
+    Response"; pass `empty_response="..."` to answer that text instead (nothing is run). An empty
+    query or a node without text raises `InputError` too.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class ParallelCompSynthesizer(BaseSynthesizer):
             llm=llm, callback_manager=callback_manager, streaming=streaming, empty_response=empty_response
         )
         self._pc_llm: ParallelCompLLM = llm
+        self._answers_empty = empty_response is not None
         self._instruction = PromptTemplate(instruction or llm.instruction or llm.engine.config.instruction)
         self._query_template = query_template or PromptTemplate("{query_str}")
         self._update_prompts({"query_template": self._query_template})  # validates it
@@ -176,6 +180,19 @@ class ParallelCompSynthesizer(BaseSynthesizer):
         responses = await self._pc_llm.astream_complete(question, **kwargs)
         return (r.delta async for r in responses if r.delta)
 
+    def _has_nodes(self, nodes: Any) -> bool:
+        """False for an empty node list the user chose to answer with `empty_response`."""
+        if len(_check_nodes(nodes)):
+            return True
+        if self._answers_empty:
+            return False
+        msg = (
+            "no nodes to answer from: the retriever found nothing for this query (raise its "
+            "similarity_top_k, lower a similarity cutoff, or check the index); pass "
+            "empty_response='...' to the synthesizer to answer a fixed text instead"
+        )
+        raise InputError(msg)
+
     # ------------------------------------------------------------------ nodes in, Response out
 
     @dispatcher.span
@@ -186,7 +203,7 @@ class ParallelCompSynthesizer(BaseSynthesizer):
         additional_source_nodes: Optional[Sequence[NodeWithScore]] = None,
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
-        if len(_check_nodes(nodes)) == 0:
+        if not self._has_nodes(nodes):
             return super().synthesize(query, nodes, additional_source_nodes, **response_kwargs)
         query = _query_bundle(query)
         question, kwargs, sources = self._prepare(query, nodes, response_kwargs)
@@ -214,7 +231,7 @@ class ParallelCompSynthesizer(BaseSynthesizer):
         additional_source_nodes: Optional[Sequence[NodeWithScore]] = None,
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
-        if len(_check_nodes(nodes)) == 0:
+        if not self._has_nodes(nodes):
             return await super().asynthesize(query, nodes, additional_source_nodes, **response_kwargs)
         query = _query_bundle(query)
         question, kwargs, sources = self._prepare(query, nodes, response_kwargs)
