@@ -16,7 +16,7 @@ from langchain_core.language_models.fake_chat_models import FakeMessagesListChat
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
 from langchain_core.retrievers import BaseRetriever
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import ConfigurableField, RunnableLambda
 
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ValidationError
@@ -305,6 +305,32 @@ def test_constructor_settings_are_typed_and_aliased(engine):
     text = llm.invoke(QUESTION, {"callbacks": [recorder]}, documents=DOCS)
     assert "".join(recorder.tokens) == text and len(recorder.tokens) > 1
     assert llm.invoke(QUESTION, documents=DOCS, max_tokens=3) == llm.invoke(QUESTION, documents=DOCS, max_new_tokens=3)
+
+
+def test_configurable_fields_reach_the_llm_settings(engine):
+    """LangChain's runtime configuration of a chat model's settings (`ChatOpenAI`'s how-to), whose
+    settings live on its LLM: a configured run equals a chat built with those settings."""
+    chat = ChatParallelComp(engine=engine, max_new_tokens=N)
+    fields = {"temperature": ConfigurableField(id="t"), "max_tokens": ConfigurableField(id="n"),
+              "seed": ConfigurableField(id="seed")}
+    configurable = chat.configurable_fields(**fields)
+    assert {s.id: s.default for s in configurable.config_specs} == {"t": 0.0, "n": N, "seed": None}
+    configured = configurable.with_config(configurable={"t": 0.9, "n": 3, "seed": 7})
+    answer = configured.invoke(QUESTION, documents=DOCS)
+    direct = ChatParallelComp(engine=engine, max_tokens=3, temperature=0.9, seed=7).invoke(QUESTION, documents=DOCS)
+    assert answer.content == direct.content and answer.usage_metadata["output_tokens"] == 3
+    assert configurable.invoke(QUESTION, documents=DOCS).content == chat.invoke(QUESTION, documents=DOCS).content
+    # a setting beside llm= applies to a copy of that LLM
+    warm = ChatParallelComp(llm=chat.llm, temperature=0.9)
+    assert (warm.llm.temperature, chat.llm.temperature, warm.llm.max_new_tokens) == (0.9, 0.0, N)
+    with pytest.raises(ValueError, match="colour not found"):
+        chat.configurable_fields(colour=ConfigurableField(id="c"))
+    with pytest.raises(ValidationError, match="llm= or engine="):
+        ChatParallelComp(llm=chat.llm, engine=engine)
+    # the LLM takes LangChain's standard name too
+    llm = ParallelCompLLM(engine=engine, max_new_tokens=N).configurable_fields(max_tokens=ConfigurableField(id="n"))
+    short = llm.with_config(configurable={"n": 2}).invoke(QUESTION, documents=DOCS)
+    assert short == ParallelCompLLM(engine=engine, max_new_tokens=2).invoke(QUESTION, documents=DOCS)
 
 
 def test_timeout_stops_the_run_and_frees_the_engine(llm, serial):

@@ -37,7 +37,9 @@ from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.messages.utils import message_chunk_to_message
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough, RunnableSerializable
+from langchain_core.runnables.configurable import RunnableConfigurableFields
+from langchain_core.runnables.utils import AnyConfigurableField, ConfigurableFieldSpec, get_unique_config_specs
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
@@ -49,9 +51,10 @@ from parallelcomp.prompts import ROLES
 from parallelcomp.settings import GenerationSettings
 
 from ..common import ToolCallText, aiter_in_thread, chat_call, flatten_chat
-from .llms import ParallelCompLLM, usage_from_info
+from .llms import ParallelCompLLM, field_names, usage_from_info
 
-_ROLES = {"human": "User", "ai": "Assistant", "tool": "Tool", "function": "Tool", "chat": "User"}
+_LLM_FIELDS = frozenset(ParallelCompLLM.model_fields) - set(BaseChatModel.model_fields) - {"streaming"}
+"""The LLM's own fields (`engine`, the generation settings), which the chat takes too."""
 
 
 class ChatParallelComp(BaseChatModel):
@@ -71,12 +74,33 @@ class ChatParallelComp(BaseChatModel):
     @model_validator(mode="before")
     @classmethod
     def _build_llm(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "llm" not in data and "engine" in data:
-            own = set(BaseChatModel.model_fields) | {"streaming"}
-            llm_fields = (set(ParallelCompLLM.model_fields) | {"max_tokens"}) - own
-            data = dict(data)
-            data["llm"] = ParallelCompLLM(**{k: data.pop(k) for k in list(data) if k in llm_fields})
+        """`engine=` and the LLM's fields build the LLM; beside `llm=`, those fields (say
+        `temperature=0.7`) apply to a copy of it, which is how `configurable_fields` rebuilds."""
+        if not isinstance(data, dict):
+            return data
+        data = field_names(data)
+        settings = {k: data.pop(k) for k in list(data) if k in _LLM_FIELDS}
+        if "llm" not in data:
+            if "engine" in settings:
+                data["llm"] = ParallelCompLLM(**settings)
+            return data
+        if "engine" in settings:
+            raise ValueError("pass llm= or engine=, not both")
+        if settings and isinstance(data["llm"], ParallelCompLLM):
+            llm = data["llm"]
+            data["llm"] = ParallelCompLLM(**{**{k: getattr(llm, k) for k in type(llm).model_fields}, **settings})
         return data
+
+    def configurable_fields(self, **kwargs: AnyConfigurableField) -> RunnableSerializable:
+        """LangChain's, where a key may also be one of the LLM's settings (`temperature`,
+        `max_tokens`, `stop`, ...): `chat.configurable_fields(temperature=ConfigurableField(id="t"))`."""
+        fields = field_names(kwargs)
+        unknown = sorted(set(fields) - set(type(self).model_fields) - _LLM_FIELDS)
+        if unknown:
+            keys = sorted(set(type(self).model_fields) | _LLM_FIELDS)
+            msg = f"Configuration key {unknown[0]} not found in {type(self).__name__}: available keys are {keys}"
+            raise ValueError(msg)
+        return _ConfigurableSettings(default=self, fields=fields)
 
     @property
     def _llm_type(self) -> str:
@@ -258,6 +282,21 @@ class ChatParallelComp(BaseChatModel):
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+class _ConfigurableSettings(RunnableConfigurableFields):
+    """`ChatParallelComp.configurable_fields`: an LLM setting's spec (type, description, default)
+    comes from the LLM; a configured run passes it to the chat's constructor (`_build_llm`)."""
+
+    @property
+    def config_specs(self) -> list[ConfigurableFieldSpec]:
+        chat = self.default
+        own = {k: v for k, v in self.fields.items() if k not in _LLM_FIELDS}
+        settings = {k: v for k, v in self.fields.items() if k in _LLM_FIELDS}
+        return get_unique_config_specs([
+            *RunnableConfigurableFields(default=chat, fields=own).config_specs,
+            *RunnableConfigurableFields(default=chat.llm, fields=settings).config_specs,
+        ])
 
 
 def response_format_schema(response_format: Any) -> dict[str, Any] | None:

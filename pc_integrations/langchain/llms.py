@@ -24,12 +24,14 @@ from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseLLM
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.runnables import RunnableSerializable
+from langchain_core.runnables.utils import AnyConfigurableField
 from pydantic import ConfigDict, Field, model_validator
 
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig
 from parallelcomp.settings import GenerationSettings, Integer, Number
 
-from ..common import Run, aiter_in_thread, token_usage
+from ..common import SETTING_ALIASES, Run, aiter_in_thread, token_usage
 
 _DEFAULTS = {name: f.default for name, f in GenerationSettings.model_fields.items()}
 
@@ -91,9 +93,7 @@ class ParallelCompLLM(BaseLLM):
     @model_validator(mode="before")
     @classmethod
     def _one_token_limit(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "max_tokens" in data and "max_new_tokens" in data:
-            raise ValueError("pass max_new_tokens or its alias max_tokens, not both")
-        return data
+        return field_names(data) if isinstance(data, dict) else data
 
     @model_validator(mode="before")
     @classmethod
@@ -101,6 +101,10 @@ class ParallelCompLLM(BaseLLM):
         if isinstance(data, dict) and not data.get("model_name") and isinstance(data.get("engine"), ParallelComp):
             data = {**data, "model_name": data["engine"].model_name}
         return data
+
+    def configurable_fields(self, **kwargs: AnyConfigurableField) -> RunnableSerializable:
+        """LangChain's, also under the standard name `max_tokens`."""
+        return super().configurable_fields(**field_names(kwargs))
 
     @classmethod
     def from_pretrained(
@@ -232,6 +236,17 @@ class ParallelCompLLM(BaseLLM):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def field_names(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` keyed by field name: LangChain's `max_tokens` becomes `max_new_tokens`."""
+    named = dict(fields)
+    for alias, name in SETTING_ALIASES.items():
+        if alias in named:
+            if name in named:
+                raise ValueError(f"pass {name} or its alias {alias}, not both")
+            named[name] = named.pop(alias)
+    return named
 
 
 def _join(chunks: list[GenerationChunk]) -> Generation:
