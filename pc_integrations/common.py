@@ -77,15 +77,21 @@ class CallError(ParallelCompError, RuntimeError):
 # ---------------------------------------------------------------------- settings
 
 
+def by_name(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """`kwargs` with each alias (`SETTING_ALIASES`) replaced by its field's name."""
+    named = dict(kwargs)
+    for alias, name in SETTING_ALIASES.items():
+        if alias in named:
+            if name in named:
+                raise InputError(f"pass {name}= or its alias {alias}=, not both")
+            named[name] = named.pop(alias)
+    return named
+
+
 def call_settings(defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(engine settings, wrapper options) of one call: `defaults` (the wrapper's fields)
     overridden by the call's `kwargs`, validated by `GenerationSettings` (typed `InputError`)."""
-    kwargs = dict(kwargs)
-    for alias, name in SETTING_ALIASES.items():
-        if alias in kwargs:
-            if name in kwargs:
-                raise InputError(f"pass {name}= or its alias {alias}=, not both")
-            kwargs[name] = kwargs.pop(alias)
+    kwargs = by_name(kwargs)
     names = set(GenerationSettings.names())
     unknown = sorted(set(kwargs) - names - set(CALL_KEYS))
     if unknown:

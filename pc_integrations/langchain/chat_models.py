@@ -50,8 +50,8 @@ from parallelcomp.grammar import closed_schema, format_invalid_tool_call, format
 from parallelcomp.prompts import ROLES
 from parallelcomp.settings import GenerationSettings
 
-from ..common import ToolCallText, aiter_in_thread, chat_call, flatten_chat
-from .llms import ParallelCompLLM, field_names, usage_from_info
+from ..common import ToolCallText, aiter_in_thread, by_name, chat_call, flatten_chat
+from .llms import ParallelCompLLM, usage_from_info
 
 _LLM_FIELDS = frozenset(ParallelCompLLM.model_fields) - set(BaseChatModel.model_fields) - {"streaming"}
 """The LLM's own fields (`engine`, the generation settings), which the chat takes too."""
@@ -78,7 +78,7 @@ class ChatParallelComp(BaseChatModel):
         `temperature=0.7`) apply to a copy of it, which is how `configurable_fields` rebuilds."""
         if not isinstance(data, dict):
             return data
-        data = field_names(data)
+        data = by_name(data)
         settings = {k: data.pop(k) for k in list(data) if k in _LLM_FIELDS}
         if "llm" not in data:
             if "engine" in settings:
@@ -94,7 +94,7 @@ class ChatParallelComp(BaseChatModel):
     def configurable_fields(self, **kwargs: AnyConfigurableField) -> RunnableSerializable:
         """LangChain's, where a key may also be one of the LLM's settings (`temperature`,
         `max_tokens`, `stop`, ...): `chat.configurable_fields(temperature=ConfigurableField(id="t"))`."""
-        fields = field_names(kwargs)
+        fields = by_name(kwargs)
         unknown = sorted(set(fields) - set(type(self).model_fields) - _LLM_FIELDS)
         if unknown:
             keys = sorted(set(type(self).model_fields) | _LLM_FIELDS)

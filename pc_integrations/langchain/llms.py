@@ -31,7 +31,7 @@ from pydantic import ConfigDict, Field, model_validator
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig
 from parallelcomp.settings import GenerationSettings, Integer, Number
 
-from ..common import SETTING_ALIASES, Run, aiter_in_thread, token_usage
+from ..common import Run, aiter_in_thread, by_name, token_usage
 
 _DEFAULTS = {name: f.default for name, f in GenerationSettings.model_fields.items()}
 
@@ -92,8 +92,8 @@ class ParallelCompLLM(BaseLLM):
 
     @model_validator(mode="before")
     @classmethod
-    def _one_token_limit(cls, data: Any) -> Any:
-        return field_names(data) if isinstance(data, dict) else data
+    def _setting_names(cls, data: Any) -> Any:
+        return by_name(data) if isinstance(data, dict) else data
 
     @model_validator(mode="before")
     @classmethod
@@ -104,7 +104,7 @@ class ParallelCompLLM(BaseLLM):
 
     def configurable_fields(self, **kwargs: AnyConfigurableField) -> RunnableSerializable:
         """LangChain's, also under the standard name `max_tokens`."""
-        return super().configurable_fields(**field_names(kwargs))
+        return super().configurable_fields(**by_name(kwargs))
 
     @classmethod
     def from_pretrained(
@@ -236,17 +236,6 @@ class ParallelCompLLM(BaseLLM):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def field_names(fields: dict[str, Any]) -> dict[str, Any]:
-    """`fields` keyed by field name: LangChain's `max_tokens` becomes `max_new_tokens`."""
-    named = dict(fields)
-    for alias, name in SETTING_ALIASES.items():
-        if alias in named:
-            if name in named:
-                raise ValueError(f"pass {name} or its alias {alias}, not both")
-            named[name] = named.pop(alias)
-    return named
 
 
 def _join(chunks: list[GenerationChunk]) -> Generation:
