@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from parallelcomp import Corpus, InputError, ParallelComp, ParallelCompConfig
+from parallelcomp import Corpus, InputError, ParallelComp, ParallelCompConfig, store
 from parallelcomp.config import PAPER_CALIBRATION_RULES
 
 from .conftest import tiny_model
@@ -451,6 +452,20 @@ def test_the_disk_tier_is_written_after_the_last_token_unless_the_memory_tier_ca
     assert stream.output.stats.store_write_seconds > 0 and stream.output.stats.store_write_errors == 0
     fresh = engine(tokenizer, model=probe.model, kv_store_dir=str(tmp_path), kv_store_bytes=0)
     outputs_equal(fresh.generate(QUESTION, documents=DOCS, max_new_tokens=8), ref)
+
+
+def test_temporary_files_a_killed_writer_left_are_deleted_and_reported(tokenizer, tmp_path):
+    model = tiny_model("llama", len(tokenizer))
+    engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).encode(DOCS[:2])
+    folder = files(tmp_path)[0].parent
+    abandoned, live = folder / ".abc.123.dead.tmp", folder / ".abc.456.live.tmp"  # _write's naming
+    for path in (abandoned, live):
+        path.write_bytes(b"partial")
+    old = time.time() - store.ABANDONED_WRITE_SECONDS - 60
+    os.utime(abandoned, (old, old))
+    out = engine(tokenizer, model=model, kv_store_dir=str(tmp_path)).generate(QUESTION, documents=DOCS, max_new_tokens=8)
+    assert out.stats.store_rejected == {"abandoned write": 1} and out.stats.store_disk_hits > 0
+    assert not abandoned.exists() and live.exists()
 
 
 def test_chunks_a_closed_stream_left_unwritten_go_to_disk_with_the_next_call_encode_or_clear(tokenizer, tmp_path):

@@ -66,7 +66,8 @@ class ReuseStats:
     """Of the reused chunks, those read from the disk tier."""
     store_rejected: dict[str, int] = field(default_factory=dict)
     """Disk-tier files (chunk KV or documents' chunking) found damaged, foreign or stale, by
-    reason: deleted and recomputed."""
+    reason: deleted and recomputed. "abandoned write" counts temporary files a killed writer left
+    (store.ABANDONED_WRITE_SECONDS), deleted when the tier is scanned."""
     store_write_errors: int = 0
     """Disk-tier files (chunk KV or documents' chunking) that could not be written."""
     store_write_seconds: float = 0.0

@@ -73,6 +73,10 @@ RESCAN_WRITES = 64
 (other processes may share the directory). A scan stats every file: 18 ms at 3,000 files here, so
 scanning after every write made a cold run's writes quadratic in the directory's files."""
 
+ABANDONED_WRITE_SECONDS = 3600
+"""Age after which a temporary file in the disk tier is a write whose process died (a live write
+renames its file into place within seconds); a directory scan deletes such files."""
+
 HEADS_PER_CHUNK = 4
 """Question heads kept per chunk in the memory tier: one per prompt template and restated
 instruction in use (engine.question_nll)."""
@@ -368,7 +372,7 @@ class ChunkStore:
                               "disk tier", stacklevel=3)
             return
         if self.disk_bytes is not None:
-            report.store_disk_evicted += self._trim_disk(written)
+            report.store_disk_evicted += self._trim_disk(written, report)
         report.store_write_seconds += time.perf_counter() - start
 
     @staticmethod
@@ -398,16 +402,20 @@ class ChunkStore:
             os.utime(path)  # recency for the disk budget (atime is often off)
         return meta, tensors
 
-    def _trim_disk(self, written: int) -> int:
+    def _trim_disk(self, written: int, report: ReuseStats) -> int:
         """After writing `written` bytes: above the disk budget, delete least recently used files down
         to 90% of it; returns how many. The directory is scanned (a stat per file) only when the
         running total passes the budget or after RESCAN_WRITES writes, which counts what other
-        processes sharing the directory wrote or deleted, not after every write."""
+        processes sharing the directory wrote or deleted, not after every write. A scan also
+        deletes abandoned temporary files (counted as rejected, "abandoned write")."""
         self._writes_since_scan += 1
         if self._disk_held is not None and self._writes_since_scan < RESCAN_WRITES:
             self._disk_held += written
             if self._disk_held <= self.disk_bytes:
                 return 0
+        abandoned = _delete_abandoned_writes(self.disk_dir)
+        if abandoned:
+            report.store_rejected["abandoned write"] = report.store_rejected.get("abandoned write", 0) + abandoned
         files = _stored_files(self.disk_dir)
         total, deleted = sum(size for _, size, _ in files), 0
         self._writes_since_scan = 0
@@ -435,6 +443,19 @@ def _stored_files(root: Path) -> list[tuple[float, int, Path]]:
             continue
         files.append((st.st_mtime, st.st_size, path))
     return files
+
+
+def _delete_abandoned_writes(root: Path) -> int:
+    """Delete the temporary files (`_write`) older than ABANDONED_WRITE_SECONDS; returns how many."""
+    deleted, cutoff = 0, time.time() - ABANDONED_WRITE_SECONDS
+    for path in (*(root / "v1").glob("*/*/.*.tmp"), *(root / "documents").glob("*/*/.*.tmp")):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                deleted += 1
+        except OSError:  # finished or deleted meanwhile, or not ours to delete
+            continue
+    return deleted
 
 
 def _default_disk_budget(root: Path) -> int:
