@@ -181,6 +181,30 @@ def test_ctrl_c_and_warnings_are_one_line_each(monkeypatch, capsys):
         assert capsys.readouterr().err == err
 
 
+def test_ctrl_c_keeps_the_chunks_encoded_so_far_in_the_kv_store(tmp_path, model_dir, capsys, monkeypatch):
+    """The store is written after the answer, so Ctrl-C while decoding used to lose the prefill."""
+    from parallelcomp import ParallelComp
+
+    answer = ParallelComp.stream
+
+    def interrupted(self, *args, **kwargs):
+        for delta in answer(self, *args, **kwargs):
+            yield delta
+            raise KeyboardInterrupt  # after the first answer token: every chunk is encoded
+
+    store = tmp_path / "store"
+    args = ["ask", "--model", str(model_dir), "--chunk-tokens", "16", "--max-new-tokens", "3", "--kv-store",
+            str(store), "Where does the river run?", *_docs(tmp_path)]
+    with monkeypatch.context() as patch:
+        patch.setattr(ParallelComp, "stream", interrupted)
+        assert main(args) == 130
+    err = capsys.readouterr().err
+    assert main([*args, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert f"saving {stats['n_chunks']} encoded chunks to {store}" in err and stats["n_chunks"] > 1
+    assert (stats["reused_chunks"], stats["encoded_chunks"]) == (stats["n_chunks"], 0)
+
+
 def test_chat_reports_what_the_kv_store_rejected_while_encoding(tmp_path, model_dir, capsys, monkeypatch):
     store = tmp_path / "store"
     args = ["--model", str(model_dir), "--chunk-tokens", "16", "--max-new-tokens", "2", "--kv-store", str(store)]

@@ -112,7 +112,7 @@ class DocumentMemo:
 
     def flush(self, report: ReuseStats) -> None:
         """Write the documents tokenized since the last flush to the disk tier (under the engine's
-        lock, with the chunks: engine._write_behind)."""
+        lock, with the chunks: ParallelComp.write_behind)."""
         while True:
             with self._lock:
                 if not self._unwritten:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import DTYPE_NAMES, PRESETS, ParallelCompConfig
 from .errors import InputError, ParallelCompError
-from .output import ReuseStats
+from .output import ReuseStats, RunStats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the KV store holds only whole, checksummed files (docs/store.md)
         print("\ninterrupted", file=sys.stderr)
+        _keep_encoded(getattr(args, "engine", None))
         return 130
     except BrokenPipeError:  # the reader went away (`| head`): no traceback (Python docs, "Note on SIGPIPE")
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -50,6 +51,20 @@ _OPTIONS = {"keep_chunks": "--keep-chunks", "chunk_tokens": "--chunk-tokens", "k
             "repetition_penalty": "--repetition-penalty", "num_workers": "--workers", "threads": "--threads"}
 """The settings behind the CLI's options, named in errors as the options a user typed."""
 _OPTION_NAME = re.compile(r"\b(" + "|".join(_OPTIONS) + r")\b")
+
+
+def _keep_encoded(pc) -> None:
+    """After Ctrl-C: write the chunks encoded so far to the --kv-store directory, which a call
+    writes only once its answer is complete (docs/store.md, "Written behind"), so the next run
+    starts from them; a second Ctrl-C skips it."""
+    if pc is None or pc.store.disk_dir is None or not pc.store.unwritten:
+        return
+    print(f"saving {_count(pc.store.unwritten, 'encoded chunk')} to {pc.store.disk_dir} (Ctrl-C again to skip)",
+          file=sys.stderr)
+    try:
+        pc.write_behind(RunStats())
+    except KeyboardInterrupt:
+        print("skipped", file=sys.stderr)
 
 
 def _warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -122,6 +137,7 @@ def _load(args):
     else:
         pc = ParallelComp.from_pretrained(args.model, config=config, device=args.device, dtype=dtype,
                                           threads=args.threads)
+    args.engine = pc  # for Ctrl-C (_keep_encoded)
     return pc, time.perf_counter() - start
 
 

@@ -331,7 +331,7 @@ class ParallelComp:
                 logits = forward(self.model, ids, cache, positions, logits_to_keep=ids.shape[1])
             logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)
             nlls = -logprobs.gather(-1, ids[0, 1:, None])[:, 0]
-            self._write_behind(ctx.stats)
+            self.write_behind(ctx.stats)
         return ScoreOutput(float(nlls.mean()), len(nlls), nlls.tolist(), ctx.reports, ctx.stats)
 
     # ------------------------------------------------------------------ stages
@@ -383,15 +383,17 @@ class ParallelComp:
             ctx.stats.kernel_steps = whole.steps if whole else 0
             ctx.stats.finish_reason = "length" if len(assembler.ids) == max_new_tokens and not assembler.stopped else "stop"
             ctx.stats.decode_seconds = time.perf_counter() - start
-            self._write_behind(ctx.stats)
+            self.write_behind(ctx.stats)
             if not ctx.stats.encoded_chunks and not ctx.stats.store_evicted and self.store.bytes_held == held:
                 self._lock.keep_heap()  # a question over the memory tier as it was: its freed pages serve the next
             result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
-    def _write_behind(self, stats: RunStats) -> None:
-        """Write the chunks this call encoded, and the documents it tokenized, to the disk tier now
-        that its output is complete (the tier is written behind, store.py and docs/store.md), and
-        count that in `stats`. A stream closed before its end leaves them to the next call's flush."""
+    def write_behind(self, stats: ReuseStats) -> None:
+        """Write the chunks encoded, and the documents tokenized, since the last write to the disk
+        tier, and count that in `stats`. A call does this once its output is complete (the tier is
+        written behind, store.py and docs/store.md); a stream closed before its end leaves them to
+        the next call, and a caller interrupted mid-call (the CLI's Ctrl-C) keeps its work by
+        calling this."""
         writes = ReuseStats()
         self.store.flush(writes)
         self._documents.flush(writes)  # after the chunks: the newest files, the last the disk budget deletes

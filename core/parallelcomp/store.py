@@ -239,6 +239,11 @@ class ChunkStore:
         else:
             self._save(key, entry, identity, prefix_ids, chunk_ids, report)
 
+    @property
+    def unwritten(self) -> int:
+        """Entries the memory tier holds that the disk tier does not yet (`flush` writes them)."""
+        return len(self._unwritten)
+
     def flush(self, report: ReuseStats) -> None:
         """Write every entry the memory tier holds but the disk tier does not yet (oldest first)."""
         while self._unwritten:

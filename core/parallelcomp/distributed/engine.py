@@ -263,12 +263,12 @@ class RayParallelComp(ParallelComp):
         kept_kv = [(by_index[i], transfer.unpack(pulled[i], self.model.dtype, self.model.device)) for i in kept]
         return Scored(scores, raw_bytes, kept_kv, sum(latest.values()), spread)
 
-    def _write_behind(self, stats) -> None:
+    def write_behind(self, stats) -> None:
         """Every worker writes the chunks it encoded to its disk tier, now that the answer is
-        complete (engine._write_behind); what they did counts in `stats`. A worker that does not
+        complete (ParallelComp.write_behind); what they did counts in `stats`. A worker that does not
         answer costs a warning here, not the finished answer. The driver writes the documents it
         tokenized (its own store holds no chunk)."""
-        super()._write_behind(stats)
+        super().write_behind(stats)
         calls = {handle.flush.remote(): (name, []) for name, handle in self._workers.items()}
         try:
             for _, report in self._gather(calls, stats):
