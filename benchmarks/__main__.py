@@ -88,6 +88,8 @@ def main(argv=None) -> None:
     prof.add_argument("--out", default=str(DEFAULT_OUT / "profile"))
     mem = sub.add_parser("memory", help="the resource guard's estimate next to measured peak RSS growth")
     mem.add_argument("--out", default=str(DEFAULT_OUT / "memory"))
+    mem.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                     help="auto: the machine's default (docs/hardware.md)")
     rep = sub.add_parser("report", help="rewrite results.md and the plots from results.json")
     rep.add_argument("--out", default=str(DEFAULT_OUT))
     dec = sub.add_parser("decode", help="decode tok/s over merged KVs: old path, new path, bandwidth bound")
@@ -151,7 +153,7 @@ def main(argv=None) -> None:
     elif opts.command == "memory":
         from .memory_estimate import run as run_memory
 
-        print(run_memory(Path(opts.out)))
+        print(run_memory(Path(opts.out), opts.dtype))
     elif opts.command == "profile":
         from .hotspots import run as run_profile
 

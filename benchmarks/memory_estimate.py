@@ -30,14 +30,14 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure(case: int) -> dict:
-    """One case, in this process."""
+def measure(case: int, dtype: str = "auto") -> dict:
+    """One case, in this process, in `dtype` ("auto": the machine's default)."""
     from parallelcomp import ParallelComp, ParallelCompConfig, guard
 
     name, chunk_tokens, batch_tokens = CASES[case]
     text = (LICENCES / name).read_text()
     config = ParallelCompConfig(chunk_tokens=chunk_tokens, prefill_batch_tokens=batch_tokens)
-    pc = ParallelComp.from_pretrained(None, config)
+    pc = ParallelComp.from_pretrained(None, config, dtype=None if dtype == "auto" else dtype)
     pc.generate("Warm up?", documents=["A short text to warm up the kernels."], max_new_tokens=2)
     parts = pc.prompt_parts(QUESTION, True)
     chunks = list(pc._chunk([text], parts.prefix_ids).chunks)
@@ -54,10 +54,10 @@ def measure(case: int) -> dict:
             "ratio": round(est.peak / growth, 2), "dtype": out.stats.dtype}
 
 
-def run(out: Path) -> Path:
+def run(out: Path, dtype: str = "auto") -> Path:
     rows = []
     for case in range(len(CASES)):
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_estimate", str(case)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_estimate", str(case), dtype], capture_output=True,
                               text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     result = {"machine": machine.describe(rows[0]["dtype"]), "load": os.getloadavg()[0], "rows": rows}
@@ -75,4 +75,4 @@ def run(out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(int(sys.argv[1]))))
+    print(json.dumps(measure(int(sys.argv[1]), sys.argv[2])))
