@@ -17,15 +17,24 @@ Routing (`route`), in this order; `generation_info(...)["split"]` reports which 
    max_new_tokens, and at most `chunk_tokens`):
    "label"     - the text after the last line-initial `Question:`, `Query:`, `Q:`, `User:`,
                  `Human:`, `Input:` or `Task:` label (or run of them: `Human: Question:`),
-                 except a label inside the block below;
+                 except a label inside the block below, up to a line-initial context label
+                 (`Context:`, `Documents:`, `Sources:`, ...) that follows it; or, the question
+                 first (LangChain's RAG prompt rlm/rag-prompt), the text between the last
+                 question label before the first context label and that context label;
    "block"     - the text around the longest span between two equal delimiter lines (`-----`),
                  which is the corpus, when text follows the closing line (refine prompts);
+   "lead"      - the instruction first, when the prompt does not end in a question: a first
+                 paragraph that ends with `:` or speaks of the text "below" or "following"
+                 ("Write a concise summary of the following:"), with a last paragraph that ends
+                 with `:` ("CONCISE SUMMARY:");
    "paragraph" - the last paragraph (text after the last blank line);
    "line"      - the last non-empty line;
    "sentence"  - the last sentence (text after the last `.`, `!` or `?` followed by a space);
    "tail"      - the longest run of trailing tokens within the budget.
    A trailing answer cue on its own line (`Answer:`, `Response:`, `Assistant:`, ...) is dropped
-   from the question; everything before the question is the corpus, chunked like documents.
+   from the question; everything else is the corpus, chunked like documents. The rules from
+   "lead" on guess from the prompt's shape, so they warn (`StuffedPromptWarning`, shown once
+   per rule as Python shows warnings).
 
 Before these rules, a chat history that leaves no room in the window is fitted: while the prompt
 prefix (template, instruction, tool descriptions and history) and `max_new_tokens` take more than
@@ -45,6 +54,7 @@ import functools
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
@@ -62,6 +72,10 @@ SETTING_ALIASES = {"max_tokens": "max_new_tokens"}
 """LangChain/OpenAI-style names accepted for `GenerationSettings` fields."""
 CALL_KEYS = ("documents", "timeout", "history", "role")
 """Per-call keyword arguments the wrappers take besides `GenerationSettings` fields."""
+
+
+class StuffedPromptWarning(UserWarning):
+    """A stuffed prompt's question was guessed from its shape (`route`, rules in `GUESSES`)."""
 
 
 class GenerationTimeout(ParallelCompError, TimeoutError):
@@ -218,6 +232,11 @@ def _metadata(i: int, metadata: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------- routing
 
 _LABEL = re.compile(r"(?im)^[ \t>*#-]*(?:(?:question|query|q|user|human|input|task)[ \t]*:[ \t]*)+")
+_CONTEXT_LABEL = re.compile(
+    r"(?im)^[ \t>*#-]*(?:[a-z]+[ \t]+)?(?:context|documents?|sources?|passages?|texts?|articles?|excerpts?)[ \t]*:")
+_LEAD = re.compile(r"(?is):\s*$|\b(?:below|following)\b")
+GUESSES = ("lead", "paragraph", "line", "sentence", "tail")
+"""Rules that take the question from the prompt's shape alone: each warns."""
 _DELIMITER = re.compile(r"(?m)^[ \t]*([-=_*~#])\1{2,}[ \t]*$")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=\S)")
 _ANSWER_CUE = re.compile(
@@ -277,6 +296,11 @@ def route(
     for rule, context, question in _splits(engine, prompt, limit - overhead):
         question = _strip_cue(question).strip()
         if question and context.strip() and len(parts(question, True).question_ids) <= limit:
+            if rule in GUESSES:
+                msg = (f"a prompt longer than the window had its question guessed from its shape (rule {rule!r}; "
+                       "generation_info['split'] says how much was taken): if that is not the question, pass the "
+                       "context as documents= or put the question after a 'Question:' label (docs/integrations.md)")
+                warnings.warn(msg, StuffedPromptWarning, stacklevel=2)
             return done(question, [SourceDocument(context)], rule)
     raise InputError(f"no question of at most {limit} tokens could be found at the end of the prompt")
 
@@ -304,15 +328,30 @@ def _question_budget(engine: ParallelComp, parts: PromptParts, reserve: int) -> 
 
 def _splits(engine: ParallelComp, prompt: str, tail_tokens: int) -> Iterator[tuple[str, str, str]]:
     """Candidate splits (rule, corpus, question), in rule order."""
-    block = _block(prompt)
+    block, body = _block(prompt), _strip_cue(prompt)
     labels = [m for m in _LABEL.finditer(prompt) if not (block and block[1] <= m.start() < block[2])]
     if labels:
-        yield "label", prompt[: labels[-1].start()], prompt[labels[-1].end():]
+        last = labels[-1]
+        follows = _CONTEXT_LABEL.search(prompt, last.end())
+        if follows is None:
+            yield "label", prompt[: last.start()], prompt[last.end():]
+        else:  # the question, then the context
+            yield "label", prompt[: last.start()] + body[follows.start():], prompt[last.end(): follows.start()]
+        first = _CONTEXT_LABEL.search(prompt)
+        before = [m for m in labels if first and m.end() <= first.start()]
+        if before and before[-1] is not last:  # the question first, a label inside the context after it
+            yield "label", prompt[: before[-1].start()] + body[first.start():], prompt[before[-1].end(): first.start()]
     if block:
         before, inner, after = prompt[: block[0]], prompt[block[1]: block[2]], prompt[block[3]:]
         if after.strip():
             yield "block", inner, f"{before.strip()}\n{after.strip()}".strip()
-    body = _strip_cue(prompt)
+    lead, _, rest = body.strip().partition("\n\n")
+    if rest.strip() and not body.endswith("?") and _LEAD.search(lead):
+        context, _, last = rest.rstrip().rpartition("\n\n")
+        if context.strip() and last.endswith(":"):  # an instruction after the text too: "CONCISE SUMMARY:"
+            yield "lead", context, f"{lead}\n{last.strip()}"
+        else:
+            yield "lead", rest, lead
     for rule, cut in (("paragraph", body.rfind("\n\n")), ("line", body.rfind("\n"))):
         if cut > 0:
             yield rule, prompt[:cut], prompt[cut:]

@@ -6,6 +6,7 @@ checked token for token against the engine run on the split the rule reports."""
 from __future__ import annotations
 
 import asyncio
+import warnings
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from llama_index.core.response_synthesizers import get_response_synthesizer
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig
-from pc_integrations.common import CONTEXT_MARKER, CallError, route
+from pc_integrations.common import CONTEXT_MARKER, GUESSES, CallError, StuffedPromptWarning, route
 from pc_integrations.langchain import ChatParallelComp, ParallelCompLLM
 from pc_integrations.llama_index import ParallelCompLLM as LlamaIndexLLM
 
@@ -43,6 +44,10 @@ REFINE_QUESTION = (
     "We have the opportunity to refine the existing answer (only if needed) with some more context below.\n"
     "Given the new context, refine the original answer to better answer the query. "
     "If the context isn't useful, return the original answer.")
+RAG_INSTRUCTION = (  # LangChain's RAG tutorial prompt (hub rlm/rag-prompt): the question before the context
+    "You are an assistant for question-answering tasks. Use the following pieces of retrieved context to answer "
+    "the question. If you don't know the answer, just say that you don't know. Use three sentences maximum and "
+    "keep the answer concise.")
 LC_REFINE = REFINE_PROMPT.template
 LC_REFINE_QUESTION = (
     "Your job is to produce a final summary.\nWe have provided an existing summary up to a certain point: Velmora.\n"
@@ -81,14 +86,29 @@ def test_corpus_is_several_windows(engine):
         # line inside the context is part of it
         (REFINE.format(CORPUS + FAQ), "block", f"\n{CORPUS}{FAQ}\n", REFINE_QUESTION),
         (LC_REFINE.format(existing_answer="Velmora.", text=CORPUS), "block", f"\n{CORPUS}\n", LC_REFINE_QUESTION),
+        # the question first, then the context after a context label
+        (f"{RAG_INSTRUCTION}\nQuestion: {QUESTION} \nContext: {CORPUS} \nAnswer:", "label",
+         f"{RAG_INSTRUCTION}\nContext: {CORPUS} ", QUESTION),
+        (f"Answer using the documents below.\n\nQuestion: {QUESTION}\n\nDocuments:\n{CORPUS}", "label",
+         f"Answer using the documents below.\n\nDocuments:\n{CORPUS}", QUESTION),
+        (f"Question: {QUESTION}\nContext:{FAQ}\n{CORPUS}", "label", f"Context:{FAQ}\n{CORPUS}", QUESTION),
+        # the instruction first, with no question at the end (LangChain's stuff summarize prompt)
+        (f'Write a concise summary of the following:\n\n\n"{CORPUS}"\n\n\nCONCISE SUMMARY:', "lead",
+         f'\n"{CORPUS}"\n', "Write a concise summary of the following:\nCONCISE SUMMARY:"),
+        (f"Find the year in the text below.\n\n{CORPUS}", "lead", CORPUS, "Find the year in the text below."),
+        (f"Use the following notes:\n\n{CORPUS}\n\n{QUESTION}", "paragraph", f"Use the following notes:\n\n{CORPUS}",
+         QUESTION),
         (f"{CORPUS}\n\n{QUESTION}", "paragraph", CORPUS, QUESTION),
         (f"{LINES}\n{QUESTION}\nAssistant:", "line", LINES, QUESTION),
         (f"{ONE_LINE} {QUESTION}", "sentence", f"{ONE_LINE} ", QUESTION),
     ],
 )
-def test_rule_finds_the_trailing_question(engine, prompt, rule, context, question):
-    routed = route(engine, prompt, max_new_tokens=N)
+def test_rule_finds_the_question(engine, prompt, rule, context, question):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        routed = route(engine, prompt, max_new_tokens=N)
     assert routed.split["rule"] == rule
+    assert [w.category for w in caught] == ([StuffedPromptWarning] if rule in GUESSES else [])  # a guess says so
     assert routed.question == question
     assert [s.text for s in routed.sources] == [context]
     assert routed.split["context_chars"] == len(context)
