@@ -372,6 +372,10 @@ def test_chat_model_renders_history_with_the_chat_template(engine, tokenizer):
     assert len(message.response_metadata["sources"]) == len(DOCS)
     assert message.usage_metadata["output_tokens"] == message.response_metadata["stats"]["new_tokens"] == N
     assert message.response_metadata["model_name"] == engine.model_name
+    batch = chat.generate([messages, messages], documents=DOCS)  # llm_output as ParallelCompLLM's: usage summed
+    usage = {"prompt_tokens": 2 * message.usage_metadata["input_tokens"], "completion_tokens": 2 * N}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    assert batch.llm_output == {"model_name": engine.model_name, "token_usage": usage}
     recorder = Recorder()
     chunks = list(chat.stream(messages, {"callbacks": [recorder]}, documents=DOCS))
     assert "".join(c.text for c in chunks) == message.content

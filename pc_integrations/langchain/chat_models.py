@@ -51,7 +51,7 @@ from parallelcomp.prompts import ROLES
 from parallelcomp.settings import GenerationSettings
 
 from ..common import ToolCallText, aiter_in_thread, by_name, chat_call, flatten_chat
-from .llms import ParallelCompLLM, usage_from_info
+from .llms import ParallelCompLLM, sum_usage, usage_from_info
 
 _LLM_FIELDS = frozenset(ParallelCompLLM.model_fields) - set(BaseChatModel.model_fields) - {"streaming"}
 """The LLM's own fields (`engine`, the generation settings), which the chat takes too."""
@@ -129,6 +129,12 @@ class ChatParallelComp(BaseChatModel):
             image_url_inputs=False, pdf_inputs=False, audio_inputs=False, video_inputs=False, image_outputs=False,
             audio_outputs=False, video_outputs=False, tool_calling=True, tool_choice=True, tool_call_streaming=True,
             temperature=True)
+
+    def _combine_llm_outputs(self, llm_outputs: list[dict | None]) -> dict:
+        """`generate(...).llm_output` over a batch, as `ParallelCompLLM`'s and `ChatOpenAI`'s:
+        the model name and the token usage summed (each call's is in its `on_llm_end`)."""
+        usage = sum_usage([o["token_usage"] for o in llm_outputs if o])
+        return {"model_name": self.llm.model_name, "token_usage": usage}
 
     def get_token_ids(self, text: str) -> list[int]:
         return self.llm.get_token_ids(text)
@@ -392,4 +398,6 @@ def _result(chunks: list[ChatGenerationChunk]) -> ChatResult:
     merged = chunks[0].message
     for c in chunks[1:]:
         merged += c.message
-    return ChatResult(generations=[ChatGeneration(message=message_chunk_to_message(merged), generation_info=info)])
+    llm_output = {"model_name": (info or {}).get("model_name", ""), "token_usage": usage_from_info(info)}
+    return ChatResult(generations=[ChatGeneration(message=message_chunk_to_message(merged), generation_info=info)],
+                      llm_output=llm_output)

@@ -232,7 +232,8 @@ class ParallelCompLLM(BaseLLM):
         yield GenerationChunk(text="", generation_info={**run.info(), "model_name": self.model_name})
 
     def _llm_output(self, generations: list[list[Generation]]) -> dict[str, Any]:
-        return {"model_name": self.model_name, "token_usage": _usage([g[0].generation_info for g in generations])}
+        usage = sum_usage([usage_from_info(g[0].generation_info) for g in generations])
+        return {"model_name": self.model_name, "token_usage": usage}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -248,6 +249,6 @@ def usage_from_info(info: dict[str, Any] | None) -> dict[str, int]:
     return token_usage((info or {}).get("stats", {}))
 
 
-def _usage(infos: list[dict[str, Any] | None]) -> dict[str, int]:
-    per_call = [usage_from_info(i) for i in infos]
+def sum_usage(per_call: list[dict[str, int]]) -> dict[str, int]:
+    """Token usage of several calls (`usage_from_info` each), summed: `llm_output["token_usage"]`."""
     return {key: sum(u[key] for u in per_call) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
