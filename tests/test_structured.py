@@ -185,6 +185,37 @@ def test_nested_tool_parameters_keep_their_references(tokenizer, engine):
     assert invalid == [] and Team.model_validate(calls[0]["arguments"])
 
 
+class Folder(BaseModel):
+    name: str = Field(max_length=6)
+    children: list[Folder] = []
+
+
+def test_a_recursive_model_is_constrained_all_the_way_down(tokenizer, engine):
+    """LangChain's schema converters inline references and drop a recursive one (`items: {}`, any
+    value), so a child could be anything and the parsed answer a pydantic error; the grammar of
+    both methods keeps the recursion."""
+    from pc_integrations.langchain import ChatParallelComp
+
+    chat = ChatParallelComp(engine=engine)
+    tool = chat.with_structured_output(Folder).first.kwargs["tools"][0]
+    grammars = {"function_calling": tool_grammar([tool], "required", tokenizer),
+                "json_schema": schema_grammar(chat.with_structured_output(Folder, method="json_schema")
+                                              .first.kwargs["json_schema"])}
+    deep = '{"name": "a", "children": [{"name": "b", "children": [{"name": "c", "children": []}]}]}'
+    for method, grammar in grammars.items():
+        def accepts(value: str) -> bool:
+            text = f'<tool_call>\n{{"name": "Folder", "arguments": {value}}}\n</tool_call>' \
+                if method == "function_calling" else value
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            matcher = llguidance().LLMatcher(ll_tokenizer(tokenizer, len(tokenizer), {tokenizer.eos_token_id}), grammar)
+            return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+        assert accepts(deep) and Folder.model_validate_json(deep)
+        assert not accepts('{"name": "a", "children": ["b"]}'), method
+        assert not accepts('{"name": "a", "children": [{"name": "b", "children": [1]}]}'), method
+        assert not accepts('{"name": "a", "children": [{"name": "toolong"}]}'), method
+
+
 @pytest.mark.parametrize(
     ("choice", "match"),
     [

@@ -41,7 +41,8 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough,
 from langchain_core.runnables.configurable import RunnableConfigurableFields
 from langchain_core.runnables.utils import AnyConfigurableField, ConfigurableFieldSpec, get_unique_config_specs
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_json_schema as _lc_json_schema
+from langchain_core.utils.function_calling import convert_to_openai_tool as _lc_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, model_validator
 
@@ -303,6 +304,54 @@ class _ConfigurableSettings(RunnableConfigurableFields):
             *RunnableConfigurableFields(default=chat, fields=own).config_specs,
             *RunnableConfigurableFields(default=chat.llm, fields=settings).config_specs,
         ])
+
+
+def convert_to_openai_tool(tool: Any) -> dict[str, Any]:
+    """LangChain's `convert_to_openai_tool`, keeping a recursive pydantic model's references
+    (`_recursive_schema`)."""
+    formatted = _lc_openai_tool(tool)
+    kept = _recursive_schema(tool)
+    if kept is not None:
+        formatted["function"]["parameters"] = kept
+    return formatted
+
+
+def convert_to_json_schema(schema: Any) -> dict[str, Any]:
+    """LangChain's `convert_to_json_schema`, keeping a recursive pydantic model's references."""
+    kept = _recursive_schema(schema)
+    return _lc_json_schema(schema) if kept is None else {"title": schema.__name__, **kept}
+
+
+def _recursive_schema(schema: Any) -> dict[str, Any] | None:
+    """A recursive pydantic model's own JSON schema, rooted at the model, references kept; None for
+    any other schema. LangChain's converters inline every reference and drop a recursive one,
+    leaving `{}`, which any value matches, so the grammar would not constrain the recursion."""
+    if not (isinstance(schema, type) and is_basemodel_subclass(schema)):
+        return None
+    full = schema.model_json_schema()
+    defs = full.get("$defs", {})
+    refs = {name: _refs(d) for name, d in defs.items()}
+    if not any(_reaches(refs, name, name, set()) for name in defs):
+        return None
+    root = defs[full["$ref"].rsplit("/", 1)[1]] if "$ref" in full else {k: v for k, v in full.items() if k != "$defs"}
+    return {**{k: v for k, v in root.items() if k != "title"}, "$defs": defs}
+
+
+def _refs(node: Any) -> set[str]:
+    """Names of the `#/$defs/...` references anywhere in `node`."""
+    if isinstance(node, list):
+        return set().union(*map(_refs, node)) if node else set()
+    if not isinstance(node, dict):
+        return set()
+    own = {node["$ref"].rsplit("/", 1)[1]} if str(node.get("$ref", "")).startswith("#/$defs/") else set()
+    return own.union(*map(_refs, node.values()))
+
+
+def _reaches(refs: dict[str, set[str]], start: str, goal: str, seen: set[str]) -> bool:
+    for name in refs.get(start, ()):
+        if name == goal or (name not in seen and _reaches(refs, name, goal, seen | {name})):
+            return True
+    return False
 
 
 def response_format_schema(response_format: Any) -> dict[str, Any] | None:
