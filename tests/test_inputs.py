@@ -317,3 +317,21 @@ def test_a_chat_the_template_refuses_is_an_input_error_naming_its_roles(tokenize
     match = rf"chat template refuses this chat \(roles: {roles}\): Conversation roles must alternate"
     with pytest.raises(InputError, match=match):
         engine.generate("What now?", history=history, role=role, max_new_tokens=2)
+
+
+def test_copies_of_wrappers_share_the_engine_and_pickling_is_a_config_error(pc):
+    """A deep copy (`copy.deepcopy`, pydantic's `model_copy(deep=True)`) walked into the engine's
+    lock and raised a raw TypeError; it now shares the engine, whose weights are never copied."""
+    import copy
+    import pickle
+
+    from pc_integrations.langchain import ChatParallelComp, ParallelCompLLM
+
+    llm = ParallelCompLLM(engine=pc, max_new_tokens=3)
+    assert copy.deepcopy(llm).engine is pc and llm.model_copy(deep=True).engine is pc
+    assert copy.deepcopy(ChatParallelComp(llm=llm)).llm.engine is pc and copy.deepcopy(pc) is pc
+    twin = copy.copy(pc)  # a shallow copy is still a new engine object (LlamaIndex's engine_for)
+    assert twin is not pc and twin.model is pc.model
+    for target in (pc, llm):
+        with pytest.raises(ConfigError, match="cannot be pickled"):
+            pickle.dumps(target)

@@ -163,6 +163,21 @@ class ParallelComp:
         self._folded = lexical.FoldedTerms(tokenizer)
         self._documents = DocumentMemo(MEMO_TOKENS, self.store if self.store.disk_dir is not None else None)
 
+    def __deepcopy__(self, memo: dict) -> ParallelComp:
+        """The engine itself: a deep copy of what holds it (a wrapper's `copy.deepcopy` or
+        `model_copy(deep=True)`) shares it, as it would share a client; weights are never copied."""
+        return self
+
+    def __copy__(self) -> ParallelComp:
+        twin = object.__new__(type(self))  # what copy.copy does by default, which __reduce__ below would stop
+        twin.__dict__.update(self.__dict__)
+        return twin
+
+    def __reduce__(self):
+        msg = ("a ParallelComp engine holds a loaded model and cannot be pickled: load one in each process "
+               "(ParallelComp.from_pretrained), or spread chunks over processes with RayParallelComp")
+        raise ConfigError(msg)
+
     @classmethod
     def from_pretrained(
         cls,
