@@ -333,6 +333,13 @@ def test_configurable_fields_reach_the_llm_settings(engine):
     assert short == ParallelCompLLM(engine=engine, max_new_tokens=2).invoke(QUESTION, documents=DOCS)
 
 
+def test_the_chat_model_loads_like_the_llm(model_dir):
+    chat = ChatParallelComp.from_pretrained(str(model_dir), ParallelCompConfig(chunk_tokens=64), dtype="float32",
+                                            max_tokens=3, temperature=0.5, seed=1)
+    assert (chat.llm.max_new_tokens, chat.llm.temperature, chat.llm.engine.config.chunk_tokens) == (3, 0.5, 64)
+    assert chat.invoke(QUESTION, documents=DOCS).usage_metadata["output_tokens"] == 3
+
+
 def test_timeout_stops_the_run_and_frees_the_engine(llm, serial):
     with pytest.raises(GenerationTimeout, match="timeout=1e-06"):
         llm.invoke(QUESTION, documents=DOCS, timeout=1e-6)

@@ -46,7 +46,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool as _lc_
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, model_validator
 
-from parallelcomp import InputError
+from parallelcomp import InputError, ParallelCompConfig
 from parallelcomp.grammar import closed_schema, format_invalid_tool_call, format_tool_call
 from parallelcomp.prompts import ROLES
 from parallelcomp.settings import GenerationSettings
@@ -91,6 +91,13 @@ class ChatParallelComp(BaseChatModel):
             llm = data["llm"]
             data["llm"] = ParallelCompLLM(**{**{k: getattr(llm, k) for k in type(llm).model_fields}, **settings})
         return data
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, config: ParallelCompConfig | None = None, *,
+                        device: str | None = None, dtype: Any = None, **fields: Any) -> ChatParallelComp:
+        """Load an engine (a local HF directory; None → the embedded SmolLM2) and wrap it; `fields`
+        are the chat's and its LLM's (`max_tokens=64`, `temperature=...`)."""
+        return cls(llm=ParallelCompLLM.from_pretrained(model, config, device=device, dtype=dtype), **fields)
 
     def configurable_fields(self, **kwargs: AnyConfigurableField) -> RunnableSerializable:
         """LangChain's, where a key may also be one of the LLM's settings (`temperature`,
