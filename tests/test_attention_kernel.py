@@ -487,7 +487,7 @@ def test_the_question_step_on_tiles_is_as_close_to_float64_as_torchs_kernel(monk
     calls = []
     real = attention_kernel.attend
     monkeypatch.setattr(attention_kernel, "attend", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    out, _ = attention._through(None, "sdpa", module, query, key, value, mask, amx=True, scaling=0.2, dropout=0.0)
+    out, _ = attention._through(None, "sdpa", module, query, key, value, mask, causal="amx", scaling=0.2, dropout=0.0)
     assert calls == [{"causal": True}]
     ref, _ = _reference(query, key, value, 0.2, causal=True)
     if heads != kv_heads:

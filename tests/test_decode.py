@@ -42,7 +42,7 @@ SETTINGS = {
 def _old_path(monkeypatch):
     """The decode path before docs/decode.md: DynamicCache, transformers' sdpa for every step."""
     monkeypatch.setattr(kvops, "decode_cache", lambda parts, extra_tokens: kvops.to_cache(kvops.concat(parts)))
-    monkeypatch.setattr(decode, "packed_decode", lambda model, kernel=False, amx=False: nullcontext())
+    monkeypatch.setattr(decode, "packed_decode", lambda model, kernel=False, causal="": nullcontext())
     monkeypatch.setattr(decode, "one_row_linears", lambda model: nullcontext())  # torch's products too
     monkeypatch.setattr(attention, "packed_one_query",
                         lambda module, q, k, v, **kwargs: sdpa_attention_forward(module, q, k, v, None, **kwargs))

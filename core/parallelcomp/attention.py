@@ -98,16 +98,16 @@ _BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 @contextmanager
-def attention_function(model, handler: Handler, kernel: bool = False, amx: bool = False) -> Iterator[None]:
+def attention_function(model, handler: Handler, kernel: bool = False, causal: str = "") -> Iterator[None]:
     """Run the model's attention through "parallelcomp" (and `handler`) inside the block;
-    `kernel`: one-token steps may run the C kernel (packed_one_query); `amx`: a causal
-    multi-token step may run on the AMX kernel (`_causal_step`)."""
+    `kernel`: one-token steps may run the C kernel (packed_one_query); `causal` ("matmul" or
+    "amx"): a causal multi-token step may run on that kernel (`_causal_step`)."""
     previous = model.config._attn_implementation or "eager"
     if previous not in _BACKENDS and previous != NAME:
         msg = f"attention calibration supports the {_BACKENDS} backends, not {previous!r}; load the model with sdpa"
         raise ModelNotSupportedError(msg)
     with _scope(model, attention_modules(model),
-                lambda module: partial(_through, handler, previous, kernel=kernel, amx=amx)):
+                lambda module: partial(_through, handler, previous, kernel=kernel, causal=causal)):
         yield
 
 
@@ -185,11 +185,12 @@ def _scope(model, modules: list[torch.nn.Module], attend_for: Callable[[torch.nn
 
 
 @contextmanager
-def packed_decode(model, kernel: bool = False, amx: bool = False) -> Iterator[None]:
+def packed_decode(model, kernel: bool = False, causal: str = "") -> Iterator[None]:
     """Inside the block, one-token steps of an sdpa model run `packed_one_query`; with `kernel`,
     on the C kernel (decode_kernel.py) wherever it takes the step's tensors. The question step's
-    masked GQA attention runs `packed_queries`, or with `amx` on the AMX kernel where its mask
-    hides only each question token's future (`_causal_step`).
+    masked GQA attention runs `packed_queries`, or with `causal` on that kernel ("matmul":
+    `_causal_matmul`, "amx": the AMX kernel) where its mask hides only each question token's
+    future (`_causal_step`).
 
     A no-op for other backends (eager keeps its own numerics; flash attention is unverified here),
     inside an `attention_function` scope (calibration), whose dispatch already packs, and for
@@ -199,7 +200,7 @@ def packed_decode(model, kernel: bool = False, amx: bool = False) -> Iterator[No
     if model.config._attn_implementation == "sdpa":
         try:
             attention_modules(model)
-            scope = attention_function(model, None, kernel, amx)
+            scope = attention_function(model, None, kernel, causal)
         except ModelNotSupportedError:
             pass
     with scope:
@@ -266,16 +267,17 @@ def _packs_queries(query, key, attention_mask, kwargs) -> bool:
             and attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and _plain_softmax(kwargs))
 
 
-def _causal_step(query, key, value, attention_mask, kwargs) -> bool:
-    """Whether the AMX kernel's causal attention (attention_kernel.attend, row m of q sees keys
-    t <= T - q + m) computes this call exactly: several query tokens after the cached ones (the
-    question step over the merged KV), a bool mask that hides from each of them only the later
-    question tokens, plain softmax attention, no dropout, tensors the kernel takes. Its output
-    differs from torch's fused kernel's by rounding, as phases 1 and 2 on it do."""
+def _causal_step(query, key, value, attention_mask, kwargs, kernel: str) -> bool:
+    """Whether causal attention on `kernel` (row m of q sees keys t <= T - q + m: "amx"
+    attention_kernel.attend, "matmul" `_causal_matmul`) computes this call exactly: several query
+    tokens after the cached ones (the question step), a bool mask that hides from each of them
+    only the later question tokens, plain softmax attention, no dropout, and for "amx" tensors
+    the kernel takes. Its output differs from torch's fused kernel's by rounding, as phases 1 and
+    2 on it do."""
     q, t = query.shape[2], key.shape[2]
     if (q < 2 or t < q or attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
             or attention_mask.shape[1:] != (1, q, t) or kwargs.get("dropout") or not _plain_softmax(kwargs)
-            or not attention_kernel.takes(query, key, value)):
+            or (kernel == "amx" and not attention_kernel.takes(query, key, value))):
         return False
     own = attention_mask[..., t - q :]  # the context keys must all be visible, the question's own causal
     return bool(attention_mask[..., : t - q].all()) and torch.equal(own, _causal(q, own.device).expand_as(own))
@@ -339,15 +341,16 @@ def _causal_or_sdpa(kernel: str, module, query, key, value, attention_mask, **kw
 
 def _causal_matmul(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Causal softmax attention in blocks of query positions: per block, one matmul of its query
-    rows with the keys up to its last position, a softmax, one matmul with those values. That is
+    rows with the keys up to its last position, a softmax, one matmul with those values. Keys
+    before the queries' own (T > t: a question step after cached tokens) are seen by every row. That is
     the arithmetic of transformers' eager attention (scores in the model's dtype, the softmax
     accumulated in fp32), without the (T, T) score matrix or any key past a block. The G query
     heads of a KV head are packed as G·n rows (no `repeat_kv`), n = CAUSAL_ROWS // G positions
-    per block, so that a block's scores stay in the core's cache. query (B, H, T, D), key and
-    value (B, H_kv, T, D); returns (B, T, H, Dv) like the transformers functions. Measured
+    per block, so that a block's scores stay in the core's cache. query (B, H, t, D), key and
+    value (B, H_kv, T, D), T >= t; returns (B, t, H, Dv) like the transformers functions. Measured
     against torch's fused kernel in docs/hardware.md."""
     b, h, t, d = query.shape
-    h_kv, g = key.shape[1], h // key.shape[1]
+    h_kv, g, cached = key.shape[1], h // key.shape[1], key.shape[2] - t
     n_max = max(1, CAUSAL_ROWS // g)
     rows = (query * (scale if scale is not None else d**-0.5)).view(b, h_kv, g, t, d)
     out = query.new_empty(b, t, h_kv, g, value.shape[-1])
@@ -356,9 +359,11 @@ def _causal_matmul(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     for lo in range(0, t, n_max):
         hi = min(t, lo + n_max)
         n = hi - lo
-        scores = torch.matmul(rows[:, :, :, lo:hi].reshape(b, h_kv, g * n, d), key[:, :, :hi].transpose(-1, -2))
-        scores[..., lo:].masked_fill_(full_block if n == n_max else future[:n, :n].repeat(g, 1), float("-inf"))
-        mixed = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :hi])  # (B, H_kv, G·n, Dv)
+        seen = cached + hi
+        scores = torch.matmul(rows[:, :, :, lo:hi].reshape(b, h_kv, g * n, d), key[:, :, :seen].transpose(-1, -2))
+        scores[..., cached + lo:].masked_fill_(full_block if n == n_max else future[:n, :n].repeat(g, 1),
+                                              float("-inf"))
+        mixed = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :seen])  # (B, H_kv, G·n, Dv)
         out[:, lo:hi] = mixed.view(b, h_kv, g, n, -1).permute(0, 3, 1, 2, 4)
     return out.view(b, t, h, -1)
 
@@ -370,7 +375,7 @@ def _dispatch(module, query, key, value, attention_mask, **kwargs):
 
 
 def _through(handler: Handler | None, previous: str, module, query, key, value, attention_mask, *,
-             kernel: bool = False, amx: bool = False, **kwargs):
+             kernel: bool = False, causal: str = "", **kwargs):
     """Route 2: the optional handler, then the previous backend (`kernel`: see packed_one_query;
     `amx`: see `_causal_step`)."""
     if handler is not None:
@@ -378,7 +383,9 @@ def _through(handler: Handler | None, previous: str, module, query, key, value, 
     if previous == "sdpa":
         if query.shape[2] == 1 and attention_mask is None and not _SDPA_SPECIAL.intersection(kwargs):
             return packed_one_query(module, query, key, value, kernel=kernel, **kwargs)
-        if amx and _causal_step(query, key, value, attention_mask, kwargs):
+        if causal and _causal_step(query, key, value, attention_mask, kwargs, causal):
+            if causal == "matmul":
+                return _causal_matmul(query, key, value, kwargs.get("scaling")), None
             out, _ = attention_kernel.attend(query, key, value, kwargs.get("scaling"), causal=True)
             return out.transpose(1, 2), None
         if _packs_queries(query, key, attention_mask, kwargs):

@@ -160,13 +160,13 @@ class Calibrator:
 
     @contextmanager
     def attach(self, model, cache, spans: list[tuple[int, int]], kernel: bool = False,
-               amx: bool = False) -> Iterator[None]:
+               causal: str = "") -> Iterator[None]:
         """Route the model's attention through this calibrator while the block runs (`kernel`:
-        one-token steps may run the C decode kernel, attention.packed_one_query; `amx`: the
-        question step may attend on the AMX kernel, attention.packed_decode)."""
+        one-token steps may run the C decode kernel, attention.packed_one_query; `causal`: the
+        question step may attend on that kernel, attention.packed_decode)."""
         self._cache, self._spans = cache, spans
         try:
-            with attention_function(model, self._handle, kernel, amx):
+            with attention_function(model, self._handle, kernel, causal):
                 yield
         finally:
             self._cache = None
@@ -229,7 +229,7 @@ class Calibrator:
         return self._spans
 
     def enter(self, stack: ExitStack, model, cache, reports, prefix_len: int, kernel: bool = False,
-              amx: bool = False) -> AbstractContextManager:
+              causal: str = "") -> AbstractContextManager:
         """Attach for the rest of `stack` (the whole generation); returns the question-step guard.
 
         `reports` are the run's ChunkReports: kept chunks sit after the prefix in document order,
@@ -237,7 +237,7 @@ class Calibrator:
         """
         kept = [r.kv_tokens for r in sorted(reports, key=lambda r: r.index) if r.kept]
         spans = chunk_spans(prefix_len, kept, self.with_prefix)
-        stack.enter_context(self.attach(model, cache, spans, kernel, amx))
+        stack.enter_context(self.attach(model, cache, spans, kernel, causal))
         return self.question_step()
 
     def report(self, stats) -> None:

@@ -64,11 +64,11 @@ class Sampling:
 
 
 @contextmanager
-def one_token_steps(model, kernel: bool, amx: bool = False) -> Iterator[None]:
+def one_token_steps(model, kernel: bool, causal: str = "") -> Iterator[None]:
     """The scope of decoding: packed one-query attention, and with `kernel` the C kernels of
-    decode_kernel.py for one-token steps' attention and projections; with `amx` the question
-    step's causal attention on the AMX kernel (attention.packed_decode)."""
-    with packed_decode(model, kernel, amx), one_row_linears(model) if kernel else nullcontext():
+    decode_kernel.py for one-token steps' attention and projections; `causal` ("matmul" or
+    "amx"): the question step's causal attention on that kernel (attention.packed_decode)."""
+    with packed_decode(model, kernel, causal), one_row_linears(model) if kernel else nullcontext():
         yield
 
 
@@ -85,7 +85,7 @@ def generate_tokens(
     constraint: LogitsProcessor | None = None,
     kernel: bool = False,
     whole_step: DecodeStep | None = None,
-    amx: bool = False,
+    causal: str = "",
 ) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded) or `max_new_tokens`.
 
@@ -94,8 +94,9 @@ def generate_tokens(
     logits processor (grammar.GrammarProcessor), applied before every other. `kernel`: the
     one-token steps run the C kernels of decode_kernel.py (attention and projections) where they
     take the step's tensors. `whole_step`: one-token steps run in one C call where it takes them
-    (decode_kernel.DecodeStep, over this `cache`), else through the model's modules. `amx`: the
-    question step attends on the AMX kernel where its mask allows (attention.packed_decode).
+    (decode_kernel.DecodeStep, over this `cache`), else through the model's modules. `causal`: the
+    question step attends on that kernel ("matmul" or "amx") where its mask allows
+    (attention.packed_decode).
     """
     device = model.device
     ids = torch.tensor([question_ids], device=device)
@@ -105,7 +106,7 @@ def generate_tokens(
     if sampling.temperature > 0 and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     history = ids
-    with one_token_steps(model, kernel, amx):
+    with one_token_steps(model, kernel, causal):
         with question_step or nullcontext():
             logits = forward(model, ids, cache, positions)
         for step in range(max_new_tokens):

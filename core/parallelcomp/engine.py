@@ -369,13 +369,14 @@ class ParallelComp:
             mask = (grammar.GrammarProcessor(self.tokenizer, constraint, self._vocab_size(), self.eos_ids,
                                              len(parts.question_ids)) if constraint else None)
             cache = kvops.decode_cache(ctx.kv_parts, extra_tokens=len(parts.question_ids) + max_new_tokens)
-            kernel, amx = self.decode_kernel == decode_kernel.NAME, self.attention_kernel == "amx"
-            step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens, kernel, amx)
+            kernel = self.decode_kernel == decode_kernel.NAME
+            causal = self.attention_kernel if self.attention_kernel in ("matmul", "amx") else ""
+            step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens, kernel, causal)
                     if calibrator else None)  # attention calibration at the question step (§4)
             whole = decode_kernel.DecodeStep.for_model(self.model, cache) if kernel else None
             tokens = scope.enter_context(closing(generate_tokens(
                 self.model, cache, parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling, step, mask,
-                kernel, whole, amx)))  # closed before the lock is released: decode's attention switch is undone first
+                kernel, whole, causal)))  # closed before the lock is released: decode's attention switch is undone first
             for token_id in tokens:
                 if not assembler.ids:
                     ctx.stats.first_token_seconds = time.perf_counter() - start
