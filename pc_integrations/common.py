@@ -23,7 +23,7 @@ Routing (`route`), in this order; `generation_info(...)["split"]` reports which 
                  question label before the first context label and that context label;
    "block"     - the text around the longest span between two equal delimiter lines (`-----`),
                  which is the corpus, when text follows the closing line (refine prompts);
-   "lead"      - the instruction first, when the prompt does not end in a question: a first
+   "lead"      - the instruction first, in a user turn that does not end in a question: a first
                  paragraph that ends with `:` or speaks of the text "below" or "following"
                  ("Write a concise summary of the following:"), with a last paragraph that ends
                  with `:` ("CONCISE SUMMARY:");
@@ -293,7 +293,7 @@ def route(
         return done(prompt, None, "question")
     limit = _question_budget(engine, parts("?", True), max_new_tokens)
     overhead = len(parts("?", True).question_ids)
-    for rule, context, question in _splits(engine, prompt, limit - overhead):
+    for rule, context, question in _splits(engine, prompt, limit - overhead, lead=role == "user"):
         question = _strip_cue(question).strip()
         if question and context.strip() and len(parts(question, True).question_ids) <= limit:
             if rule in GUESSES:
@@ -326,8 +326,9 @@ def _question_budget(engine: ParallelComp, parts: PromptParts, reserve: int) -> 
     return min(limit, engine.config.chunk_tokens) if engine.config.chunk_tokens else limit
 
 
-def _splits(engine: ParallelComp, prompt: str, tail_tokens: int) -> Iterator[tuple[str, str, str]]:
-    """Candidate splits (rule, corpus, question), in rule order."""
+def _splits(engine: ParallelComp, prompt: str, tail_tokens: int, lead: bool) -> Iterator[tuple[str, str, str]]:
+    """Candidate splits (rule, corpus, question), in rule order; "lead" only where `lead` (a user
+    turn: a tool result that opens with "Results:" holds no instruction)."""
     block, body = _block(prompt), _strip_cue(prompt)
     labels = [m for m in _LABEL.finditer(prompt) if not (block and block[1] <= m.start() < block[2])]
     if labels:
@@ -345,13 +346,13 @@ def _splits(engine: ParallelComp, prompt: str, tail_tokens: int) -> Iterator[tup
         before, inner, after = prompt[: block[0]], prompt[block[1]: block[2]], prompt[block[3]:]
         if after.strip():
             yield "block", inner, f"{before.strip()}\n{after.strip()}".strip()
-    lead, _, rest = body.strip().partition("\n\n")
-    if rest.strip() and not body.endswith("?") and _LEAD.search(lead):
+    first, _, rest = body.strip().partition("\n\n")
+    if lead and rest.strip() and not body.endswith("?") and _LEAD.search(first):
         context, _, last = rest.rstrip().rpartition("\n\n")
         if context.strip() and last.endswith(":"):  # an instruction after the text too: "CONCISE SUMMARY:"
-            yield "lead", context, f"{lead}\n{last.strip()}"
+            yield "lead", context, f"{first}\n{last.strip()}"
         else:
-            yield "lead", rest, lead
+            yield "lead", rest, first
     for rule, cut in (("paragraph", body.rfind("\n\n")), ("line", body.rfind("\n"))):
         if cut > 0:
             yield rule, prompt[:cut], prompt[cut:]

@@ -122,6 +122,10 @@ def test_rule_order_and_bounds(engine):
     # a label whose question is longer than the budget falls through to the next rule
     long_label = f"{CORPUS}\nQuestion: {CORPUS[:3000]}\n\n{QUESTION}"
     assert route(engine, long_label, max_new_tokens=N).split["rule"] == "paragraph"
+    # a tool result that opens like an instruction is not one: no lead rule outside user turns
+    results = f"Results of the search below:\n\n{CORPUS}"
+    assert route(engine, results, max_new_tokens=N).split["rule"] == "lead"
+    assert route(engine, results, max_new_tokens=N, role="tool").split["rule"] == "paragraph"
     # one endless sentence: the trailing tokens within the budget
     words = " ".join(["word"] * 4000)
     routed = route(engine, words, max_new_tokens=N)
