@@ -338,21 +338,21 @@ def _splits(engine: ParallelComp, prompt: str, tail_tokens: int, lead: bool) -> 
             yield "label", prompt[: last.start()], prompt[last.end():]
         else:  # the question, then the context
             yield "label", prompt[: last.start()] + body[follows.start():], prompt[last.end(): follows.start()]
-        first = _CONTEXT_LABEL.search(prompt)
-        before = [m for m in labels if first and m.end() <= first.start()]
-        if before and before[-1] is not last:  # the question first, a label inside the context after it
-            yield "label", prompt[: before[-1].start()] + body[first.start():], prompt[before[-1].end(): first.start()]
+        opens = _CONTEXT_LABEL.search(prompt)
+        asked = [m for m in labels if opens and m.end() <= opens.start()]
+        if asked and asked[-1] is not last:  # the question first, a label inside the context after it
+            yield "label", prompt[: asked[-1].start()] + body[opens.start():], prompt[asked[-1].end(): opens.start()]
     if block:
         before, inner, after = prompt[: block[0]], prompt[block[1]: block[2]], prompt[block[3]:]
         if after.strip():
             yield "block", inner, f"{before.strip()}\n{after.strip()}".strip()
-    first, _, rest = body.strip().partition("\n\n")
-    if lead and rest.strip() and not body.endswith("?") and _LEAD.search(first):
-        context, _, last = rest.rstrip().rpartition("\n\n")
-        if context.strip() and last.endswith(":"):  # an instruction after the text too: "CONCISE SUMMARY:"
-            yield "lead", context, f"{first}\n{last.strip()}"
+    opening, _, rest = body.strip().partition("\n\n")
+    if lead and rest.strip() and not body.rstrip().endswith("?") and _LEAD.search(opening):
+        context, _, closing = rest.rstrip().rpartition("\n\n")
+        if context.strip() and closing.endswith(":"):  # an instruction after the text too: "CONCISE SUMMARY:"
+            yield "lead", context, f"{opening}\n{closing.strip()}"
         else:
-            yield "lead", rest, first
+            yield "lead", rest, opening
     for rule, cut in (("paragraph", body.rfind("\n\n")), ("line", body.rfind("\n"))):
         if cut > 0:
             yield rule, prompt[:cut], prompt[cut:]
