@@ -590,7 +590,9 @@ def test_retrieval_chain_passes_documents_as_chunks(llm, serial):
     pieces = list(chain.stream({"input": QUESTION}))
     assert "".join(p.get("answer", "") for p in pieces) == out["answer"]
     assert sum(1 for p in pieces if p.get("answer")) >= 3
-    assert asyncio.run(chain.ainvoke({"input": QUESTION})) == out
+    assert out["stats"]["n_chunks"] > 2 and out["stats"]["n_kept"] == 2  # the run's RunStats, keep_chunks=2
+    again = asyncio.run(chain.ainvoke({"input": QUESTION}))
+    assert {**again, "stats": None} == {**out, "stats": None}  # stats: another run's timings and store hits
 
 
 def test_async_chain_events_show_the_model_run(llm, serial, caplog):
@@ -673,7 +675,12 @@ def test_tool_direct_and_in_an_agent_loop(llm, serial):
     assert tool_message.tool_call_id == "call-1"
     assert [s["index"] for s in tool_message.artifact["sources"]] == [0, 1, 2, 3]
     assert tool_message.artifact["kept_context"] and messages[-1].content == "Done."
+    assert tool_message.artifact["stats"]["n_chunks"] > 2 and "reused_chunks" in tool_message.artifact["stats"]
     assert asyncio.run(tool.ainvoke(call)).content == expected
+    # an error of the run is the tool's answer, so an agent can react instead of its run ending
+    long = {**call, "args": {"question": "why " * 3000}}
+    for message in (tool.invoke(long), asyncio.run(tool.ainvoke(long))):
+        assert message.status == "error" and message.content.startswith("Error: ") and "question" in message.content
 
     with pytest.raises(InputError, match="exactly one"):
         create_parallelcomp_tool(llm)

@@ -3,7 +3,7 @@
     create_parallelcomp_documents_chain(llm, prompt)    ~ create_stuff_documents_chain(llm, prompt)
         {"context": list[Document], "input": ..., ...} -> answer (str)
     create_parallelcomp_retrieval_chain(retriever, llm) ~ create_retrieval_chain(retriever, <stuff chain>)
-        {"input": ...} -> {"input", "context", "answer", "sources", "kept_context", "evicted_context"}
+        {"input": ...} -> {"input", "context", "answer", "sources", "kept_context", "evicted_context", "stats"}
     create_parallelcomp_tool(llm, retriever | documents) -> a StructuredTool any agent can call
     CorpusRetriever(documents=[...])                    -> a retriever returning the whole corpus
 
@@ -29,10 +29,10 @@ from langchain_core.prompts import BasePromptTemplate, PromptTemplate
 from langchain_core.retrievers import BaseRetriever, RetrieverLike
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableGenerator, RunnablePassthrough
 from langchain_core.runnables.utils import AddableDict
-from langchain_core.tools import BaseTool, StructuredTool
+from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from pydantic import BaseModel, Field, field_validator
 
-from parallelcomp import InputError
+from parallelcomp import InputError, ParallelCompError
 
 DEFAULT_PROMPT = PromptTemplate.from_template("{input}")
 """The question alone: the engine adds its own instruction and chat template around it."""
@@ -86,7 +86,7 @@ def create_parallelcomp_retrieval_chain(
     the retrieved documents passed as chunks and the model's attribution added to the output.
 
     Streaming yields `{"input", "context"}` first, then `{"answer": delta}` pieces, then
-    `{"sources", "kept_context", "evicted_context"}`.
+    `{"sources", "kept_context", "evicted_context", "stats"}`.
     """
     _check_llm(llm, retriever, "create_parallelcomp_retrieval_chain(retriever, llm)")
     answer = _Answer(llm, prompt or DEFAULT_PROMPT, "context")
@@ -128,20 +128,30 @@ def create_parallelcomp_tool(
     """A tool answering `question` over `retriever` (or a fixed `documents` corpus).
 
     Content is the answer; the artifact (`ToolMessage.artifact`) holds `sources`,
-    `kept_context` and `evicted_context`.
+    `kept_context`, `evicted_context` and `stats` (the run's `RunStats` as a dict: `reused_chunks`,
+    `ttft_seconds`, ...). A `ParallelCompError` of the run (nothing retrieved, a question longer
+    than the budget, a timeout) becomes the tool's answer, "Error: ..." (LangChain's
+    `ToolException` with `handle_tool_error`), so an agent sees it and can ask again instead of
+    its whole run ending.
     """
     if (retriever is None) == (documents is None):
         raise InputError("pass exactly one of retriever= or documents=")
     _check_llm(llm, retriever, "create_parallelcomp_tool(llm, retriever)")
     chain = create_parallelcomp_retrieval_chain(retriever or CorpusRetriever(documents=documents), llm, prompt)
-    keys = ("sources", "kept_context", "evicted_context")
+    keys = ("sources", "kept_context", "evicted_context", "stats")
 
     def run(question: str, config: RunnableConfig) -> tuple[str, dict]:
-        out = chain.invoke({"input": question}, config)
+        try:
+            out = chain.invoke({"input": question}, config)
+        except ParallelCompError as err:
+            raise ToolException(f"Error: {err}") from err
         return out["answer"], {k: out[k] for k in keys}
 
     async def arun(question: str, config: RunnableConfig) -> tuple[str, dict]:
-        out = await chain.ainvoke({"input": question}, config)
+        try:
+            out = await chain.ainvoke({"input": question}, config)
+        except ParallelCompError as err:
+            raise ToolException(f"Error: {err}") from err
         return out["answer"], {k: out[k] for k in keys}
 
     return StructuredTool.from_function(
@@ -151,6 +161,7 @@ def create_parallelcomp_tool(
         description=description,
         args_schema=_Question,
         response_format="content_and_artifact",
+        handle_tool_error=True,
     )
 
 
@@ -221,13 +232,14 @@ class _CaptureInfo(BaseCallbackHandler):
 
 def _attribution(docs: list, info: dict | None) -> dict:
     if not info or "sources" not in info:  # not a ParallelComp model: no attribution to report
-        return {"sources": None, "kept_context": None, "evicted_context": None}
+        return {"sources": None, "kept_context": None, "evicted_context": None, "stats": None}
     sources = info["sources"]
     kept = {s["index"] for s in sources if s["kept"]}
     return {
         "sources": sources,
         "kept_context": [d for i, d in enumerate(docs) if i in kept],
         "evicted_context": [d for i, d in enumerate(docs) if i not in kept],
+        "stats": info.get("stats"),
     }
 
 
