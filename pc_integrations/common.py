@@ -11,6 +11,11 @@ Routing (`route`), in this order; `generation_info(...)["split"]` reports which 
    it the question ("marker").
 3. The prompt fits the model's window as a plain question: the model answers it alone
    ("question").
+   A last turn that is not a user turn (an agent's tool result) and does not fit is the corpus
+   whole, with the tool results since the last user message, and that message is the question
+   ("result"), the history before it the prefix: the chunks are scored by what the user asked,
+   not by a piece of the result, and the model answers it over them (the assistant's tool calls
+   are left out; a question already in the prefix would be copied, not scored).
 4. Otherwise the prompt is a stuffed prompt and is never refused for length. Its question is the
    trailing part, found by the first of these that yields a non-empty question no longer than
    the question budget (a quarter of the window left after the prompt prefix and
@@ -253,6 +258,8 @@ class Route:
     split: dict[str, Any]
     history: list[dict[str, str]]
     """The chat history left in the prompt prefix (moved messages removed)."""
+    role: str = "user"
+    """The chat role of the question's turn."""
 
 
 def route(
@@ -272,13 +279,13 @@ def route(
     history, moved = _fit_history(engine, history or [], tools, max_new_tokens, role)
     parts = functools.partial(engine.prompt_parts, history=history, tools=tools, role=role)
 
-    def done(question: str, sources: list[SourceDocument] | None, rule: str) -> Route:
+    def done(question: str, sources: list[SourceDocument] | None, rule: str, prefix=None, turn: str = role) -> Route:
         sources = [*(sources or []), *moved] or None
         split = {"rule": "history" if moved and rule == "question" else rule, "question_chars": len(question),
                  "context_chars": sum(len(s.text) for s in sources or [])}
         if moved:
             split["moved_messages"] = [s.metadata["message"] for s in moved]
-        return Route(question, sources, split, history)
+        return Route(question, sources, split, history if prefix is None else prefix, turn)
 
     if documents is not None:
         if CONTEXT_MARKER in prompt:
@@ -292,6 +299,12 @@ def route(
     if fits_window(engine.window, len(alone.prefix_ids), len(alone.question_ids), max_new_tokens):
         return done(prompt, None, "question")
     limit = _question_budget(engine, parts("?", True), max_new_tokens)
+    asked = max((i for i, m in enumerate(history) if m["role"] == "user"), default=None) if role != "user" else None
+    if asked is not None:  # a long tool result: the user's question over it, and over the results before it
+        before, question = history[:asked], history[asked]["content"]
+        if len(engine.prompt_parts(question, True, history=before, tools=tools).question_ids) <= limit:
+            results = [SourceDocument(m["content"], {"role": m["role"]}) for m in history[asked + 1:] if m["role"] == "tool"]
+            return done(question, [*results, SourceDocument(prompt, {"role": role})], "result", before, "user")
     overhead = len(parts("?", True).question_ids)
     for rule, context, question in _splits(engine, prompt, limit - overhead, lead=role == "user"):
         question = _strip_cue(question).strip()
@@ -398,7 +411,7 @@ class Run:
         self.timeout = options["timeout"]
         self.started = time.monotonic()
         self.stream: TextStream = engine.stream(self.route.question, documents=texts, history=self.route.history,
-                                                role=options["role"], **settings)
+                                                role=self.route.role, **settings)
 
     def deltas(self) -> Iterator[str]:
         try:

@@ -13,6 +13,7 @@ import torch
 from langchain_classic.chains.combine_documents import create_stuff_documents_chain
 from langchain_classic.chains.summarize.refine_prompts import REFINE_PROMPT
 from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.prompts import ChatPromptTemplate
 from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT, CHAT_TREE_SUMMARIZE_PROMPT
 from llama_index.core.prompts.default_prompts import DEFAULT_REFINE_PROMPT_TMPL
@@ -151,6 +152,26 @@ def test_langchain_stuffed_prompt_equals_engine_on_the_split(engine):
     chat = ChatParallelComp(llm=llm)
     message = chat.invoke(f"{CORPUS}\n\nQuestion: {QUESTION}")
     assert message.response_metadata["split"]["rule"] == "label" and message.usage_metadata["output_tokens"] > 0
+
+
+def test_a_long_tool_result_is_the_corpus_of_the_users_question(engine):
+    """An agent's loop ending in a tool result longer than the window: that result and the results
+    since the user's question are the corpus, and the question is asked over them. Before, a
+    paragraph of the result was the question, and the chunks were scored by it."""
+    call = {"name": "search", "args": {"query": "lighthouse"}, "id": "c1", "type": "tool_call"}
+    messages = [SystemMessage("Use the tools."), HumanMessage(QUESTION), AIMessage("", tool_calls=[call]),
+                ToolMessage(FACTS[1], tool_call_id="c1"), AIMessage("", tool_calls=[{**call, "id": "c2"}]),
+                ToolMessage(CORPUS, tool_call_id="c2")]
+    chat = ChatParallelComp(engine=engine, max_tokens=N)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not a guess: no StuffedPromptWarning
+        message = chat.invoke(messages)
+    split = {"rule": "result", "question_chars": len(QUESTION), "context_chars": len(FACTS[1]) + len(CORPUS)}
+    assert message.response_metadata["split"] == split
+    assert [s["metadata"] for s in message.response_metadata["sources"]] == [{"role": "tool"}] * 2
+    direct = engine.generate(QUESTION, documents=[FACTS[1], CORPUS], history=[{"role": "system", "content": "Use the tools."}],
+                             max_new_tokens=N)
+    assert message.content == direct.text and direct.stats.n_chunks > 4
 
 
 def test_stuffed_system_message_moves_into_the_corpus(engine):
