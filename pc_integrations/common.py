@@ -298,14 +298,15 @@ def route(
     alone = parts(prompt, False)
     if fits_window(engine.window, len(alone.prefix_ids), len(alone.question_ids), max_new_tokens):
         return done(prompt, None, "question")
-    limit = _question_budget(engine, parts("?", True), max_new_tokens)
+    probe = parts("?", True)  # the prompt prefix with a stand-in question: tokenized once
+    limit = _question_budget(engine, probe, max_new_tokens)
     asked = max((i for i, m in enumerate(history) if m["role"] == "user"), default=None) if role != "user" else None
     if asked is not None:  # a long tool result: the user's question over it, and over the results before it
         before, question = history[:asked], history[asked]["content"]
         if len(engine.prompt_parts(question, True, history=before, tools=tools).question_ids) <= limit:
             results = [SourceDocument(m["content"], {"role": m["role"]}) for m in history[asked + 1:] if m["role"] == "tool"]
             return done(question, [*results, SourceDocument(prompt, {"role": role})], "result", before, "user")
-    overhead = len(parts("?", True).question_ids)
+    overhead = len(probe.question_ids)
     for rule, context, question in _splits(engine, prompt, limit - overhead, lead=role == "user"):
         question = _strip_cue(question).strip()
         if question and context.strip() and len(parts(question, True).question_ids) <= limit:
