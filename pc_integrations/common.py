@@ -13,12 +13,12 @@ Routing (`route`), in this order; `generation_info(...)["split"]` reports which 
    ("question").
    A last turn that is not a user turn (an agent's tool result) and does not fit is the corpus
    whole, with the tool results since the last user message, and that message is the question
-   ("result"), the history before it the prefix: the chunks are scored by what the user asked,
+   ("result"), with the history before it: the chunks are scored by what the user asked,
    not by a piece of the result, and the model answers it over them (the assistant's tool calls
-   are left out; a question already in the prefix would be copied, not scored).
+   are left out; a question already in the history would be copied, not scored).
 4. Otherwise the prompt is a stuffed prompt and is never refused for length. Its question is the
    trailing part, found by the first of these that yields a non-empty question no longer than
-   the question budget (a quarter of the window left after the prompt prefix and
+   the question budget (a quarter of the window left after the rest of the prompt and
    max_new_tokens, and at most `chunk_tokens`):
    "label"     - the text after the last line-initial `Question:`, `Query:`, `Q:`, `User:`,
                  `Human:`, `Input:` or `Task:` label (or run of them: `Human: Question:`),
@@ -42,8 +42,8 @@ Routing (`route`), in this order; `generation_info(...)["split"]` reports which 
    per rule as Python shows warnings).
 
 Before these rules, a chat history that leaves no room in the window is fitted: while the prompt
-prefix (template, instruction, tool descriptions and history) and `max_new_tokens` take more than
-half the window, the longest history message leaves the history and becomes one more corpus
+around the documents (template, instruction, tool descriptions and history) and `max_new_tokens`
+take more than half the window, the longest history message leaves the history and becomes one more corpus
 document (metadata: its role and index). This is how a stuffed system message, as in LangChain's
 `create_stuff_documents_chain` with `("system", "...{context}"), ("human", "{input}")`, or a long
 tool result reaches the model: chunked, scored and evicted like any document. `split` then lists
@@ -257,7 +257,7 @@ class Route:
     sources: list[SourceDocument] | None
     split: dict[str, Any]
     history: list[dict[str, str]]
-    """The chat history left in the prompt prefix (moved messages removed)."""
+    """The chat history left in the prompt (moved messages removed)."""
     role: str = "user"
     """The chat role of the question's turn."""
 
@@ -272,20 +272,21 @@ def route(
     role: str = "user",
 ) -> Route:
     """The one routing rule for every wrapper call (module docstring). `history`: the chat
-    messages before the prompt's turn, and `tools` (their description): both sit in the prompt
-    prefix. `role`: the chat role of the prompt's turn (`chat_call`)."""
+    messages before the prompt's turn (the documents open its first user turn,
+    `prompts.documents_turn`); `tools`: their description goes in the prompt prefix. `role`: the
+    chat role of the prompt's turn (`chat_call`)."""
     if not isinstance(prompt, str):
         raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
     history, moved = _fit_history(engine, history or [], tools, max_new_tokens, role)
     parts = functools.partial(engine.prompt_parts, history=history, tools=tools, role=role)
 
-    def done(question: str, sources: list[SourceDocument] | None, rule: str, prefix=None, turn: str = role) -> Route:
+    def done(question: str, sources: list[SourceDocument] | None, rule: str, before=None, turn: str = role) -> Route:
         sources = [*(sources or []), *moved] or None
         split = {"rule": "history" if moved and rule == "question" else rule, "question_chars": len(question),
                  "context_chars": sum(len(s.text) for s in sources or [])}
         if moved:
             split["moved_messages"] = [s.metadata["message"] for s in moved]
-        return Route(question, sources, split, history if prefix is None else prefix, turn)
+        return Route(question, sources, split, history if before is None else before, turn)
 
     if documents is not None:
         if CONTEXT_MARKER in prompt:
@@ -298,12 +299,13 @@ def route(
     alone = parts(prompt, False)
     if fits_window(engine.window, len(alone.prefix_ids), len(alone.question_ids), max_new_tokens):
         return done(prompt, None, "question")
-    probe = parts("?", True)  # the prompt prefix with a stand-in question: tokenized once
+    probe = parts("?", True)  # the prompt with a stand-in question: tokenized once
     limit = _question_budget(engine, probe, max_new_tokens)
     asked = max((i for i, m in enumerate(history) if m["role"] == "user"), default=None) if role != "user" else None
     if asked is not None:  # a long tool result: the user's question over it, and over the results before it
         before, question = history[:asked], history[asked]["content"]
-        if len(engine.prompt_parts(question, True, history=before, tools=tools).question_ids) <= limit:
+        asking = _question_budget(engine, engine.prompt_parts("?", True, history=before, tools=tools), max_new_tokens)
+        if len(engine.prompt_parts(question, True, history=before, tools=tools).question_ids) <= asking:
             results = [SourceDocument(m["content"], {"role": m["role"]}) for m in history[asked + 1:] if m["role"] == "tool"]
             return done(question, [*results, SourceDocument(prompt, {"role": role})], "result", before, "user")
     overhead = len(probe.question_ids)
@@ -316,18 +318,19 @@ def route(
                        "context as documents= or put the question after a 'Question:' label (docs/integrations.md)")
                 warnings.warn(msg, StuffedPromptWarning, stacklevel=2)
             return done(question, [SourceDocument(context)], rule)
-    raise InputError(f"no question of at most {limit} tokens could be found at the end of the prompt")
+    raise InputError(f"no question of at most {limit - overhead} tokens could be found at the end of the prompt")
 
 
 def _fit_history(engine: ParallelComp, history: list[dict[str, str]], tools, max_new_tokens: int, role: str
                  ) -> tuple[list[dict[str, str]], list[SourceDocument]]:
-    """(history left in the prefix, moved messages as documents): the longest messages move to
-    the corpus while the prefix and `max_new_tokens` take more than half the window."""
+    """(history kept in the prompt, moved messages as documents): the longest messages move to
+    the corpus while the prompt around the documents (prefix, later turns, template) and
+    `max_new_tokens` take more than half the window."""
     kept = dict(enumerate(history))
     moved = []
     while kept:
-        prefix = engine.prompt_parts("?", True, history=list(kept.values()), tools=tools, role=role).prefix_ids
-        if len(prefix) + max_new_tokens <= engine.window // 2:
+        probe = engine.prompt_parts("?", True, history=list(kept.values()), tools=tools, role=role)
+        if len(probe.prefix_ids) + len(probe.question_ids) + max_new_tokens <= engine.window // 2:
             break
         i = max(kept, key=lambda j: len(kept[j]["content"]))
         message = kept.pop(i)
@@ -335,9 +338,13 @@ def _fit_history(engine: ParallelComp, history: list[dict[str, str]], tools, max
     return list(kept.values()), sorted(moved, key=lambda s: s.metadata["message"])
 
 
-def _question_budget(engine: ParallelComp, parts: PromptParts, reserve: int) -> int:
-    limit = (engine.window - len(parts.prefix_ids) - reserve) // 4
-    return min(limit, engine.config.chunk_tokens) if engine.config.chunk_tokens else limit
+def _question_budget(engine: ParallelComp, probe: PromptParts, reserve: int) -> int:
+    """Most tokens of a question suffix: the suffix of `probe` (a stand-in question: template and
+    the chat turns after the documents) plus, for the question itself, a quarter of the window
+    that the prompt and `reserve` leave, and at most `chunk_tokens`."""
+    fixed = len(probe.question_ids)
+    limit = (engine.window - len(probe.prefix_ids) - fixed - reserve) // 4
+    return fixed + (min(limit, engine.config.chunk_tokens) if engine.config.chunk_tokens else limit)
 
 
 def _splits(engine: ParallelComp, prompt: str, tail_tokens: int, lead: bool) -> Iterator[tuple[str, str, str]]:

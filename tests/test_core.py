@@ -198,6 +198,23 @@ def test_phase2_runs_the_question_only_before_its_last_scored_token(make_engine,
     assert widths[-1] == end - 1  # phase 2, after the prefix and phase 1
 
 
+def test_documents_open_the_chats_first_user_turn_and_later_turns_follow_them(tokenizer):
+    """With a history, prefix + documents + suffix is the chat template's own rendering of the
+    chat with the documents in its first user turn; the prefix is that of the first turn."""
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": "user", "content": "Who wrote it?"}, {"role": "assistant", "content": "Ann."}]
+    parts = build_prompt(tokenizer, "Read.", "Who wrote it?", True, True, [system, *turns])
+    docs = text(3, 30)
+    rendered = tokenizer.apply_chat_template(
+        [system, {"role": "user", "content": f"Read.\n\n{docs}\n\nQuestion: Who wrote it?"}, turns[1],
+         {"role": "user", "content": "Question: Who wrote it?"}], tokenize=False, add_generation_prompt=True)
+    head, rest = rendered.split(docs)
+    assert (parts.prefix_ids, parts.question_ids) == (ids_of(tokenizer, head), ids_of(tokenizer, rest))
+    assert tokenizer.decode(parts.question_ids[parts.scored("question")]).strip() == "Who wrote it?"
+    assert parts.scored("question").stop == len(ids_of(tokenizer, rest.rsplit("Who wrote it?", 1)[0] + "Who wrote it?"))
+    assert parts.prefix_ids == build_prompt(tokenizer, "Read.", "Who wrote it?", True, True, [system]).prefix_ids
+
+
 def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer, kernel, monkeypatch):
     """The question head (the template before the question text) kept from one question's phase 2
     is the head's KV of one forward over prefix + chunk + head, and a second question that reads it

@@ -197,6 +197,22 @@ def test_a_second_question_reuses_each_chunks_question_head_and_answers_as_a_col
         assert squeezed.generate(question, documents=DOCS, max_new_tokens=1).stats.reused_head_tokens == 0
 
 
+def test_every_turn_of_a_conversation_over_one_corpus_reuses_its_chunks_and_answers_as_a_cold_engine(
+        family, tokenizer):
+    """The documents open the chat's first user turn and the later turns follow them
+    (prompts.documents_turn), so the chunks' prefix, and their keys, stay the same from turn to
+    turn. Until 2026-12-06 the history sat before the documents: every turn encoded them again."""
+    pc = engine(tokenizer, family)
+    cold = engine(tokenizer, family, model=pc.model, kv_store_bytes=0)
+    history = [{"role": "system", "content": "Answer from the documents."}]
+    for turn, question in enumerate([QUESTION, "Which stone is purple?", QUESTION]):
+        out = pc.generate(question, documents=DOCS, history=history, max_new_tokens=6)
+        outputs_equal(out, cold.generate(question, documents=DOCS, history=history, max_new_tokens=6))
+        assert (out.stats.reused_chunks, out.stats.encoded_chunks) == ((5, 0) if turn else (0, 5))
+        history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": out.text or "?"}]
+    assert out.stats.question_tokens > 2 * len(tokenizer(QUESTION)["input_ids"])  # the turns follow the chunks
+
+
 def test_the_lru_evicts_least_recently_used_chunks_within_its_budget(tokenizer):
     probe = engine(tokenizer)
     keys = probe.encode(DOCS).keys
@@ -552,9 +568,10 @@ def test_wrappers_hit_the_store_with_no_api_change(tokenizer):
     """A retriever returning the same documents again: LangChain's LLM and LlamaIndex's
     synthesizer reuse every chunk's KV, and the documents' chunking, without knowing the store
     exists."""
+    from langchain_core.messages import AIMessage, HumanMessage
     from llama_index.core.schema import NodeWithScore, TextNode
 
-    from pc_integrations.langchain import ParallelCompLLM
+    from pc_integrations.langchain import ChatParallelComp, ParallelCompLLM
     from pc_integrations.llama_index import ParallelCompSynthesizer
 
     pc = engine(tokenizer)
@@ -570,6 +587,13 @@ def test_wrappers_hit_the_store_with_no_api_change(tokenizer):
     response = synth.synthesize(QUESTION, nodes)
     assert response.metadata["parallelcomp"]["stats"]["reused_chunks"] == 5
     assert response.metadata["parallelcomp"]["stats"]["reused_documents"] == 5
+
+    chat = ChatParallelComp(engine=pc, max_new_tokens=6)  # a conversation: every turn hits
+    messages = [HumanMessage(QUESTION)]
+    for question in ("Which stone is purple?", "And the cloud?"):
+        answer = chat.invoke(messages, documents=DOCS)
+        assert answer.response_metadata["stats"]["reused_chunks"] == 5
+        messages = [*messages, AIMessage(answer.content or "?"), HumanMessage(question)]
 
 
 def _tokenized_documents(monkeypatch, tokenizer, docs: list[str]) -> list[str]:

@@ -254,7 +254,7 @@ class ParallelComp:
 
     def prefix_kv(self, prefix_ids: list[int], report: ReuseStats) -> list[kvops.LayerKV]:
         """The prompt prefix's KV. The last one is kept: calls over one corpus share their prefix
-        (template head, instruction, history), and it is read-only downstream."""
+        (template head, system message, instruction), and it is read-only downstream."""
         ids = tuple(prefix_ids)
         if self._prefix[0] == ids and self._prefix[1]:
             report.reused_prefix_tokens += len(ids)

@@ -1,8 +1,8 @@
 """Split the prompt into the three token spans ParallelComp needs.
 
-    prefix   = template head + instruction          (encoded once, shared by every chunk)
-    chunk    = document text                        (one per chunk, see chunking.py)
-    question = question + end of user turn + generation prompt
+    prefix   = template head + system message + instruction   (encoded once, shared by every chunk)
+    chunk    = document text                                   (one per chunk, see chunking.py)
+    question = later chat turns + question + end of turn + generation prompt
 
 so that `prefix + chunk + question` is exactly the single prompt a chat model expects. Shared by
 the engine and both framework integrations; knows nothing about the model.
@@ -76,8 +76,11 @@ def build_prompt(
 
     Without documents the question is the whole user turn and the instruction is left out.
     `history` ({"role", "content"} chat messages before the question's user turn: system
-    messages, earlier turns) is rendered by the chat template ahead of that turn, so it sits in
-    the shared prefix that every chunk sees; it needs a chat template. With
+    messages, earlier turns) is rendered by the chat template ahead of that turn; it needs a chat
+    template. The documents go in the chat's first user turn (`documents_turn`), so a system
+    message sits in the shared prefix that every chunk sees and the later turns follow the
+    documents, in the question suffix: the prefix, and so every chunk's store key, stays the same
+    from turn to turn of a conversation over one corpus (docs/integrations.md). With
     `restate_instruction`, the instruction is repeated after the documents, before the question,
     as long-context QA templates do (LongBench's "Now, answer the question based on ...").
     `tools` (OpenAI-style dicts) go to a chat template that declares them (`tools=`, Qwen2.5);
@@ -110,15 +113,22 @@ def build_prompt(
     elif tools:
         body = f"{tools_prompt(tools)}\n\n{body}"
     restated = f"{instruction}\n\n" if restate_instruction and instruction else ""
-    tail = f"\n\n{restated}Question: {question}" if with_documents else question
+    asked = f"{restated}Question: "
+    tail = f"\n\n{asked}{question}" if with_documents else question
     if use_chat_template and has_chat_template(tokenizer):
-        messages = [*history, {"role": role, "content": body + tail}]
+        first = documents_turn(history, role) if with_documents else None
+        if first is None:
+            messages = [*history, {"role": role, "content": body + tail}]
+        else:  # the documents open the conversation; this turn asks after the earlier ones
+            tail = tail.lstrip()
+            opened = {"role": "user", "content": f"{body}\n\n{asked}{history[first]['content']}"}
+            messages = [*history[:first], opened, *history[first + 1:], {"role": role, "content": tail}]
         text = _render(tokenizer, messages, template_tools)
         if text.count(_SLOT) != 1 or tail not in text:
             msg = "the tokenizer's chat template rewrites the message content; pass use_chat_template=False"
             raise InputError(msg)
         head, rest = text.split(_SLOT)
-        question_ids, span = _encode_marking(tokenizer, rest, rest.index(tail) + len(tail) - len(question), question)
+        question_ids, span = _encode_marking(tokenizer, rest, rest.rindex(tail) + len(tail) - len(question), question)
         return PromptParts(_encode(tokenizer, head), question_ids, span)
     if history or role != "user":
         raise InputError("a chat history or a turn role other than user needs the tokenizer's chat template "
@@ -128,6 +138,19 @@ def build_prompt(
     suffix = tail + "\nAnswer:" if with_documents else tail
     question_ids, span = _encode_marking(tokenizer, suffix, len(tail) - len(question), question)
     return PromptParts(list(prefix), question_ids, span)
+
+
+def documents_turn(history: Sequence[Mapping[str, str]], role: str = "user") -> int | None:
+    """Index of the `history` message whose user turn the documents open: the first user
+    message, when the question is a user turn; None puts them in the question's own turn.
+
+    Conversational RAG prompts put the context before the chat history (LangChain's
+    `("system", "...{context}"), MessagesPlaceholder("chat_history"), ("human", "{input}")`,
+    LlamaIndex's context chat engines). Here it also keeps the chunks' prefix (template head,
+    system message, instruction) from changing as the conversation grows."""
+    if role != "user":
+        return None
+    return next((i for i, m in enumerate(history) if m["role"] == "user"), None)
 
 
 def _render(tokenizer, messages: list[Mapping[str, str]], tools: list[dict] | None) -> str:
