@@ -125,6 +125,47 @@ def test_chat_encodes_once_and_answers_each_line(tmp_path, model_dir, capsys, mo
     assert captured.err.count("3 of 3 chunks reused") == 2
 
 
+def test_chat_answers_each_question_after_the_conversation_so_far(tmp_path, model_dir, capsys, monkeypatch):
+    """Each answer is the engine's answer with the earlier questions and answers as its history,
+    over the chunks encoded once; without --history each question is answered alone."""
+    from parallelcomp import ParallelComp, ParallelCompConfig
+    from parallelcomp.cli import read_documents
+
+    questions = ["Where does the river run?", "What lies under the cloud?", "Which way does the window face?"]
+    flags = ["--model", str(model_dir), "--chunk-tokens", "16", "--keep-chunks", "1", "--max-new-tokens", "3"]
+    pc = ParallelComp.from_pretrained(str(model_dir), config=ParallelCompConfig.preset("paper", chunk_tokens=16,
+                                                                                        keep_chunks=1))
+    _, docs = read_documents(_docs(tmp_path))
+    for extra in (["--history"], []):
+        monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(questions) + "\n"))
+        assert main(["chat", *flags, *extra, *_docs(tmp_path)]) == 0
+        captured = capsys.readouterr()
+        answers = [line.strip() for line in captured.out.splitlines() if not line.startswith("Question: ")]
+        history, expected = [], []
+        for question in questions:
+            out = pc.generate(question, documents=docs, history=history if extra else [], max_new_tokens=3)
+            expected.append(out.text.strip())
+            history += [{"role": "user", "content": question}, {"role": "assistant", "content": out.text}]
+        assert answers == expected and all(expected)
+        assert captured.err.count("3 of 3 chunks reused") == 3
+        assert ("after 1 earlier turn)" in captured.err and "after 2 earlier turns)" in captured.err) == bool(extra)
+
+
+def test_chat_leaves_out_the_oldest_turns_the_window_cannot_hold(tmp_path, model_dir):
+    from parallelcomp import ParallelComp, ParallelCompConfig
+    from parallelcomp.cli import _recent_turns, read_documents
+
+    pc = ParallelComp.from_pretrained(str(model_dir), config=ParallelCompConfig(chunk_tokens=16))
+    corpus = pc.encode(read_documents(_docs(tmp_path))[1])
+    turns = [{"role": role, "content": f"{role} turn {i}"} for i in range(3) for role in ("user", "assistant")]
+    longest = max(len(c.token_ids) for c in corpus.chunks)
+    parts = pc.prompt_parts("Why?", True, turns[-2:])
+    room = pc.window - len(parts.prefix_ids) - longest - len(parts.question_ids)  # max_new_tokens for one turn
+    assert _recent_turns(pc, corpus, turns, "Why?", room) == (turns[-2:], 2)
+    assert _recent_turns(pc, corpus, turns, "Why?", room + 1) == ([], 3)
+    assert _recent_turns(pc, corpus, turns, "Why?", 8) == (turns, 0)
+
+
 def test_read_documents_skips_binary_repeated_and_unreadable_input_with_a_note(tmp_path, capsys, monkeypatch):
     from pathlib import Path
 

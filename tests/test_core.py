@@ -200,7 +200,8 @@ def test_phase2_runs_the_question_only_before_its_last_scored_token(make_engine,
 
 def test_documents_open_the_chats_first_user_turn_and_later_turns_follow_them(tokenizer):
     """With a history, prefix + documents + suffix is the chat template's own rendering of the
-    chat with the documents in its first user turn; the prefix is that of the first turn."""
+    chat with the documents in its first user turn; the prefix is that of the first turn. Without
+    history_after_documents, the documents are in the question's turn, after the history."""
     system = {"role": "system", "content": "Be brief."}
     turns = [{"role": "user", "content": "Who wrote it?"}, {"role": "assistant", "content": "Ann."}]
     parts = build_prompt(tokenizer, "Read.", "Who wrote it?", True, True, [system, *turns])
@@ -213,6 +214,12 @@ def test_documents_open_the_chats_first_user_turn_and_later_turns_follow_them(to
     assert tokenizer.decode(parts.question_ids[parts.scored("question")]).strip() == "Who wrote it?"
     assert parts.scored("question").stop == len(ids_of(tokenizer, rest.rsplit("Who wrote it?", 1)[0] + "Who wrote it?"))
     assert parts.prefix_ids == build_prompt(tokenizer, "Read.", "Who wrote it?", True, True, [system]).prefix_ids
+    before = build_prompt(tokenizer, "Read.", "Who wrote it?", True, True, [system, *turns], history_after_documents=False)
+    rendered = tokenizer.apply_chat_template(
+        [system, *turns, {"role": "user", "content": f"Read.\n\n{docs}\n\nQuestion: Who wrote it?"}], tokenize=False,
+        add_generation_prompt=True)
+    head, rest = rendered.split(docs)
+    assert (before.prefix_ids, before.question_ids) == (ids_of(tokenizer, head), ids_of(tokenizer, rest))
 
 
 def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer, kernel, monkeypatch):

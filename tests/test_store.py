@@ -197,20 +197,24 @@ def test_a_second_question_reuses_each_chunks_question_head_and_answers_as_a_col
         assert squeezed.generate(question, documents=DOCS, max_new_tokens=1).stats.reused_head_tokens == 0
 
 
+@pytest.mark.parametrize("after", [True, False], ids=["history after documents", "history before documents"])
 def test_every_turn_of_a_conversation_over_one_corpus_reuses_its_chunks_and_answers_as_a_cold_engine(
-        family, tokenizer):
+        family, tokenizer, after):
     """The documents open the chat's first user turn and the later turns follow them
     (prompts.documents_turn), so the chunks' prefix, and their keys, stay the same from turn to
-    turn. Until 2026-12-06 the history sat before the documents: every turn encoded them again."""
-    pc = engine(tokenizer, family)
-    cold = engine(tokenizer, family, model=pc.model, kv_store_bytes=0)
+    turn. With the history before the documents (history_after_documents=False; the only layout
+    until 2026-12-06) every turn encodes them again."""
+    pc = engine(tokenizer, family, history_after_documents=after)
+    cold = engine(tokenizer, family, model=pc.model, kv_store_bytes=0, history_after_documents=after)
     history = [{"role": "system", "content": "Answer from the documents."}]
     for turn, question in enumerate([QUESTION, "Which stone is purple?", QUESTION]):
         out = pc.generate(question, documents=DOCS, history=history, max_new_tokens=6)
         outputs_equal(out, cold.generate(question, documents=DOCS, history=history, max_new_tokens=6))
-        assert (out.stats.reused_chunks, out.stats.encoded_chunks) == ((5, 0) if turn else (0, 5))
+        assert (out.stats.reused_chunks, out.stats.encoded_chunks) == ((5, 0) if turn and after else (0, 5))
+        if not turn:
+            suffix = out.stats.question_tokens
         history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": out.text or "?"}]
-    assert out.stats.question_tokens > 2 * len(tokenizer(QUESTION)["input_ids"])  # the turns follow the chunks
+    assert (out.stats.question_tokens > suffix) == after  # the first question again: its turns follow the chunks
 
 
 def test_the_lru_evicts_least_recently_used_chunks_within_its_budget(tokenizer):

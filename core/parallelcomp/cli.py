@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", parents=[common],
                           help="encode files once, then answer questions read line by line from stdin")
     chat.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
+    chat.add_argument("--history", action="store_true",
+                      help="answer each question after the earlier questions and answers, as many as the window "
+                           "holds (they follow the documents, whose KV is still reused; a small model may copy "
+                           "its previous answer: docs/integrations.md)")
     chat.set_defaults(run=_chat)
     return parser
 
@@ -226,6 +230,7 @@ def _chat(args) -> int:
           f"({corpus.encode_seconds:.1f} s, {corpus.reused_chunks} chunks reused{store}). Ask away, one question "
           "per line; end of input (Ctrl-D) quits.", file=sys.stderr)
     interactive = sys.stdin.isatty()
+    turns: list[dict[str, str]] = []  # with --history, the conversation so far: user and assistant messages
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
@@ -234,17 +239,40 @@ def _chat(args) -> int:
             return 0
         if not line.strip():  # blank lines (between questions in a file) are no questions
             continue
+        question = line.strip()
         if not interactive:  # piped questions: each answer follows its question on stdout
-            print(f"Question: {line.strip()}", flush=True)
+            print(f"Question: {question}", flush=True)
         try:
-            out = _answer(pc, args, line.strip(), corpus=corpus)
+            history, left_out = (_recent_turns(pc, corpus, turns, question, args.max_new_tokens) if args.history
+                                 else ([], 0))
+            out = _answer(pc, args, question, corpus=corpus, history=history)
         except InputError as err:  # a bad question ends that question, not the session
             print(f"error: {err}", file=sys.stderr)
             continue
         _print_sources(out, names)
         s = out.stats
+        after = f"; after {_count(len(history) // 2, 'earlier turn')}" if history or left_out else ""
+        after += f", {left_out} older left out (the window holds no more)" if left_out else ""
+        if args.history and out.text.strip():
+            turns += [{"role": "user", "content": question}, {"role": "assistant", "content": out.text}]
         print(f"(time to first token {s.ttft_seconds:.1f} s, {s.reused_chunks} of "
-              f"{s.n_chunks} chunks reused)\n", file=sys.stderr, flush=True)
+              f"{s.n_chunks} chunks reused{after})\n", file=sys.stderr, flush=True)
+
+
+def _recent_turns(pc, corpus, turns: list[dict[str, str]], question: str, max_new_tokens: int
+                  ) -> tuple[list[dict[str, str]], int]:
+    """(the most recent whole turns that fit, how many older turns are left out). The turns follow
+    the chunks (prompts.documents_turn), so they fit when the prefix, the corpus's longest chunk,
+    the turns with the question, and the answer fit the model's window: no token of the answer
+    then sits past the positions the model was trained on."""
+    longest = max(len(c.token_ids) for c in corpus.chunks)
+    kept = 0
+    for start in range(len(turns) - 2, -1, -2):
+        parts = pc.prompt_parts(question, True, turns[start:])
+        if len(parts.prefix_ids) + longest + len(parts.question_ids) + max_new_tokens > pc.window:
+            break
+        kept = len(turns) - start
+    return turns[len(turns) - kept:], (len(turns) - kept) // 2
 
 
 def read_documents(paths: list[str], max_chars: int | None = None) -> tuple[list[str], list[str]]:

@@ -122,6 +122,15 @@ class ParallelCompConfig(BaseModel):
     """Repeat the instruction after the documents, before the question, as long-context QA
     templates do (LongBench's question template). Off: on the SmolLM2 needle cases it did not
     change which chunk ranked first (docs/method-fidelity.md §6)."""
+    history_after_documents: bool = Field(True, strict=True)
+    """Where a chat history goes in a call with documents. True: the documents open the chat's
+    first user turn and the later turns follow the chunks (prompts.documents_turn), the order of
+    conversational RAG prompts; the chunks' prefix, and so their store keys, stay the same from
+    turn to turn, and a conversation over one corpus encodes it once. False: the history precedes
+    the question's turn, which holds the documents, so every turn encodes the corpus again; on
+    SmolLM2-135M that answered more follow-up questions right, since the small model copies its
+    previous answer when it sits just before the question (docs/integrations.md, "A
+    conversation over one corpus")."""
 
     # --- chunk scoring (method.md §2, Eq. 3) ---
     score_tokens: Literal["question", "suffix"] = "question"

@@ -422,7 +422,7 @@ class ParallelComp:
         _check_question(question)
         return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
                             with_documents, history, restate_instruction=self.config.restate_instruction,
-                            tools=tools, role=role)
+                            tools=tools, role=role, history_after_documents=self.config.history_after_documents)
 
     def _vocab_size(self) -> int:
         """Width of the model's logits (may exceed the tokenizer's vocabulary, as in Qwen2.5)."""

@@ -71,16 +71,18 @@ def build_prompt(
     restate_instruction: bool = False,
     tools: Sequence[Mapping] | None = None,
     role: str = "user",
+    history_after_documents: bool = True,
 ) -> PromptParts:
     """Token ids of the shared prefix and of the question suffix.
 
     Without documents the question is the whole user turn and the instruction is left out.
     `history` ({"role", "content"} chat messages before the question's user turn: system
     messages, earlier turns) is rendered by the chat template ahead of that turn; it needs a chat
-    template. The documents go in the chat's first user turn (`documents_turn`), so a system
-    message sits in the shared prefix that every chunk sees and the later turns follow the
-    documents, in the question suffix: the prefix, and so every chunk's store key, stays the same
-    from turn to turn of a conversation over one corpus (docs/integrations.md). With
+    template. With `history_after_documents` the documents go in the chat's first user turn
+    (`documents_turn`), so a system message sits in the shared prefix that every chunk sees and
+    the later turns follow the documents, in the question suffix: the prefix, and so every
+    chunk's store key, stays the same from turn to turn of a conversation over one corpus
+    (docs/integrations.md); without it, the whole history is in the prefix. With
     `restate_instruction`, the instruction is repeated after the documents, before the question,
     as long-context QA templates do (LongBench's "Now, answer the question based on ...").
     `tools` (OpenAI-style dicts) go to a chat template that declares them (`tools=`, Qwen2.5);
@@ -116,7 +118,7 @@ def build_prompt(
     asked = f"{restated}Question: "
     tail = f"\n\n{asked}{question}" if with_documents else question
     if use_chat_template and has_chat_template(tokenizer):
-        first = documents_turn(history, role) if with_documents else None
+        first = documents_turn(history, role) if with_documents and history_after_documents else None
         if first is None:
             messages = [*history, {"role": role, "content": body + tail}]
         else:  # the documents open the conversation; this turn asks after the earlier ones
