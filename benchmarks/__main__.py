@@ -68,7 +68,10 @@ def main(argv=None) -> None:
                          "the table gives each one's ratio and their median")
     rq.add_argument("--preset", default="retrieval", choices=sorted(PRESETS),
                     help="the engine's preset (default: retrieval, what `make ask` runs)")
-    rq.add_argument("--out", default=str(DEFAULT_OUT / "repeat-query"))
+    rq.add_argument("--conversation", action="store_true",
+                    help="ask the five questions as one conversation, the history after and before the documents "
+                         "side by side (default --out: results/conversation)")
+    rq.add_argument("--out")
     sc = sub.add_parser("prefill-scaling", help="cold prefill per context length against its FLOP bound; peak RSS per store tier")
     sc.add_argument("--lengths", nargs="+", type=int, default=[8192, 16384, 32768, 65536, 131072])
     sc.add_argument("--stores", nargs="+", default=["memory", "disk"], choices=["memory", "disk"])
@@ -163,9 +166,12 @@ def main(argv=None) -> None:
 
         print(run_ray_scaling(opts.lengths, opts.setups, Path(opts.out)))
     elif opts.command == "repeat-query":
-        from .repeat_query import run as run_repeat_query
+        from .repeat_query import run as run_repeat_query, run_conversation
 
-        print(run_repeat_query(opts.lengths, Path(opts.out), opts.repeats, opts.preset))
+        if opts.conversation:
+            print(run_conversation(opts.lengths, Path(opts.out or DEFAULT_OUT / "conversation"), opts.preset))
+        else:
+            print(run_repeat_query(opts.lengths, Path(opts.out or DEFAULT_OUT / "repeat-query"), opts.repeats, opts.preset))
     else:
         out = Path(opts.out)
         report.write(out, json.loads((out / "results.json").read_text()))

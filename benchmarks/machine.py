@@ -6,6 +6,7 @@ import json
 import os
 import platform
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
@@ -48,3 +49,20 @@ def per_length_results(out, dtype: str, config: dict) -> dict:
         results = {"config": config, "lengths": {}}
     results["machine"] = describe(dtype)
     return results
+
+
+def side_by_side(out: Path, results: dict, lengths: list[int], runs: dict[str, Callable[[int], object]],
+                 table: Callable[[dict], str]) -> Path:
+    """Per length, each of `runs` (a name → its measurement at that length) one after another,
+    with the 1-minute load before and after; `results.json` and `table(results)` as `results.md`
+    are written after each length, so a run cut short keeps the lengths it finished."""
+    for length in lengths:
+        entry = {"load_before": os.getloadavg()[0]}
+        for name, run in runs.items():
+            entry[name] = run(length)
+        entry["load_after"] = os.getloadavg()[0]
+        results["lengths"][str(length)] = entry
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(table(results))
+    return out / "results.md"

@@ -70,16 +70,10 @@ def run(lengths: list[int], setups: list[str], out: Path) -> Path:
 
     model_dir = str(embedded_model_dir(progress=False))
     results = machine.per_length_results(out, "per machine (hardware.default_dtype)", CONFIG)
-    for length in lengths:
-        entry = {"load_before": os.getloadavg()[0]}
-        for name in setups:
-            entry[name] = _spawn({"model_dir": model_dir, "length": length, "workers": SETUPS[name]})
-        entry["load_after"] = os.getloadavg()[0]
-        results["lengths"][str(length)] = entry
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        (out / "results.md").write_text(table(results))
-    return out / "results.md"
+    runs = {name: lambda length, workers=SETUPS[name]: _spawn({"model_dir": model_dir, "length": length,
+                                                                "workers": workers})
+            for name in setups}
+    return machine.side_by_side(out, results, lengths, runs, table)
 
 
 def _spawn(spec: dict) -> dict:

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from parallelcomp.config import PRESETS
 
@@ -64,13 +65,15 @@ def worker(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     context, questions, values = haystack(tokenizer, spec["length"])
     preset = PRESETS[spec.get("preset", "retrieval")]
-    config = ParallelCompConfig(**preset, kv_store_dir=spec["store"], **spec.get("config", {}))
+    config = ParallelCompConfig(**{**preset, "kv_store_dir": spec["store"], **spec.get("config", {})})
     pc = ParallelComp.from_pretrained(spec["model_dir"], config)
-    rows = []
+    rows, history = [], []
     for i in spec["questions"]:
         start = time.perf_counter()
-        out = pc.generate(questions[i], context=context, max_new_tokens=MAX_NEW_TOKENS)
-        call = time.perf_counter() - start
+        out = pc.generate(questions[i], context=context, history=history, max_new_tokens=MAX_NEW_TOKENS)
+        call, asked_after = time.perf_counter() - start, len(history)
+        if spec.get("conversation") and out.text.strip():  # the next question after this turn
+            history = [*history, {"role": "user", "content": questions[i]}, {"role": "assistant", "content": out.text}]
         s = out.stats
         decode_tokens = max(0, s.new_tokens - 1)
         rows.append({
@@ -80,13 +83,15 @@ def worker(spec: dict) -> dict:
             "decode_tok_s": round(decode_tokens / max(1e-9, s.decode_seconds - s.first_token_seconds), 2),
             "write_seconds": round(s.store_write_seconds, 2), "call_seconds": round(call, 2),
             "reused_chunks": s.reused_chunks, "reused_head_tokens": s.reused_head_tokens,
-            "disk_hits": s.store_disk_hits, "n_chunks": s.n_chunks,
+            "disk_hits": s.store_disk_hits, "n_chunks": s.n_chunks, "history_messages": asked_after,
+            "question_tokens": s.question_tokens, "exceeds_window": s.exceeds_window,
             "tokens_in": s.tokens_in, "store_bytes": s.store_bytes, "kv_bytes": s.kv_bytes, "dtype": s.dtype,
             "answer": out.text, "correct": values[i] in out.text,
             "flops": flops(pc.model.config.to_dict(), s, [c.n_tokens for c in out.chunks]),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         })
-    return {"rows": rows, "disk_bytes": sum(p.stat().st_size for p in Path(spec["store"]).rglob("*.safetensors"))}
+    disk = Path(spec["store"]).rglob("*.safetensors") if spec["store"] else ()
+    return {"rows": rows, "disk_bytes": sum(p.stat().st_size for p in disk)}
 
 
 def flops(cfg: dict, s, chunks: list[int]) -> float:
@@ -139,6 +144,50 @@ def run(lengths: list[int], out: Path, repeats: int = 1, preset: str = "retrieva
         (out / "results.json").write_text(json.dumps(results, indent=1))
         (out / "results.md").write_text(table(results))
     return out / "results.md"
+
+
+LAYOUTS = {"history after documents": True, "history before documents": False}
+
+
+def run_conversation(lengths: list[int], out: Path, preset: str = "retrieval") -> Path:
+    """The five questions as one conversation (each after the earlier questions and answers), in
+    each layout of `ParallelCompConfig.history_after_documents`, side by side per length: one
+    process per layout, the memory tier only (docs/integrations.md, "A conversation over one
+    corpus")."""
+    from parallelcomp.default_model import embedded_model_dir
+
+    model_dir = str(embedded_model_dir(progress=False))
+    import torch
+
+    from parallelcomp.hardware import default_dtype
+
+    results = machine.per_length_results(out, str(default_dtype(torch.device("cpu"))), PRESETS[preset])
+
+    def conversation(after: bool) -> Callable[[int], list[dict]]:
+        return lambda length: spawn("repeat_query", {
+            "model_dir": model_dir, "length": length, "store": None, "questions": [0, 1, 2, 3, 4], "preset": preset,
+            "conversation": True, "config": {"history_after_documents": after}})["rows"]
+
+    runs = {name: conversation(after) for name, after in LAYOUTS.items()}
+    return machine.side_by_side(out, results, lengths, runs, conversation_table)
+
+
+def conversation_table(results: dict) -> str:
+    lines = ["| context | layout | turn | history messages | question suffix tokens | chunks reused | prefill s | "
+             "TTFT s | past the window | peak RSS MB | correct | answer |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
+    for length, entry in results["lengths"].items():
+        for name in LAYOUTS:
+            for turn, r in enumerate(entry[name], 1):
+                lines.append(f"| {int(length):,} | {name} | {turn} | {r['history_messages']} | "
+                             f"{r['question_tokens']} | {r['reused_chunks']}/{r['n_chunks']} | {r['prefill_seconds']} | "
+                             f"{r['ttft_seconds']} | {'yes' if r['exceeds_window'] else 'no'} | {r['peak_rss_mb']:,} | "
+                             f"{'yes' if r['correct'] else 'no'} | {r['answer'][:50]!r} |")
+        summary = {name: (sum(r["correct"] for r in entry[name]), sum(r["ttft_seconds"] for r in entry[name][1:]))
+                   for name in LAYOUTS}
+        lines.append(f"| | {'; '.join(f'{n}: {c}/5 correct, turns 2-5 {t:.1f} s to first token in all' for n, (c, t) in summary.items())}"
+                     f"; load 1-min {entry['load_before']:.1f}→{entry['load_after']:.1f} | | | | | | | | | | |")
+    return "\n".join(lines) + "\n"
 
 
 def spawn(module: str, spec: dict) -> dict:

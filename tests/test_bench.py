@@ -331,6 +331,31 @@ def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatc
     assert "| disk | 256 | matmul | torch |" in prefill_scaling.table(rows)
 
 
+def test_repeat_query_conversation_asks_each_question_after_the_earlier_turns(monkeypatch, tokenizer):
+    """`repeat-query --conversation` on the tiny model: each layout's process asks every question
+    after the earlier turns; only the history-after-documents layout reuses the chunks."""
+    import transformers
+
+    from benchmarks import repeat_query
+    from parallelcomp import ParallelComp
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama", len(tokenizer))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path: tokenizer)
+    monkeypatch.setattr(ParallelComp, "from_pretrained",
+                        classmethod(lambda cls, path, config: cls(model, tokenizer, config)))
+    entry = {"load_before": 1.0, "load_after": 1.0}
+    for name, after in repeat_query.LAYOUTS.items():
+        spec = {"model_dir": "tiny", "length": 600, "store": None, "questions": [0, 1, 2], "conversation": True,
+                "config": {"history_after_documents": after, "chunk_tokens": 128}}
+        rows = entry[name] = repeat_query.worker(spec)["rows"]
+        assert [r["history_messages"] for r in rows] == [0, 2, 4] and rows[0]["n_chunks"] > 1
+        assert [r["reused_chunks"] == r["n_chunks"] for r in rows] == [False, after, after]
+    table = repeat_query.conversation_table({"lengths": {"600": entry}})
+    assert "| 600 | history after documents | 3 | 4 |" in table and "| 600 | history before documents | 2 | 2 |" in table
+
+
 def test_repeat_query_table_gives_each_processs_second_question_ratio_and_their_median():
     from benchmarks.repeat_query import second_question_ratios, table
 
