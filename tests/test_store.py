@@ -215,6 +215,16 @@ def test_every_turn_of_a_conversation_over_one_corpus_reuses_its_chunks_and_answ
             suffix = out.stats.question_tokens
         history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": out.text or "?"}]
     assert (out.stats.question_tokens > suffix) == after  # the first question again: its turns follow the chunks
+    if after:  # a corpus encoded behind the conversation's system message serves every turn
+        corpus = pc.encode(DOCS, history=history[:1])
+        out = pc.generate(QUESTION, corpus=corpus, history=history, max_new_tokens=6)
+        assert (out.stats.encoded_chunks, corpus.encoded_chunks) == (0, 0)  # all in the store already
+        fresh = engine(tokenizer, family, model=pc.model)
+        corpus = fresh.encode(DOCS, history=history[:1])
+        outputs_equal(fresh.generate(QUESTION, corpus=corpus, history=history, max_new_tokens=6), out)
+        other = engine(tokenizer, family, model=pc.model)  # a corpus without the system message
+        assert other.generate(QUESTION, corpus=other.encode(DOCS), history=history,
+                              max_new_tokens=6).stats.encoded_chunks == 5  # another prefix: encoded again
 
 
 def test_the_lru_evicts_least_recently_used_chunks_within_its_budget(tokenizer):

@@ -262,14 +262,19 @@ class ParallelComp:
             self._prefix = (ids, encode_prefix(self.model, prefix_ids, self.attention_kernel))
         return self._prefix[1]
 
-    def encode(self, documents=None, context=None, *, progress: bool = False, **unknown) -> Corpus:
+    def encode(self, documents=None, context=None, *, history=(), progress: bool = False, **unknown) -> Corpus:
         """Chunk `documents` (or one long `context` string) and run phase 1 on every chunk once,
         keeping the KV in the chunk store; `generate/stream/score(..., corpus=corpus)` then run only
-        the question-dependent stages, with output identical to passing the same `documents=`."""
-        _refuse(unknown, "encode", "it takes documents or context, and progress; answer settings go to generate")
+        the question-dependent stages, with output identical to passing the same `documents=`.
+
+        `history`: the chat the questions will be asked in, for the part of it that sits before
+        the chunks, a system message (prompts.documents_turn): a call whose prompt prefix differs
+        from the corpus's encodes its chunks again behind its own (`stats.encoded_chunks`)."""
+        _refuse(unknown, "encode", "it takes documents or context, history and progress; answer settings go to "
+                                   "generate")
         documents = validate_documents(documents, context)
         progress = GenerationSettings.of(progress=progress).progress
-        parts = self.prompt_parts(_PLACEHOLDER_QUESTION, with_documents=True)
+        parts = self.prompt_parts(_PLACEHOLDER_QUESTION, True, history)
         with self._lock, self.layers():
             start = time.perf_counter()
             corpus = self._chunk(documents, parts.prefix_ids)
