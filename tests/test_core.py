@@ -225,7 +225,8 @@ def test_documents_open_the_chats_first_user_turn_and_later_turns_follow_them(to
 def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer, kernel, monkeypatch):
     """The question head (the template before the question text) kept from one question's phase 2
     is the head's KV of one forward over prefix + chunk + head, and a second question that reads it
-    runs only its own tokens yet gets the one-forward NLL."""
+    runs only its own tokens yet gets the one-forward NLL; so does a third that reads the start of
+    it (Head.cut)."""
     model = tiny_model(family, len(tokenizer))
     name = {"fused": "sdpa", "matmul": "matmul"}[kernel[0]]
     first = build_prompt(tokenizer, "Read.", "What is seven?", True, restate_instruction=True)
@@ -254,6 +255,26 @@ def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer,
     with pytest.raises(ValueError, match="every row"):  # rows that mix carried and missing heads
         question_nll(model, prefix, [encoded[0], replace(encoded[1], head=None)], second.question_ids,
                      second.scored("question"), head=head)
+    # a conversation's next turn: its head (the earlier turns, after the chunk) begins with the last
+    # one's; the rows carry that start cut short, run the rest, and keep their whole new head
+    third = build_prompt(tokenizer, "Read.", "Where is the copper garden?", True, True,
+                         [{"role": "user", "content": "What is seven?"}, {"role": "assistant", "content": "Seven."}],
+                         restate_instruction=True)
+    longer, scored = third.scored("question").start, third.scored("question")
+    assert third.prefix_ids == first.prefix_ids and third.question_ids[:head] == first.question_ids[:head]
+    assert longer > head + 8
+    for enc in encoded:
+        enc.head = enc.head.cut(head - 1)
+    nll = question_nll(model, prefix, encoded, third.question_ids, scored, kernel=name, head=longer)
+    assert widths[-1] == scored.stop - 1 - (head - 1)  # the model ran from the first token not carried
+    for enc, row in zip(encoded, nll):
+        ref = ref_question_nll(model, third.prefix_ids, enc.chunk.token_ids, third.question_ids)[scored]
+        torch.testing.assert_close(row, ref, atol=2e-5, rtol=1e-4)
+        _, ref_kv = single_prompt_forward(model, third.prefix_ids + enc.chunk.token_ids + third.question_ids[:longer])
+        assert enc.head.length == longer and enc.head.last_logprobs is not None
+        for (k, v), (rk, rv) in zip(enc.head.kv, ref_kv):
+            torch.testing.assert_close(k, rk[:, :, p + enc.length:], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(v, rv[:, :, p + enc.length:], atol=2e-5, rtol=1e-4)
 
 
 def test_kv_bytes_are_real_tensor_sizes(make_engine):

@@ -211,6 +211,8 @@ def test_every_turn_of_a_conversation_over_one_corpus_reuses_its_chunks_and_answ
         out = pc.generate(question, documents=DOCS, history=history, max_new_tokens=6)
         outputs_equal(out, cold.generate(question, documents=DOCS, history=history, max_new_tokens=6))
         assert (out.stats.reused_chunks, out.stats.encoded_chunks) == ((5, 0) if turn and after else (0, 5))
+        # from the 2nd turn on each chunk runs from where its last head and this one part (store.head)
+        assert (0 < out.stats.reused_head_tokens < 5 * out.stats.question_scored[0]) == bool(turn and after)
         if not turn:
             suffix = out.stats.question_tokens
         history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": out.text or "?"}]

@@ -525,25 +525,27 @@ class ParallelComp:
                      prefix: list[kvops.LayerKV], report: ReuseStats) -> torch.Tensor:
         """Phase 2 of `group` without compression, reusing each chunk's question head: the suffix
         tokens before the first scored one (the template's "\n\nQuestion:", a restated
-        instruction), which every question with that head shares. The chunks whose head the
-        memory tier holds run from the first scored token; the others run the head too and leave
-        it with their chunk in the store. Returns the (len(group), n) NLL in group order."""
+        instruction, a conversation's earlier turns), which every question with that head shares.
+        A chunk runs from the first head token the memory tier does not hold for it (the first
+        scored token when it holds the whole head; store.head), in one forward per such start,
+        and leaves its whole head with it in the store. Returns the (len(group), n) NLL in group
+        order."""
         head, end, _ = scored.indices(len(parts.question_ids))
         if not head:
             return question_nll(self.model, prefix, group, parts.question_ids, scored, None, self.attention_kernel)
         head_ids = parts.question_ids[:head]
         for e in group:
             e.head = self.store.head(keys[e.chunk.index], head_ids)
-        carried = [i for i, e in enumerate(group) if e.head is not None]
-        fresh = [i for i, e in enumerate(group) if e.head is None]
+        starts = [0 if e.head is None else e.head.length for e in group]
         nll = torch.empty(len(group), end - head, device=self.model.device)
-        for rows in (carried, fresh):
-            if rows:
-                nll[rows] = question_nll(self.model, prefix, [group[i] for i in rows], parts.question_ids, scored,
-                                         None, self.attention_kernel, head)
-        for i in fresh:
-            self.store.keep_head(keys[group[i].chunk.index], head_ids, group[i].head, report)
-        report.reused_head_tokens += head * len(carried)
+        for start in sorted(set(starts)):
+            rows = [i for i, s in enumerate(starts) if s == start]
+            nll[rows] = question_nll(self.model, prefix, [group[i] for i in rows], parts.question_ids, scored,
+                                     None, self.attention_kernel, head)
+        for i, start in enumerate(starts):
+            if start < head:
+                self.store.keep_head(keys[group[i].chunk.index], head_ids, group[i].head, report)
+        report.reused_head_tokens += sum(starts)
         return nll
 
     def phase1(self, batch: list[Chunk], keys: dict[int, str], prefix_ids: list[int], report: ReuseStats):

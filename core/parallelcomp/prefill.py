@@ -54,14 +54,25 @@ class Head:
     """The first question tokens that do not depend on the question (e.g. the template's
     "\n\nQuestion:") behind one chunk: their KV, at the positions right after the chunk, and the
     log-probabilities of the token after them. They depend only on the prefix, the chunk and the
-    head's ids, so a later question with the same head reads them instead of running the head."""
+    head's ids, so a later question with the same head reads them instead of running the head,
+    and one whose head begins with the same ids (a conversation's next turn) reads that start."""
 
     kv: list[kvops.LayerKV]
-    last_logprobs: torch.Tensor
+    last_logprobs: torch.Tensor | None
+    """None for a head `cut` short: the token after its last one is not known."""
+
+    @property
+    def length(self) -> int:
+        return kvops.n_tokens(self.kv)
 
     @property
     def nbytes(self) -> int:
-        return kvops.n_bytes(self.kv) + self.last_logprobs.numel() * self.last_logprobs.element_size()
+        logprobs = self.last_logprobs
+        return kvops.n_bytes(self.kv) + (0 if logprobs is None else logprobs.numel() * logprobs.element_size())
+
+    def cut(self, n: int) -> Head:
+        """The head's first `n` tokens (a view of its KV)."""
+        return Head([(k[:, :, :n], v[:, :, :n]) for k, v in self.kv], None)
 
 
 def micro_batches(chunks: list[Chunk], budget_tokens: int) -> Iterator[list[Chunk]]:
@@ -154,18 +165,19 @@ def question_nll(
     question's attention (e.g. for KV compression). `kernel`: the attention kernel (ParallelComp.attention_kernel).
 
     `head`: how many leading question tokens are the question-independent head (`Head`; the first
-    scored token must follow it, and no `observe`). If the rows carry their `head` (all of them),
-    the model runs from the question's first token behind [prefix ‖ chunk ‖ head]; otherwise it
-    runs the head too and sets each row's `head` from this forward, for the caller to keep.
+    scored token must follow it, and no `observe`). The rows carry the same number of head
+    tokens, all of it, its start (`Head.cut`) or none. The model runs from the first token they
+    do not carry, behind [prefix ‖ chunk ‖ carried head]; short of the whole head, each row's
+    `head` becomes the whole head from this forward, for the caller to keep.
     """
     device, p = model.device, kvops.n_tokens(prefix)
     first, end, _ = scored.indices(len(question_ids))
     if head and (first != head or observe is not None):
         raise ValueError("a question head must end where the scored tokens start, without an observer")
-    carried = sum(e.head is not None for e in encoded)
-    if carried not in (0, len(encoded)) or (carried and not head):
-        raise ValueError("either every row carries its question head, or none does")
-    skip = head if carried else 0  # question tokens read from each row's head
+    carried = {0 if e.head is None else e.head.length for e in encoded}
+    if len(carried) != 1 or max(carried) > head:
+        raise ValueError("every row must carry the same number of question-head tokens, at most the head")
+    skip = carried.pop()  # question tokens read from each row's head
     # The last scored token's own logits predict nothing scored: the model runs the tokens before
     # it. Compression may observe any question row, so it runs them all.
     q = len(question_ids) if observe is not None else end - 1
@@ -176,7 +188,7 @@ def question_nll(
     # logits predicting tokens max(first, skip + 1)…end-1, as rows of this forward
     rows = torch.arange(max(first, skip + 1) - 1 - skip, end - 1 - skip, device=device)
     contexts = [[e.kv] if e.head is None else [e.kv, e.head.kv] for e in encoded]
-    kept = {} if head and not skip else None  # layer → this forward's head KV, (B, H_kv, head, D) each
+    kept = {} if skip < head else None  # layer → this forward's head KV, (B, H_kv, head - skip, D) each
     targets = torch.tensor(question_ids[max(first, skip + 1) : end], device=device)
     nll = torch.empty(len(encoded), end - first, device=device)
     if first == skip:
@@ -184,7 +196,7 @@ def question_nll(
     lm_head = plain_head(model)  # or None: the model's own head makes the logits
     out = None  # the rows' last hidden states, or their logits
     if rows.numel() or observe is not None:  # compression observes even when no logits are needed
-        with chunk_attention(model, prefix, contexts, observe, kernel, kept, head), attention_kernel.wider_linear():
+        with chunk_attention(model, prefix, contexts, observe, kernel, kept, head - skip), attention_kernel.wider_linear():
             if lm_head is not None:
                 out = last_hidden(model, question, positions, causal)[:, rows]
             else:
@@ -194,8 +206,10 @@ def question_nll(
     if kept is not None:  # the last head token's logits are row 0 (it predicts the first scored token)
         last = lm_head(out[:, 0]) if lm_head is not None else out[:, 0]
         for row, e in enumerate(encoded):
-            e.head = Head([(k[row : row + 1].clone(), v[row : row + 1].clone()) for k, v in map(kept.get, sorted(kept))],
-                          torch.log_softmax(last[row].float(), dim=-1))
+            ran = [(k[row : row + 1], v[row : row + 1]) for k, v in map(kept.get, sorted(kept))]
+            kv = [(k.clone(), v.clone()) for k, v in ran] if e.head is None else \
+                [(torch.cat([hk, k], 2), torch.cat([hv, v], 2)) for (hk, hv), (k, v) in zip(e.head.kv, ran)]
+            e.head = Head(kv, torch.log_softmax(last[row].float(), dim=-1))
     return nll
 
 

@@ -251,9 +251,22 @@ class ChunkStore:
             self._save(key, self._lru[key], *self._unwritten.pop(key), report)
 
     def head(self, key: str, head_ids: list[int]) -> Head | None:
-        """The question head `head_ids` behind the chunk `key`, when the memory tier holds both."""
+        """The question head `head_ids` behind the chunk `key`, or the longest start of it that a
+        head the memory tier holds for that chunk shares (a conversation's next turn: its head
+        begins with the last turn's), cut short of the last head token, whose logits phase 2 then
+        computes; None when the tier holds neither the chunk nor a head that shares a token."""
         entry = self._lru.get(key)
-        return None if entry is None else entry.heads.get(tuple(head_ids))
+        if entry is None:
+            return None
+        ids = tuple(head_ids)
+        if ids in entry.heads:
+            return entry.heads[ids]
+        best, n = None, 0
+        for held_ids, held in entry.heads.items():
+            common = next((i for i, (a, b) in enumerate(zip(held_ids, ids)) if a != b), min(len(held_ids), len(ids)))
+            if min(common, len(ids) - 1) > n:
+                best, n = held, min(common, len(ids) - 1)
+        return best.cut(n) if best is not None else None
 
     def keep_head(self, key: str, head_ids: list[int], head: Head, report: ReuseStats) -> None:
         """Keep `head` with the chunk `key` if the memory tier holds that chunk (the last
