@@ -43,8 +43,8 @@ Routing (`route`), in this order; `generation_info(...)["split"]` reports which 
 
 Before these rules, a chat history that leaves no room in the window is fitted: while the prompt
 around the documents (template, instruction, tool descriptions and history) and `max_new_tokens`
-take more than half the window, the longest history message leaves the history and becomes one more corpus
-document (metadata: its role and index). This is how a stuffed system message, as in LangChain's
+take more than half the window, the longest history message leaves the history and becomes one
+more corpus document (metadata: its role and index). This is how a stuffed system message, as in LangChain's
 `create_stuff_documents_chain` with `("system", "...{context}"), ("human", "{input}")`, or a long
 tool result reaches the model: chunked, scored and evicted like any document. `split` then lists
 the moved messages' indices under "moved_messages" (rule "history" when the last turn is a plain

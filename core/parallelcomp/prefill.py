@@ -196,7 +196,8 @@ def question_nll(
     lm_head = plain_head(model)  # or None: the model's own head makes the logits
     out = None  # the rows' last hidden states, or their logits
     if rows.numel() or observe is not None:  # compression observes even when no logits are needed
-        with chunk_attention(model, prefix, contexts, observe, kernel, kept, head - skip), attention_kernel.wider_linear():
+        with chunk_attention(model, prefix, contexts, observe, kernel, kept, head - skip), \
+                attention_kernel.wider_linear():
             if lm_head is not None:
                 out = last_hidden(model, question, positions, causal)[:, rows]
             else:
