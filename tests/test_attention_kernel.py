@@ -520,6 +520,24 @@ def test_the_question_step_leaves_the_tiles_for_any_other_mask():
         assert not attention._causal_step(*args)
 
 
+def test_a_question_step_mask_is_checked_once_per_tensor(monkeypatch):
+    """Each layer of a forward gets the same mask tensor, so the answer is kept for that tensor;
+    another tensor, even of the same shape, is checked afresh, and the kept answer does not keep
+    the tensor alive."""
+    q, t = 6, 20
+    good = torch.ones(1, 1, q, t, dtype=torch.bool)
+    good[..., t - q :] = torch.ones(q, q, dtype=torch.bool).tril()
+    holed = good.clone()
+    holed[..., 3] = False
+    checks = []
+    monkeypatch.setattr(attention, "_causal", lambda n, device: checks.append(n) or torch.ones(n, n, dtype=torch.bool).tril())
+    answers = [attention._hides_only_future(m, q, t) for m in (good, good, holed, holed, good)]
+    assert answers == [True, True, False, False, True] and len(checks) == 2  # the holed mask fails before `_causal`
+    ref = attention._last_mask[0]
+    del good
+    assert ref() is None
+
+
 @needs_amx
 def test_an_engine_on_tiles_runs_its_question_step_on_them(tokenizer, monkeypatch):
     """An engine that attends on "amx" runs the question step's attention on the kernel in every
