@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 
 from parallelcomp import Corpus, InputError, ParallelComp, ParallelCompConfig, store
 from parallelcomp.config import PAPER_CALIBRATION_RULES
+from parallelcomp.output import ReuseStats
+from parallelcomp.prefill import Head
 
 from .conftest import tiny_model
 from .test_core import text
@@ -213,6 +215,8 @@ def test_every_turn_of_a_conversation_over_one_corpus_reuses_its_chunks_and_answ
         assert (out.stats.reused_chunks, out.stats.encoded_chunks) == ((5, 0) if turn and after else (0, 5))
         # from the 2nd turn on each chunk runs from where its last head and this one part (store.head)
         assert (0 < out.stats.reused_head_tokens < 5 * out.stats.question_scored[0]) == bool(turn and after)
+        # and each turn's head replaces the last turn's, which it begins with (store.keep_head)
+        assert [len(entry.heads) for entry in pc.store._lru.values()] == [1] * (5 if after else 5 * (turn + 1))
         if not turn:
             suffix = out.stats.question_tokens
         history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": out.text or "?"}]
@@ -227,6 +231,25 @@ def test_every_turn_of_a_conversation_over_one_corpus_reuses_its_chunks_and_answ
         other = engine(tokenizer, family, model=pc.model)  # a corpus without the system message
         assert other.generate(QUESTION, corpus=other.encode(DOCS), history=history,
                               max_new_tokens=6).stats.encoded_chunks == 5  # another prefix: encoded again
+
+
+def test_a_conversations_next_head_replaces_its_last_and_another_templates_stays():
+    """store.keep_head: a head whose first half or more the new head begins with (the last turn's,
+    up to its question label) is replaced; a head that shares a shorter start (another template's)
+    stays, and each is served whole when asked again, the replaced one from the common start."""
+    def head(n):
+        return Head([(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2))], torch.zeros(3))
+    chunks, report = store.ChunkStore(1 << 20), ReuseStats()
+    chunks.put("c", store.Entry([(torch.zeros(1, 1, 4, 2),) * 2], torch.zeros(3), 0.0), {}, [], [], report)
+    label, restated, turn2 = (7, 8, 9), (7, 5, 6, 8, 9), (7, 8, 3, 3, 4, 4, 8, 9)  # turn 2: q1 plain, then label
+    for ids in (label, restated, turn2):
+        chunks.keep_head("c", list(ids), head(len(ids)), report)
+    entry = chunks._lru["c"]
+    assert list(entry.heads) == [restated, turn2]  # `label` shares 2 of its 3 ids with turn 2's head
+    assert chunks.bytes_held == entry.nbytes
+    assert chunks.head("c", list(restated)) is entry.heads[restated]
+    carried = chunks.head("c", list(label))
+    assert carried.length == 2 and carried.last_logprobs is None  # run from its question label's last id
 
 
 def test_the_lru_evicts_least_recently_used_chunks_within_its_budget(tokenizer):

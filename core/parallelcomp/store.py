@@ -78,8 +78,9 @@ ABANDONED_WRITE_SECONDS = 3600
 renames its file into place within seconds); a directory scan deletes such files."""
 
 HEADS_PER_CHUNK = 4
-"""Question heads kept per chunk in the memory tier: one per prompt template and restated
-instruction in use (engine.question_nll)."""
+"""Question heads kept per chunk in the memory tier: one per prompt template, restated
+instruction and conversation in use (engine.question_nll; a conversation's turn replaces the
+head of the turn before it, `ChunkStore.keep_head`)."""
 
 
 @dataclass
@@ -263,19 +264,26 @@ class ChunkStore:
             return entry.heads[ids]
         best, n = None, 0
         for held_ids, held in entry.heads.items():
-            common = next((i for i, (a, b) in enumerate(zip(held_ids, ids)) if a != b), min(len(held_ids), len(ids)))
-            if min(common, len(ids) - 1) > n:
-                best, n = held, min(common, len(ids) - 1)
+            common = min(_common_start(held_ids, ids), len(ids) - 1)
+            if common > n:
+                best, n = held, common
         return best.cut(n) if best is not None else None
 
     def keep_head(self, key: str, head_ids: list[int], head: Head, report: ReuseStats) -> None:
         """Keep `head` with the chunk `key` if the memory tier holds that chunk (the last
-        HEADS_PER_CHUNK heads per chunk; they leave with it and count in its bytes)."""
+        HEADS_PER_CHUNK heads per chunk; they leave with it and count in its bytes). A held head
+        whose first half or more `head` begins with is replaced by it: a conversation's last turn,
+        which the new head extends up to the last turn's question label ("Question:", rendered
+        once the question has been asked as the plain user turn). Asked again, those ids run from
+        where the two part (`head`); another template's head, which shares with this one at most
+        the text before its instruction, stays."""
         entry = self._lru.get(key)
         if entry is None:
             return
         heads, ids = entry.heads, tuple(head_ids)
-        self._held += head.nbytes - (heads.pop(ids).nbytes if ids in heads else 0)
+        for held in [h for h in heads if 2 * _common_start(h, ids) > len(h)]:
+            self._held -= heads.pop(held).nbytes
+        self._held += head.nbytes
         heads[ids] = head
         while len(heads) > HEADS_PER_CHUNK:
             self._held -= heads.pop(next(iter(heads))).nbytes
@@ -449,6 +457,11 @@ class ChunkStore:
                 deleted += 1
         self._disk_held = total
         return deleted
+
+
+def _common_start(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many first ids `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _stored_files(root: Path) -> list[tuple[float, int, Path]]:
