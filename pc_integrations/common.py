@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import re
 import threading
 import time
@@ -64,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 from parallelcomp import GenerationOutput, InputError, ParallelComp, ParallelCompError, TextStream
-from parallelcomp.grammar import OPEN, holdback, parse_tool_calls
+from parallelcomp.grammar import OPEN, calls_so_far, holdback, new_call_id, parse_tool_calls
 from parallelcomp.guard import cancel_scope, fits_window
 from parallelcomp.prompts import PromptParts, check_history, has_chat_template
 from parallelcomp.settings import GenerationSettings
@@ -165,13 +166,17 @@ def flatten_chat(turns: list[tuple[str, str]]) -> str:
 
 
 class ToolCallText:
-    """An answer's text deltas split into content, passed on as it comes, and tool calls, parsed
-    at the end (`grammar.parse_tool_calls`): text from the first `<tool_call>` marker on, or
-    what may still become one, is held back."""
+    """An answer's text deltas split into content, passed on as it comes, and tool calls: text
+    from the first `<tool_call>` marker on, or what may still become one, is held back from the
+    content. Each call streams as it is decoded (`begun`, `call_deltas`: its id and name once the
+    name is whole, then its arguments' JSON text as it grows; grammar.calls_so_far) and is parsed
+    whole at the end (`finish`, grammar.parse_tool_calls), under the same id."""
 
     def __init__(self) -> None:
         self.text = ""
         self.emitted = 0
+        self.ids: list[str] = []  # one per call block begun, in order
+        self.sent: dict[int, int] = {}  # call block → characters of its arguments passed on (`call_deltas`)
 
     def feed(self, delta: str) -> str:
         """The content that is safe to show after `delta`."""
@@ -181,10 +186,41 @@ class ToolCallText:
         out, self.emitted = self.text[self.emitted : end], end
         return out
 
+    def begun(self) -> list[tuple[int, str, str, str]]:
+        """(block index, id, name, arguments' JSON text so far) of each call whose name is whole."""
+        calls = calls_so_far(self.text)
+        self.ids += [new_call_id() for _ in range(len(calls) - len(self.ids))]
+        return [(n, self.ids[n], *call) for n, call in enumerate(calls) if call is not None]
+
+    def call_deltas(self) -> list[dict[str, Any]]:
+        """What the calls' text added since the last time, as LangChain's tool-call chunks take it:
+        {"index", "id" and "name" (the first time, else None), "args" (the text added)}."""
+        deltas = []
+        for n, call_id, name, arguments in self.begun():
+            sent = self.sent.get(n)
+            if sent is None or len(arguments) > sent:
+                first = sent is None
+                deltas.append({"index": n, "id": call_id if first else None, "name": name if first else None,
+                               "args": arguments[sent or 0 :]})
+                self.sent[n] = len(arguments)
+        return deltas
+
     def finish(self) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
-        """(the rest of the content, calls, invalid calls)."""
-        rest, calls, invalid = parse_tool_calls(self.text[self.emitted :])
+        """(the rest of the content, calls, invalid calls), each with the id it streamed under."""
+        self.begun()
+        rest, calls, invalid = parse_tool_calls(self.text[self.emitted :], self.ids)
         return (rest.strip() if calls or invalid else rest), calls, invalid
+
+    def last_deltas(self, calls: list[dict[str, Any]], invalid: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """After `finish`: the calls' last `call_deltas`, and whole each call that never streamed
+        (its name was not found where the call format puts it; an invalid call keeps its text)."""
+        block = {call_id: n for n, call_id in enumerate(self.ids)}
+        deltas = self.call_deltas()
+        deltas += [{"index": block[c["id"]], "id": c["id"], "name": c["name"], "args": json.dumps(c["arguments"])}
+                   for c in calls if block[c["id"]] not in self.sent]
+        deltas += [{"index": block[c["id"]], "id": c["id"], "name": None, "args": c["text"]}
+                   for c in invalid if block[c["id"]] not in self.sent]
+        return deltas
 
 
 # ---------------------------------------------------------------------- documents

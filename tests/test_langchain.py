@@ -397,13 +397,28 @@ def test_a_call_whose_arguments_did_not_parse_is_sent_back_as_the_model_wrote_it
     invalid call keeps its name."""
     from langchain_core.outputs import GenerationChunk
 
+    from pc_integrations.common import ToolCallText
     from pc_integrations.langchain.chat_models import _chat_chunk, _result
 
     written = '<tool_call>\n{"name": "add", "arguments": {"a": 1,}}\n</tool_call>'
-    rest, calls, invalid = parse_tool_calls(written)
-    message = _result([_chat_chunk(GenerationChunk(text=rest, generation_info={}), calls, invalid)]).generations[0].message
-    assert message.tool_calls == [] and len(message.invalid_tool_calls) == 1
-    assert messages_to_prompt([message, HumanMessage("Go on.")]) == f"Assistant: {written}\n\nGo on."
+    for pieces in ([written], [written[:30], written[30:]]):  # at the end, or streamed as it came
+        split, chunks = ToolCallText(), []
+        for piece in pieces:
+            split.feed(piece)
+            chunks.append(_chat_chunk(GenerationChunk(text=""), split.call_deltas()))
+        rest, calls, invalid = split.finish()
+        chunks.append(_chat_chunk(GenerationChunk(text=rest, generation_info={}), split.last_deltas(calls, invalid)))
+        message = _result(chunks).generations[0].message
+        assert message.tool_calls == [] and len(message.invalid_tool_calls) == 1
+        assert messages_to_prompt([message, HumanMessage("Go on.")]) == f"Assistant: {written}\n\nGo on."
+    nameless = written.replace('"name": "add", ', "")  # no name where the call format puts it: never streamed
+    split = ToolCallText()
+    split.feed(nameless)
+    rest, calls, invalid = split.finish()
+    message = _result([_chat_chunk(GenerationChunk(text=rest, generation_info={}),
+                                   split.last_deltas(calls, invalid))]).generations[0].message
+    assert message.tool_calls == [] and message.invalid_tool_calls[0]["args"] == '{"arguments": {"a": 1,}}'
+    assert messages_to_prompt([message, HumanMessage("Go on.")]) == f"Assistant: {nameless}\n\nGo on."
     foreign = AIMessage("", invalid_tool_calls=[{"name": "add", "args": '{"a": 1,', "id": "1", "error": None}])
     assert messages_to_prompt([foreign, HumanMessage("Go on.")]) == (
         'Assistant: <tool_call>\n{"name": "add", "arguments": {"a": 1,}\n</tool_call>\n\nGo on.')

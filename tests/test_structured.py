@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from parallelcomp import InputError, ParallelComp, ParallelCompConfig, StructuredOutputError
-from parallelcomp.grammar import (OPEN, closed_schema, ll_tokenizer, llguidance, parse_tool_calls, schema_grammar,
+from parallelcomp.grammar import (OPEN, calls_so_far, closed_schema, ll_tokenizer, llguidance, parse_tool_calls, schema_grammar,
                                   tool_grammar, tools_prompt)
 from pc_integrations.common import CallError, ToolCallText
 
@@ -305,6 +305,35 @@ def test_tool_call_text_holds_back_only_the_calls():
     assert split.feed("a <tool") == "a " and split.feed("box>") == "<toolbox>"
 
 
+@pytest.mark.parametrize("written", [
+    'Sure. <tool_call>\n{"name": "add", "arguments": {"a": {"b": [1, 2]}, "c": "x}\\"y"}}\n</tool_call> and '
+    '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>',
+    '<tool_call>\n{"name": "add", "arguments": {"a": 1,}}\n</tool_call>',  # no grammar: does not parse
+], ids=["two calls", "invalid"])
+def test_a_streamed_calls_arguments_only_grow_and_join_to_the_whole_call(written):
+    """`grammar.calls_so_far` at every character: a call shows up once its name is whole, its
+    arguments' text so far is a start of what it is later, and the deltas of `ToolCallText`
+    join to each call's arguments as parsed whole, under the id that `finish` gives it."""
+    split, seen, joined = ToolCallText(), [], {}
+    for i in range(len(written)):
+        split.feed(written[i])
+        now = calls_so_far(written[: i + 1])
+        for n, call in enumerate(now):
+            if call is not None and n < len(seen) and seen[n] is not None:
+                assert call[0] == seen[n][0] and call[1].startswith(seen[n][1])
+        seen = now
+        for delta in split.call_deltas():
+            joined.setdefault(delta["index"], {"id": delta["id"], "name": delta["name"], "args": ""})["args"] += delta["args"]
+    rest, calls, invalid = split.finish()
+    for delta in split.last_deltas(calls, invalid):
+        joined[delta["index"]]["args"] += delta["args"]
+    assert [c["id"] for c in calls + invalid] == [j["id"] for j in joined.values()]
+    assert [(c["name"], c["arguments"]) for c in calls] == [(j["name"], json.loads(j["args"]))
+                                                           for j in list(joined.values())[: len(calls)]]
+    if invalid:  # the model's own text, less the call object's braces
+        assert joined[0] == {"id": invalid[0]["id"], "name": "add", "args": '{"a": 1,}'}
+
+
 # ---------------------------------------------------------------------- LangChain
 
 
@@ -322,6 +351,22 @@ def test_langchain_tool_calls_invoke_and_stream_agree(engine):
     streamed = merged.tool_calls
     assert [(c["name"], c["args"]) for c in streamed] == [(c["name"], c["args"]) for c in message.tool_calls]
     assert message.usage_metadata["output_tokens"] > 0
+
+
+def test_langchain_structured_output_streams_partial_objects(engine):
+    """A call's arguments stream as they are decoded (`ToolCallText.call_deltas`), so
+    `with_structured_output(...).stream()` yields growing partial objects, as with OpenAI, the
+    last equal to `invoke`'s."""
+    from pc_integrations.langchain import ChatParallelComp
+
+    chat = ChatParallelComp(engine=engine, max_tokens=64, temperature=1.0, seed=3)
+    chunks = list(chat.bind_tools([Reading], tool_choice="Reading").stream("Report the reading."))
+    assert sum(bool(c.tool_call_chunks) for c in chunks) > 3  # the arguments came in pieces
+    assert chunks[0].tool_call_chunks[0]["name"] == "Reading" and chunks[0].tool_call_chunks[0]["id"].startswith("call_")
+    structured = chat.with_structured_output(Reading.model_json_schema(), method="function_calling")
+    partials = list(structured.stream("Report the reading."))
+    assert len(partials) > 3 and partials[-1] == structured.invoke("Report the reading.")
+    assert all(set(a) <= set(b) for a, b in zip(partials, partials[1:]))  # each one's keys are in the next
 
 
 @pytest.mark.parametrize("method", ["function_calling", "json_schema"])
@@ -542,6 +587,27 @@ def test_llama_index_function_calling_and_structured_predict(engine):
         assert isinstance(reading, Reading)
     with pytest.raises(CallError, match="unknown tool_choice"):
         llm.chat_with_tools([FunctionTool.from_defaults(ping)], user_msg="q", tool_choice="nope")
+
+
+def test_llama_index_streams_calls_and_partial_objects(engine):
+    """Each streamed chat response carries the calls begun so far, their arguments parsed as far
+    as they go, under the id the last response gives them; so `stream_structured_predict` yields
+    partial objects, the last equal to `structured_predict`'s."""
+    from llama_index.core.prompts import PromptTemplate
+
+    from pc_integrations.llama_index import ParallelCompLLM
+
+    llm = ParallelCompLLM(engine, max_new_tokens=64, temperature=1.0, seed=3)
+    prompt = PromptTemplate("Report the reading for {place}.")
+    whole = llm.structured_predict(Reading, prompt, place="the lab")
+    partials = list(llm.stream_structured_predict(Reading, prompt, place="the lab"))
+    assert len({json.dumps(p.model_dump()) for p in partials}) > 3 and partials[-1] == whole
+    from llama_index.core.program.function_program import get_function_tool
+
+    responses = list(llm.stream_chat_with_tools([get_function_tool(Reading)], user_msg="Report it.",
+                                                tool_required=True))
+    calls = [r.message.additional_kwargs.get("tool_calls") for r in responses]
+    assert sum(bool(c) for c in calls) > 3 and calls[-1] and len({c[0]["id"] for c in calls if c}) == 1
 
 
 @pytest.mark.slow

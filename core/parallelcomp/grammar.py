@@ -343,13 +343,14 @@ def format_invalid_tool_call(name: str | None, text: str | None) -> str:
     return f"{OPEN}\n{body}\n{CLOSE}"
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+def parse_tool_calls(text: str, ids: Sequence[str] = ()) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """(text outside the blocks, valid calls, invalid calls) of an output. A valid call is
     {"id": "call_<hex>", "name", "arguments": dict}; an invalid one (possible only in text decoded
-    without a tool grammar) keeps its raw text and the error."""
+    without a tool grammar) keeps its raw text and the error. `ids`: those of the first blocks, as
+    a stream gave them out (`calls_so_far`); a new id for the others."""
     calls, invalid = [], []
-    for block in _BLOCK.findall(text):
-        call_id = f"call_{uuid.uuid4().hex[:24]}"
+    for n, block in enumerate(_BLOCK.findall(text)):
+        call_id = ids[n] if n < len(ids) else new_call_id()
         try:
             data = json.loads(block)
             if not (isinstance(data, dict) and isinstance(data.get("name"), str)
@@ -361,8 +362,49 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]], list[dict[st
     return _BLOCK.sub("", text), calls, invalid
 
 
-def holdback(text: str) -> int:
-    """Characters at the end of `text` that may be the start of a tool-call marker: held back
-    while streaming until it is clear whether a call begins."""
-    start = text.rfind(OPEN[0], max(0, len(text) - len(OPEN) + 1))
-    return len(text) - start if start >= 0 and OPEN.startswith(text[start:]) else 0
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+_CALL_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*')
+_CALL_ARGUMENTS = re.compile(r'\s*,\s*"arguments"\s*:\s*')
+_DECODER = json.JSONDecoder()
+
+
+def calls_so_far(text: str) -> list[tuple[str, str] | None]:
+    """Each tool-call block begun in a stream's `text` so far, in order: (name, the arguments' JSON
+    text so far) once its name is whole, else None. What a stream can pass on before a call ends,
+    as OpenAI streams a call's arguments. As `text` grows a call's arguments text only grows: a
+    closing brace, white space and the start of a `</tool_call>` at its end are held back until
+    they are clearly the arguments' own (not the call object's), and where the whole arguments do not parse (text decoded without
+    a tool grammar) the call object's last brace is left out."""
+    calls, start = [], text.find(OPEN)
+    while start >= 0:
+        end = text.find(CLOSE, start)
+        calls.append(_call_so_far(text[start + len(OPEN) : end if end >= 0 else len(text) - holdback(text, CLOSE)]))
+        start = -1 if end < 0 else text.find(OPEN, end + len(CLOSE))
+    return calls
+
+
+def _call_so_far(body: str) -> tuple[str, str] | None:
+    head = _CALL_NAME.match(body)
+    try:
+        name, at = _DECODER.raw_decode(body, head.end()) if head else (None, 0)
+    except ValueError:  # the name is not whole yet
+        return None
+    key = _CALL_ARGUMENTS.match(body, at) if isinstance(name, str) else None
+    if key is None:
+        return None
+    arguments = body[key.end() :]
+    try:
+        return name, arguments[: _DECODER.raw_decode(arguments)[1]]
+    except ValueError:
+        arguments = arguments.rstrip()
+        return name, arguments[:-1] if arguments.endswith("}") else arguments
+
+
+def holdback(text: str, marker: str = OPEN) -> int:
+    """Characters at the end of `text` that may be the start of `marker`: held back while
+    streaming until it is clear whether a call begins (or ends)."""
+    start = text.rfind(marker[0], max(0, len(text) - len(marker) + 1))
+    return len(text) - start if start >= 0 and marker.startswith(text[start:]) else 0

@@ -16,14 +16,15 @@ stats, split, model_name) lands in `AIMessage.response_metadata`, token counts i
 Tools and structured output (docs/integrations.md): `bind_tools(tools, tool_choice=...)` and
 `with_structured_output(schema, method=...)` bind the `tools`/`tool_choice`/`json_schema`
 generation settings, so decoding runs under a grammar and the output always parses. Calls come
-back as `AIMessage.tool_calls` (ids `call_<hex>`); streamed, as one `tool_call_chunks` entry per
-call in the last chunk, while text before a call streams as it is decoded. Documents still go in
+back as `AIMessage.tool_calls` (ids `call_<hex>`); streamed, each call's `tool_call_chunks` come
+as it is decoded (its id and name once the name is whole, then its arguments' JSON text), as
+OpenAI's do, so `with_structured_output(...).stream()` yields partial objects; text before a call
+streams as it is decoded. Documents still go in
 as chunks, so an agent reasons over a corpus far longer than the window.
 """
 
 from __future__ import annotations
 
-import json
 from operator import itemgetter
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
@@ -223,11 +224,13 @@ class ChatParallelComp(BaseChatModel):
         for chunk in chunks:
             if chunk.generation_info is None:
                 content = split.feed(chunk.text)
-                if content:
-                    yield _chat_chunk(GenerationChunk(text=content))
+                calls = split.call_deltas()
+                if content or calls:
+                    yield _chat_chunk(GenerationChunk(text=content), calls)
             else:
                 rest, calls, invalid = split.finish()
-                yield _chat_chunk(GenerationChunk(text=rest, generation_info=chunk.generation_info), calls, invalid)
+                yield _chat_chunk(GenerationChunk(text=rest, generation_info=chunk.generation_info),
+                                  split.last_deltas(calls, invalid))
 
     # ------------------------------------------------------------------ tools and structured output
 
@@ -425,16 +428,14 @@ def _text(message: BaseMessage) -> str:
     return "\n".join(p for p in [message.text, *calls] if p)
 
 
-def _chat_chunk(chunk: GenerationChunk, calls: Sequence[dict] = (), invalid: Sequence[dict] = ()
-                ) -> ChatGenerationChunk:
+def _chat_chunk(chunk: GenerationChunk, calls: Sequence[dict] = ()) -> ChatGenerationChunk:
+    """`calls`: `ToolCallText.call_deltas`, one tool-call chunk each (LangChain merges a call's
+    chunks by index and parses the joined arguments; unparsable ones land in invalid_tool_calls)."""
     info = chunk.generation_info
-    message = AIMessageChunk(content=chunk.text)
-    if info is not None:  # the last chunk: usage, tool calls and end of stream
+    chunks = [tool_call_chunk(**call) for call in calls]
+    message = AIMessageChunk(content=chunk.text, tool_call_chunks=chunks)
+    if info is not None:  # the last chunk: usage and end of stream
         usage = usage_from_info(info)
-        chunks = [tool_call_chunk(name=c["name"], args=json.dumps(c["arguments"]), id=c["id"], index=i)
-                  for i, c in enumerate(calls)]
-        chunks += [tool_call_chunk(name=None, args=c["text"], id=c["id"], index=len(calls) + i)
-                   for i, c in enumerate(invalid)]  # unparsable args: merged into invalid_tool_calls
         message = AIMessageChunk(
             content=chunk.text,
             tool_call_chunks=chunks,

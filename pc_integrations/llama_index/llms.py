@@ -54,7 +54,11 @@ from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.llms.utils import parse_partial_json
+from llama_index.core.program.function_program import get_function_tool
+from llama_index.core.program.utils import get_program_for_llm
 from llama_index.core.prompts import PromptTemplate
+from llama_index.core.types import PydanticProgramMode
 
 from parallelcomp import (
     ConfigError, InputError, ParallelComp, ParallelCompConfig, ParallelCompError, StructuredOutputError
@@ -315,6 +319,14 @@ class ParallelCompLLM(FunctionCallingLLM):
         return {"messages": messages, "tools": openai_tools or None, "tool_choice": choice,
                 "parallel_tool_calls": allow_parallel_tool_calls, **kwargs}
 
+    def _structured_stream_call(self, output_cls: type, prompt: PromptTemplate,
+                                llm_kwargs: Optional[dict[str, Any]] = None, **prompt_args: Any) -> Any:
+        return _forced_program(self, output_cls, prompt).stream_call(llm_kwargs=llm_kwargs, **prompt_args)
+
+    async def _structured_astream_call(self, output_cls: type, prompt: PromptTemplate,
+                                       llm_kwargs: Optional[dict[str, Any]] = None, **prompt_args: Any) -> Any:
+        return await _forced_program(self, output_cls, prompt).astream_call(llm_kwargs=llm_kwargs, **prompt_args)
+
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
     ) -> List[ToolSelection]:
@@ -392,10 +404,38 @@ def _call_text(i: int, call: Any) -> str:
     return format_tool_call(name, arguments)
 
 
+def _forced_program(llm: ParallelCompLLM, output_cls: type, prompt: PromptTemplate) -> Any:
+    """LlamaIndex's program for `(a)stream_structured_predict`, with its tool call forced: the
+    `FunctionCallingProgram`'s stream calls, unlike its `__call__`, do not pass `tool_required`,
+    so under "auto" a model may answer in text and the stream then yields empty objects."""
+    forced = {}
+    if llm.pydantic_program_mode == PydanticProgramMode.DEFAULT:  # our FunctionCallingProgram
+        forced["tool_choice"] = get_function_tool(output_cls).metadata.name
+    return get_program_for_llm(output_cls, prompt, llm, pydantic_program_mode=llm.pydantic_program_mode, **forced)
+
+
+def _calls_so_far(split: ToolCallText, last: list[dict]) -> list[dict]:
+    """The calls `split` has begun, {"id", "name", "arguments": dict}: the arguments parsed with
+    LlamaIndex's `parse_partial_json`, or as `last` had them where the text so far does not parse."""
+    before = {c["id"]: c["arguments"] for c in last}
+    calls = []
+    for _, call_id, name, arguments in split.begun():
+        try:
+            parsed = parse_partial_json(arguments) if arguments else {}
+        except ValueError:
+            parsed = None
+        calls.append({"id": call_id, "name": name,
+                      "arguments": parsed if isinstance(parsed, dict) else before.get(call_id, {})})
+    return calls
+
+
 def _as_chat(responses: Iterator[CompletionResponse], split: Optional[ToolCallText]) -> Iterator[ChatResponse]:
     """Completion responses as chat responses; with `split` (a call with tools), text from the
-    first tool call on is held back and the last response carries the parsed calls."""
-    content = ""
+    first tool call on is held back, each response carries the calls begun so far with their
+    arguments parsed as far as they go (as OpenAI's streams do: `stream_structured_predict`
+    yields partial objects, a `FunctionAgent`'s `AgentStream` events show the call), and the last
+    one the calls parsed whole."""
+    content, calls = "", []
     with contextlib.closing(responses):
         for r in responses:
             if split is None:
@@ -404,8 +444,11 @@ def _as_chat(responses: Iterator[CompletionResponse], split: Optional[ToolCallTe
             elif r.raw is None:  # a text delta
                 delta = split.feed(r.delta)
                 content += delta
-                if delta:
-                    yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=content), delta=delta)
+                calls, last = _calls_so_far(split, calls), calls
+                if delta or calls != last:
+                    extra = {"tool_calls": calls} if calls else {}
+                    message = ChatMessage(role=MessageRole.ASSISTANT, content=content, additional_kwargs=extra)
+                    yield ChatResponse(message=message, delta=delta)
             else:  # the last response: the run's output and info
                 rest, calls, invalid = split.finish()
                 content += rest
