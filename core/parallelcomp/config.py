@@ -129,8 +129,8 @@ class ParallelCompConfig(BaseModel):
     turn to turn, and a conversation over one corpus encodes it once. False: the history precedes
     the question's turn, which holds the documents, so every turn encodes the corpus again; on
     SmolLM2-135M that answered more follow-up questions right, since the small model copies its
-    previous answer when it sits just before the question (docs/integrations.md, "A
-    conversation over one corpus")."""
+    previous answer when it sits just before the question; Qwen2.5-Coder-0.5B did not
+    (docs/integrations.md, "A conversation over one corpus")."""
 
     # --- chunk scoring (method.md §2, Eq. 3) ---
     score_tokens: Literal["question", "suffix"] = "question"
