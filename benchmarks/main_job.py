@@ -51,16 +51,17 @@ def question_flops(cfg: dict, prefix: int, question: int, chunks: list[int], log
     return float(sum(2 * w * question + 4 * L * qd * question * (prefix + c) + 2 * h * V * logits for c in chunks))
 
 
-def phase2_work(question_scored, head_reused: bool = False) -> tuple[int, int]:
+def phase2_work(question_scored, carried: float = 0) -> tuple[float, int]:
     """(tokens phase 2 runs per chunk, logit rows it computes) for a run without compression, from
     `RunStats.question_scored`: the question before its last scored token, and one row per scored
-    token after the first (whose log-probability phase 1 already computed). `head_reused`: every
-    chunk's question head came from the store (`RunStats.reused_head_tokens`), so phase 2 ran
-    neither the tokens before the first scored one nor the row predicting it."""
+    token after the first (whose log-probability phase 1 already computed). `carried`: the
+    question-head tokens a chunk read from the store (`RunStats.reused_head_tokens` per chunk),
+    which phase 2 did not run; with the whole head carried, nor the row predicting the first
+    scored token (the stored head has it)."""
     start, end = question_scored
-    if head_reused and start:
+    if start and carried >= start:
         return end - 1 - start, end - 1 - start
-    return end - 1, end - max(start, 1)
+    return end - 1 - carried, end - max(start, 1)
 
 
 def _dims(cfg: dict) -> tuple[int, int, int, int, int]:

@@ -96,14 +96,16 @@ def worker(spec: dict) -> dict:
 
 def flops(cfg: dict, s, chunks: list[int]) -> float:
     """The work a question did (RunStats `s`): a cold prefill, or phase 2 alone when every chunk
-    was reused; with every chunk's question head reused as well, phase 2 ran from the question's
-    first token, over the head's keys too."""
+    was reused. Phase 2 runs from the first question-head token a chunk did not read from the
+    store (`reused_head_tokens`, spread evenly over the chunks): from the question's first token
+    when the whole head was reused, from where a conversation's last head and this one part
+    otherwise, over the carried keys too."""
     if s.encoded_chunks:
         tokens, logits = phase2_work(s.question_scored)
         return prefill_flops(cfg, s.prefix_tokens, tokens, chunks, logits)
-    heads = s.reused_head_tokens == s.question_scored[0] * len(chunks) > 0
-    tokens, logits = phase2_work(s.question_scored, heads)
-    return question_flops(cfg, s.prefix_tokens + s.question_scored[0] * heads, tokens, chunks, logits)
+    carried = s.reused_head_tokens / len(chunks)
+    tokens, logits = phase2_work(s.question_scored, carried)
+    return question_flops(cfg, s.prefix_tokens + carried, tokens, chunks, logits)
 
 
 def run(lengths: list[int], out: Path, repeats: int = 1, preset: str = "retrieval") -> Path:
@@ -159,34 +161,39 @@ def run_conversation(lengths: list[int], out: Path, preset: str = "retrieval") -
     model_dir = str(embedded_model_dir(progress=False))
     import torch
 
-    from parallelcomp.hardware import default_dtype
+    from parallelcomp.hardware import default_dtype, measure_gflops
 
-    results = machine.per_length_results(out, str(default_dtype(torch.device("cpu"))), PRESETS[preset])
+    dtype = default_dtype(torch.device("cpu"))
+    results = machine.per_length_results(out, str(dtype), PRESETS[preset])
 
     def conversation(after: bool) -> Callable[[int], list[dict]]:
         return lambda length: spawn("repeat_query", {
             "model_dir": model_dir, "length": length, "store": None, "questions": [0, 1, 2, 3, 4], "preset": preset,
             "conversation": True, "config": {"history_after_documents": after}})["rows"]
 
-    runs = {name: conversation(after) for name, after in LAYOUTS.items()}
+    runs = {"gemm_gflops": lambda length: measure_gflops(dtype, GEMM, seconds=1.0),  # the bound's rate, first
+            **{name: conversation(after) for name, after in LAYOUTS.items()}}
     return machine.side_by_side(out, results, lengths, runs, conversation_table)
 
 
 def conversation_table(results: dict) -> str:
-    lines = ["| context | layout | turn | history messages | question suffix tokens | chunks reused | prefill s | "
-             "TTFT s | past the window | peak RSS MB | correct | answer |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
+    lines = ["| context | layout | turn | history messages | question suffix tokens | chunks reused | "
+             "head tokens carried | prefill s | FLOP bound s | TTFT s | past the window | peak RSS MB | correct | answer |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for length, entry in results["lengths"].items():
         for name in LAYOUTS:
             for turn, r in enumerate(entry[name], 1):
+                bound = _bound(r, entry) if "gemm_gflops" in entry else "–"  # results before 2026-12-06 13:30
                 lines.append(f"| {int(length):,} | {name} | {turn} | {r['history_messages']} | "
-                             f"{r['question_tokens']} | {r['reused_chunks']}/{r['n_chunks']} | {r['prefill_seconds']} | "
+                             f"{r['question_tokens']} | {r['reused_chunks']}/{r['n_chunks']} | {r['reused_head_tokens']} | "
+                             f"{r['prefill_seconds']} | {bound} | "
                              f"{r['ttft_seconds']} | {'yes' if r['exceeds_window'] else 'no'} | {r['peak_rss_mb']:,} | "
                              f"{'yes' if r['correct'] else 'no'} | {r['answer'][:50]!r} |")
         summary = {name: (sum(r["correct"] for r in entry[name]), sum(r["ttft_seconds"] for r in entry[name][1:]))
                    for name in LAYOUTS}
         lines.append(f"| | {'; '.join(f'{n}: {c}/5 correct, turns 2-5 {t:.1f} s to first token in all' for n, (c, t) in summary.items())}"
-                     f"; load 1-min {entry['load_before']:.1f}→{entry['load_after']:.1f} | | | | | | | | | | |")
+                     f"; load 1-min {entry['load_before']:.1f}→{entry['load_after']:.1f}"
+                     f"{'; GEMM %.0f GFLOP/s' % entry['gemm_gflops'] if 'gemm_gflops' in entry else ''} | | | | | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

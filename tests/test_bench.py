@@ -256,7 +256,8 @@ def test_main_job_flop_count_matches_the_model_parameters(tokenizer):
     assert question_flops(cfg, prefix=0, question=1, chunks=[1], logits=0) == 2 * weights + 4 * layers * qd
     # phase 2 runs the question before its last scored token; phase 1 scored the first token
     assert phase2_work((4, 21)) == (20, 17) and phase2_work((0, 21)) == (20, 20)
-    assert phase2_work((4, 21), head_reused=True) == (16, 16)  # the 4 head tokens and the row after them
+    assert phase2_work((4, 21), carried=4) == (16, 16)  # the 4 head tokens and the row after them
+    assert phase2_work((30, 47), carried=26) == (20, 17)  # a conversation's turn: 26 of 30 head tokens carried
 
 
 def test_profile_command_writes_the_top_operators(tmp_path, monkeypatch, tokenizer):
