@@ -3,7 +3,9 @@
 `python -m benchmarks ray-scaling` compares 1 and 2 Ray workers with one process (ray_scaling.py);
 `python -m benchmarks grammar` times grammar-constrained decoding (grammar_overhead.py);
 `python -m benchmarks rerank` re-ranks a finished cell's chunks from its recorded NLLs (rerank.py);
-`python -m benchmarks cuda` times the runtime on a CUDA GPU per attention implementation (cuda.py)."""
+`python -m benchmarks cuda` times the runtime on a CUDA GPU per attention implementation (cuda.py);
+`python -m benchmarks long-question` times a prompt with no corpus against transformers' forward
+(long_question.py)."""
 
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ def main(argv=None) -> None:
     sc.add_argument("--layer-kernels", nargs="+", default=["auto"], choices=["auto", "torch"],
                     help="layer_kernel values, one row each (auto and torch: side by side)")
     sc.add_argument("--out", default=str(DEFAULT_OUT / "prefill-scaling"))
+    lq = sub.add_parser("long-question", help="a prompt with no corpus (all question step) against transformers' forward")
+    lq.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 7680])
+    lq.add_argument("--out", default=str(DEFAULT_OUT / "long-question"))
     rs = sub.add_parser("ray-scaling", help="encode and question times with 1 and 2 Ray workers vs one process")
     rs.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536])
     rs.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
@@ -153,6 +158,10 @@ def main(argv=None) -> None:
 
         print(run_scaling(opts.lengths, opts.stores, opts.batch_tokens, Path(opts.out), opts.attention_kernels,
                           opts.layer_kernels))
+    elif opts.command == "long-question":
+        from .long_question import run as run_long_question
+
+        print(run_long_question(opts.lengths, Path(opts.out)))
     elif opts.command == "memory":
         from .memory_estimate import run as run_memory
 

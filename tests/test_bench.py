@@ -376,3 +376,22 @@ def test_repeat_query_table_gives_each_processs_second_question_ratio_and_their_
             "ratios 50.0× / 56.2× / 50.0× (median 50.0×)") in text
     del entry["repeats"]  # results written before --repeats: no summary line
     assert "processes" not in table({"lengths": {"131072": entry}})
+
+
+def test_long_question_times_the_same_prompt_as_transformers_forward(monkeypatch, tokenizer, tmp_path):
+    """`long-question` on the tiny model: the engine and transformers' forward run the same prompt
+    ids, each twice, and the bound is that forward's FLOPs."""
+    from benchmarks import long_question
+    from benchmarks.main_job import prefill_flops
+    from parallelcomp import ParallelComp, ParallelCompConfig
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama", len(tokenizer))
+    monkeypatch.setattr(long_question, "load_engine", lambda: ParallelComp(model, tokenizer, ParallelCompConfig()))
+    results = json.loads((long_question.run([300], tmp_path).parent / "results.json").read_text())
+    entry = results["lengths"]["300"]
+    ours, theirs = entry["parallelcomp"], entry["transformers again"]
+    assert ours["tokens"] == theirs["tokens"] > 300 and not ours["exceeds_window"]
+    assert theirs["flops"] == prefill_flops(model.config.to_dict(), 0, 0, [theirs["tokens"]]) and entry["gemm_gflops"] > 0
+    assert f"| {ours['tokens']:,} | " in (tmp_path / "results.md").read_text()
