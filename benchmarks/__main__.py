@@ -84,7 +84,8 @@ def main(argv=None) -> None:
     sc.add_argument("--layer-kernels", nargs="+", default=["auto"], choices=["auto", "torch"],
                     help="layer_kernel values, one row each (auto and torch: side by side)")
     sc.add_argument("--out", default=str(DEFAULT_OUT / "prefill-scaling"))
-    lq = sub.add_parser("long-question", help="a prompt with no corpus (all question step) against transformers' forward")
+    lq = sub.add_parser("long-question",
+                        help="a prompt with no corpus (all question step) against transformers' forward")
     lq.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 7680])
     lq.add_argument("--out", default=str(DEFAULT_OUT / "long-question"))
     rs = sub.add_parser("ray-scaling", help="encode and question times with 1 and 2 Ray workers vs one process")

@@ -52,8 +52,9 @@ def run(lengths: list[int], out: Path) -> Path:
         text, value, _ = prompt(length)
         out = pc.generate(text, max_new_tokens=MAX_NEW_TOKENS)
         s = out.stats
-        return {"tokens": s.prefix_tokens + s.question_tokens, "ttft_seconds": s.ttft_seconds, "exceeds_window": s.exceeds_window,
-                "attention_kernel": s.attention_kernel, "answer": out.text, "correct": value in out.text}
+        return {"tokens": s.prefix_tokens + s.question_tokens, "ttft_seconds": s.ttft_seconds,
+                "exceeds_window": s.exceeds_window, "attention_kernel": s.attention_kernel, "answer": out.text,
+                "correct": value in out.text}
 
     def theirs(length: int) -> dict:
         ids = torch.tensor([prompt(length)[2]], device=pc.model.device)

@@ -376,12 +376,13 @@ def calls_so_far(text: str) -> list[tuple[str, str] | None]:
     text so far) once its name is whole, else None. What a stream can pass on before a call ends,
     as OpenAI streams a call's arguments. As `text` grows a call's arguments text only grows: a
     closing brace, white space and the start of a `</tool_call>` at its end are held back until
-    they are clearly the arguments' own (not the call object's), and where the whole arguments do not parse (text decoded without
-    a tool grammar) the call object's last brace is left out."""
+    they are clearly the arguments' own (not the call object's), and where the whole arguments
+    do not parse (text decoded without a tool grammar) the call object's last brace is left out."""
     calls, start = [], text.find(OPEN)
     while start >= 0:
         end = text.find(CLOSE, start)
-        calls.append(_call_so_far(text[start + len(OPEN) : end if end >= 0 else len(text) - holdback(text, CLOSE)]))
+        body_end = end if end >= 0 else len(text) - holdback(text, CLOSE)
+        calls.append(_call_so_far(text[start + len(OPEN) : body_end]))
         start = -1 if end < 0 else text.find(OPEN, end + len(CLOSE))
     return calls
 
