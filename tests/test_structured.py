@@ -589,6 +589,42 @@ def test_llama_index_function_calling_and_structured_predict(engine):
         llm.chat_with_tools([FunctionTool.from_defaults(ping)], user_msg="q", tool_choice="nope")
 
 
+def test_llama_index_sub_question_engine_gets_questions_for_its_tools(engine, monkeypatch):
+    """`SubQuestionQueryEngine` with `ParallelCompQuestionGenerator`: LlamaIndex's own default
+    generator wants the OpenAI package, and its `LLMQuestionGenerator` parses JSON from free text;
+    ours decodes a list whose tool names can only be the tools' (for every seed), sync and async."""
+    import asyncio
+
+    from llama_index.core.query_engine import CustomQueryEngine, SubQuestionQueryEngine
+    from llama_index.core.schema import QueryBundle
+    from llama_index.core.tools import QueryEngineTool
+
+    from pc_integrations.llama_index import ParallelCompLLM, ParallelCompQuestionGenerator, question_gen
+
+    monkeypatch.setattr(question_gen, "MAX_QUESTION_CHARS", 24)  # random weights write to the bound
+    asked = []
+
+    class Corpus(CustomQueryEngine):
+        def custom_query(self, query_str: str) -> str:
+            asked.append(query_str)
+            return "It was 1874."
+
+    tools = [QueryEngineTool.from_defaults(Corpus(), name=n, description=f"Facts about {n}.") for n in ("mpl", "apache")]
+    for seed in SEEDS[:4]:
+        llm = ParallelCompLLM(engine, max_new_tokens=400, temperature=1.0, seed=seed)
+        generator = ParallelCompQuestionGenerator(llm)
+        questions = generator.generate([t.metadata for t in tools], QueryBundle("Who stewards each licence?"))
+        assert 1 <= len(questions) <= 6 and {q.tool_name for q in questions} <= {"mpl", "apache"}
+    query_engine = SubQuestionQueryEngine.from_defaults(query_engine_tools=tools, llm=llm, question_gen=generator,
+                                                        use_async=False, verbose=False)
+    response = query_engine.query("Who stewards each licence?")
+    assert len(response.source_nodes) == len(asked) >= 1 and str(response).strip()
+    found = asyncio.run(generator.agenerate([t.metadata for t in tools], QueryBundle("Who stewards each licence?")))
+    assert found and {q.tool_name for q in found} <= {"mpl", "apache"}
+    with pytest.raises(InputError, match="no tools"):
+        generator.generate([], QueryBundle("q"))
+
+
 def test_llama_index_streams_calls_and_partial_objects(engine):
     """Each streamed chat response carries the calls begun so far, their arguments parsed as far
     as they go, under the id the last response gives them; so `stream_structured_predict` yields

@@ -9,9 +9,12 @@
         response_synthesizer=ParallelCompSynthesizer(llm, streaming=True),
     )
     tool = QueryEngineTool.from_defaults(query_engine, name="docs", description="...")  # agents
+    SubQuestionQueryEngine.from_defaults(query_engine_tools=[...], llm=llm,
+                                         question_gen=ParallelCompQuestionGenerator(llm))
 """
 
 from pc_integrations.llama_index.llms import REFINE_TEMPLATE, TEXT_QA_TEMPLATE, NoToolCallError, ParallelCompLLM
+from pc_integrations.llama_index.question_gen import ParallelCompQuestionGenerator
 from pc_integrations.llama_index.synthesizer import ATTRIBUTION_KEYS, ParallelCompSynthesizer
 
 __all__ = [
@@ -20,5 +23,6 @@ __all__ = [
     "REFINE_TEMPLATE",
     "TEXT_QA_TEMPLATE",
     "ParallelCompLLM",
+    "ParallelCompQuestionGenerator",
     "ParallelCompSynthesizer",
 ]
