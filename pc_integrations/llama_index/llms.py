@@ -414,18 +414,22 @@ def _forced_program(llm: ParallelCompLLM, output_cls: type, prompt: PromptTempla
     return get_program_for_llm(output_cls, prompt, llm, pydantic_program_mode=llm.pydantic_program_mode, **forced)
 
 
-def _calls_so_far(split: ToolCallText, last: list[dict]) -> list[dict]:
+def _calls_so_far(split: ToolCallText, parsed: dict[str, tuple[str, dict]]) -> list[dict]:
     """The calls `split` has begun, {"id", "name", "arguments": dict}: the arguments parsed with
-    LlamaIndex's `parse_partial_json`, or as `last` had them where the text so far does not parse."""
-    before = {c["id"]: c["arguments"] for c in last}
+    LlamaIndex's `parse_partial_json`. `parsed` (id → (arguments' text, arguments)) is kept across
+    a stream: a call's text is parsed again only when it grew, and where the text so far does not
+    parse the call keeps its last arguments."""
     calls = []
-    for _, call_id, name, arguments in split.begun():
-        try:
-            parsed = parse_partial_json(arguments) if arguments else {}
-        except ValueError:
-            parsed = None
-        calls.append({"id": call_id, "name": name,
-                      "arguments": parsed if isinstance(parsed, dict) else before.get(call_id, {})})
+    for _, call_id, name, text in split.begun():
+        seen, arguments = parsed.get(call_id, (None, {}))
+        if text != seen:
+            try:
+                fresh = parse_partial_json(text) if text else {}
+            except ValueError:
+                fresh = None
+            arguments = fresh if isinstance(fresh, dict) else arguments
+            parsed[call_id] = (text, arguments)
+        calls.append({"id": call_id, "name": name, "arguments": arguments})
     return calls
 
 
@@ -435,7 +439,7 @@ def _as_chat(responses: Iterator[CompletionResponse], split: Optional[ToolCallTe
     arguments parsed as far as they go (as OpenAI's streams do: `stream_structured_predict`
     yields partial objects, a `FunctionAgent`'s `AgentStream` events show the call), and the last
     one the calls parsed whole."""
-    content, calls = "", []
+    content, calls, parsed = "", [], {}
     with contextlib.closing(responses):
         for r in responses:
             if split is None:
@@ -444,7 +448,7 @@ def _as_chat(responses: Iterator[CompletionResponse], split: Optional[ToolCallTe
             elif r.raw is None:  # a text delta
                 delta = split.feed(r.delta)
                 content += delta
-                calls, last = _calls_so_far(split, calls), calls
+                calls, last = _calls_so_far(split, parsed), calls
                 if delta or calls != last:
                     extra = {"tool_calls": calls} if calls else {}
                     message = ChatMessage(role=MessageRole.ASSISTANT, content=content, additional_kwargs=extra)

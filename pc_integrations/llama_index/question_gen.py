@@ -72,14 +72,22 @@ class ParallelCompQuestionGenerator(BaseQuestionGenerator):
             self._prompt = prompts["question_gen_prompt"]
 
     def generate(self, tools: Sequence[ToolMetadata], query: QueryBundle) -> List[SubQuestion]:
-        output_cls = _sub_question_list(tools)
-        found = self._llm.structured_predict(output_cls, self._prompt, **_arguments(tools, query))
-        return [SubQuestion(sub_question=i.sub_question, tool_name=i.tool_name) for i in found.items]
+        output_cls, variables = _question(tools, query)
+        return _sub_questions(self._llm.structured_predict(output_cls, self._prompt, **variables))
 
     async def agenerate(self, tools: Sequence[ToolMetadata], query: QueryBundle) -> List[SubQuestion]:
-        output_cls = _sub_question_list(tools)
-        found = await self._llm.astructured_predict(output_cls, self._prompt, **_arguments(tools, query))
-        return [SubQuestion(sub_question=i.sub_question, tool_name=i.tool_name) for i in found.items]
+        output_cls, variables = _question(tools, query)
+        return _sub_questions(await self._llm.astructured_predict(output_cls, self._prompt, **variables))
+
+
+def _question(tools: Sequence[ToolMetadata], query: QueryBundle) -> tuple[type[BaseModel], dict[str, str]]:
+    """The output class and the prompt's variables of a `structured_predict` call."""
+    tools_str = json.dumps({t.name: t.description for t in tools}, indent=4)
+    return _sub_question_list(tools), {"tools_str": tools_str, "query_str": query.query_str}
+
+
+def _sub_questions(found: BaseModel) -> List[SubQuestion]:
+    return [SubQuestion(sub_question=i.sub_question, tool_name=i.tool_name) for i in found.items]
 
 
 def _sub_question_list(tools: Sequence[ToolMetadata]) -> type[BaseModel]:
@@ -93,6 +101,3 @@ def _sub_question_list(tools: Sequence[ToolMetadata]) -> type[BaseModel]:
     return create_model("SubQuestionList", __doc__="A list of sub questions, each for one tool.",
                         items=(List[item], Field(min_length=1, max_length=MAX_PER_TOOL * len(names))))
 
-
-def _arguments(tools: Sequence[ToolMetadata], query: QueryBundle) -> dict[str, str]:
-    return {"tools_str": json.dumps({t.name: t.description for t in tools}, indent=4), "query_str": query.query_str}
