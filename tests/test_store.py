@@ -233,6 +233,40 @@ def test_every_turn_of_a_conversation_over_one_corpus_reuses_its_chunks_and_answ
                               max_new_tokens=6).stats.encoded_chunks == 5  # another prefix: encoded again
 
 
+def test_a_call_that_needs_more_than_the_reserve_gets_shorter_chunks_instead_of_untrained_positions(tokenizer):
+    """engine._chunk: the tiny models' 1,024-token window leaves a reserve of 128 tokens after
+    full chunks. An ordinary question fits it; a conversation whose turns follow the documents
+    needs more, and its chunks are cut so that the turns and the answer still end inside the
+    window, as a cold engine with `reserve_tokens=256` chunks them. A corpus from `encode` is cut
+    the same way, and documents that leave room after their chunks are not cut at all."""
+    pc = ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, ParallelCompConfig(keep_chunks=2))
+    context = text(7, 1500)  # one long document: every chunk but the last fills its budget
+    out = pc.generate(QUESTION, context=context, max_new_tokens=6)
+    assert out.stats.chunk_tokens == pc.window - out.stats.prefix_tokens - 128
+    assert out.stats.n_chunks > 1 and not out.stats.exceeds_window
+    history = [{"role": "system", "content": "Answer from the documents."}, {"role": "user", "content": QUESTION},
+               {"role": "assistant", "content": text(8, 120)}]
+    asked = dict(history=history, max_new_tokens=6)
+    least = pc.window - len(pc.prompt_parts(QUESTION, True, history).prefix_ids) - 128  # behind the system message
+    wide = ParallelComp(pc.model, tokenizer, ParallelCompConfig(keep_chunks=2, reserve_tokens=256, kv_store_bytes=0))
+    for call in range(2):  # the second call finds its shorter chunks in the store
+        out = pc.generate("Which stone is purple?", context=context, **asked)
+        assert 128 < out.stats.question_tokens + 6 <= 256
+        assert out.stats.chunk_tokens == least - 128 and not out.stats.exceeds_window
+        assert out.stats.p0 + out.stats.question_tokens + 6 <= pc.window
+        assert (out.stats.encoded_chunks, out.stats.reused_chunks) == ((out.stats.n_chunks, 0) if call == 0
+                                                                       else (0, out.stats.n_chunks))
+    outputs_equal(out, wide.generate("Which stone is purple?", context=context, **asked))
+    corpus = pc.encode(context=context, history=history[:1])
+    assert corpus.chunk_tokens == least
+    over_corpus = pc.generate("Which stone is purple?", corpus=corpus, **asked)
+    outputs_equal(over_corpus, out)
+    assert (over_corpus.stats.chunk_tokens, over_corpus.stats.encoded_chunks) == (least - 128, 0)
+    short = [text(9, 150), text(10, 150)]  # one chunk of ~300 tokens: room for the turns after it
+    roomy = pc.generate("Which stone is purple?", documents=short, **asked)
+    assert roomy.stats.chunk_tokens == least and roomy.stats.n_chunks == 1 and not roomy.stats.exceeds_window
+
+
 def test_a_conversations_next_head_replaces_its_last_and_another_templates_stays():
     """store.keep_head: a head whose first half or more the new head begins with (the last turn's,
     up to its question label) is replaced; a head that shares a shorter start (another template's)

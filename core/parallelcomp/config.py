@@ -90,13 +90,15 @@ class ParallelCompConfig(BaseModel):
     # --- chunking (method.md §1.2; we pack by tokens, never split mid-word) ---
     chunk_tokens: int | None = Field(None, ge=MIN_CHUNK_TOKENS, strict=True)
     """Most context tokens per chunk, at least MIN_CHUNK_TOKENS. None: the model's trained window
-    minus the prompt prefix and `reserve_tokens`. Never depends on the question, so a corpus
-    chunks the same way for every question and its chunk KV can be reused (store.py)."""
+    minus the prompt prefix and `reserve_tokens`. Does not depend on an ordinary question, so a
+    corpus chunks the same way for every question and its chunk KV can be reused (store.py)."""
     reserve_tokens: int | None = Field(None, gt=0, strict=True)
     """Window tokens left free after the longest chunk for the question and the answer when
-    `chunk_tokens` is None. None: min(512, window / 8). A question plus `max_new_tokens` beyond it
-    runs at positions past the trained window, reported in `RunStats.exceeds_window` with a
-    warning."""
+    `chunk_tokens` is None. None: min(512, window / 8). A call whose question suffix (with the chat
+    turns after the documents) plus `max_new_tokens` does not fit after the chunks gets chunks cut
+    for twice, four times ... the reserve, up to half the window (engine._chunk_budgets), a corpus
+    from `encode` too. Past that, late tokens run at positions past the trained window, reported
+    in `RunStats.exceeds_window` with a warning."""
     keep_chunks: int = Field(3, ge=1, strict=True)
     """K, chunks kept after question-NLL scoring (paper default 3; 1 for retrieval tasks)."""
     document_separator: str = "\n\n"

@@ -40,6 +40,9 @@ class Corpus:
     chunking: ReuseStats = field(default_factory=ReuseStats)
     """What chunking the documents found (chunking.DocumentMemo): documents not tokenized again,
     those read from the disk tier, disk files rejected."""
+    documents: tuple[str, ...] = ()
+    """The documents' text, to chunk them again for a call that needs more room after its chunks
+    (engine._chunk)."""
 
     def __repr__(self) -> str:  # the token ids of a 32K-token corpus would print 200 KB
         return (f"Corpus({self.n_documents} documents, {len(self.chunks)} chunks of <= {self.chunk_tokens} tokens, "

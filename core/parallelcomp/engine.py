@@ -317,7 +317,8 @@ class ParallelComp:
         sampling = Sampling(s.temperature, s.top_p, s.top_k, s.seed, s.repetition_penalty)
         parts = self.prompt_parts(question, corpus is not None or documents is not None or context is not None, history,
                                   s.tools, role)
-        corpus = self._corpus(parts, documents, context, corpus, required=False)
+        corpus = self._corpus(parts, documents, context, corpus, required=False,
+                              need=len(parts.question_ids) + s.max_new_tokens)
         result = _Result()
         constraint = self._grammar(s)
         stops = [] if constraint else list(s.stop)  # the grammar decides where constrained output ends
@@ -341,7 +342,7 @@ class ParallelComp:
         parts = build_continuation(self.tokenizer, target)
         if len(parts.question_ids) < 2:
             raise InputError("target must be at least two tokens long to be scored")
-        corpus = self._corpus(parts, documents, context, corpus, required=True)
+        corpus = self._corpus(parts, documents, context, corpus, required=True, need=len(parts.question_ids))
         with self._lock, self.layers():
             ctx = self._prefill(parts, corpus, reserve=0, progress=progress)
             cache = kvops.to_cache(kvops.concat(ctx.kv_parts))
@@ -433,11 +434,13 @@ class ParallelComp:
         """Width of the model's logits (may exceed the tokenizer's vocabulary, as in Qwen2.5)."""
         return self.model.get_output_embeddings().weight.shape[0]
 
-    def _corpus(self, parts: PromptParts, documents, context, corpus: Corpus | None, required: bool) -> Corpus:
-        """The call's corpus: the one given, or `documents`/`context` chunked (not yet encoded)."""
+    def _corpus(self, parts: PromptParts, documents, context, corpus: Corpus | None, required: bool,
+                need: int = 0) -> Corpus:
+        """The call's corpus: the one given, or `documents`/`context` chunked (not yet encoded)
+        so that `need` tokens (the question suffix and the answer) fit after the chunks (`_chunk`)."""
         if corpus is None:
             documents = validate_documents(documents, context, required=required)
-            return self._chunk(documents, parts.prefix_ids) if documents else _NO_CORPUS
+            return self._chunk(documents, parts.prefix_ids, need) if documents else _NO_CORPUS
         if documents is not None or context is not None:
             raise InputError("pass either corpus=... or documents/context, not both")
         if not isinstance(corpus, Corpus):
@@ -447,18 +450,29 @@ class ParallelComp:
         if corpus.identity != self._model_identity()[1]:
             raise InputError("this corpus was encoded by an engine with another model, dtype, device or attention "
                              "implementation; encode the documents with this engine")
+        fits = self._fits(corpus.chunks, len(parts.prefix_ids), need)
+        if not fits and corpus.documents and not self.config.chunk_tokens:
+            return self._chunk(list(corpus.documents), parts.prefix_ids, need)  # as `documents=` would chunk them
         return replace(corpus, chunk_seconds=0.0, chunking=ReuseStats())  # this call chunked nothing
 
-    def _chunk(self, documents: list[str], prefix_ids: list[int]) -> Corpus:
+    def _chunk(self, documents: list[str], prefix_ids: list[int], need: int = 0) -> Corpus:
+        """Chunk `documents` with the first budget of `_chunk_budgets` whose chunks leave `need`
+        tokens of the window after the longest (or with the last)."""
         start = time.perf_counter()
-        budget = self._chunk_budget(len(prefix_ids), documents)
-        found = ReuseStats()
-        chunks = self._documents.make_chunks(self.tokenizer, documents, budget, self.config.document_separator, found,
-                                             self.config.pack_documents)
+        for budget in self._chunk_budgets(len(prefix_ids), documents):
+            found = ReuseStats()
+            chunks = self._documents.make_chunks(self.tokenizer, documents, budget, self.config.document_separator,
+                                                 found, self.config.pack_documents)
+            if self._fits(chunks, len(prefix_ids), need):
+                break
         digest = self._model_identity()[1]
         keys = tuple(chunk_key(digest, prefix_ids, c.token_ids) for c in chunks)
         return Corpus(digest, tuple(prefix_ids), tuple(chunks), keys, len(documents), budget,
-                      chunk_seconds=time.perf_counter() - start, chunking=found)
+                      chunk_seconds=time.perf_counter() - start, chunking=found, documents=tuple(documents))
+
+    def _fits(self, chunks, prefix_tokens: int, need: int) -> bool:
+        """Whether `need` tokens after the prefix and the longest of `chunks` end inside the window."""
+        return prefix_tokens + max((len(c.token_ids) for c in chunks), default=0) + need <= self.window
 
     # ------------------------------------------------------------------ stages over chunks
 
@@ -633,10 +647,15 @@ class ParallelComp:
         stats.prefill_seconds = time.perf_counter() - start
         return _Context(kv_parts, p0, reports, stats)
 
-    def _chunk_budget(self, prefix_tokens: int, documents: list[str]) -> int:
-        """Tokens per chunk: `chunk_tokens`, or the window less the prefix and `reserve_tokens`.
-        It never depends on the question, so a corpus chunks (and hits the store) the same way
-        for every question."""
+    def _chunk_budgets(self, prefix_tokens: int, documents: list[str]) -> Iterator[int]:
+        """Tokens per chunk, in the order `_chunk` tries them: `chunk_tokens`, or the window less
+        the prefix and a reserve of `reserve_tokens` (default min(512, window/8)), then of twice,
+        four times ... that, up to half the window.
+
+        The first fits an ordinary question, so its chunks, and their store keys, are those of every
+        other question; a conversation whose turns follow the documents (prompts.documents_turn)
+        needs the next steps as it grows, and each step chunks the corpus afresh once (docs/store.md,
+        "Chunking must not depend on the question")."""
         size = sum(len(d) for d in documents)
         if size > self.config.max_input_chars:
             msg = (
@@ -644,8 +663,11 @@ class ParallelComp:
                 "raise it in ParallelCompConfig if you really mean to prefill that much"
             )
             raise InputError(msg)
+        if self.config.chunk_tokens:
+            yield self.config.chunk_tokens
+            return
         reserve = self.config.reserve_tokens or min(512, self.window // 8)
-        budget = self.config.chunk_tokens or self.window - prefix_tokens - reserve
+        budget = self.window - prefix_tokens - reserve
         if budget < MIN_CHUNK_TOKENS:
             msg = (
                 f"the prompt prefix ({prefix_tokens} tokens) and reserve_tokens={reserve} leave "
@@ -653,7 +675,12 @@ class ParallelComp:
                 "set chunk_tokens"
             )
             raise ConfigError(msg)
-        return budget
+        yield budget
+        while reserve < self.window // 2:
+            reserve = min(2 * reserve, self.window // 2)
+            if self.window - prefix_tokens - reserve < MIN_CHUNK_TOKENS:
+                return
+            yield self.window - prefix_tokens - reserve
 
     def _stats(self, parts, corpus: Corpus, reports, kv_parts, p0, reserve, report: ReuseStats,
                scored: Scored) -> RunStats:
@@ -664,8 +691,8 @@ class ParallelComp:
         if exceeds:
             warnings.warn(
                 f"p0 ({p0}) + question ({len(parts.question_ids)}) + max_new_tokens ({reserve}) exceeds the "
-                f"model's {self.window}-token window: late tokens sit at untrained positions; lower chunk_tokens "
-                "or raise reserve_tokens",
+                f"model's {self.window}-token window: late tokens sit at untrained positions; shorten the "
+                "question or lower max_new_tokens, chunk_tokens, or (for a corpus from encode) raise reserve_tokens",
                 stacklevel=5,
             )
         return RunStats(
