@@ -723,6 +723,22 @@ def test_documents_chunking_is_keyed_by_tokenizer_and_chunk_budget(tokenizer, tm
     assert out.stats.store_disk_documents == 0
 
 
+def test_a_call_chunked_again_for_its_turns_reports_the_documents_file_its_first_try_rejected(tokenizer, tmp_path):
+    """engine._chunk tries the least reserve first, reading that budget's documents file, then
+    chunks again for the conversation's turns: the file the first try dropped is still reported."""
+    model = tiny_model("llama", len(tokenizer))
+    config = ParallelCompConfig(keep_chunks=2, kv_store_dir=str(tmp_path))
+    context = text(7, 1500)
+    ParallelComp(model, tokenizer, config).generate(QUESTION, context=context, max_new_tokens=6)
+    (path,) = document_files(tmp_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": text(8, 120)}]
+    pc = ParallelComp(model, tokenizer, config)
+    out = pc.generate("Which stone is purple?", context=context, history=history, max_new_tokens=6)
+    assert out.stats.chunk_tokens == pc.window - out.stats.prefix_tokens - 256
+    assert out.stats.store_rejected == {"unreadable": 1} and out.stats.store_disk_documents == 0
+
+
 def _forge_span(path: Path) -> None:
     """The file rewritten with its first piece's span running past its text, and a valid checksum."""
     from parallelcomp.store import _payload_checksum

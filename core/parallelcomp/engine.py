@@ -459,8 +459,9 @@ class ParallelComp:
         """Chunk `documents` with the first budget of `_chunk_budgets` whose chunks leave `need`
         tokens of the window after the longest (or with the last)."""
         start = time.perf_counter()
+        rejected: dict[str, int] = {}  # disk files rejected by every try; documents reused as the last try found them
         for budget in self._chunk_budgets(len(prefix_ids), documents):
-            found = ReuseStats()
+            found = ReuseStats(store_rejected=rejected)
             chunks = self._documents.make_chunks(self.tokenizer, documents, budget, self.config.document_separator,
                                                  found, self.config.pack_documents)
             if self._fits(chunks, len(prefix_ids), need):
