@@ -693,7 +693,7 @@ class ParallelComp:
             warnings.warn(
                 f"p0 ({p0}) + question ({len(parts.question_ids)}) + max_new_tokens ({reserve}) exceeds the "
                 f"model's {self.window}-token window: late tokens sit at untrained positions; shorten the "
-                "question or lower max_new_tokens, chunk_tokens, or (for a corpus from encode) raise reserve_tokens",
+                "question or the chat turns after the documents, or lower max_new_tokens or chunk_tokens",
                 stacklevel=5,
             )
         return RunStats(
