@@ -359,6 +359,38 @@ def test_metadata_and_token_counting(llm, engine, tokenizer):
 # ---------------------------------------------------------------------- ChatParallelComp
 
 
+def test_a_conversational_rag_prompt_reuses_every_chunk_from_its_second_turn(engine, tokenizer):
+    """LangChain's conversational RAG prompt: the context in a system message, the chat history,
+    the new input. A context longer than the window moves to the corpus (rule "history") and the
+    later turns follow the documents (prompts.documents_turn), so from the second turn on every
+    chunk is a store hit, and each answer is the engine's own call with that system message as
+    its one document."""
+    from langchain_core.prompts import MessagesPlaceholder
+
+    from .test_core import text
+
+    config = ParallelCompConfig(chunk_tokens=64, keep_chunks=2)
+    pc = ParallelComp(engine.model, tokenizer, config)
+    cold = ParallelComp(engine.model, tokenizer, config.model_copy(update={"kv_store_bytes": 0}))
+    prompt = ChatPromptTemplate.from_messages([("system", "Answer from the context below.\n\n{context}"),
+                                               MessagesPlaceholder("chat_history"), ("human", "{input}")])
+    chain = prompt | ChatParallelComp(engine=pc, max_new_tokens=N)
+    context = "\n\n".join(text(300 + i, 250) for i in range(5))
+    system = prompt.format_messages(context=context, chat_history=[], input="?")[0].content
+    history: list[dict[str, str]] = []
+    for turn, question in enumerate([QUESTION, "Where was the treaty signed?", QUESTION]):
+        message = chain.invoke({"context": context, "input": question, "chat_history": [
+            (HumanMessage if m["role"] == "user" else AIMessage)(m["content"]) for m in history]})
+        meta = message.response_metadata
+        assert meta["split"]["rule"] == "history" and meta["split"]["moved_messages"] == [0]
+        stats = meta["stats"]
+        assert stats["tokens_in"] > pc.window and not stats["exceeds_window"]
+        assert (stats["reused_chunks"], stats["encoded_chunks"]) == ((stats["n_chunks"], 0) if turn
+                                                                     else (0, stats["n_chunks"]))
+        assert message.content == cold.generate(question, documents=[system], history=history, max_new_tokens=N).text
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": message.content or "?"}]
+
+
 def test_chat_model_renders_history_with_the_chat_template(engine, tokenizer):
     chat = ChatParallelComp(engine=engine, max_new_tokens=N)
     messages = [SystemMessage("Answer tersely."), HumanMessage("Hi"), AIMessage("Hello!"), HumanMessage(QUESTION)]

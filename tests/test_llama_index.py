@@ -350,6 +350,49 @@ def test_token_counting_handler_counts_what_the_engine_ran(index, engine):
     assert counter.completion_llm_token_count > 0
 
 
+@pytest.mark.parametrize("kind", ["context", "condense_plus_context"])
+def test_a_chat_engine_reuses_every_chunk_from_its_second_turn(engine, make_engine, kind):
+    """LlamaIndex's context chat engines put the retrieved text in a system message before the
+    chat memory. Longer than the window, it moves to the corpus and the later turns follow the
+    documents (prompts.documents_turn), so from the second turn on every chunk is a store hit,
+    and the answers are those of an engine with no store."""
+    from llama_index.core.chat_engine import CondensePlusContextChatEngine, ContextChatEngine
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+    from llama_index.core.instrumentation.events.llm import LLMChatEndEvent
+    from llama_index.core.memory import ChatMemoryBuffer
+    from llama_index.core.retrievers import BaseRetriever
+
+    from .test_core import text
+
+    class Fixed(BaseRetriever):
+        def _retrieve(self, query_bundle):
+            return [NodeWithScore(node=TextNode(text=text(300 + i, 250), id_=f"n{i}"), score=1.0) for i in range(5)]
+
+    class Ends(BaseEventHandler):
+        stats: list = []
+
+        def handle(self, event, **kwargs):
+            if isinstance(event, LLMChatEndEvent):
+                self.stats.append(event.response.raw["output"].stats)
+
+    chat_engine = {"context": ContextChatEngine, "condense_plus_context": CondensePlusContextChatEngine}[kind]
+    cold = make_engine(model=engine.model, keep_chunks=2, chunk_tokens=40, kv_store_bytes=0)
+    answers, ends = [], Ends(stats=[])
+    get_dispatcher().add_event_handler(ends)
+    try:
+        for pc in (engine, cold):
+            llm = ParallelCompLLM(pc, max_new_tokens=8)
+            chat = chat_engine.from_defaults(Fixed(), llm=llm, memory=ChatMemoryBuffer.from_defaults(llm=llm))
+            answers.append([chat.chat(q).response for q in (QUESTION, "When did Mount Teskar erupt?", QUESTION)])
+    finally:
+        get_dispatcher().event_handlers.remove(ends)
+    assert answers[0] == answers[1]
+    mine = ends.stats[:3]
+    assert all(s.n_documents == 1 and s.tokens_in > engine.window and not s.exceeds_window for s in mine)
+    assert [(s.reused_chunks, s.encoded_chunks) for s in mine] == [(0, mine[0].n_chunks)] + [(mine[0].n_chunks, 0)] * 2
+
+
 def test_llama_index_sends_chats_and_its_system_prompt_as_chat_turns(engine):
     """A chat model to LlamaIndex: `predict` with a chat prompt (chat engines, synthesizers) and
     `system_prompt` reach the engine as turns of the chat template. As a completion model, the
