@@ -238,8 +238,8 @@ def test_a_call_that_needs_more_than_the_reserve_gets_shorter_chunks_instead_of_
     full chunks. An ordinary question fits it; a conversation whose turns follow the documents
     needs more, and its chunks are cut so that the turns and the answer still end inside the
     window, as a cold engine with `reserve_tokens=256` chunks them. A corpus from `encode` is cut
-    the same way; a fixed `chunk_tokens` is not, and warns; documents that leave room after their
-    chunks are not cut at all."""
+    the same way, and so are the chunks before a long target of `score`; a fixed `chunk_tokens`
+    is not, and warns; documents that leave room after their chunks are not cut at all."""
     pc = ParallelComp(tiny_model("llama", len(tokenizer)), tokenizer, ParallelCompConfig(keep_chunks=2))
     context = text(7, 1500)  # one long document: every chunk but the last fills its budget
     out = pc.generate(QUESTION, context=context, max_new_tokens=6)
@@ -263,6 +263,8 @@ def test_a_call_that_needs_more_than_the_reserve_gets_shorter_chunks_instead_of_
     over_corpus = pc.generate("Which stone is purple?", corpus=corpus, **asked)
     outputs_equal(over_corpus, out)
     assert (over_corpus.stats.chunk_tokens, over_corpus.stats.encoded_chunks) == (least - 128, 0)
+    scored = pc.score(text(11, 150), context=context)  # a target of over 128 tokens after the chunks: cut for it
+    assert scored.stats.chunk_tokens == pc.window - scored.stats.prefix_tokens - 256
     fixed = ParallelComp(pc.model, tokenizer, ParallelCompConfig(keep_chunks=2, chunk_tokens=least))
     with pytest.warns(UserWarning, match="untrained positions"):  # chunks kept as they are, at that price
         kept = fixed.generate("Which stone is purple?", context=context, **asked)
