@@ -170,7 +170,9 @@ def test_first_token_seconds_time_the_question_step(make_engine, monkeypatch):
     monkeypatch.setattr(decode, "forward", slow_question)
     pc = make_engine("llama", keep_chunks=1)
     out = pc.generate("Where?", documents=[text(4, 30)], max_new_tokens=4)
-    assert calls[0] == out.stats.question_tokens and out.stats.new_tokens > 1
+    # one kept chunk: the question step runs the suffix after the head phase 2 ran behind that chunk
+    assert calls[0] == out.stats.question_tokens - out.stats.step_head_tokens and out.stats.new_tokens > 1
+    assert out.stats.step_head_tokens == out.stats.question_scored[0] > 0
     assert 0.2 <= out.stats.first_token_seconds < out.stats.decode_seconds
 
 

@@ -64,9 +64,10 @@ def test_restated_instruction_reaches_the_model(make_engine, tokenizer, monkeypa
 
     monkeypatch.setattr(decode, "forward", spy)
     for restate in (False, True):
-        engine = make_engine("llama", keep_chunks=1, restate_instruction=restate)
+        # two kept chunks: the question step runs the whole suffix (with one it starts after the head)
+        engine = make_engine("llama", keep_chunks=2, pack_documents=False, restate_instruction=restate)
         seen.clear()
-        engine.generate("Where?", documents=DOCS[:1], max_new_tokens=1)
+        assert engine.generate("Where?", documents=DOCS[:2], max_new_tokens=1).stats.step_head_tokens == 0
         question_step = tokenizer.decode(seen[0])
         assert (engine.config.instruction in question_step) == restate
         assert question_step.index("Question: Where?") > (question_step.find(engine.config.instruction))

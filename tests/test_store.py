@@ -274,6 +274,29 @@ def test_a_call_that_needs_more_than_the_reserve_gets_shorter_chunks_instead_of_
     assert roomy.stats.chunk_tokens == least and roomy.stats.n_chunks == 1 and not roomy.stats.exceeds_window
 
 
+def test_the_question_step_after_the_kept_chunks_head_equals_running_the_whole_suffix(family, tokenizer,
+                                                                                     monkeypatch):
+    """With one kept chunk the question step attends to what that chunk's phase 2 attended to, at
+    the same positions, so it starts after the question head phase 2 ran (a conversation's
+    earlier turns): the answer is the one the whole suffix gives, token for token, and the step
+    runs only the question and the template after it."""
+    from dataclasses import replace
+
+    history = [{"role": "system", "content": "Answer from the documents."}, {"role": "user", "content": QUESTION},
+               {"role": "assistant", "content": text(12, 40)}]
+    pc = engine(tokenizer, family, keep_chunks=1)
+    ask = dict(documents=DOCS, history=history, max_new_tokens=10)
+    out = pc.generate("Which stone is purple?", **ask)
+    assert out.stats.step_head_tokens == out.stats.question_scored[0] > 40
+    real = ParallelComp.score_chunks
+    monkeypatch.setattr(ParallelComp, "score_chunks", lambda self, *a, **kw: replace(real(self, *a, **kw), head=None))
+    whole = engine(tokenizer, family, model=pc.model, keep_chunks=1).generate("Which stone is purple?", **ask)
+    assert whole.stats.step_head_tokens == 0 and len(whole.token_ids) == 10
+    outputs_equal(out, whole)
+    three = engine(tokenizer, family, model=pc.model, keep_chunks=3).generate("Which stone is purple?", **ask)
+    assert three.stats.step_head_tokens == 0  # several kept chunks: the question attends to them all
+
+
 def test_a_conversations_next_head_replaces_its_last_and_another_templates_stays():
     """store.keep_head: a head whose first half or more the new head begins with (the last turn's,
     up to its question label) is replaced; a head that shares a shorter start (another template's)

@@ -86,6 +86,7 @@ def generate_tokens(
     kernel: bool = False,
     whole_step: DecodeStep | None = None,
     causal: str = "",
+    carried: int = 0,
 ) -> Iterator[int]:
     """Yield new token ids until EOS (not yielded) or `max_new_tokens`.
 
@@ -96,11 +97,12 @@ def generate_tokens(
     take the step's tensors. `whole_step`: one-token steps run in one C call where it takes them
     (decode_kernel.DecodeStep, over this `cache`), else through the model's modules. `causal`: the
     question step attends on that kernel ("matmul" or "amx") where its mask allows
-    (attention.packed_decode).
+    (attention.packed_decode). `carried`: the first question tokens whose KV the cache already
+    holds at their positions (engine._Context.head); the question step runs the rest.
     """
     device = model.device
     ids = torch.tensor([question_ids], device=device)
-    positions = p0 + torch.arange(len(question_ids), device=device)[None]
+    positions = p0 + torch.arange(carried, len(question_ids), device=device)[None]
     processors = sampling.processors(eos_ids, len(question_ids), constraint, device)
     generator = None
     if sampling.temperature > 0 and sampling.seed is not None:
@@ -108,7 +110,7 @@ def generate_tokens(
     history = ids
     with one_token_steps(model, kernel, causal):
         with question_step or nullcontext():
-            logits = forward(model, ids, cache, positions)
+            logits = forward(model, ids[:, carried:], cache, positions)
         for step in range(max_new_tokens):
             scores = processors(history, logits[:, -1].float())
             if sampling.temperature > 0:

@@ -58,7 +58,7 @@ from .errors import ConfigError, InputError, ModelLoadError, ModelNotSupportedEr
 from .eviction import TopK
 from .output import ChunkReport, GenerationOutput, ReuseStats, RunStats, ScoreOutput, SpreadStats
 from .nll import plain_head
-from .prefill import EncodedChunk, encode_chunks, encode_prefix, micro_batches, question_nll, question_rows
+from .prefill import EncodedChunk, Head, encode_chunks, encode_prefix, micro_batches, question_nll, question_rows
 from .prompts import PromptParts, build_continuation, build_prompt, end_of_turn_ids
 from .settings import GenerationSettings
 from .store import ChunkStore, Entry, chunk_key, identity_digest, model_identity
@@ -85,6 +85,9 @@ class Scored:
     store_bytes: int
     """Bytes the chunk store's memory tier holds afterwards."""
     spread: SpreadStats = field(default_factory=SpreadStats)
+    head: Head | None = None
+    """The question head phase 2 ran (or read) behind the one kept chunk, when exactly one chunk
+    is kept with its whole KV: the question step starts after it (`_Context.head`)."""
 
 
 @dataclass
@@ -95,6 +98,10 @@ class _Context:
     p0: int
     reports: list[ChunkReport]
     stats: RunStats
+    head: Head | None = None
+    """KV of the first question tokens behind the one kept chunk, at the positions from p0 on
+    (Scored.head): with one kept chunk the question step attends to the same KV as that chunk's
+    phase 2, so it need not run them again."""
 
 
 class _Result:
@@ -374,7 +381,11 @@ class ParallelComp:
             assembler = TextAssembler(self.tokenizer, stops)
             mask = (grammar.GrammarProcessor(self.tokenizer, constraint, self._vocab_size(), self.eos_ids,
                                              len(parts.question_ids)) if constraint else None)
-            cache = kvops.decode_cache(ctx.kv_parts, extra_tokens=len(parts.question_ids) + max_new_tokens)
+            # with one kept chunk, its question head (phase 2's) is this step's first tokens at the same
+            # positions; not with calibration, which evicts by the whole question's attention
+            carried = ctx.head.length if ctx.head is not None and calibrator is None else 0
+            cache = kvops.decode_cache(ctx.kv_parts + ([ctx.head.kv] if carried else []),
+                                       extra_tokens=len(parts.question_ids) - carried + max_new_tokens)
             kernel = self.decode_kernel == decode_kernel.NAME
             causal = self.attention_kernel if self.attention_kernel in ("matmul", "amx") else ""
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens, kernel, causal)
@@ -382,7 +393,7 @@ class ParallelComp:
             whole = decode_kernel.DecodeStep.for_model(self.model, cache) if kernel else None
             tokens = scope.enter_context(closing(generate_tokens(
                 self.model, cache, parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling, step, mask,
-                kernel, whole, causal)))  # closed before the lock is released: decode's attention switch is undone first
+                kernel, whole, causal, carried)))  # closed before the lock is released: decode's attention switch is undone first
             for token_id in tokens:
                 if not assembler.ids:
                     ctx.stats.first_token_seconds = time.perf_counter() - start
@@ -403,6 +414,7 @@ class ParallelComp:
                 calibrator.report(ctx.stats)
             ctx.stats.new_tokens = len(assembler.ids)
             ctx.stats.kernel_steps = whole.steps if whole else 0
+            ctx.stats.step_head_tokens = carried
             ctx.stats.finish_reason = "length" if len(assembler.ids) == max_new_tokens and not assembler.stopped else "stop"
             ctx.stats.decode_seconds = time.perf_counter() - start
             self.write_behind(ctx.stats)
@@ -533,8 +545,10 @@ class ParallelComp:
                 pending.clear()
         if pending:
             phase2(pending)
-        kept = [(e.chunk, e.kv) for e in top.kept()]  # a `Tiled` one is untiled where it is merged (kv.py)
-        return Scored(scores, raw_bytes, kept, self.store.bytes_held)
+        best = top.kept()
+        kept = [(e.chunk, e.kv) for e in best]  # a `Tiled` one is untiled where it is merged (kv.py)
+        head = best[0].head if len(best) == 1 and not self.config.compresses else None
+        return Scored(scores, raw_bytes, kept, self.store.bytes_held, head=head)
 
     def question_nll(self, parts: PromptParts, scored: slice, group: list[EncodedChunk], keys: dict[int, str],
                      prefix: list[kvops.LayerKV], report: ReuseStats) -> torch.Tensor:
@@ -646,7 +660,7 @@ class ParallelComp:
         stats = self._stats(parts, corpus, reports, kv_parts, p0, reserve, report, scored)
         stats.kv_bytes_uncompressed = kvops.n_bytes(prefix) + sum(scored.raw_bytes[i] for i in kv_tokens)
         stats.prefill_seconds = time.perf_counter() - start
-        return _Context(kv_parts, p0, reports, stats)
+        return _Context(kv_parts, p0, reports, stats, scored.head)
 
     def _chunk_budgets(self, prefix_tokens: int, documents: list[str]) -> Iterator[int]:
         """Tokens per chunk, in the order `_chunk` tries them: `chunk_tokens`, or the window less

@@ -160,6 +160,10 @@ class RunStats(SpreadStats, ReuseStats):
     kernel_steps: int = 0
     """One-token steps that ran whole in one C call (decode_kernel.DecodeStep: a Llama-family
     model on the C kernels); the others ran through the model's modules."""
+    step_head_tokens: int = 0
+    """Question-suffix tokens the question step did not run: with one kept chunk, uncompressed and
+    no calibration, their KV is the question head phase 2 ran behind that chunk at the same
+    positions (a conversation's earlier turns, the template's "Question:")."""
     threads: int = 0
     """torch intra-op threads the run used."""
     chunk_seconds: float = 0.0
