@@ -391,9 +391,9 @@ class ParallelComp:
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens, kernel, causal)
                     if calibrator else None)  # attention calibration at the question step (§4)
             whole = decode_kernel.DecodeStep.for_model(self.model, cache) if kernel else None
-            tokens = scope.enter_context(closing(generate_tokens(
+            tokens = scope.enter_context(closing(generate_tokens(  # closed before the lock is released: decode's
                 self.model, cache, parts.question_ids, ctx.p0, max_new_tokens, self.eos_ids, sampling, step, mask,
-                kernel, whole, causal, carried)))  # closed before the lock is released: decode's attention switch is undone first
+                kernel, whole, causal, carried)))  # attention switch is undone first
             for token_id in tokens:
                 if not assembler.ids:
                     ctx.stats.first_token_seconds = time.perf_counter() - start
