@@ -265,11 +265,13 @@ def _recent_turns(pc, corpus, turns: list[dict[str, str]], question: str, max_ne
     the chunks (prompts.documents_turn), so they fit when the prefix, the corpus's longest chunk,
     the turns with the question, and the answer fit the model's window: no token of the answer
     then sits past the positions the model was trained on."""
+    from .guard import fits_window  # torch is loaded with the engine by now
+
     longest = max(len(c.token_ids) for c in corpus.chunks)
     kept = 0
     for start in range(len(turns) - 2, -1, -2):
         parts = pc.prompt_parts(question, True, turns[start:])
-        if len(parts.prefix_ids) + longest + len(parts.question_ids) + max_new_tokens > pc.window:
+        if not fits_window(pc.window, len(parts.prefix_ids) + longest, len(parts.question_ids), max_new_tokens):
             break
         kept = len(turns) - start
     return turns[len(turns) - kept:], (len(turns) - kept) // 2

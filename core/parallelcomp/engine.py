@@ -462,9 +462,9 @@ class ParallelComp:
         if corpus.identity != self._model_identity()[1]:
             raise InputError("this corpus was encoded by an engine with another model, dtype, device or attention "
                              "implementation; encode the documents with this engine")
-        fits = self._fits(corpus.chunks, len(parts.prefix_ids), need)
-        if not fits and corpus.documents and not self.config.chunk_tokens:
-            return self._chunk(list(corpus.documents), parts.prefix_ids, need)  # as `documents=` would chunk them
+        if corpus.documents and not self.config.chunk_tokens:
+            if not self._fits(corpus.chunks, len(parts.prefix_ids), need):  # cut as `documents=` would cut them
+                return self._chunk(list(corpus.documents), parts.prefix_ids, need)
         return replace(corpus, chunk_seconds=0.0, chunking=ReuseStats())  # this call chunked nothing
 
     def _chunk(self, documents: list[str], prefix_ids: list[int], need: int = 0) -> Corpus:
@@ -485,7 +485,8 @@ class ParallelComp:
 
     def _fits(self, chunks, prefix_tokens: int, need: int) -> bool:
         """Whether `need` tokens after the prefix and the longest of `chunks` end inside the window."""
-        return prefix_tokens + max((len(c.token_ids) for c in chunks), default=0) + need <= self.window
+        return guard.fits_window(self.window, prefix_tokens + max((len(c.token_ids) for c in chunks), default=0),
+                                 need, 0)
 
     # ------------------------------------------------------------------ stages over chunks
 

@@ -189,7 +189,8 @@ def total_bytes(device: torch.device) -> int:
 
 
 def fits_window(window: int, prefix: int, question: int, new_tokens: int) -> bool:
-    """Whether a plain prompt (prefix + question) and its answer fit the window as they are."""
+    """Whether a prompt (prefix + question; the prefix may include the chunks before the question)
+    and its answer fit the window as they are."""
     return prefix + question + new_tokens <= window
 
 
