@@ -29,7 +29,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
 from llama_index.core.tools import QueryEngineTool
 
 from parallelcomp import ConfigError, InputError, ParallelComp, ParallelCompConfig
-from pc_integrations.common import CONTEXT_MARKER, CallError
+from pc_integrations.common import CONTEXT_MARKER, CallError, token_usage
 from pc_integrations.llama_index import (
     ATTRIBUTION_KEYS,
     REFINE_TEMPLATE,
@@ -414,6 +414,33 @@ def test_llama_index_sends_chats_and_its_system_prompt_as_chat_turns(engine):
     assert prompted.predict(PromptTemplate("{question}"), question=QUESTION) == expected
 
 
+def test_system_prompt_leads_direct_completions_and_chats_once(engine):
+    """`system_prompt` leads `complete` (all four forms) and `chat` as a system turn, as
+    HuggingFaceLLM puts it before a completion; ignored there before. A `formatted` prompt (what
+    LlamaIndex's `predict` sends a completion model, with `system_prompt` already in it) and a
+    chat that already starts with it (what `predict` sends a chat model) do not get it twice."""
+    system = "Answer in one word."
+    llm = ParallelCompLLM(engine, max_new_tokens=8, system_prompt=system)
+    led = engine.generate(QUESTION, history=[{"role": "system", "content": system}], max_new_tokens=8)
+    bare = engine.generate(QUESTION, max_new_tokens=8)
+    prompt_tokens = [token_usage(o.stats.to_dict())["prompt_tokens"] for o in (led, bare)]
+    assert prompt_tokens[0] != prompt_tokens[1]  # the system turn replaces the template's default one
+    user = ChatMessage(role="user", content=QUESTION)
+    answers = [
+        llm.complete(QUESTION).text,
+        "".join(r.delta for r in llm.stream_complete(QUESTION)),
+        asyncio.run(llm.acomplete(QUESTION)).text,
+        llm.chat([user]).message.content,
+        llm.chat([ChatMessage(role="system", content=system), user]).message.content,
+    ]
+    assert answers == [led.text] * 5
+    assert llm.complete(QUESTION).raw["usage"]["prompt_tokens"] == prompt_tokens[0]
+    formatted = llm.complete(QUESTION, formatted=True)
+    assert (formatted.text, formatted.raw["usage"]["prompt_tokens"]) == (bare.text, prompt_tokens[1])
+    with pytest.raises(CallError, match="no messages"):
+        llm.chat([])
+
+
 def test_prompts_are_exposed_and_used(index, engine, tokenizer):
     synth = ParallelCompSynthesizer(engine, max_new_tokens=12)
     prompts = synth.get_prompts()
@@ -554,7 +581,7 @@ def test_bad_input_is_typed(index, engine):
     assert ParallelCompLLM(engine, max_tokens=3).max_new_tokens == 3
     with pytest.raises(ConfigError, match="not both"):  # max_tokens silently won before
         ParallelCompLLM(engine, max_tokens=5, max_new_tokens=30)
-    for hook in ("messages_to_prompt", "completion_to_prompt"):  # LlamaIndex's LLM fields, ignored before
+    for hook in ("messages_to_prompt", "completion_to_prompt", "query_wrapper_prompt"):  # LLM fields, ignored before
         with pytest.raises(ConfigError, match=f"{hook} would be ignored"):
             ParallelCompLLM(engine, **{hook: lambda x: x})
     with pytest.raises(CallError, match="no messages"):  # at the await, as astream_complete, not mid-stream

@@ -131,7 +131,8 @@ class ParallelCompLLM(FunctionCallingLLM):
             if "max_new_tokens" in kwargs:
                 raise ConfigError("pass max_tokens or max_new_tokens (the same setting), not both")
             kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
-        hooks = [h for h in ("messages_to_prompt", "completion_to_prompt") if kwargs.get(h) is not None]
+        hooks = [h for h in ("messages_to_prompt", "completion_to_prompt", "query_wrapper_prompt")
+                 if kwargs.get(h) is not None]
         if hooks:
             raise ConfigError(f"{' and '.join(hooks)} would be ignored: prompts are built by the tokenizer's chat "
                               "template (ParallelCompConfig.use_chat_template); format the text before the call")
@@ -217,8 +218,16 @@ class ParallelCompLLM(FunctionCallingLLM):
         raw = {"output": run.output, "usage": token_usage(info["stats"])}
         return CompletionResponse(text=text, delta=delta, raw=raw, additional_kwargs=info)
 
-    def _complete(self, prompt: Any, kwargs: dict) -> CompletionResponse:
-        responses = self._responses(self._start(prompt, kwargs))
+    def _completion(self, prompt: Any, formatted: bool, kwargs: dict) -> Run:
+        """A completion's run. `system_prompt` leads an unformatted prompt as a system turn, as
+        HuggingFaceLLM puts it before one; a `formatted` prompt (LlamaIndex's own `predict` for
+        completion models formats it and adds `system_prompt` itself) is taken as it is."""
+        if self.system_prompt and not formatted and isinstance(prompt, str):
+            return self._chat_start([("system", self.system_prompt), ("user", prompt)], kwargs)
+        return self._start(prompt, kwargs)
+
+    def _complete(self, prompt: Any, formatted: bool, kwargs: dict) -> CompletionResponse:
+        responses = self._responses(self._completion(prompt, formatted, kwargs))
         with contextlib.closing(responses):
             *_, last = responses
         return last
@@ -237,21 +246,21 @@ class ParallelCompLLM(FunctionCallingLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return self._complete(prompt, kwargs)
+        return self._complete(prompt, formatted, kwargs)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        return self._responses(self._start(prompt, kwargs))  # bad input raises here, not mid-stream
+        return self._responses(self._completion(prompt, formatted, kwargs))  # bad input raises here, not mid-stream
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await _last(lambda: self._responses(self._start(prompt, kwargs)))
+        return await _last(lambda: self._responses(self._completion(prompt, formatted, kwargs)))
 
     @llm_completion_callback()
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        run = await asyncio.to_thread(self._start, prompt, kwargs)  # chunking new documents takes a while
+        run = await asyncio.to_thread(self._completion, prompt, formatted, kwargs)  # chunking takes a while
 
         async def gen() -> CompletionResponseAsyncGen:
             async for response in aiter_in_thread(lambda: self._responses(run)):
@@ -273,11 +282,20 @@ class ParallelCompLLM(FunctionCallingLLM):
         return self._chat_run(messages, kwargs)()
 
     def _chat_run(self, messages: Sequence[ChatMessage], kwargs: dict) -> Callable[[], Iterator[ChatResponse]]:
-        """The chat's run, started (its input validated); called, its responses."""
+        """The chat's run, started (its input validated); called, its responses. `system_prompt`
+        leads the chat as a system turn unless the chat already starts with it (LlamaIndex's
+        `predict` adds it to a chat prompt's messages itself)."""
         with _rejected():
-            prompt, extra = chat_call(self._engine, _turns(messages))
-        run = self._start(prompt, {**kwargs, **extra})
+            turns = _turns(messages)
+        if self.system_prompt and turns and turns[:1] != [("system", self.system_prompt)]:
+            turns.insert(0, ("system", self.system_prompt))
+        run = self._chat_start(turns, kwargs)
         return lambda: _as_chat(self._responses(run), ToolCallText() if kwargs.get("tools") else None)
+
+    def _chat_start(self, turns: list[tuple[str, str]], kwargs: dict) -> Run:
+        with _rejected():
+            prompt, extra = chat_call(self._engine, turns)
+        return self._start(prompt, {**kwargs, **extra})
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
