@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     sc.add_argument("--stores", nargs="+", default=["memory", "disk"], choices=["memory", "disk"])
     sc.add_argument("--batch-tokens", nargs="+", type=int,
                     help="prefill_batch_tokens values, one row each (default: the config's default)")
-    sc.add_argument("--attention-kernels", nargs="+", default=["auto"], choices=["auto", "fused", "matmul", "amx"],
+    sc.add_argument("--attention-kernels", nargs="+", default=["auto"], choices=["auto", "fused", "matmul", "amx", "avx512"],
                     help="attention_kernel values, one row each (fused and matmul: side by side)")
     sc.add_argument("--layer-kernels", nargs="+", default=["auto"], choices=["auto", "torch"],
                     help="layer_kernel values, one row each (auto and torch: side by side)")

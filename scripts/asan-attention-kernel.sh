@@ -4,8 +4,9 @@
 # attend_rows (rows with keys of their own, views with an offset, half of them with a tail under its
 # periodic causal mask), 1-3 threads, each against torch's SDPA; and, since 2026-12-05, a quarter of
 # the cases through attention_kernel.linear (1-256 rows, which the kernel takes whatever the
-# engine's LINEAR_ROWS, with and without a bias) against float64. Needs a CPU with AMX
-# (docs/hardware.md, "The AMX attention kernel") and gcc's libasan.
+# engine's LINEAR_ROWS, with and without a bias) against float64. Builds the best build the CPU runs
+# (attention_kernel.BUILDS: "amx" with AMX, else "avx512", which has no linear) and needs gcc's
+# libasan (docs/hardware.md, "The AMX attention kernel").
 #   scripts/asan-attention-kernel.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,11 +19,14 @@ import torch
 from parallelcomp import attention_kernel as ak
 
 so = tempfile.mkdtemp() + "/attention_kernel_asan.so"
-flags = [f for f in ak.FLAGS if f != "-O3"] + ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+build = ak.name()
+assert build, ak.unavailable_reason()
+flags = [f for f in ak.BUILDS[build][0] if f != "-O3"] + ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
 subprocess.run(["gcc", *flags, "-o", so, str(ak.SOURCE), "-lm"], check=True)
-lib = ak._declare(ctypes.CDLL(so))
+lib = ak._declare(ctypes.CDLL(so), build)
 assert lib.pc_amx_init() == 0, "Linux refused the AMX tile state"
-ak._library = lambda: (lib, "")
+ak._library = lambda: (lib, "", build)
+print(f"the {build} build under AddressSanitizer")
 sdpa = torch.nn.functional.scaled_dot_product_attention
 rng = random.Random(0)
 for case in range(int(sys.argv[1])):
@@ -30,7 +34,7 @@ for case in range(int(sys.argv[1])):
     dv = 64 if d == 32 else rng.choice([64, 128])
     h_kv, g = rng.choice([1, 2, 3]), rng.choice([1, 2, 3, 7])
     torch.set_num_threads(rng.choice([1, 2, 3]))
-    if rng.random() < 0.25:  # a linear of few rows: x a view that starts one row into its storage
+    if rng.random() < 0.25 and ak.linear_available():  # a linear of few rows: x a view that starts one row into its storage
         m, k, n = rng.randint(1, 8 * ak.LINEAR_ROWS), 32 * rng.randint(1, 48), 16 * rng.randint(1, 64)
         x, w = torch.randn(m + 1, k).to(torch.bfloat16)[1:], (torch.randn(n, k) / k**0.5).to(torch.bfloat16)
         bias = torch.randn(n).to(torch.bfloat16) if rng.random() < 0.5 else None

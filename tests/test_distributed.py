@@ -30,7 +30,7 @@ from parallelcomp.cli import main
 from parallelcomp.config import PAPER_CALIBRATION_RULES
 
 from .conftest import tiny_model
-from .test_attention_kernel import needs_amx
+from .test_attention_kernel import needs_kernel as needs_attention_kernel
 from .test_layer_kernel import needs_kernel
 from .test_core import text
 
@@ -236,7 +236,7 @@ def test_a_bf16_worker_runs_its_calls_on_the_layer_kernels(saved_models, monkeyp
     assert not any("forward" in vars(m) for m in engine.model.modules())
 
 
-@needs_amx
+@needs_attention_kernel
 def test_a_worker_on_the_amx_kernel_keeps_tiles_and_sends_kept_chunks_untiled(tmp_path, tokenizer, monkeypatch):
     """A worker whose phase 2 runs on the AMX kernel keeps its chunks tiled, as a single-process
     engine does (docs/store.md, "Chunks kept in the kernel's layout"), and sends the driver its

@@ -101,8 +101,8 @@ _BACKENDS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 @contextmanager
 def attention_function(model, handler: Handler, kernel: bool = False, causal: str = "") -> Iterator[None]:
     """Run the model's attention through "parallelcomp" (and `handler`) inside the block;
-    `kernel`: one-token steps may run the C kernel (packed_one_query); `causal` ("matmul" or
-    "amx"): a causal multi-token step may run on that kernel (`_causal_step`)."""
+    `kernel`: one-token steps may run the C kernel (packed_one_query); `causal` ("matmul", "amx"
+    or "avx512"): a causal multi-token step may run on that kernel (`_causal_step`)."""
     previous = model.config._attn_implementation or "eager"
     if previous not in _BACKENDS and previous != NAME:
         msg = f"attention calibration supports the {_BACKENDS} backends, not {previous!r}; load the model with sdpa"
@@ -123,7 +123,7 @@ def chunk_attention(model, prefix: list[LayerKV], contexts: list[list[list[Layer
     4D (1, 1, q, q) causal mask, which transformers passes through as it is. `observe(row, layer,
     probs)` receives each row's fp32 attention probabilities, (H_kv, G, q, P + L_i + q). `kernel`
     (ParallelComp.attention_kernel): "matmul" forms the scores with one matmul in the model's dtype, "amx"
-    attends over each row's chunk on attention_kernel.py's tiles; "sdpa" is torch's fused kernel.
+    (or "avx512") attends over each row's chunk on attention_kernel.py's kernel; "sdpa" is torch's fused kernel.
     `kept`: filled with each layer's KV of the first `keep` question tokens, (B, H_kv, keep, D).
     """
     layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
@@ -139,10 +139,10 @@ def chunk_attention(model, prefix: list[LayerKV], contexts: list[list[list[Layer
 def causal_kernel(model, kernel: str) -> Iterator[None]:
     """Inside the block, each causal self-attention of an sdpa model over a whole sequence (query
     and key lengths equal, no mask: phase 1's micro-batches and the prompt prefix) runs on
-    `kernel`: `_causal_matmul` ("matmul") or attention_kernel.attend ("amx"); every other call
+    `kernel`: `_causal_matmul` ("matmul") or attention_kernel.attend ("amx", "avx512"); every other call
     goes to transformers' sdpa function as before. Any other kernel ("sdpa", or the model's own
     backend) changes nothing."""
-    if kernel not in ("matmul", "amx"):
+    if kernel not in ("matmul", *attention_kernel.KERNELS):
         yield
         return
     if model.config._attn_implementation != "sdpa":
@@ -278,7 +278,7 @@ def _causal_step(query, key, value, attention_mask, kwargs, kernel: str) -> bool
     q, t = query.shape[2], key.shape[2]
     if (q < 2 or t < q or attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
             or attention_mask.shape[1:] != (1, q, t) or kwargs.get("dropout") or not _plain_softmax(kwargs)
-            or (kernel == "amx" and not attention_kernel.takes(query, key, value))):
+            or (kernel in attention_kernel.KERNELS and not attention_kernel.takes(query, key, value))):
         return False
     return _hides_only_future(attention_mask, q, t)
 
@@ -452,7 +452,7 @@ def _attend_chunks(prefix: list[LayerKV], contexts: list[list[list[LayerKV]]], o
     prefix_k, prefix_v = prefix[layer]
     if kept is not None:  # views: the caller copies each row's part once
         kept[layer] = key[:, :, :keep], value[:, :, :keep]
-    if observe is None and kernel == "amx" and not kwargs.get("sliding_window"):
+    if observe is None and kernel in attention_kernel.KERNELS and not kwargs.get("sliding_window"):
         tiled = _attend_on_tiles(prefix[layer], [[segment[layer] for segment in row] for row in contexts],
                                  query, key, value, scale)
         if tiled is not None:

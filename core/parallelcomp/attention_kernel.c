@@ -46,6 +46,7 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
+#ifndef PC_NO_AMX
 typedef struct {
     uint8_t palette, start;
     uint8_t reserved[14];
@@ -64,6 +65,11 @@ static const TileConfig TILES __attribute__((aligned(64))) = {
     .palette = 1, .colsb = {64, 64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
 
 static void configure(void) { _tile_loadconfig(&TILES); }
+#else  /* the AVX-512 BF16 build: no tile state to ask for, configure or release */
+int pc_amx_init(void) { return 0; }
+static void configure(void) {}
+#define _tile_release() ((void)0)
+#endif
 
 /* 2^t for finite t (underflows to 0 below -150): f = t - floor(t) in one VREDUCEPS, a degree-4
  * polynomial of 2^f on [0, 1) (relative error 2.7e-6, far below the bf16 rounding the
@@ -245,6 +251,7 @@ static void prefetch_head(const Call *c, const Row *w, long hk, long calls, Pref
     p->quota = (p->kbytes / 64 + calls - 1) / calls;
 }
 
+#ifndef PC_NO_AMX
 /* The scores of query block `s` against key block kk (keys at kh): four 16 x 16 tiles, each summed
  * over the head dimension 32 at a time, stored to sbuf (QB rows of KB). */
 static inline void block_scores(const Call *c, const Block *s, long kk, const uint32_t *kh, float *sbuf) {
@@ -284,6 +291,117 @@ static inline void pair_scores(const Call *c, const Block *s0, const Block *s1, 
         _tile_stored(1, sbuf1 + 16 * t, 4 * KB); _tile_stored(3, sbuf1 + 16 * t + 16, 4 * KB);
     }
 }
+
+/* Query block `s`'s output plus its probabilities (pbuf) times key block kk's values (vh). */
+static inline void block_values(const Call *c, Block *s, long kk, const uint16_t *vh, const uint16_t *pbuf) {
+    const long Dv = c->Dv, C = Dv / 16;
+    float *obuf = s->obuf;
+    for (long c0 = 0; c0 < C; c0 += 4) {
+        float *o = obuf + 16 * c0;
+        _tile_loadd(0, o, 4 * Dv); _tile_loadd(1, o + 16, 4 * Dv);
+        _tile_loadd(2, o + 32, 4 * Dv); _tile_loadd(3, o + 48, 4 * Dv);
+        for (long half = 0; half < 2; half++) {
+            _tile_loadd(4, pbuf + 32 * half, 2 * KB);
+            const uint16_t *vt = vh + ((kk * 2 + half) * C + c0) * 512;
+            _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, vt + 512, 64); _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5);
+            _tile_loadd(6, vt + 1536, 64); _tile_dpbf16ps(3, 4, 6);
+        }
+        _tile_stored(0, o, 4 * Dv); _tile_stored(1, o + 16, 4 * Dv);
+        _tile_stored(2, o + 32, 4 * Dv); _tile_stored(3, o + 48, 4 * Dv);
+    }
+}
+
+/* block_values for two query blocks, two column tiles at a time: each value tile is loaded once
+ * for both (each output tile gets the same products in the same order). */
+static inline void pair_values(const Call *c, Block *s0, Block *s1, long kk, const uint16_t *vh,
+                               const uint16_t *pbuf0, const uint16_t *pbuf1) {
+    const long Dv = c->Dv, C = Dv / 16;
+    for (long c0 = 0; c0 < C; c0 += 2) {
+        float *o0 = s0->obuf + 16 * c0, *o1 = s1->obuf + 16 * c0;
+        _tile_loadd(0, o0, 4 * Dv); _tile_loadd(1, o1, 4 * Dv);
+        _tile_loadd(2, o0 + 16, 4 * Dv); _tile_loadd(3, o1 + 16, 4 * Dv);
+        for (long half = 0; half < 2; half++) {
+            const uint16_t *vt = vh + ((kk * 2 + half) * C + c0) * 512;
+            _tile_loadd(4, pbuf0 + 32 * half, 2 * KB);
+            _tile_loadd(6, vt, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(5, pbuf1 + 32 * half, 2 * KB);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_loadd(7, vt + 512, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, o0, 4 * Dv); _tile_stored(1, o1, 4 * Dv);
+        _tile_stored(2, o0 + 16, 4 * Dv); _tile_stored(3, o1 + 16, 4 * Dv);
+    }
+}
+
+#else
+/* The same products on AVX-512 BF16 registers (VDPBF16PS: per fp32 lane, the two products of a
+ * pair of bf16 added to the sum), reading the same packed layouts: pair p of a key group is one
+ * register of 16 keys' pairs, key pair p of a value group one register of 16 columns' pairs, and
+ * a query's pair (or a probability row's) is broadcast against it. RB rows × four registers at a
+ * time: 4·RB sums in registers, 4 loads and RB broadcasts per 4·RB products. */
+#define RB 4
+
+static inline void block_scores(const Call *c, const Block *s, long kk, const uint32_t *kh, float *sbuf) {
+    const long P = c->D / 2;
+    const uint32_t *kt = kh + kk * 4 * P * 16, *q = (const uint32_t *)s->qbuf;
+    for (long r0 = 0; r0 < QB; r0 += RB) {
+        __m512 acc[RB][4];
+        for (int i = 0; i < RB; i++)
+            for (int t = 0; t < 4; t++) acc[i][t] = _mm512_setzero_ps();
+        for (long p = 0; p < P; p++) {
+            __m512bh k[4];
+            for (int t = 0; t < 4; t++) k[t] = (__m512bh)_mm512_loadu_si512(kt + (t * P + p) * 16);
+            for (int i = 0; i < RB; i++) {
+                const __m512bh x = (__m512bh)_mm512_set1_epi32((int)q[(r0 + i) * P + p]);
+                for (int t = 0; t < 4; t++) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], x, k[t]);
+            }
+        }
+        for (int i = 0; i < RB; i++)
+            for (int t = 0; t < 4; t++) _mm512_store_ps(sbuf + (r0 + i) * KB + 16 * t, acc[i][t]);
+    }
+}
+
+static inline void pair_scores(const Call *c, const Block *s0, const Block *s1, long kk, const uint32_t *kh,
+                               float *sbuf0, float *sbuf1) {
+    block_scores(c, s0, kk, kh, sbuf0);
+    block_scores(c, s1, kk, kh, sbuf1);
+}
+
+static inline void block_values(const Call *c, Block *s, long kk, const uint16_t *vh, const uint16_t *pbuf) {
+    const long Dv = c->Dv, C = Dv / 16;
+    const uint32_t *pr = (const uint32_t *)pbuf;
+    for (long r0 = 0; r0 < QB; r0 += RB)
+        for (long c0 = 0; c0 < C; c0 += 4) {
+            __m512 acc[RB][4];
+            for (int i = 0; i < RB; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_load_ps(s->obuf + (r0 + i) * Dv + 16 * (c0 + j));
+            for (long half = 0; half < 2; half++) {
+                const uint16_t *vt = vh + ((kk * 2 + half) * C + c0) * 512;
+                for (long p = 0; p < 16; p++) {
+                    __m512bh v[4];
+                    for (int j = 0; j < 4; j++) v[j] = (__m512bh)_mm512_loadu_si512(vt + j * 512 + p * 32);
+                    for (int i = 0; i < RB; i++) {
+                        const __m512bh x = (__m512bh)_mm512_set1_epi32((int)pr[(r0 + i) * KB / 2 + 16 * half + p]);
+                        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], x, v[j]);
+                    }
+                }
+            }
+            for (int i = 0; i < RB; i++)
+                for (int j = 0; j < 4; j++) _mm512_store_ps(s->obuf + (r0 + i) * Dv + 16 * (c0 + j), acc[i][j]);
+        }
+}
+
+static inline void pair_values(const Call *c, Block *s0, Block *s1, long kk, const uint16_t *vh,
+                               const uint16_t *pbuf0, const uint16_t *pbuf1) {
+    block_values(c, s0, kk, vh, pbuf0);
+    block_values(c, s1, kk, vh, pbuf1);
+}
+#endif
 
 /* Query block `s`'s online softmax over key block kb's scores (sbuf): its running maxima, sums and
  * (rescaled) output, and the block's probabilities in bf16 (pbuf). */
@@ -346,52 +464,6 @@ static inline void block_softmax(const Call *c, const Row *w, Block *s, long kb,
             _mm512_store_si512((__m512i *)(pbuf + r * KB + 16 * c), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
         }
         _mm512_store_ps(lsum + 16 * r, acc);
-    }
-}
-
-/* Query block `s`'s output plus its probabilities (pbuf) times key block kk's values (vh). */
-static inline void block_values(const Call *c, Block *s, long kk, const uint16_t *vh, const uint16_t *pbuf) {
-    const long Dv = c->Dv, C = Dv / 16;
-    float *obuf = s->obuf;
-    for (long c0 = 0; c0 < C; c0 += 4) {
-        float *o = obuf + 16 * c0;
-        _tile_loadd(0, o, 4 * Dv); _tile_loadd(1, o + 16, 4 * Dv);
-        _tile_loadd(2, o + 32, 4 * Dv); _tile_loadd(3, o + 48, 4 * Dv);
-        for (long half = 0; half < 2; half++) {
-            _tile_loadd(4, pbuf + 32 * half, 2 * KB);
-            const uint16_t *vt = vh + ((kk * 2 + half) * C + c0) * 512;
-            _tile_loadd(5, vt, 64); _tile_dpbf16ps(0, 4, 5);
-            _tile_loadd(6, vt + 512, 64); _tile_dpbf16ps(1, 4, 6);
-            _tile_loadd(5, vt + 1024, 64); _tile_dpbf16ps(2, 4, 5);
-            _tile_loadd(6, vt + 1536, 64); _tile_dpbf16ps(3, 4, 6);
-        }
-        _tile_stored(0, o, 4 * Dv); _tile_stored(1, o + 16, 4 * Dv);
-        _tile_stored(2, o + 32, 4 * Dv); _tile_stored(3, o + 48, 4 * Dv);
-    }
-}
-
-/* block_values for two query blocks, two column tiles at a time: each value tile is loaded once
- * for both (each output tile gets the same products in the same order). */
-static inline void pair_values(const Call *c, Block *s0, Block *s1, long kk, const uint16_t *vh,
-                               const uint16_t *pbuf0, const uint16_t *pbuf1) {
-    const long Dv = c->Dv, C = Dv / 16;
-    for (long c0 = 0; c0 < C; c0 += 2) {
-        float *o0 = s0->obuf + 16 * c0, *o1 = s1->obuf + 16 * c0;
-        _tile_loadd(0, o0, 4 * Dv); _tile_loadd(1, o1, 4 * Dv);
-        _tile_loadd(2, o0 + 16, 4 * Dv); _tile_loadd(3, o1 + 16, 4 * Dv);
-        for (long half = 0; half < 2; half++) {
-            const uint16_t *vt = vh + ((kk * 2 + half) * C + c0) * 512;
-            _tile_loadd(4, pbuf0 + 32 * half, 2 * KB);
-            _tile_loadd(6, vt, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_loadd(5, pbuf1 + 32 * half, 2 * KB);
-            _tile_dpbf16ps(1, 5, 6);
-            _tile_loadd(7, vt + 512, 64);
-            _tile_dpbf16ps(2, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, o0, 4 * Dv); _tile_stored(1, o1, 4 * Dv);
-        _tile_stored(2, o0 + 16, 4 * Dv); _tile_stored(3, o1 + 16, 4 * Dv);
     }
 }
 
@@ -605,6 +677,7 @@ void pc_amx_untile(const uint16_t *dk, const uint16_t *dv, long T, long Hkv, lon
     }
 }
 
+#ifndef PC_NO_AMX  /* the linear layer runs on the tiles only */
 /* y (M, N) = x (M, K) · w (N, K)ᵀ (+ bias (N)), bf16 in and out, fp32 sums rounded once, on the
  * tiles: two layouts, which the caller chooses (pc_amx_linear; attention_kernel.packs_weight). Both
  * add the 32-element blocks of K into one fp32 tile in order, so their outputs are the same bits
@@ -781,3 +854,4 @@ void pc_amx_linear(const uint16_t *x, long M, long K, const uint16_t *w, long N,
                    uint32_t *packed, long threads, int pack_weight) {
     (pack_weight ? linear_many : linear_few)(x, M, K, w, N, bias, y, packed, threads);
 }
+#endif

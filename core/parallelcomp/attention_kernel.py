@@ -1,4 +1,5 @@
-"""The AMX attention kernel (`attention_kernel.c`), compiled on first use (native.py).
+"""The AMX attention kernel (`attention_kernel.c`), compiled on first use (native.py), and its
+AVX-512 BF16 build for CPUs without AMX (`BUILDS`).
 
 On a CPU with AMX tiles (Intel Xeon since Sapphire Rapids) a bf16 GEMM runs at 2.3-3.2 TFLOP/s
 here, but torch's fused CPU attention at about 0.5: with a head size of 64 its small products
@@ -7,12 +8,16 @@ into the tiles' layout and keeps the softmax's maximum lazily (the C source says
 measures about twice torch's rate on phase 1's causal attention (docs/hardware.md). `tile` makes
 that layout ahead of time, in C with the kernel's own packing: the store keeps the chunks phase 2
 reads in it (docs/store.md, "Chunks kept in the kernel's layout").
-`attention.py` runs it when `ParallelCompConfig.attention_kernel` resolves to "amx": phase 1,
-the prompt prefix, phase 2's attention over each chunk's keys, and the question step's over the
-merged KV. It takes bf16 tensors on CPU
-with head sizes that are multiples of 32 (keys) and 64 (values), up to 256.
+`attention.py` runs it when `ParallelCompConfig.attention_kernel` resolves to "amx" (or
+"avx512", one of `KERNELS`): phase 1, the prompt prefix, phase 2's attention over each chunk's
+keys, and the question step's over the merged KV. It takes bf16 tensors on CPU with head sizes
+that are multiples of 32 (keys) and 64 (values), up to 256.
 
-The same library holds `linear`, a bf16 linear layer on the tiles: for few rows it reads the
+On AVX-512 BF16 without AMX (a 2-core AMD EPYC, 2026-12-06) the "avx512" build attends phase 1's
+causal micro-batch (2 × 2,090 tokens, SmolLM2's heads) at 350 GFLOP/s, against 195 for the
+matmul kernel and 126 for torch's fused one, with a GEMM at 418 (docs/hardware.md).
+
+The "amx" library also holds `linear`, a bf16 linear layer on the tiles: for few rows it reads the
 weight as it lies where torch's GEMM reorders it first, for more it packs the weight and rounds
 each block of outputs while the next one is computed; where the engine attends on "amx", the
 model's nn.Linear modules run it during each run for calls of at most LINEAR_ROWS rows
@@ -35,9 +40,18 @@ from torch import nn
 from . import native
 
 SOURCE = Path(__file__).with_name("attention_kernel.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
-         "-fopenmp", "-fPIC", "-shared")
-CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
+_AVX512 = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared")
+_AVX512_CPU = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
+BUILDS = {
+    "amx": (_AVX512 + ("-mamx-tile", "-mamx-bf16"), _AVX512_CPU | {"amx_tile", "amx_bf16"}),
+    "avx512": (_AVX512 + ("-DPC_NO_AMX",), _AVX512_CPU),
+}
+"""The kernel's two builds of one source, best first: its name (ParallelCompConfig.attention_kernel,
+RunStats.attention_kernel), then the compiler's flags and the CPU flags it needs. "amx" computes
+the products on the tiles; "avx512" computes the same products, over the same packed layouts, with
+AVX-512 BF16 instructions (VDPBF16PS) on CPUs without AMX (AMD Zen 4 and later, Intel Cooper
+Lake), and has no `linear`. A process loads the best build its CPU runs (`name`)."""
+KERNELS = tuple(BUILDS)
 
 LINEAR_ROWS = 32
 """The most rows the engine gives `linear` (which itself takes any number). Against torch's bf16
@@ -72,14 +86,28 @@ _wider = threading.local()  # .depth: `wider_linear` blocks this thread is in
 
 
 def available() -> bool:
-    """Whether this CPU runs the kernel: AMX and AVX-512 BF16, a build that loads, and Linux's
-    permission to use the tiles."""
+    """Whether this CPU runs the kernel: AVX-512 BF16 (and for the "amx" build AMX and Linux's
+    permission to use the tiles) and a build that loads."""
     return _library()[0] is not None
 
 
-def unavailable_reason() -> str:
-    """Why `available()` is False ("" when it is True)."""
-    return _library()[1]
+def name() -> str:
+    """The build this process runs (BUILDS: "amx" or "avx512"), "" where none does."""
+    return _library()[2]
+
+
+def unavailable_reason(build: str = "") -> str:
+    """Why `available()` is False, or with `build` why that build does not run here ("" when it does)."""
+    lib, why, loaded = _library()
+    if build and build != loaded:
+        return next((r.split(": ", 1)[1] for r in why.split("; ") if r.startswith(build + ": ")),
+                    f"this CPU runs the {loaded!r} build, the better one")
+    return "" if lib is not None else why
+
+
+def linear_available() -> bool:
+    """Whether `linear` runs here: the "amx" build."""
+    return name() == "amx"
 
 
 def takes_heads(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: int) -> bool:
@@ -222,7 +250,7 @@ def takes_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu" and bias.is_contiguous()
                                   and bias.shape == (n,)))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and available())
+            and linear_available())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,7 +296,7 @@ def linear_modules(model) -> list[tuple[nn.Module, Callable]]:
     """`model`'s nn.Linear modules (the class itself, not a subclass: quantized and LoRA layers keep
     their own), each with `_linear_forward`, for layer_kernel.fused; empty where the kernel is
     unavailable or the model is not bf16 on CPU. A call `takes_linear` refuses runs F.linear."""
-    if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not available():
+    if model.device.type != "cpu" or model.dtype != torch.bfloat16 or not linear_available():
         return []
     return [(module, _linear_forward) for module in model.modules() if type(module) is nn.Linear]
 
@@ -289,30 +317,36 @@ def _workspace(nbytes: int) -> int:
 
 
 @functools.cache
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    """The loaded library, or None and why not."""
-    lib, why = native.load(SOURCE, FLAGS, CPU_FLAGS, "AMX attention kernel")
-    if lib is None:
-        return None, why
-    if lib.pc_amx_init() != 0:
-        return None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
-    return _declare(lib), ""
+def _library() -> tuple[ctypes.CDLL | None, str, str]:
+    """The loaded library of the best build that runs here (or None), why each better build does
+    not run, and the loaded build's name ("" for none)."""
+    reasons = []
+    for build, (flags, cpu) in BUILDS.items():
+        lib, why = native.load(SOURCE, flags, cpu, f"{build} attention kernel")
+        if lib is not None and lib.pc_amx_init() != 0:
+            lib, why = None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+        if lib is not None:
+            return _declare(lib, build), "; ".join(reasons), build
+        reasons.append(f"{build}: {why}")
+    return None, "; ".join(reasons), ""
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """`lib` with its functions' argument and result types declared (also for a build of the same
-    source under AddressSanitizer, scripts/asan-attention-kernel.sh)."""
+def _declare(lib: ctypes.CDLL, build: str = "amx") -> ctypes.CDLL:
+    """`lib`, of `build`, with its functions' argument and result types declared (also for a
+    build of the same source under AddressSanitizer, scripts/asan-attention-kernel.sh)."""
     lib.pc_amx_attention.restype = ctypes.c_int
     lib.pc_amx_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_long] * 12 + [ctypes.c_int, ctypes.c_long,
                                      ctypes.c_float, ctypes.c_int, ctypes.c_long, ctypes.c_void_p])
     lib.pc_amx_tile.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long] * 6
                                 + [ctypes.c_void_p] * 2 + [ctypes.c_long])
     lib.pc_amx_untile.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3
+    lib.pc_amx_workspace.restype = ctypes.c_long
+    lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    if build != "amx":
+        return lib
     lib.pc_amx_linear.restype = None
     lib.pc_amx_linear.argtypes = ([ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p] + [ctypes.c_long]
                                   + [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_int])
     lib.pc_amx_linear_workspace.restype = ctypes.c_long
     lib.pc_amx_linear_workspace.argtypes = [ctypes.c_long] * 4 + [ctypes.c_int]
-    lib.pc_amx_workspace.restype = ctypes.c_long
-    lib.pc_amx_workspace.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_long]
     return lib

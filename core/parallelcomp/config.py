@@ -166,13 +166,15 @@ class ParallelCompConfig(BaseModel):
     more question rows in phase 2."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     """None: flash_attention_2 on CUDA when installed, else sdpa."""
-    attention_kernel: Literal["auto", "fused", "matmul", "amx"] = "auto"
+    attention_kernel: Literal["auto", "fused", "matmul", "amx", "avx512"] = "auto"
     """How an sdpa model attends in phase 1, to the prompt prefix and in phase 2: "fused" is torch's
     scaled_dot_product_attention; "matmul" is blocks of matmuls with a softmax (accumulated in
     fp32) between them, the arithmetic of transformers' eager attention (scores in the model's
     dtype); "amx" is attention_kernel.py's kernel on Intel AMX tiles (bf16 models on CPU, head
     sizes that are multiples of 64; compiled on first use), about twice the fused kernel's rate
-    there. "auto": amx wherever it runs; else matmul for a bf16 model on a CPU whose native bf16
+    there; "avx512" is the same kernel's build for CPUs with AVX-512 BF16 but no AMX (AMD Zen 4
+    and later), about 1.8 times the matmul kernel's rate there. "auto": amx or avx512 wherever
+    one runs; else matmul for a bf16 model on a CPU whose native bf16
     GEMMs beat fp32 and where the matmul attention measures faster than the fused kernel
     (hardware.matmul_attention, measured once per machine): on AVX-512 BF16 without AMX the fused
     CPU kernel runs at its fp32 rate and the matmuls at about twice that; fused elsewhere. On

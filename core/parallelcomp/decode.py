@@ -66,8 +66,8 @@ class Sampling:
 @contextmanager
 def one_token_steps(model, kernel: bool, causal: str = "") -> Iterator[None]:
     """The scope of decoding: packed one-query attention, and with `kernel` the C kernels of
-    decode_kernel.py for one-token steps' attention and projections; `causal` ("matmul" or
-    "amx"): the question step's causal attention on that kernel (attention.packed_decode)."""
+    decode_kernel.py for one-token steps' attention and projections; `causal` ("matmul", "amx"
+    or "avx512"): the question step's causal attention on that kernel (attention.packed_decode)."""
     with packed_decode(model, kernel, causal), one_row_linears(model) if kernel else nullcontext():
         yield
 
@@ -96,7 +96,7 @@ def generate_tokens(
     one-token steps run the C kernels of decode_kernel.py (attention and projections) where they
     take the step's tensors. `whole_step`: one-token steps run in one C call where it takes them
     (decode_kernel.DecodeStep, over this `cache`), else through the model's modules. `causal`: the
-    question step attends on that kernel ("matmul" or "amx") where its mask allows
+    question step attends on that kernel ("matmul", "amx" or "avx512") where its mask allows
     (attention.packed_decode). `carried`: the first question tokens whose KV the cache already
     holds at their positions (engine._Context.head); the question step runs the rest.
     """

@@ -251,7 +251,7 @@ class ParallelComp:
         digest; computed once, on the first call that has documents."""
         if self._identity is None:
             attend, layers = self.attention_kernel, self.layer_kernel
-            if attend == "amx":
+            if attend in attention_kernel.KERNELS:
                 attend += "@" + native.source_digest(attention_kernel.SOURCE)
             if layers == layer_kernel.NAME:
                 layers += "@" + native.source_digest(layer_kernel.SOURCE)
@@ -387,7 +387,7 @@ class ParallelComp:
             cache = kvops.decode_cache(ctx.kv_parts + ([ctx.head.kv] if carried else []),
                                        extra_tokens=len(parts.question_ids) - carried + max_new_tokens)
             kernel = self.decode_kernel == decode_kernel.NAME
-            causal = self.attention_kernel if self.attention_kernel in ("matmul", "amx") else ""
+            causal = self.attention_kernel if self.attention_kernel in ("matmul", *attention_kernel.KERNELS) else ""
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens, kernel, causal)
                     if calibrator else None)  # attention calibration at the question step (§4)
             whole = decode_kernel.DecodeStep.for_model(self.model, cache) if kernel else None
@@ -760,22 +760,23 @@ def _resolve_model(model) -> str:
 
 def _attention_kernel(model, choice: str) -> str:
     """The kernel phases 1 and 2 attend with (ParallelCompConfig.attention_kernel): "sdpa",
-    "matmul" or "amx" for an sdpa model, else the model's own backend, which both phases then use.
-    "auto" takes the AMX kernel wherever it runs (a bf16 model on a CPU with AMX, head sizes it
-    takes); asked for explicitly where it cannot run, ConfigError says why."""
+    "matmul", "amx" or "avx512" for an sdpa model, else the model's own backend, which both phases
+    then use. "auto" takes attention_kernel.py's kernel wherever it runs (a bf16 model on a CPU
+    with AVX-512 BF16, head sizes it takes; the "amx" build where the CPU has AMX); asked for
+    explicitly where it cannot run, ConfigError says why."""
     backend = attention.backend(model)
     if backend != "sdpa" or choice == "fused":
         return backend
     _, _, head_dim = kvops.layout(model)
-    amx = attention_kernel.takes_heads(model.device, model.dtype, head_dim, head_dim)
-    if choice == "amx" and not (amx and attention_kernel.available()):
-        why = attention_kernel.unavailable_reason() if amx else (
+    heads = attention_kernel.takes_heads(model.device, model.dtype, head_dim, head_dim)
+    if choice in attention_kernel.KERNELS and not (heads and attention_kernel.name() == choice):
+        why = attention_kernel.unavailable_reason(choice) if heads else (
             f"it takes bf16 models on CPU with a head size that is a multiple of 64 up to 256, not a "
             f"{model.dtype} model on {model.device.type} with head size {head_dim}")
-        raise ConfigError(f'attention_kernel="amx" cannot run here: {why}; use "auto" or "fused"')
-    if choice == "amx" or (choice == "auto" and amx and attention_kernel.available()):
+        raise ConfigError(f'attention_kernel="{choice}" cannot run here: {why}; use "auto" or "fused"')
+    if choice in attention_kernel.KERNELS or (choice == "auto" and heads and attention_kernel.available()):
         attention_modules(model)  # ModelNotSupportedError for layers the kernel cannot reach
-        return "amx"
+        return attention_kernel.name()
     if choice == "auto" and not hardware.matmul_attention(model.device, model.dtype):
         return backend
     attention_modules(model)  # ModelNotSupportedError for layers the matmul kernel cannot reach
@@ -787,7 +788,7 @@ def _keeps_tiles(model, kernel: str, config: ParallelCompConfig) -> bool:
     where phase 2 attends on the AMX kernel in every layer, that is without compression (which
     observes phase 2's probabilities in torch) and without a sliding window (which the kernel
     does not take). Elsewhere phase 2 would have to untile every chunk it reads."""
-    return (kernel == "amx" and not config.compresses
+    return (kernel in attention_kernel.KERNELS and not config.compresses
             and all(getattr(m, "sliding_window", None) is None for m in attention_modules(model)))
 
 

@@ -99,8 +99,8 @@ def measure_attention(shape: tuple[int, int, int, int, int] = _ATTENTION_PROBE, 
                       repeats: int = 3) -> dict[str, float]:
     """Best-of-`repeats` GFLOP/s of causal attention, shape (rows, query heads, KV heads,
     tokens, head dim), in `dtype`, on torch's fused SDPA ("fused"), on
-    `attention._causal_matmul` ("matmul") and, where it takes the shape, on the AMX tiles
-    (attention_kernel.py, "amx"); causal FLOPs are half of 4·rows·heads·tokens²·dim."""
+    `attention._causal_matmul` ("matmul") and, where it takes the shape, on the C kernel
+    (attention_kernel.py, "amx" or "avx512"); causal FLOPs are half of 4·rows·heads·tokens²·dim."""
     from . import attention_kernel
     from .attention import _causal_matmul
 
@@ -111,7 +111,7 @@ def measure_attention(shape: tuple[int, int, int, int, int] = _ATTENTION_PROBE, 
                                                                                  enable_gqa=True),
                "matmul": lambda: _causal_matmul(q, k, v, None)}
     if attention_kernel.takes(q, k, v):
-        kernels["amx"] = lambda: attention_kernel.attend(q, k, v, causal=True)
+        kernels[attention_kernel.name()] = lambda: attention_kernel.attend(q, k, v, causal=True)
     best = dict.fromkeys(kernels, math.inf)
     for attend in kernels.values():
         attend()  # warm-up

@@ -149,7 +149,7 @@ class RunStats(SpreadStats, ReuseStats):
     dtype: str = ""
     """The model's compute dtype (float32, bfloat16, ...), chosen per machine unless given."""
     attention_kernel: str = ""
-    """How phases 1 and 2 attended: "sdpa" (torch's fused kernel), "matmul", "amx", or the model's own
+    """How phases 1 and 2 attended: "sdpa" (torch's fused kernel), "matmul", "amx", "avx512", or the model's own
     backend ("eager", "flash_attention_2"); ParallelCompConfig.attention_kernel."""
     layer_kernel: str = ""
     """How the model's RMSNorms and SwiGLU gates ran: "c-avx512" (layer_kernel.py) or "torch";

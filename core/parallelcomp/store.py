@@ -105,7 +105,7 @@ TILES = "amx-tiles"  # model_identity's "kv_layout" where chunks are kept kv.Til
 
 def model_identity(model, attention: str, layers: str, tiles: bool = False) -> dict:
     """Everything a chunk's KV depends on besides the tokens: config, weights, dtype, device type,
-    the attention kernel phase 1 ran (`attention`: the model's backend, or "matmul" or "amx" for
+    the attention kernel phase 1 ran (`attention`: the model's backend, or "matmul", "amx" or "avx512" for
     ParallelCompConfig.attention_kernel's), the layer kernel (`layers`: "torch" or
     layer_kernel.NAME), a C kernel's name followed by "@" and its source's digest
     (native.source_digest), transformers major.minor. Weights are fingerprinted by sampling
