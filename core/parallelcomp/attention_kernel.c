@@ -1,5 +1,8 @@
 /* Softmax attention on Intel AMX tiles (bf16 products, fp32 accumulation): phase 1's causal
  * attention and phase 2's packed question rows on CPUs with AMX (docs/hardware.md measures it).
+ * Built with -DPC_NO_AMX, the same kernel computes the tile products with AVX-512 BF16
+ * instructions instead, for CPUs without AMX, and leaves out the linear layer (attention_kernel.py's
+ * BUILDS).
  *
  * Compiled on first use by attention_kernel.py (native.py) and called through ctypes.
  *
