@@ -785,9 +785,10 @@ def _attention_kernel(model, choice: str) -> str:
 
 def _keeps_tiles(model, kernel: str, config: ParallelCompConfig) -> bool:
     """Whether chunks are kept `Tiled` (kv.py; docs/store.md, "Chunks kept in the kernel's layout"):
-    where phase 2 attends on the AMX kernel in every layer, that is without compression (which
-    observes phase 2's probabilities in torch) and without a sliding window (which the kernel
-    does not take). Elsewhere phase 2 would have to untile every chunk it reads."""
+    where phase 2 attends on attention_kernel.py's kernel (either build) in every layer, that is
+    without compression (which observes phase 2's probabilities in torch) and without a sliding
+    window (which the kernel does not take). Elsewhere phase 2 would have to untile every chunk it
+    reads."""
     return (kernel in attention_kernel.KERNELS and not config.compresses
             and all(getattr(m, "sliding_window", None) is None for m in attention_modules(model)))
 
