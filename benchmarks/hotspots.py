@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from parallelcomp.attention_kernel import KERNELS
+
 from . import machine
 from .main_job import GEMM
 from .repeat_query import CONFIG, haystack
@@ -63,7 +65,7 @@ def run(length: int, out: Path) -> Path:
 def _kernel_rates(model, dtype: torch.dtype, tokens: int, rows: int = 2) -> dict:
     """GFLOP/s of the roofline's GEMM and of causal attention over `rows` × `tokens` with the
     model's heads on the kernels of ParallelCompConfig.attention_kernel (torch's fused SDPA, the
-    blocked matmuls and, where it runs, the AMX kernel; `hardware.measure_attention`), in `dtype`,
+    blocked matmuls and, where one of its builds runs, attention_kernel.c; `hardware.measure_attention`), in `dtype`,
     best of 3."""
     from parallelcomp import kv as kvops
     from parallelcomp.hardware import measure_attention, measure_gflops
@@ -74,7 +76,7 @@ def _kernel_rates(model, dtype: torch.dtype, tokens: int, rows: int = 2) -> dict
     return {"dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "rows": rows,
             "gemm_gflops": round(measure_gflops(dtype, GEMM, seconds=1.0), 1),
             "attention_gflops": round(rates["fused"], 1), "matmul_attention_gflops": round(rates["matmul"], 1),
-            **({"amx_attention_gflops": round(rates["amx"], 1)} if "amx" in rates else {})}
+            **{f"{name}_attention_gflops": round(rates[name], 1) for name in KERNELS if name in rates}}
 
 
 def _top(prof) -> list[dict]:
@@ -97,13 +99,14 @@ def _table(r: dict) -> str:
         lines.append("")
     lines += ["## Kernel rates", "", f"GEMM {GEMM[0]}×{GEMM[1]}·{GEMM[1]}×{GEMM[2]} (the roofline's rate) and the causal "
               "attention of one phase-1 micro-batch on each kernel (`attention_kernel`: torch's fused SDPA, the "
-              "blocked matmuls, the AMX tiles where they run), best of 3:", "",
+              "blocked matmuls, attention_kernel.c where one of its builds runs), best of 3:", "",
               "| dtype | rows × tokens | GEMM GFLOP/s | fused attention GFLOP/s | matmul attention GFLOP/s | "
-              "amx attention GFLOP/s | best attention ÷ GEMM |", "|---|---|---:|---:|---:|---:|---:|"]
+              "C kernel attention GFLOP/s (build) | best attention ÷ GEMM |", "|---|---|---:|---:|---:|---:|---:|"]
     for k in r.get("kernels", []):
-        best = max(k["attention_gflops"], k.get("matmul_attention_gflops", 0), k.get("amx_attention_gflops", 0))
+        c = next(((name, k[f"{name}_attention_gflops"]) for name in KERNELS if f"{name}_attention_gflops" in k), None)
+        best = max(k["attention_gflops"], k.get("matmul_attention_gflops", 0), c[1] if c else 0)
         lines.append(f"| {k['dtype']} | {k['rows']} × {k['tokens']:,} | {k['gemm_gflops']} | "
                      f"{k['attention_gflops']} | {k.get('matmul_attention_gflops', '–')} | "
-                     f"{k.get('amx_attention_gflops', '–')} | "
+                     f"{f'{c[1]} ({c[0]})' if c else '–'} | "
                      f"{best / k['gemm_gflops']:.2f} |")
     return "\n".join(lines) + "\n"
