@@ -25,7 +25,7 @@ flags = [f for f in ak.BUILDS[build][0] if f != "-O3"] + ["-O1", "-g", "-fsaniti
 subprocess.run(["gcc", *flags, "-o", so, str(ak.SOURCE), "-lm"], check=True)
 lib = ak._declare(ctypes.CDLL(so), build)
 assert lib.pc_amx_init() == 0, "Linux refused the AMX tile state"
-ak._library = lambda: (lib, "", build)
+ak._library = lambda: (lib, {}, build)
 print(f"the {build} build under AddressSanitizer")
 sdpa = torch.nn.functional.scaled_dot_product_attention
 rng = random.Random(0)

@@ -796,7 +796,7 @@ def test_amx_is_refused_where_it_cannot_run_and_auto_passes_it_by(tokenizer, mon
             ParallelComp(_wide_heads("llama", len(tokenizer)).to(torch.bfloat16), tokenizer,
                          ParallelCompConfig(attention_kernel=other))
     monkeypatch.setattr(attention_kernel, "_library", lambda: (
-        None, "amx: the CPU (x86_64) lacks amx_tile; avx512: the CPU (x86_64) lacks avx512_bf16", ""))
+        None, {"amx": "the CPU (x86_64) lacks amx_tile", "avx512": "the CPU (x86_64) lacks avx512_bf16"}, ""))
     bf16 = _wide_heads("llama", len(tokenizer)).to(torch.bfloat16)
     with pytest.raises(ConfigError, match="lacks amx_tile"):
         ParallelComp(bf16, tokenizer, ParallelCompConfig(attention_kernel="amx"))

@@ -51,6 +51,7 @@ Observer = Callable[[int, int, torch.Tensor], None]  # (row, layer, probabilitie
 Masks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a row's visible keys, hidden keys, additive mask
 SPLIT_KEYS = 2048  # fewest keys per range of a split one-token attention (docs/decode.md)
 CAUSAL_ROWS = 192  # packed query rows (G per position) per block of `_causal_matmul` (docs/hardware.md)
+CAUSAL_KERNELS = ("matmul", *attention_kernel.KERNELS)  # kernels with a causal mode: phase 1, the question step
 
 _lock = threading.Lock()
 _users = 0  # scopes currently relying on the registered name (registered while > 0)
@@ -142,7 +143,7 @@ def causal_kernel(model, kernel: str) -> Iterator[None]:
     `kernel`: `_causal_matmul` ("matmul") or attention_kernel.attend ("amx", "avx512"); every other call
     goes to transformers' sdpa function as before. Any other kernel ("sdpa", or the model's own
     backend) changes nothing."""
-    if kernel not in ("matmul", *attention_kernel.KERNELS):
+    if kernel not in CAUSAL_KERNELS:
         yield
         return
     if model.config._attn_implementation != "sdpa":

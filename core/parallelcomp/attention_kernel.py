@@ -99,10 +99,9 @@ def name() -> str:
 def unavailable_reason(build: str = "") -> str:
     """Why `available()` is False, or with `build` why that build does not run here ("" when it does)."""
     lib, why, loaded = _library()
-    if build and build != loaded:
-        return next((r.split(": ", 1)[1] for r in why.split("; ") if r.startswith(build + ": ")),
-                    f"this CPU runs the {loaded!r} build, the better one")
-    return "" if lib is not None else why
+    if build:
+        return "" if build == loaded else why.get(build, f"this CPU runs the {loaded!r} build, the better one")
+    return "" if lib is not None else "; ".join(f"{name}: {reason}" for name, reason in why.items())
 
 
 def linear_available() -> bool:
@@ -317,18 +316,18 @@ def _workspace(nbytes: int) -> int:
 
 
 @functools.cache
-def _library() -> tuple[ctypes.CDLL | None, str, str]:
+def _library() -> tuple[ctypes.CDLL | None, dict[str, str], str]:
     """The loaded library of the best build that runs here (or None), why each better build does
-    not run, and the loaded build's name ("" for none)."""
-    reasons = []
+    not run (by name), and the loaded build's name ("" for none)."""
+    reasons = {}
     for build, (flags, cpu) in BUILDS.items():
         lib, why = native.load(SOURCE, flags, cpu, f"{build} attention kernel")
         if lib is not None and lib.pc_amx_init() != 0:
             lib, why = None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
         if lib is not None:
-            return _declare(lib, build), "; ".join(reasons), build
-        reasons.append(f"{build}: {why}")
-    return None, "; ".join(reasons), ""
+            return _declare(lib, build), reasons, build
+        reasons[build] = why
+    return None, reasons, ""
 
 
 def _declare(lib: ctypes.CDLL, build: str = "amx") -> ctypes.CDLL:

@@ -387,7 +387,7 @@ class ParallelComp:
             cache = kvops.decode_cache(ctx.kv_parts + ([ctx.head.kv] if carried else []),
                                        extra_tokens=len(parts.question_ids) - carried + max_new_tokens)
             kernel = self.decode_kernel == decode_kernel.NAME
-            causal = self.attention_kernel if self.attention_kernel in ("matmul", *attention_kernel.KERNELS) else ""
+            causal = self.attention_kernel if self.attention_kernel in attention.CAUSAL_KERNELS else ""
             step = (calibrator.enter(scope, self.model, cache, ctx.reports, ctx.stats.prefix_tokens, kernel, causal)
                     if calibrator else None)  # attention calibration at the question step (§4)
             whole = decode_kernel.DecodeStep.for_model(self.model, cache) if kernel else None
