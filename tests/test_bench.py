@@ -332,6 +332,29 @@ def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatc
     assert "| disk | 256 | matmul | torch |" in prefill_scaling.table(rows)
 
 
+def test_prefill_scaling_repeats_keep_the_median_process_and_list_every_ratio():
+    """`prefill-scaling --repeats`: the row is the process whose prefill ÷ bound (at its own GEMM
+    rate) is the median, and the table lists each process's ratio in the order they ran."""
+    from benchmarks.prefill_scaling import median, table
+
+    def process(seconds, gflops, rss):
+        return {"length": 8192, "store": "memory", "batch_tokens": 4096, "attention_kernel": "avx512",
+                "layer_kernel": "c-avx512", "tokens_in": 7928, "n_chunks": 5, "prefill_seconds": seconds,
+                "flops": 2.0e12, "gemm_gflops": gflops, "bound_seconds": round(2.0e12 / (gflops * 1e9), 2),
+                "tokens_per_second": round(7928 / seconds, 1), "weights_mb": 257, "loaded_rss_mb": 700,
+                "peak_rss_mb": rss, "correct": True, "reused_prefill_seconds": 0.2, "load_before": 1.0,
+                "load_after": 1.5}
+
+    # ratios 6.0·400/2000 = 1.2, 6.6·400/2000 = 1.32, 5.5·420/2000 = 1.155: the median is the first
+    processes = [process(6.0, 400.0, 1200), process(6.6, 400.0, 1300), process(5.5, 420.0, 1250)]
+    row = median(processes)
+    assert row["prefill_seconds"] == 6.0 and row["peak_rss_mb"] == 1200
+    assert [r["ratio"] for r in row["runs"]] == [1.2, 1.32, 1.155]
+    assert "| 6.0 | 2.00 | 400.0 | 5.0 | 1.20× |" in table([row]) and "| 1.20× / 1.32× / 1.16× |" in table([row])
+    assert median(processes[:2])["prefill_seconds"] == 6.0  # even count: the lower middle
+    assert table([median(processes[:1])]).rstrip().endswith("| – |")  # one process: nothing to list
+
+
 def test_repeat_query_conversation_asks_each_question_after_the_earlier_turns(monkeypatch, tokenizer):
     """`repeat-query --conversation` on the tiny model: each layout's process asks every question
     after the earlier turns; only the history-after-documents layout reuses the chunks."""
