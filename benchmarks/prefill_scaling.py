@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
