@@ -109,11 +109,12 @@ def ratio(row: dict) -> float:
 
 def median(rows: list[dict]) -> dict:
     """The process whose `ratio` is the median of `rows` (the lower of the middle two for an even
-    count), with every process's prefill seconds, GEMM rate, ratio and load under "runs"."""
+    count), with every process's prefill seconds, GEMM rate, ratio, load and answer under "runs";
+    "correct" only where every process answered correctly."""
     chosen = sorted(rows, key=ratio)[(len(rows) - 1) // 2]
     runs = [{"prefill_seconds": r["prefill_seconds"], "gemm_gflops": r["gemm_gflops"], "ratio": round(ratio(r), 3),
-             "load_before": r["load_before"], "load_after": r["load_after"]} for r in rows]
-    return chosen | {"runs": runs}
+             "load_before": r["load_before"], "load_after": r["load_after"], "correct": r["correct"]} for r in rows]
+    return chosen | {"runs": runs, "correct": all(r["correct"] for r in rows)}
 
 
 def _cell(row: dict) -> tuple[int, str, int, str, str]:

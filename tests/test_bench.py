@@ -352,6 +352,8 @@ def test_prefill_scaling_repeats_keep_the_median_process_and_list_every_ratio():
     assert [r["ratio"] for r in row["runs"]] == [1.2, 1.32, 1.155]
     assert "| 6.0 | 2.00 | 400.0 | 5.0 | 1.20× |" in table([row]) and "| 1.20× / 1.32× / 1.16× |" in table([row])
     assert median(processes[:2])["prefill_seconds"] == 6.0  # even count: the lower middle
+    processes[2]["correct"] = False  # a wrong answer in any process marks the row
+    assert not median(processes)["correct"] and [r["correct"] for r in median(processes)["runs"]] == [True, True, False]
     assert table([median(processes[:1])]).rstrip().endswith("| – |")  # one process: nothing to list
 
 
