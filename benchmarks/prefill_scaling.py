@@ -16,7 +16,7 @@ phase 2 alone (after the peak RSS is read, so the peak is the cold question's).
 `--repeats N` runs each cell in N fresh processes, each against its own GEMM measurement: a
 shared host's load moves a single run by several per cent either way (docs/performance.md), so
 the row is the process with the median ratio to its bound, and the table lists every process's
-ratio beside it.
+ratio beside it. The cells of one length take turns, so a drift of the host meets them alike.
 
 Reported: prefill seconds, FLOPs of the work (`main_job.prefill_flops`), the bound (FLOPs ÷ GEMM
 rate) and the ratio, tokens/s, RSS after loading the model, peak RSS, the weights' bytes, and
@@ -81,8 +81,9 @@ def worker(spec: dict) -> dict:
 def run(lengths: list[int], stores: list[str], batch_tokens: list[int] | None, out: Path,
         kernels: list[str] = ("auto",), layers: list[str] = ("auto",), repeats: int = 1) -> Path:
     """Measure every (length, store, prefill_batch_tokens, attention_kernel, layer_kernel) in `repeats`
-    fresh processes (`median`); rows of other cells already in `out` are kept if they were measured
-    in the same dtype (one file never mixes dtypes)."""
+    fresh processes (`median`): the cells of one length take turns, in the opposite order each
+    round, so that the host's drift falls on them alike. Rows of other cells already in `out` are
+    kept if they were measured in the same dtype (one file never mixes dtypes)."""
     from parallelcomp import ParallelCompConfig
     from parallelcomp.default_model import embedded_model_dir
 
@@ -90,15 +91,21 @@ def run(lengths: list[int], stores: list[str], batch_tokens: list[int] | None, o
     batch_tokens = batch_tokens or [ParallelCompConfig().prefill_batch_tokens]
     previous = out / "results.json"
     rows = json.loads(previous.read_text())["rows"] if previous.exists() else []
-    for length, store, batch, kernel, layer in itertools.product(lengths, stores, batch_tokens, kernels, layers):
-        spec = {"model_dir": model_dir, "length": length, "store": store, "batch_tokens": batch, "kernel": kernel,
-                "layers": layer}
-        row = median([spawn("prefill_scaling", spec) for _ in range(repeats)])
-        rows = sorted([r for r in rows if _cell(r) != _cell(row) and r["dtype"] == row["dtype"]] + [row], key=_cell)
-        out.mkdir(parents=True, exist_ok=True)
-        results = {"machine": machine.describe(row["dtype"]), "config": CONFIG, "rows": rows}
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        (out / "results.md").write_text(table(rows))
+    for length in lengths:
+        specs = [{"model_dir": model_dir, "length": length, "store": store, "batch_tokens": batch, "kernel": kernel,
+                  "layers": layer}
+                 for store, batch, kernel, layer in itertools.product(stores, batch_tokens, kernels, layers)]
+        processes: list[list[dict]] = [[] for _ in specs]
+        for round_ in range(repeats):
+            for i in range(len(specs))[:: -1 if round_ % 2 else 1]:
+                processes[i].append(spawn("prefill_scaling", specs[i]))
+                row = median(processes[i])
+                rows = sorted([r for r in rows if _cell(r) != _cell(row) and r["dtype"] == row["dtype"]] + [row],
+                              key=_cell)
+                out.mkdir(parents=True, exist_ok=True)
+                results = {"machine": machine.describe(row["dtype"]), "config": CONFIG, "rows": rows}
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+                (out / "results.md").write_text(table(rows))
     return out / "results.md"
 
 

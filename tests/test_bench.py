@@ -357,6 +357,35 @@ def test_prefill_scaling_repeats_keep_the_median_process_and_list_every_ratio():
     assert table([median(processes[:1])]).rstrip().endswith("| – |")  # one process: nothing to list
 
 
+def test_prefill_scaling_repeats_take_turns_within_a_length(monkeypatch, tmp_path):
+    """`prefill-scaling --repeats 3` over two tiers: the tiers of one length alternate, in the
+    opposite order each round, and each row is its own tier's median process."""
+    from benchmarks import prefill_scaling
+    from parallelcomp import default_model
+
+    ran = []
+
+    def spawn(module, spec):
+        ran.append((spec["length"], spec["store"]))
+        seconds = 5.0 + len(ran)  # each process slower than the one before: a drifting host
+        return {"length": spec["length"], "store": spec["store"], "batch_tokens": spec["batch_tokens"],
+                "kernel": spec["kernel"], "layers": spec["layers"], "attention_kernel": "avx512",
+                "layer_kernel": "c-avx512", "tokens_in": spec["length"], "n_chunks": 1, "dtype": "torch.bfloat16",
+                "prefill_seconds": seconds, "flops": 2.0e12, "gemm_gflops": 400.0, "bound_seconds": 5.0,
+                "tokens_per_second": 1.0, "weights_mb": 1, "loaded_rss_mb": 1, "peak_rss_mb": 2, "correct": True,
+                "reused_prefill_seconds": 0.1, "load_before": 1.0, "load_after": 1.0}
+
+    monkeypatch.setattr(prefill_scaling, "spawn", spawn)
+    monkeypatch.setattr(default_model, "embedded_model_dir", lambda progress: tmp_path)
+    prefill_scaling.run([100, 200], ["memory", "disk"], [64], tmp_path, repeats=3)
+    assert ran == [(100, "memory"), (100, "disk"), (100, "disk"), (100, "memory"), (100, "memory"), (100, "disk"),
+                   (200, "memory"), (200, "disk"), (200, "disk"), (200, "memory"), (200, "memory"), (200, "disk")]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    # 100, memory ran 1st, 4th and 5th (6, 9 and 10 s): its median process is the 4th
+    assert {(r["length"], r["store"]): r["prefill_seconds"] for r in rows} == \
+        {(100, "memory"): 9.0, (100, "disk"): 8.0, (200, "memory"): 15.0, (200, "disk"): 14.0}
+
+
 def test_repeat_query_conversation_asks_each_question_after_the_earlier_turns(monkeypatch, tokenizer):
     """`repeat-query --conversation` on the tiny model: each layout's process asks every question
     after the earlier turns; only the history-after-documents layout reuses the chunks."""
