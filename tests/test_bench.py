@@ -303,12 +303,13 @@ def test_per_length_results_never_mix_dtypes(tmp_path):
 
 def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatch, tokenizer):
     """One `prefill-scaling` case in this process, on the tiny model: the FLOPs are those of the
-    chunks it prefilled, the disk tier keeps no KV in memory, the memory tier keeps it all."""
+    chunks it prefilled, the disk tier keeps no KV in memory, the memory tier keeps it all; the
+    bound uses the GEMM rate measured before the prefill, and the table shows the one after too."""
     import transformers
 
     from benchmarks import prefill_scaling
     from benchmarks.main_job import prefill_flops
-    from parallelcomp import ParallelComp
+    from parallelcomp import ParallelComp, hardware
 
     from .conftest import tiny_model
 
@@ -316,6 +317,8 @@ def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatc
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path: tokenizer)
     monkeypatch.setattr(ParallelComp, "from_pretrained",
                         classmethod(lambda cls, path, config: cls(tiny_model("llama", len(tokenizer)), tokenizer, config)))
+    probes = iter([400.0, 380.0, 410.0, 390.0])  # before and after each process's prefill
+    monkeypatch.setattr(hardware, "measure_gflops", lambda *args, **kwargs: next(probes))
     rows = [prefill_scaling.worker({"model_dir": "tiny", "length": 600, "store": s, "batch_tokens": 256,
                                     "kernel": kernel, "layers": layers})
             for s, kernel, layers in (("memory", "auto", "auto"), ("disk", "matmul", "torch"))]
@@ -325,7 +328,9 @@ def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatc
     assert memory["n_chunks"] == disk["n_chunks"] > 1 and memory["flops"] == disk["flops"] > 0
     assert disk["store_bytes"] == 0 < memory["store_bytes"]
     assert memory["reused_chunks"] == disk["reused_chunks"] == memory["n_chunks"]  # the 2nd question is phase 2 only
-    assert memory["bound_seconds"] == round(memory["flops"] / (memory["gemm_gflops"] * 1e9), 2)
+    assert (memory["gemm_gflops"], memory["gemm_gflops_after"], disk["gemm_gflops"]) == (400.0, 380.0, 410.0)
+    assert memory["bound_seconds"] == round(memory["flops"] / (400.0 * 1e9), 2)
+    assert f"| 400.0 → 380.0 | {memory['bound_seconds']} |" in prefill_scaling.table(rows)
     cfg = tiny_model("llama", len(tokenizer)).config.to_dict()
     assert memory["flops"] > prefill_flops(cfg, 0, 0, [128] * (memory["n_chunks"] - 1))  # every chunk counted
     assert "| memory | 256 | sdpa | torch |" in prefill_scaling.table(rows)
