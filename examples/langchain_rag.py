@@ -66,7 +66,10 @@ def main() -> None:
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--model", default=None, help="local HF model directory (default: embedded SmolLM2-135M)")
     parser.add_argument("--chunk-tokens", type=int, default=2048)
-    parser.add_argument("--keep", type=int, default=3, help="chunks kept after scoring (K)")
+    # K=1, as `make ask`'s retrieval preset: the embedded 135M model answers best from one chunk. On
+    # 2026-12-06 (bf16) it kept Apache-2.0's first chunk either way and answered 'the "Notices.txt"
+    # file' with K=1 (the licence says a "NOTICE" text file), "a copyleft license" with K=3.
+    parser.add_argument("--keep", type=int, default=1, help="chunks kept after scoring (K)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
 
