@@ -152,7 +152,7 @@ def table(rows: list[dict]) -> str:
 
 
 def _after(row: dict) -> str:
-    """" → " and the GEMM rate measured after the prefill ("" for rows measured before it was)."""
+    """The GEMM cell's " → rate after the prefill" ("" for rows measured before it was)."""
     return f" → {row['gemm_gflops_after']}" if row.get("gemm_gflops_after") else ""
 
 
