@@ -210,6 +210,28 @@ def test_workers_run_this_checkout_with_the_drivers_model(ray_engines):
         ours.worker_handle("worker-9")
 
 
+def test_workers_attend_as_the_driver_decided_and_a_mismatch_names_what_differs(local_ray, model_dir, monkeypatch):
+    """"auto" attention can fall back to "matmul" or "fused" by a rate each process measures
+    (hardware.matmul_attention); a busy machine with an empty cache once tipped a worker the other
+    way than the driver, and from_pretrained failed. Here the driver's measurement says the
+    opposite of the workers' own: they attend as the driver does. A worker whose model identity
+    differs all the same is refused with the fields that differ."""
+    from parallelcomp import hardware
+    from parallelcomp.distributed import RayParallelComp
+
+    real = hardware.matmul_attention
+    monkeypatch.setattr(hardware, "matmul_attention", lambda device, dtype: not real(device, dtype))
+    with RayParallelComp.from_pretrained(model_dir, num_workers=2, worker_threads=1, dtype="float32") as pc:
+        assert pc.attention_kernel == "matmul"  # fp32: the workers' own measurement says "fused"
+        infos = ray.get([pc.worker_handle(name).describe.remote() for name in pc.workers])
+        assert [info["fields"]["attn_implementation"] for info in infos] == ["matmul", "matmul"]
+        fields, _ = pc._model_identity()
+        pc._identity = ({**fields, "dtype": "torch.bfloat16"}, "another digest")
+        with pytest.raises(ConfigError, match=r"worker-\d loaded the model with another dtype than this process "
+                                              r"\(dtype 'torch.float32' there, 'torch.bfloat16' here\)"):
+            pc._check_workers()
+
+
 @needs_kernel
 def test_a_bf16_worker_runs_its_calls_on_the_layer_kernels(saved_models, monkeypatch):
     """A worker (the class a Ray actor wraps, here in this process) holds the layer kernels around

@@ -126,17 +126,20 @@ class RayParallelComp(ParallelComp):
                 raise ConfigError(f"could not join the Ray cluster at address={address!r}: {err}") from err
         per_worker = {"CPU": worker_threads, **({"GPU": 1} if device.type == "cuda" else {})}
         _check_resources(ray, num_workers, per_worker)
-        worker_config = config
+        driver = ParallelComp.from_pretrained(path, config, device, dtype, threads)
+        # Every replica attends as the driver does: "auto" can fall back to "matmul" or "fused" by
+        # a rate each process measures (hardware.matmul_attention), which a busy machine with an
+        # empty cache can tip either way in different processes, and the KV would not match.
+        worker_config = config.replace(attention_kernel=_as_setting(driver.attention_kernel))
         if config.kv_store_bytes is None:
-            worker_config = config.replace(kv_store_bytes=psutil.virtual_memory().total // 3 // num_workers)
+            worker_config = worker_config.replace(kv_store_bytes=psutil.virtual_memory().total // 3 // num_workers)
         actor = ray.remote(ChunkWorker).options(
             num_cpus=worker_threads, num_gpus=1 if device.type == "cuda" else 0, max_restarts=0
         )
         dtype_name = str(dtype).removeprefix("torch.")
         workers = {f"worker-{i}": actor.remote(path, worker_config, device.type, dtype_name, worker_threads)
                    for i in range(num_workers)}
-        try:  # the driver's replica loads while the workers load theirs
-            driver = ParallelComp.from_pretrained(path, config, device, dtype, threads)
+        try:
             return cls(driver.model, driver.tokenizer, config, workers, timeout_s, per_worker)
         except BaseException:
             for handle in workers.values():
@@ -184,17 +187,20 @@ class RayParallelComp(ParallelComp):
     def _check_workers(self) -> None:
         """Every worker loaded the same model identity as the driver (store.model_identity), so
         the KV it sends is exactly what the driver's model would have computed."""
-        mine = self._model_identity()[1]
+        mine, digest = self._model_identity()
         calls = {handle.describe.remote(): (name, []) for name, handle in self._workers.items()}
         errors = []
         for (name, _), info in self._gather(calls, SpreadStats()):
             if isinstance(info, _Lost):
                 errors.append(f"{name}: {info.error}")
-            elif info["identity"] != mine:
-                msg = (f"{name} loaded the model with another config, weights, dtype, device type or attention "
-                       "implementation than this process; give from_pretrained an explicit device= and dtype=, "
-                       "and the same model files on every node")
-                raise ConfigError(msg)
+            elif info["identity"] != digest:
+                theirs = info["fields"]
+                differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+                what = "; ".join(f"{k} {str(theirs.get(k))[:60]!r} there, {str(mine.get(k))[:60]!r} here"
+                                 for k in differ)
+                raise ConfigError(f"{name} loaded the model with another {', '.join(differ)} than this process "
+                                  f"({what}); give from_pretrained an explicit device= and dtype=, and the same "
+                                  "model files on every node")
         if errors:
             raise DistributedError("a worker could not load the model: " + "; ".join(errors))
 
@@ -368,6 +374,13 @@ def _check_timeout(timeout_s) -> float:
     if isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and 0 < timeout_s <= MAX_TIMEOUT_S:
         return float(timeout_s)
     raise ConfigError(f"timeout_s must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:,}, got {timeout_s!r}")
+
+
+def _as_setting(kernel: str) -> str:
+    """The ParallelCompConfig.attention_kernel that makes another replica attend as an engine
+    whose `attention_kernel` is `kernel`: the kernel's own name, "fused" for torch's sdpa and for
+    a model's own backend (which every setting but the kernels' keeps)."""
+    return kernel if kernel in ("matmul", "amx", "avx512") else "fused"
 
 
 def _check_address(address, connect: bool) -> None:

@@ -49,7 +49,8 @@ class ChunkWorker:
         """What the driver checks before it trusts this worker's KV (same model identity)."""
         import parallelcomp
 
-        return {"identity": self.engine._model_identity()[1], "threads": torch.get_num_threads(),
+        fields, digest = self.engine._model_identity()
+        return {"identity": digest, "fields": fields, "threads": torch.get_num_threads(),
                 "package": parallelcomp.__file__, "pid": os.getpid()}
 
     def fill(self, config: ParallelCompConfig, prefix_ids: list[int], chunks: list[Chunk],
