@@ -10,7 +10,7 @@ import torch
 
 from parallelcomp import attention
 from parallelcomp.chunking import Chunk
-from parallelcomp.prefill import encode_chunks, encode_prefix, question_nll
+from parallelcomp.prefill import Head, encode_chunks, encode_prefix, question_nll
 from parallelcomp.prompts import build_prompt
 
 from .conftest import tiny_model
@@ -170,9 +170,9 @@ def test_first_token_seconds_time_the_question_step(make_engine, monkeypatch):
     monkeypatch.setattr(decode, "forward", slow_question)
     pc = make_engine("llama", keep_chunks=1)
     out = pc.generate("Where?", documents=[text(4, 30)], max_new_tokens=4)
-    # one kept chunk: the question step runs the suffix after the head phase 2 ran behind that chunk
+    # one kept chunk: the question step runs the suffix after what phase 2 ran behind that chunk
     assert calls[0] == out.stats.question_tokens - out.stats.step_head_tokens and out.stats.new_tokens > 1
-    assert out.stats.step_head_tokens == out.stats.question_scored[0] > 0
+    assert out.stats.step_head_tokens == out.stats.question_scored[1] - 1 > 0  # all phase 2 ran behind the chunk
     assert 0.2 <= out.stats.first_token_seconds < out.stats.decode_seconds
 
 
@@ -202,20 +202,26 @@ def test_phase2_runs_the_question_only_before_its_last_scored_token(make_engine,
 
 def test_documents_open_the_chats_first_user_turn_and_later_turns_follow_them(tokenizer):
     """With a history, prefix + documents + suffix is the chat template's own rendering of the
-    chat with the documents in its first user turn; the prefix is that of the first turn. Without
-    history_after_documents, the documents are in the question's turn, after the history."""
+    chat with the documents in its first user turn, and the question as a plain user turn, as the
+    next turn's history renders it: that turn's suffix begins with this one's up to the question's
+    end. The prefix is that of the first turn. Without history_after_documents, the documents are
+    in the question's turn, after the history."""
     system = {"role": "system", "content": "Be brief."}
     turns = [{"role": "user", "content": "Who wrote it?"}, {"role": "assistant", "content": "Ann."}]
     parts = build_prompt(tokenizer, "Read.", "Who wrote it?", True, True, [system, *turns])
     docs = text(3, 30)
     rendered = tokenizer.apply_chat_template(
         [system, {"role": "user", "content": f"Read.\n\n{docs}\n\nQuestion: Who wrote it?"}, turns[1],
-         {"role": "user", "content": "Question: Who wrote it?"}], tokenize=False, add_generation_prompt=True)
+         {"role": "user", "content": "Who wrote it?"}], tokenize=False, add_generation_prompt=True)
     head, rest = rendered.split(docs)
     assert (parts.prefix_ids, parts.question_ids) == (ids_of(tokenizer, head), ids_of(tokenizer, rest))
     assert tokenizer.decode(parts.question_ids[parts.scored("question")]).strip() == "Who wrote it?"
     assert parts.scored("question").stop == len(ids_of(tokenizer, rest.rsplit("Who wrote it?", 1)[0] + "Who wrote it?"))
     assert parts.prefix_ids == build_prompt(tokenizer, "Read.", "Who wrote it?", True, True, [system]).prefix_ids
+    asked = [{"role": "user", "content": "Who wrote it?"}, {"role": "assistant", "content": "Ann, in 1990."}]
+    later = build_prompt(tokenizer, "Read.", "When?", True, True, [system, *turns, *asked])
+    end = parts.scored("question").stop
+    assert later.question_ids[:end] == parts.question_ids[:end] and later.prefix_ids == parts.prefix_ids
     before = build_prompt(tokenizer, "Read.", "Who wrote it?", True, True, [system, *turns], history_after_documents=False)
     rendered = tokenizer.apply_chat_template(
         [system, *turns, {"role": "user", "content": f"Read.\n\n{docs}\n\nQuestion: Who wrote it?"}], tokenize=False,
@@ -225,10 +231,11 @@ def test_documents_open_the_chats_first_user_turn_and_later_turns_follow_them(to
 
 
 def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer, kernel, monkeypatch):
-    """The question head (the template before the question text) kept from one question's phase 2
-    is the head's KV of one forward over prefix + chunk + head, and a second question that reads it
-    runs only its own tokens yet gets the one-forward NLL; so does a third that reads the start of
-    it (Head.cut)."""
+    """Phase 2 leaves with each chunk the KV of every question token it ran, up to the last scored
+    one, equal to one forward over prefix + chunk + those tokens, and the log-probabilities of the
+    first question token after the head. A second question with the same head
+    reads that head (`Head.cut`, as store.head gives it) and runs only its own tokens, yet gets
+    the one-forward NLL; so does a conversation's next turn, which reads the start of it."""
     model = tiny_model(family, len(tokenizer))
     name = {"fused": "sdpa", "matmul": "matmul"}[kernel[0]]
     first = build_prompt(tokenizer, "Read.", "What is seven?", True, restate_instruction=True)
@@ -241,24 +248,39 @@ def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer,
     encoded = encode_chunks(model, first.prefix_ids, chunks, name)
     widths = record_widths(monkeypatch)
     p = len(first.prefix_ids)
+
+    def check_kept(parts, ran: int) -> None:
+        """Each chunk's head: the KV of one forward over its first `ran` question tokens, and the
+        log-probabilities after the first `head` of them."""
+        for enc in encoded:
+            logits, ref_kv = single_prompt_forward(model, parts.prefix_ids + enc.chunk.token_ids + parts.question_ids)
+            at = p + enc.length
+            assert enc.head.length == ran
+            for (k, v), (rk, rv) in zip(enc.head.kv, ref_kv):
+                torch.testing.assert_close(k, rk[:, :, at : at + ran], atol=2e-5, rtol=1e-4)
+                torch.testing.assert_close(v, rv[:, :, at : at + ran], atol=2e-5, rtol=1e-4)
+            assert list(enc.head.logprobs) == [head]  # the first question token's
+            torch.testing.assert_close(enc.head.logprobs[head], torch.log_softmax(logits[at + head - 1], dim=-1),
+                                       atol=2e-5, rtol=1e-4)
+
     for parts in (first, second):
         scored = parts.scored("question")
         nll = question_nll(model, prefix, encoded, parts.question_ids, scored, kernel=name, head=head)
         for enc, row in zip(encoded, nll):
             ref = ref_question_nll(model, parts.prefix_ids, enc.chunk.token_ids, parts.question_ids)[scored]
             torch.testing.assert_close(row, ref, atol=2e-5, rtol=1e-4)
+        check_kept(parts, scored.stop - 1)
+        for enc in encoded:
+            enc.head = enc.head.cut(head)  # what the store gives a question with this head
     assert widths == [first.scored("question").stop - 1, second.scored("question").stop - 1 - head]
-    for enc in encoded:
-        _, ref_kv = single_prompt_forward(model, first.prefix_ids + enc.chunk.token_ids + first.question_ids[:head])
-        at = p + enc.length
-        for (k, v), (rk, rv) in zip(enc.head.kv, ref_kv):
-            torch.testing.assert_close(k, rk[:, :, at:], atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(v, rv[:, :, at:], atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="every row"):  # rows that mix carried and missing heads
         question_nll(model, prefix, [encoded[0], replace(encoded[1], head=None)], second.question_ids,
                      second.scored("question"), head=head)
+    with pytest.raises(ValueError, match="every row"):  # a whole head without the next token's log-probabilities
+        question_nll(model, prefix, [replace(e, head=Head(e.head.kv, {})) for e in encoded], second.question_ids,
+                     second.scored("question"), head=head)
     # a conversation's next turn: its head (the earlier turns, after the chunk) begins with the last
-    # one's; the rows carry that start cut short, run the rest, and keep their whole new head
+    # one's; the rows carry that start cut short, run the rest, and keep all they ran
     third = build_prompt(tokenizer, "Read.", "Where is the copper garden?", True, True,
                          [{"role": "user", "content": "What is seven?"}, {"role": "assistant", "content": "Seven."}],
                          restate_instruction=True)
@@ -272,11 +294,8 @@ def test_a_carried_question_head_gives_the_single_forward_nll(family, tokenizer,
     for enc, row in zip(encoded, nll):
         ref = ref_question_nll(model, third.prefix_ids, enc.chunk.token_ids, third.question_ids)[scored]
         torch.testing.assert_close(row, ref, atol=2e-5, rtol=1e-4)
-        _, ref_kv = single_prompt_forward(model, third.prefix_ids + enc.chunk.token_ids + third.question_ids[:longer])
-        assert enc.head.length == longer and enc.head.last_logprobs is not None
-        for (k, v), (rk, rv) in zip(enc.head.kv, ref_kv):
-            torch.testing.assert_close(k, rk[:, :, p + enc.length:], atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(v, rv[:, :, p + enc.length:], atol=2e-5, rtol=1e-4)
+    head = longer
+    check_kept(third, scored.stop - 1)
 
 
 def test_kv_bytes_are_real_tensor_sizes(make_engine):

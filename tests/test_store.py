@@ -208,13 +208,15 @@ def test_every_turn_of_a_conversation_over_one_corpus_reuses_its_chunks_and_answ
     until 2026-12-06) every turn encodes them again."""
     pc = engine(tokenizer, family, history_after_documents=after)
     cold = engine(tokenizer, family, model=pc.model, kv_store_bytes=0, history_after_documents=after)
-    history = [{"role": "system", "content": "Answer from the documents."}]
+    history, ran = [{"role": "system", "content": "Answer from the documents."}], 0
     for turn, question in enumerate([QUESTION, "Which stone is purple?", QUESTION]):
         out = pc.generate(question, documents=DOCS, history=history, max_new_tokens=6)
         outputs_equal(out, cold.generate(question, documents=DOCS, history=history, max_new_tokens=6))
         assert (out.stats.reused_chunks, out.stats.encoded_chunks) == ((5, 0) if turn and after else (0, 5))
-        # from the 2nd turn on each chunk runs from where its last head and this one part (store.head)
-        assert (0 < out.stats.reused_head_tokens < 5 * out.stats.question_scored[0]) == bool(turn and after)
+        # from the 2nd turn on each chunk carries all the last turn's phase 2 ran, up to its question's
+        # last token (this turn's suffix begins with the last one's: prompts.build_prompt, store.head)
+        assert out.stats.reused_head_tokens == (5 * (ran - 1) if turn and after else 0)
+        ran = out.stats.question_scored[1]
         # and each turn's head replaces the last turn's, which it begins with (store.keep_head)
         assert [len(entry.heads) for entry in pc.store._lru.values()] == [1] * (5 if after else 5 * (turn + 1))
         if not turn:
@@ -277,9 +279,10 @@ def test_a_call_that_needs_more_than_the_reserve_gets_shorter_chunks_instead_of_
 def test_the_question_step_after_the_kept_chunks_head_equals_running_the_whole_suffix(family, tokenizer,
                                                                                      monkeypatch):
     """With one kept chunk the question step attends to what that chunk's phase 2 attended to, at
-    the same positions, so it starts after the question head phase 2 ran (a conversation's
-    earlier turns): the answer is the one the whole suffix gives, token for token, and the step
-    runs only the question and the template after it."""
+    the same positions, so it starts after the question tokens phase 2 ran (a conversation's
+    earlier turns and the question up to its last token): the answer is the one the whole suffix
+    gives, token for token, and the step runs only the question's last token and the template
+    after it."""
     from dataclasses import replace
 
     history = [{"role": "system", "content": "Answer from the documents."}, {"role": "user", "content": QUESTION},
@@ -287,7 +290,8 @@ def test_the_question_step_after_the_kept_chunks_head_equals_running_the_whole_s
     pc = engine(tokenizer, family, keep_chunks=1)
     ask = dict(documents=DOCS, history=history, max_new_tokens=10)
     out = pc.generate("Which stone is purple?", **ask)
-    assert out.stats.step_head_tokens == out.stats.question_scored[0] > 40
+    first, end = out.stats.question_scored
+    assert out.stats.step_head_tokens == end - 1 and first > 40 and end - first > 1
     real = ParallelComp.score_chunks
     monkeypatch.setattr(ParallelComp, "score_chunks", lambda self, *a, **kw: replace(real(self, *a, **kw), head=None))
     whole = engine(tokenizer, family, model=pc.model, keep_chunks=1).generate("Which stone is purple?", **ask)
@@ -297,37 +301,53 @@ def test_the_question_step_after_the_kept_chunks_head_equals_running_the_whole_s
     assert three.stats.step_head_tokens == 0  # several kept chunks: the question attends to them all
 
 
-def test_a_conversations_next_head_replaces_its_last_and_another_templates_stays():
-    """store.keep_head: a head whose first half or more the new head begins with (the last turn's,
-    up to its question label) is replaced; a head that shares a shorter start (another template's)
-    stays, and each is served whole when asked again, the replaced one from the common start."""
-    def head(n):
-        return Head([(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2))], torch.zeros(3))
+def test_a_head_replaces_those_it_begins_with_up_to_their_question_and_another_templates_stays():
+    """store.keep_head takes the question tokens phase 2 ran, with the log-probabilities after the
+    template's head (where the question starts). A held head whose ids up to its question the new
+    one begins with (the last question with that template, a conversation's last turn, which the
+    next turn's suffix repeats) is replaced; one that parts from it sooner (another template's)
+    stays. store.head serves a question head whole, with the log-probabilities after it, from a
+    held head that begins with it and knows them; else the longest start it shares, short of its
+    last id."""
+    def head(ids, at):
+        return Head([(torch.zeros(1, 1, len(ids), 2),) * 2], {at: torch.full((3,), float(at))})
     chunks, report = store.ChunkStore(1 << 20), ReuseStats()
     chunks.put("c", store.Entry([(torch.zeros(1, 1, 4, 2),) * 2], torch.zeros(3), 0.0), {}, [], [], report)
-    label, restated, turn2 = (7, 8, 9), (7, 5, 6, 8, 9), (7, 8, 3, 3, 4, 4, 8, 9)  # turn 2: q1 plain, then label
-    for ids in (label, restated, turn2):
-        chunks.keep_head("c", list(ids), head(len(ids)), report)
+    first = (7, 8, 3, 3)  # the template's head (7, 8), then the question up to its last token
+    restated = (7, 5, 6, 8, 3, 3)  # another template's head (7, 5, 6, 8), the same question
+    second = (7, 8, 4, 4, 4)  # the first template again, another question
+    turn2 = (7, 8, 4, 4, 4, 9, 1, 2, 2, 1, 0, 5)  # a conversation on: that question, its answer, the next
+    for ids, at in ((first, 2), (restated, 4)):
+        chunks.keep_head("c", list(ids), head(ids, at), report)
     entry = chunks._lru["c"]
-    assert list(entry.heads) == [restated, turn2]  # `label` shares 2 of its 3 ids with turn 2's head
-    assert chunks.bytes_held == entry.nbytes
-    assert chunks.head("c", list(restated)) is entry.heads[restated]
-    carried = chunks.head("c", list(label))
-    assert carried.length == 2 and carried.last_logprobs is None  # run from its question label's last id
+    assert list(entry.heads) == [first, restated]
+    chunks.keep_head("c", list(second), head(second, 2), report)
+    assert list(entry.heads) == [restated, second]  # `first` parted from it only after (7, 8)
+    chunks.keep_head("c", list(turn2), head(turn2, 11), report)
+    assert list(entry.heads) == [restated, turn2] and chunks.bytes_held == entry.nbytes
+    whole = chunks.head("c", [7, 5, 6, 8])  # the other template's head, asked with a new question
+    assert whole.length == 4 and whole.last_logprobs.tolist() == [4.0] * 3
+    again = chunks.head("c", list(turn2[:11]))  # turn 2's head: whole, with the first question token's
+    assert again.length == 11 and again.last_logprobs.tolist() == [11.0] * 3
+    turn3 = chunks.head("c", list(turn2 + (6, 1, 2, 2, 1, 0)))  # the next turn runs from turn 2's last token
+    assert turn3.length == 12 and turn3.last_logprobs is None
+    label = chunks.head("c", [7, 8])  # held only inside turn 2, without the log-probabilities after it
+    assert label.length == 1 and label.last_logprobs is None
 
 
 def test_the_lru_evicts_least_recently_used_chunks_within_its_budget(tokenizer):
     probe = engine(tokenizer)
     keys = probe.encode(DOCS).keys
+    plain = max(probe.store.bytes_of(k) for k in keys)  # a chunk's KV and the log-probabilities after it
     probe.generate(QUESTION, documents=DOCS, max_new_tokens=1)
-    one_chunk = max(probe.store.bytes_of(k) for k in keys)  # its KV, and the question head kept with it
+    one_chunk = max(probe.store.bytes_of(k) for k in keys)  # and the question tokens phase 2 kept with it
     pc = engine(tokenizer, model=probe.model, kv_store_bytes=int(2.5 * one_chunk))
     out = pc.generate(QUESTION, documents=DOCS, max_new_tokens=4)
     assert out.stats.store_evicted == 3 and out.stats.store_bytes <= 2.5 * one_chunk
     again = pc.generate(QUESTION, documents=DOCS, max_new_tokens=4)
     assert again.stats.reused_chunks < 5
     outputs_equal(again, out)
-    small = engine(tokenizer, model=probe.model, kv_store_bytes=int(2.5 * one_chunk))
+    small = engine(tokenizer, model=probe.model, kv_store_bytes=int(2.5 * plain))
     corpus = small.encode(DOCS)  # encode reports what its own filling evicted
     assert corpus.encoded_chunks == 5 and 0 < corpus.encoding.store_evicted == 5 - len(small.store._lru)
 

@@ -375,7 +375,7 @@ class ParallelComp:
             if guard.cancelled():  # cancelled while queued for the lock: do no work
                 return
             calibrator = calibration.Calibrator.for_run(self.config, self.num_layers, len(parts.question_ids))
-            held = self.store.bytes_held
+            held = self.store.chunk_bytes
             ctx = self._prefill(parts, corpus, reserve=max_new_tokens, progress=progress)
             start = time.perf_counter()
             assembler = TextAssembler(self.tokenizer, stops)
@@ -418,8 +418,9 @@ class ParallelComp:
             ctx.stats.finish_reason = "length" if len(assembler.ids) == max_new_tokens and not assembler.stopped else "stop"
             ctx.stats.decode_seconds = time.perf_counter() - start
             self.write_behind(ctx.stats)
-            if not ctx.stats.encoded_chunks and not ctx.stats.store_evicted and self.store.bytes_held == held:
-                self._lock.keep_heap()  # a question over the memory tier as it was: its freed pages serve the next
+            if not ctx.stats.encoded_chunks and not ctx.stats.store_evicted and self.store.chunk_bytes == held:
+                self._lock.keep_heap()  # a question over the tier's chunks as they were (its question heads
+                # replace the last question's): its freed pages serve the next
             result.output = GenerationOutput(assembler.text, ctx.reports, ctx.stats, list(assembler.ids))
 
     def write_behind(self, stats: ReuseStats) -> None:
@@ -558,12 +559,13 @@ class ParallelComp:
         instruction, a conversation's earlier turns), which every question with that head shares.
         A chunk runs from the first head token the memory tier does not hold for it (the first
         scored token when it holds the whole head; store.head), in one forward per such start,
-        and leaves its whole head with it in the store. Returns the (len(group), n) NLL in group
-        order."""
+        and leaves with it in the store every question token that forward ran or carried, up to
+        the last scored one: the next turn of a conversation begins with them. Returns the
+        (len(group), n) NLL in group order."""
         head, end, _ = scored.indices(len(parts.question_ids))
         if not head:
             return question_nll(self.model, prefix, group, parts.question_ids, scored, None, self.attention_kernel)
-        head_ids = parts.question_ids[:head]
+        head_ids, ran_ids = parts.question_ids[:head], parts.question_ids[: end - 1]
         for e in group:
             e.head = self.store.head(keys[e.chunk.index], head_ids)
         starts = [0 if e.head is None else e.head.length for e in group]
@@ -573,8 +575,8 @@ class ParallelComp:
             nll[rows] = question_nll(self.model, prefix, [group[i] for i in rows], parts.question_ids, scored,
                                      None, self.attention_kernel, head)
         for i, start in enumerate(starts):
-            if start < head:
-                self.store.keep_head(keys[group[i].chunk.index], head_ids, group[i].head, report)
+            if start < len(ran_ids):
+                self.store.keep_head(keys[group[i].chunk.index], ran_ids, group[i].head, report)
         report.reused_head_tokens += sum(starts)
         return nll
 

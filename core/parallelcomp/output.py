@@ -60,8 +60,9 @@ class ReuseStats:
     store_disk_documents: int = 0
     """Of the reused documents, those whose chunking was read from the disk tier (an earlier process's)."""
     reused_head_tokens: int = 0
-    """Question-head tokens (the suffix before the question text, prefill.Head) whose KV behind a
-    chunk came from the memory tier, summed over chunks: phase 2 did not run them."""
+    """Question-suffix tokens before the question text (the template's, a conversation's earlier
+    turns; prefill.Head) whose KV behind a chunk came from the memory tier, summed over chunks:
+    phase 2 did not run them."""
     store_disk_hits: int = 0
     """Of the reused chunks, those read from the disk tier."""
     store_rejected: dict[str, int] = field(default_factory=dict)
@@ -162,8 +163,8 @@ class RunStats(SpreadStats, ReuseStats):
     model on the C kernels); the others ran through the model's modules."""
     step_head_tokens: int = 0
     """Question-suffix tokens the question step did not run: with one kept chunk, uncompressed and
-    no calibration, their KV is the question head phase 2 ran behind that chunk at the same
-    positions (a conversation's earlier turns, the template's "Question:")."""
+    no calibration, their KV is what phase 2 ran behind that chunk at the same positions (a
+    conversation's earlier turns, the template's "Question:", the question up to its last token)."""
     threads: int = 0
     """torch intra-op threads the run used."""
     chunk_seconds: float = 0.0

@@ -51,28 +51,36 @@ class EncodedChunk:
 
 @dataclass
 class Head:
-    """The first question tokens that do not depend on the question (e.g. the template's
-    "\n\nQuestion:") behind one chunk: their KV, at the positions right after the chunk, and the
-    log-probabilities of the token after them. They depend only on the prefix, the chunk and the
-    head's ids, so a later question with the same head reads them instead of running the head,
-    and one whose head begins with the same ids (a conversation's next turn) reads that start."""
+    """Question tokens behind one chunk that phase 2 ran: the template's "\n\nQuestion:", a
+    conversation's earlier turns and the question text up to its last token. Their KV, at the
+    positions right after the chunk, and the log-probabilities of the first question token after
+    the tokens before it (`logprobs`, by that count: the end of the head, where phase 2 computed or
+    carried them). They depend only on the prefix, the chunk and the ids, so a later question
+    whose suffix begins with the same ids reads them instead of running them: a question with the
+    same template head reads the head and the log-probabilities after it, a conversation's next
+    turn the whole last turn up to its question's last token."""
 
     kv: list[kvops.LayerKV]
-    last_logprobs: torch.Tensor | None
-    """None for a head `cut` short: the token after its last one is not known."""
+    logprobs: dict[int, torch.Tensor]
+    """(V,) log-probabilities of the token after the first n tokens, by n."""
 
     @property
     def length(self) -> int:
         return kvops.n_tokens(self.kv)
 
     @property
+    def last_logprobs(self) -> torch.Tensor | None:
+        """The next token's log-probabilities after the whole head, or None where not known."""
+        return self.logprobs.get(self.length)
+
+    @property
     def nbytes(self) -> int:
-        logprobs = self.last_logprobs
-        return kvops.n_bytes(self.kv) + (0 if logprobs is None else logprobs.numel() * logprobs.element_size())
+        return kvops.n_bytes(self.kv) + sum(t.numel() * t.element_size() for t in self.logprobs.values())
 
     def cut(self, n: int) -> Head:
-        """The head's first `n` tokens (a view of its KV)."""
-        return Head([(k[:, :, :n], v[:, :, :n]) for k, v in self.kv], None)
+        """The head's first `n` tokens (a view of its KV), with the next token's log-probabilities where known."""
+        return Head([(k[:, :, :n], v[:, :, :n]) for k, v in self.kv],
+                    {n: self.logprobs[n]} if n in self.logprobs else {})
 
 
 def micro_batches(chunks: list[Chunk], budget_tokens: int) -> Iterator[list[Chunk]]:
@@ -164,19 +172,23 @@ def question_nll(
     the last one `observe` needs) go through the model. `observe(row, layer, probs)` receives the
     question's attention (e.g. for KV compression). `kernel`: the attention kernel (ParallelComp.attention_kernel).
 
-    `head`: how many leading question tokens are the question-independent head (`Head`; the first
-    scored token must follow it, and no `observe`). The rows carry the same number of head
-    tokens, all of it, its start (`Head.cut`) or none. The model runs from the first token they
-    do not carry, behind [prefix ‖ chunk ‖ carried head]; short of the whole head, each row's
-    `head` becomes the whole head from this forward, for the caller to keep.
+    `head`: how many leading question tokens are the question-independent head (the first scored
+    token must follow it, and no `observe`). The rows carry the same number of leading question
+    tokens in their `Head`, at most the head: all of it (with its last token's log-probabilities),
+    a start of it (`Head.cut`) or none. The model runs from the first token they do not carry,
+    behind [prefix ‖ chunk ‖ carried tokens], and each row's `head` becomes every token phase 2
+    ran or carried (the question up to its last scored token) with the log-probabilities of the
+    first scored one, for the caller to keep.
     """
     device, p = model.device, kvops.n_tokens(prefix)
     first, end, _ = scored.indices(len(question_ids))
     if head and (first != head or observe is not None):
         raise ValueError("a question head must end where the scored tokens start, without an observer")
     carried = {0 if e.head is None else e.head.length for e in encoded}
-    if len(carried) != 1 or max(carried) > head:
-        raise ValueError("every row must carry the same number of question-head tokens, at most the head")
+    if len(carried) != 1 or max(carried) > head or (head and head in carried and
+                                                    any(e.head.last_logprobs is None for e in encoded)):
+        raise ValueError("every row must carry the same number of question-head tokens, at most the head, "
+                         "and the whole head with its last token's log-probabilities")
     skip = carried.pop()  # question tokens read from each row's head
     # The last scored token's own logits predict nothing scored: the model runs the tokens before
     # it. Compression may observe any question row, so it runs them all.
@@ -188,7 +200,7 @@ def question_nll(
     # logits predicting tokens max(first, skip + 1)…end-1, as rows of this forward
     rows = torch.arange(max(first, skip + 1) - 1 - skip, end - 1 - skip, device=device)
     contexts = [[e.kv] if e.head is None else [e.kv, e.head.kv] for e in encoded]
-    kept = {} if skip < head else None  # layer → this forward's head KV, (B, H_kv, head - skip, D) each
+    kept = {} if head and skip < q else None  # layer → this forward's KV, (B, H_kv, q - skip, D) each
     targets = torch.tensor(question_ids[max(first, skip + 1) : end], device=device)
     nll = torch.empty(len(encoded), end - first, device=device)
     if first == skip:
@@ -196,7 +208,7 @@ def question_nll(
     lm_head = plain_head(model)  # or None: the model's own head makes the logits
     out = None  # the rows' last hidden states, or their logits
     if rows.numel() or observe is not None:  # compression observes even when no logits are needed
-        with chunk_attention(model, prefix, contexts, observe, kernel, kept, head - skip), \
+        with chunk_attention(model, prefix, contexts, observe, kernel, kept, q - skip), \
                 attention_kernel.wider_linear():
             if lm_head is not None:
                 out = last_hidden(model, question, positions, causal)[:, rows]
@@ -204,13 +216,16 @@ def question_nll(
                 out = forward(model, question, None, positions, causal, logits_to_keep=rows if rows.numel() else 1)
     if rows.numel():
         nll[:, end - first - len(targets) :] = _scored_nll(out, lm_head, targets)
-    if kept is not None:  # the last head token's logits are row 0 (it predicts the first scored token)
-        last = lm_head(out[:, 0]) if lm_head is not None else out[:, 0]
+    if kept is not None:
+        # the first scored token's log-probabilities: row 0's logits, unless the rows carried them
+        first_logits = (lm_head(out[:, 0]) if lm_head is not None else out[:, 0]) if skip < head else None
         for row, e in enumerate(encoded):
             ran = [(k[row : row + 1], v[row : row + 1]) for k, v in map(kept.get, sorted(kept))]
             kv = [(k.clone(), v.clone()) for k, v in ran] if e.head is None else \
                 [(torch.cat([hk, k], 2), torch.cat([hv, v], 2)) for (hk, hv), (k, v) in zip(e.head.kv, ran)]
-            e.head = Head(kv, torch.log_softmax(last[row].float(), dim=-1))
+            logprobs = e.head.logprobs if first_logits is None else \
+                {head: torch.log_softmax(first_logits[row].float(), dim=-1)}
+            e.head = Head(kv, logprobs)
     return nll
 
 

@@ -84,7 +84,10 @@ def build_prompt(
     chunk's store key, stays the same from turn to turn of a conversation over one corpus
     (docs/integrations.md); without it, the whole history is in the prefix. With
     `restate_instruction`, the instruction is repeated after the documents, before the question,
-    as long-context QA templates do (LongBench's "Now, answer the question based on ...").
+    as long-context QA templates do (LongBench's "Now, answer the question based on ..."). A
+    question asked after earlier turns that follow the documents is its own plain user turn,
+    without "Question:" or the restated instruction, as the history renders it a turn later: the
+    next turn's suffix then begins with all of this one, whose KV phase 2 keeps (docs/store.md).
     `tools` (OpenAI-style dicts) go to a chat template that declares them (`tools=`, Qwen2.5);
     otherwise `grammar.tools_prompt` describes them in a system message, or, without a chat
     template, at the start of the prompt. `role`: the chat role of the question's turn; an agent's
@@ -121,8 +124,9 @@ def build_prompt(
         first = documents_turn(history, role) if with_documents and history_after_documents else None
         if first is None:
             messages = [*history, {"role": role, "content": body + tail}]
-        else:  # the documents open the conversation; this turn asks after the earlier ones
-            tail = tail.lstrip()
+        else:  # the documents open the conversation; this turn asks after the earlier ones, as the
+            # plain turn the next call's history will render it, so that call's suffix repeats this one's
+            tail = question
             opened = {"role": "user", "content": f"{body}\n\n{asked}{history[first]['content']}"}
             messages = [*history[:first], opened, *history[first + 1:], {"role": role, "content": tail}]
         text = _render(tokenizer, messages, template_tools)

@@ -96,7 +96,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        own = Head(self.kv, self.last_logprobs)  # a chunk's phase-1 result has a head's layout
+        own = Head(self.kv, {0: self.last_logprobs})  # a chunk's phase-1 result has a head's layout
         return own.nbytes + sum(h.nbytes for h in self.heads.values())
 
 
@@ -195,6 +195,11 @@ class ChunkStore:
         return self._held
 
     @property
+    def chunk_bytes(self) -> int:
+        """Of `bytes_held`, the chunks' own KV and log-probabilities, without their question heads."""
+        return sum(e.nbytes - sum(h.nbytes for h in e.heads.values()) for e in self._lru.values())
+
+    @property
     def room(self) -> int:
         """Bytes the memory tier may still fill before it starts evicting."""
         return max(0, self.memory_bytes - self._held)
@@ -252,36 +257,39 @@ class ChunkStore:
             self._save(key, self._lru[key], *self._unwritten.pop(key), report)
 
     def head(self, key: str, head_ids: list[int]) -> Head | None:
-        """The question head `head_ids` behind the chunk `key`, or the longest start of it that a
-        head the memory tier holds for that chunk shares (a conversation's next turn: its head
-        begins with the last turn's), cut short of the last head token, whose logits phase 2 then
-        computes; None when the tier holds neither the chunk nor a head that shares a token."""
+        """The question head `head_ids` behind the chunk `key`, with the log-probabilities of the
+        token after it, from a held `Head` that begins with those ids (an earlier question with the
+        same template head); else the longest start of it that a held head shares (a
+        conversation's next turn: its head begins with the last turn up to that turn's last
+        question token), cut short of the last head token, whose logits phase 2 then computes;
+        None when the memory tier holds neither the chunk nor a head that shares a token."""
         entry = self._lru.get(key)
         if entry is None:
             return None
         ids = tuple(head_ids)
-        if ids in entry.heads:
-            return entry.heads[ids]
         best, n = None, 0
         for held_ids, held in entry.heads.items():
-            common = min(_common_start(held_ids, ids), len(ids) - 1)
-            if common > n:
-                best, n = held, common
+            common = _common_start(held_ids, ids)
+            if common == len(ids) and len(ids) in held.logprobs:
+                return held.cut(len(ids))
+            if min(common, len(ids) - 1) > n:
+                best, n = held, min(common, len(ids) - 1)
         return best.cut(n) if best is not None else None
 
     def keep_head(self, key: str, head_ids: list[int], head: Head, report: ReuseStats) -> None:
         """Keep `head` with the chunk `key` if the memory tier holds that chunk (the last
-        HEADS_PER_CHUNK heads per chunk; they leave with it and count in its bytes). A held head
-        whose first half or more `head` begins with is replaced by it: a conversation's last turn,
-        which the new head extends up to the last turn's question label ("Question:", rendered
-        once the question has been asked as the plain user turn). Asked again, those ids run from
-        where the two part (`head`); another template's head, which shares with this one at most
-        the text before its instruction, stays."""
+        HEADS_PER_CHUNK heads per chunk; they leave with it and count in its bytes). `head_ids`:
+        the question tokens phase 2 ran or carried, up to the question's last one. A held head
+        whose ids up to its question `head` begins with is replaced by it: the last question with
+        the same template head (which the new head serves as well), or a conversation's last turn,
+        which the new one extends (a later turn asks as a plain user turn, as the history then
+        renders it: prompts.build_prompt). A head that parts from this one before its question
+        (another template's, a restated instruction) stays."""
         entry = self._lru.get(key)
         if entry is None:
             return
         heads, ids = entry.heads, tuple(head_ids)
-        for held in [h for h in heads if 2 * _common_start(h, ids) > len(h)]:
+        for held in [h for h in heads if _common_start(h, ids) >= min(heads[h].logprobs, default=len(h))]:
             self._held -= heads.pop(held).nbytes
         self._held += head.nbytes
         heads[ids] = head
