@@ -1,5 +1,5 @@
 """The examples that take `--model`, run as a user runs them (a subprocess, offline) over the
-Debian licence texts they read, on a tiny random Llama saved as a local model directory: their
+corpus they read, on a tiny random Llama saved as a local model directory: their
 wiring end to end (encoding, the wrapper, the framework's agent or query engine, the report they
 print), in seconds. What the embedded SmolLM2 answers is in each example's docstring and
 docs/integrations.md; examples/quickstart.py runs only on the embedded model (`make ask` runs the
@@ -20,7 +20,12 @@ from .conftest import tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 LICENCES = Path("/usr/share/common-licenses")
 
-pytestmark = pytest.mark.skipif(not (LICENCES / "MPL-2.0").exists(), reason="needs Debian's licence texts")
+
+def needs_licences(example: str):
+    """The example's corpus is /usr/share/common-licenses (Debian's base-files package, which
+    `make ask` reads too), with no fallback; a system without it cannot run the example at all."""
+    return pytest.mark.skipif(not (LICENCES / "MPL-2.0").is_file(),
+                              reason=f"examples/{example} reads {LICENCES} (Debian's base-files), absent here")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +45,7 @@ def run_example(name: str, *args: str) -> str:
     return done.stdout
 
 
+@needs_licences("agent.py")
 def test_the_agent_example_calls_its_tool_once_and_answers_with_its_result(wide_model_dir):
     """A random model's forced call still parses and closes within the example's token limit:
     the tool's argument is bounded, so the grammar ends the string (examples/agent.py)."""
@@ -52,12 +58,14 @@ def test_the_agent_example_calls_its_tool_once_and_answers_with_its_result(wide_
 
 
 def test_the_langchain_rag_example_reports_kept_and_evicted_sources(wide_model_dir):
+    """Its corpus is the licence texts, or Python's pydoc pages where they are missing: it runs anywhere."""
     out = run_example("langchain_rag.py", "--model", str(wide_model_dir), "--keep", "1", "--max-new-tokens", "4")
     kept = [line for line in out.splitlines() if "(kept chunks" in line]
-    assert len(kept) == 1 and str(LICENCES) in kept[0]
+    assert len(kept) == 1 and (str(LICENCES) in kept[0]) == LICENCES.is_dir()
     assert "evicted: " in out and "wall time" in out
 
 
+@needs_licences("llamaindex_query_engine.py")
 def test_the_llamaindex_example_answers_and_lists_its_sources(wide_model_dir):
     out = run_example("llamaindex_query_engine.py", "--model", str(wide_model_dir), "--max-new-tokens", "4")
     assert "answer: " in out and "sources (" in out and "3 kept" in out
