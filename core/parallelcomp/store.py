@@ -95,9 +95,13 @@ class Entry:
     """Question heads behind this chunk by their ids, oldest first (memory tier only)."""
 
     @property
+    def own_bytes(self) -> int:
+        """The chunk's KV and log-probabilities, without its question heads."""
+        return kvops.n_bytes(self.kv) + self.last_logprobs.numel() * self.last_logprobs.element_size()
+
+    @property
     def nbytes(self) -> int:
-        own = Head(self.kv, {0: self.last_logprobs})  # a chunk's phase-1 result has a head's layout
-        return own.nbytes + sum(h.nbytes for h in self.heads.values())
+        return self.own_bytes + sum(h.nbytes for h in self.heads.values())
 
 
 TILES = "amx-tiles"  # model_identity's "kv_layout" where chunks are kept kv.Tiled
@@ -197,7 +201,7 @@ class ChunkStore:
     @property
     def chunk_bytes(self) -> int:
         """Of `bytes_held`, the chunks' own KV and log-probabilities, without their question heads."""
-        return sum(e.nbytes - sum(h.nbytes for h in e.heads.values()) for e in self._lru.values())
+        return sum(e.own_bytes for e in self._lru.values())
 
     @property
     def room(self) -> int:
