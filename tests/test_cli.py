@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import os
 
+import pytest
+import torch
+import transformers
 
 from parallelcomp.cli import main
 
@@ -55,12 +59,23 @@ def test_ask_lexical_fold_case_reaches_the_match(tmp_path, model_dir, capsys):
 def test_ask_reports_bad_input_as_an_error_line(tmp_path, model_dir, capsys):
     assert main(["ask", "Q?", str(tmp_path / "missing.txt")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    assert main(["ask", "--model", str(tmp_path / "no-model"), "  ", *_docs(tmp_path)]) == 2  # before any loading
+    assert capsys.readouterr().err == "error: the question is empty: pass it as the first argument after `ask`\n"
     assert main(["ask", "--model", str(model_dir), "--device", "gpu", "Q?", *_docs(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: device 'gpu' is not a torch device name")
     assert main(["ask", "--model", str(model_dir), "--chunk-tokens", "5", "Q?", *_docs(tmp_path)]) == 2
     assert "--chunk-tokens: Input should be greater than or equal to 16 (got 5)" in capsys.readouterr().err
     assert main(["ask", "--model", str(model_dir), "--threads", "100000", "Q?", *_docs(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: --threads must be an integer from 1 to")
+
+
+def test_version_names_the_packages_a_bug_report_needs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"parallelcomp {importlib.metadata.version('parallelcomp')} (")
+    assert f"torch {torch.__version__}" in line and f"transformers {transformers.__version__}" in line
 
 
 def test_ask_says_when_the_answer_stopped_at_max_new_tokens(tmp_path, model_dir, capsys):

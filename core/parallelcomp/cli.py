@@ -13,6 +13,7 @@ to stderr.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import re
@@ -74,6 +75,7 @@ def _warning(message, category, filename, lineno, file=None, line=None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parallelcomp", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=_versions())
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", help="local HF model directory (default: embedded SmolLM2-135M-Instruct)")
     common.add_argument("--preset", choices=sorted(PRESETS), default="paper")
@@ -111,6 +113,20 @@ def _parser() -> argparse.ArgumentParser:
                            "its previous answer: docs/integrations.md)")
     chat.set_defaults(run=_chat)
     return parser
+
+
+def _versions() -> str:
+    """parallelcomp's version and those of the packages its results depend on, for a bug report;
+    read from the installed metadata, so nothing is imported."""
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers"))
+    return f"parallelcomp {version('parallelcomp')} ({deps}; Python {sys.version.split()[0]})"
 
 
 def _load(args):
@@ -184,6 +200,8 @@ def _store_events(s) -> str:
 
 
 def _ask(args) -> int:
+    if not args.question.strip():  # before the files are read and the model loaded
+        raise InputError("the question is empty: pass it as the first argument after `ask`")
     names, documents = read_documents(args.paths)
     pc, load_seconds = _load(args)
     out = _answer(pc, args, args.question, documents=documents)
