@@ -3,7 +3,9 @@
 One RULER haystack (the repeat-query one) at `--length` tokens with `make ask`'s settings (K=1,
 2,048-token chunks): `encode` runs phase 1 on every chunk under torch.profiler, then a question
 is asked twice over the corpus and the second, fully reused one is profiled. Writes the top CPU
-operators of both to results.md, with the share each takes of the profiled CPU time, and the two
+operators of both to results.md, with the share each takes of the profiled call's wall time, and
+the time outside torch's operators, which the profiler does not see: the C kernels (attention,
+layer kernels, decoding, called through ctypes) and Python. Then the two
 kernels' rates in float32 and in the model's dtype: the GEMM of the roofline (`main_job.GEMM`) and
 the causal SDPA of one phase-1 micro-batch (2 rows of prefix + 2,048-token chunk, this model's
 heads), which the roofline counts at the GEMM rate.
@@ -45,14 +47,17 @@ def run(length: int, out: Path) -> Path:
         encode_seconds = time.perf_counter() - start
     pc.generate(questions[0], corpus=corpus, max_new_tokens=2)  # warm-up: allocator, kernels
     with profile(activities=[ProfilerActivity.CPU]) as warm:
+        start = time.perf_counter()
         answer = pc.generate(questions[1], corpus=corpus, max_new_tokens=2)
+        question_seconds = time.perf_counter() - start
     result = {
         "machine": machine.describe(answer.stats.dtype), "length": length, "config": CONFIG,
         "load_before": load, "load_after": os.getloadavg()[0],
-        "encode": {"seconds": round(encode_seconds, 2), "chunks": len(corpus.chunks), "ops": _top(cold)},
+        "encode": {"seconds": round(encode_seconds, 2), "chunks": len(corpus.chunks),
+                   **_top(cold, encode_seconds)},
         "reused_question": {"prefill_seconds": round(answer.stats.prefill_seconds, 2),
                             "first_token_seconds": round(answer.stats.first_token_seconds, 2),
-                            "reused_chunks": answer.stats.reused_chunks, "ops": _top(warm)},
+                            "reused_chunks": answer.stats.reused_chunks, **_top(warm, question_seconds)},
         "kernels": [_kernel_rates(pc.model, dtype, answer.stats.prefix_tokens + CONFIG["chunk_tokens"])
                     for dtype in dict.fromkeys([torch.float32, pc.model.dtype])],
     }
@@ -79,12 +84,16 @@ def _kernel_rates(model, dtype: torch.dtype, tokens: int, rows: int = 2) -> dict
             **{f"{name}_attention_gflops": round(rates[name], 1) for name in KERNELS if name in rates}}
 
 
-def _top(prof) -> list[dict]:
+def _top(prof, wall: float) -> dict:
+    """The TOP operators by self time, each with its share of the profiled call's `wall` seconds,
+    and the seconds outside every torch operator ("outside_s": C kernels called through ctypes,
+    Python), which the profiler's operator table does not show."""
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
+    inside = sum(e.self_cpu_time_total for e in events) / 1e6
     ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:TOP]
-    return [{"op": e.key, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 3),
-             "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in ranked]
+    ops = [{"op": e.key, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 3),
+            "share": round(e.self_cpu_time_total / 1e6 / wall, 3), "calls": e.count} for e in ranked]
+    return {"wall_s": round(wall, 3), "ops": ops, "outside_s": round(max(wall - inside, 0.0), 3)}
 
 
 def _table(r: dict) -> str:
@@ -94,8 +103,11 @@ def _table(r: dict) -> str:
     for title, part in ((f"Cold encode: {r['encode']['seconds']} s, {r['encode']['chunks']} chunks", r["encode"]),
                         (f"Reused question: prefill {warm['prefill_seconds']} s + first token "
                          f"{warm['first_token_seconds']} s, {warm['reused_chunks']} chunks reused", warm)):
-        lines += [f"## {title}", "", "| operator | self CPU s | share | calls |", "|---|---:|---:|---:|"]
+        lines += [f"## {title}", "", f"Shares of the call's {part['wall_s']} s under the profiler.", "",
+                  "| operator | self CPU s | share | calls |", "|---|---:|---:|---:|"]
         lines += [f"| {o['op']} | {o['self_cpu_s']} | {o['share']:.0%} | {o['calls']} |" for o in part["ops"]]
+        lines.append(f"| outside torch's operators: C kernels, Python | {part['outside_s']} | "
+                     f"{part['outside_s'] / part['wall_s']:.0%} | |")
         lines.append("")
     lines += ["## Kernel rates", "", f"GEMM {GEMM[0]}×{GEMM[1]}·{GEMM[1]}×{GEMM[2]} (the roofline's rate) and the causal "
               "attention of one phase-1 micro-batch on each kernel (`attention_kernel`: torch's fused SDPA, the "

@@ -278,6 +278,9 @@ def test_profile_command_writes_the_top_operators(tmp_path, monkeypatch, tokeniz
     for part in ("encode", "reused_question"):
         shares = [o["share"] for o in result[part]["ops"]]
         assert shares and sum(shares) <= 1.0 + 1e-6 and shares == sorted(shares, reverse=True)
+        # what the operators do not cover: at most the rest of the call, and what the operators left of it
+        inside = sum(o["self_cpu_s"] for o in result[part]["ops"])
+        assert 0 <= result[part]["outside_s"] <= result[part]["wall_s"] - inside + 0.01
     assert result["reused_question"]["reused_chunks"] == result["encode"]["chunks"] > 1
     # the kernel rates: one fp32 row for an fp32 model, over prefix + one chunk
     [kernels] = result["kernels"]
@@ -285,6 +288,7 @@ def test_profile_command_writes_the_top_operators(tmp_path, monkeypatch, tokeniz
     assert kernels["gemm_gflops"] > 0 and kernels["attention_gflops"] > 0 and kernels["matmul_attention_gflops"] > 0
     text = (tmp_path / "results.md").read_text()
     assert "## Reused question" in text and "| float32 | 2 × " in text
+    assert text.count("| outside torch's operators: C kernels, Python |") == 2
 
 
 def test_per_length_results_never_mix_dtypes(tmp_path):
