@@ -75,7 +75,7 @@ def _warning(message, category, filename, lineno, file=None, line=None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parallelcomp", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=_versions())
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the versions a bug report needs and exit")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", help="local HF model directory (default: embedded SmolLM2-135M-Instruct)")
     common.add_argument("--preset", choices=sorted(PRESETS), default="paper")
@@ -115,18 +115,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _versions() -> str:
-    """parallelcomp's version and those of the packages its results depend on, for a bug report;
-    read from the installed metadata, so nothing is imported."""
+class _Version(argparse.Action):
+    """`--version`: parallelcomp's version and the torch and transformers this process imports,
+    with torch's build tag (+cpu, +cu130: which wheel is installed). Imports them only when asked."""
 
-    def version(package: str) -> str:
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+        import transformers
+
         try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    deps = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers"))
-    return f"parallelcomp {version('parallelcomp')} ({deps}; Python {sys.version.split()[0]})"
+            ours = importlib.metadata.version("parallelcomp")
+        except importlib.metadata.PackageNotFoundError:  # run from a checkout (PYTHONPATH=core)
+            ours = "(not installed)"
+        print(f"parallelcomp {ours} (torch {torch.__version__}, transformers {transformers.__version__}; "
+              f"Python {sys.version.split()[0]})")
+        parser.exit()
 
 
 def _load(args):
