@@ -78,6 +78,28 @@ def test_version_names_the_packages_a_bug_report_needs(capsys):
     assert f"torch {torch.__version__}" in line and f"transformers {transformers.__version__}" in line
 
 
+def test_help_and_argument_errors_do_not_wait_for_torch():
+    """The package's names load on first use (parallelcomp/__init__.py), so the command's --help and
+    its argument errors come back without importing torch or transformers; every exported name and
+    a submodule still resolve."""
+    import subprocess
+    import sys
+
+    code = ("import sys, parallelcomp.cli\n"
+            "heavy = {'torch', 'transformers'} & set(sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "import parallelcomp\n"
+            "assert all(getattr(parallelcomp, name) for name in parallelcomp.__all__)\n"
+            "assert parallelcomp.hardware.available_cores() >= 1\n"
+            "try:\n    parallelcomp.no_such_name\nexcept AttributeError:\n    pass\n"
+            "else:\n    raise SystemExit('no AttributeError')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    help_ = subprocess.run([sys.executable, "-m", "parallelcomp.cli", "--help"], capture_output=True, text=True,
+                           timeout=120)
+    assert help_.returncode == 0 and "{ask,chat}" in help_.stdout
+
+
 def test_ask_says_when_the_answer_stopped_at_max_new_tokens(tmp_path, model_dir, capsys):
     args = ["ask", "--model", str(model_dir), "--chunk-tokens", "16", "--max-new-tokens", "3",
             "Where does the river run?", *_docs(tmp_path)]
