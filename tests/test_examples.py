@@ -22,10 +22,10 @@ LICENCES = Path("/usr/share/common-licenses")
 
 
 def needs_licences(example: str):
-    """The example's corpus is /usr/share/common-licenses (Debian's base-files package, which
-    `make ask` reads too), with no fallback; a system without it cannot run the example at all."""
-    return pytest.mark.skipif(not (LICENCES / "MPL-2.0").is_file(),
-                              reason=f"examples/{example} reads {LICENCES} (Debian's base-files), absent here")
+    """The example's corpus is Debian's licence texts (the base-files package, which `make ask`
+    reads too), with no fallback: a system without that directory cannot run the example at all.
+    CI runs on Debian, where it runs."""
+    return pytest.mark.skipif(not LICENCES.is_dir(), reason=f"examples/{example} reads {LICENCES}, absent here")
 
 
 @pytest.fixture(scope="module")
