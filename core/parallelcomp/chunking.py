@@ -297,6 +297,16 @@ def validate_documents(documents, context, required: bool = True) -> list[str]:
     return list(documents)
 
 
+def check_question(question, what: str = "question") -> None:
+    """Rule: a question (or a score target, `what`) is a non-blank string of valid Unicode text
+    (`check_text`); else InputError."""
+    if not isinstance(question, str):
+        raise InputError(f"{what} must be a string, got {type(question).__name__}")
+    if not question.strip():
+        raise InputError(f"{what} is empty")
+    check_text(question, what)
+
+
 def check_text(text: str, what: str) -> None:
     """Rule: text must be valid Unicode (encodable as UTF-8), so a lone surrogate such as '\\ud800'
     is refused, never replaced: InputError naming `what` and the character offset."""

@@ -24,6 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .chunking import check_question
 from .config import DTYPE_NAMES, PRESETS, ParallelCompConfig
 from .errors import InputError, ParallelCompError
 from .output import ReuseStats, RunStats
@@ -203,8 +204,7 @@ def _store_events(s) -> str:
 
 
 def _ask(args) -> int:
-    if not args.question.strip():  # before the files are read and the model loaded
-        raise InputError("the question is empty: pass it as the first argument after `ask`")
+    check_question(args.question)  # before the files are read and the model loaded
     names, documents = read_documents(args.paths)
     pc, load_seconds = _load(args)
     out = _answer(pc, args, args.question, documents=documents)

@@ -49,7 +49,7 @@ from . import (
 )
 from . import kv as kvops
 from .attention import attention_modules
-from .chunking import Chunk, DocumentMemo, check_text, validate_documents
+from .chunking import Chunk, DocumentMemo, check_question, check_text, validate_documents
 from .compat import forward
 from .config import DTYPE_NAMES, MIN_CHUNK_TOKENS, ParallelCompConfig
 from .corpus import Corpus
@@ -344,7 +344,7 @@ class ParallelComp:
         it behind this call's prefix (BOS only, no template), else encoded again.
         """
         _refuse(unknown, "score", "it decodes nothing: it takes documents, context or corpus, and progress")
-        _check_question(target, what="target")
+        check_question(target, what="target")
         progress = GenerationSettings.of(progress=progress).progress
         parts = build_continuation(self.tokenizer, target)
         if len(parts.question_ids) < 2:
@@ -438,7 +438,7 @@ class ParallelComp:
                      ) -> PromptParts:
         """The token spans (prefix, question suffix) this engine builds for a question (prompts.py);
         InputError for a question that is not usable text."""
-        _check_question(question)
+        check_question(question)
         return build_prompt(self.tokenizer, self.config.instruction, question, self.config.use_chat_template,
                             with_documents, history, restate_instruction=self.config.restate_instruction,
                             tools=tools, role=role, history_after_documents=self.config.history_after_documents)
@@ -893,10 +893,3 @@ def _refuse(unknown: dict, call: str, takes: str) -> None:
     if unknown:
         raise InputError(f"{call}() has no argument {', '.join(sorted(unknown))}; {takes}")
 
-
-def _check_question(question, what: str = "question") -> None:
-    if not isinstance(question, str):
-        raise InputError(f"{what} must be a string, got {type(question).__name__}")
-    if not question.strip():
-        raise InputError(f"{what} is empty")
-    check_text(question, what)
