@@ -225,6 +225,8 @@ def _ask(args) -> int:
     if s.workers:
         reused += f"; {_count(s.workers, 'Ray worker')}, {s.transfer_bytes / 2**20:.1f} MiB of kept KV moved"
     steps = f" ({s.kernel_steps} steps whole in one call)" if s.kernel_steps else ""
+    if s.packed_weight_bytes:
+        steps += f", linear weights packed ({s.packed_weight_bytes / 2**20:.0f} MiB)"
     print(
         f"Stats: {s.tokens_in} context tokens in {s.n_chunks} chunks of ≤{s.chunk_tokens}, kept {s.n_kept}{reused}; "
         f"KV {s.kv_bytes / 2**20:.1f} MiB ({s.kv_tokens} tokens); {s.dtype}, {s.attention_kernel} attention, {s.layer_kernel} layer, {s.decode_kernel} decode kernels{steps}, {s.threads} threads; chunking {s.chunk_seconds:.1f} s, prefill {s.prefill_seconds:.1f} s, "

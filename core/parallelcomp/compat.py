@@ -1,4 +1,4 @@
-"""The one seam for version drift: transformers (transformers5.md §5.1) and the one private torch op.
+"""The one seam for version drift: transformers (transformers5.md §5.1) and torch's private ops.
 
 transformers 5.24 renamed the cache keyword `past_key_values` → `cache` (and the output field);
 unknown keywords are swallowed silently, so the name is detected from the forward signature
@@ -79,3 +79,9 @@ def same_code(f, g) -> bool:
 # of torch ≥ 2.3); split-key decode attention needs it (attention._split_key_attention). None where
 # this torch lacks it: one-token steps then run unsplit.
 cpu_flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+# oneDNN's linear on a weight packed once into its blocked layout (private mkldnn ops, what
+# torch.compile's freezing uses for CPU bf16 linear layers; packed_linear.py). None where this
+# torch lacks them.
+mkldnn_pack_linear_weight = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+mkldnn_packed_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)

@@ -16,11 +16,11 @@ import ctypes
 import functools
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-from . import native
+from . import native, packed_linear
 
 SOURCE = Path(__file__).with_name("decode_kernel.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
@@ -102,26 +102,31 @@ def takes_weight(weight: torch.Tensor) -> bool:
 def one_row_linears(model) -> Iterator[None]:
     """Inside the block, each `torch.nn.Linear` of `model` whose weight the kernel takes computes a
     one-row input with `linear` (a one-token step's projections and LM head) and any other input as
-    before. The weights are checked once here; each call checks only its input."""
-    modules = [m for m in model.modules()
-               if type(m) is torch.nn.Linear and "forward" not in m.__dict__ and takes_weight(m.weight)]
-    for m in modules:
-        m.forward = functools.partial(_linear_forward, m)
+    before: by its class's forward or the packed one it ran before (packed_linear.py). The weights
+    are checked once here; each call checks only its input."""
+    modules = {m: vars(m).get("forward") for m in model.modules()
+               if type(m) is torch.nn.Linear and ("forward" not in vars(m) or packed_linear.is_forward(m))
+               and takes_weight(m.weight)}
+    for m, before in modules.items():
+        m.forward = functools.partial(_linear_forward, m, before)
     try:
         yield
     finally:
-        for m in modules:
-            del m.forward
+        for m, before in modules.items():
+            if before is None:
+                del m.forward
+            else:
+                m.forward = before
 
 
 def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.numel() == weight.shape[1] and x.dtype == weight.dtype and x.device.type == "cpu"
 
 
-def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _linear_forward(module: torch.nn.Linear, before: Callable | None, x: torch.Tensor) -> torch.Tensor:
     if _one_row(x, module.weight):
         return linear(x, module.weight, module.bias)
-    return torch.nn.functional.linear(x, module.weight, module.bias)
+    return torch.nn.functional.linear(x, module.weight, module.bias) if before is None else before(x)
 
 
 # the per-layer table of pc_decode_step, in the C enum's order

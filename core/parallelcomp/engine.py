@@ -46,6 +46,7 @@ from . import (
     layer_kernel,
     lexical,
     native,
+    packed_linear,
 )
 from . import kv as kvops
 from .attention import attention_modules
@@ -159,8 +160,13 @@ class ParallelComp:
         self.decode_kernel = _decode_kernel(model, self.config.decode_kernel)
         self._fused_layers = layer_kernel.modules(model) if self.config.layer_kernel == "auto" else []
         self.layer_kernel = layer_kernel.NAME if self._fused_layers else "torch"
+        packs = []
         if self.attention_kernel == "amx":  # the AMX library's linear for few rows (attention_kernel.linear)
             self._fused_layers += attention_kernel.linear_modules(model)
+        elif self.config.pack_weights:
+            packs = packed_linear.modules(model)
+            self._fused_layers += packs
+        self.packed_weight_bytes = packed_linear.nbytes(packs)
         self._lock = guard.run_lock(model)  # one run at a time per model, shared by its engines
         memory = self.config.kv_store_bytes
         self.store = ChunkStore(guard.total_bytes(model.device) // 3 if memory is None else memory,
@@ -736,6 +742,7 @@ class ParallelComp:
             attention_kernel=self.attention_kernel,
             layer_kernel=self.layer_kernel,
             decode_kernel=self.decode_kernel,
+            packed_weight_bytes=self.packed_weight_bytes,
             threads=torch.get_num_threads(),
         )
 

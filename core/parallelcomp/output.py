@@ -158,6 +158,9 @@ class RunStats(SpreadStats, ReuseStats):
     decode_kernel: str = ""
     """How one-token decode steps attended: "c-avx2" (decode_kernel.py) or "torch";
     ParallelCompConfig.decode_kernel."""
+    packed_weight_bytes: int = 0
+    """Bytes of the second copy of the linear weights, packed for oneDNN (packed_linear.py,
+    ParallelCompConfig.pack_weights); 0 where they ran plain."""
     kernel_steps: int = 0
     """One-token steps that ran whole in one C call (decode_kernel.DecodeStep: a Llama-family
     model on the C kernels); the others ran through the model's modules."""
