@@ -83,6 +83,8 @@ def main(argv=None) -> None:
                     help="attention_kernel values, one row each (fused and matmul: side by side)")
     sc.add_argument("--layer-kernels", nargs="+", default=["auto"], choices=["auto", "torch"],
                     help="layer_kernel values, one row each (auto and torch: side by side)")
+    sc.add_argument("--pack-weights", nargs="+", default=["on"], choices=["on", "off"],
+                    help="pack_weights values, one row each (on and off: side by side)")
     sc.add_argument("--repeats", type=int, default=1, choices=range(1, 11), metavar="N",
                     help="fresh processes per cell; the row is the one with the median ratio to its bound")
     sc.add_argument("--out", default=str(DEFAULT_OUT / "prefill-scaling"))
@@ -160,7 +162,7 @@ def main(argv=None) -> None:
         from .prefill_scaling import run as run_scaling
 
         print(run_scaling(opts.lengths, opts.stores, opts.batch_tokens, Path(opts.out), opts.attention_kernels,
-                          opts.layer_kernels, opts.repeats))
+                          opts.layer_kernels, opts.repeats, [p == "on" for p in opts.pack_weights]))
     elif opts.command == "long-question":
         from .long_question import run as run_long_question
 

@@ -2,8 +2,8 @@
 FLOP bound, and the peak RSS with each tier of the chunk store.
 
 Per length, store, `--batch-tokens` value (`prefill_batch_tokens`), `--attention-kernels`
-value (`attention_kernel`) and `--layer-kernels` value (`layer_kernel`; side by side when given
-several): one fresh process (so its
+value (`attention_kernel`), `--layer-kernels` value (`layer_kernel`) and `--pack-weights` value
+(`pack_weights`; side by side when given several): one fresh process (so its
 peak RSS is its own) loads the embedded model in the machine's default dtype, measures the GEMM
 rate (`main_job.GEMM`), builds the repeat-query haystack of that length and answers its first
 question with the settings `make ask` uses, then measures the GEMM rate again: the bound uses the
@@ -51,7 +51,8 @@ def worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="pc-scaling-") as store:
         tier = {"kv_store_bytes": 0, "kv_store_dir": store} if spec["store"] == "disk" else {}
         config = ParallelCompConfig(**CONFIG, **tier, prefill_batch_tokens=spec["batch_tokens"],
-                                    attention_kernel=spec["kernel"], layer_kernel=spec["layers"])
+                                    attention_kernel=spec["kernel"], layer_kernel=spec["layers"],
+                                    pack_weights=spec.get("pack", True))
         pc = ParallelComp.from_pretrained(spec["model_dir"], config)
         loaded_mb = _status_kib("VmRSS") / 1024
         gflops = measure_gflops(pc.model.dtype, GEMM, seconds=1.0)
@@ -68,7 +69,7 @@ def worker(spec: dict) -> dict:
     return {
         "length": spec["length"], "store": spec["store"], "batch_tokens": spec["batch_tokens"],
         "kernel": spec["kernel"], "attention_kernel": s.attention_kernel, "layers": spec["layers"],
-        "layer_kernel": s.layer_kernel,
+        "layer_kernel": s.layer_kernel, "pack": spec.get("pack", True), "packed_weight_bytes": s.packed_weight_bytes,
         "tokens_in": s.tokens_in, "n_chunks": s.n_chunks,
         "dtype": s.dtype, "threads": s.threads, "gemm_gflops": round(gflops, 1),
         "gemm_gflops_after": round(gflops_after, 1), "flops": flops,
@@ -82,8 +83,9 @@ def worker(spec: dict) -> dict:
 
 
 def run(lengths: list[int], stores: list[str], batch_tokens: list[int] | None, out: Path,
-        kernels: list[str] = ("auto",), layers: list[str] = ("auto",), repeats: int = 1) -> Path:
-    """Measure every (length, store, prefill_batch_tokens, attention_kernel, layer_kernel) in `repeats`
+        kernels: list[str] = ("auto",), layers: list[str] = ("auto",), repeats: int = 1,
+        packs: list[bool] = (True,)) -> Path:
+    """Measure every (length, store, prefill_batch_tokens, attention_kernel, layer_kernel, pack_weights) in `repeats`
     fresh processes (`median`): the cells of one length take turns, in the opposite order each
     round, so that the host's drift falls on them alike. Rows of other cells already in `out` are
     kept if they were measured in the same dtype (one file never mixes dtypes)."""
@@ -96,8 +98,8 @@ def run(lengths: list[int], stores: list[str], batch_tokens: list[int] | None, o
     rows = json.loads(previous.read_text())["rows"] if previous.exists() else []
     for length in lengths:
         specs = [{"model_dir": model_dir, "length": length, "store": store, "batch_tokens": batch, "kernel": kernel,
-                  "layers": layer}
-                 for store, batch, kernel, layer in itertools.product(stores, batch_tokens, kernels, layers)]
+                  "layers": layer, "pack": pack}
+                 for store, batch, kernel, layer, pack in itertools.product(stores, batch_tokens, kernels, layers, packs)]
         processes: list[list[dict]] = [[] for _ in specs]
         for round_ in range(repeats):
             for i in range(len(specs))[:: -1 if round_ % 2 else 1]:
@@ -128,10 +130,11 @@ def median(rows: list[dict]) -> dict:
     return chosen | {"runs": runs, "correct": all(r["correct"] for r in rows)}
 
 
-def _cell(row: dict) -> tuple[int, str, int, str, str]:
-    """A row's settings; rows written before a kernel choice existed ran torch's fused attention
-    and torch's layers."""
-    return row["length"], row["store"], row["batch_tokens"], row.get("kernel", "fused"), row.get("layers", "torch")
+def _cell(row: dict) -> tuple[int, str, int, str, str, bool]:
+    """A row's settings; rows written before a kernel choice existed ran torch's fused attention,
+    torch's layers and plain linear weights."""
+    return (row["length"], row["store"], row["batch_tokens"], row.get("kernel", "fused"), row.get("layers", "torch"),
+            row.get("pack", False))
 
 
 
@@ -142,13 +145,18 @@ def table(rows: list[dict]) -> str:
              "|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['tokens_in']:,} | {r['store']} | {r['batch_tokens']:,} | {r.get('attention_kernel', 'sdpa')} | {r.get('layer_kernel', 'torch')} | {r['n_chunks']} | {r['prefill_seconds']} | {r['flops'] / 1e12:.2f} | "
+            f"| {r['tokens_in']:,} | {r['store']} | {r['batch_tokens']:,} | {r.get('attention_kernel', 'sdpa')} | {_layers(r)} | {r['n_chunks']} | {r['prefill_seconds']} | {r['flops'] / 1e12:.2f} | "
             f"{r['gemm_gflops']}{_after(r)} | {r['bound_seconds']} | {ratio(r):.2f}× | "
             f"{r['tokens_per_second']:,} | {r['weights_mb']:,} | {r['loaded_rss_mb']:,} | {r['peak_rss_mb']:,} | "
             f"{r['peak_rss_mb'] - r['loaded_rss_mb']:,} | {'yes' if r['correct'] else 'no'} | "
             f"{r.get('reused_prefill_seconds', '–')} | "
             f"{r['load_before']:.1f}→{r['load_after']:.1f} | {_runs(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _layers(row: dict) -> str:
+    """The layers cell: the layer kernel, and "+ packed linear" where the weights ran packed."""
+    return row.get("layer_kernel", "torch") + (" + packed linear" if row.get("packed_weight_bytes") else "")
 
 
 def _after(row: dict) -> str:

@@ -329,6 +329,7 @@ def test_prefill_scaling_worker_reports_the_bound_and_each_store_tier(monkeypatc
     memory, disk = rows
     assert (memory["attention_kernel"], disk["attention_kernel"]) == ("sdpa", "matmul")  # auto: fp32 → fused
     assert memory["layer_kernel"] == disk["layer_kernel"] == "torch"  # auto: fp32 → torch's modules
+    assert memory["pack"] and memory["packed_weight_bytes"] == 0  # fp32: nothing to pack
     assert memory["n_chunks"] == disk["n_chunks"] > 1 and memory["flops"] == disk["flops"] > 0
     assert disk["store_bytes"] == 0 < memory["store_bytes"]
     assert memory["reused_chunks"] == disk["reused_chunks"] == memory["n_chunks"]  # the 2nd question is phase 2 only
@@ -364,6 +365,8 @@ def test_prefill_scaling_repeats_keep_the_median_process_and_list_every_ratio():
     processes[2]["correct"] = False  # a wrong answer in any process marks the row
     assert not median(processes)["correct"] and [r["correct"] for r in median(processes)["runs"]] == [True, True, False]
     assert table([median(processes[:1])]).rstrip().endswith("| – |")  # one process: nothing to list
+    assert "| avx512 | c-avx512 | 5 |" in table([row])
+    assert "| avx512 | c-avx512 + packed linear | 5 |" in table([row | {"packed_weight_bytes": 212336640}])
 
 
 def test_prefill_scaling_repeats_take_turns_within_a_length(monkeypatch, tmp_path):
