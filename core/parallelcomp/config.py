@@ -192,9 +192,9 @@ class ParallelCompConfig(BaseModel):
     pack_weights: bool = Field(True, strict=True)
     """Keep a bf16 model's linear weights on CPU a second time, packed once into oneDNN's blocked
     layout, so no call reorders them (packed_linear.py): on the AVX-512 BF16 host a phase-1 forward
-    about 5% faster, at the cost of a second copy of the projection weights (SmolLM2-135M: 203
+    about 5% faster, at the cost of a second copy of the projection weights (SmolLM2-135M: 202.5
     MiB; `RunStats.packed_weight_bytes`). The outputs are torch's, bit for bit (checked per
-    weight). Not on the "amx" attention kernel, whose own linear takes the calls of few rows."""
+    weight shape). Not on the "amx" attention kernel, whose own linear takes the calls of few rows."""
     decode_kernel: Literal["auto", "torch"] = "auto"
     """How an sdpa model's one-token decode steps attend on CPU: "auto" runs the C kernel of
     decode_kernel.py (fp32 arithmetic, the KV streamed once by all threads; compiled on first use

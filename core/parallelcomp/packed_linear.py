@@ -7,7 +7,7 @@ reorder. Measured on the AVX-512 BF16 host (docs/hardware.md, "Packed linear wei
 gate and up projections at 2,090 rows took 8.8 ms instead of 9.9, and a phase-1 forward 1.61 s
 instead of 1.69, the same bits.
 
-The price is memory: a second copy of every projection weight (SmolLM2-135M: 203 MiB;
+The price is memory: a second copy of every projection weight (SmolLM2-135M: 202.5 MiB;
 Qwen2.5-1.5B: about 2.6 GB). `ParallelCompConfig.pack_weights=False` keeps only the plain ones.
 
 The outputs must be torch's own, bit for bit, so that a chunk's KV, and with it the chunk store's
