@@ -4,18 +4,29 @@ and leave the model as it was after a call."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from torch import nn
 
-from parallelcomp import decode_kernel, layer_kernel, packed_linear
+from parallelcomp import decode_kernel, hardware, layer_kernel, packed_linear
 
 from .conftest import tiny_model
 
+# Where the CPU has native bf16 (the embedded model's default dtype there), test_packing_runs_
+# wherever_the_cpu_has_native_bf16 never skips, so such a machine cannot skip these silently.
 needs_packing = pytest.mark.skipif(not packed_linear.supported(),
-                                   reason="this torch or CPU has no oneDNN bf16 linear on packed weights")
+                                   reason=f"no packed bf16 linear here: {packed_linear.unsupported_reason()}")
 
 ROWS = (1, 2, 31, 33, 300, 2049)
+
+
+def test_packing_runs_wherever_the_cpu_has_native_bf16():
+    """On an x86-64 CPU with AVX-512 BF16 or AMX, where the engine runs bf16 models, torch's oneDNN
+    packs bf16 weights: the tests below must not skip there."""
+    native = platform.machine() in ("x86_64", "AMD64") and bool({"avx512_bf16", "amx_bf16"} & hardware.cpu_flags())
+    assert packed_linear.supported() or not native, packed_linear.unsupported_reason()
 
 
 def _linear(n: int, k: int, bias: bool, seed: int = 0) -> nn.Linear:
@@ -95,7 +106,8 @@ def test_an_engine_with_packed_weights_answers_as_one_without_them(calls, tokeni
 
 
 @needs_packing
-@pytest.mark.skipif(not decode_kernel.available(), reason="the decode kernel needs an x86-64 CPU with AVX2 and a C compiler")
+@pytest.mark.skipif(not decode_kernel.available(),
+                    reason=f"C decode kernels unavailable: {decode_kernel.unavailable_reason()}")
 def test_one_row_linears_take_one_row_from_a_packed_linear_and_hand_it_back(calls, monkeypatch):
     model = tiny_model("llama", 512).to(torch.bfloat16)
     found = packed_linear.modules(model)

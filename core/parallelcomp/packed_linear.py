@@ -38,8 +38,19 @@ _checked: dict[tuple[int, int, bool], bool] = {}
 
 def supported() -> bool:
     """Whether this torch packs bf16 linear weights for oneDNN on this CPU."""
-    return (torch.backends.mkldnn.is_available() and mkldnn_pack_linear_weight is not None
-            and mkldnn_packed_linear is not None and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    return not unsupported_reason()
+
+
+def unsupported_reason() -> str:
+    """Why `supported()` is False ("" when it is True): torch built without oneDNN, without the
+    packing ops, or a CPU without oneDNN's bf16 kernels."""
+    if not torch.backends.mkldnn.is_available():
+        return "this torch is built without oneDNN (mkldnn)"
+    if mkldnn_pack_linear_weight is None or mkldnn_packed_linear is None:
+        return f"torch {torch.__version__} has no mkldnn._reorder_linear_weight or mkldnn._linear_pointwise"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN has no bf16 kernels for this CPU (it needs AVX-512 BW/VL/DQ or newer)"
+    return ""
 
 
 def modules(model) -> list[tuple[nn.Module, Callable]]:
