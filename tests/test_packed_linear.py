@@ -88,6 +88,30 @@ def test_weights_of_a_shape_whose_bits_differ_stay_plain(monkeypatch):
 
 
 @needs_packing
+def test_a_weight_onednn_refuses_runs_plain_and_its_shape_is_not_packed_again(monkeypatch):
+    tried = []
+
+    def refuse(weight, rows):
+        tried.append(weight.shape)
+        raise RuntimeError("mkldnn: unsupported weight")  # as oneDNN reports a layout it does not take
+
+    monkeypatch.setattr(packed_linear, "mkldnn_pack_linear_weight", refuse)
+    monkeypatch.setattr(packed_linear, "_packs", type(packed_linear._packs)())
+    monkeypatch.setattr(packed_linear, "_checked", {})
+    model = tiny_model("llama", 512).to(torch.bfloat16)
+    found = packed_linear.modules(model)  # no exception: every module stays plain
+    assert found and packed_linear.nbytes(found) == 0 and len(tried) == len(found)
+    module, x = found[0][0], torch.randn(3, found[0][0].in_features).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(packed_linear._forward(module, x), nn.functional.linear(x, module.weight, module.bias))
+    packed_linear._checked[packed_linear._shape(module)] = False  # a shape whose bits differed
+    with torch.no_grad():
+        module.weight.mul_(2)  # a changed weight: packed again, unless its shape is known to differ
+    tried.clear()
+    assert packed_linear.packed(module) is None and tried == []  # no reorder for a shape that stays plain
+
+
+@needs_packing
 def test_an_engine_with_packed_weights_answers_as_one_without_them(calls, tokenizer, make_engine):
     model = tiny_model("llama", len(tokenizer)).to(torch.bfloat16)
     docs = [f"Document {i}: the code word of crate {i} is {i * 7919 % 1000}. " * 30 for i in range(6)]

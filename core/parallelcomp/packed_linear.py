@@ -28,7 +28,8 @@ from torch import nn
 from .compat import mkldnn_pack_linear_weight, mkldnn_packed_linear
 
 PROBE_ROWS = (1, 37, 300)
-"""Row counts of the probe each packed weight must match F.linear on (oneDNN picks its kernel by the rows)."""
+"""Row counts of the probes on which each weight shape's packed outputs must equal F.linear's
+(oneDNN picks its kernel by the rows)."""
 
 _packs: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], torch.Tensor | None]] = weakref.WeakKeyDictionary()
 """Module → (its weight's identity when packed, the packed weight or None where the bits differ)."""
@@ -75,24 +76,34 @@ def nbytes(found: list[tuple[nn.Module, Callable]]) -> int:
 
 def packed(module: nn.Linear) -> torch.Tensor | None:
     """`module`'s packed weight, packed now if it is not yet or its weight changed since; None
-    where packed weights of its shape give other bits than F.linear (`_same_bits`)."""
+    where packed weights of its shape give other bits than F.linear (`_same_bits`) or oneDNN
+    refuses the weight (the module then runs F.linear)."""
     weight = module.weight
     key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
     held = _packs.get(module)
     if held is not None and held[0] == key:
         return held[1]
-    with torch.no_grad():
-        pack = mkldnn_pack_linear_weight(weight.detach(), 2048)  # a phase-1 chunk's rows: the layout's hint
-        if not _same_bits(module, pack):
+    pack = None
+    if _checked.get(_shape(module), True):  # not a shape already found to differ
+        try:
+            with torch.no_grad():
+                pack = mkldnn_pack_linear_weight(weight.detach(), 2048)  # a phase-1 chunk's rows: the layout's hint
+                if not _same_bits(module, pack):
+                    pack = None
+        except RuntimeError:  # a layout or dtype oneDNN does not take
             pack = None
     _packs[module] = (key, pack)
     return pack
 
 
+def _shape(module: nn.Linear) -> tuple[int, int, bool]:
+    return (*module.weight.shape, module.bias is not None)
+
+
 def _same_bits(module: nn.Linear, pack: torch.Tensor) -> bool:
     """Whether the packed weight gives F.linear's bits on probes of PROBE_ROWS rows, checked once
     per weight shape and bias presence (oneDNN picks its kernels by the shapes, not the values)."""
-    shape = (*module.weight.shape, module.bias is not None)
+    shape = _shape(module)
     if shape not in _checked:
         probe = torch.Generator().manual_seed(0)
         xs = [torch.randn(rows, module.in_features, generator=probe).to(module.weight.dtype) for rows in PROBE_ROWS]
